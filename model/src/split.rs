@@ -1,0 +1,285 @@
+//! The two halves of a split model.
+//!
+//! [`SplitPoint`] `k` cuts an `n`-layer model so that the edge runs the embedding and layers
+//! `[0, k)` and the cloud runs layers `[k, n)`, the final norm and the LM head. `1 <= k < n`:
+//! with `k = 0` the device would send raw token embeddings (a lookup table away from the
+//! prompt text), and with `k = n` the cloud would have nothing but the head to run.
+//!
+//! Both halves own immutable weights and take their KV cache as a `&mut dyn KvView`, so the
+//! same model object serves any number of sequences.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::layers::{DecoderLayer, ForwardCtx, KvView, Linear, RmsNorm, Rotary};
+use crate::weights::TensorSource;
+
+/// Name of the embedding matrix.
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// Name of the final norm.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// Name of the LM head.
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// Where the model is cut: the edge runs layers `[0, edge_layers)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitPoint {
+    edge_layers: usize,
+    num_layers: usize,
+}
+
+impl SplitPoint {
+    /// Validates `1 <= edge_layers < num_layers`.
+    pub fn new(edge_layers: usize, num_layers: usize) -> Result<Self> {
+        if edge_layers == 0 || edge_layers >= num_layers {
+            return Err(ModelError::Split(format!(
+                "--edge-layers must be between 1 and {} for a {num_layers}-layer model, got {edge_layers}",
+                num_layers.saturating_sub(1)
+            )));
+        }
+        Ok(Self {
+            edge_layers,
+            num_layers,
+        })
+    }
+
+    /// Layers run on the device.
+    pub fn edge_layers(&self) -> usize {
+        self.edge_layers
+    }
+
+    /// Layers in the whole model.
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    /// Global indices of the edge's layers.
+    pub fn edge_range(&self) -> std::ops::Range<usize> {
+        0..self.edge_layers
+    }
+
+    /// Global indices of the cloud's layers.
+    pub fn cloud_range(&self) -> std::ops::Range<usize> {
+        self.edge_layers..self.num_layers
+    }
+}
+
+/// Shared load parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions<'a> {
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+fn check_hidden(hidden: &Tensor, ctx: &ForwardCtx, cfg: &LlamaConfig) -> Result<()> {
+    let dims = hidden.dims();
+    if dims != [ctx.num_tokens(), cfg.hidden_size] {
+        return Err(ModelError::Input(format!(
+            "hidden states have shape {dims:?}, expected [{}, {}]",
+            ctx.num_tokens(),
+            cfg.hidden_size
+        )));
+    }
+    Ok(())
+}
+
+/// The device side: token embedding and layers `[0, k)`.
+#[derive(Clone, Debug)]
+pub struct EdgeModel {
+    cfg: LlamaConfig,
+    split: SplitPoint,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    rotary: Rotary,
+}
+
+impl EdgeModel {
+    /// Loads the embedding and the edge's layers from `src`.
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &LlamaConfig,
+        split: SplitPoint,
+        opts: LoadOptions<'_>,
+    ) -> Result<Self> {
+        check_split(cfg, split)?;
+        let embed = src.load(
+            EMBED,
+            &[cfg.vocab_size, cfg.hidden_size],
+            opts.dtype,
+            opts.device,
+        )?;
+        let layers = split
+            .edge_range()
+            .map(|i| DecoderLayer::load(src, cfg, i, opts.dtype, opts.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            split,
+            embed,
+            layers,
+            rotary: Rotary::new(cfg, opts.dtype, opts.device)?,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn split(&self) -> SplitPoint {
+        self.split
+    }
+
+    /// Hidden-state dtype this part produces.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Embeds `tokens` and runs the edge layers: returns layer-`k` hidden states
+    /// `[tokens, hidden]`. `ctx` must describe exactly `tokens.len()` rows.
+    pub fn forward(&self, tokens: &[u32], ctx: &ForwardCtx, kv: &mut dyn KvView) -> Result<Tensor> {
+        if tokens.len() != ctx.num_tokens() {
+            return Err(ModelError::Input(format!(
+                "{} tokens for a batch of {} rows",
+                tokens.len(),
+                ctx.num_tokens()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::from_slice(tokens, tokens.len(), self.embed.device())?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let rope = self.rotary.tables(ctx.positions())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, ctx, kv)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The server side: layers `[k, n)`, final norm and LM head.
+#[derive(Clone, Debug)]
+pub struct CloudModel {
+    cfg: LlamaConfig,
+    split: SplitPoint,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+}
+
+impl CloudModel {
+    /// Loads the cloud's layers, the final norm and the LM head (the embedding matrix when the
+    /// model ties them and the source has no separate head).
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &LlamaConfig,
+        split: SplitPoint,
+        opts: LoadOptions<'_>,
+    ) -> Result<Self> {
+        check_split(cfg, split)?;
+        let layers = split
+            .cloud_range()
+            .map(|i| DecoderLayer::load(src, cfg, i, opts.dtype, opts.device))
+            .collect::<Result<Vec<_>>>()?;
+        let head_name = if src.contains(LM_HEAD) || !cfg.tie_word_embeddings {
+            LM_HEAD
+        } else {
+            EMBED
+        };
+        let head = src.load(
+            head_name,
+            &[cfg.vocab_size, cfg.hidden_size],
+            opts.dtype,
+            opts.device,
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            split,
+            layers,
+            norm: RmsNorm::load(src, FINAL_NORM, cfg, opts.dtype, opts.device)?,
+            lm_head: Linear::from_weight(head),
+            rotary: Rotary::new(cfg, opts.dtype, opts.device)?,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn split(&self) -> SplitPoint {
+        self.split
+    }
+
+    /// Hidden-state dtype this part expects.
+    pub fn dtype(&self) -> DType {
+        self.lm_head.weight().dtype()
+    }
+
+    /// Runs the cloud layers over layer-`k` hidden states `[tokens, hidden]` and returns the
+    /// f32 logits `[sequences, vocab]` of each sequence's last row in `ctx`.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        ctx: &ForwardCtx,
+        kv: &mut dyn KvView,
+    ) -> Result<Tensor> {
+        let x = self.forward_layers(hidden, ctx, kv)?;
+        let last = ctx.last_rows();
+        let idx = Tensor::from_slice(&last, last.len(), x.device())?;
+        self.logits(&x.index_select(&idx, 0)?)
+    }
+
+    /// Runs only the cloud layers: returns layer-`n` hidden states (before the final norm).
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        ctx: &ForwardCtx,
+        kv: &mut dyn KvView,
+    ) -> Result<Tensor> {
+        check_hidden(hidden, ctx, &self.cfg)?;
+        let mut x = hidden.to_dtype(self.dtype())?;
+        let rope = self.rotary.tables(ctx.positions())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, ctx, kv)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and LM head over rows `[rows, hidden]`: f32 logits `[rows, vocab]`.
+    pub fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(rows)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+fn check_split(cfg: &LlamaConfig, split: SplitPoint) -> Result<()> {
+    if split.num_layers() != cfg.num_hidden_layers {
+        return Err(ModelError::Split(format!(
+            "split is for a {}-layer model but the configuration has {} layers",
+            split.num_layers(),
+            cfg.num_hidden_layers
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_point_bounds() {
+        assert!(SplitPoint::new(0, 4).is_err());
+        assert!(SplitPoint::new(4, 4).is_err());
+        let s = SplitPoint::new(3, 4).expect("valid");
+        assert_eq!(s.edge_range(), 0..3);
+        assert_eq!(s.cloud_range(), 3..4);
+        let e = SplitPoint::new(9, 4).expect_err("too deep");
+        assert!(e.to_string().contains("between 1 and 3"), "{e}");
+    }
+}

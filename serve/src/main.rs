@@ -1,0 +1,230 @@
+//! `tandem`: the command-line front of Tandem.
+//!
+//! Subcommands so far:
+//! - `tandem split`: cut a checkpoint into an edge part and a cloud part;
+//! - `tandem generate`: run a split model in one process (edge then cloud), token by token.
+//!
+//! The server (`tandem serve`) arrives with the edge–cloud issue.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_model::pipeline::{GenerateRequest, LocalSplit, LocalSplitOptions};
+use tandem_model::weights::{dtype_user_name, parse_dtype};
+use tandem_protocol::SamplingParams;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Split-inference serving for Llama-family models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Cut a model into DIR/edge (embedding + layers [0,K)) and DIR/cloud (layers [K,n) + head).
+    Split(SplitArgs),
+    /// Generate text with the edge part and the cloud part run one after the other.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+struct SplitArgs {
+    /// An HF model directory (config.json + *.safetensors) or a .gguf file.
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: PathBuf,
+    /// Number of decoder layers that run on the device.
+    #[arg(long, env = "TANDEM_EDGE_LAYERS")]
+    edge_layers: usize,
+    /// Output directory; edge/ and cloud/ are created inside it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight dtype of the parts: f32, f16 or bf16 (default: the source's; f32 for GGUF).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Replace existing parts in the output directory.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// An HF model directory, a .gguf file, or a directory written by `tandem split`.
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: PathBuf,
+    /// Decoder layers on the device (default 1 for a whole model; a split directory knows its own).
+    #[arg(long, env = "TANDEM_EDGE_LAYERS")]
+    edge_layers: Option<usize>,
+    /// The user's prompt.
+    #[arg(long)]
+    prompt: String,
+    /// A system message (needs --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Apply the model's chat template to the system and user messages.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Stop when the output contains this text (repeatable); the text is not shown.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Compute dtype: f32, f16 or bf16 (default: the checkpoint's; f32 for GGUF).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Split(a) => split(a),
+        Command::Generate(a) => generate(a),
+    }
+}
+
+fn split(a: SplitArgs) -> Result<()> {
+    let started = Instant::now();
+    let ck =
+        Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let dtype = match &a.dtype {
+        Some(d) => parse_dtype(d)?,
+        None => ck.stored_dtype,
+    };
+    let opts = SplitOptions {
+        edge_layers: a.edge_layers,
+        dtype,
+        force: a.force,
+        progress: !a.quiet,
+    };
+    let (edge, cloud) = write_split(&ck, &a.out, &opts)?;
+    eprintln!(
+        "split {} at layer {} of {} ({}) in {:.1}s",
+        a.model.display(),
+        edge.edge_layers,
+        edge.num_layers,
+        dtype_user_name(dtype),
+        started.elapsed().as_secs_f64()
+    );
+    for (m, dir) in [(&edge, "edge"), (&cloud, "cloud")] {
+        eprintln!(
+            "  {}: layers [{}, {}), {} tensors, {:.1} MiB",
+            a.out.join(dir).display(),
+            m.layers[0],
+            m.layers[1],
+            m.weights.tensors,
+            m.weights.bytes as f64 / (1024.0 * 1024.0)
+        );
+    }
+    eprintln!("  pair id {}", edge.pair_id);
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
+    }
+    .validate()?;
+    let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let load_started = Instant::now();
+    let edge_layers = if tandem_model::checkpoint::is_split_dir(&a.model) {
+        a.edge_layers
+    } else {
+        Some(a.edge_layers.unwrap_or(1))
+    };
+    let model = LocalSplit::load(
+        &a.model,
+        &LocalSplitOptions {
+            edge_layers,
+            dtype,
+            device: Device::Cpu,
+        },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
+    let load_s = load_started.elapsed().as_secs_f64();
+    let prompt_ids = model.prompt_ids(&a.prompt, a.system.as_deref(), a.chat)?;
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: a.max_tokens,
+        sampling,
+        stop_strings: a.stop.clone(),
+        eos_ids: None,
+    };
+    let k = model.edge.split().edge_layers();
+    let n = model.edge.split().num_layers();
+    let stdout = std::io::stdout();
+    let gen = if a.json {
+        model.generate(&req, &mut |_| {})?
+    } else {
+        let mut lock = stdout.lock();
+        let g = model.generate(&req, &mut |piece| {
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
+        })?;
+        let _ = writeln!(lock);
+        g
+    };
+    let decode_tokens = gen.output_ids.len().saturating_sub(1);
+    let decode_s = gen.total_s - gen.time_to_first_token_s;
+    if a.json {
+        let obj = serde_json::json!({
+            "prompt_ids": gen.prompt_ids,
+            "output_ids": gen.output_ids,
+            "text": gen.text,
+            "finish_reason": gen.finish_reason,
+            "edge_layers": k,
+            "num_layers": n,
+            "load_s": load_s,
+            "time_to_first_token_s": gen.time_to_first_token_s,
+            "total_s": gen.total_s,
+        });
+        println!("{obj}");
+    } else {
+        eprintln!(
+            "[edge layers {k}/{n}] {} prompt + {} output tokens, finish: {}, load {:.2}s, first token {:.2}s, {:.1} tokens/s after",
+            gen.prompt_ids.len(),
+            gen.output_ids.len(),
+            gen.finish_reason,
+            load_s,
+            gen.time_to_first_token_s,
+            if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! The `tandem` binary end to end: `split` then `generate`, on a tiny generated model (always)
+//! and on the demo model (when present).
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tandem")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "tandem failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(ok(out).trim()).expect("one JSON object on stdout")
+}
+
+fn tiny_model(dir: &Path) {
+    let spec = &common::specs()[0];
+    common::write_hf(dir, spec);
+    common::write_tokenizer(dir);
+}
+
+#[test]
+fn split_then_generate_matches_in_memory_split() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny");
+    tiny_model(&model);
+    let out = tmp.path().join("split");
+    let m = model.to_str().expect("utf8");
+    let o = out.to_str().expect("utf8");
+    let split = tandem(&[
+        "split",
+        "--model",
+        m,
+        "--edge-layers",
+        "2",
+        "--out",
+        o,
+        "--quiet",
+    ]);
+    ok(&split);
+    let stderr = String::from_utf8_lossy(&split.stderr);
+    assert!(stderr.contains("pair id"), "{stderr}");
+    for part in ["edge", "cloud"] {
+        for f in [
+            "model.safetensors",
+            "config.json",
+            "manifest.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            assert!(out.join(part).join(f).is_file(), "{part}/{f} missing");
+        }
+    }
+
+    let gen = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "hello world",
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&tandem(&args))
+    };
+    let whole = gen(m, &["--edge-layers", "2"]);
+    let parts = gen(o, &[]);
+    assert_eq!(whole["output_ids"], parts["output_ids"]);
+    assert_eq!(whole["prompt_ids"], parts["prompt_ids"]);
+    assert_eq!(parts["edge_layers"], 2);
+    let ids = parts["output_ids"].as_array().expect("ids");
+    let finish = parts["finish_reason"].as_str().expect("finish");
+    assert!(ids.len() <= 12);
+    assert!(finish == "length" || finish == "eos", "{finish}");
+    if finish == "length" {
+        assert_eq!(ids.len(), 12);
+    }
+    assert!(parts["text"].is_string());
+    // "hello world" through the byte-level tokenizer: "hell" merges, so fewer ids than bytes.
+    let prompt = parts["prompt_ids"].as_array().expect("prompt ids");
+    assert!(
+        !prompt.is_empty() && prompt.len() < "hello world".len(),
+        "{prompt:?}"
+    );
+
+    // Chat mode renders the template: the prompt starts with <|im_start|> (id 1).
+    let chat = gen(o, &["--chat", "--system", "be brief"]);
+    assert_eq!(chat["prompt_ids"][0], 1);
+    // Seeded sampling is reproducible.
+    let s1 = gen(
+        o,
+        &["--temperature", "0.9", "--top-p", "0.9", "--seed", "4"],
+    );
+    let s2 = gen(
+        o,
+        &["--temperature", "0.9", "--top-p", "0.9", "--seed", "4"],
+    );
+    assert_eq!(s1["output_ids"], s2["output_ids"]);
+}
+
+#[test]
+fn bad_arguments_fail_with_clear_messages() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny");
+    tiny_model(&model);
+    let m = model.to_str().expect("utf8");
+    let out = tandem(&[
+        "generate",
+        "--model",
+        m,
+        "--edge-layers",
+        "9",
+        "--prompt",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 1 and 3"));
+    let out = tandem(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--temperature",
+        "-1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
+    let out = tandem(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
+}
+
+#[test]
+fn demo_model_answers_paris_split_at_1_and_3() {
+    let Some(gguf) = common::demo_model() else {
+        return;
+    };
+    let g = gguf.to_str().expect("utf8");
+    for k in ["1", "3"] {
+        let v = json(&tandem(&[
+            "generate",
+            "--model",
+            g,
+            "--edge-layers",
+            k,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "32",
+            "--json",
+        ]));
+        let text = v["text"].as_str().expect("text");
+        println!("k={k}: {text:?}");
+        assert!(
+            text.contains("Paris"),
+            "k={k}: answer without Paris: {text:?}"
+        );
+    }
+}
+
+#[test]
+fn demo_model_split_on_disk_equals_in_memory() {
+    let Some(gguf) = common::demo_model() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("split");
+    let (g, o) = (gguf.to_str().expect("utf8"), out.to_str().expect("utf8"));
+    ok(&tandem(&[
+        "split",
+        "--model",
+        g,
+        "--edge-layers",
+        "3",
+        "--out",
+        o,
+        "--quiet",
+    ]));
+    let args = |m: &str| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "--prompt",
+            "Name three colours.",
+            "--max-tokens",
+            "16",
+            "--json",
+        ];
+        if m == g {
+            a.extend(["--edge-layers", "3"]);
+        }
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |m: &str| {
+        let a = args(m);
+        json(&tandem(&a.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let (whole, parts) = (run(g), run(o));
+    assert_eq!(whole["prompt_ids"], parts["prompt_ids"]);
+    assert_eq!(whole["output_ids"], parts["output_ids"]);
+}
