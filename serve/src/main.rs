@@ -198,6 +198,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             let _ = lock.flush();
         })?;
         let _ = writeln!(lock);
+        let _ = lock.flush();
         g
     };
     let decode_tokens = gen.output_ids.len().saturating_sub(1);
