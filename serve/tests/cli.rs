@@ -140,8 +140,7 @@ fn bad_arguments_fail_with_clear_messages() {
         m,
         "--prompt",
         "x",
-        "--temperature",
-        "-1",
+        "--temperature=-1",
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
