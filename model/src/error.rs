@@ -13,7 +13,10 @@ pub enum ModelError {
     /// (The I/O error is part of the message rather than a `source`, so that error chains do
     /// not print it twice.)
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// A file exists but its contents are not what its format requires (truncated, corrupt).
     #[error("{path}: not a valid {format} file: {reason}")]
     Format {
