@@ -391,3 +391,37 @@ impl DecoderLayer {
         Ok((m + x)?)
     }
 }
+
+/// Consecutive decoder layers and the rotary embedding they share: the body of either part.
+#[derive(Clone, Debug)]
+pub struct LayerStack {
+    layers: Vec<DecoderLayer>,
+    rotary: Rotary,
+}
+
+impl LayerStack {
+    /// Loads the layers with global indices `range`.
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &LlamaConfig,
+        range: std::ops::Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            layers: range
+                .map(|i| DecoderLayer::load(src, cfg, i, dtype, device))
+                .collect::<Result<Vec<_>>>()?,
+            rotary: Rotary::new(cfg, dtype, device)?,
+        })
+    }
+
+    /// Runs every layer over `x` (`[tokens, hidden]`); the rotary tables are built once.
+    pub fn forward(&self, mut x: Tensor, ctx: &ForwardCtx, kv: &mut dyn KvView) -> Result<Tensor> {
+        let rope = self.rotary.tables(ctx.positions())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, ctx, kv)?;
+        }
+        Ok(x)
+    }
+}

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{DecoderLayer, ForwardCtx, KvView, Linear, RmsNorm, Rotary};
+use crate::layers::{ForwardCtx, KvView, LayerStack, Linear, RmsNorm};
 use crate::weights::TensorSource;
 
 /// Name of the embedding matrix.
@@ -90,8 +90,7 @@ pub struct EdgeModel {
     cfg: LlamaConfig,
     split: SplitPoint,
     embed: Tensor,
-    layers: Vec<DecoderLayer>,
-    rotary: Rotary,
+    layers: LayerStack,
 }
 
 impl EdgeModel {
@@ -109,16 +108,11 @@ impl EdgeModel {
             opts.dtype,
             opts.device,
         )?;
-        let layers = split
-            .edge_range()
-            .map(|i| DecoderLayer::load(src, cfg, i, opts.dtype, opts.device))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             split,
             embed,
-            layers,
-            rotary: Rotary::new(cfg, opts.dtype, opts.device)?,
+            layers: LayerStack::load(src, cfg, split.edge_range(), opts.dtype, opts.device)?,
         })
     }
 
@@ -152,12 +146,8 @@ impl EdgeModel {
             )));
         }
         let ids = Tensor::from_slice(tokens, tokens.len(), self.embed.device())?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let rope = self.rotary.tables(ctx.positions())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &rope, ctx, kv)?;
-        }
-        Ok(x)
+        let x = self.embed.index_select(&ids, 0)?;
+        self.layers.forward(x, ctx, kv)
     }
 }
 
@@ -166,10 +156,9 @@ impl EdgeModel {
 pub struct CloudModel {
     cfg: LlamaConfig,
     split: SplitPoint,
-    layers: Vec<DecoderLayer>,
+    layers: LayerStack,
     norm: RmsNorm,
     lm_head: Linear,
-    rotary: Rotary,
 }
 
 impl CloudModel {
@@ -182,10 +171,7 @@ impl CloudModel {
         opts: LoadOptions<'_>,
     ) -> Result<Self> {
         check_split(cfg, split)?;
-        let layers = split
-            .cloud_range()
-            .map(|i| DecoderLayer::load(src, cfg, i, opts.dtype, opts.device))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = LayerStack::load(src, cfg, split.cloud_range(), opts.dtype, opts.device)?;
         let head_name = if src.contains(LM_HEAD) || !cfg.tie_word_embeddings {
             LM_HEAD
         } else {
@@ -203,7 +189,6 @@ impl CloudModel {
             layers,
             norm: RmsNorm::load(src, FINAL_NORM, cfg, opts.dtype, opts.device)?,
             lm_head: Linear::from_weight(head),
-            rotary: Rotary::new(cfg, opts.dtype, opts.device)?,
         })
     }
 
@@ -242,12 +227,7 @@ impl CloudModel {
         kv: &mut dyn KvView,
     ) -> Result<Tensor> {
         check_hidden(hidden, ctx, &self.cfg)?;
-        let mut x = hidden.to_dtype(self.dtype())?;
-        let rope = self.rotary.tables(ctx.positions())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &rope, ctx, kv)?;
-        }
-        Ok(x)
+        self.layers.forward(hidden.to_dtype(self.dtype())?, ctx, kv)
     }
 
     /// Final norm and LM head over rows `[rows, hidden]`: f32 logits `[rows, vocab]`.

@@ -10,33 +10,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
 use common::max_abs_diff;
 use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
-use tandem_model::kv::ContiguousKv;
-use tandem_model::layers::ForwardCtx;
 use tandem_model::pipeline::{LocalSplit, LocalSplitOptions};
 use tandem_model::sampling::argmax;
-
-fn split_logits(m: &LocalSplit, prompt: &[u32], steps: usize) -> (Vec<Tensor>, Vec<u32>) {
-    let n = m.edge.config().num_hidden_layers;
-    let (mut ekv, mut ckv) = (ContiguousKv::new(n, 4096), ContiguousKv::new(n, 4096));
-    let (mut input, mut pos) = (prompt.to_vec(), 0);
-    let (mut logits, mut tokens) = (Vec::new(), Vec::new());
-    for _ in 0..steps {
-        let ctx = ForwardCtx::single(pos, input.len());
-        let h = m.edge.forward(&input, &ctx, &mut ekv).expect("edge");
-        let l = m
-            .cloud
-            .forward(&h, &ctx, &mut ckv)
-            .expect("cloud")
-            .squeeze(0)
-            .expect("sq");
-        pos += input.len();
-        let t = argmax(&l.to_vec1::<f32>().expect("v"));
-        tokens.push(t);
-        input = vec![t];
-        logits.push(l);
-    }
-    (logits, tokens)
-}
 
 #[test]
 fn demo_split_matches_candle_reference_llama() {
@@ -68,7 +43,7 @@ fn demo_split_matches_candle_reference_llama() {
         .prompt_ids("What is the capital of France?", None, true)
         .expect("prompt");
     let steps = 32;
-    let (ours, our_tokens) = split_logits(&m, &prompt, steps);
+    let (ours, our_tokens) = common::run_greedy(&m, &prompt, steps);
 
     // The reference reads the union of the two parts' tensors.
     let cfg_text = std::fs::read_to_string(out.join("cloud/config.json")).expect("config");
@@ -134,10 +109,10 @@ fn demo_every_split_depth_gives_the_same_logits() {
     let prompt = base
         .prompt_ids("Write a haiku about rivers.", Some("You are terse."), true)
         .expect("prompt");
-    let (reference, ref_tokens) = split_logits(&base, &prompt, 8);
+    let (reference, ref_tokens) = common::run_greedy(&base, &prompt, 8);
     drop(base);
     for k in [2, 15, 29] {
-        let (logits, tokens) = split_logits(&load(k), &prompt, 8);
+        let (logits, tokens) = common::run_greedy(&load(k), &prompt, 8);
         let worst = reference
             .iter()
             .zip(&logits)

@@ -12,8 +12,6 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, TinySpec};
 use tandem_model::checkpoint::Checkpoint;
-use tandem_model::kv::ContiguousKv;
-use tandem_model::layers::ForwardCtx;
 use tandem_model::pipeline::{LocalSplit, LocalSplitOptions};
 use tandem_model::weights::{gguf_name, permute_qk_for_gguf};
 
@@ -79,28 +77,8 @@ fn write_gguf(path: &Path, s: &TinySpec, tensors: &[(String, Tensor)], matrix_dt
     gguf_file::write(&mut f, &md_refs, &t_refs).expect("write gguf");
 }
 
-fn logits_run(m: &LocalSplit, prompt: &[u32], steps: usize) -> Vec<Tensor> {
-    let n = m.edge.config().num_hidden_layers;
-    let (mut ekv, mut ckv) = (ContiguousKv::new(n, 512), ContiguousKv::new(n, 512));
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    for _ in 0..steps {
-        let ctx = ForwardCtx::single(pos, input.len());
-        let h = m.edge.forward(&input, &ctx, &mut ekv).expect("edge");
-        let l = m
-            .cloud
-            .forward(&h, &ctx, &mut ckv)
-            .expect("cloud")
-            .squeeze(0)
-            .expect("sq");
-        pos += input.len();
-        input = vec![tandem_model::sampling::argmax(
-            &l.to_vec1::<f32>().expect("v"),
-        )];
-        out.push(l);
-    }
-    out
+fn run_greedy_logits(m: &LocalSplit, prompt: &[u32], steps: usize) -> Vec<Tensor> {
+    common::run_greedy(m, prompt, steps).0
 }
 
 fn load(path: &Path, k: usize) -> LocalSplit {
@@ -146,8 +124,8 @@ fn gguf_f32_equals_hf_for_every_shape() {
         }
 
         let prompt = common::prompt(&spec, 6);
-        let la = logits_run(&load(&hf, 1), &prompt, 8);
-        let lb = logits_run(&load(&gguf, 1), &prompt, 8);
+        let la = run_greedy_logits(&load(&hf, 1), &prompt, 8);
+        let lb = run_greedy_logits(&load(&gguf, 1), &prompt, 8);
         let worst = la
             .iter()
             .zip(&lb)
@@ -192,8 +170,8 @@ fn gguf_without_qk_unpermute_would_differ() {
     let gguf = tmp.path().join("bad.gguf");
     write_gguf(&gguf, &spec, &unpermuted, GgmlDType::F32);
     let prompt = common::prompt(&spec, 6);
-    let la = logits_run(&load(&hf, 1), &prompt, 1);
-    let lb = logits_run(&load(&gguf, 1), &prompt, 1);
+    let la = run_greedy_logits(&load(&hf, 1), &prompt, 1);
+    let lb = run_greedy_logits(&load(&gguf, 1), &prompt, 1);
     assert!(max_abs_diff(&la[0], &lb[0]) > 1e-2);
 }
 
@@ -242,8 +220,8 @@ fn gguf_q8_0_equals_hf_of_the_dequantized_weights() {
     candle_core::safetensors::save(&twin, hf.join("model.safetensors")).expect("save");
     let prompt = common::prompt(&spec, 6);
     for k in [1, 3] {
-        let la = logits_run(&load(&hf, k), &prompt, 6);
-        let lb = logits_run(&load(&gguf, k), &prompt, 6);
+        let la = run_greedy_logits(&load(&hf, k), &prompt, 6);
+        let lb = run_greedy_logits(&load(&gguf, k), &prompt, 6);
         let worst = la
             .iter()
             .zip(&lb)

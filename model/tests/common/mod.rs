@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use tandem_model::kv::ContiguousKv;
+use tandem_model::layers::ForwardCtx;
+use tandem_model::pipeline::LocalSplit;
 
 /// The shape of a tiny model.
 #[derive(Clone, Debug)]
@@ -344,4 +347,33 @@ pub fn write_tokenizer(dir: &Path) {
     let cfg = serde_json::json!({"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"});
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string())
         .expect("write tokenizer_config");
+}
+
+/// Runs a split model greedily for `steps` forward passes (the prompt, then one token each):
+/// each pass's f32 logits and the greedy token chosen from them.
+pub fn run_greedy(m: &LocalSplit, prompt: &[u32], steps: usize) -> (Vec<Tensor>, Vec<u32>) {
+    let n = m.edge.config().num_hidden_layers;
+    let max = m.edge.config().max_position_embeddings;
+    let (mut ekv, mut ckv) = (ContiguousKv::new(n, max), ContiguousKv::new(n, max));
+    let (mut input, mut pos) = (prompt.to_vec(), 0);
+    let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let ctx = ForwardCtx::single(pos, input.len());
+        let h = m
+            .edge
+            .forward(&input, &ctx, &mut ekv)
+            .expect("edge forward");
+        let l = m
+            .cloud
+            .forward(&h, &ctx, &mut ckv)
+            .expect("cloud forward")
+            .squeeze(0)
+            .expect("squeeze");
+        pos += input.len();
+        let t = tandem_model::sampling::argmax(&l.to_vec1::<f32>().expect("logits"));
+        tokens.push(t);
+        input = vec![t];
+        logits.push(l);
+    }
+    (logits, tokens)
 }
