@@ -1,7 +1,25 @@
-//! `tandem-kvcache`: the cloud's paged KV cache (block pool, block tables, prefix sharing,
-//! paged K/V storage and paged attention).
+//! `tandem-kvcache`: the cloud's paged KV cache.
 //!
-//! **Not built yet.** The engine issue fills this crate. Until then the only KV cache is
-//! `tandem_model::ContiguousKv` (one sequence, contiguous), which the paged cache will plug in
-//! beside through the same `tandem_model::KvView` trait. This crate deliberately exports
-//! nothing, so that no caller can mistake it for a working cache.
+//! # Layout
+//! - [`block`]: the logical side, with no tensors: a [`BlockPool`] of fixed-size blocks (an
+//!   O(1) free list linked by index, reference counts) and one [`BlockTable`] per sequence,
+//!   which frees its blocks when dropped. Full blocks can be shared between sequences through
+//!   a hash chain over the hidden states that filled them (prefix sharing); a shared block is
+//!   copied before it would be written (copy-on-write).
+//! - [`storage`]: the physical side, per-layer K/V buffers `[blocks, block_size, kv_heads,
+//!   head_dim]` in f32, f16 or bf16, sized by a block count or a memory budget.
+//! - [`attention`]: the CPU paged-attention kernel, reading K/V straight from the blocks.
+//! - [`paged`]: [`PagedKv`], which plugs storage and kernel into the model's layer code
+//!   through `tandem_model::KvView`.
+//!
+//! Still to come (engine issue): the CUDA backend (candle-flash-attn's paged kernel behind the
+//! `cuda` feature); the scheduler and engine that drive this crate live in their own crates.
+
+pub mod attention;
+pub mod block;
+pub mod paged;
+pub mod storage;
+
+pub use block::{AllocStatus, BlockHash, BlockId, BlockPool, BlockTable, CopyOp, KvError};
+pub use paged::PagedKv;
+pub use storage::{KvDtype, KvLayout, KvStorage, StorageError};

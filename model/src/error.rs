@@ -63,6 +63,9 @@ pub enum ModelError {
     /// A caller passed an input the model cannot take (wrong hidden size, out-of-range token id, …).
     #[error("invalid input: {0}")]
     Input(String),
+    /// The KV cache could not hold or serve the batch (out of blocks, bad block table, …).
+    #[error("KV cache: {0}")]
+    Cache(String),
     /// An error inside a tensor operation.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,0 +1,595 @@
+//! Paged attention on the CPU: causal scaled-dot-product attention for a varlen batch, read
+//! straight from paged K/V storage.
+//!
+//! # Role
+//!
+//! One decoder layer of the cloud half runs many sessions at once. Each session contributes a
+//! run of query rows (one row for a decode, several for a prefill chunk) and owns a list of
+//! physical cache blocks. [`paged_attention`] walks each session's blocks in place; it never
+//! gathers a session's K/V into a contiguous buffer.
+//!
+//! # Layout and invariants
+//!
+//! * `k_cache` and `v_cache` hold one layer, laid out `[num_blocks, block_size, kv_heads,
+//!   head_dim]`. Position `p` of a sequence lives in block `block_table[p / block_size]`, slot
+//!   `p % block_size`.
+//! * `q` and `out` are `[tokens, num_heads, head_dim]`. A sequence owns rows `q_start ..
+//!   q_start + q_len`; the rows of different sequences never overlap. Rows no sequence owns
+//!   are left untouched in `out`.
+//! * The new rows' K/V are already in the cache: query row `i` of a sequence sits at position
+//!   `context_len - q_len + i` and attends to positions `0 ..= context_len - q_len + i`.
+//! * Grouped-query attention: query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
+//! * Every input is checked before any work starts; bad input is an [`AttnError`], never a
+//!   panic. The kernel below the check only ever sees validated geometry.
+//!
+//! # Parallelism and determinism
+//!
+//! The unit of work is one (query row, kv head) pair: the `num_heads / num_kv_heads` query
+//! heads that share a kv head are computed together, so each key and value row is loaded (and,
+//! for half-precision storage, converted) once per group rather than once per head. Their
+//! outputs are one contiguous slice of `out`, so the tasks own disjoint `&mut` slices and need
+//! no synchronisation. Tasks are spread with rayon; each output element is produced by exactly
+//! one task, always visiting the keys in the same order, so the result is bit-identical
+//! whatever the thread count or schedule.
+//!
+//! # Costs
+//!
+//! For a row at position `p`, one pass over `p + 1` keys: `2 * (p + 1) * head_dim` multiply-adds
+//! per query head, and one `exp` per key and head. The softmax is streamed block by block (a
+//! running max and sum per head, the output rescaled once per block), so no score vector longer
+//! than one block is ever held. Memory: one small scratch buffer per rayon job
+//! (`group * block_size + 2 * head_dim + 2 * group` floats), plus one `Vec` of per-sequence
+//! output slices per call.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use thiserror::Error;
+
+/// An element type of the K/V cache, read as `f32` by the kernel.
+pub trait KvElem: Copy + Send + Sync {
+    /// Widens one element to `f32`.
+    fn to_f32(self) -> f32;
+
+    /// Returns `src` as `f32`s, converting into `scratch` when the type is not already `f32`.
+    /// `scratch` is at least as long as `src`.
+    fn load<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32] {
+        let dst = &mut scratch[..src.len()];
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+        dst
+    }
+}
+
+impl KvElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn load<'a>(src: &'a [f32], _scratch: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    fn load<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> &'a [f32] {
+        let dst = &mut scratch[..src.len()];
+        src.convert_to_f32_slice(dst);
+        dst
+    }
+}
+
+impl KvElem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+
+    fn load<'a>(src: &'a [bf16], scratch: &'a mut [f32]) -> &'a [f32] {
+        let dst = &mut scratch[..src.len()];
+        src.convert_to_f32_slice(dst);
+        dst
+    }
+}
+
+/// One sequence of the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqAttn<'a> {
+    /// First row of this sequence's queries in `q`.
+    pub q_start: usize,
+    /// Number of new query rows (a prefill chunk, or 1 for a decode).
+    pub q_len: usize,
+    /// Positions in the cache for this sequence, including the new rows, whose K/V the caller
+    /// has already written. The new rows sit at positions `context_len - q_len .. context_len`.
+    pub context_len: usize,
+    /// Physical block ids of this sequence, in order; must cover `context_len` positions.
+    /// Entries past the last needed block are ignored.
+    pub block_table: &'a [u32],
+}
+
+/// Shapes shared by every sequence of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedAttnParams {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads; must divide `num_heads`.
+    pub num_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Factor applied to every `q · k` score, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+/// Which of the two caches an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSide {
+    /// The key cache.
+    Key,
+    /// The value cache.
+    Value,
+}
+
+impl std::fmt::Display for KvSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvSide::Key => "key",
+            KvSide::Value => "value",
+        })
+    }
+}
+
+/// Why a [`paged_attention`] call was refused. Nothing is written to `out` on error.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AttnError {
+    /// A dimension that must be positive is zero.
+    #[error("{name} must be positive")]
+    ZeroDimension { name: &'static str },
+    /// The query heads do not split evenly over the kv heads.
+    #[error("num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")]
+    HeadsNotDivisible {
+        num_heads: usize,
+        num_kv_heads: usize,
+    },
+    /// A product of the dimensions does not fit in `usize`.
+    #[error("attention dimensions overflow usize")]
+    DimensionOverflow,
+    /// `q` is not a whole number of rows.
+    #[error("q has {len} elements, not a whole number of rows of {row_len}")]
+    QueryShape { len: usize, row_len: usize },
+    /// `out` and `q` differ in length.
+    #[error("out has {out_len} elements but q has {q_len}")]
+    OutputShape { q_len: usize, out_len: usize },
+    /// A cache is not a whole number of blocks.
+    #[error("{side} cache has {len} elements, not a whole number of blocks of {block_len}")]
+    CacheShape {
+        side: KvSide,
+        len: usize,
+        block_len: usize,
+    },
+    /// The key and value caches differ in length.
+    #[error("key cache has {k_len} elements but value cache has {v_len}")]
+    CacheMismatch { k_len: usize, v_len: usize },
+    /// A sequence has more new rows than positions.
+    #[error("sequence {seq}: q_len {q_len} exceeds context_len {context_len}")]
+    QueryLongerThanContext {
+        seq: usize,
+        q_len: usize,
+        context_len: usize,
+    },
+    /// A sequence's rows run past the end of `q`.
+    #[error("sequence {seq}: rows from {q_start} (q_len {q_len}) run past the {rows} rows of q")]
+    RowsOutOfRange {
+        seq: usize,
+        q_start: usize,
+        q_len: usize,
+        rows: usize,
+    },
+    /// Two sequences claim the same query row.
+    #[error("sequences {first} and {second} share query rows")]
+    OverlappingRows { first: usize, second: usize },
+    /// A block table does not cover the sequence's context.
+    #[error("sequence {seq}: {len} blocks cannot hold {context_len} positions ({needed} needed)")]
+    BlockTableTooShort {
+        seq: usize,
+        len: usize,
+        needed: usize,
+        context_len: usize,
+    },
+    /// A block id names a block the cache does not have.
+    #[error("sequence {seq}: block id {block} (table index {index}) is past the {num_blocks} cached blocks")]
+    BlockOutOfRange {
+        seq: usize,
+        index: usize,
+        block: u32,
+        num_blocks: usize,
+    },
+}
+
+/// Computes causal attention for every sequence of the batch from paged K/V storage.
+///
+/// `q` and `out` are `[tokens, num_heads, head_dim]`; `k_cache` and `v_cache` are one layer,
+/// `[num_blocks, block_size, num_kv_heads, head_dim]`. See the module doc for the semantics.
+/// Rows of `out` that no sequence owns are not written. On error nothing is written.
+pub fn paged_attention<T: KvElem>(
+    q: &[f32],
+    seqs: &[SeqAttn<'_>],
+    k_cache: &[T],
+    v_cache: &[T],
+    params: &PagedAttnParams,
+    out: &mut [f32],
+) -> Result<(), AttnError> {
+    let geo = Geometry::check(params, q.len(), out.len(), k_cache.len(), v_cache.len())?;
+    let order = check_sequences(seqs, &geo)?;
+    let cache = Cache {
+        k: k_cache,
+        v: v_cache,
+        geo,
+    };
+    split_rows(out, seqs, &order, geo.row_len)
+        .into_par_iter()
+        .for_each(|(seq, out_rows)| {
+            let q_rows = &q[seq.q_start * geo.row_len..][..out_rows.len()];
+            attend_sequence(&cache, seq, q_rows, out_rows, params.scale);
+        });
+    Ok(())
+}
+
+/// Validated shapes of one call, with the strides the kernel needs.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    num_kv_heads: usize,
+    /// Query heads per kv head.
+    group: usize,
+    head_dim: usize,
+    block_size: usize,
+    /// Elements in one row of `q` / `out`: `num_heads * head_dim`.
+    row_len: usize,
+    /// Elements in one cache slot: `num_kv_heads * head_dim`.
+    slot_len: usize,
+    /// Elements in one cache block: `block_size * slot_len`.
+    block_len: usize,
+    /// Rows of `q`.
+    rows: usize,
+    /// Blocks in each cache.
+    num_blocks: usize,
+}
+
+impl Geometry {
+    fn check(
+        p: &PagedAttnParams,
+        q_len: usize,
+        out_len: usize,
+        k_len: usize,
+        v_len: usize,
+    ) -> Result<Self, AttnError> {
+        for (name, value) in [
+            ("num_heads", p.num_heads),
+            ("num_kv_heads", p.num_kv_heads),
+            ("head_dim", p.head_dim),
+            ("block_size", p.block_size),
+        ] {
+            if value == 0 {
+                return Err(AttnError::ZeroDimension { name });
+            }
+        }
+        if p.num_heads % p.num_kv_heads != 0 {
+            return Err(AttnError::HeadsNotDivisible {
+                num_heads: p.num_heads,
+                num_kv_heads: p.num_kv_heads,
+            });
+        }
+        let overflow = || AttnError::DimensionOverflow;
+        let row_len = p.num_heads.checked_mul(p.head_dim).ok_or_else(overflow)?;
+        let slot_len = p
+            .num_kv_heads
+            .checked_mul(p.head_dim)
+            .ok_or_else(overflow)?;
+        let block_len = slot_len.checked_mul(p.block_size).ok_or_else(overflow)?;
+        if q_len % row_len != 0 {
+            return Err(AttnError::QueryShape {
+                len: q_len,
+                row_len,
+            });
+        }
+        if out_len != q_len {
+            return Err(AttnError::OutputShape { q_len, out_len });
+        }
+        for (side, len) in [(KvSide::Key, k_len), (KvSide::Value, v_len)] {
+            if len % block_len != 0 {
+                return Err(AttnError::CacheShape {
+                    side,
+                    len,
+                    block_len,
+                });
+            }
+        }
+        if k_len != v_len {
+            return Err(AttnError::CacheMismatch { k_len, v_len });
+        }
+        Ok(Self {
+            num_kv_heads: p.num_kv_heads,
+            group: p.num_heads / p.num_kv_heads,
+            head_dim: p.head_dim,
+            block_size: p.block_size,
+            row_len,
+            slot_len,
+            block_len,
+            rows: q_len / row_len,
+            num_blocks: k_len / block_len,
+        })
+    }
+}
+
+/// Checks every sequence against the geometry and returns the indices of the sequences that
+/// have rows, sorted by `q_start`.
+fn check_sequences(seqs: &[SeqAttn<'_>], geo: &Geometry) -> Result<Vec<usize>, AttnError> {
+    for (i, s) in seqs.iter().enumerate() {
+        check_sequence(i, s, geo)?;
+    }
+    let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].q_len > 0).collect();
+    order.sort_by_key(|&i| (seqs[i].q_start, i));
+    for pair in order.windows(2) {
+        let (a, b) = (&seqs[pair[0]], &seqs[pair[1]]);
+        if a.q_start + a.q_len > b.q_start {
+            return Err(AttnError::OverlappingRows {
+                first: pair[0].min(pair[1]),
+                second: pair[0].max(pair[1]),
+            });
+        }
+    }
+    Ok(order)
+}
+
+fn check_sequence(seq: usize, s: &SeqAttn<'_>, geo: &Geometry) -> Result<(), AttnError> {
+    if s.q_len > s.context_len {
+        return Err(AttnError::QueryLongerThanContext {
+            seq,
+            q_len: s.q_len,
+            context_len: s.context_len,
+        });
+    }
+    if s.q_start
+        .checked_add(s.q_len)
+        .is_none_or(|end| end > geo.rows)
+    {
+        return Err(AttnError::RowsOutOfRange {
+            seq,
+            q_start: s.q_start,
+            q_len: s.q_len,
+            rows: geo.rows,
+        });
+    }
+    // Only the blocks a query can reach are read: the last query sits at context_len - 1.
+    let needed = if s.q_len == 0 {
+        0
+    } else {
+        s.context_len.div_ceil(geo.block_size)
+    };
+    let Some(table) = s.block_table.get(..needed) else {
+        return Err(AttnError::BlockTableTooShort {
+            seq,
+            len: s.block_table.len(),
+            needed,
+            context_len: s.context_len,
+        });
+    };
+    if let Some((index, &block)) = table
+        .iter()
+        .enumerate()
+        .find(|&(_, &b)| b as usize >= geo.num_blocks)
+    {
+        return Err(AttnError::BlockOutOfRange {
+            seq,
+            index,
+            block,
+            num_blocks: geo.num_blocks,
+        });
+    }
+    Ok(())
+}
+
+/// Carves `out` into each sequence's rows. `order` lists non-empty, validated, disjoint
+/// sequences by ascending `q_start`, so the splits never run out of range.
+fn split_rows<'o, 's>(
+    out: &'o mut [f32],
+    seqs: &'s [SeqAttn<'s>],
+    order: &[usize],
+    row_len: usize,
+) -> Vec<(&'s SeqAttn<'s>, &'o mut [f32])> {
+    let mut parts = Vec::with_capacity(order.len());
+    let mut rest = out;
+    let mut cursor = 0;
+    for &i in order {
+        let seq = &seqs[i];
+        let tail = std::mem::take(&mut rest)
+            .split_at_mut((seq.q_start - cursor) * row_len)
+            .1;
+        let (mine, tail) = tail.split_at_mut(seq.q_len * row_len);
+        parts.push((seq, mine));
+        rest = tail;
+        cursor = seq.q_start + seq.q_len;
+    }
+    parts
+}
+
+/// One layer's caches with the validated geometry.
+struct Cache<'c, T> {
+    k: &'c [T],
+    v: &'c [T],
+    geo: Geometry,
+}
+
+/// Per-job working memory, reused across the tasks a rayon job runs.
+struct Scratch {
+    /// Scores of the current block, `[group, block_size]`; turned into weights in place.
+    scores: Vec<f32>,
+    /// Running max score per head of the group.
+    max: Vec<f32>,
+    /// Running softmax denominator per head of the group.
+    sum: Vec<f32>,
+    /// One key or value row converted to `f32` (unused for `f32` storage).
+    k_row: Vec<f32>,
+    v_row: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(geo: &Geometry) -> Self {
+        Self {
+            scores: vec![0.0; geo.group * geo.block_size],
+            max: vec![0.0; geo.group],
+            sum: vec![0.0; geo.group],
+            k_row: vec![0.0; geo.head_dim],
+            v_row: vec![0.0; geo.head_dim],
+        }
+    }
+}
+
+/// Computes every (row, kv head) task of one sequence, in parallel.
+fn attend_sequence<T: KvElem>(
+    cache: &Cache<'_, T>,
+    seq: &SeqAttn<'_>,
+    q_rows: &[f32],
+    out_rows: &mut [f32],
+    scale: f32,
+) {
+    let geo = &cache.geo;
+    let group_len = geo.group * geo.head_dim;
+    let first_pos = seq.context_len - seq.q_len;
+    out_rows
+        .par_chunks_exact_mut(group_len)
+        .zip(q_rows.par_chunks_exact(group_len))
+        .enumerate()
+        .for_each_init(
+            || Scratch::new(geo),
+            |scratch, (task, (out, q))| {
+                let task = Task {
+                    kv_head: task % geo.num_kv_heads,
+                    keys: first_pos + task / geo.num_kv_heads + 1,
+                    q,
+                    scale,
+                };
+                attend_group(cache, seq.block_table, &task, out, scratch);
+            },
+        );
+}
+
+/// One query row's heads that share a kv head.
+struct Task<'q> {
+    kv_head: usize,
+    /// Positions this row attends to: `0 .. keys`.
+    keys: usize,
+    /// The group's queries, `[group, head_dim]`.
+    q: &'q [f32],
+    scale: f32,
+}
+
+/// Streams the row's keys block by block, keeping a running max and sum per head, and leaves
+/// the normalised attention output of the group's heads in `out` (`[group, head_dim]`).
+fn attend_group<T: KvElem>(
+    cache: &Cache<'_, T>,
+    block_table: &[u32],
+    task: &Task<'_>,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
+    let geo = &cache.geo;
+    out.fill(0.0);
+    s.max.fill(f32::NEG_INFINITY);
+    s.sum.fill(0.0);
+    let blocks = task.keys.div_ceil(geo.block_size);
+    for (b, &block) in block_table[..blocks].iter().enumerate() {
+        let slots = geo.block_size.min(task.keys - b * geo.block_size);
+        let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
+        let k = &cache.k[base..];
+        let v = &cache.v[base..];
+        score_block(k, geo, slots, task, s);
+        rescale(geo, slots, out, s);
+        accumulate_values(v, geo, slots, out, s);
+    }
+    for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(&s.sum) {
+        let inv = 1.0 / sum;
+        head_out.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Fills `s.scores[g * block_size + j]` with the scaled score of head `g` against slot `j`.
+/// `k` starts at slot 0 of the block, at this task's kv head.
+fn score_block<T: KvElem>(k: &[T], geo: &Geometry, slots: usize, task: &Task<'_>, s: &mut Scratch) {
+    for j in 0..slots {
+        let row = &k[j * geo.slot_len..][..geo.head_dim];
+        let k_row = T::load(row, &mut s.k_row);
+        for (g, q) in task.q.chunks_exact(geo.head_dim).enumerate() {
+            s.scores[g * geo.block_size + j] = dot(q, k_row) * task.scale;
+        }
+    }
+}
+
+/// Folds the block's scores into the running max and sum, rescales the partial outputs to
+/// the new max, and turns the scores into unnormalised weights `exp(score - max)`.
+fn rescale(geo: &Geometry, slots: usize, out: &mut [f32], s: &mut Scratch) {
+    let heads = s.scores.chunks_exact_mut(geo.block_size);
+    let outs = out.chunks_exact_mut(geo.head_dim);
+    for (((scores, head_out), max), sum) in heads.zip(outs).zip(&mut s.max).zip(&mut s.sum) {
+        let scores = &mut scores[..slots];
+        let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let new_max = max.max(block_max);
+        // exp(-inf - finite) is 0, which also clears the zero-initialised state on block 0.
+        let alpha = (*max - new_max).exp();
+        if alpha != 1.0 {
+            *sum *= alpha;
+            head_out.iter_mut().for_each(|x| *x *= alpha);
+        }
+        *max = new_max;
+        for x in scores.iter_mut() {
+            *x = (*x - new_max).exp();
+        }
+        *sum += scores.iter().sum::<f32>();
+    }
+}
+
+/// Adds `weight * v` for every slot of the block to each head's partial output.
+fn accumulate_values<T: KvElem>(
+    v: &[T],
+    geo: &Geometry,
+    slots: usize,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
+    for j in 0..slots {
+        let row = &v[j * geo.slot_len..][..geo.head_dim];
+        let v_row = T::load(row, &mut s.v_row);
+        for (g, head_out) in out.chunks_exact_mut(geo.head_dim).enumerate() {
+            let w = s.scores[g * geo.block_size + j];
+            for (o, &x) in head_out.iter_mut().zip(v_row) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
+/// Dot product with eight independent partial sums, so the loop vectorises without
+/// reassociating floating-point adds; the summation order is fixed, hence deterministic.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0.0f32; LANES];
+    for (xa, xb) in a8.zip(b8) {
+        for ((s, x), y) in acc.iter_mut().zip(xa).zip(xb) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
