@@ -37,9 +37,15 @@
 //! For a row at position `p`, one pass over `p + 1` keys: `2 * (p + 1) * head_dim` multiply-adds
 //! per query head, and one `exp` per key and head. The softmax is streamed block by block (a
 //! running max and sum per head, the output rescaled once per block), so no score vector longer
-//! than one block is ever held. Memory: one small scratch buffer per rayon job
-//! (`group * block_size + 2 * head_dim + 2 * group` floats), plus one `Vec` of per-sequence
-//! output slices per call.
+//! than one block is ever held. `f32` storage is read in place; `f16`/`bf16` blocks are widened
+//! one block and kv head at a time. Rows of a prefill chunk each walk their own keys (keys are
+//! not tiled across rows). Memory: one scratch buffer per rayon job (`group * block_size +
+//! 2 * block_size * head_dim + 2 * group` floats) and one `Vec` of per-sequence output slices
+//! per call.
+//!
+//! The inner loops are plain slice code written to auto-vectorise (4-wide SSE2 on the default
+//! x86-64 target; wider when the workspace is built for a newer CPU). Rust never fuses a
+//! multiply and an add on its own, so such a build changes speed, not results.
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -51,14 +57,16 @@ pub trait KvElem: Copy + Send + Sync {
     /// Widens one element to `f32`.
     fn to_f32(self) -> f32;
 
-    /// Returns `src` as `f32`s, converting into `scratch` when the type is not already `f32`.
-    /// `scratch` is at least as long as `src`.
-    fn load<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32] {
-        let dst = &mut scratch[..src.len()];
+    /// Widens `src` into `dst` (same length). Override where a batched conversion is faster.
+    fn widen(src: &[Self], dst: &mut [f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = s.to_f32();
         }
-        dst
+    }
+
+    /// `Some(src)` when `Self` is `f32`, so the kernel reads the cache without a copy.
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -67,8 +75,8 @@ impl KvElem for f32 {
         self
     }
 
-    fn load<'a>(src: &'a [f32], _scratch: &'a mut [f32]) -> &'a [f32] {
-        src
+    fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
     }
 }
 
@@ -77,10 +85,8 @@ impl KvElem for f16 {
         f16::to_f32(self)
     }
 
-    fn load<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> &'a [f32] {
-        let dst = &mut scratch[..src.len()];
+    fn widen(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
-        dst
     }
 }
 
@@ -89,10 +95,8 @@ impl KvElem for bf16 {
         bf16::to_f32(self)
     }
 
-    fn load<'a>(src: &'a [bf16], scratch: &'a mut [f32]) -> &'a [f32] {
-        let dst = &mut scratch[..src.len()];
+    fn widen(src: &[bf16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
-        dst
     }
 }
 
@@ -429,23 +433,31 @@ struct Cache<'c, T> {
 struct Scratch {
     /// Scores of the current block, `[group, block_size]`; turned into weights in place.
     scores: Vec<f32>,
-    /// Running max score per head of the group.
+    running: Running,
+    /// One block of keys or values widened to `f32`, `[block_size, head_dim]` (unused for
+    /// `f32` storage, which is read in place).
+    k_rows: Vec<f32>,
+    v_rows: Vec<f32>,
+}
+
+/// The streaming-softmax state of each head of the group.
+struct Running {
+    /// Largest score seen so far.
     max: Vec<f32>,
-    /// Running softmax denominator per head of the group.
+    /// Sum of `exp(score - max)` so far.
     sum: Vec<f32>,
-    /// One key or value row converted to `f32` (unused for `f32` storage).
-    k_row: Vec<f32>,
-    v_row: Vec<f32>,
 }
 
 impl Scratch {
     fn new(geo: &Geometry) -> Self {
         Self {
             scores: vec![0.0; geo.group * geo.block_size],
-            max: vec![0.0; geo.group],
-            sum: vec![0.0; geo.group],
-            k_row: vec![0.0; geo.head_dim],
-            v_row: vec![0.0; geo.head_dim],
+            running: Running {
+                max: vec![0.0; geo.group],
+                sum: vec![0.0; geo.group],
+            },
+            k_rows: vec![0.0; geo.block_size * geo.head_dim],
+            v_rows: vec![0.0; geo.block_size * geo.head_dim],
         }
     }
 }
@@ -489,6 +501,42 @@ struct Task<'q> {
     scale: f32,
 }
 
+/// `f32` rows of one block: row `j` is `data[j * stride..][..head_dim]`.
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+}
+
+impl Rows<'_> {
+    fn row(&self, j: usize, width: usize) -> &[f32] {
+        &self.data[j * self.stride..][..width]
+    }
+}
+
+/// The first `slots` rows of a block for one kv head (`src` starts at slot 0 of the block, at
+/// that head): the cache itself for `f32`, else a widened copy in `scratch`.
+fn block_rows<'a, T: KvElem>(
+    src: &'a [T],
+    geo: &Geometry,
+    slots: usize,
+    scratch: &'a mut [f32],
+) -> Rows<'a> {
+    if let Some(data) = T::as_f32(src) {
+        return Rows {
+            data,
+            stride: geo.slot_len,
+        };
+    }
+    let hd = geo.head_dim;
+    for (j, dst) in scratch.chunks_exact_mut(hd).take(slots).enumerate() {
+        T::widen(&src[j * geo.slot_len..][..hd], dst);
+    }
+    Rows {
+        data: scratch,
+        stride: hd,
+    }
+}
+
 /// Streams the row's keys block by block, keeping a running max and sum per head, and leaves
 /// the normalised attention output of the group's heads in `out` (`[group, head_dim]`).
 fn attend_group<T: KvElem>(
@@ -500,42 +548,40 @@ fn attend_group<T: KvElem>(
 ) {
     let geo = &cache.geo;
     out.fill(0.0);
-    s.max.fill(f32::NEG_INFINITY);
-    s.sum.fill(0.0);
+    s.running.max.fill(f32::NEG_INFINITY);
+    s.running.sum.fill(0.0);
     let blocks = task.keys.div_ceil(geo.block_size);
     for (b, &block) in block_table[..blocks].iter().enumerate() {
         let slots = geo.block_size.min(task.keys - b * geo.block_size);
         let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
-        let k = &cache.k[base..];
-        let v = &cache.v[base..];
-        score_block(k, geo, slots, task, s);
-        rescale(geo, slots, out, s);
-        accumulate_values(v, geo, slots, out, s);
+        let keys = block_rows(&cache.k[base..], geo, slots, &mut s.k_rows);
+        score_block(&keys, geo, slots, task, &mut s.scores);
+        rescale(geo, slots, out, &mut s.scores, &mut s.running);
+        let values = block_rows(&cache.v[base..], geo, slots, &mut s.v_rows);
+        accumulate_values(&values, geo, slots, out, &s.scores);
     }
-    for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(&s.sum) {
+    for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(&s.running.sum) {
         let inv = 1.0 / sum;
         head_out.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
-/// Fills `s.scores[g * block_size + j]` with the scaled score of head `g` against slot `j`.
-/// `k` starts at slot 0 of the block, at this task's kv head.
-fn score_block<T: KvElem>(k: &[T], geo: &Geometry, slots: usize, task: &Task<'_>, s: &mut Scratch) {
+/// Fills `scores[g * block_size + j]` with the scaled score of head `g` against key `j`.
+fn score_block(keys: &Rows<'_>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]) {
     for j in 0..slots {
-        let row = &k[j * geo.slot_len..][..geo.head_dim];
-        let k_row = T::load(row, &mut s.k_row);
+        let key = keys.row(j, geo.head_dim);
         for (g, q) in task.q.chunks_exact(geo.head_dim).enumerate() {
-            s.scores[g * geo.block_size + j] = dot(q, k_row) * task.scale;
+            scores[g * geo.block_size + j] = dot(q, key) * task.scale;
         }
     }
 }
 
 /// Folds the block's scores into the running max and sum, rescales the partial outputs to
 /// the new max, and turns the scores into unnormalised weights `exp(score - max)`.
-fn rescale(geo: &Geometry, slots: usize, out: &mut [f32], s: &mut Scratch) {
-    let heads = s.scores.chunks_exact_mut(geo.block_size);
+fn rescale(geo: &Geometry, slots: usize, out: &mut [f32], scores: &mut [f32], run: &mut Running) {
+    let heads = scores.chunks_exact_mut(geo.block_size);
     let outs = out.chunks_exact_mut(geo.head_dim);
-    for (((scores, head_out), max), sum) in heads.zip(outs).zip(&mut s.max).zip(&mut s.sum) {
+    for (((scores, head_out), max), sum) in heads.zip(outs).zip(&mut run.max).zip(&mut run.sum) {
         let scores = &mut scores[..slots];
         let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let new_max = max.max(block_max);
@@ -553,43 +599,72 @@ fn rescale(geo: &Geometry, slots: usize, out: &mut [f32], s: &mut Scratch) {
     }
 }
 
-/// Adds `weight * v` for every slot of the block to each head's partial output.
-fn accumulate_values<T: KvElem>(
-    v: &[T],
+/// Adds `weight * value` for every slot of the block to each head's partial output, four
+/// slots per pass so each output element is loaded and stored a quarter as often.
+fn accumulate_values(
+    values: &Rows<'_>,
     geo: &Geometry,
     slots: usize,
     out: &mut [f32],
-    s: &mut Scratch,
+    scores: &[f32],
 ) {
-    for j in 0..slots {
-        let row = &v[j * geo.slot_len..][..geo.head_dim];
-        let v_row = T::load(row, &mut s.v_row);
-        for (g, head_out) in out.chunks_exact_mut(geo.head_dim).enumerate() {
-            let w = s.scores[g * geo.block_size + j];
-            for (o, &x) in head_out.iter_mut().zip(v_row) {
+    let hd = geo.head_dim;
+    let quads = slots / 4 * 4;
+    for j in (0..quads).step_by(4) {
+        let rows = [0, 1, 2, 3].map(|i| values.row(j + i, hd));
+        for (head_out, w) in out
+            .chunks_exact_mut(hd)
+            .zip(scores.chunks_exact(geo.block_size))
+        {
+            let w = [w[j], w[j + 1], w[j + 2], w[j + 3]];
+            let lanes = rows[0].iter().zip(rows[1]).zip(rows[2]).zip(rows[3]);
+            for (o, (((a, b), c), d)) in head_out.iter_mut().zip(lanes) {
+                *o += (w[0] * a + w[1] * b) + (w[2] * c + w[3] * d);
+            }
+        }
+    }
+    for j in quads..slots {
+        let row = values.row(j, hd);
+        for (head_out, w) in out
+            .chunks_exact_mut(hd)
+            .zip(scores.chunks_exact(geo.block_size))
+        {
+            let w = w[j];
+            for (o, &x) in head_out.iter_mut().zip(row) {
                 *o += w * x;
             }
         }
     }
 }
 
-/// Dot product with eight independent partial sums, so the loop vectorises without
-/// reassociating floating-point adds; the summation order is fixed, hence deterministic.
-#[inline]
+/// Dot product with sixteen independent partial sums, so the loop vectorises without
+/// reassociating additions. The order of every addition is fixed by the code, hence the
+/// result is deterministic. Kept out of line: inlined into the score loop, the compiler
+/// re-vectorised it with shuffles, where on its own it compiles to plain 4-wide loads and
+/// multiply-adds.
+#[inline(never)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a8
+    const LANES: usize = 16;
+    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a16
         .remainder()
         .iter()
-        .zip(b8.remainder())
+        .zip(b16.remainder())
         .map(|(x, y)| x * y)
         .sum();
     let mut acc = [0.0f32; LANES];
-    for (xa, xb) in a8.zip(b8) {
-        for ((s, x), y) in acc.iter_mut().zip(xa).zip(xb) {
-            *s += x * y;
+    for (xa, xb) in a16.zip(b16) {
+        // Fixed-length views let the compiler unroll into full-width vector code; the
+        // conversions cannot fail on `chunks_exact` chunks.
+        if let (Ok(xa), Ok(xb)) = (<&[f32; LANES]>::try_from(xa), <&[f32; LANES]>::try_from(xb)) {
+            for ((s, x), y) in acc.iter_mut().zip(xa).zip(xb) {
+                *s += x * y;
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
+    // Fold as four 4-wide vectors, then across: this shape keeps the loop above 4 lanes
+    // wide (a halving fold makes the compiler pair lanes instead).
+    let quad: [f32; 4] =
+        std::array::from_fn(|i| (acc[i] + acc[i + 4]) + (acc[i + 8] + acc[i + 12]));
+    (quad[0] + quad[1]) + (quad[2] + quad[3]) + tail
 }

@@ -278,6 +278,33 @@ proptest! {
     }
 }
 
+/// A storage type with no override of `KvElem`'s provided methods: hundredths in an `i16`.
+#[derive(Debug, Clone, Copy)]
+struct Centi(i16);
+
+impl KvElem for Centi {
+    fn to_f32(self) -> f32 {
+        f32::from(self.0) / 100.0
+    }
+}
+
+#[test]
+fn a_custom_element_type_uses_the_default_widening() {
+    let shape = Shape {
+        block_size: 2,
+        num_kv_heads: 2,
+        group: 2,
+        head_dim: 5,
+        seqs: vec![(7, 1), (0, 5), (3, 4)],
+        spare_blocks: 2,
+        seed: 7,
+    };
+    let batch = Batch::random(&shape);
+    let centi = |x: f32| Centi((x * 100.0).round() as i16);
+    let got = batch.run(centi).expect("valid batch");
+    assert_close(&got, &batch.rounded(centi).reference(), 1e-5);
+}
+
 /// A one-sequence batch whose caches hold `k` and `v` in the given physical blocks.
 fn single(params: PagedAttnParams, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, seq: Seq) -> Batch {
     let tokens = q.len() / (params.num_heads * params.head_dim);

@@ -149,7 +149,7 @@ impl LocalSplit {
         let mut edge_kv = ContiguousKv::new(n, limit);
         let mut cloud_kv = ContiguousKv::new(n, limit);
         let mut decoder = self.tokenizer.as_ref().map(StreamDecoder::new);
-        let mut out = TextOut::new(&req.stop_strings);
+        let mut out = StopFilter::new(req.stop_strings.clone());
 
         let started = Instant::now();
         let mut output_ids: Vec<u32> = Vec::new();
@@ -222,15 +222,17 @@ pub struct Generation {
     pub total_s: f64,
 }
 
-/// Output text with stop strings: holds back any tail that could still become a stop string.
-struct TextOut<'a> {
-    stops: &'a [String],
+/// Output text with stop strings: holds back any tail that could still become a stop string,
+/// so that a stop string is never shown, not even in part.
+#[derive(Clone, Debug)]
+pub struct StopFilter {
+    stops: Vec<String>,
     text: String,
     shown: usize,
 }
 
-impl<'a> TextOut<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl StopFilter {
+    pub fn new(stops: Vec<String>) -> Self {
         Self {
             stops,
             text: String::new(),
@@ -238,8 +240,13 @@ impl<'a> TextOut<'a> {
         }
     }
 
+    /// The text so far (cut before a stop string once one appeared).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Appends `piece`; returns true when a stop string appeared (the text is cut before it).
-    fn push(&mut self, piece: &str, on_text: &mut dyn FnMut(&str)) -> bool {
+    pub fn push(&mut self, piece: &str, on_text: &mut dyn FnMut(&str)) -> bool {
         self.text.push_str(piece);
         let found = self
             .stops
@@ -254,7 +261,7 @@ impl<'a> TextOut<'a> {
         }
         // Hold back the longest tail that is a prefix of some stop string.
         let mut safe = self.text.len();
-        for s in self.stops {
+        for s in &self.stops {
             for cut in (1..s.len()).rev() {
                 if s.is_char_boundary(cut) && self.text.ends_with(&s[..cut]) {
                     safe = safe.min(self.text.len() - cut);
@@ -269,7 +276,8 @@ impl<'a> TextOut<'a> {
         false
     }
 
-    fn flush(&mut self, on_text: &mut dyn FnMut(&str)) {
+    /// Shows whatever was held back (at the end of a generation).
+    pub fn flush(&mut self, on_text: &mut dyn FnMut(&str)) {
         if self.text.len() > self.shown {
             on_text(&self.text[self.shown..]);
             self.shown = self.text.len();
@@ -282,8 +290,7 @@ mod tests {
     use super::*;
 
     fn feed(stops: &[&str], pieces: &[&str]) -> (String, String, bool) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut out = TextOut::new(&stops);
+        let mut out = StopFilter::new(stops.iter().map(|s| s.to_string()).collect());
         let mut shown = String::new();
         let mut stopped = false;
         for p in pieces {

@@ -46,9 +46,10 @@ impl Sampler {
                 temperature,
                 top_k,
                 top_p,
+                min_p,
                 repetition_penalty,
                 ..
-            } => (repetition_penalty, Some((temperature, top_k, top_p))),
+            } => (repetition_penalty, Some((temperature, top_k, top_p, min_p))),
         };
         let mut logits = logits.to_vec();
         if penalty != 1.0 {
@@ -56,17 +57,20 @@ impl Sampler {
         }
         match random {
             None => Ok(argmax(&logits)),
-            Some((temperature, top_k, top_p)) => Ok(self.draw(&logits, temperature, top_k, top_p)),
+            Some((temperature, top_k, top_p, min_p)) => {
+                Ok(self.draw(&logits, temperature, (top_k, top_p, min_p)))
+            }
         }
     }
 
+    /// `limits` = (top_k, top_p, min_p).
     fn draw(
         &mut self,
         logits: &[f32],
         temperature: f32,
-        top_k: Option<usize>,
-        top_p: Option<f32>,
+        limits: (Option<usize>, Option<f32>, Option<f32>),
     ) -> u32 {
+        let (top_k, top_p, min_p) = limits;
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         // Highest logit first; ties by id so the order is total and reproducible.
         idx.sort_unstable_by(|&a, &b| {
@@ -94,6 +98,13 @@ impl Sampler {
                     break;
                 }
             }
+            idx.truncate(keep);
+            probs.truncate(keep);
+        }
+        if let Some(m) = min_p {
+            // probs are sorted, so the kept tokens are a prefix.
+            let floor = probs[0] * m as f64;
+            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
             idx.truncate(keep);
             probs.truncate(keep);
         }
@@ -185,6 +196,29 @@ mod tests {
             run(8),
             "different seeds should give different streams"
         );
+    }
+
+    #[test]
+    fn min_p_drops_the_unlikely_tail() {
+        // p(0) ~ 0.84, p(1) ~ 0.11, p(2..) ~ 0.015 each; min_p 0.1 keeps tokens 0 and 1 only.
+        let logits = [4.0, 2.0, 0.0, 0.0, 0.0];
+        let mut s = sampler(SamplingParams {
+            temperature: 1.0,
+            min_p: Some(0.1),
+            seed: 9,
+            ..Default::default()
+        });
+        let picks: Vec<u32> = (0..300)
+            .map(|_| s.sample(&logits, &[]).expect("ok"))
+            .collect();
+        assert!(picks.iter().all(|&t| t < 2), "{picks:?}");
+        assert!(picks.contains(&1));
+        assert!(SamplingParams {
+            min_p: Some(1.5),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// Keep the smallest set of tokens whose probability mass reaches `p` (absent: 1.0).
     pub top_p: Option<f32>,
+    /// Drop tokens whose probability is below `min_p` times the top token's (absent: 0).
+    pub min_p: Option<f32>,
     /// Seed of the random stream; the same seed gives the same tokens.
     pub seed: u64,
     /// Divides positive logits (and multiplies negative ones) of tokens already generated;
@@ -30,6 +32,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: None,
             top_p: None,
+            min_p: None,
             seed: 0,
             repetition_penalty: 1.0,
         }
@@ -41,11 +44,13 @@ impl Default for SamplingParams {
 pub enum Sampling {
     /// Always the most likely token (ties: the lowest id).
     Greedy { repetition_penalty: f32 },
-    /// Softmax at `temperature`, restricted by `top_k` then `top_p`, drawn from a seeded RNG.
+    /// Softmax at `temperature`, restricted by `top_k`, `top_p` then `min_p`, drawn from a
+    /// seeded RNG.
     Random {
         temperature: f32,
         top_k: Option<usize>,
         top_p: Option<f32>,
+        min_p: Option<f32>,
         seed: u64,
         repetition_penalty: f32,
     },
@@ -58,6 +63,8 @@ pub enum SamplingError {
     Temperature(f32),
     #[error("top_p must be in (0, 1], got {0}")]
     TopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
     #[error("repetition_penalty must be a finite number > 0, got {0}")]
     RepetitionPenalty(f32),
 }
@@ -73,6 +80,11 @@ impl SamplingParams {
                 return Err(SamplingError::TopP(p));
             }
         }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SamplingError::MinP(p));
+            }
+        }
         let rp = self.repetition_penalty;
         if !(rp.is_finite() && rp > 0.0) {
             return Err(SamplingError::RepetitionPenalty(rp));
@@ -86,6 +98,7 @@ impl SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k.filter(|&k| k > 0),
             top_p: self.top_p.filter(|&p| p < 1.0),
+            min_p: self.min_p.filter(|&p| p > 0.0),
             seed: self.seed,
             repetition_penalty: rp,
         })
@@ -144,6 +157,7 @@ mod tests {
                 temperature: 0.7,
                 top_k: None,
                 top_p: None,
+                min_p: None,
                 seed: 5,
                 repetition_penalty: 1.0
             }

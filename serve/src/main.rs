@@ -86,6 +86,8 @@ struct GenerateArgs {
     top_p: Option<f32>,
     #[arg(long)]
     top_k: Option<usize>,
+    #[arg(long)]
+    min_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 1.0)]
@@ -165,6 +167,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
+        min_p: a.min_p,
         seed: a.seed,
         repetition_penalty: a.repetition_penalty,
     }

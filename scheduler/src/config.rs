@@ -1,0 +1,59 @@
+//! Session ids, the batching policy, the scheduler's limits and its error type.
+//!
+//! Everything here is plain data: no invariants beyond those stated on the fields.
+
+/// A session (one device connection, possibly carrying several generations).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// How a batch is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Decodes first, then prompt chunks in what is left of the token budget (chunked
+    /// prefill, Sarathi-style "stall-free" batching).
+    DecodeFirst,
+    /// Prompt chunks only while any prompt is pending, decodes otherwise (the classic
+    /// baseline, which stalls generation while prompts are processed).
+    PrefillFirst,
+}
+
+/// The scheduler's limits.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub policy: Policy,
+    /// Positions computed per step, over all sequences of a batch (e.g. 256). Values below 1
+    /// are taken as 1.
+    pub max_batch_tokens: usize,
+    /// Sequences per batch (e.g. 64). Values below 1 are taken as 1.
+    pub max_batch_seqs: usize,
+    /// Live sessions; [`crate::Scheduler::add`] refuses more.
+    pub max_sessions: usize,
+    /// Positions received and never computed yet, summed over all sessions;
+    /// [`crate::Scheduler::push`] refuses input that would go beyond. Positions waiting to be
+    /// recomputed after a preemption do not count: that backlog is the server's own doing,
+    /// and counting it would refuse the next decode input of every session after one large
+    /// preemption (see [`crate::Scheduler::num_fresh_tokens`]).
+    pub max_queued_tokens: usize,
+    /// Positions per session: the model's context length.
+    pub max_context: usize,
+}
+
+/// Why the scheduler refused a request. A refused request changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedError {
+    /// An admission limit is reached; the client may retry later (HTTP 429).
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("unknown session {0:?}")]
+    UnknownSession(SeqId),
+    #[error("session {0:?} already exists")]
+    DuplicateSession(SeqId),
+    #[error("context length exceeded: {len} > {max}")]
+    ContextLength { len: usize, max: usize },
+    /// The session owes a token for its last complete input; it takes no input until then.
+    #[error("session {0:?} is waiting for a token and cannot take more input yet")]
+    NotReady(SeqId),
+    /// The session's positions would not fit in the KV pool even if it were alone.
+    #[error("the request needs {needed} KV blocks but the cache has only {total}")]
+    TooLarge { needed: usize, total: usize },
+}

@@ -1,0 +1,283 @@
+//! [`Scheduler`]: the sessions, admission control, and the bookkeeping after each step.
+//!
+//! Role: the single owner of every session's marks and block table. The engine thread calls
+//! it synchronously; nothing here blocks or allocates tensors.
+//!
+//! Invariants (outside `schedule`/`update`, and checked by the property tests):
+//! - `queued` equals the sum over sessions of `received - computed`, and `fresh` the sum of
+//!   `received - high_water` (input never computed: what admission limits);
+//! - the pool's used blocks are exactly the blocks of the sessions' tables (a removed session's
+//!   table is dropped, which frees its blocks);
+//! - `order` maps each live session's admission number to its id, one entry per session.
+//!
+//! Costs: `add`, `push`, `remove`, `table`, `state` are O(log S) for S sessions; `update` is
+//! O(items); `stats` is O(S); `schedule` is O(S log S) plus O(S) per preemption (see `step`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use tandem_kvcache::{AllocStatus, BlockPool, BlockTable};
+
+use crate::batch::{Batch, StepOutcome};
+use crate::config::{SchedError, SchedulerConfig, SeqId};
+use crate::session::{SeqProgress, SeqState, Session};
+
+/// Counters and gauges for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStats {
+    /// Non-empty batches scheduled.
+    pub steps: u64,
+    /// Sessions whose KV was dropped to make room, in total.
+    pub preemptions: u64,
+    /// Positions put in batches, in total.
+    pub scheduled_tokens: u64,
+    /// Of those, positions computed again after a preemption.
+    pub recomputed_tokens: u64,
+    pub sessions_waiting: usize,
+    pub sessions_ready: usize,
+    pub sessions_running: usize,
+    /// Positions received and not yet computed, over all sessions (recomputation included).
+    pub queued_tokens: usize,
+    /// Positions received and never computed, over all sessions (what admission limits).
+    pub fresh_tokens: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+}
+
+/// Running totals kept between calls (the gauges of [`SchedStats`] are computed on demand).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Totals {
+    pub(crate) steps: u64,
+    pub(crate) preemptions: u64,
+    pub(crate) scheduled_tokens: u64,
+    pub(crate) recomputed_tokens: u64,
+}
+
+/// The continuous-batching scheduler. See the crate docs for the step protocol.
+#[derive(Debug)]
+pub struct Scheduler {
+    pub(crate) cfg: SchedulerConfig,
+    pub(crate) pool: BlockPool,
+    pub(crate) sessions: HashMap<SeqId, Session>,
+    /// Admission number -> session, oldest first.
+    pub(crate) order: BTreeMap<u64, SeqId>,
+    next_order: u64,
+    pub(crate) queued: usize,
+    pub(crate) fresh: usize,
+    pub(crate) totals: Totals,
+}
+
+impl Scheduler {
+    /// A scheduler over `pool`, which it uses for every session's block table.
+    /// `max_batch_tokens` and `max_batch_seqs` below 1 are raised to 1 so that every step
+    /// can make progress.
+    pub fn new(mut cfg: SchedulerConfig, pool: BlockPool) -> Self {
+        cfg.max_batch_tokens = cfg.max_batch_tokens.max(1);
+        cfg.max_batch_seqs = cfg.max_batch_seqs.max(1);
+        Self {
+            cfg,
+            pool,
+            sessions: HashMap::new(),
+            order: BTreeMap::new(),
+            next_order: 0,
+            queued: 0,
+            fresh: 0,
+            totals: Totals::default(),
+        }
+    }
+
+    /// Admits a session with nothing received yet.
+    ///
+    /// Errors: [`SchedError::DuplicateSession`]; [`SchedError::Overloaded`] at
+    /// `max_sessions` live sessions.
+    pub fn add(&mut self, id: SeqId) -> Result<(), SchedError> {
+        if self.sessions.contains_key(&id) {
+            return Err(SchedError::DuplicateSession(id));
+        }
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return Err(SchedError::Overloaded(format!(
+                "{} live sessions, the limit",
+                self.sessions.len()
+            )));
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.order.insert(order, id);
+        self.sessions
+            .insert(id, Session::new(order, self.pool.new_table()));
+        Ok(())
+    }
+
+    /// The server received hidden states for `n` more positions of `id`, right after those
+    /// already received. `complete` says whether, once they are computed, the model must
+    /// produce a token: true for the last chunk of a prompt and for every decode input.
+    /// New input also ends a finished generation's pause. `n == 0` changes nothing (there is
+    /// no position to sample from).
+    ///
+    /// Errors, checked in this order; on error nothing changes:
+    /// [`SchedError::UnknownSession`]; [`SchedError::NotReady`] while the session owes a
+    /// token; [`SchedError::ContextLength`] past `max_context`; [`SchedError::TooLarge`] if
+    /// the session's positions could never fit in the pool; [`SchedError::Overloaded`] if the
+    /// positions received and never computed, over all sessions, would exceed
+    /// `max_queued_tokens` ([`Scheduler::num_fresh_tokens`]).
+    pub fn push(&mut self, id: SeqId, n: usize, complete: bool) -> Result<(), SchedError> {
+        let s = self
+            .sessions
+            .get(&id)
+            .ok_or(SchedError::UnknownSession(id))?;
+        if s.owes_token() {
+            return Err(SchedError::NotReady(id));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let len = s.received.saturating_add(n);
+        if len > self.cfg.max_context {
+            return Err(SchedError::ContextLength {
+                len,
+                max: self.cfg.max_context,
+            });
+        }
+        let needed = len.div_ceil(self.pool.block_size());
+        if self.pool.can_allocate(needed) == AllocStatus::Never {
+            return Err(SchedError::TooLarge {
+                needed,
+                total: self.pool.num_blocks(),
+            });
+        }
+        let fresh = self.fresh.saturating_add(n);
+        if fresh > self.cfg.max_queued_tokens {
+            return Err(SchedError::Overloaded(format!(
+                "{} positions of input waiting to be computed, the limit is {}",
+                self.fresh, self.cfg.max_queued_tokens
+            )));
+        }
+        self.fresh = fresh;
+        self.queued = self.queued.saturating_add(n);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.received = len;
+            if complete {
+                s.complete_upto = len;
+            }
+            s.parked = false;
+        }
+        Ok(())
+    }
+
+    /// Removes a session and releases its blocks. If it is in the batch being run, that
+    /// batch's item for it is ignored by [`Scheduler::update`].
+    pub fn remove(&mut self, id: SeqId) -> Result<(), SchedError> {
+        let s = self
+            .sessions
+            .remove(&id)
+            .ok_or(SchedError::UnknownSession(id))?;
+        self.order.remove(&s.order);
+        self.queued = self.queued.saturating_sub(s.remaining());
+        self.fresh = self
+            .fresh
+            .saturating_sub(s.received.saturating_sub(s.high_water));
+        Ok(())
+    }
+
+    /// Records that the engine ran `batch` (the last one [`Scheduler::schedule`] returned):
+    /// each item's positions are computed, and items with `sample` produced their token.
+    /// Sessions in `outcome.finished` are parked: they owe no token and are not scheduled
+    /// until [`Scheduler::push`] gives them new input.
+    ///
+    /// Every scheduled batch must be passed here exactly once. Items of sessions removed in
+    /// between, or that do not match a session's marks, are ignored.
+    pub fn update(&mut self, batch: &Batch, outcome: &StepOutcome) {
+        for item in &batch.items {
+            let Some(s) = self.sessions.get_mut(&item.id) else {
+                continue;
+            };
+            if !s.running {
+                continue;
+            }
+            s.running = false;
+            let end = item.start.saturating_add(item.len);
+            if item.start == s.computed && end <= s.table.len() && end <= s.received {
+                s.computed = end;
+                self.fresh = self.fresh.saturating_sub(end.saturating_sub(s.high_water));
+                s.high_water = s.high_water.max(end);
+                self.queued = self.queued.saturating_sub(item.len);
+                if item.sample {
+                    s.sampled_upto = s.sampled_upto.max(end);
+                }
+            }
+            // Keeps `table.len() == computed` even for an item that did not match.
+            s.table.truncate(s.computed);
+        }
+        for id in &outcome.finished {
+            if let Some(s) = self.sessions.get_mut(id) {
+                s.parked = true;
+                s.sampled_upto = s.sampled_upto.max(s.complete_upto);
+            }
+        }
+    }
+
+    /// The session's block table, for the engine's paged view of the cache.
+    pub fn table(&self, id: SeqId) -> Option<&BlockTable> {
+        self.sessions.get(&id).map(|s| &s.table)
+    }
+
+    pub fn state(&self, id: SeqId) -> Option<SeqState> {
+        self.sessions.get(&id).map(Session::state)
+    }
+
+    /// The session's position marks.
+    pub fn progress(&self, id: SeqId) -> Option<SeqProgress> {
+        self.sessions.get(&id).map(Session::progress)
+    }
+
+    pub fn num_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Positions received and not yet computed, over all sessions (recomputation after a
+    /// preemption included).
+    pub fn num_queued_tokens(&self) -> usize {
+        self.queued
+    }
+
+    /// Positions received and never computed, over all sessions: the input still owed to the
+    /// devices, which `max_queued_tokens` limits. Equal to [`Scheduler::num_queued_tokens`]
+    /// minus the positions waiting to be recomputed after preemptions.
+    pub fn num_fresh_tokens(&self) -> usize {
+        self.fresh
+    }
+
+    /// Live session ids, oldest first.
+    pub fn session_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.order.values().copied()
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn stats(&self) -> SchedStats {
+        let mut st = SchedStats {
+            steps: self.totals.steps,
+            preemptions: self.totals.preemptions,
+            scheduled_tokens: self.totals.scheduled_tokens,
+            recomputed_tokens: self.totals.recomputed_tokens,
+            queued_tokens: self.queued,
+            fresh_tokens: self.fresh,
+            free_blocks: self.pool.num_free(),
+            total_blocks: self.pool.num_blocks(),
+            ..SchedStats::default()
+        };
+        for s in self.sessions.values() {
+            match s.state() {
+                SeqState::WaitingForInput => st.sessions_waiting += 1,
+                SeqState::Ready => st.sessions_ready += 1,
+                SeqState::Running => st.sessions_running += 1,
+            }
+        }
+        st
+    }
+}

@@ -1,0 +1,251 @@
+//! [`Scheduler::schedule`]: choosing one step's batch.
+//!
+//! Role: order the ready sessions by policy, give each an item under the token budget and the
+//! sequence cap, reserve the item's KV blocks, and preempt by recompute when blocks run out.
+//!
+//! Invariants of the result: see [`crate::batch`]. In addition, every item starts at its
+//! session's `computed` mark and ends at or before `received`, and its positions are reserved
+//! in the session's table.
+//!
+//! Costs: O(S log S) to collect the candidates (S sessions; the admission order is a
+//! `BTreeMap`), O(log len) `blocks_needed` calls per item to size it, and O(S) per preemption
+//! to find the victim. A step preempts at most S sessions.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+
+use tandem_kvcache::BlockTable;
+
+use crate::batch::{Batch, BatchItem};
+use crate::config::{Policy, SeqId};
+use crate::scheduler::Scheduler;
+
+/// The batch being built.
+struct Step {
+    batch: Batch,
+    /// Positions still allowed in this batch.
+    budget: usize,
+    /// Sessions preempted during this step: not scheduled again until the next one.
+    dropped: HashSet<SeqId>,
+}
+
+impl Scheduler {
+    /// Chooses the next batch, reserves its KV blocks and returns it. The engine runs it and
+    /// then passes it to [`Scheduler::update`].
+    ///
+    /// A *decode* is a ready session with exactly one position left to compute; a *prefill*
+    /// has more (a prompt, or a recomputation after preemption). Each kind is taken oldest
+    /// first, by admission order, and each item takes `min(remaining, budget left)` positions,
+    /// so a long prompt is split into chunks over several steps. The batch stops growing at
+    /// `max_batch_tokens` positions or `max_batch_seqs` items.
+    /// - [`Policy::DecodeFirst`]: all decodes, then prefill chunks.
+    /// - [`Policy::PrefillFirst`]: prefill chunks only if any session has a prefill pending;
+    ///   decodes only when there is none, or when no prefill could get KV blocks (otherwise
+    ///   older decoding sessions holding the blocks and a newer prompt would wait on each other
+    ///   forever).
+    ///
+    /// **Preemption rule.** Before taking an item the scheduler checks that the pool has the
+    /// blocks it needs. If not, it preempts by recompute, one victim at a time, until the item
+    /// fits:
+    /// 1. the most recently admitted session that holds blocks, is not in this batch (nor
+    ///    running an earlier batch), and was admitted *after* the session asking (vLLM's
+    ///    rule: the newest loses; a session is never preempted in favour of a newer one, so
+    ///    the oldest session with work always progresses and the schedule cannot livelock);
+    /// 2. failing that, the most recently admitted *parked* session (its generation finished
+    ///    and no input arrived since) that holds blocks, whatever its age: it is not
+    ///    generating, and without this a pool filled by finished sessions that the engine keeps
+    ///    for a next turn would block every other session.
+    ///
+    /// The victim's table is emptied and its `computed` mark set to 0 (its received, complete
+    /// and sampled marks stay, so it will not produce a token twice); it is listed in
+    /// `Batch::preempted` and becomes ready again from the next step. If no victim is left,
+    /// the item shrinks to the positions that fit, or is skipped this step.
+    pub fn schedule(&mut self) -> Batch {
+        let (decodes, prefills) = self.candidates();
+        let mut step = Step {
+            batch: Batch::default(),
+            budget: self.cfg.max_batch_tokens,
+            dropped: HashSet::new(),
+        };
+        match self.cfg.policy {
+            Policy::DecodeFirst => {
+                self.fill(&mut step, &decodes);
+                self.fill(&mut step, &prefills);
+            }
+            Policy::PrefillFirst => {
+                self.fill(&mut step, &prefills);
+                if step.batch.items.is_empty() {
+                    self.fill(&mut step, &decodes);
+                }
+            }
+        }
+        if !step.batch.is_empty() {
+            self.totals.steps += 1;
+        }
+        step.batch
+    }
+
+    /// Schedulable sessions, oldest first: (decodes, prefills).
+    fn candidates(&self) -> (Vec<SeqId>, Vec<SeqId>) {
+        let mut decodes = Vec::new();
+        let mut prefills = Vec::new();
+        for id in self.order.values() {
+            let Some(s) = self.sessions.get(id) else {
+                continue;
+            };
+            if !s.is_schedulable() {
+                continue;
+            }
+            if s.remaining() == 1 {
+                decodes.push(*id);
+            } else {
+                prefills.push(*id);
+            }
+        }
+        (decodes, prefills)
+    }
+
+    /// Gives an item to each of `ids` in turn while budget and cap allow.
+    fn fill(&mut self, step: &mut Step, ids: &[SeqId]) {
+        for &id in ids {
+            if step.budget == 0 || step.batch.items.len() >= self.cfg.max_batch_seqs {
+                return;
+            }
+            if step.dropped.contains(&id) {
+                continue;
+            }
+            let Some(want) = self.sessions.get(&id).map(|s| s.remaining()) else {
+                continue;
+            };
+            let len = self.place(id, want.min(step.budget), step);
+            if len == 0 {
+                continue;
+            }
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            let start = s.computed;
+            let end = start + len;
+            let sample = s.samples_at(end);
+            s.running = true;
+            let recomputed = s.high_water.min(end).saturating_sub(start);
+            self.totals.recomputed_tokens += recomputed as u64;
+            self.totals.scheduled_tokens += len as u64;
+            step.budget -= len;
+            step.batch.items.push(BatchItem {
+                id,
+                start,
+                len,
+                sample,
+            });
+        }
+    }
+
+    /// Reserves blocks for up to `want` positions of `id`, preempting as the rule allows.
+    /// Returns the positions reserved (0: skip the session this step).
+    fn place(&mut self, id: SeqId, want: usize, step: &mut Step) -> usize {
+        let Some(order) = self.sessions.get(&id).map(|s| s.order) else {
+            return 0;
+        };
+        while self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| s.table.blocks_needed(want) > self.pool.num_free())
+        {
+            let Some(victim) = self.pick_victim(order) else {
+                break;
+            };
+            self.preempt(victim, step);
+        }
+        let free = self.pool.num_free();
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return 0;
+        };
+        let len = largest_fit(&s.table, want, free);
+        if len == 0 {
+            return 0;
+        }
+        match s.table.reserve(len) {
+            Ok(copies) => {
+                step.batch.copies.extend(copies);
+                len
+            }
+            // Not reached: `len` was sized to the free blocks, and nothing else allocates.
+            Err(_) => 0,
+        }
+    }
+
+    /// The victim for a session admitted as `requester`, by the rule in `schedule`'s docs.
+    fn pick_victim(&self, requester: u64) -> Option<SeqId> {
+        let evictable = |id: &SeqId| {
+            self.sessions
+                .get(id)
+                .is_some_and(|s| !s.running && s.holds_blocks())
+        };
+        let newer = (Bound::Excluded(requester), Bound::Unbounded);
+        self.order
+            .range(newer)
+            .rev()
+            .map(|(_, id)| *id)
+            .find(|id| evictable(id))
+            .or_else(|| {
+                self.order
+                    .iter()
+                    .rev()
+                    .filter(|(o, _)| **o != requester)
+                    .map(|(_, id)| *id)
+                    .find(|id| evictable(id) && self.sessions.get(id).is_some_and(|s| s.parked))
+            })
+    }
+
+    fn preempt(&mut self, id: SeqId, step: &mut Step) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        self.queued += s.drop_kv();
+        self.totals.preemptions += 1;
+        step.batch.preempted.push(id);
+        step.dropped.insert(id);
+    }
+}
+
+/// The most positions, up to `want`, that `table` can take with `free` blocks.
+/// `blocks_needed` grows with the length, so a binary search finds it.
+fn largest_fit(table: &BlockTable, want: usize, free: usize) -> usize {
+    if table.blocks_needed(want) <= free {
+        return want;
+    }
+    // fits(lo) and !fits(hi)
+    let (mut lo, mut hi) = (0, want);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if table.blocks_needed(mid) <= free {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_kvcache::BlockPool;
+
+    use super::largest_fit;
+
+    #[test]
+    fn largest_fit_fills_the_partial_block_then_whole_free_blocks() {
+        let pool = BlockPool::new(3, 4);
+        let mut t = pool.new_table();
+        t.reserve(5).expect("fits"); // 2 blocks, 3 free slots in the second
+        assert_eq!(largest_fit(&t, 100, 0), 3);
+        assert_eq!(largest_fit(&t, 100, 1), 7);
+        assert_eq!(largest_fit(&t, 6, 1), 6);
+        assert_eq!(largest_fit(&t, 2, 0), 2);
+        let empty = pool.new_table();
+        assert_eq!(largest_fit(&empty, 9, 0), 0);
+        assert_eq!(largest_fit(&empty, 9, 2), 8);
+        assert_eq!(largest_fit(&empty, 0, 0), 0);
+    }
+}

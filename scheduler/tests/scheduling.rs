@@ -1,0 +1,376 @@
+//! Scenario tests of the public API: policies, sample flags, preemption, admission.
+
+use tandem_kvcache::BlockPool;
+use tandem_scheduler::{
+    Batch, BatchItem, Policy, SchedError, Scheduler, SchedulerConfig, SeqId, SeqProgress, SeqState,
+    StepOutcome,
+};
+
+const A: SeqId = SeqId(10);
+const B: SeqId = SeqId(20);
+const C: SeqId = SeqId(30);
+
+fn config(policy: Policy, tokens: usize, seqs: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        policy,
+        max_batch_tokens: tokens,
+        max_batch_seqs: seqs,
+        max_sessions: 16,
+        max_queued_tokens: 10_000,
+        max_context: 1_000,
+    }
+}
+
+fn sched(policy: Policy, tokens: usize, blocks: usize, block_size: usize) -> Scheduler {
+    Scheduler::new(
+        config(policy, tokens, 8),
+        BlockPool::new(blocks, block_size),
+    )
+}
+
+fn item(id: SeqId, start: usize, len: usize, sample: bool) -> BatchItem {
+    BatchItem {
+        id,
+        start,
+        len,
+        sample,
+    }
+}
+
+/// schedule + update with nothing finished.
+fn step(s: &mut Scheduler) -> Batch {
+    let b = s.schedule();
+    s.update(&b, &StepOutcome::default());
+    b
+}
+
+fn progress(s: &Scheduler, id: SeqId) -> SeqProgress {
+    s.progress(id).expect("live session")
+}
+
+/// A and B have produced their first token and each has one decode input pending; C has a
+/// 20-position prompt pending.
+fn two_decoders_and_a_long_prompt(policy: Policy) -> Scheduler {
+    let mut s = sched(policy, 8, 64, 4);
+    for id in [A, B, C] {
+        s.add(id).expect("admitted");
+    }
+    s.push(A, 3, true).expect("prompt");
+    s.push(B, 2, true).expect("prompt");
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(A, 0, 3, true), item(B, 0, 2, true)]);
+    s.push(C, 20, true).expect("prompt");
+    s.push(A, 1, true).expect("decode");
+    s.push(B, 1, true).expect("decode");
+    s
+}
+
+#[test]
+fn decode_first_puts_decodes_first_and_chunks_the_prompt_under_the_budget() {
+    let mut s = two_decoders_and_a_long_prompt(Policy::DecodeFirst);
+    let mut c_chunks = Vec::new();
+    for _ in 0..4 {
+        let b = s.schedule();
+        assert!(b.num_tokens() <= 8);
+        assert_eq!(b.items[0].id, A, "decodes first, oldest first");
+        assert_eq!(b.items[1].id, B);
+        assert_eq!((b.items[0].len, b.items[1].len), (1, 1));
+        assert!(
+            b.items[0].sample && b.items[1].sample,
+            "decodes always sample"
+        );
+        assert_eq!(b.items[2].id, C, "then the prompt chunk");
+        assert_eq!(b.items.len(), 3);
+        c_chunks.push(b.items[2].clone());
+        s.update(&b, &StepOutcome::default());
+        s.push(A, 1, true).expect("next decode");
+        s.push(B, 1, true).expect("next decode");
+    }
+    // 20 positions in chunks of what the two decodes leave of the budget of 8.
+    assert_eq!(
+        c_chunks,
+        vec![
+            item(C, 0, 6, false),
+            item(C, 6, 6, false),
+            item(C, 12, 6, false),
+            item(C, 18, 2, true),
+        ]
+    );
+    assert_eq!(progress(&s, C).computed, 20);
+    assert_eq!(progress(&s, A).sampled_upto, 3 + 4);
+}
+
+#[test]
+fn prefill_first_starves_decodes_while_a_prompt_is_pending() {
+    let mut s = two_decoders_and_a_long_prompt(Policy::PrefillFirst);
+    let mut chunks = Vec::new();
+    for _ in 0..3 {
+        let b = s.schedule();
+        assert_eq!(b.items.len(), 1, "only the prompt: {b:?}");
+        assert_eq!(s.state(A), Some(SeqState::Ready), "A's decode waits");
+        assert_eq!(s.state(B), Some(SeqState::Ready));
+        chunks.push(b.items[0].clone());
+        s.update(&b, &StepOutcome::default());
+    }
+    assert_eq!(
+        chunks,
+        vec![
+            item(C, 0, 8, false),
+            item(C, 8, 8, false),
+            item(C, 16, 4, true),
+        ]
+    );
+    // The prompt is done: now the decodes that waited three steps run.
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(A, 3, 1, true), item(B, 2, 1, true)]);
+}
+
+#[test]
+fn a_prompt_sent_in_three_chunks_samples_only_on_the_last() {
+    let mut s = sched(Policy::DecodeFirst, 4, 16, 4);
+    s.add(A).expect("admitted");
+    let mut flags = Vec::new();
+    for (n, complete) in [(4, false), (4, false), (4, true)] {
+        s.push(A, n, complete).expect("chunk");
+        let b = step(&mut s);
+        assert_eq!(b.items.len(), 1);
+        flags.push(b.items[0].sample);
+    }
+    assert_eq!(flags, vec![false, false, true]);
+    // Decodes sample every time.
+    for pos in 12..15 {
+        s.push(A, 1, true).expect("decode");
+        assert_eq!(step(&mut s).items, vec![item(A, pos, 1, true)]);
+    }
+    // A whole prompt received at once but chunked by the budget samples once too.
+    s.add(B).expect("admitted");
+    s.push(B, 10, true).expect("prompt");
+    let flags: Vec<_> = (0..3).map(|_| step(&mut s).items[0].sample).collect();
+    assert_eq!(flags, vec![false, false, true]);
+}
+
+#[test]
+fn recomputation_does_not_sample_again_but_samples_the_owed_input() {
+    // 6 blocks of 2 positions, 2 positions per step.
+    let mut s = sched(Policy::DecodeFirst, 2, 6, 2);
+    s.add(A).expect("admitted");
+    s.add(B).expect("admitted");
+    s.push(B, 3, true).expect("prompt");
+    assert_eq!(step(&mut s).items, vec![item(B, 0, 2, false)]);
+    assert_eq!(step(&mut s).items, vec![item(B, 2, 1, true)]);
+    s.push(B, 1, true).expect("decode");
+    assert_eq!(step(&mut s).items, vec![item(B, 3, 1, true)]);
+    assert_eq!(s.state(B), Some(SeqState::WaitingForInput));
+    // B waits for its device and holds 2 blocks; A's 10 positions need 5 of the 6.
+    s.push(A, 10, true).expect("prompt");
+    for start in [0, 2, 4, 6] {
+        let b = step(&mut s);
+        assert_eq!(b.items, vec![item(A, start, 2, false)]);
+        assert!(b.preempted.is_empty());
+    }
+    let b = s.schedule();
+    assert_eq!(b.preempted, vec![B], "the newer session loses its blocks");
+    assert_eq!(b.items, vec![item(A, 8, 2, true)]);
+    assert_eq!(progress(&s, B).computed, 0);
+    assert_eq!(s.state(B), Some(SeqState::Ready));
+    // A's generation ends and A is parked, still holding 5 blocks.
+    s.update(&b, &StepOutcome { finished: vec![A] });
+    // B is recomputed from 0 without new input; its old sample points (3 and 4) are passed
+    // without sampling. The second chunk needs a block only parked A can give.
+    assert_eq!(step(&mut s).items, vec![item(B, 0, 2, false)]);
+    let b = step(&mut s);
+    assert_eq!(b.preempted, vec![A], "a parked session yields to any other");
+    assert_eq!(b.items, vec![item(B, 2, 2, false)]);
+    assert_eq!(s.state(B), Some(SeqState::WaitingForInput));
+    // The next input is owed a token, once.
+    s.push(B, 1, true).expect("decode");
+    assert_eq!(step(&mut s).items, vec![item(B, 4, 1, true)]);
+    let st = s.stats();
+    assert_eq!(st.preemptions, 2);
+    assert_eq!(st.recomputed_tokens, 4, "B's first 4 positions");
+    // A kept its marks: new input for A is recomputed from 0 and sampled once.
+    assert_eq!(progress(&s, A).computed, 0);
+    s.push(A, 1, true).expect("a new turn for A");
+    let a_items: Vec<_> = (0..6)
+        .flat_map(|_| step(&mut s).items)
+        .filter(|i| i.id == A)
+        .collect();
+    assert_eq!(a_items.iter().filter(|i| i.sample).count(), 1);
+    assert_eq!(a_items.last(), Some(&item(A, 10, 1, true)));
+}
+
+#[test]
+fn with_a_tiny_pool_the_newest_is_preempted_and_the_oldest_finishes() {
+    // 5 blocks of 4 positions: three 8-position prompts cannot all be held.
+    let mut s = sched(Policy::DecodeFirst, 32, 5, 4);
+    for id in [A, B, C] {
+        s.add(id).expect("admitted");
+        s.push(id, 8, true).expect("prompt");
+    }
+    let b = step(&mut s);
+    assert_eq!(
+        b.items,
+        vec![
+            item(A, 0, 8, true),
+            item(B, 0, 8, true),
+            item(C, 0, 4, false)
+        ],
+        "C gets what is left, and nobody newer can be preempted for it"
+    );
+    s.push(A, 1, true).expect("decode");
+    s.push(B, 1, true).expect("decode");
+    let b = step(&mut s);
+    assert_eq!(b.preempted, vec![C], "the newest loses");
+    assert_eq!(
+        b.items,
+        vec![item(A, 8, 1, true)],
+        "B cannot preempt older A"
+    );
+    assert_eq!(progress(&s, C).computed, 0);
+    assert!(s.table(C).expect("live").blocks().is_empty());
+    assert_eq!(s.stats().preemptions, 1);
+
+    // A generates until its fourth token, then ends and leaves.
+    let mut a_tokens = 2;
+    while a_tokens < 4 {
+        s.push(A, 1, true).expect("decode");
+        let b = step(&mut s);
+        assert_eq!(
+            b.items.first().map(|i| i.id),
+            Some(A),
+            "the oldest progresses"
+        );
+        a_tokens += 1;
+    }
+    assert_eq!(progress(&s, A).sampled_upto, 11);
+    assert_eq!(
+        s.state(B),
+        Some(SeqState::Ready),
+        "B still waits for a block"
+    );
+    s.remove(A).expect("live");
+    // B decodes; C is recomputed from position 0.
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(B, 8, 1, true), item(C, 0, 8, true)]);
+    assert_eq!(s.stats().preemptions, 1);
+    assert_eq!(s.stats().recomputed_tokens, 4);
+}
+
+#[test]
+fn decodes_already_in_the_batch_are_never_preempted() {
+    // A is older and prefilling; B's decode goes first and must keep its block.
+    let mut s = sched(Policy::DecodeFirst, 32, 3, 4);
+    s.add(A).expect("admitted");
+    s.add(B).expect("admitted");
+    s.push(B, 4, true).expect("prompt");
+    step(&mut s);
+    s.push(B, 1, true).expect("decode");
+    s.push(A, 12, true).expect("prompt");
+    let b = s.schedule();
+    assert!(b.preempted.is_empty());
+    assert_eq!(b.items, vec![item(B, 4, 1, true), item(A, 0, 4, false)]);
+    s.update(&b, &StepOutcome::default());
+    // Next step B is waiting for its device, so older A may take its blocks.
+    let b = step(&mut s);
+    assert_eq!(b.preempted, vec![B]);
+    assert_eq!(b.items, vec![item(A, 4, 8, true)]);
+}
+
+/// Everything observable that a refused request must leave alone.
+fn snapshot(s: &Scheduler) -> (Vec<Option<SeqProgress>>, usize, usize, usize) {
+    (
+        [A, B, C].iter().map(|&id| s.progress(id)).collect(),
+        s.num_sessions(),
+        s.num_queued_tokens(),
+        s.pool().num_free(),
+    )
+}
+
+#[test]
+fn admission_errors_change_nothing() {
+    let cfg = SchedulerConfig {
+        max_sessions: 2,
+        max_queued_tokens: 20,
+        max_context: 30,
+        ..config(Policy::DecodeFirst, 8, 8)
+    };
+    // 7 blocks of 4: 28 positions at most per session.
+    let mut s = Scheduler::new(cfg, BlockPool::new(7, 4));
+    s.add(A).expect("admitted");
+    s.add(B).expect("admitted");
+    s.push(A, 5, false).expect("chunk");
+    step(&mut s);
+    let before = snapshot(&s);
+    let check = |s: &Scheduler, r: Result<(), SchedError>, want: SchedError| {
+        assert_eq!(r, Err(want));
+        assert_eq!(snapshot(s), before);
+    };
+
+    let r = s.add(C);
+    assert!(matches!(r, Err(SchedError::Overloaded(_))), "{r:?}");
+    assert_eq!(snapshot(&s), before);
+    let r = s.add(A);
+    check(&s, r, SchedError::DuplicateSession(A));
+    let r = s.push(C, 1, true);
+    check(&s, r, SchedError::UnknownSession(C));
+    let r = s.remove(C);
+    check(&s, r, SchedError::UnknownSession(C));
+    let r = s.push(A, 26, true);
+    check(&s, r, SchedError::ContextLength { len: 31, max: 30 });
+    let r = s.push(A, 24, true);
+    check(
+        &s,
+        r,
+        SchedError::TooLarge {
+            needed: 8,
+            total: 7,
+        },
+    );
+    s.push(B, 15, false).expect("15 queued");
+    let before = snapshot(&s);
+    let r = s.push(A, 6, true);
+    assert!(matches!(r, Err(SchedError::Overloaded(_))), "{r:?}");
+    assert_eq!(snapshot(&s), before);
+    s.push(A, 5, true).expect("exactly at the queue limit");
+    // A owes a token until its complete input has been computed and sampled.
+    let before = snapshot(&s);
+    let r = s.push(A, 1, true);
+    assert_eq!(r, Err(SchedError::NotReady(A)));
+    assert_eq!(snapshot(&s), before);
+    let b = step(&mut s);
+    assert_eq!(b.items[0], item(A, 5, 5, true));
+    assert_eq!(progress(&s, A).sampled_upto, 10);
+    s.push(A, 1, true)
+        .expect("the token came; the next input is welcome");
+}
+
+#[test]
+fn a_recomputation_backlog_does_not_refuse_device_input() {
+    let cfg = SchedulerConfig {
+        max_queued_tokens: 10,
+        ..config(Policy::DecodeFirst, 32, 8)
+    };
+    let mut s = Scheduler::new(cfg, BlockPool::new(4, 4));
+    s.add(A).expect("admitted");
+    s.add(B).expect("admitted");
+    s.push(B, 10, true).expect("prompt");
+    step(&mut s);
+    s.push(A, 10, true).expect("at the limit");
+    let r = s.push(B, 1, true);
+    assert!(matches!(r, Err(SchedError::Overloaded(_))), "{r:?}");
+    let b = step(&mut s);
+    assert_eq!(b.preempted, vec![B]);
+    assert_eq!(b.items, vec![item(A, 0, 10, true)]);
+    assert_eq!(
+        s.num_queued_tokens(),
+        10,
+        "B's 10 positions wait to be recomputed"
+    );
+    assert_eq!(s.num_fresh_tokens(), 0);
+    // Both devices' next inputs are accepted although 10 positions are queued.
+    s.push(A, 1, true).expect("decode input");
+    s.push(B, 1, true).expect("next input");
+    assert_eq!(s.num_queued_tokens(), 12);
+    assert_eq!(s.num_fresh_tokens(), 2);
+    assert_eq!(s.stats().fresh_tokens, 2);
+}

@@ -1,0 +1,521 @@
+//! The engine: one thread that owns the cloud model, the paged KV cache and the scheduler,
+//! and turns the hidden states that devices send into tokens.
+//!
+//! The loop reads like vLLM's `step()`: drain commands → `schedule()` → copy-on-write copies →
+//! one forward pass over the varlen batch (layers `[k, n)` through [`PagedKv`]) → final norm
+//! and LM head on the rows that sample only → sample → `update()` → deliver. When nothing is
+//! ready the thread blocks on its command channel; it never waits for a slow device, because a
+//! session waiting for its device's next hidden state is simply not in the batch.
+//!
+//! Callers talk to it through [`Engine`]: `open_session`, `push_hidden` (validated in the
+//! caller's thread: shape, finiteness), the session's own event channel (`Token`, `Done`,
+//! `Error`), and `close`. Every hidden state a session sent is kept until it closes, so the
+//! scheduler can preempt a session and recompute its KV without asking the device again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use candle_core::{DType, Device, Tensor};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use tandem_kvcache::{BlockPool, BlockTable, KvDtype, KvLayout, KvStorage, PagedKv};
+use tandem_model::pipeline::StopFilter;
+use tandem_model::sampling::Sampler;
+use tandem_model::tokenizer::{StreamDecoder, TextTokenizer};
+use tandem_model::{CloudModel, ForwardCtx};
+use tandem_protocol::{FinishReason, Sampling};
+use tandem_scheduler::{
+    Batch, SchedError, SchedStats, Scheduler, SchedulerConfig, SeqId, StepOutcome,
+};
+
+/// How the engine is sized.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    pub block_size: usize,
+    pub kv_blocks: usize,
+    pub kv_dtype: KvDtype,
+}
+
+/// One generation's parameters.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    pub sampling: Sampling,
+    pub max_tokens: usize,
+    pub stop_strings: Vec<String>,
+    /// Overrides the model's eos ids when set.
+    pub eos_ids: Option<Vec<u32>>,
+}
+
+/// What a session hears from the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A sampled token and the text it completes (may be empty mid-character).
+    Token { id: u32, text: String },
+    /// The generation ended.
+    Done {
+        reason: FinishReason,
+        output_ids: Vec<u32>,
+        text: String,
+    },
+    /// The session failed inside the engine; it is closed.
+    Error(EngineError),
+}
+
+/// Errors of the in-process API.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown session {0}")]
+    UnknownSession(u64),
+    #[error("hidden states: {len} values are not {rows} rows of {hidden}")]
+    HiddenShape {
+        rows: usize,
+        len: usize,
+        hidden: usize,
+    },
+    #[error("hidden states contain NaN or infinite values")]
+    NonFinite,
+    #[error("session {0} has finished its generation")]
+    Finished(u64),
+    #[error(transparent)]
+    Scheduler(#[from] SchedError),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Open {
+        id: SeqId,
+        params: SessionParams,
+        events: Sender<Event>,
+        ack: Sender<Result<(), EngineError>>,
+    },
+    Hidden {
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+        ack: Sender<Result<(), EngineError>>,
+    },
+    Close {
+        id: SeqId,
+        ack: Sender<Result<(), EngineError>>,
+    },
+    Stats {
+        reply: Sender<EngineStats>,
+    },
+}
+
+/// Counters of the engine since it started.
+#[derive(Clone, Debug)]
+pub struct EngineStats {
+    pub scheduler: SchedStats,
+    /// Seconds spent in forward passes and sampling (not waiting for input).
+    pub busy_s: f64,
+    /// Tokens sampled.
+    pub tokens_sampled: u64,
+    /// Positions of the cloud's layers computed (prefill and decode, recomputation included).
+    pub positions_computed: u64,
+}
+
+/// Handle to a running engine thread. Dropping it stops the thread.
+pub struct Engine {
+    tx: Option<Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    hidden_size: usize,
+    next_id: AtomicU64,
+}
+
+/// A session's id and its event stream.
+#[derive(Debug)]
+pub struct Session {
+    pub id: SeqId,
+    pub events: Receiver<Event>,
+}
+
+impl Engine {
+    /// Starts the engine thread over `cloud`.
+    pub fn start(cloud: CloudModel, tokenizer: Option<TextTokenizer>, cfg: EngineConfig) -> Self {
+        let hidden_size = cloud.config().hidden_size;
+        let (tx, rx) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("tandem-engine".into())
+            .spawn(move || run(cloud, tokenizer, cfg, rx))
+            .ok();
+        Self {
+            tx: Some(tx),
+            thread,
+            hidden_size,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn call(
+        &self,
+        make: impl FnOnce(Sender<Result<(), EngineError>>) -> Command,
+    ) -> Result<(), EngineError> {
+        let (ack, done) = bounded(1);
+        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
+        tx.send(make(ack)).map_err(|_| EngineError::Stopped)?;
+        done.recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Opens a session (admission control may answer `Overloaded`).
+    pub fn open_session(&self, params: SessionParams) -> Result<Session, EngineError> {
+        let id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (events, rx) = unbounded();
+        self.call(|ack| Command::Open {
+            id,
+            params,
+            events,
+            ack,
+        })?;
+        Ok(Session { id, events: rx })
+    }
+
+    /// Hands the engine `rows` hidden states (`rows * hidden_size` f32 values, row-major) for
+    /// the session's next positions. `complete` marks the end of an input that wants a token:
+    /// the last chunk of a prompt, or each decode step.
+    pub fn push_hidden(
+        &self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+    ) -> Result<(), EngineError> {
+        if rows == 0 || data.len() != rows * self.hidden_size {
+            return Err(EngineError::HiddenShape {
+                rows,
+                len: data.len(),
+                hidden: self.hidden_size,
+            });
+        }
+        if data.iter().any(|x| !x.is_finite()) {
+            return Err(EngineError::NonFinite);
+        }
+        self.call(|ack| Command::Hidden {
+            id,
+            data,
+            rows,
+            complete,
+            ack,
+        })
+    }
+
+    /// The engine's counters (answered between two steps).
+    pub fn stats(&self) -> Result<EngineStats, EngineError> {
+        let (reply, rx) = bounded(1);
+        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
+        tx.send(Command::Stats { reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)
+    }
+
+    /// Ends a session and releases its KV blocks.
+    pub fn close(&self, id: SeqId) -> Result<(), EngineError> {
+        self.call(|ack| Command::Close { id, ack })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.tx.take(); // closes the channel: the loop ends after its current step
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("hidden_size", &self.hidden_size)
+            .finish()
+    }
+}
+
+struct SessionState<'t> {
+    events: Sender<Event>,
+    hidden: Vec<f32>,
+    sampler: Sampler,
+    max_tokens: usize,
+    eos: Vec<u32>,
+    output: Vec<u32>,
+    decoder: Option<StreamDecoder<'t>>,
+    stop: StopFilter,
+    finished: bool,
+}
+
+struct Loop<'t> {
+    cloud: CloudModel,
+    tokenizer: Option<&'t TextTokenizer>,
+    sched: Scheduler,
+    storage: KvStorage,
+    sessions: HashMap<SeqId, SessionState<'t>>,
+    busy_s: f64,
+    tokens_sampled: u64,
+    positions_computed: u64,
+}
+
+fn run(
+    cloud: CloudModel,
+    tokenizer: Option<TextTokenizer>,
+    cfg: EngineConfig,
+    rx: Receiver<Command>,
+) {
+    let ccfg = cloud.config().clone();
+    let range = cloud.split().cloud_range();
+    let layout = KvLayout {
+        first_layer: range.start,
+        num_layers: range.len(),
+        num_blocks: cfg.kv_blocks,
+        block_size: cfg.block_size,
+        kv_heads: ccfg.num_key_value_heads,
+        head_dim: ccfg.head_dim,
+        dtype: cfg.kv_dtype,
+    };
+    let pool = BlockPool::new(cfg.kv_blocks, cfg.block_size);
+    let mut lp = Loop {
+        cloud,
+        tokenizer: tokenizer.as_ref(),
+        sched: Scheduler::new(cfg.scheduler.clone(), pool),
+        storage: KvStorage::new(layout),
+        sessions: HashMap::new(),
+        busy_s: 0.0,
+        tokens_sampled: 0,
+        positions_computed: 0,
+    };
+    loop {
+        while let Ok(cmd) = rx.try_recv() {
+            lp.handle(cmd);
+        }
+        let batch = lp.sched.schedule();
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(cmd) => lp.handle(cmd),
+                Err(_) => return,
+            }
+            continue;
+        }
+        lp.step(batch);
+    }
+}
+
+impl<'t> Loop<'t> {
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Open {
+                id,
+                params,
+                events,
+                ack,
+            } => {
+                let r = self.sched.add(id).map_err(EngineError::from);
+                if r.is_ok() {
+                    let eos = params
+                        .eos_ids
+                        .unwrap_or_else(|| self.cloud.config().eos_token_ids.clone());
+                    self.sessions.insert(
+                        id,
+                        SessionState {
+                            events,
+                            hidden: Vec::new(),
+                            sampler: Sampler::new(params.sampling),
+                            max_tokens: params.max_tokens,
+                            eos,
+                            output: Vec::new(),
+                            decoder: self.tokenizer.map(StreamDecoder::new),
+                            stop: StopFilter::new(params.stop_strings),
+                            finished: false,
+                        },
+                    );
+                }
+                let _ = ack.send(r);
+            }
+            Command::Hidden {
+                id,
+                data,
+                rows,
+                complete,
+                ack,
+            } => {
+                let r = match self.sessions.get_mut(&id) {
+                    None => Err(EngineError::UnknownSession(id.0)),
+                    Some(s) if s.finished => Err(EngineError::Finished(id.0)),
+                    Some(s) => self
+                        .sched
+                        .push(id, rows, complete)
+                        .map(|()| s.hidden.extend_from_slice(&data))
+                        .map_err(EngineError::from),
+                };
+                let _ = ack.send(r);
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(EngineStats {
+                    scheduler: self.sched.stats(),
+                    busy_s: self.busy_s,
+                    tokens_sampled: self.tokens_sampled,
+                    positions_computed: self.positions_computed,
+                });
+            }
+            Command::Close { id, ack } => {
+                let r = match self.sessions.remove(&id) {
+                    None => Err(EngineError::UnknownSession(id.0)),
+                    Some(s) => {
+                        if !s.finished {
+                            let _ = self.sched.remove(id);
+                        }
+                        Ok(())
+                    }
+                };
+                let _ = ack.send(r);
+            }
+        }
+    }
+
+    /// Runs one batch; a failure fails the batch's sessions, not the engine.
+    fn step(&mut self, batch: Batch) {
+        let started = std::time::Instant::now();
+        let result = self.forward_and_sample(&batch);
+        self.busy_s += started.elapsed().as_secs_f64();
+        self.positions_computed += batch.num_tokens() as u64;
+        self.tokens_sampled += batch.items.iter().filter(|i| i.sample).count() as u64;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                for item in &batch.items {
+                    if let Some(s) = self.sessions.get_mut(&item.id) {
+                        let _ = s.events.send(Event::Error(e.clone()));
+                        s.finished = true;
+                    }
+                }
+                StepOutcome {
+                    finished: batch.items.iter().map(|i| i.id).collect(),
+                }
+            }
+        };
+        self.sched.update(&batch, &outcome);
+        for id in &outcome.finished {
+            let _ = self.sched.remove(*id);
+        }
+    }
+
+    fn forward_and_sample(&mut self, batch: &Batch) -> Result<StepOutcome, EngineError> {
+        let model_err = |e: tandem_model::ModelError| EngineError::Model(e.to_string());
+        for op in &batch.copies {
+            self.storage.copy(*op);
+        }
+        let h = self.cloud.config().hidden_size;
+        let mut rows = Vec::with_capacity(batch.num_tokens() * h);
+        let mut spans = Vec::with_capacity(batch.items.len());
+        let mut sample_rows = Vec::new();
+        for item in &batch.items {
+            let s = self
+                .sessions
+                .get(&item.id)
+                .ok_or(EngineError::UnknownSession(item.id.0))?;
+            rows.extend_from_slice(&s.hidden[item.start * h..(item.start + item.len) * h]);
+            if item.sample {
+                sample_rows.push((
+                    (spans.iter().map(|&(_, l)| l).sum::<usize>() + item.len - 1) as u32,
+                    item.id,
+                ));
+            }
+            spans.push((item.start, item.len));
+        }
+        let ctx = ForwardCtx::varlen(&spans);
+        let x = Tensor::from_vec(rows, (ctx.num_tokens(), h), &Device::Cpu)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let tables: Vec<&BlockTable> = batch
+            .items
+            .iter()
+            .map(|i| {
+                self.sched
+                    .table(i.id)
+                    .ok_or(EngineError::UnknownSession(i.id.0))
+            })
+            .collect::<Result<_, _>>()?;
+        let out = {
+            let mut kv = PagedKv::new(&mut self.storage, &tables);
+            self.cloud
+                .forward_layers(&x, &ctx, &mut kv)
+                .map_err(model_err)?
+        };
+        let mut finished = Vec::new();
+        if sample_rows.is_empty() {
+            return Ok(StepOutcome { finished });
+        }
+        let idx: Vec<u32> = sample_rows.iter().map(|&(r, _)| r).collect();
+        let idx = Tensor::from_vec(idx, sample_rows.len(), &Device::Cpu)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let picked = out
+            .index_select(&idx, 0)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let logits = self.cloud.logits(&picked).map_err(model_err)?;
+        let logits: Vec<Vec<f32>> = logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_vec2())
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        for ((_, id), row) in sample_rows.iter().zip(&logits) {
+            if let Some(s) = self.sessions.get_mut(id) {
+                if s.deliver(row)? {
+                    finished.push(*id);
+                }
+            }
+        }
+        Ok(StepOutcome { finished })
+    }
+}
+
+impl SessionState<'_> {
+    /// Samples and delivers one token; returns whether the generation ended.
+    fn deliver(&mut self, logits: &[f32]) -> Result<bool, EngineError> {
+        let token = self
+            .sampler
+            .sample(logits, &self.output)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let mut reason = None;
+        if self.eos.contains(&token) {
+            reason = Some(FinishReason::Eos);
+        } else {
+            self.output.push(token);
+            let piece = match self.decoder.as_mut() {
+                Some(d) => d
+                    .push(token)
+                    .map_err(|e| EngineError::Model(e.to_string()))?,
+                None => String::new(),
+            };
+            let mut shown = String::new();
+            if self.stop.push(&piece, &mut |p| shown.push_str(p)) {
+                reason = Some(FinishReason::StopString);
+            }
+            let _ = self.events.send(Event::Token {
+                id: token,
+                text: shown,
+            });
+            if reason.is_none() && self.output.len() >= self.max_tokens {
+                reason = Some(FinishReason::Length);
+            }
+        }
+        let Some(reason) = reason else {
+            return Ok(false);
+        };
+        if reason != FinishReason::StopString {
+            if let Some(d) = self.decoder.as_mut() {
+                let rest = d.finish().map_err(|e| EngineError::Model(e.to_string()))?;
+                let mut tail = String::new();
+                self.stop.push(&rest, &mut |p| tail.push_str(p));
+                self.stop.flush(&mut |p| tail.push_str(p));
+            }
+        }
+        self.finished = true;
+        let _ = self.events.send(Event::Done {
+            reason,
+            output_ids: self.output.clone(),
+            text: self.stop.text().to_string(),
+        });
+        Ok(true)
+    }
+}

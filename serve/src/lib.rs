@@ -1,0 +1,9 @@
+//! `tandem-serve`: the cloud side of Tandem.
+//!
+//! # Layout
+//! - [`engine`]: the engine thread (cloud model + paged KV cache + scheduler) and its
+//!   in-process API (`Engine::open_session`, `push_hidden`, token events, `close`).
+//!
+//! The WebSocket and REST front ends come with the next issues; `main.rs` holds the CLI.
+
+pub mod engine;

@@ -1,0 +1,283 @@
+//! The engine, in process: many sessions of different prompt lengths, admitted at different
+//! times, chunked prefill mixed with decodes, produce exactly the greedy tokens of running each
+//! alone through `LocalSplit::generate`; forced preemption changes nothing; bad input gets a
+//! typed error and the other sessions finish.
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use tandem_kvcache::KvDtype;
+use tandem_model::kv::ContiguousKv;
+use tandem_model::layers::ForwardCtx;
+use tandem_model::pipeline::{GenerateRequest, LocalSplit, LocalSplitOptions};
+use tandem_model::EdgeModel;
+use tandem_protocol::{FinishReason, SamplingParams};
+use tandem_scheduler::{Policy, SchedError, SchedulerConfig};
+use tandem_serve::engine::{Engine, EngineConfig, EngineError, Event, Session, SessionParams};
+
+const MAX_TOKENS: usize = 8;
+
+fn load(dir: &std::path::Path) -> LocalSplit {
+    LocalSplit::load(
+        dir,
+        &LocalSplitOptions {
+            edge_layers: Some(2),
+            dtype: None,
+            device: Device::Cpu,
+        },
+    )
+    .expect("load")
+}
+
+fn model_dir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tmp");
+    common::write_hf(tmp.path(), &common::specs()[2]);
+    common::write_tokenizer(tmp.path());
+    tmp
+}
+
+fn config(policy: Policy, kv_blocks: usize, block_size: usize) -> EngineConfig {
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            policy,
+            max_batch_tokens: 48,
+            max_batch_seqs: 16,
+            max_sessions: 64,
+            max_queued_tokens: 4096,
+            max_context: 512,
+        },
+        block_size,
+        kv_blocks,
+        kv_dtype: KvDtype::F32,
+    }
+}
+
+fn params() -> SessionParams {
+    SessionParams {
+        sampling: SamplingParams::default().validate().expect("greedy"),
+        max_tokens: MAX_TOKENS,
+        stop_strings: Vec::new(),
+        eos_ids: Some(Vec::new()), // run to the limit so every session decodes MAX_TOKENS times
+    }
+}
+
+/// A simulated device: the edge part with its own cache.
+struct SimDevice {
+    session: Session,
+    edge_kv: ContiguousKv,
+    pos: usize,
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    done: Option<(FinishReason, Vec<u32>)>,
+}
+
+fn hidden(edge: &EdgeModel, kv: &mut ContiguousKv, pos: usize, tokens: &[u32]) -> Vec<f32> {
+    let h = edge
+        .forward(tokens, &ForwardCtx::single(pos, tokens.len()), kv)
+        .expect("edge");
+    h.flatten_all().expect("flat").to_vec1().expect("vec")
+}
+
+/// Sends the prompt in chunks of `chunk`, then answers every token with its hidden state.
+fn drive(engine: &Engine, edge: &EdgeModel, prompts: &[Vec<u32>], chunk: usize) -> Vec<SimDevice> {
+    let n = edge.config().num_hidden_layers;
+    let mut devices: Vec<SimDevice> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut next_to_admit = 0;
+    loop {
+        // Admit one new session per round, so sessions join while others decode.
+        if next_to_admit < prompts.len() {
+            let p = prompts[next_to_admit].clone();
+            let session = engine.open_session(params()).expect("open");
+            let mut d = SimDevice {
+                session,
+                edge_kv: ContiguousKv::new(n, 512),
+                pos: 0,
+                prompt: p.clone(),
+                tokens: Vec::new(),
+                done: None,
+            };
+            for (i, c) in p.chunks(chunk).enumerate() {
+                let h = hidden(edge, &mut d.edge_kv, d.pos, c);
+                d.pos += c.len();
+                let last = (i + 1) * chunk >= p.len();
+                engine
+                    .push_hidden(d.session.id, h, c.len(), last)
+                    .expect("push prompt");
+            }
+            devices.push(d);
+            next_to_admit += 1;
+        }
+        let mut all_done = next_to_admit == prompts.len();
+        for d in devices.iter_mut() {
+            if d.done.is_some() {
+                continue;
+            }
+            all_done = false;
+            while let Ok(ev) = d.session.events.try_recv() {
+                match ev {
+                    Event::Token { id, .. } => {
+                        d.tokens.push(id);
+                        if d.tokens.len() < MAX_TOKENS {
+                            let h = hidden(edge, &mut d.edge_kv, d.pos, &[id]);
+                            d.pos += 1;
+                            engine
+                                .push_hidden(d.session.id, h, 1, true)
+                                .expect("push token");
+                        }
+                    }
+                    Event::Done {
+                        reason, output_ids, ..
+                    } => d.done = Some((reason, output_ids)),
+                    Event::Error(e) => panic!("session failed: {e}"),
+                }
+            }
+        }
+        if all_done {
+            return devices;
+        }
+        assert!(Instant::now() < deadline, "engine made no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn prompts(vocab: usize) -> Vec<Vec<u32>> {
+    let mut rng = common::Rng::new(5);
+    [1usize, 3, 9, 17, 40, 70, 5, 33, 2, 16, 64, 12]
+        .iter()
+        .map(|&l| (0..l).map(|_| 4 + rng.below(vocab as u32 - 4)).collect())
+        .collect()
+}
+
+fn solo(m: &LocalSplit, p: &[u32]) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt_ids: p.to_vec(),
+        max_tokens: MAX_TOKENS,
+        sampling: SamplingParams::default().validate().expect("greedy"),
+        stop_strings: Vec::new(),
+        eos_ids: Some(Vec::new()),
+    };
+    m.generate(&req, &mut |_| {}).expect("solo").output_ids
+}
+
+/// Runs the sessions through the engine and compares with solo runs; returns the engine's stats.
+fn check_against_solo(
+    policy: Policy,
+    kv_blocks: usize,
+    block_size: usize,
+    chunk: usize,
+) -> tandem_serve::engine::EngineStats {
+    let dir = model_dir();
+    let reference = load(dir.path());
+    let spec = &common::specs()[2];
+    let prompts = prompts(spec.vocab);
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| solo(&reference, p)).collect();
+    let m = load(dir.path());
+    let engine = Engine::start(m.cloud, m.tokenizer, config(policy, kv_blocks, block_size));
+    let devices = drive(&engine, &m.edge, &prompts, chunk);
+    for (i, (d, want)) in devices.iter().zip(&expected).enumerate() {
+        let (reason, ids) = d.done.clone().expect("done");
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(
+            &ids,
+            want,
+            "{policy:?} blocks {kv_blocks} chunk {chunk}: session {i} (prompt {}) differs",
+            d.prompt.len()
+        );
+        assert_eq!(&d.tokens, want);
+    }
+    engine.stats().expect("stats")
+}
+
+#[test]
+fn batched_engine_equals_solo_generate() {
+    for chunk in [1, 7, 64] {
+        let stats = check_against_solo(Policy::DecodeFirst, 512, 16, chunk);
+        assert_eq!(stats.scheduler.preemptions, 0);
+        assert_eq!(stats.tokens_sampled, 12 * MAX_TOKENS as u64);
+    }
+    check_against_solo(Policy::PrefillFirst, 512, 16, 7);
+}
+
+#[test]
+fn preemption_under_a_tiny_block_budget_changes_nothing() {
+    // 12 sessions of up to 78 positions in blocks of 4: they need ~170 blocks together; 30
+    // blocks force the scheduler to preempt and recompute again and again.
+    let stats = check_against_solo(Policy::DecodeFirst, 30, 4, 7);
+    println!("tiny budget: {:?}", stats.scheduler);
+    assert!(
+        stats.scheduler.preemptions > 0,
+        "the budget was meant to force preemption"
+    );
+    assert!(stats.scheduler.recomputed_tokens > 0);
+}
+
+#[test]
+fn bad_input_gets_typed_errors_and_others_finish() {
+    let dir = model_dir();
+    let m = load(dir.path());
+    let h = m.cloud.config().hidden_size;
+    let engine = Engine::start(m.cloud, m.tokenizer, config(Policy::DecodeFirst, 128, 16));
+    let s = engine.open_session(params()).expect("open");
+    assert!(matches!(
+        engine.push_hidden(s.id, vec![0.5; h + 1], 1, true),
+        Err(EngineError::HiddenShape { .. })
+    ));
+    let mut bad = vec![0.5; 2 * h];
+    bad[h + 3] = f32::NAN;
+    assert_eq!(
+        engine.push_hidden(s.id, bad, 2, true),
+        Err(EngineError::NonFinite)
+    );
+    let mut inf = vec![0.5; h];
+    inf[0] = f32::INFINITY;
+    assert_eq!(
+        engine.push_hidden(s.id, inf, 1, true),
+        Err(EngineError::NonFinite)
+    );
+    assert_eq!(
+        engine.push_hidden(tandem_scheduler::SeqId(999), vec![0.5; h], 1, true),
+        Err(EngineError::UnknownSession(999))
+    );
+    let too_long = engine.push_hidden(s.id, vec![0.5; 600 * h], 600, true);
+    assert!(
+        matches!(
+            too_long,
+            Err(EngineError::Scheduler(SchedError::ContextLength { .. }))
+        ),
+        "{too_long:?}"
+    );
+    engine.close(s.id).expect("close");
+    assert_eq!(
+        engine.push_hidden(s.id, vec![0.5; h], 1, true),
+        Err(EngineError::UnknownSession(s.id.0))
+    );
+    assert_eq!(engine.close(s.id), Err(EngineError::UnknownSession(s.id.0)));
+
+    // After all that, healthy sessions still match their solo runs.
+    let reference = load(dir.path());
+    let prompts = prompts(common::specs()[2].vocab)[..4].to_vec();
+    let devices = drive(&engine, &reference.edge, &prompts, 7);
+    for (d, p) in devices.iter().zip(&prompts) {
+        assert_eq!(d.done.as_ref().expect("done").1, solo(&reference, p));
+    }
+}
+
+#[test]
+fn admission_limits_answer_overloaded() {
+    let dir = model_dir();
+    let m = load(dir.path());
+    let mut cfg = config(Policy::DecodeFirst, 64, 16);
+    cfg.scheduler.max_sessions = 2;
+    let engine = Engine::start(m.cloud, m.tokenizer, cfg);
+    let _a = engine.open_session(params()).expect("first");
+    let _b = engine.open_session(params()).expect("second");
+    let c = engine.open_session(params());
+    assert!(
+        matches!(c, Err(EngineError::Scheduler(SchedError::Overloaded(_)))),
+        "{c:?}"
+    );
+}
