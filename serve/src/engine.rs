@@ -97,7 +97,8 @@ enum Command {
         data: Vec<f32>,
         rows: usize,
         complete: bool,
-        ack: Sender<Result<(), EngineError>>,
+        /// `None`: the caller does not wait; an error goes to the session's events instead.
+        ack: Option<Sender<Result<(), EngineError>>>,
     },
     Close {
         id: SeqId,
@@ -177,7 +178,8 @@ impl Engine {
 
     /// Hands the engine `rows` hidden states (`rows * hidden_size` f32 values, row-major) for
     /// the session's next positions. `complete` marks the end of an input that wants a token:
-    /// the last chunk of a prompt, or each decode step.
+    /// the last chunk of a prompt, or each decode step. Waits until the engine has accepted
+    /// them (between two steps), so scheduler refusals come back here, typed.
     pub fn push_hidden(
         &self,
         id: SeqId,
@@ -185,6 +187,39 @@ impl Engine {
         rows: usize,
         complete: bool,
     ) -> Result<(), EngineError> {
+        self.check_hidden(&data, rows)?;
+        self.call(|ack| Command::Hidden {
+            id,
+            data,
+            rows,
+            complete,
+            ack: Some(ack),
+        })
+    }
+
+    /// Like [`Self::push_hidden`] but returns as soon as the input is validated and queued:
+    /// a refusal by the scheduler then arrives as [`Event::Error`] on the session's events.
+    /// One thread serving many sessions uses this, so that their inputs reach the same step.
+    pub fn push_hidden_nowait(
+        &self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+    ) -> Result<(), EngineError> {
+        self.check_hidden(&data, rows)?;
+        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
+        tx.send(Command::Hidden {
+            id,
+            data,
+            rows,
+            complete,
+            ack: None,
+        })
+        .map_err(|_| EngineError::Stopped)
+    }
+
+    fn check_hidden(&self, data: &[f32], rows: usize) -> Result<(), EngineError> {
         if rows == 0 || data.len() != rows * self.hidden_size {
             return Err(EngineError::HiddenShape {
                 rows,
@@ -195,13 +230,7 @@ impl Engine {
         if data.iter().any(|x| !x.is_finite()) {
             return Err(EngineError::NonFinite);
         }
-        self.call(|ack| Command::Hidden {
-            id,
-            data,
-            rows,
-            complete,
-            ack,
-        })
+        Ok(())
     }
 
     /// The engine's counters (answered between two steps).
@@ -350,7 +379,16 @@ impl<'t> Loop<'t> {
                         .map(|()| s.hidden.extend_from_slice(&data))
                         .map_err(EngineError::from),
                 };
-                let _ = ack.send(r);
+                match ack {
+                    Some(ack) => {
+                        let _ = ack.send(r);
+                    }
+                    None => {
+                        if let (Err(e), Some(s)) = (r, self.sessions.get(&id)) {
+                            let _ = s.events.send(Event::Error(e));
+                        }
+                    }
+                }
             }
             Command::Stats { reply } => {
                 let _ = reply.send(EngineStats {

@@ -35,6 +35,36 @@ enum Command {
     Split(SplitArgs),
     /// Generate text with the edge part and the cloud part run one after the other.
     Generate(GenerateArgs),
+    /// Measure the cloud engine's throughput on a model (JSON on stdout).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// An HF model directory, a .gguf file, or a split directory.
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    edge_layers: usize,
+    /// Session counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    sessions: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// decode-first or prefill-first.
+    #[arg(long, default_value = "decode-first")]
+    policy: String,
+    #[arg(long, default_value_t = 256)]
+    max_batch_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV cache size in GiB (f32 storage).
+    #[arg(long, default_value_t = 2.0)]
+    kv_cache_gib: f64,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +144,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Split(a) => split(a),
         Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -238,5 +269,58 @@ fn generate(a: GenerateArgs) -> Result<()> {
             if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
         );
     }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use tandem_kvcache::{KvDtype, KvLayout};
+    use tandem_scheduler::{Policy, SchedulerConfig};
+    let policy = match a.policy.as_str() {
+        "decode-first" => Policy::DecodeFirst,
+        "prefill-first" => Policy::PrefillFirst,
+        other => anyhow::bail!("unknown policy `{other}` (decode-first or prefill-first)"),
+    };
+    let model = LocalSplit::load(
+        &a.model,
+        &LocalSplitOptions {
+            edge_layers: Some(a.edge_layers),
+            dtype: Some(candle_core::DType::F32),
+            device: Device::Cpu,
+        },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
+    let c = model.cloud.config();
+    let range = model.cloud.split().cloud_range();
+    let layout = KvLayout {
+        first_layer: range.start,
+        num_layers: range.len(),
+        num_blocks: 0,
+        block_size: a.block_size,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        dtype: KvDtype::F32,
+    };
+    let kv_blocks = layout.blocks_for_budget((a.kv_cache_gib * (1u64 << 30) as f64) as usize);
+    let cfg = tandem_serve::engine::EngineConfig {
+        scheduler: SchedulerConfig {
+            policy,
+            max_batch_tokens: a.max_batch_tokens,
+            max_batch_seqs: 256,
+            max_sessions: 4096,
+            max_queued_tokens: 1 << 20,
+            max_context: c.max_position_embeddings,
+        },
+        block_size: a.block_size,
+        kv_blocks,
+        kv_dtype: KvDtype::F32,
+    };
+    let plan = tandem_serve::bench::BenchPlan {
+        sessions: a.sessions,
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        prefill_tokens: a.prefill_tokens,
+    };
+    let report = tandem_serve::bench::run(model, cfg, &plan)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -257,6 +257,28 @@ fn bad_input_gets_typed_errors_and_others_finish() {
     );
     assert_eq!(engine.close(s.id), Err(EngineError::UnknownSession(s.id.0)));
 
+    // Without waiting, the same refusal arrives on the session's events.
+    let s2 = engine.open_session(params()).expect("open");
+    engine
+        .push_hidden_nowait(s2.id, vec![0.5; 600 * h], 600, true)
+        .expect("queued");
+    let ev = s2
+        .events
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an event");
+    assert!(
+        matches!(
+            ev,
+            Event::Error(EngineError::Scheduler(SchedError::ContextLength { .. }))
+        ),
+        "{ev:?}"
+    );
+    assert_eq!(
+        engine.push_hidden_nowait(s2.id, vec![f32::NAN; h], 1, true),
+        Err(EngineError::NonFinite)
+    );
+    engine.close(s2.id).expect("close");
+
     // After all that, healthy sessions still match their solo runs.
     let reference = load(dir.path());
     let prompts = prompts(common::specs()[2].vocab)[..4].to_vec();
