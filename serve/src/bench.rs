@@ -38,6 +38,11 @@ pub struct DecodeFigure {
     pub end_to_end_tokens_per_s: f64,
     pub engine_busy_s: f64,
     pub engine_tokens_per_s: f64,
+    /// Decode alone: tokens sampled after every session had its first token, over the engine
+    /// time spent after that moment (the prompts' prefill excluded).
+    pub decode_tokens: u64,
+    pub decode_busy_s: f64,
+    pub decode_tokens_per_s: f64,
     pub preemptions: u64,
 }
 
@@ -93,7 +98,11 @@ fn decode_run(
     // Poll every device and send all the answers together, so that they reach the engine
     // between two of its steps (as concurrent devices would), not one device at a time.
     let mut remaining = n;
+    let mut decode_start = None;
     while remaining > 0 {
+        if decode_start.is_none() && devices.iter().all(|d| d.4 > 0 || d.3) {
+            decode_start = Some(engine.stats()?);
+        }
         let mut answers = Vec::new();
         for (s, kv, pos, done, got) in devices.iter_mut().filter(|d| !d.3) {
             while let Ok(ev) = s.events.try_recv() {
@@ -128,6 +137,9 @@ fn decode_run(
     let after = engine.stats()?;
     let tokens = after.tokens_sampled - before.tokens_sampled;
     let busy = after.busy_s - before.busy_s;
+    let mid = decode_start.unwrap_or_else(|| after.clone());
+    let decode_tokens = after.tokens_sampled - mid.tokens_sampled;
+    let decode_busy = after.busy_s - mid.busy_s;
     Ok(DecodeFigure {
         sessions: n,
         tokens,
@@ -135,6 +147,9 @@ fn decode_run(
         end_to_end_tokens_per_s: tokens as f64 / wall,
         engine_busy_s: busy,
         engine_tokens_per_s: tokens as f64 / busy.max(1e-9),
+        decode_tokens,
+        decode_busy_s: decode_busy,
+        decode_tokens_per_s: decode_tokens as f64 / decode_busy.max(1e-9),
         preemptions: after.scheduler.preemptions - before.scheduler.preemptions,
     })
 }
@@ -175,8 +190,8 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
     for &s in &plan.sessions {
         let f = decode_run(&engine, &edge, s, plan)?;
         eprintln!(
-            "{s:>4} sessions: {:.1} tokens/s in the engine, {:.1} end to end",
-            f.engine_tokens_per_s, f.end_to_end_tokens_per_s
+            "{s:>4} sessions: decode {:.1} tokens/s; with prefill {:.1} tokens/s in the engine, {:.1} end to end",
+            f.decode_tokens_per_s, f.engine_tokens_per_s, f.end_to_end_tokens_per_s
         );
         decode.push(f);
     }
