@@ -153,14 +153,19 @@ impl Engine {
         }
     }
 
+    /// Sends a command carrying a reply channel and waits for the engine's answer.
+    fn request<T>(&self, make: impl FnOnce(Sender<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, answer) = bounded(1);
+        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
+        tx.send(make(reply)).map_err(|_| EngineError::Stopped)?;
+        answer.recv().map_err(|_| EngineError::Stopped)
+    }
+
     fn call(
         &self,
         make: impl FnOnce(Sender<Result<(), EngineError>>) -> Command,
     ) -> Result<(), EngineError> {
-        let (ack, done) = bounded(1);
-        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
-        tx.send(make(ack)).map_err(|_| EngineError::Stopped)?;
-        done.recv().map_err(|_| EngineError::Stopped)?
+        self.request(make)?
     }
 
     /// Opens a session (admission control may answer `Overloaded`).
@@ -235,11 +240,7 @@ impl Engine {
 
     /// The engine's counters (answered between two steps).
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
-        let (reply, rx) = bounded(1);
-        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
-        tx.send(Command::Stats { reply })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)
+        self.request(|reply| Command::Stats { reply })
     }
 
     /// Ends a session and releases its KV blocks.
@@ -456,10 +457,8 @@ impl<'t> Loop<'t> {
                 .ok_or(EngineError::UnknownSession(item.id.0))?;
             rows.extend_from_slice(&s.hidden[item.start * h..(item.start + item.len) * h]);
             if item.sample {
-                sample_rows.push((
-                    (spans.iter().map(|&(_, l)| l).sum::<usize>() + item.len - 1) as u32,
-                    item.id,
-                ));
+                // The item's last row, just appended.
+                sample_rows.push(((rows.len() / h - 1) as u32, item.id));
             }
             spans.push((item.start, item.len));
         }
