@@ -93,6 +93,8 @@ struct Inner {
     hash_of: Vec<Option<BlockHash>>,
     /// Blocks handed out through `adopt_prefix` (a statistic for reports).
     shared_hits: u64,
+    /// Blocks whose count is above one.
+    num_shared: usize,
 }
 
 impl Inner {
@@ -110,12 +112,18 @@ impl Inner {
 
     fn incref(&mut self, b: BlockId) {
         self.refs[b.0 as usize] += 1;
+        if self.refs[b.0 as usize] == 2 {
+            self.num_shared += 1;
+        }
     }
 
     fn decref(&mut self, b: BlockId) {
         let i = b.0 as usize;
         debug_assert!(self.refs[i] > 0, "double free of block {i}");
         self.refs[i] = self.refs[i].saturating_sub(1);
+        if self.refs[i] == 1 {
+            self.num_shared -= 1;
+        }
         if self.refs[i] == 0 {
             if let Some(h) = self.hash_of[i].take() {
                 if self.registry.get(&h) == Some(&b) {
@@ -165,6 +173,7 @@ impl BlockPool {
             registry: HashMap::new(),
             hash_of: vec![None; num_blocks],
             shared_hits: 0,
+            num_shared: 0,
         };
         Self {
             inner: Arc::new(Mutex::new(inner)),
@@ -201,6 +210,11 @@ impl BlockPool {
     /// Full blocks registered for prefix sharing.
     pub fn num_registered(&self) -> usize {
         lock(&self.inner).registry.len()
+    }
+
+    /// Blocks held by more than one table right now.
+    pub fn num_shared(&self) -> usize {
+        lock(&self.inner).num_shared
     }
 
     /// Blocks adopted through prefix sharing since the pool was made.

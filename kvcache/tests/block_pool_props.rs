@@ -43,6 +43,11 @@ fn check(pool: &BlockPool, tables: &[BlockTable]) {
         );
     }
     assert_eq!(pool.num_used(), expected.len(), "free + used = total");
+    assert_eq!(
+        pool.num_shared(),
+        expected.values().filter(|&&n| n > 1).count(),
+        "shared-block counter"
+    );
 }
 
 proptest! {

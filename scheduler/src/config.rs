@@ -46,6 +46,8 @@ pub enum SchedError {
     Overloaded(String),
     #[error("unknown session {0:?}")]
     UnknownSession(SeqId),
+    #[error("{blocks} block hashes for {received} positions received")]
+    Hashes { blocks: usize, received: usize },
     #[error("session {0:?} already exists")]
     DuplicateSession(SeqId),
     #[error("context length exceeded: {len} > {max}")]

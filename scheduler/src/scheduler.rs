@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tandem_kvcache::{AllocStatus, BlockPool, BlockTable};
+use tandem_kvcache::{AllocStatus, BlockHash, BlockPool, BlockTable};
 
 use crate::batch::{Batch, StepOutcome};
 use crate::config::{SchedError, SchedulerConfig, SeqId};
@@ -32,6 +32,18 @@ pub struct SchedStats {
     pub scheduled_tokens: u64,
     /// Of those, positions computed again after a preemption.
     pub recomputed_tokens: u64,
+    /// Positions whose KV was not computed because a session adopted shared prefix blocks.
+    pub prefix_hit_tokens: u64,
+    /// Blocks currently held by more than one session (prefix sharing).
+    pub shared_blocks: usize,
+    /// Positions whose KV the sessions' tables hold, summed over sessions (a shared block
+    /// counts once per session holding it).
+    pub held_positions: usize,
+    /// The most blocks in use after any `schedule` so far, with the shared blocks and the
+    /// positions the tables held at that moment (their reserved positions included).
+    pub peak_used_blocks: usize,
+    pub peak_shared_blocks: usize,
+    pub peak_held_positions: usize,
     pub sessions_waiting: usize,
     pub sessions_ready: usize,
     pub sessions_running: usize,
@@ -50,6 +62,10 @@ pub(crate) struct Totals {
     pub(crate) preemptions: u64,
     pub(crate) scheduled_tokens: u64,
     pub(crate) recomputed_tokens: u64,
+    pub(crate) prefix_hit_tokens: u64,
+    pub(crate) peak_used_blocks: usize,
+    pub(crate) peak_shared_blocks: usize,
+    pub(crate) peak_held_positions: usize,
 }
 
 /// The continuous-batching scheduler. See the crate docs for the step protocol.
@@ -163,6 +179,64 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Records the hash chain of `id`'s received full blocks, continuing those given before
+    /// ([`BlockHash::chain`] over each block's input bytes, as the engine received them). A
+    /// session whose leading blocks match blocks another session registered adopts them
+    /// instead of computing them (prefix sharing); its own full blocks are registered once
+    /// computed. Sessions that never call this share nothing.
+    ///
+    /// Errors: [`SchedError::UnknownSession`]; [`SchedError::Hashes`] if the hashes would
+    /// cover more full blocks than the positions received.
+    pub fn add_block_hashes(&mut self, id: SeqId, hashes: &[BlockHash]) -> Result<(), SchedError> {
+        let bs = self.pool.block_size();
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(SchedError::UnknownSession(id))?;
+        let total = s.hashes.len() + hashes.len();
+        if total > s.received / bs {
+            return Err(SchedError::Hashes {
+                blocks: total,
+                received: s.received,
+            });
+        }
+        s.hashes.extend_from_slice(hashes);
+        s.try_adopt = s.computed == 0 && !s.hashes.is_empty();
+        Ok(())
+    }
+
+    /// Lets sessions with an empty table take over registered blocks matching their hash
+    /// chain. Called at the start of each `schedule`.
+    pub(crate) fn adopt_prefixes(&mut self) {
+        let bs = self.pool.block_size();
+        for s in self.sessions.values_mut() {
+            if !std::mem::take(&mut s.try_adopt) || s.running || s.computed != 0 {
+                continue;
+            }
+            let hashes = s.adoptable(bs).to_vec();
+            if hashes.is_empty() || !s.table.is_empty() {
+                continue;
+            }
+            let Ok(adopted) = s.table.adopt_prefix(&hashes) else {
+                continue;
+            };
+            if adopted == 0 {
+                continue;
+            }
+            s.computed = adopted;
+            self.queued = self.queued.saturating_sub(adopted);
+            self.fresh = self
+                .fresh
+                .saturating_sub(adopted.saturating_sub(s.high_water));
+            s.high_water = s.high_water.max(adopted);
+            if s.sampled_upto < s.complete_upto && s.complete_upto <= adopted {
+                // Not reached: `adoptable` keeps the owed position out of the adoption.
+                s.sampled_upto = s.complete_upto;
+            }
+            self.totals.prefix_hit_tokens += adopted as u64;
+        }
+    }
+
     /// Removes a session and releases its blocks. If it is in the batch being run, that
     /// batch's item for it is ignored by [`Scheduler::update`].
     pub fn remove(&mut self, id: SeqId) -> Result<(), SchedError> {
@@ -206,6 +280,14 @@ impl Scheduler {
             }
             // Keeps `table.len() == computed` even for an item that did not match.
             s.table.truncate(s.computed);
+            // Full blocks now computed become adoptable by other sessions.
+            let bs = self.pool.block_size();
+            let full = (s.computed / bs).min(s.hashes.len());
+            for i in s.table.hashes().len()..full {
+                if s.table.register_full_block(i, s.hashes[i]).is_err() {
+                    break;
+                }
+            }
         }
         for id in &outcome.finished {
             if let Some(s) = self.sessions.get_mut(id) {
@@ -265,6 +347,11 @@ impl Scheduler {
             preemptions: self.totals.preemptions,
             scheduled_tokens: self.totals.scheduled_tokens,
             recomputed_tokens: self.totals.recomputed_tokens,
+            prefix_hit_tokens: self.totals.prefix_hit_tokens,
+            peak_used_blocks: self.totals.peak_used_blocks,
+            peak_shared_blocks: self.totals.peak_shared_blocks,
+            peak_held_positions: self.totals.peak_held_positions,
+            shared_blocks: self.pool.num_shared(),
             queued_tokens: self.queued,
             fresh_tokens: self.fresh,
             free_blocks: self.pool.num_free(),
@@ -272,6 +359,7 @@ impl Scheduler {
             ..SchedStats::default()
         };
         for s in self.sessions.values() {
+            st.held_positions += s.table.len();
             match s.state() {
                 SeqState::WaitingForInput => st.sessions_waiting += 1,
                 SeqState::Ready => st.sessions_ready += 1,

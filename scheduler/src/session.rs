@@ -16,7 +16,7 @@
 //!
 //! Every method is O(1) (the table's `blocks_needed` takes the pool's lock once).
 
-use tandem_kvcache::BlockTable;
+use tandem_kvcache::{BlockHash, BlockTable};
 
 /// Where a session stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +55,10 @@ pub(crate) struct Session {
     pub(crate) high_water: usize,
     pub(crate) running: bool,
     pub(crate) parked: bool,
+    /// Hash chain of the received full blocks' input (see [`crate::Scheduler::add_block_hashes`]).
+    pub(crate) hashes: Vec<BlockHash>,
+    /// The table is empty and hashes are known: `schedule` tries to adopt shared blocks.
+    pub(crate) try_adopt: bool,
 }
 
 impl Session {
@@ -69,6 +73,8 @@ impl Session {
             high_water: 0,
             running: false,
             parked: false,
+            hashes: Vec::new(),
+            try_adopt: false,
         }
     }
 
@@ -121,7 +127,19 @@ impl Session {
     /// positions that went back to the queue.
     pub(crate) fn drop_kv(&mut self) -> usize {
         self.table.truncate(0);
+        self.try_adopt = !self.hashes.is_empty();
         std::mem::take(&mut self.computed)
+    }
+
+    /// The registered-block hashes this session may adopt now: its leading full blocks,
+    /// minus the last one when adopting it would leave a token owed with no position left to
+    /// compute (the logits of that position are needed).
+    pub(crate) fn adoptable(&self, block_size: usize) -> &[BlockHash] {
+        let mut n = self.hashes.len().min(self.received / block_size);
+        if n > 0 && n * block_size == self.received && self.owes_token() {
+            n -= 1;
+        }
+        &self.hashes[..n]
     }
 }
 

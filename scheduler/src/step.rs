@@ -61,6 +61,7 @@ impl Scheduler {
     /// `Batch::preempted` and becomes ready again from the next step. If no victim is left,
     /// the item shrinks to the positions that fit, or is skipped this step.
     pub fn schedule(&mut self) -> Batch {
+        self.adopt_prefixes();
         let (decodes, prefills) = self.candidates();
         let mut step = Step {
             batch: Batch::default(),
@@ -81,6 +82,13 @@ impl Scheduler {
         }
         if !step.batch.is_empty() {
             self.totals.steps += 1;
+            let used = self.pool.num_used();
+            if used > self.totals.peak_used_blocks {
+                self.totals.peak_used_blocks = used;
+                self.totals.peak_shared_blocks = self.pool.num_shared();
+                self.totals.peak_held_positions =
+                    self.sessions.values().map(|s| s.table.len()).sum();
+            }
         }
         step.batch
     }

@@ -374,3 +374,68 @@ fn a_recomputation_backlog_does_not_refuse_device_input() {
     assert_eq!(s.num_fresh_tokens(), 2);
     assert_eq!(s.stats().fresh_tokens, 2);
 }
+
+fn hashes(tag: u8, n: usize) -> Vec<tandem_kvcache::BlockHash> {
+    let mut prev = None;
+    (0..n)
+        .map(|i| {
+            let h = tandem_kvcache::BlockHash::chain(prev, &[tag, i as u8]);
+            prev = Some(h);
+            h
+        })
+        .collect()
+}
+
+#[test]
+fn a_session_adopts_the_registered_blocks_of_an_identical_prefix() {
+    let mut s = sched(Policy::DecodeFirst, 64, 16, 4);
+    for id in [A, B, C] {
+        s.add(id).expect("admitted");
+    }
+    // A: 10 positions, 2 full blocks hashed; computed in one step, then its blocks register.
+    s.push(A, 10, true).expect("prompt");
+    s.add_block_hashes(A, &hashes(1, 2)).expect("hashes");
+    assert!(matches!(
+        s.add_block_hashes(A, &hashes(1, 1)),
+        Err(SchedError::Hashes { blocks: 3, received: 10 })
+    ));
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(A, 0, 10, true)]);
+    // B shares A's first two blocks and then differs; C shares only A's first block.
+    s.push(B, 9, true).expect("prompt");
+    s.add_block_hashes(B, &hashes(1, 2)).expect("hashes");
+    s.push(C, 8, true).expect("prompt");
+    let mut c = hashes(1, 1);
+    c.push(hashes(9, 2)[1]);
+    s.add_block_hashes(C, &c).expect("hashes");
+    let b = step(&mut s);
+    assert_eq!(
+        b.items,
+        vec![item(B, 8, 1, true), item(C, 4, 4, true)],
+        "B computes only its 9th position, C its second block"
+    );
+    assert_eq!(s.stats().prefix_hit_tokens, 8 + 4);
+    assert_eq!(s.stats().shared_blocks, 2, "A's two blocks are shared");
+    assert_eq!(s.pool().num_used(), 3 + 1 + 1, "A: 3 blocks; B and C: one block of their own each");
+    // Closing A keeps the shared blocks alive for the others.
+    s.remove(A).expect("remove");
+    assert_eq!(s.stats().shared_blocks, 1, "block 0 is still shared by B and C");
+}
+
+#[test]
+fn a_prefix_that_is_the_whole_input_keeps_its_last_position_to_compute() {
+    let mut s = sched(Policy::DecodeFirst, 64, 16, 4);
+    for id in [A, B] {
+        s.add(id).expect("admitted");
+    }
+    s.push(A, 8, true).expect("prompt");
+    s.add_block_hashes(A, &hashes(1, 2)).expect("hashes");
+    step(&mut s);
+    // B's whole prompt is A's: it adopts one block, not two, since its last position's
+    // logits are needed for its token.
+    s.push(B, 8, true).expect("prompt");
+    s.add_block_hashes(B, &hashes(1, 2)).expect("hashes");
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(B, 4, 4, true)]);
+    assert_eq!(s.stats().prefix_hit_tokens, 4);
+}

@@ -7,6 +7,21 @@
 //! tokens/s, and the engine's own busy time and tokens/s (forward + sampling only). A separate
 //! run measures prefill: one session with a `prefill_tokens` prompt.
 //!
+//! Two more runs, each on engines of their own:
+//! - **mixed**: `mixed_decoders` sessions decode while `mixed_prompts` new prompts of
+//!   `mixed_prompt_tokens` arrive, once under `decode-first` and once under `prefill-first`
+//!   with the same token budget. Reported: the decoding sessions' time per output token
+//!   (TPOT, the gap between two tokens as the device sees it) p50/p99 before the prompts
+//!   arrive (decode only) and while they are prefilled, and each prompt's time to first token.
+//! - **prefix**: `prefix_sessions` sessions whose prompts start with the same
+//!   `prefix_tokens`-token system prompt, sent as its own chunk, then a short user part of
+//!   their own; once with prefix sharing and once without. Reported: KV blocks used, blocks
+//!   shared, positions not computed, and whether every session's greedy output is the same
+//!   with and without sharing.
+//!
+//! KV waste (in the decode figures): `1 - positions held / (blocks used x block size)` while
+//! every session still holds its KV.
+//!
 //! Caveat, stated in the output too: the devices' edge layers run in the driver thread on the
 //! same machine, so on a small CPU they take cores from the engine.
 
@@ -19,6 +34,8 @@ use tandem_model::pipeline::LocalSplit;
 use tandem_model::{EdgeModel, ForwardCtx};
 use tandem_protocol::SamplingParams;
 
+use tandem_scheduler::Policy;
+
 use crate::engine::{Engine, EngineConfig, Event, SessionParams};
 
 /// What to measure.
@@ -28,6 +45,13 @@ pub struct BenchPlan {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub prefill_tokens: usize,
+    /// Mixed run (0 decoders: skipped).
+    pub mixed_decoders: usize,
+    pub mixed_prompts: usize,
+    pub mixed_prompt_tokens: usize,
+    /// Prefix run (0 sessions: skipped).
+    pub prefix_sessions: usize,
+    pub prefix_tokens: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +68,10 @@ pub struct DecodeFigure {
     pub decode_busy_s: f64,
     pub decode_tokens_per_s: f64,
     pub preemptions: u64,
+    /// KV slots allocated while every session held its KV, and positions held in them.
+    pub kv_blocks_used: usize,
+    pub kv_positions_held: usize,
+    pub kv_waste_percent: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -131,6 +159,10 @@ fn decode_run(
         }
     }
     let wall = started.elapsed().as_secs_f64();
+    // Every session held its KV when the decode phase began.
+    let held = decode_start.clone().unwrap_or(engine.stats()?).scheduler;
+    let kv_blocks_used = held.total_blocks - held.free_blocks;
+    let slots = kv_blocks_used * engine.block_size();
     for (s, ..) in &devices {
         engine.close(s.id)?;
     }
@@ -151,6 +183,13 @@ fn decode_run(
         decode_busy_s: decode_busy,
         decode_tokens_per_s: decode_tokens as f64 / decode_busy.max(1e-9),
         preemptions: after.scheduler.preemptions - before.scheduler.preemptions,
+        kv_blocks_used,
+        kv_positions_held: held.held_positions,
+        kv_waste_percent: if slots > 0 {
+            100.0 * (1.0 - held.held_positions as f64 / slots as f64)
+        } else {
+            0.0
+        },
     })
 }
 
@@ -178,12 +217,275 @@ fn prefill_run(engine: &Engine, edge: &EdgeModel, plan: &BenchPlan) -> Result<Pr
     })
 }
 
+/// Percentile `p` (0..=100) of `xs` by nearest rank; 0 for an empty set.
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * xs.len() as f64).ceil() as usize;
+    xs[rank.clamp(1, xs.len()) - 1]
+}
+
+#[derive(Debug, Serialize)]
+pub struct MixedFigure {
+    pub policy: String,
+    pub max_batch_tokens: usize,
+    pub decoders: usize,
+    pub prompts: usize,
+    pub prompt_tokens: usize,
+    /// TPOT of the decoding sessions before the prompts arrive.
+    pub decode_only_tpot_p50_ms: f64,
+    pub decode_only_tpot_p99_ms: f64,
+    /// TPOT of the decoding sessions from the prompts' arrival until the last one's first token.
+    pub during_prefill_tpot_p50_ms: f64,
+    pub during_prefill_tpot_p99_ms: f64,
+    pub during_prefill_tpot_max_ms: f64,
+    pub tpot_samples: usize,
+    /// Time to first token of the arriving prompts (edge part excluded).
+    pub prompt_ttft_p50_ms: f64,
+    pub prompt_ttft_max_ms: f64,
+    /// p99 during prefill over p50 decode-only.
+    pub p99_over_decode_only_p50: f64,
+}
+
+/// A decoding device of the mixed and prefix runs.
+struct Device {
+    session: crate::engine::Session,
+    kv: ContiguousKv,
+    pos: usize,
+    output: Vec<u32>,
+    last: Option<Instant>,
+    done: bool,
+    /// Do not answer tokens (the session then waits, holding its KV).
+    hold: bool,
+}
+
+impl Device {
+    /// Opens a session and sends `chunks` of the prompt (the last one complete).
+    fn start(engine: &Engine, edge: &EdgeModel, chunks: &[&[u32]], max_tokens: usize) -> Result<Self> {
+        let cfg = edge.config();
+        let session = engine.open_session(params(max_tokens)?)?;
+        let mut kv = ContiguousKv::new(cfg.num_hidden_layers, cfg.max_position_embeddings);
+        let mut pos = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let h = edge_rows(edge, &mut kv, pos, chunk)?;
+            engine.push_hidden(session.id, h, chunk.len(), i + 1 == chunks.len())?;
+            pos += chunk.len();
+        }
+        Ok(Self {
+            session,
+            kv,
+            pos,
+            output: Vec::new(),
+            last: None,
+            done: false,
+            hold: false,
+        })
+    }
+
+    /// Sends the hidden state of token `id` (after the last token the engine answers Done and
+    /// refuses more input, which is fine).
+    fn answer(&mut self, engine: &Engine, edge: &EdgeModel, id: u32) -> Result<()> {
+        let h = edge_rows(edge, &mut self.kv, self.pos, &[id])?;
+        self.pos += 1;
+        let _ = engine.push_hidden_nowait(self.session.id, h, 1, true);
+        Ok(())
+    }
+
+    /// Handles what arrived; answers each token with its hidden state (unless holding). Returns the gaps
+    /// between consecutive tokens seen now, in seconds.
+    fn poll(&mut self, engine: &Engine, edge: &EdgeModel, gaps: &mut Vec<(Instant, f64)>) -> Result<()> {
+        while let Ok(ev) = self.session.events.try_recv() {
+            match ev {
+                Event::Token { id, .. } => {
+                    let now = Instant::now();
+                    if let Some(t) = self.last {
+                        gaps.push((now, (now - t).as_secs_f64()));
+                    }
+                    self.last = Some(now);
+                    self.output.push(id);
+                    if !self.hold {
+                        self.answer(engine, edge, id)?;
+                    }
+                }
+                Event::Done { .. } => self.done = true,
+                Event::Error(e) => {
+                    if !self.done {
+                        anyhow::bail!("session failed: {e}")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn prompt_ids(vocab: usize, seed: usize, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|j| ((seed * 7919 + j * 104_729 + seed * j) % (vocab - 1)) as u32 + 1)
+        .collect()
+}
+
+/// Decoders run, prompts arrive, TPOT is measured (see the module docs).
+fn mixed_run(engine: &Engine, edge: &EdgeModel, cfg: &EngineConfig, plan: &BenchPlan) -> Result<MixedFigure> {
+    let vocab = edge.config().vocab_size;
+    let mut decoders = Vec::new();
+    for i in 0..plan.mixed_decoders {
+        let p = prompt_ids(vocab, i + 1, 16);
+        decoders.push(Device::start(engine, edge, &[&p], 100_000)?);
+    }
+    // Decode only until every decoder produced 8 gaps' worth of tokens.
+    let mut base = Vec::new();
+    while decoders.iter().any(|d| d.output.len() < 9) {
+        for d in decoders.iter_mut() {
+            d.poll(engine, edge, &mut base)?;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    // The prompts arrive (their edge part is computed before the clock starts).
+    let mut prompt_hidden = Vec::new();
+    for i in 0..plan.mixed_prompts {
+        let p = prompt_ids(vocab, 1000 + i, plan.mixed_prompt_tokens);
+        let c = edge.config();
+        let mut kv = ContiguousKv::new(c.num_hidden_layers, c.max_position_embeddings);
+        prompt_hidden.push(edge_rows(edge, &mut kv, 0, &p)?);
+    }
+    let arrival = Instant::now();
+    let mut prompts = Vec::new();
+    for h in prompt_hidden {
+        let s = engine.open_session(params(1)?)?;
+        engine.push_hidden_nowait(s.id, h, plan.mixed_prompt_tokens, true)?;
+        prompts.push((s, None::<f64>));
+    }
+    let mut during = Vec::new();
+    while prompts.iter().any(|p| p.1.is_none()) {
+        for d in decoders.iter_mut() {
+            d.poll(engine, edge, &mut during)?;
+        }
+        for (s, ttft) in prompts.iter_mut().filter(|p| p.1.is_none()) {
+            while let Ok(ev) = s.events.try_recv() {
+                match ev {
+                    Event::Token { .. } => *ttft = Some(arrival.elapsed().as_secs_f64()),
+                    Event::Error(e) => anyhow::bail!("prompt failed: {e}"),
+                    Event::Done { .. } => {}
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let end = Instant::now();
+    // One more gap per decoder: a token that was due during the prefill may arrive after it.
+    let mut tail = Vec::new();
+    while decoders.iter().any(|d| d.last.is_some_and(|t| t < end)) {
+        for d in decoders.iter_mut().filter(|d| d.last.is_some_and(|t| t < end)) {
+            d.poll(engine, edge, &mut tail)?;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    for d in &decoders {
+        engine.close(d.session.id)?;
+    }
+    for (s, _) in &prompts {
+        engine.close(s.id)?;
+    }
+    let mut base: Vec<f64> = base.into_iter().map(|g| g.1 * 1e3).collect();
+    let mut dur: Vec<f64> = during.into_iter().chain(tail).map(|g| g.1 * 1e3).collect();
+    let mut ttft: Vec<f64> = prompts.iter().filter_map(|p| p.1).map(|t| t * 1e3).collect();
+    let b50 = percentile(&mut base, 50.0);
+    let d99 = percentile(&mut dur, 99.0);
+    Ok(MixedFigure {
+        policy: format!("{:?}", cfg.scheduler.policy),
+        max_batch_tokens: cfg.scheduler.max_batch_tokens,
+        decoders: plan.mixed_decoders,
+        prompts: plan.mixed_prompts,
+        prompt_tokens: plan.mixed_prompt_tokens,
+        decode_only_tpot_p50_ms: b50,
+        decode_only_tpot_p99_ms: percentile(&mut base, 99.0),
+        during_prefill_tpot_p50_ms: percentile(&mut dur, 50.0),
+        during_prefill_tpot_p99_ms: d99,
+        during_prefill_tpot_max_ms: percentile(&mut dur, 100.0),
+        tpot_samples: dur.len(),
+        prompt_ttft_p50_ms: percentile(&mut ttft, 50.0),
+        prompt_ttft_max_ms: percentile(&mut ttft, 100.0),
+        p99_over_decode_only_p50: if b50 > 0.0 { d99 / b50 } else { 0.0 },
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct PrefixFigure {
+    pub sessions: usize,
+    pub system_prompt_tokens: usize,
+    pub user_tokens: usize,
+    pub block_size: usize,
+    /// KV blocks in use once every session has its prompt's KV and first token.
+    pub blocks_used_with_sharing: usize,
+    pub blocks_used_without_sharing: usize,
+    pub blocks_saved: usize,
+    /// Blocks held by more than one session at that moment, in the run with sharing.
+    pub shared_blocks: usize,
+    /// Positions whose KV was adopted instead of computed.
+    pub positions_not_computed: u64,
+    /// Every session's greedy output is identical with and without sharing.
+    pub outputs_identical: bool,
+}
+
+/// Sessions with one system prompt, each sent as its own chunk; returns (blocks used while
+/// all hold their KV, stats, outputs).
+fn prefix_pass(
+    engine: &Engine,
+    edge: &EdgeModel,
+    plan: &BenchPlan,
+) -> Result<(usize, crate::engine::EngineStats, Vec<Vec<u32>>)> {
+    let vocab = edge.config().vocab_size;
+    let system = prompt_ids(vocab, 424_242, plan.prefix_tokens);
+    let before = engine.stats()?;
+    let mut devices = Vec::new();
+    for i in 0..plan.prefix_sessions {
+        let user = prompt_ids(vocab, 5000 + i, 20);
+        let mut d = Device::start(engine, edge, &[&system, &user], 4)?;
+        d.hold = true;
+        devices.push(d);
+    }
+    // Every session gets its first token and then waits, holding its KV: the blocks in use
+    // now are those of all the prompts at once.
+    let mut gaps = Vec::new();
+    while devices.iter().any(|d| d.output.is_empty()) {
+        for d in devices.iter_mut() {
+            d.poll(engine, edge, &mut gaps)?;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let all_held = engine.stats()?.scheduler;
+    for d in devices.iter_mut() {
+        d.hold = false;
+        let first = d.output[0];
+        d.answer(engine, edge, first)?;
+    }
+    while devices.iter().any(|d| !d.done) {
+        for d in devices.iter_mut() {
+            d.poll(engine, edge, &mut gaps)?;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let after = engine.stats()?;
+    let used = all_held.total_blocks - all_held.free_blocks;
+    let mut stats = after.clone();
+    stats.scheduler.shared_blocks = all_held.shared_blocks;
+    stats.scheduler.prefix_hit_tokens -= before.scheduler.prefix_hit_tokens;
+    for d in &devices {
+        engine.close(d.session.id)?;
+    }
+    Ok((used, stats, devices.into_iter().map(|d| d.output).collect()))
+}
+
 /// Runs the plan; returns a JSON report.
 pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<serde_json::Value> {
     let k = model.edge.split().edge_layers();
     let n = model.edge.split().num_layers();
     let edge = model.edge;
-    let engine = Engine::start(model.cloud, model.tokenizer, cfg.clone());
+    let cloud = model.cloud;
+    let engine = Engine::start(cloud.clone(), model.tokenizer.clone(), cfg.clone());
     let prefill = prefill_run(&engine, &edge, plan)?;
     eprintln!("prefill: {:.0} tokens/s", prefill.prefill_tokens_per_s);
     let mut decode = Vec::new();
@@ -194,6 +496,51 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
             f.decode_tokens_per_s, f.engine_tokens_per_s, f.end_to_end_tokens_per_s
         );
         decode.push(f);
+    }
+    drop(engine);
+    let mut mixed = Vec::new();
+    if plan.mixed_decoders > 0 {
+        for policy in [Policy::DecodeFirst, Policy::PrefillFirst] {
+            let mut c = cfg.clone();
+            c.scheduler.policy = policy;
+            let engine = Engine::start(cloud.clone(), None, c.clone());
+            let f = mixed_run(&engine, &edge, &c, plan)?;
+            eprintln!(
+                "mixed, {policy:?}: TPOT decode-only p50 {:.0} ms; while {} prompts of {} tokens arrive p50 {:.0} ms, p99 {:.0} ms ({:.2}x)",
+                f.decode_only_tpot_p50_ms, f.prompts, f.prompt_tokens, f.during_prefill_tpot_p50_ms,
+                f.during_prefill_tpot_p99_ms, f.p99_over_decode_only_p50
+            );
+            mixed.push(f);
+        }
+    }
+    let mut prefix = None;
+    if plan.prefix_sessions > 0 {
+        let mut runs = Vec::new();
+        for sharing in [true, false] {
+            let mut c = cfg.clone();
+            c.prefix_sharing = sharing;
+            let engine = Engine::start(cloud.clone(), None, c);
+            runs.push(prefix_pass(&engine, &edge, plan)?);
+        }
+        let (with, without) = (&runs[0], &runs[1]);
+        let f = PrefixFigure {
+            sessions: plan.prefix_sessions,
+            system_prompt_tokens: plan.prefix_tokens,
+            user_tokens: 20,
+            block_size: cfg.block_size,
+            blocks_used_with_sharing: with.0,
+            blocks_used_without_sharing: without.0,
+            blocks_saved: without.0.saturating_sub(with.0),
+            shared_blocks: with.1.scheduler.shared_blocks,
+            positions_not_computed: with.1.scheduler.prefix_hit_tokens,
+            outputs_identical: with.2 == without.2,
+        };
+        eprintln!(
+            "prefix sharing, {} sessions x {}-token system prompt: {} blocks instead of {} ({} shared), outputs identical: {}",
+            f.sessions, f.system_prompt_tokens, f.blocks_used_with_sharing, f.blocks_used_without_sharing,
+            f.shared_blocks, f.outputs_identical
+        );
+        prefix = Some(f);
     }
     let one = decode
         .iter()
@@ -212,6 +559,8 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
         "gen_tokens": plan.gen_tokens,
         "prefill": prefill,
         "decode": decode,
+        "mixed": mixed,
+        "prefix_sharing": prefix,
         "ratio_most_to_one_session": match (one, most) {
             (Some(a), Some((_, b))) if a > 0.0 => Some(b / a),
             _ => None,

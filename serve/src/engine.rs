@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use tandem_kvcache::{BlockPool, BlockTable, KvDtype, KvLayout, KvStorage, PagedKv};
+use tandem_kvcache::{BlockHash, BlockPool, BlockTable, KvDtype, KvLayout, KvStorage, PagedKv};
 use tandem_model::pipeline::StopFilter;
 use tandem_model::sampling::Sampler;
 use tandem_model::tokenizer::{StreamDecoder, TextTokenizer};
@@ -35,6 +35,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     pub kv_blocks: usize,
     pub kv_dtype: KvDtype,
+    /// Share the KV of full blocks whose incoming hidden states are byte-identical between
+    /// sessions (a common system prompt sent as its own chunk), through a hash chain.
+    pub prefix_sharing: bool,
 }
 
 /// One generation's parameters.
@@ -126,6 +129,7 @@ pub struct Engine {
     tx: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
     hidden_size: usize,
+    block_size: usize,
     next_id: AtomicU64,
 }
 
@@ -140,6 +144,7 @@ impl Engine {
     /// Starts the engine thread over `cloud`.
     pub fn start(cloud: CloudModel, tokenizer: Option<TextTokenizer>, cfg: EngineConfig) -> Self {
         let hidden_size = cloud.config().hidden_size;
+        let block_size = cfg.block_size;
         let (tx, rx) = unbounded();
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
@@ -149,6 +154,7 @@ impl Engine {
             tx: Some(tx),
             thread,
             hidden_size,
+            block_size,
             next_id: AtomicU64::new(1),
         }
     }
@@ -238,6 +244,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Positions per KV block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     /// The engine's counters (answered between two steps).
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
         self.request(|reply| Command::Stats { reply })
@@ -276,6 +287,9 @@ struct SessionState<'t> {
     decoder: Option<StreamDecoder<'t>>,
     stop: StopFilter,
     finished: bool,
+    /// Full blocks of `hidden` hashed so far, and the last hash of the chain.
+    hashed_blocks: usize,
+    last_hash: Option<BlockHash>,
 }
 
 struct Loop<'t> {
@@ -287,6 +301,8 @@ struct Loop<'t> {
     busy_s: f64,
     tokens_sampled: u64,
     positions_computed: u64,
+    block_size: usize,
+    prefix_sharing: bool,
 }
 
 fn run(
@@ -316,6 +332,8 @@ fn run(
         busy_s: 0.0,
         tokens_sampled: 0,
         positions_computed: 0,
+        block_size: cfg.block_size,
+        prefix_sharing: cfg.prefix_sharing,
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
@@ -359,6 +377,8 @@ impl<'t> Loop<'t> {
                             decoder: self.tokenizer.map(StreamDecoder::new),
                             stop: StopFilter::new(params.stop_strings),
                             finished: false,
+                            hashed_blocks: 0,
+                            last_hash: None,
                         },
                     );
                 }
@@ -380,6 +400,9 @@ impl<'t> Loop<'t> {
                         .map(|()| s.hidden.extend_from_slice(&data))
                         .map_err(EngineError::from),
                 };
+                if r.is_ok() && self.prefix_sharing {
+                    self.hash_new_blocks(id);
+                }
                 match ack {
                     Some(ack) => {
                         let _ = ack.send(r);
@@ -412,6 +435,34 @@ impl<'t> Loop<'t> {
                 let _ = ack.send(r);
             }
         }
+    }
+
+    /// Extends `id`'s hash chain over the full blocks it received since the last call and
+    /// hands the new hashes to the scheduler (prefix sharing).
+    fn hash_new_blocks(&mut self, id: SeqId) {
+        let h = self.cloud.config().hidden_size;
+        let bs = self.block_size;
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let full = s.hidden.len() / (h * bs);
+        if full <= s.hashed_blocks {
+            return;
+        }
+        let mut bytes = Vec::with_capacity(h * bs * 4);
+        let mut new = Vec::with_capacity(full - s.hashed_blocks);
+        for b in s.hashed_blocks..full {
+            bytes.clear();
+            for x in &s.hidden[b * bs * h..(b + 1) * bs * h] {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            let hash = BlockHash::chain(s.last_hash, &bytes);
+            s.last_hash = Some(hash);
+            new.push(hash);
+        }
+        s.hashed_blocks = full;
+        // Cannot fail: the session is known and the positions were just received.
+        let _ = self.sched.add_block_hashes(id, &new);
     }
 
     /// Runs one batch; a failure fails the batch's sessions, not the engine.

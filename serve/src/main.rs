@@ -65,6 +65,21 @@ struct BenchArgs {
     /// KV cache size in GiB (f32 storage).
     #[arg(long, default_value_t = 2.0)]
     kv_cache_gib: f64,
+    /// Mixed run: sessions decoding while prompts arrive (0 skips the run).
+    #[arg(long, default_value_t = 16)]
+    mixed_decoders: usize,
+    /// Mixed run: prompts arriving.
+    #[arg(long, default_value_t = 4)]
+    mixed_prompts: usize,
+    /// Mixed run: tokens per arriving prompt.
+    #[arg(long, default_value_t = 512)]
+    mixed_prompt_tokens: usize,
+    /// Prefix run: sessions sharing one system prompt (0 skips the run).
+    #[arg(long, default_value_t = 32)]
+    prefix_sessions: usize,
+    /// Prefix run: tokens of the shared system prompt.
+    #[arg(long, default_value_t = 200)]
+    prefix_tokens: usize,
 }
 
 #[derive(Args, Debug)]
@@ -313,12 +328,18 @@ fn bench(a: BenchArgs) -> Result<()> {
         block_size: a.block_size,
         kv_blocks,
         kv_dtype: KvDtype::F32,
+        prefix_sharing: true,
     };
     let plan = tandem_serve::bench::BenchPlan {
         sessions: a.sessions,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         prefill_tokens: a.prefill_tokens,
+        mixed_decoders: a.mixed_decoders,
+        mixed_prompts: a.mixed_prompts,
+        mixed_prompt_tokens: a.mixed_prompt_tokens,
+        prefix_sessions: a.prefix_sessions,
+        prefix_tokens: a.prefix_tokens,
     };
     let report = tandem_serve::bench::run(model, cfg, &plan)?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -52,6 +52,7 @@ fn config(policy: Policy, kv_blocks: usize, block_size: usize) -> EngineConfig {
         block_size,
         kv_blocks,
         kv_dtype: KvDtype::F32,
+        prefix_sharing: true,
     }
 }
 
@@ -83,6 +84,18 @@ fn hidden(edge: &EdgeModel, kv: &mut ContiguousKv, pos: usize, tokens: &[u32]) -
 
 /// Sends the prompt in chunks of `chunk`, then answers every token with its hidden state.
 fn drive(engine: &Engine, edge: &EdgeModel, prompts: &[Vec<u32>], chunk: usize) -> Vec<SimDevice> {
+    drive_with_prefix(engine, edge, prompts, 0, chunk)
+}
+
+/// Like [`drive`], but the first `first` positions of each prompt go as a chunk of their own
+/// (a system prompt, as the device sends it for prefix sharing).
+fn drive_with_prefix(
+    engine: &Engine,
+    edge: &EdgeModel,
+    prompts: &[Vec<u32>],
+    first: usize,
+    chunk: usize,
+) -> Vec<SimDevice> {
     let n = edge.config().num_hidden_layers;
     let mut devices: Vec<SimDevice> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -100,10 +113,15 @@ fn drive(engine: &Engine, edge: &EdgeModel, prompts: &[Vec<u32>], chunk: usize) 
                 tokens: Vec::new(),
                 done: None,
             };
-            for (i, c) in p.chunks(chunk).enumerate() {
+            let (head, rest) = p.split_at(first.min(p.len()));
+            let chunks: Vec<&[u32]> = std::iter::once(head)
+                .filter(|h| !h.is_empty())
+                .chain(rest.chunks(chunk))
+                .collect();
+            for (i, c) in chunks.iter().enumerate() {
                 let h = hidden(edge, &mut d.edge_kv, d.pos, c);
                 d.pos += c.len();
-                let last = (i + 1) * chunk >= p.len();
+                let last = i + 1 == chunks.len();
                 engine
                     .push_hidden(d.session.id, h, c.len(), last)
                     .expect("push prompt");
@@ -213,6 +231,64 @@ fn preemption_under_a_tiny_block_budget_changes_nothing() {
         "the budget was meant to force preemption"
     );
     assert!(stats.scheduler.recomputed_tokens > 0);
+}
+
+/// Sessions whose prompts start with one 40-token system prompt (5 blocks of 8), sent as its
+/// own chunk, then user parts of their own; returns the engine's stats after every session
+/// finished (their KV still held) and checks each output against its solo run.
+fn check_prefix_sharing(kv_blocks: usize) -> tandem_serve::engine::EngineStats {
+    let dir = model_dir();
+    let reference = load(dir.path());
+    let spec = &common::specs()[2];
+    let mut rng = common::Rng::new(11);
+    let system: Vec<u32> = (0..40).map(|_| 4 + rng.below(spec.vocab as u32 - 4)).collect();
+    let prompts: Vec<Vec<u32>> = [3usize, 9, 1, 17, 6, 12, 30, 2]
+        .iter()
+        .map(|&l| {
+            let user = (0..l).map(|_| 4 + rng.below(spec.vocab as u32 - 4));
+            system.iter().copied().chain(user).collect()
+        })
+        .collect();
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| solo(&reference, p)).collect();
+    let m = load(dir.path());
+    let engine = Engine::start(m.cloud, m.tokenizer, config(Policy::DecodeFirst, kv_blocks, 8));
+    let devices = drive_with_prefix(&engine, &m.edge, &prompts, system.len(), 7);
+    for (i, (d, want)) in devices.iter().zip(&expected).enumerate() {
+        let (_, ids) = d.done.clone().expect("done");
+        assert_eq!(&ids, want, "blocks {kv_blocks}: session {i} differs from its solo run");
+    }
+    engine.stats().expect("stats")
+}
+
+#[test]
+fn sessions_share_a_system_prompt_blocks_and_keep_their_outputs() {
+    let stats = check_prefix_sharing(512);
+    println!("prefix sharing: {:?}", stats.scheduler);
+    // Sessions are admitted one per round; the first computes the 5 system blocks and every
+    // later one that is scheduled after them adopts all 5 (40 positions) instead.
+    assert!(
+        stats.scheduler.prefix_hit_tokens >= 6 * 40,
+        "expected at least 6 of 8 sessions to adopt the system prompt: {:?}",
+        stats.scheduler
+    );
+    assert_eq!(stats.scheduler.prefix_hit_tokens % 8, 0, "only whole blocks are adopted");
+    assert_eq!(
+        stats.scheduler.peak_shared_blocks, 5,
+        "at the peak, the 5 full system-prompt blocks were held by several sessions"
+    );
+    assert_eq!(stats.scheduler.preemptions, 0);
+    // Shared blocks are counted once in the pool, once per session in the tables.
+    assert!(stats.scheduler.peak_used_blocks * 8 < stats.scheduler.peak_held_positions);
+}
+
+#[test]
+fn prefix_sharing_survives_preemption() {
+    // 8 sessions of up to 78 positions need ~60 blocks of 8 without sharing; 14 force
+    // preemption, and a preempted session re-adopts the shared blocks when it comes back.
+    let stats = check_prefix_sharing(14);
+    println!("prefix sharing, tiny budget: {:?}", stats.scheduler);
+    assert!(stats.scheduler.preemptions > 0, "the budget was meant to force preemption");
+    assert!(stats.scheduler.prefix_hit_tokens > 0);
 }
 
 #[test]
