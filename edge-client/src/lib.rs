@@ -7,11 +7,18 @@
 //!
 //! The crate stays light on purpose: no async runtime, no HTTP, no scheduler.
 
+pub mod prompt;
+pub mod sanitize;
+pub mod transparency;
+
 use std::sync::Arc;
 
 use candle_core::Tensor;
+pub use prompt::{assemble, AssembledPrompt, FieldUse, Profile, PromptError, PromptTemplate};
+pub use sanitize::{Redaction, Rule, Sanitizer, SanitizerConfig};
 use tandem_model::{ContiguousKv, ForwardCtx};
 pub use tandem_model::{EdgeModel, ModelError};
+pub use transparency::{ModelInfo, TransparencyRecord};
 
 /// One conversation on the device: the shared edge weights plus this conversation's cache.
 #[derive(Debug)]

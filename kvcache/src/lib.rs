@@ -12,11 +12,16 @@
 //! - [`paged`]: [`PagedKv`], which plugs storage and kernel into the model's layer code
 //!   through `tandem_model::KvView`.
 //!
-//! Still to come (engine issue): the CUDA backend (candle-flash-attn's paged kernel behind the
-//! `cuda` feature); the scheduler and engine that drive this crate live in their own crates.
+//! - `cuda` (feature `cuda`, not compiled by CPU builds): `CudaPagedKv`, the same interface
+//!   backed by candle-flash-attn's paged varlen kernel. Written but never compiled or run: no
+//!   machine this project builds on has a CUDA toolkit yet.
+//!
+//! The scheduler and engine that drive this crate live in their own crates.
 
 pub mod attention;
 pub mod block;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod paged;
 pub mod storage;
 

@@ -9,3 +9,4 @@
 
 pub mod bench;
 pub mod engine;
+pub mod store;
