@@ -7,7 +7,6 @@
 //!
 //! Run: `cargo bench -p tandem-serve --bench engine`.
 
-#[allow(dead_code)]
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
 
@@ -83,12 +82,10 @@ fn rows(rng: &mut common::Rng, n: usize) -> Vec<f32> {
 }
 
 fn wait_token(s: &Session) {
-    loop {
-        match s.events.recv().expect("engine alive") {
-            Event::Token { .. } => return,
-            Event::Done { .. } => panic!("session ended"),
-            Event::Error(e) => panic!("session failed: {e}"),
-        }
+    match s.events.recv().expect("engine alive") {
+        Event::Token { .. } => {}
+        Event::Done { .. } => panic!("session ended"),
+        Event::Error(e) => panic!("session failed: {e}"),
     }
 }
 
