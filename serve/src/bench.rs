@@ -19,8 +19,9 @@
 //!   shared, positions not computed, and whether every session's greedy output is the same
 //!   with and without sharing.
 //!
-//! KV waste (in the decode figures): `1 - positions held / (blocks used x block size)` while
-//! every session still holds its KV.
+//! KV waste (in the decode figures): `1 - positions held / (blocks used x block size)` at the
+//! moment the most blocks were in use (positions reserved for the step being run count as
+//! held).
 //!
 //! Caveat, stated in the output too: the devices' edge layers run in the driver thread on the
 //! same machine, so on a small CPU they take cores from the engine.
@@ -159,9 +160,10 @@ fn decode_run(
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    // Every session held its KV when the decode phase began.
-    let held = decode_start.clone().unwrap_or(engine.stats()?).scheduler;
-    let kv_blocks_used = held.total_blocks - held.free_blocks;
+    // The peak of block use (session counts grow run by run, so it is this run's): every
+    // session then holds its prompt and most of its output.
+    let held = engine.stats()?.scheduler;
+    let kv_blocks_used = held.peak_used_blocks;
     let slots = kv_blocks_used * engine.block_size();
     for (s, ..) in &devices {
         engine.close(s.id)?;
@@ -184,9 +186,9 @@ fn decode_run(
         decode_tokens_per_s: decode_tokens as f64 / decode_busy.max(1e-9),
         preemptions: after.scheduler.preemptions - before.scheduler.preemptions,
         kv_blocks_used,
-        kv_positions_held: held.held_positions,
+        kv_positions_held: held.peak_held_positions,
         kv_waste_percent: if slots > 0 {
-            100.0 * (1.0 - held.held_positions as f64 / slots as f64)
+            100.0 * (1.0 - held.peak_held_positions as f64 / slots as f64)
         } else {
             0.0
         },
