@@ -1,24 +1,51 @@
-//! `tandem-edge`: the device side of Tandem.
+//! `tandem-edge`: the device side of Tandem (DESIGN.md §1, §2, §11).
 //!
-//! So far: [`EdgeSession`], which runs the edge part of a split model ([`EdgeModel`]: the
-//! embedding and layers `[0, k)`) over one conversation with its own contiguous KV cache and
-//! hands back the layer-`k` hidden states that would go to the cloud. Transport, prompt
-//! assembly, sanitizing and resume arrive with the edge–cloud issue.
+//! A device loads the edge part of a split ([`EdgeBundle`]: the embedding and layers
+//! `[0, k)`), assembles a prompt from a provider template and the user's local profile
+//! ([`assemble`], with the [`Sanitizer`]), runs the edge layers over it with its own KV cache
+//! ([`EdgeSession`]) and streams the layer-`k` hidden states to the cloud over the WebSocket
+//! protocol of `docs/protocol.md` ([`EdgeClient`]), which sends the tokens back. The client
+//! survives dropped connections and replica restarts (`Resume`, and a replay of every hidden
+//! state when the cloud lost the session). A [`TransparencyRecord`] tells the user what was
+//! used and what left the device.
 //!
-//! The crate stays light on purpose: no async runtime, no HTTP, no scheduler.
+//! # Layout
+//! - [`bundle`]: loading an `edge/` checkpoint directory.
+//! - [`prompt`], [`sanitize`]: prompt templates, profiles, assembly, redaction.
+//! - [`client`]: [`EdgeClient`], [`GenerateRequest`], the [`Generation`] event stream; the
+//!   session task (resume, replay, dedupe) lives in the private `driver` module.
+//! - [`transport`]: server lists and the reconnect policy.
+//! - [`transparency`]: the record shown to the user.
+//! - `cli` (feature `cli`, on by default): the `tandem-edge` command.
+//!
+//! The crate stays light on purpose: tokio and a WebSocket client, no HTTP server, no Redis,
+//! no scheduler. Nothing here logs above debug level with prompt text, profile values,
+//! output text or activations.
 
+pub mod bundle;
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod client;
+mod driver;
 pub mod prompt;
 pub mod sanitize;
 pub mod transparency;
+pub mod transport;
 
 use std::sync::Arc;
 
+pub use bundle::EdgeBundle;
 use candle_core::Tensor;
+pub use client::{
+    ClientConfig, ClientError, EdgeClient, Event, Finished, GenerateRequest, Generation, Timings,
+    Usage, WireStats,
+};
 pub use prompt::{assemble, AssembledPrompt, FieldUse, Profile, PromptError, PromptTemplate};
 pub use sanitize::{Redaction, Rule, Sanitizer, SanitizerConfig};
 use tandem_model::{ContiguousKv, ForwardCtx};
 pub use tandem_model::{EdgeModel, ModelError};
 pub use transparency::{ModelInfo, TransparencyRecord};
+pub use transport::{ReconnectPolicy, ServerList};
 
 /// One conversation on the device: the shared edge weights plus this conversation's cache.
 #[derive(Debug)]

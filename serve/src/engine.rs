@@ -88,11 +88,39 @@ pub enum EngineError {
     Stopped,
 }
 
+/// Where a session's events go: the crossbeam channel of [`Engine::open_session`] or the
+/// tokio channel of [`Engine::open_session_with`]. Both are unbounded, so the engine thread
+/// never blocks on a slow consumer (a session produces at most one token per input it
+/// received, so the backlog is bounded by the session's own inputs).
+enum EventSink {
+    Sync(Sender<Event>),
+    /// Also hears the end-of-sequence token as an `Event::Token` (the wire sends every
+    /// sampled token), and the text held back until the end rides on the last token.
+    Async(tokio::sync::mpsc::UnboundedSender<Event>),
+}
+
+impl EventSink {
+    fn send(&self, ev: Event) {
+        match self {
+            Self::Sync(tx) => {
+                let _ = tx.send(ev);
+            }
+            Self::Async(tx) => {
+                let _ = tx.send(ev);
+            }
+        }
+    }
+
+    fn is_async(&self) -> bool {
+        matches!(self, Self::Async(_))
+    }
+}
+
 enum Command {
     Open {
         id: SeqId,
         params: SessionParams,
-        events: Sender<Event>,
+        events: EventSink,
         ack: Sender<Result<(), EngineError>>,
     },
     Hidden {
@@ -181,10 +209,37 @@ impl Engine {
         self.call(|ack| Command::Open {
             id,
             params,
-            events,
+            events: EventSink::Sync(events),
             ack,
         })?;
         Ok(Session { id, events: rx })
+    }
+
+    /// Opens a session whose events go to an async consumer (the WebSocket server).
+    ///
+    /// Unlike [`Self::open_session`], every sampled token is an [`Event::Token`], the
+    /// end-of-sequence one included (with the text the decoder still held, or none), and the
+    /// text held back until the end (a partial character, a possible stop-string prefix) rides
+    /// on the last `Token`, so concatenating the token texts gives `Done`'s text exactly. Blocks
+    /// until the engine answers (between two steps): call it from a blocking context.
+    pub fn open_session_with(
+        &self,
+        params: SessionParams,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> Result<SeqId, EngineError> {
+        let id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.call(|ack| Command::Open {
+            id,
+            params,
+            events: EventSink::Async(events),
+            ack,
+        })?;
+        Ok(id)
+    }
+
+    /// Hidden-state columns this engine's model expects.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
     }
 
     /// Hands the engine `rows` hidden states (`rows * hidden_size` f32 values, row-major) for
@@ -278,7 +333,7 @@ impl std::fmt::Debug for Engine {
 }
 
 struct SessionState<'t> {
-    events: Sender<Event>,
+    events: EventSink,
     hidden: Vec<f32>,
     sampler: Sampler,
     max_tokens: usize,
@@ -409,7 +464,7 @@ impl<'t> Loop<'t> {
                     }
                     None => {
                         if let (Err(e), Some(s)) = (r, self.sessions.get(&id)) {
-                            let _ = s.events.send(Event::Error(e));
+                            s.events.send(Event::Error(e));
                         }
                     }
                 }
@@ -477,7 +532,7 @@ impl<'t> Loop<'t> {
             Err(e) => {
                 for item in &batch.items {
                     if let Some(s) = self.sessions.get_mut(&item.id) {
-                        let _ = s.events.send(Event::Error(e.clone()));
+                        s.events.send(Event::Error(e.clone()));
                         s.finished = true;
                     }
                 }
@@ -565,8 +620,14 @@ impl SessionState<'_> {
             .sample(logits, &self.output)
             .map_err(|e| EngineError::Model(e.to_string()))?;
         let mut reason = None;
+        // The token event waits until the end of this function, so an async sink can get the
+        // held-back tail of the text on it.
+        let mut event = None;
         if self.eos.contains(&token) {
             reason = Some(FinishReason::Eos);
+            if self.events.is_async() {
+                event = Some((token, String::new()));
+            }
         } else {
             self.output.push(token);
             let piece = match self.decoder.as_mut() {
@@ -579,15 +640,15 @@ impl SessionState<'_> {
             if self.stop.push(&piece, &mut |p| shown.push_str(p)) {
                 reason = Some(FinishReason::StopString);
             }
-            let _ = self.events.send(Event::Token {
-                id: token,
-                text: shown,
-            });
+            event = Some((token, shown));
             if reason.is_none() && self.output.len() >= self.max_tokens {
                 reason = Some(FinishReason::Length);
             }
         }
         let Some(reason) = reason else {
+            if let Some((id, text)) = event {
+                self.events.send(Event::Token { id, text });
+            }
             return Ok(false);
         };
         if reason != FinishReason::StopString {
@@ -596,10 +657,16 @@ impl SessionState<'_> {
                 let mut tail = String::new();
                 self.stop.push(&rest, &mut |p| tail.push_str(p));
                 self.stop.flush(&mut |p| tail.push_str(p));
+                if let (true, Some((_, text))) = (self.events.is_async(), event.as_mut()) {
+                    text.push_str(&tail);
+                }
             }
         }
+        if let Some((id, text)) = event {
+            self.events.send(Event::Token { id, text });
+        }
         self.finished = true;
-        let _ = self.events.send(Event::Done {
+        self.events.send(Event::Done {
             reason,
             output_ids: self.output.clone(),
             text: self.stop.text().to_string(),

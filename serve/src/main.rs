@@ -2,9 +2,9 @@
 //!
 //! Subcommands so far:
 //! - `tandem split`: cut a checkpoint into an edge part and a cloud part;
-//! - `tandem generate`: run a split model in one process (edge then cloud), token by token.
-//!
-//! The server (`tandem serve`) arrives with the edge–cloud issue.
+//! - `tandem generate`: run a split model in one process (edge then cloud), token by token;
+//! - `tandem bench`: engine throughput;
+//! - `tandem serve`: the cloud server devices connect to over WebSocket.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +37,67 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure the cloud engine's throughput on a model (JSON on stdout).
     Bench(BenchArgs),
+    /// Serve the cloud part to devices over WebSocket (ws://ADDR/v1/edge/ws).
+    Serve(ServeArgs),
+}
+
+/// Every setting is also read from the environment and from `--config FILE` (TOML, the same
+/// names with underscores); a flag beats the environment, which beats the file, which beats
+/// the default.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML file with settings (see `ServerConfig`).
+    #[arg(long, env = "TANDEM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Cloud checkpoint directory written by `tandem split` (OUT/cloud, or OUT).
+    #[arg(long, env = "TANDEM_CLOUD")]
+    cloud: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "TANDEM_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Redis URL for sessions shared between replicas (default: in memory).
+    #[arg(long, env = "TANDEM_REDIS_URL")]
+    redis: Option<String>,
+    #[arg(long, env = "TANDEM_REDIS_KEY_PREFIX")]
+    redis_key_prefix: Option<String>,
+    /// This replica's name (a random suffix is added).
+    #[arg(long, env = "TANDEM_REPLICA_ID")]
+    replica_id: Option<String>,
+    #[arg(long, env = "TANDEM_KV_CACHE_GIB")]
+    kv_cache_gib: Option<f64>,
+    #[arg(long, env = "TANDEM_BLOCK_SIZE")]
+    block_size: Option<usize>,
+    #[arg(long, env = "TANDEM_MAX_BATCH_TOKENS")]
+    max_batch_tokens: Option<usize>,
+    #[arg(long, env = "TANDEM_MAX_BATCH_SEQS")]
+    max_batch_seqs: Option<usize>,
+    /// decode-first or prefill-first.
+    #[arg(long, env = "TANDEM_POLICY")]
+    policy: Option<tandem_serve::server::PolicyName>,
+    #[arg(long, env = "TANDEM_PREFIX_SHARING")]
+    prefix_sharing: Option<bool>,
+    #[arg(long, env = "TANDEM_MAX_SESSIONS")]
+    max_sessions: Option<usize>,
+    #[arg(long, env = "TANDEM_MAX_QUEUED_TOKENS")]
+    max_queued_tokens: Option<usize>,
+    #[arg(long, env = "TANDEM_MAX_PROMPT_TOKENS")]
+    max_prompt_tokens: Option<usize>,
+    #[arg(long, env = "TANDEM_MAX_TOKENS_CAP")]
+    max_tokens_cap: Option<u32>,
+    #[arg(long, env = "TANDEM_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<usize>,
+    #[arg(long, env = "TANDEM_MAX_FRAMES_PER_SECOND")]
+    max_frames_per_second: Option<u32>,
+    #[arg(long, env = "TANDEM_OUTBOUND_QUEUE")]
+    outbound_queue: Option<usize>,
+    #[arg(long, env = "TANDEM_HEARTBEAT_TTL_MS")]
+    heartbeat_ttl_ms: Option<u64>,
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
+    #[arg(long, env = "TANDEM_RESUME_GRACE_MS")]
+    resume_grace_ms: Option<u64>,
+    #[arg(long, env = "TANDEM_HANDSHAKE_TIMEOUT_MS")]
+    handshake_timeout_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +221,7 @@ fn main() -> std::process::ExitCode {
         Command::Split(a) => split(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
+        Command::Serve(a) => serve(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -344,4 +406,90 @@ fn bench(a: BenchArgs) -> Result<()> {
     let report = tandem_serve::bench::run(model, cfg, &plan)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+impl ServeArgs {
+    /// The file's settings (or the defaults) with the flags and environment on top.
+    fn into_config(self) -> Result<tandem_serve::server::ServerConfig> {
+        let mut c = match &self.config {
+            Some(path) => tandem_serve::server::ServerConfig::from_toml_file(path)?,
+            None => tandem_serve::server::ServerConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            cloud,
+            listen,
+            redis_key_prefix,
+            kv_cache_gib,
+            block_size,
+            max_batch_tokens,
+            max_batch_seqs,
+            policy,
+            prefix_sharing,
+            max_sessions,
+            max_queued_tokens,
+            max_prompt_tokens,
+            max_tokens_cap,
+            max_frame_bytes,
+            max_frames_per_second,
+            outbound_queue,
+            heartbeat_ttl_ms,
+            drain_timeout_ms,
+            resume_grace_ms,
+            handshake_timeout_ms
+        );
+        if self.redis.is_some() {
+            c.redis = self.redis;
+        }
+        if self.replica_id.is_some() {
+            c.replica_id = self.replica_id;
+        }
+        Ok(c)
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let cfg = a.into_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let server = tandem_serve::server::start(cfg).await?;
+        {
+            // Scripts and tests read this line; logs go to stderr.
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {}", server.ws_url())?;
+            out.flush()?;
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

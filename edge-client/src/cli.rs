@@ -1,0 +1,292 @@
+//! The `tandem-edge` command: try the device side against a running `tandem serve`.
+//!
+//! `tandem-edge run` loads an edge checkpoint, a profile and the default sanitizer,
+//! assembles the prompt with the model's chat template, streams the output text to stdout
+//! as it arrives, and prints the transparency record (`--show-transparency`) or one JSON
+//! object (`--json`). Status lines go to stderr; an error is one `error: …` line with its
+//! causes, and exit code 1. The logic lives here, not in the binary, so tests can run it
+//! in-process ([`run`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tandem_protocol::{DoneReason, HiddenDtype, SamplingParams};
+
+use crate::client::{ClientConfig, EdgeClient, Event, Finished, GenerateRequest};
+use crate::prompt::{assemble, Profile, PromptTemplate};
+use crate::sanitize::Sanitizer;
+use crate::transparency::TransparencyRecord;
+use crate::transport::ServerList;
+use crate::EdgeBundle;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem-edge",
+    version,
+    about = "The device side of Tandem split inference"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one generation against a Tandem server.
+    Run(RunArgs),
+}
+
+/// Element type of the hidden states on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WireDtype {
+    F32,
+    F16,
+    Bf16,
+    Int8,
+}
+
+impl From<WireDtype> for HiddenDtype {
+    fn from(d: WireDtype) -> Self {
+        match d {
+            WireDtype::F32 => HiddenDtype::F32,
+            WireDtype::F16 => HiddenDtype::F16,
+            WireDtype::Bf16 => HiddenDtype::Bf16,
+            WireDtype::Int8 => HiddenDtype::Int8,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The edge checkpoint (`edge/` written by `tandem split`, or the split directory).
+    #[arg(long)]
+    pub edge: PathBuf,
+    /// Server WebSocket URL (`ws://HOST:PORT/v1/edge/ws`); repeat to give fallbacks.
+    #[arg(long = "server", required = true)]
+    pub servers: Vec<String>,
+    /// The user's profile (a JSON object).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// The prompt: plain text or a template over profile fields (`{{ city }}`).
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt template from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// The provider's system prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    #[arg(long, value_enum, default_value_t = WireDtype::F32)]
+    pub dtype: WireDtype,
+    /// Most prompt tokens per hidden-state message.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_tokens: usize,
+    /// The provider prompt id, if the template came from an inbox.
+    #[arg(long)]
+    pub prompt_id: Option<String>,
+    /// Print one JSON object (output, finish reason, usage, timings, transparency record)
+    /// instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Print what was used and what left the device after the output.
+    #[arg(long)]
+    pub show_transparency: bool,
+}
+
+/// Parses the command line, runs, and reports an error as one line on stderr.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Command::Run(args) = cli.command;
+    let result = runtime.block_on(async {
+        let mut stdout = std::io::stdout();
+        let mut stderr = std::io::stderr();
+        run(args, &mut stdout, &mut stderr).await
+    });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one generation as `tandem-edge run` does, writing to `out` and `err`.
+pub async fn run(
+    args: RunArgs,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> anyhow::Result<Finished> {
+    let bundle = EdgeBundle::load(&args.edge)
+        .with_context(|| format!("cannot load the edge checkpoint {}", args.edge.display()))?;
+    let tokenizer = bundle
+        .tokenizer
+        .as_ref()
+        .context("the edge checkpoint has no tokenizer.json")?;
+    let profile = match &args.profile {
+        Some(p) => Profile::from_file(p)?,
+        None => Profile::default(),
+    };
+    let template = match (&args.prompt, &args.prompt_file) {
+        (Some(text), None) => PromptTemplate::new(text.clone())?,
+        (None, Some(path)) => PromptTemplate::from_file(path)?,
+        _ => bail!("give the prompt with --prompt or --prompt-file"),
+    };
+    let system = args.system.as_deref();
+    let prompt = assemble(
+        system,
+        &template,
+        &profile,
+        &Sanitizer::default(),
+        bundle.chat_template.as_ref(),
+        tokenizer,
+    )
+    .context("cannot assemble the prompt")?;
+    let record = TransparencyRecord::new(bundle.model_info(), system, &template, &prompt);
+
+    let mut cfg = ClientConfig::new(ServerList::new(args.servers.clone()));
+    cfg.dtype = args.dtype.into();
+    cfg.prompt_chunk_tokens = args.chunk_tokens;
+    let client = EdgeClient::from_bundle(&bundle, cfg)?;
+    let mut req = GenerateRequest::from_assembled(&prompt);
+    req.sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    req.max_tokens = args.max_tokens;
+    req.stop = args.stop.clone();
+    req.prompt_id = args.prompt_id.clone();
+    req.record = Some(record);
+    writeln!(
+        err,
+        "prompt: {} tokens ({} shared system prefix); split after layer {} of {}; wire dtype {}",
+        prompt.ids.len(),
+        prompt.system_prefix_len,
+        bundle.manifest.edge_layers,
+        bundle.manifest.num_layers,
+        args.dtype
+            .to_possible_value()
+            .map_or("?".into(), |v| v.get_name().to_owned()),
+    )?;
+
+    let mut generation = client.generate(req)?;
+    let finished = loop {
+        let event = tokio::select! {
+            e = generation.next() => e,
+            _ = tokio::signal::ctrl_c() => {
+                writeln!(err, "cancelling")?;
+                generation.cancel();
+                continue;
+            }
+        };
+        match event.context("the generation ended without a result")? {
+            Event::Opened { session } => writeln!(err, "session {session} opened")?,
+            Event::Token { text, .. } => {
+                if !args.json && !text.is_empty() {
+                    out.write_all(text.as_bytes())?;
+                    out.flush()?;
+                }
+            }
+            Event::Reconnecting {
+                attempt,
+                delay,
+                cause,
+            } => writeln!(
+                err,
+                "connection lost ({cause}); reconnecting in {} ms (attempt {attempt})",
+                delay.as_millis()
+            )?,
+            Event::Resumed {
+                next_hidden_seq,
+                resent,
+            } => writeln!(
+                err,
+                "session resumed from hidden frame {next_hidden_seq} ({resent} resent)"
+            )?,
+            Event::Done(f) => break *f,
+            Event::Error(e) => return Err(anyhow::Error::new(e).context("generation failed")),
+        }
+    };
+
+    if args.json {
+        let obj = json!({
+            "output": finished.text,
+            "finish_reason": reason_name(finished.reason),
+            "usage": finished.usage,
+            "session": finished.session.to_string(),
+            "timings": {
+                "time_to_first_token_s": finished.timings.time_to_first_token_s,
+                "total_s": finished.timings.total_s,
+                "tokens_per_s": finished.timings.decode_tokens_per_s,
+            },
+            "wire": finished.wire,
+            "transparency": finished.record,
+        });
+        writeln!(out, "{}", serde_json::to_string(&obj)?)?;
+    } else {
+        writeln!(out)?;
+        if args.show_transparency {
+            if let Some(r) = &finished.record {
+                writeln!(out, "\n{}", r.render_text())?;
+            }
+        }
+    }
+    writeln!(
+        err,
+        "finished: {} ({} output tokens, first token after {:.0} ms, {:.1} tokens/s)",
+        reason_name(finished.reason),
+        finished.usage.output_tokens,
+        finished.timings.time_to_first_token_s * 1e3,
+        finished.timings.decode_tokens_per_s
+    )?;
+    Ok(finished)
+}
+
+/// The snake_case name of a finish reason (`eos`, `stop_string`, `length`, `cancelled`).
+pub fn reason_name(reason: DoneReason) -> String {
+    match reason {
+        DoneReason::Finished(r) => r.to_string(),
+        DoneReason::Cancelled => "cancelled".into(),
+    }
+}

@@ -1,0 +1,666 @@
+//! The task behind a [`Generation`](crate::Generation): owns the edge session, the
+//! connection, and everything needed to resume (every `Hidden` sent, every `Token` received).
+//!
+//! One loop per connection: send what the cloud has not got yet, produce the next `Hidden`
+//! when one is owed (the next prompt chunk, or the hidden state of the last token), otherwise
+//! wait for a frame or for the caller's cancel. The outer loop reconnects, so the prompt
+//! chunks and decode steps never need to know about connections: they append to `sent`,
+//! and the flush step sends from where the current connection stands.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::DType;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tandem_model::EdgeModel;
+use tandem_protocol::{
+    f32_to_hidden, DoneReason, Frame, HiddenDtype, HiddenRef, ManifestId, Open, ResumeToken,
+    SessionId,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::client::{
+    ClientConfig, ClientError, Event, Finished, GenerateRequest, Timings, Usage, WireStats,
+};
+use crate::transparency::Compression;
+use crate::transport::Jitter;
+use crate::EdgeSession;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long to wait for `Done` after a token that looks final (end of sequence, token limit)
+/// before sending its hidden state anyway.
+const FINAL_TOKEN_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for `Done(cancelled)` after sending `Cancel`.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a connection ended without finishing the generation.
+enum Stop {
+    /// Try again on a new connection (dropped, timed out, `3xx`).
+    Retry(String),
+    Fatal(ClientError),
+}
+
+impl From<ClientError> for Stop {
+    fn from(e: ClientError) -> Self {
+        Self::Fatal(e)
+    }
+}
+
+impl From<tandem_protocol::WireError> for Stop {
+    fn from(e: tandem_protocol::WireError) -> Self {
+        Self::Fatal(e.into())
+    }
+}
+
+impl From<tandem_model::ModelError> for Stop {
+    fn from(e: tandem_model::ModelError) -> Self {
+        Self::Fatal(e.into())
+    }
+}
+
+pub(crate) struct Driver {
+    manifest: ManifestId,
+    cfg: ClientConfig,
+    req: GenerateRequest,
+    events: mpsc::UnboundedSender<Event>,
+    cancel_rx: oneshot::Receiver<()>,
+    cancel_requested: bool,
+    cancel_sent: bool,
+
+    edge: EdgeSession,
+    hidden_size: usize,
+    /// Layers the edge runs (`k`).
+    split: usize,
+    eos: Vec<u32>,
+    /// The cloud's session, once opened.
+    session: Option<(SessionId, ResumeToken)>,
+    /// Every `Hidden` frame produced, encoded; index = sequence number.
+    sent: Vec<Bytes>,
+    /// Prompt tokens run through the edge so far.
+    prompt_fed: usize,
+    /// `Hidden` frames the prompt took (valid once `prompt_fed == prompt.len()`).
+    prompt_frames: usize,
+    /// Token ids received; index = sequence number.
+    tokens: Vec<u32>,
+    text: String,
+    done: Option<tandem_protocol::Done>,
+    /// The token count for which the final-token grace wait was already spent.
+    grace_spent_at: Option<usize>,
+    /// Whether the current connection delivered anything new (ends an outage).
+    progressed: bool,
+
+    stats: WireStats,
+    jitter: Jitter,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        model: Arc<EdgeModel>,
+        manifest: ManifestId,
+        cfg: ClientConfig,
+        mut req: GenerateRequest,
+        events: mpsc::UnboundedSender<Event>,
+        cancel_rx: oneshot::Receiver<()>,
+    ) -> Self {
+        let hidden_size = model.config().hidden_size;
+        let eos = model.config().eos_token_ids.clone();
+        let split = model.split().edge_layers();
+        if let Some(r) = req.record.as_mut() {
+            r.set_wire_dtype(cfg.dtype.as_str());
+            r.compression = match cfg.dtype {
+                HiddenDtype::F32 => None,
+                HiddenDtype::F16 => Some(Compression::F16),
+                HiddenDtype::Bf16 => Some(Compression::Bf16),
+                HiddenDtype::Int8 => Some(Compression::Int8),
+            };
+        }
+        Self {
+            manifest,
+            cfg,
+            req,
+            events,
+            cancel_rx,
+            cancel_requested: false,
+            cancel_sent: false,
+            edge: EdgeSession::new(model),
+            hidden_size,
+            split,
+            eos,
+            session: None,
+            sent: Vec::new(),
+            prompt_fed: 0,
+            prompt_frames: 0,
+            tokens: Vec::new(),
+            text: String::new(),
+            done: None,
+            grace_spent_at: None,
+            progressed: false,
+            stats: WireStats::default(),
+            jitter: Jitter::new(),
+            started: Instant::now(),
+            first_token: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let event = match self.run_inner().await {
+            Ok(f) => Event::Done(Box::new(f)),
+            Err(e) => {
+                tracing::warn!(error = %e, "generation failed");
+                Event::Error(e)
+            }
+        };
+        let _ = self.events.send(event);
+    }
+
+    async fn run_inner(&mut self) -> Result<Finished, ClientError> {
+        let mut attempt: usize = 0; // all connection attempts, for round robin
+        let mut outage: Option<(Instant, u32)> = None;
+        loop {
+            let stop = match self.open(attempt).await {
+                Ok(ws) => {
+                    self.progressed = false;
+                    match self.connection(ws).await {
+                        Ok(()) => return Ok(self.finished()),
+                        Err(stop) => stop,
+                    }
+                }
+                Err(stop) => stop,
+            };
+            attempt += 1;
+            let cause = match stop {
+                Stop::Fatal(e) => return Err(e),
+                Stop::Retry(cause) => cause,
+            };
+            if self.cancel_requested {
+                // The caller wants to stop anyway: no need to come back.
+                self.done = Some(self.local_done(DoneReason::Cancelled));
+                return Ok(self.finished());
+            }
+            if self.progressed {
+                outage = None;
+            }
+            let (since, failures) = outage.get_or_insert((Instant::now(), 0));
+            let policy = &self.cfg.reconnect;
+            if *failures >= policy.max_attempts || since.elapsed() >= policy.max_elapsed {
+                return Err(ClientError::Unreachable {
+                    attempts: *failures + 1,
+                    elapsed_s: since.elapsed().as_secs_f64(),
+                    last: cause,
+                });
+            }
+            let delay = policy.delay(*failures, &mut self.jitter);
+            *failures += 1;
+            tracing::info!(attempt = *failures, delay_ms = delay.as_millis() as u64, cause = %cause, "reconnecting");
+            let _ = self.events.send(Event::Reconnecting {
+                attempt: *failures,
+                delay,
+                cause,
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut self.cancel_rx, if !self.cancel_requested => {
+                    self.cancel_requested = true;
+                }
+            }
+        }
+    }
+
+    /// Connects, sends `Open` or `Resume`, and waits for `Opened`.
+    async fn open(&mut self, attempt: usize) -> Result<Ws, Stop> {
+        let url = self.cfg.servers.pick(attempt).ok_or_else(|| {
+            Stop::Fatal(ClientError::Request("no server URL to connect to".into()))
+        })?;
+        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let mut ws = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(e)) => return Err(Stop::Retry(format!("connect to {url}: {e}"))),
+            Err(_) => return Err(Stop::Retry(format!("connect to {url}: timed out"))),
+        };
+        let first = match &self.session {
+            None => Frame::Open(Open {
+                manifest: self.manifest.clone(),
+                split: self.split as u32,
+                hidden_size: self.hidden_size as u32,
+                dtype: self.cfg.dtype,
+                sampling: self.req.sampling.clone(),
+                max_tokens: self.req.max_tokens,
+                stop: self.req.stop.clone(),
+                prompt_id: self.req.prompt_id.clone(),
+                traceparent: None,
+            }),
+            Some((session, token)) => Frame::Resume(tandem_protocol::Resume {
+                session: *session,
+                resume_token: token.clone(),
+                last_token_seq: (self.tokens.len() as u64).checked_sub(1),
+            }),
+        };
+        let resuming = self.session.is_some();
+        send(&mut ws, Bytes::from(first.encode()?)).await?;
+        loop {
+            let frame = match self.recv(&mut ws, self.cfg.idle_timeout).await? {
+                Some(f) => f,
+                None => continue,
+            };
+            match frame {
+                Frame::Opened(o) => {
+                    if let Some((session, _)) = &self.session {
+                        if o.session != *session {
+                            return Err(ClientError::Protocol(format!(
+                                "resumed session {} but the server answered for {}",
+                                session, o.session
+                            ))
+                            .into());
+                        }
+                    }
+                    let next = o.next_hidden_seq;
+                    if next > self.sent.len() as u64 {
+                        return Err(ClientError::Protocol(format!(
+                            "the server wants hidden frames from {next}, but only {} were sent",
+                            self.sent.len()
+                        ))
+                        .into());
+                    }
+                    self.session = Some((o.session, o.resume_token));
+                    if resuming {
+                        self.stats.reconnects += 1;
+                        let resent = self.sent.len() as u64 - next;
+                        if next == 0 && resent > 0 {
+                            self.stats.replays += 1;
+                        }
+                        tracing::info!(session = %o.session, next_hidden_seq = next, resent, "session resumed");
+                        let _ = self.events.send(Event::Resumed {
+                            next_hidden_seq: next,
+                            resent,
+                        });
+                        self.stats.hidden_frames_resent += resent;
+                        return self.flush(&mut ws, next as usize).await.map(|()| ws);
+                    }
+                    tracing::info!(session = %o.session, "session opened");
+                    let _ = self.events.send(Event::Opened { session: o.session });
+                    return Ok(ws);
+                }
+                Frame::Error(e) if e.code.is_retryable() => {
+                    return Err(Stop::Retry(format!("server error {}", e.code)));
+                }
+                Frame::Error(e) => {
+                    return Err(ClientError::Server {
+                        code: e.code,
+                        message: e.message,
+                    }
+                    .into())
+                }
+                Frame::Ping { nonce } => {
+                    send(&mut ws, Bytes::from(Frame::Pong { nonce }.encode()?)).await?
+                }
+                Frame::Pong { .. } => {}
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "{:?} frame before Opened",
+                        other.frame_type()
+                    ))
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// Sends `sent[from..]` on `ws`.
+    async fn flush(&mut self, ws: &mut Ws, from: usize) -> Result<(), Stop> {
+        for seq in from..self.sent.len() {
+            let frame = self.sent[seq].clone();
+            let len = frame.len() as u64;
+            send(ws, frame).await?;
+            self.count_sent(seq, len);
+        }
+        Ok(())
+    }
+
+    fn count_sent(&mut self, seq: usize, bytes: u64) {
+        self.stats.hidden_frames_sent += 1;
+        self.stats.hidden_bytes_sent += bytes;
+        let rows = hidden_rows(&self.sent[seq]);
+        if let Some(r) = self.req.record.as_mut() {
+            r.record_sent(rows, bytes);
+        }
+    }
+
+    /// The life of one connection after `Opened`: `Ok` when the generation ended.
+    async fn connection(&mut self, mut ws: Ws) -> Result<(), Stop> {
+        loop {
+            if self.done.is_some() {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+            if !self.cancel_requested {
+                if self.prompt_fed < self.req.prompt.len() {
+                    self.push_prompt_chunk()?;
+                    let seq = self.sent.len() - 1;
+                    self.flush(&mut ws, seq).await?;
+                    continue;
+                }
+                if self.owes_hidden() {
+                    // A `Done` may follow the token: look at what already arrived first.
+                    while let Some(msg) = ws.next().now_or_never() {
+                        if let Some(frame) = self.classify(msg)? {
+                            self.handle(&mut ws, frame).await?;
+                        }
+                        if self.done.is_some() {
+                            break;
+                        }
+                    }
+                    if self.done.is_some() || !self.owes_hidden() {
+                        continue;
+                    }
+                    if self.looks_final() && self.grace_spent_at != Some(self.tokens.len()) {
+                        self.grace_spent_at = Some(self.tokens.len());
+                        if let Ok(msg) = tokio::time::timeout(FINAL_TOKEN_GRACE, ws.next()).await {
+                            if let Some(frame) = self.classify(msg)? {
+                                self.handle(&mut ws, frame).await?;
+                            }
+                            continue;
+                        }
+                    }
+                    self.push_decode_hidden()?;
+                    let seq = self.sent.len() - 1;
+                    self.flush(&mut ws, seq).await?;
+                    continue;
+                }
+            }
+            let wait = if self.cancel_sent {
+                CANCEL_WAIT
+            } else {
+                self.cfg.idle_timeout
+            };
+            let armed = !self.cancel_requested;
+            let woke = tokio::select! {
+                _ = &mut self.cancel_rx, if armed => None,
+                msg = tokio::time::timeout(wait, ws.next()) => Some(msg),
+            };
+            let msg = match woke {
+                None => {
+                    self.cancel_requested = true;
+                    tracing::info!("cancelling");
+                    send(&mut ws, Bytes::from(Frame::Cancel.encode()?)).await?;
+                    self.cancel_sent = true;
+                    continue;
+                }
+                Some(Ok(msg)) => self.classify(msg),
+                Some(Err(_)) => Err(Stop::Retry(format!(
+                    "no frame from the server for {wait:?}"
+                ))),
+            };
+            match msg {
+                Ok(Some(frame)) => self.handle(&mut ws, frame).await?,
+                Ok(None) => {}
+                Err(Stop::Retry(_)) if self.cancel_sent => {
+                    self.done = Some(self.local_done(DoneReason::Cancelled));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Receives one frame (`None`: a non-protocol message such as a WebSocket ping).
+    async fn recv(&mut self, ws: &mut Ws, wait: Duration) -> Result<Option<Frame>, Stop> {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(msg) => self.classify(msg),
+            Err(_) => Err(Stop::Retry(format!(
+                "no frame from the server for {wait:?}"
+            ))),
+        }
+    }
+
+    fn classify(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<Option<Frame>, Stop> {
+        match msg {
+            None => Err(Stop::Retry("connection closed".into())),
+            Some(Err(e)) => Err(Stop::Retry(format!("connection lost: {e}"))),
+            Some(Ok(Message::Binary(bytes))) => {
+                self.stats.bytes_received += bytes.len() as u64;
+                if let Some(r) = self.req.record.as_mut() {
+                    r.record_received(bytes.len() as u64);
+                }
+                Ok(Some(Frame::decode_with(&bytes, &self.cfg.limits)?))
+            }
+            Some(Ok(Message::Close(_))) => {
+                Err(Stop::Retry("the server closed the connection".into()))
+            }
+            Some(Ok(Message::Text(_))) => Err(ClientError::Protocol(
+                "a text message (the protocol uses binary messages only)".into(),
+            )
+            .into()),
+            Some(Ok(_)) => Ok(None),
+        }
+    }
+
+    /// Applies one frame received after `Opened`.
+    async fn handle(&mut self, ws: &mut Ws, frame: Frame) -> Result<(), Stop> {
+        match frame {
+            Frame::Token(t) => {
+                let have = self.tokens.len() as u64;
+                if t.seq < have {
+                    // Resent after a resume: already delivered.
+                    if self.tokens[t.seq as usize] != t.token_id {
+                        return Err(ClientError::Protocol(format!(
+                            "token {} was resent with another id",
+                            t.seq
+                        ))
+                        .into());
+                    }
+                    return Ok(());
+                }
+                if t.seq > have {
+                    return Err(ClientError::Protocol(format!(
+                        "token {} arrived but {have} was expected",
+                        t.seq
+                    ))
+                    .into());
+                }
+                if !self.decode_allowed_for_new_token() {
+                    return Err(ClientError::Protocol(format!(
+                        "token {} arrived before its hidden state was sent",
+                        t.seq
+                    ))
+                    .into());
+                }
+                self.tokens.push(t.token_id);
+                self.progressed = true;
+                self.first_token.get_or_insert_with(Instant::now);
+                let text = t.text.unwrap_or_default();
+                self.text.push_str(&text);
+                let _ = self.events.send(Event::Token {
+                    seq: t.seq,
+                    token_id: t.token_id,
+                    text,
+                });
+                Ok(())
+            }
+            Frame::Done(d) => {
+                tracing::info!(
+                    reason = d.reason.code(),
+                    output_tokens = d.output_tokens,
+                    "generation done"
+                );
+                self.progressed = true;
+                self.done = Some(d);
+                Ok(())
+            }
+            Frame::Error(e) if e.code.is_retryable() => {
+                Err(Stop::Retry(format!("server error {}", e.code)))
+            }
+            Frame::Error(e) => Err(ClientError::Server {
+                code: e.code,
+                message: e.message,
+            }
+            .into()),
+            Frame::Ping { nonce } => {
+                send(ws, Bytes::from(Frame::Pong { nonce }.encode()?)).await?;
+                Ok(())
+            }
+            Frame::Pong { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected {:?} frame",
+                other.frame_type()
+            ))
+            .into()),
+        }
+    }
+
+    /// Every `complete` chunk is answered by one token: a new token is allowed only when the
+    /// prompt is complete and every earlier token's hidden state was sent.
+    fn decode_allowed_for_new_token(&self) -> bool {
+        self.prompt_fed == self.req.prompt.len()
+            && self.tokens.len() == self.sent.len() - self.prompt_frames
+    }
+
+    /// The cloud waits for the hidden state of the last token.
+    fn owes_hidden(&self) -> bool {
+        self.done.is_none()
+            && self.prompt_fed == self.req.prompt.len()
+            && self.tokens.len() > self.sent.len() - self.prompt_frames
+    }
+
+    /// The last token is probably the end (end of sequence, or the token limit).
+    fn looks_final(&self) -> bool {
+        self.tokens.len() >= self.req.max_tokens as usize
+            || self.tokens.last().is_some_and(|t| self.eos.contains(t))
+    }
+
+    /// Runs the edge over the next prompt chunk and keeps its frame. The shared system prefix
+    /// is a chunk (or chunks) of its own.
+    fn push_prompt_chunk(&mut self) -> Result<(), Stop> {
+        let len = self.req.prompt.len();
+        let start = self.prompt_fed;
+        let boundary = if start < self.req.system_prefix_len {
+            self.req.system_prefix_len
+        } else {
+            len
+        };
+        let end = boundary.min(start + self.cfg.prompt_chunk_tokens);
+        let ids = self.req.prompt[start..end].to_vec();
+        let frame = self.encode_hidden(&ids, start, end == len)?;
+        self.stats.prompt_frames += 1;
+        self.stats.prompt_bytes += frame.len() as u64;
+        self.sent.push(frame);
+        self.prompt_fed = end;
+        if end == len {
+            self.prompt_frames = self.sent.len();
+        }
+        Ok(())
+    }
+
+    /// Runs the edge over the last token and keeps its frame.
+    fn push_decode_hidden(&mut self) -> Result<(), Stop> {
+        let token = *self.tokens.last().ok_or_else(|| {
+            Stop::Fatal(ClientError::Protocol("no token to continue from".into()))
+        })?;
+        let position = self.edge.position();
+        let frame = self.encode_hidden(&[token], position, true)?;
+        self.stats.decode_frames += 1;
+        self.stats.decode_bytes += frame.len() as u64;
+        self.sent.push(frame);
+        Ok(())
+    }
+
+    fn encode_hidden(
+        &mut self,
+        ids: &[u32],
+        position: usize,
+        complete: bool,
+    ) -> Result<Bytes, Stop> {
+        debug_assert_eq!(position, self.edge.position());
+        let hidden = self.edge.feed(ids)?;
+        let values: Vec<f32> = hidden
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(tandem_model::ModelError::from)?;
+        let mut payload = Vec::new();
+        f32_to_hidden(
+            self.cfg.dtype,
+            ids.len(),
+            self.hidden_size,
+            &values,
+            &mut payload,
+        )?;
+        let frame = HiddenRef {
+            seq: self.sent.len() as u64,
+            first_position: position as u32,
+            token_count: ids.len() as u32,
+            complete,
+            dtype: self.cfg.dtype,
+            payload: &payload,
+        }
+        .encode()?;
+        Ok(Bytes::from(frame))
+    }
+
+    fn local_done(&self, reason: DoneReason) -> tandem_protocol::Done {
+        tandem_protocol::Done {
+            reason,
+            prompt_tokens: self.req.prompt.len() as u32,
+            output_tokens: self.tokens.len() as u32,
+        }
+    }
+
+    fn finished(&mut self) -> Finished {
+        let done = self
+            .done
+            .unwrap_or_else(|| self.local_done(DoneReason::Cancelled));
+        let total = self.started.elapsed();
+        let ttft = self.first_token.map_or(total, |t| t - self.started);
+        let decode_s = (total - ttft).as_secs_f64();
+        let after_first = self.tokens.len().saturating_sub(1) as f64;
+        let mut record = self.req.record.take();
+        if let Some(r) = record.as_mut() {
+            match done.reason {
+                DoneReason::Finished(reason) => r.finish(self.text.clone(), reason),
+                DoneReason::Cancelled => r.output = Some(self.text.clone()),
+            }
+        }
+        Finished {
+            reason: done.reason,
+            text: std::mem::take(&mut self.text),
+            token_ids: self.tokens.clone(),
+            usage: Usage {
+                prompt_tokens: done.prompt_tokens,
+                output_tokens: done.output_tokens,
+            },
+            session: self.session.as_ref().map_or(SessionId(0), |(s, _)| *s),
+            wire: self.stats.clone(),
+            timings: Timings {
+                time_to_first_token_s: ttft.as_secs_f64(),
+                total_s: total.as_secs_f64(),
+                decode_tokens_per_s: if decode_s > 0.0 {
+                    after_first / decode_s
+                } else {
+                    0.0
+                },
+            },
+            record,
+        }
+    }
+}
+
+/// Rows of an encoded `Hidden` frame (its token count).
+fn hidden_rows(frame: &[u8]) -> usize {
+    frame
+        .get(16..20)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| u32::from_le_bytes(b) as usize)
+}
+
+async fn send(ws: &mut Ws, frame: Bytes) -> Result<(), Stop> {
+    ws.send(Message::Binary(frame))
+        .await
+        .map_err(|e| Stop::Retry(format!("send failed: {e}")))
+}

@@ -1,0 +1,589 @@
+//! The client against a scripted fake cloud (an in-test WebSocket server on 127.0.0.1:0):
+//! chunking with the system prefix on its own, resume from `next_hidden_seq`, full replay,
+//! token dedupe, cancellation, error handling, and that logs above debug carry no private
+//! text.
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::DType;
+use futures_util::{SinkExt, StreamExt};
+use tandem_edge::transparency::SentTraffic;
+use tandem_edge::{
+    ClientConfig, ClientError, EdgeBundle, EdgeClient, Event, GenerateRequest, ModelInfo,
+    ReconnectPolicy, TransparencyRecord,
+};
+use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_protocol::{
+    Done, DoneReason, ErrorCode, ErrorFrame, FinishReason, Frame, HiddenDtype, HiddenRef, Limits,
+    Opened, ResumeToken, SessionId, Token,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// A tiny split model on disk (hidden size 64, 4 layers, cut after layer 1).
+struct Tiny {
+    _dir: tempfile::TempDir,
+    bundle: EdgeBundle,
+}
+
+fn tiny() -> Tiny {
+    let dir = tempfile::tempdir().expect("tmp");
+    let spec = &common::specs()[0];
+    let hf = dir.path().join("hf");
+    common::write_hf(&hf, spec);
+    let ck = Checkpoint::open(&hf).expect("open");
+    let opts = SplitOptions {
+        edge_layers: 1,
+        dtype: DType::F32,
+        force: false,
+        progress: false,
+    };
+    write_split(&ck, &dir.path().join("split"), &opts).expect("split");
+    let bundle = EdgeBundle::load(&dir.path().join("split")).expect("load edge");
+    Tiny { _dir: dir, bundle }
+}
+
+struct Fake {
+    listener: TcpListener,
+    url: String,
+}
+
+impl Fake {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}/v1/edge/ws", listener.local_addr().expect("addr"));
+        Self { listener, url }
+    }
+
+    async fn accept(&self) -> Ws {
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), self.listener.accept())
+            .await
+            .expect("the client did not connect")
+            .expect("accept");
+        tokio_tungstenite::accept_async(stream)
+            .await
+            .expect("ws handshake")
+    }
+}
+
+/// The next protocol frame and its bytes; `None` when the client closed.
+async fn recv(ws: &mut Ws) -> Option<(Frame, Vec<u8>)> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the client went silent");
+        match msg {
+            Some(Ok(Message::Binary(b))) => {
+                let frame = Frame::decode(&b).expect("the client sent a valid frame");
+                return Some((frame, b.to_vec()));
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn recv_frame(ws: &mut Ws) -> Frame {
+    recv(ws).await.expect("the client closed early").0
+}
+
+async fn send(ws: &mut Ws, frame: Frame) {
+    ws.send(Message::Binary(frame.encode().expect("encode").into()))
+        .await
+        .expect("send");
+}
+
+/// Receives a `Hidden` and checks its sequence number, position and row count.
+async fn expect_hidden(ws: &mut Ws, seq: u64, position: u32, rows: u32, complete: bool) -> Vec<u8> {
+    let (frame, bytes) = recv(ws).await.expect("the client closed early");
+    let Frame::Hidden(h) = frame else {
+        panic!("expected Hidden {seq}, got {frame:?}");
+    };
+    assert_eq!(
+        (h.seq, h.first_position, h.token_count, h.complete),
+        (seq, position, rows, complete),
+        "hidden frame"
+    );
+    HiddenRef::decode(&bytes, &Limits::default()).expect("valid hidden");
+    bytes
+}
+
+fn opened(session: u64, token: u8, next: u64) -> Frame {
+    Frame::Opened(Opened {
+        session: SessionId(session),
+        resume_token: ResumeToken([token; 32]),
+        next_hidden_seq: next,
+    })
+}
+
+fn token(seq: u64, id: u32) -> Frame {
+    Frame::Token(Token {
+        seq,
+        token_id: id,
+        text: Some(format!("<{id}>")),
+    })
+}
+
+fn done(reason: DoneReason, prompt: u32, output: u32) -> Frame {
+    Frame::Done(Done {
+        reason,
+        prompt_tokens: prompt,
+        output_tokens: output,
+    })
+}
+
+fn config(url: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new(url);
+    cfg.prompt_chunk_tokens = 5;
+    cfg.reconnect = ReconnectPolicy {
+        initial_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+        max_attempts: 5,
+        ..ReconnectPolicy::default()
+    };
+    cfg
+}
+
+fn prompt(n: u32) -> Vec<u32> {
+    (0..n).map(|i| 5 + (i * 7) % 250).collect()
+}
+
+/// Answers `Open` and checks what it says about the model.
+async fn expect_open(ws: &mut Ws, tiny: &Tiny, dtype: HiddenDtype) {
+    let Frame::Open(open) = recv_frame(ws).await else {
+        panic!("expected Open");
+    };
+    assert_eq!(open.manifest.as_str(), Some(tiny.bundle.pair_id()));
+    assert_eq!((open.split, open.hidden_size, open.dtype), (1, 64, dtype));
+    assert_eq!(open.max_tokens, 3);
+}
+
+#[tokio::test]
+async fn system_prefix_is_its_own_chunk_then_one_hidden_per_token() {
+    let tiny = tiny();
+    for dtype in [HiddenDtype::F32, HiddenDtype::F16] {
+        let fake = Fake::start().await;
+        let mut cfg = config(&fake.url);
+        cfg.dtype = dtype;
+        let client = EdgeClient::from_bundle(&tiny.bundle, cfg).expect("client");
+        let mut req = GenerateRequest::new(prompt(20));
+        req.system_prefix_len = 7;
+        req.max_tokens = 3;
+        let generation = client.generate(req).expect("generate");
+        let mut ws = fake.accept().await;
+        expect_open(&mut ws, &tiny, dtype).await;
+        send(&mut ws, opened(1, 1, 0)).await;
+        // Chunks of 5, cut at the system prefix: [0,5) [5,7) | [7,12) [12,17) [17,20).
+        for (seq, (pos, rows)) in [(0, 5), (5, 2), (7, 5), (12, 5), (17, 3)]
+            .into_iter()
+            .enumerate()
+        {
+            expect_hidden(&mut ws, seq as u64, pos, rows, seq == 4).await;
+        }
+        send(&mut ws, token(0, 40)).await;
+        expect_hidden(&mut ws, 5, 20, 1, true).await;
+        send(&mut ws, token(1, 41)).await;
+        expect_hidden(&mut ws, 6, 21, 1, true).await;
+        send(&mut ws, token(2, 42)).await;
+        send(
+            &mut ws,
+            done(DoneReason::Finished(FinishReason::Length), 20, 3),
+        )
+        .await;
+        // No hidden state for the token that ended the generation: the client just closes.
+        assert!(recv(&mut ws).await.is_none(), "nothing after Done");
+        let f = generation.finish().await.expect("finished");
+        assert_eq!(f.token_ids, [40, 41, 42]);
+        assert_eq!(f.text, "<40><41><42>");
+        assert_eq!(f.reason, DoneReason::Finished(FinishReason::Length));
+        assert_eq!((f.usage.prompt_tokens, f.usage.output_tokens), (20, 3));
+        assert_eq!((f.wire.prompt_frames, f.wire.decode_frames), (5, 2));
+        let per_step = f.wire.decode_bytes / f.wire.decode_frames;
+        assert_eq!(per_step as usize, 28 + 64 * dtype.value_bytes());
+        println!(
+            "wire {dtype}: {per_step} bytes per decode step, {:.1} bytes per prompt token \
+             (hidden size 64; frame overhead 28 bytes)",
+            f.wire.prompt_bytes as f64 / 20.0
+        );
+    }
+}
+
+#[tokio::test]
+async fn resume_resends_from_next_hidden_seq_and_dedupes_tokens() {
+    let tiny = tiny();
+    let fake = Fake::start().await;
+    let client = EdgeClient::from_bundle(&tiny.bundle, config(&fake.url)).expect("client");
+    let mut req = GenerateRequest::new(prompt(8));
+    req.max_tokens = 4;
+    let generation = client.generate(req).expect("generate");
+
+    // Connection 1: prompt [0,5) [5,8), token 0, its hidden, token 1, then the line drops.
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    send(&mut ws, opened(9, 0xA, 0)).await;
+    expect_hidden(&mut ws, 0, 0, 5, false).await;
+    expect_hidden(&mut ws, 1, 5, 3, true).await;
+    send(&mut ws, token(0, 30)).await;
+    expect_hidden(&mut ws, 2, 8, 1, true).await;
+    send(&mut ws, token(1, 31)).await;
+    let seq3 = expect_hidden(&mut ws, 3, 9, 1, true).await;
+    drop(ws);
+
+    // Connection 2: Resume names the last token; the cloud kept hidden 0..=2 only, so the
+    // device resends 3. The cloud resends token 1 (a duplicate), then token 2; drops again.
+    let mut ws = fake.accept().await;
+    let Frame::Resume(r) = recv_frame(&mut ws).await else {
+        panic!("expected Resume");
+    };
+    assert_eq!(r.session, SessionId(9));
+    assert!(r.resume_token.verify(&ResumeToken([0xA; 32])));
+    assert_eq!(r.last_token_seq, Some(1));
+    send(&mut ws, opened(9, 0xB, 3)).await;
+    assert_eq!(
+        expect_hidden(&mut ws, 3, 9, 1, true).await,
+        seq3,
+        "resent unchanged"
+    );
+    send(&mut ws, token(1, 31)).await;
+    send(&mut ws, token(2, 32)).await;
+    expect_hidden(&mut ws, 4, 10, 1, true).await;
+    drop(ws);
+
+    // Connection 3: the new resume token is used; the cloud has everything.
+    let mut ws = fake.accept().await;
+    let Frame::Resume(r) = recv_frame(&mut ws).await else {
+        panic!("expected Resume");
+    };
+    assert!(
+        r.resume_token.verify(&ResumeToken([0xB; 32])),
+        "the latest token"
+    );
+    assert_eq!(r.last_token_seq, Some(2));
+    send(&mut ws, opened(9, 0xC, 5)).await;
+    send(&mut ws, token(3, 33)).await;
+    send(
+        &mut ws,
+        done(DoneReason::Finished(FinishReason::Length), 8, 4),
+    )
+    .await;
+
+    let mut events = Vec::new();
+    let mut generation = generation;
+    while let Some(e) = generation.next().await {
+        events.push(e);
+    }
+    let tokens: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { token_id, .. } => Some(*token_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, [30, 31, 32, 33], "one uninterrupted stream");
+    let resumed: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Resumed {
+                next_hidden_seq,
+                resent,
+            } => Some((*next_hidden_seq, *resent)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resumed, [(3, 1), (5, 0)]);
+    let Some(Event::Done(f)) = events.pop() else {
+        panic!("ends with Done");
+    };
+    assert_eq!(f.text, "<30><31><32><33>");
+    assert_eq!((f.wire.reconnects, f.wire.replays), (2, 0));
+}
+
+#[tokio::test]
+async fn next_hidden_seq_zero_replays_everything_back_to_back() {
+    let tiny = tiny();
+    let fake = Fake::start().await;
+    let client = EdgeClient::from_bundle(&tiny.bundle, config(&fake.url)).expect("client");
+    let mut req = GenerateRequest::new(prompt(7));
+    req.max_tokens = 4;
+    let generation = client.generate(req).expect("generate");
+
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    send(&mut ws, opened(5, 1, 0)).await;
+    let mut first = vec![
+        expect_hidden(&mut ws, 0, 0, 5, false).await,
+        expect_hidden(&mut ws, 1, 5, 2, true).await,
+    ];
+    send(&mut ws, token(0, 50)).await;
+    first.push(expect_hidden(&mut ws, 2, 7, 1, true).await);
+    send(&mut ws, token(1, 51)).await;
+    first.push(expect_hidden(&mut ws, 3, 8, 1, true).await);
+    drop(ws);
+
+    // Another replica with no state: every hidden from 0, without waiting for tokens.
+    let mut ws = fake.accept().await;
+    let Frame::Resume(r) = recv_frame(&mut ws).await else {
+        panic!("expected Resume");
+    };
+    assert_eq!(r.last_token_seq, Some(1));
+    send(&mut ws, opened(5, 2, 0)).await;
+    for (seq, bytes) in first.iter().enumerate() {
+        let (frame, got) = recv(&mut ws).await.expect("replayed frame");
+        assert!(matches!(frame, Frame::Hidden(_)), "replay {seq}: {frame:?}");
+        assert_eq!(&got, bytes, "replayed hidden {seq} is byte-identical");
+    }
+    send(&mut ws, token(2, 52)).await;
+    expect_hidden(&mut ws, 4, 9, 1, true).await;
+    send(&mut ws, token(3, 53)).await;
+    send(
+        &mut ws,
+        done(DoneReason::Finished(FinishReason::Length), 7, 4),
+    )
+    .await;
+    let f = generation.finish().await.expect("finished");
+    assert_eq!(f.token_ids, [50, 51, 52, 53]);
+    assert_eq!(
+        (
+            f.wire.reconnects,
+            f.wire.replays,
+            f.wire.hidden_frames_resent
+        ),
+        (1, 1, 4)
+    );
+}
+
+#[tokio::test]
+async fn cancel_and_drop_send_cancel() {
+    let tiny = tiny();
+    for drop_it in [false, true] {
+        let fake = Fake::start().await;
+        let client = EdgeClient::from_bundle(&tiny.bundle, config(&fake.url)).expect("client");
+        let mut generation = client
+            .generate(GenerateRequest::new(prompt(3)))
+            .expect("generate");
+        let mut ws = fake.accept().await;
+        assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+        send(&mut ws, opened(3, 1, 0)).await;
+        expect_hidden(&mut ws, 0, 0, 3, true).await;
+        send(&mut ws, token(0, 60)).await;
+        assert!(matches!(
+            generation.next().await,
+            Some(Event::Opened { .. })
+        ));
+        assert!(matches!(
+            generation.next().await,
+            Some(Event::Token { token_id: 60, .. })
+        ));
+        let mut kept = None;
+        if drop_it {
+            drop(generation);
+        } else {
+            generation.cancel();
+            kept = Some(generation);
+        }
+        // The hidden state of token 0 may already be on its way; then comes Cancel.
+        loop {
+            match recv_frame(&mut ws).await {
+                Frame::Hidden(_) => {}
+                Frame::Cancel => break,
+                other => panic!("expected Cancel, got {other:?}"),
+            }
+        }
+        send(&mut ws, done(DoneReason::Cancelled, 3, 1)).await;
+        if let Some(generation) = kept {
+            let f = generation.finish().await.expect("finished");
+            assert_eq!(f.reason, DoneReason::Cancelled);
+            assert_eq!(f.token_ids, [60]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn fatal_errors_end_the_generation_and_3xx_on_open_retries() {
+    let tiny = tiny();
+    let fake = Fake::start().await;
+    let client = EdgeClient::from_bundle(&tiny.bundle, config(&fake.url)).expect("client");
+
+    // overloaded: try Open again (there is no session to resume).
+    let generation = client
+        .generate(GenerateRequest::new(prompt(2)))
+        .expect("generate");
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    let busy = ErrorFrame {
+        code: ErrorCode::Overloaded,
+        seq: None,
+        message: "busy".into(),
+    };
+    send(&mut ws, Frame::Error(busy)).await;
+    drop(ws);
+    let mut ws = fake.accept().await;
+    assert!(
+        matches!(recv_frame(&mut ws).await, Frame::Open(_)),
+        "Open again"
+    );
+    send(&mut ws, opened(4, 1, 0)).await;
+    expect_hidden(&mut ws, 0, 0, 2, true).await;
+    send(&mut ws, token(0, 2)).await;
+    send(&mut ws, done(DoneReason::Finished(FinishReason::Eos), 2, 1)).await;
+    let f = generation.finish().await.expect("finished after a retry");
+    assert_eq!(f.reason, DoneReason::Finished(FinishReason::Eos));
+
+    // manifest_mismatch: no retry, a typed error.
+    let generation = client
+        .generate(GenerateRequest::new(prompt(2)))
+        .expect("generate");
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    let mismatch = ErrorFrame {
+        code: ErrorCode::ManifestMismatch,
+        seq: None,
+        message: "not served".into(),
+    };
+    send(&mut ws, Frame::Error(mismatch)).await;
+    match generation.finish().await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::ManifestMismatch),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    let again = tokio::time::timeout(Duration::from_millis(300), fake.listener.accept()).await;
+    assert!(again.is_err(), "a 1xx error must not be retried");
+
+    // Nobody listening: give up within the policy.
+    let dead = format!(
+        "ws://{}/v1/edge/ws",
+        fake.listener.local_addr().expect("addr")
+    );
+    drop(fake);
+    let client = EdgeClient::from_bundle(&tiny.bundle, config(&dead)).expect("client");
+    let err = client
+        .generate(GenerateRequest::new(prompt(2)))
+        .expect("generate")
+        .finish()
+        .await
+        .expect_err("unreachable");
+    assert!(
+        matches!(err, ClientError::Unreachable { attempts: 6, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn requests_are_checked_before_anything_is_sent() {
+    let tiny = tiny();
+    let client = EdgeClient::from_bundle(&tiny.bundle, ClientConfig::new("ws://127.0.0.1:9/x"))
+        .expect("client");
+    let mut req = GenerateRequest::new(vec![]);
+    assert!(matches!(
+        client.generate(req.clone()),
+        Err(ClientError::Request(_))
+    ));
+    req.prompt = prompt(3);
+    req.system_prefix_len = 4;
+    assert!(matches!(
+        client.generate(req.clone()),
+        Err(ClientError::Request(_))
+    ));
+    req.system_prefix_len = 0;
+    req.prompt.push(100_000);
+    assert!(matches!(client.generate(req), Err(ClientError::Request(_))));
+}
+
+/// A `MakeWriter` that appends to a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn nothing_above_debug_logs_private_text() {
+    const MARKER: &str = "zq-private-marker-7731";
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // One thread: the driver task logs under this thread's subscriber.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tiny = tiny();
+    rt.block_on(async {
+        let fake = Fake::start().await;
+        let client = EdgeClient::from_bundle(&tiny.bundle, config(&fake.url)).expect("client");
+        let mut req = GenerateRequest::new(prompt(4));
+        req.stop = vec![MARKER.into()];
+        req.prompt_id = Some(MARKER.into());
+        req.record = Some(TransparencyRecord {
+            system_prompt: Some(MARKER.into()),
+            template: format!("Hello {MARKER}"),
+            user_prompt: format!("Hello {MARKER}"),
+            fields_used: vec![tandem_edge::FieldUse {
+                name: "name".into(),
+                value: serde_json::json!(MARKER),
+            }],
+            redactions: vec![],
+            prompt_tokens: 4,
+            shared_prefix_tokens: 0,
+            model: ModelInfo::from_edge(&tiny.bundle.model, tiny.bundle.pair_id()),
+            sent: SentTraffic::default(),
+            bytes_received: 0,
+            compression: None,
+            noise: None,
+            output: None,
+            finish_reason: None,
+        });
+        let generation = client.generate(req).expect("generate");
+        let mut ws = fake.accept().await;
+        assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+        send(&mut ws, opened(8, 1, 0)).await;
+        expect_hidden(&mut ws, 0, 0, 4, true).await;
+        let secret = Token {
+            seq: 0,
+            token_id: 70,
+            text: Some(MARKER.into()),
+        };
+        send(&mut ws, Frame::Token(secret)).await;
+        drop(ws); // a reconnect, so the resume path logs too
+        let mut ws = fake.accept().await;
+        assert!(matches!(recv_frame(&mut ws).await, Frame::Resume(_)));
+        send(&mut ws, opened(8, 2, 1)).await;
+        expect_hidden(&mut ws, 1, 4, 1, true).await;
+        send(
+            &mut ws,
+            done(DoneReason::Finished(FinishReason::Length), 4, 1),
+        )
+        .await;
+        let f = generation.finish().await.expect("finished");
+        assert_eq!(f.text, MARKER, "the caller does get the text");
+        assert!(f.record.expect("record").render_text().contains(MARKER));
+    });
+    let logs = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf8");
+    assert!(
+        logs.contains("session opened"),
+        "logs were captured: {logs}"
+    );
+    assert!(
+        logs.contains("session resumed"),
+        "logs were captured: {logs}"
+    );
+    assert!(!logs.contains(MARKER), "private text in the logs:\n{logs}");
+}

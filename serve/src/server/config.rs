@@ -1,0 +1,185 @@
+//! [`ServerConfig`]: everything `tandem serve` can be told, with defaults, read from a TOML
+//! file (serde) and overridden by flags and environment variables in `main.rs`.
+//!
+//! Invariant: a `ServerConfig` may hold any values; [`ServerConfig::check`] is the one place
+//! that refuses nonsense (zero limits, a bad replica id), and `server::start` calls it first.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tandem_scheduler::Policy;
+
+/// The batching policy, as configuration spells it (`decode-first`, `prefill-first`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    /// Decodes first, prompt chunks in the rest of the token budget (stall-free batching).
+    #[default]
+    DecodeFirst,
+    /// Prompt chunks first (the classic baseline).
+    PrefillFirst,
+}
+
+impl PolicyName {
+    pub fn policy(self) -> Policy {
+        match self {
+            Self::DecodeFirst => Policy::DecodeFirst,
+            Self::PrefillFirst => Policy::PrefillFirst,
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "decode-first" => Ok(Self::DecodeFirst),
+            "prefill-first" => Ok(Self::PrefillFirst),
+            other => Err(format!(
+                "unknown policy `{other}` (decode-first or prefill-first)"
+            )),
+        }
+    }
+}
+
+/// How `tandem serve` runs. `Default` gives a usable single-process server once `cloud` is
+/// set; the TOML file uses the same field names.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The cloud checkpoint directory written by `tandem split` (`OUT/cloud`), or `OUT`.
+    pub cloud: PathBuf,
+    /// Where to listen (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// `redis://…` to share sessions between replicas; `None` keeps them in memory.
+    pub redis: Option<String>,
+    /// This process's replica name; `None` generates `tandem-XXXXXXXX`. A set id gets a random
+    /// suffix too: a restarted process lost its KV and must not pass for its former self.
+    pub replica_id: Option<String>,
+    /// Prefix of every Redis key.
+    pub redis_key_prefix: String,
+    /// KV cache size in GiB (f32 storage), allocated at start.
+    pub kv_cache_gib: f64,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Positions computed per engine step, over all sessions.
+    pub max_batch_tokens: usize,
+    /// Sessions per engine step.
+    pub max_batch_seqs: usize,
+    pub policy: PolicyName,
+    /// Share the KV of identical prompt prefixes between sessions.
+    pub prefix_sharing: bool,
+    /// Live engine sessions; more get `overloaded`.
+    pub max_sessions: usize,
+    /// Hidden states received and not yet computed, over all sessions; more get `overloaded`.
+    pub max_queued_tokens: usize,
+    /// Longest prompt (positions before the first token); longer gets
+    /// `context_length_exceeded`.
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` an `Open` may ask for; more gets `bad_sampling_params`.
+    pub max_tokens_cap: u32,
+    /// Largest frame accepted; larger gets `frame_too_large`.
+    pub max_frame_bytes: usize,
+    /// Frames a connection may send per second; more gets `rate_limited`.
+    pub max_frames_per_second: u32,
+    /// Frames buffered towards one device; a device that lets it fill loses its connection.
+    pub outbound_queue: usize,
+    /// How long this replica's heartbeat lives in the store (it is renewed every third of it).
+    pub heartbeat_ttl_ms: u64,
+    /// How long a graceful shutdown lets running generations finish.
+    pub drain_timeout_ms: u64,
+    /// How long a session whose connection dropped keeps its KV, waiting for `Resume`.
+    pub resume_grace_ms: u64,
+    /// How long a new connection may take to send `Open` or `Resume`.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            cloud: PathBuf::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            redis: None,
+            replica_id: None,
+            redis_key_prefix: "tandem".to_owned(),
+            kv_cache_gib: 1.0,
+            block_size: 16,
+            max_batch_tokens: 256,
+            max_batch_seqs: 64,
+            policy: PolicyName::DecodeFirst,
+            prefix_sharing: true,
+            max_sessions: 1024,
+            max_queued_tokens: 64 * 1024,
+            max_prompt_tokens: 8192,
+            max_tokens_cap: 4096,
+            max_frame_bytes: tandem_protocol::wire::DEFAULT_MAX_FRAME_BYTES,
+            max_frames_per_second: 200,
+            outbound_queue: 256,
+            heartbeat_ttl_ms: 10_000,
+            drain_timeout_ms: 30_000,
+            resume_grace_ms: 60_000,
+            handshake_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Refuses values the server cannot run with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.cloud.as_os_str().is_empty(),
+            "no cloud checkpoint given (--cloud)"
+        );
+        anyhow::ensure!(
+            self.kv_cache_gib.is_finite() && self.kv_cache_gib > 0.0,
+            "kv_cache_gib must be > 0"
+        );
+        for (name, v) in [
+            ("block_size", self.block_size),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_batch_seqs", self.max_batch_seqs),
+            ("max_sessions", self.max_sessions),
+            ("max_queued_tokens", self.max_queued_tokens),
+            ("max_prompt_tokens", self.max_prompt_tokens),
+            ("max_frame_bytes", self.max_frame_bytes),
+            ("outbound_queue", self.outbound_queue),
+        ] {
+            anyhow::ensure!(v > 0, "{name} must be > 0");
+        }
+        anyhow::ensure!(self.max_tokens_cap > 0, "max_tokens_cap must be > 0");
+        anyhow::ensure!(
+            self.max_frames_per_second > 0,
+            "max_frames_per_second must be > 0"
+        );
+        anyhow::ensure!(
+            self.heartbeat_ttl_ms >= 30,
+            "heartbeat_ttl_ms must be >= 30"
+        );
+        Ok(())
+    }
+
+    pub(crate) fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    pub(crate) fn resume_grace(&self) -> Duration {
+        Duration::from_millis(self.resume_grace_ms)
+    }
+
+    pub(crate) fn heartbeat_ttl(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ttl_ms)
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}

@@ -1,0 +1,336 @@
+//! `tandem serve`: the cloud's WebSocket front end (docs/protocol.md, DESIGN.md §5, §6, §8).
+//!
+//! # Layout
+//! - this module: [`start`] (load the cloud model, open the session store, bind, spawn),
+//!   [`ServerHandle`] (address, graceful [`ServerHandle::shutdown`]), the router and the
+//!   replica heartbeat.
+//! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
+//! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
+//!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
+//! - `session`: one actor task per session: owns the session's protocol state (sequence
+//!   numbers, positions, the token owed, the tokens sent), feeds the engine, turns engine
+//!   events into frames, survives reconnections (Resume) and rebuilds lost state (Replay).
+//! - `params`: where a session's `Open` is kept so another replica can replay it.
+//!
+//! # Threads and channels
+//! The engine thread never waits for a device: it hands events to an unbounded tokio channel
+//! per session (a session gets at most one token per input it sent, so that queue stays
+//! short). The session actor forwards frames to its connection's bounded outbound queue with
+//! `try_send`; a device that stops reading fills it and loses its connection (its session
+//! waits for a `Resume` for the grace period), so nothing buffers without bound. Blocking
+//! engine calls (`open`, `close`) run on the blocking pool.
+
+pub mod config;
+mod params;
+mod session;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use candle_core::{DType, Device};
+use dashmap::DashMap;
+use tandem_kvcache::{KvDtype, KvLayout};
+use tandem_model::checkpoint::Checkpoint;
+use tandem_model::manifest::{Part, MANIFEST_FILE};
+use tandem_model::split::LoadOptions;
+use tandem_model::{CloudModel, SplitPoint};
+use tandem_scheduler::SchedulerConfig;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
+
+pub use config::{PolicyName, ServerConfig};
+
+/// The WebSocket route.
+pub const WS_PATH: &str = "/v1/edge/ws";
+
+/// What the cloud serves, from its manifest: what every `Open` must match.
+#[derive(Clone, Debug)]
+pub(crate) struct Served {
+    pub(crate) pair_id: String,
+    pub(crate) split: u32,
+    pub(crate) hidden_size: usize,
+    /// Positions per session (the model's context length).
+    pub(crate) max_context: usize,
+}
+
+/// State shared by the connection and session tasks.
+pub(crate) struct Shared {
+    pub(crate) cfg: ServerConfig,
+    pub(crate) served: Served,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) params: params::OpenParams,
+    pub(crate) replica: ReplicaId,
+    /// Sessions held by this process, by wire session id.
+    pub(crate) sessions: DashMap<u64, session::SessionHandle>,
+    /// Set when shutdown starts: new `Open`/`Resume` get `shutting_down`.
+    pub(crate) draining: AtomicBool,
+    /// Flips to `true` when the drain is over: sessions still running end.
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) next_conn: AtomicU64,
+}
+
+/// A running server. Dropping it without [`ServerHandle::shutdown`] leaves the tasks running
+/// until the runtime ends.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    replica: String,
+    shared: Arc<Shared>,
+    /// Tells axum to stop accepting.
+    accept_stop: watch::Sender<bool>,
+    serve: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("addr", &self.addr)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// The bound address (the real port when listening on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `ws://{addr}/v1/edge/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}{WS_PATH}", self.addr)
+    }
+
+    /// This process's replica id in the session store.
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    /// Graceful shutdown: stop accepting connections, refuse new sessions, let running
+    /// generations finish for up to `drain_timeout_ms`, then send `Error(shutting_down)` to
+    /// the sessions still running (they may `Resume` on another replica, which replays
+    /// them), drop this replica's heartbeat so that one can claim them at once, and stop the
+    /// engine.
+    pub async fn shutdown(self) {
+        let shared = self.shared;
+        shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.accept_stop.send(true);
+        let deadline = Instant::now() + shared.cfg.drain_timeout();
+        let running = |s: &Shared| s.sessions.iter().filter(|e| e.value().is_running()).count();
+        while running(&shared) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = running(&shared);
+        tracing::info!(
+            replica = %shared.replica,
+            sessions_left = left,
+            "drain over; ending remaining sessions"
+        );
+        let _ = shared.stop.send(true);
+        let gone_by = Instant::now() + Duration::from_secs(5);
+        while !shared.sessions.is_empty() && Instant::now() < gone_by {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.heartbeat.abort();
+        // Expire the heartbeat now (1 ms), so another replica may claim our sessions.
+        if let Err(e) = shared
+            .store
+            .heartbeat(&shared.replica, Duration::from_millis(1))
+            .await
+        {
+            tracing::warn!(error = %e, "could not expire the heartbeat");
+        }
+        if tokio::time::timeout(Duration::from_secs(2), self.serve)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the listener did not stop in time");
+        }
+        // The engine thread is joined when the last reference goes; do that off the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
+    }
+}
+
+/// Loads the model, opens the session store, binds `cfg.listen` and serves until
+/// [`ServerHandle::shutdown`].
+pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
+    cfg.check()?;
+    let cloud_dir = cloud_dir(&cfg.cloud);
+    let (served, model, tokenizer) = tokio::task::spawn_blocking(move || load_cloud(&cloud_dir))
+        .await
+        .context("loading the cloud model")??;
+    let engine_cfg = engine_config(&cfg, &model);
+    let expiry = SessionExpiry::default();
+    let store_cfg = match &cfg.redis {
+        None => StoreConfig::Memory { expiry },
+        Some(url) => StoreConfig::Redis(RedisStoreConfig {
+            key_prefix: cfg.redis_key_prefix.clone(),
+            expiry,
+            ..RedisStoreConfig::new(url.clone())
+        }),
+    };
+    let store = store::open(&store_cfg)
+        .await
+        .context("opening the session store")?;
+    let params = match &cfg.redis {
+        None => params::OpenParams::memory(),
+        Some(url) => params::OpenParams::redis(url, &cfg.redis_key_prefix, expiry.idle_ttl)?,
+    };
+    let replica = ReplicaId::unique(cfg.replica_id.as_deref().unwrap_or("tandem"))?;
+    store
+        .heartbeat(&replica, cfg.heartbeat_ttl())
+        .await
+        .context("first heartbeat")?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let engine = Arc::new(Engine::start(model, tokenizer, engine_cfg));
+    let (stop, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        cfg,
+        served,
+        engine,
+        store,
+        params,
+        replica: replica.clone(),
+        sessions: DashMap::new(),
+        draining: AtomicBool::new(false),
+        stop,
+        next_conn: AtomicU64::new(1),
+    });
+    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
+    let (accept_stop, mut accept_rx) = watch::channel(false);
+    let app = app(shared.clone());
+    let serve = tokio::spawn(async move {
+        let signal = async move {
+            let _ = accept_rx.wait_for(|v| *v).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+        {
+            tracing::error!(error = %e, "listener failed");
+        }
+    });
+    tracing::info!(%addr, replica = %replica, "serving");
+    Ok(ServerHandle {
+        addr,
+        replica: replica.to_string(),
+        shared,
+        accept_stop,
+        serve,
+        heartbeat,
+    })
+}
+
+/// Resolves once `stop` is `true` (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+fn app(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(WS_PATH, get(ws_upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared)
+}
+
+async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
+    // Accept messages up to twice our limit so that a frame over the limit gets a
+    // `frame_too_large` answer; beyond that the WebSocket layer drops the connection.
+    let transport_max = shared.cfg.max_frame_bytes.saturating_mul(2).max(64 << 10);
+    ws.max_message_size(transport_max)
+        .max_frame_size(transport_max)
+        .on_upgrade(move |socket| ws::serve_connection(shared, socket))
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>) {
+    let ttl = shared.cfg.heartbeat_ttl();
+    loop {
+        if let Err(e) = shared.store.heartbeat(&shared.replica, ttl).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+}
+
+/// `dir` itself if it holds a manifest, else `dir/cloud` (a whole split directory).
+fn cloud_dir(dir: &Path) -> PathBuf {
+    if dir.join(MANIFEST_FILE).is_file() {
+        dir.to_path_buf()
+    } else {
+        dir.join("cloud")
+    }
+}
+
+type Loaded = (
+    Served,
+    CloudModel,
+    Option<tandem_model::tokenizer::TextTokenizer>,
+);
+
+fn load_cloud(dir: &Path) -> anyhow::Result<Loaded> {
+    let ck = Checkpoint::open_part(dir, Part::Cloud)
+        .with_context(|| format!("opening the cloud checkpoint {}", dir.display()))?;
+    let manifest = ck
+        .manifest
+        .clone()
+        .context("the cloud checkpoint has no manifest")?;
+    let split = SplitPoint::new(manifest.edge_layers, manifest.num_layers)?;
+    // The engine computes in f32 on the CPU whatever the stored dtype.
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: &Device::Cpu,
+    };
+    let model = CloudModel::load(ck.tensors.as_ref(), &ck.config, split, opts)?;
+    let served = Served {
+        pair_id: manifest.pair_id.clone(),
+        split: u32::try_from(manifest.edge_layers)?,
+        hidden_size: manifest.hidden_size,
+        max_context: ck.config.max_position_embeddings,
+    };
+    Ok((served, model, ck.tokenizer))
+}
+
+fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
+    let c = model.config();
+    let range = model.split().cloud_range();
+    let layout = KvLayout {
+        first_layer: range.start,
+        num_layers: range.len(),
+        num_blocks: 0,
+        block_size: cfg.block_size,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        dtype: KvDtype::F32,
+    };
+    let bytes = (cfg.kv_cache_gib * (1u64 << 30) as f64) as usize;
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            policy: cfg.policy.policy(),
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_batch_seqs: cfg.max_batch_seqs,
+            max_sessions: cfg.max_sessions,
+            max_queued_tokens: cfg.max_queued_tokens,
+            max_context: c.max_position_embeddings,
+        },
+        block_size: cfg.block_size,
+        kv_blocks: layout.blocks_for_budget(bytes).max(1),
+        kv_dtype: KvDtype::F32,
+        prefix_sharing: cfg.prefix_sharing,
+    }
+}

@@ -1,0 +1,643 @@
+//! One actor task per session: the single owner of the session's protocol state.
+//!
+//! The connection task decodes frames and sends them here as [`SessionCmd`]s; the engine sends
+//! [`Event`]s on the session's own unbounded channel. The actor checks each `Hidden` against
+//! the state machine of docs/protocol.md §6 (sequence numbers, positions, the token owed,
+//! limits), queues accepted inputs and feeds the engine one complete input at a time (the
+//! scheduler takes no input while a token is owed), and turns tokens into frames.
+//!
+//! Invariants:
+//! - `tokens` holds every token the engine produced for this session, in order; the device
+//!   has (or is sent) every one from `device_has` on, so a `Resume` resends exactly the ones
+//!   after the device's last.
+//! - A `Hidden` is accepted only when the device may send it: the complete inputs accepted so
+//!   far are at most the tokens it holds (`max(device_has, tokens.len())`). In a Replay the
+//!   device holds tokens the new engine session has not produced yet, so its replayed frames
+//!   are queued here and fed as the tokens come, and those tokens are not sent again.
+//! - The session leaves the live table when the actor ends: at the end of the grace period
+//!   after its connection dropped (or after `Done`, so a device that missed `Done` can still
+//!   `Resume` and get it), on a fatal error, or at shutdown.
+//!
+//! Costs: per session, its tokens (ids and text) and the inputs queued but not yet fed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tandem_protocol::wire::{
+    Done, DoneReason, ErrorCode, ErrorFrame, Frame, HiddenDtype, Opened, ResumeToken, SessionId,
+    Token, MAX_ERROR_MESSAGE_LEN, MAX_TEXT_DELTA_LEN,
+};
+use tandem_scheduler::{SchedError, SeqId};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{stopped, Shared};
+use crate::engine::{EngineError, Event};
+use crate::store::{self, SessionState, SessionUpdate};
+
+/// What goes to a connection's writer.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Frame(Vec<u8>),
+    /// Send a WebSocket close and stop.
+    Close,
+}
+
+/// A connection as a session sees it.
+#[derive(Clone, Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: u64,
+    pub(crate) out: mpsc::Sender<Outbound>,
+    /// Wakes the writer to drop the socket at once (when its queue is full).
+    pub(crate) kill: Arc<Notify>,
+}
+
+impl Conn {
+    /// Queues a frame; `false` if the queue is full or the writer is gone.
+    fn send(&self, frame: &Frame) -> bool {
+        match frame.encode() {
+            Ok(bytes) => self.out.try_send(Outbound::Frame(bytes)).is_ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an outgoing frame");
+                false
+            }
+        }
+    }
+
+    fn close(&self) {
+        if self.out.try_send(Outbound::Close).is_err() {
+            self.kill.notify_one();
+        }
+    }
+}
+
+/// One `Hidden` frame, decoded to f32 and checked for shape and finiteness.
+#[derive(Debug)]
+pub(crate) struct Input {
+    pub(crate) seq: u64,
+    pub(crate) first_position: u32,
+    pub(crate) rows: usize,
+    pub(crate) complete: bool,
+    pub(crate) dtype: HiddenDtype,
+    pub(crate) data: Vec<f32>,
+}
+
+pub(crate) enum SessionCmd {
+    /// A connection takes the session over; the actor answers `Opened` on it, then resends
+    /// what the device missed. The reply says whether the session accepted it.
+    Attach {
+        conn: Conn,
+        token: [u8; 32],
+        last_token_seq: Option<u64>,
+        reply: oneshot::Sender<bool>,
+    },
+    Hidden {
+        conn: u64,
+        input: Input,
+    },
+    Cancel {
+        conn: u64,
+    },
+    /// The connection found a bad frame; the actor answers it (and ends the session unless the
+    /// code is a 3xx one).
+    Fail {
+        conn: u64,
+        error: ErrorFrame,
+    },
+    /// The connection is gone.
+    Detach {
+        conn: u64,
+    },
+}
+
+/// The live table's entry for a session.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionHandle {
+    pub(crate) id: u64,
+    pub(crate) tx: mpsc::Sender<SessionCmd>,
+    running: Arc<AtomicBool>,
+}
+
+impl SessionHandle {
+    /// Whether the generation has not ended yet.
+    pub(crate) fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+}
+
+/// How a session starts.
+#[derive(Debug)]
+pub(crate) struct Setup {
+    pub(crate) id: u64,
+    pub(crate) seq: SeqId,
+    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    pub(crate) dtype: HiddenDtype,
+    pub(crate) max_tokens: u32,
+    /// Tokens the device already holds (`last_token_seq + 1` of a Replay's `Resume`).
+    pub(crate) device_has: u64,
+}
+
+/// Spawns the actor and registers it in the live table.
+pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
+    let (tx, cmds) = mpsc::channel(64);
+    let running = Arc::new(AtomicBool::new(true));
+    let handle = SessionHandle {
+        id: setup.id,
+        tx,
+        running: running.clone(),
+    };
+    shared.sessions.insert(setup.id, handle.clone());
+    let stop = shared.stop.subscribe();
+    let actor = Actor {
+        shared,
+        id: setup.id,
+        seq: setup.seq,
+        events: setup.events,
+        cmds,
+        running,
+        conn: None,
+        dtype: setup.dtype,
+        max_tokens: setup.max_tokens,
+        next_hidden_seq: 0,
+        next_position: 0,
+        prompt_tokens: None,
+        completes_accepted: 0,
+        completes_fed: 0,
+        queue: VecDeque::new(),
+        tokens: Vec::new(),
+        device_has: setup.device_has,
+        done: None,
+        grace: None,
+        marked_generating: false,
+    };
+    tokio::spawn(actor.run(stop));
+    handle
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    id: u64,
+    seq: SeqId,
+    events: mpsc::UnboundedReceiver<Event>,
+    cmds: mpsc::Receiver<SessionCmd>,
+    running: Arc<AtomicBool>,
+    conn: Option<Conn>,
+    dtype: HiddenDtype,
+    max_tokens: u32,
+    next_hidden_seq: u64,
+    next_position: u64,
+    /// Positions of the prompt, once its complete chunk arrived.
+    prompt_tokens: Option<u64>,
+    completes_accepted: u64,
+    completes_fed: u64,
+    queue: VecDeque<Input>,
+    tokens: Vec<(u32, Option<String>)>,
+    device_has: u64,
+    done: Option<Done>,
+    /// When the session gives up waiting for a `Resume`.
+    grace: Option<Instant>,
+    marked_generating: bool,
+}
+
+/// Whether the actor goes on.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Exit,
+}
+
+fn error_frame(code: ErrorCode, seq: Option<u64>, message: impl Into<String>) -> ErrorFrame {
+    let mut message = message.into();
+    if message.len() > MAX_ERROR_MESSAGE_LEN {
+        let mut cut = MAX_ERROR_MESSAGE_LEN;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    ErrorFrame { code, seq, message }
+}
+
+impl Actor {
+    async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        tracing::debug!(session = self.id, "session started");
+        loop {
+            let grace = self.grace;
+            let flow = tokio::select! {
+                cmd = self.cmds.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => Flow::Exit,
+                },
+                ev = self.events.recv(), if self.done.is_none() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => {
+                        self.fail(error_frame(ErrorCode::Internal, None, "the engine stopped"))
+                            .await
+                    }
+                },
+                _ = sleep_until_opt(grace), if grace.is_some() => {
+                    if self.done.is_none() {
+                        tracing::info!(session = self.id, "no resume within the grace period; closing");
+                        self.release(true).await;
+                    }
+                    Flow::Exit
+                }
+                _ = stopped(&mut stop) => {
+                    self.on_shutdown().await;
+                    Flow::Exit
+                }
+            };
+            if flow == Flow::Exit {
+                break;
+            }
+        }
+        self.running.store(false, Ordering::SeqCst);
+        self.shared.sessions.remove(&self.id);
+        tracing::debug!(session = self.id, "session left the table");
+    }
+
+    async fn handle(&mut self, cmd: SessionCmd) -> Flow {
+        match cmd {
+            SessionCmd::Attach {
+                conn,
+                token,
+                last_token_seq,
+                reply,
+            } => {
+                self.attach(conn, token, last_token_seq);
+                let _ = reply.send(true);
+                Flow::Continue
+            }
+            SessionCmd::Hidden { conn, input } if self.is_current(conn) => {
+                self.on_hidden(input).await
+            }
+            SessionCmd::Cancel { conn } if self.is_current(conn) => {
+                if self.done.is_none() {
+                    tracing::info!(session = self.id, "cancelled by the device");
+                    self.end_generation(DoneReason::Cancelled).await;
+                }
+                Flow::Continue
+            }
+            SessionCmd::Fail { conn, error } if self.is_current(conn) => {
+                if error.code.is_retryable() {
+                    tracing::info!(session = self.id, code = %error.code, "dropping the connection");
+                    self.send(&Frame::Error(error));
+                    self.detach_current();
+                    Flow::Continue
+                } else {
+                    self.fail(error).await
+                }
+            }
+            SessionCmd::Detach { conn } if self.is_current(conn) => {
+                tracing::info!(
+                    session = self.id,
+                    conn,
+                    "connection dropped; waiting for resume"
+                );
+                self.conn = None;
+                self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+                Flow::Continue
+            }
+            // A frame from a connection the session no longer listens to.
+            SessionCmd::Hidden { .. }
+            | SessionCmd::Cancel { .. }
+            | SessionCmd::Fail { .. }
+            | SessionCmd::Detach { .. } => Flow::Continue,
+        }
+    }
+
+    fn is_current(&self, conn: u64) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.id == conn)
+    }
+
+    /// Sends on the current connection; a full queue (the device does not read) drops it.
+    fn send(&mut self, frame: &Frame) {
+        let Some(conn) = &self.conn else { return };
+        if !conn.send(frame) {
+            tracing::warn!(
+                session = self.id,
+                conn = conn.id,
+                "outbound queue full or closed; dropping the connection"
+            );
+            conn.kill.notify_one();
+            self.conn = None;
+            self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+        }
+    }
+
+    /// Closes the current connection (after what was queued) and waits for a `Resume`.
+    fn detach_current(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close();
+        }
+        self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+    }
+
+    fn attach(&mut self, conn: Conn, token: [u8; 32], last_token_seq: Option<u64>) {
+        if let Some(old) = self.conn.take() {
+            old.close();
+        }
+        tracing::info!(
+            session = self.id,
+            conn = conn.id,
+            next_hidden_seq = self.next_hidden_seq,
+            "attached"
+        );
+        self.conn = Some(conn);
+        self.grace = None;
+        let resend_from = last_token_seq.map_or(0, |s| s.saturating_add(1));
+        self.device_has = self.device_has.max(resend_from);
+        self.send(&Frame::Opened(Opened {
+            session: SessionId(self.id),
+            resume_token: ResumeToken(token),
+            next_hidden_seq: self.next_hidden_seq,
+        }));
+        let from = usize::try_from(resend_from).unwrap_or(usize::MAX);
+        for seq in from..self.tokens.len() {
+            let frame = self.token_frame(seq);
+            self.send(&frame);
+        }
+        if let Some(done) = self.done {
+            self.send(&Frame::Done(done));
+            self.detach_current();
+        }
+    }
+
+    fn token_frame(&self, seq: usize) -> Frame {
+        let (token_id, text) = self.tokens[seq].clone();
+        Frame::Token(Token {
+            seq: seq as u64,
+            token_id,
+            text,
+        })
+    }
+
+    /// Checks a `Hidden` against the state machine; accepts, drops or fails it.
+    async fn on_hidden(&mut self, input: Input) -> Flow {
+        if self.done.is_some() {
+            let e = error_frame(ErrorCode::Finished, Some(input.seq), "the generation ended");
+            self.send(&Frame::Error(e));
+            self.detach_current();
+            return Flow::Continue;
+        }
+        if input.seq < self.next_hidden_seq {
+            return Flow::Continue; // a duplicate (a resuming device resends)
+        }
+        if let Err(e) = self.check(&input) {
+            return self.fail(e).await;
+        }
+        self.next_hidden_seq += 1;
+        self.next_position += input.rows as u64;
+        if input.complete {
+            self.completes_accepted += 1;
+            self.prompt_tokens.get_or_insert(self.next_position);
+        }
+        if !self.marked_generating {
+            self.marked_generating = true;
+            self.update_store(SessionUpdate {
+                state: Some(SessionState::Generating),
+                ..SessionUpdate::default()
+            });
+        }
+        self.queue.push_back(input);
+        self.feed()
+    }
+
+    fn check(&self, input: &Input) -> Result<(), ErrorFrame> {
+        let seq = Some(input.seq);
+        if input.seq > self.next_hidden_seq {
+            return Err(error_frame(
+                ErrorCode::SequenceOutOfOrder,
+                seq,
+                format!("expected hidden sequence number {}", self.next_hidden_seq),
+            ));
+        }
+        let device_tokens = self.device_has.max(self.tokens.len() as u64);
+        if self.completes_accepted > device_tokens {
+            return Err(error_frame(
+                ErrorCode::UnexpectedFrame,
+                seq,
+                "a Hidden frame while a token is owed",
+            ));
+        }
+        if input.dtype != self.dtype {
+            return Err(error_frame(
+                ErrorCode::HiddenShape,
+                seq,
+                format!("dtype {} differs from Open's {}", input.dtype, self.dtype),
+            ));
+        }
+        if u64::from(input.first_position) != self.next_position {
+            return Err(error_frame(
+                ErrorCode::HiddenShape,
+                seq,
+                format!("expected first position {}", self.next_position),
+            ));
+        }
+        let end = self.next_position + input.rows as u64;
+        let cfg = &self.shared.cfg;
+        if self.prompt_tokens.is_none() && end > cfg.max_prompt_tokens as u64 {
+            return Err(error_frame(
+                ErrorCode::ContextLengthExceeded,
+                seq,
+                format!("prompt longer than {} tokens", cfg.max_prompt_tokens),
+            ));
+        }
+        let prompt = self.prompt_tokens.unwrap_or(end);
+        if prompt + u64::from(self.max_tokens) > self.shared.served.max_context as u64 {
+            return Err(error_frame(
+                ErrorCode::ContextLengthExceeded,
+                seq,
+                format!(
+                    "prompt + max tokens exceed the context of {}",
+                    self.shared.served.max_context
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands queued inputs to the engine, stopping after a complete one until its token comes.
+    fn feed(&mut self) -> Flow {
+        while self.completes_fed <= self.tokens.len() as u64 {
+            let Some(input) = self.queue.pop_front() else {
+                break;
+            };
+            let complete = input.complete;
+            if let Err(e) = self
+                .shared
+                .engine
+                .push_hidden_nowait(self.seq, input.data, input.rows, complete)
+            {
+                // Shape and finiteness were checked by the connection; only a stopped
+                // engine gets here. The event loop reports it.
+                tracing::error!(session = self.id, error = %e, "engine refused input");
+                break;
+            }
+            if complete {
+                self.completes_fed += 1;
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn on_event(&mut self, ev: Event) -> Flow {
+        match ev {
+            Event::Token { id, text } => {
+                let seq = self.tokens.len();
+                let text = (!text.is_empty()).then_some(text).map(|mut t| {
+                    if t.len() > MAX_TEXT_DELTA_LEN {
+                        tracing::warn!(session = self.id, "text delta over the wire cap; cut");
+                        let mut cut = MAX_TEXT_DELTA_LEN;
+                        while !t.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        t.truncate(cut);
+                    }
+                    t
+                });
+                self.tokens.push((id, text));
+                if seq as u64 >= self.device_has {
+                    let frame = self.token_frame(seq);
+                    self.send(&frame);
+                }
+                self.feed()
+            }
+            Event::Done { reason, .. } => {
+                self.end_generation(DoneReason::Finished(reason)).await;
+                Flow::Continue
+            }
+            Event::Error(e) => {
+                let (code, msg) = engine_error_code(&e);
+                tracing::warn!(session = self.id, code = %code, error = %e, "engine error");
+                self.fail(error_frame(code, None, msg)).await
+            }
+        }
+    }
+
+    /// Sends `Done`, frees the engine session and closes the store record; the actor lingers
+    /// for the grace period so a device that missed `Done` can still get it by `Resume`.
+    async fn end_generation(&mut self, reason: DoneReason) {
+        let done = Done {
+            reason,
+            prompt_tokens: u32::try_from(self.prompt_tokens.unwrap_or(self.next_position))
+                .unwrap_or(u32::MAX),
+            output_tokens: u32::try_from(self.tokens.len()).unwrap_or(u32::MAX),
+        };
+        tracing::info!(
+            session = self.id,
+            reason = done.reason.code(),
+            prompt_tokens = done.prompt_tokens,
+            output_tokens = done.output_tokens,
+            "generation done"
+        );
+        self.done = Some(done);
+        self.running.store(false, Ordering::SeqCst);
+        self.send(&Frame::Done(done));
+        self.detach_current();
+        self.queue.clear();
+        self.release(true).await;
+    }
+
+    /// Answers a fatal error (1xx, 2xx, 5xx), ends the session and the actor.
+    async fn fail(&mut self, error: ErrorFrame) -> Flow {
+        tracing::info!(session = self.id, code = %error.code, seq = ?error.seq, "session failed");
+        self.send(&Frame::Error(error));
+        if let Some(conn) = self.conn.take() {
+            conn.close();
+        }
+        if self.done.is_none() {
+            self.release(true).await;
+        }
+        Flow::Exit
+    }
+
+    /// The drain is over: a running session gets `shutting_down` and stays open in the store
+    /// (its device resumes elsewhere and replays).
+    async fn on_shutdown(&mut self) {
+        if self.done.is_none() {
+            let e = error_frame(
+                ErrorCode::ShuttingDown,
+                None,
+                "this replica is shutting down; resume elsewhere",
+            );
+            self.send(&Frame::Error(e));
+            self.release(false).await;
+        }
+        if let Some(conn) = self.conn.take() {
+            conn.close();
+        }
+    }
+
+    /// Frees the engine session; with `close_store`, also closes the store record and forgets
+    /// the `Open` parameters.
+    async fn release(&mut self, close_store: bool) {
+        self.running.store(false, Ordering::SeqCst);
+        let engine = self.shared.engine.clone();
+        let seq = self.seq;
+        let _ = tokio::task::spawn_blocking(move || engine.close(seq)).await;
+        if !close_store {
+            return;
+        }
+        let shared = self.shared.clone();
+        let id = store::SessionId(self.id);
+        let update = SessionUpdate {
+            state: Some(SessionState::Done),
+            add_tokens_in: self.next_position,
+            add_tokens_out: self.tokens.len() as u64,
+        };
+        // Off the session's path: a slow store never delays the device.
+        tokio::spawn(async move {
+            let by = &shared.replica;
+            if let Err(e) = shared.store.update_session(id, by, update).await {
+                tracing::debug!(session = id.0, error = %e, "store update at the end failed");
+            }
+            if let Err(e) = shared.store.close_session(id, by).await {
+                tracing::warn!(session = id.0, error = %e, "store close failed");
+            }
+            shared.params.remove(id.0).await;
+        });
+    }
+
+    fn update_store(&self, update: SessionUpdate) {
+        let shared = self.shared.clone();
+        let id = store::SessionId(self.id);
+        tokio::spawn(async move {
+            if let Err(e) = shared
+                .store
+                .update_session(id, &shared.replica, update)
+                .await
+            {
+                tracing::debug!(session = id.0, error = %e, "store update failed");
+            }
+        });
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wire code for an error the engine reported on a session's events.
+fn engine_error_code(e: &EngineError) -> (ErrorCode, &'static str) {
+    match e {
+        EngineError::Scheduler(SchedError::Overloaded(_)) => {
+            (ErrorCode::Overloaded, "the cloud is at capacity")
+        }
+        EngineError::Scheduler(SchedError::ContextLength { .. })
+        | EngineError::Scheduler(SchedError::TooLarge { .. }) => (
+            ErrorCode::ContextLengthExceeded,
+            "the sequence does not fit in the cloud's context",
+        ),
+        EngineError::Scheduler(SchedError::NotReady(_)) => (
+            ErrorCode::UnexpectedFrame,
+            "a Hidden frame while a token is owed",
+        ),
+        EngineError::Stopped => (ErrorCode::ShuttingDown, "the engine stopped"),
+        _ => (ErrorCode::Internal, "internal error"),
+    }
+}

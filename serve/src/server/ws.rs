@@ -1,0 +1,544 @@
+//! One task per WebSocket connection: the edge of the server where bytes become valid values.
+//!
+//! The reader checks every message (binary only, size, the per-connection frame rate), decodes
+//! it (`Hidden` without copying, then to f32 with shape and finiteness checked), runs the
+//! `Open`/`Resume` handshake, and forwards the rest to the session actor. A writer task drains
+//! the connection's bounded outbound queue into the socket. Before a session is attached, a
+//! bad frame is answered here and the connection closed; after, the session answers it (so the
+//! error goes out in order with its tokens).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::SinkExt;
+use tandem_protocol::wire::{
+    peek_frame_type, ErrorCode, ErrorFrame, Frame, FrameType, HiddenRef, Limits, Open, Resume,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
+use super::{stopped, Shared};
+use crate::engine::{EngineError, SessionParams};
+use crate::store::{self, Claim, NewSession, ResumeToken, StoreError};
+use tandem_scheduler::SchedError;
+
+/// Counts frames per one-second window.
+struct RateLimit {
+    max: u32,
+    window_start: Instant,
+    count: u32,
+}
+
+impl RateLimit {
+    fn new(max: u32) -> Self {
+        Self {
+            max,
+            window_start: Instant::now(),
+            count: 0,
+        }
+    }
+
+    /// Counts one frame; `false` when over the limit.
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.max
+    }
+}
+
+fn err(code: ErrorCode, seq: Option<u64>, message: &str) -> ErrorFrame {
+    ErrorFrame {
+        code,
+        seq,
+        message: message.to_owned(),
+    }
+}
+
+/// The connection's side of an attached session.
+struct Attached {
+    session: u64,
+    tx: mpsc::Sender<SessionCmd>,
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    conn: Conn,
+    attached: Option<Attached>,
+    rate: RateLimit,
+    /// An error was sent before any session: wait for the writer to close.
+    closing: bool,
+}
+
+pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (sink, mut stream) = socket.split();
+    let (out, out_rx) = mpsc::channel(shared.cfg.outbound_queue);
+    let kill = Arc::new(Notify::new());
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, kill.clone()));
+    let handshake_by = tokio::time::Instant::now() + shared.cfg.handshake_timeout();
+    let mut stop = shared.stop.subscribe();
+    let mut c = Connection {
+        rate: RateLimit::new(shared.cfg.max_frames_per_second),
+        shared,
+        conn: Conn { id, out, kill },
+        attached: None,
+        closing: false,
+    };
+    tracing::debug!(conn = id, "connection opened");
+    let mut writer_done = false;
+    loop {
+        let waiting = c.attached.is_none() && !c.closing;
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(msg)) => c.on_message(msg).await,
+                Some(Err(e)) => {
+                    tracing::debug!(conn = id, error = %e, "websocket error");
+                    break;
+                }
+                None => break,
+            },
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
+            _ = tokio::time::sleep_until(handshake_by), if waiting => {
+                tracing::info!(conn = id, "no Open or Resume in time");
+                c.reject(err(ErrorCode::UnexpectedFrame, None, "expected Open or Resume"));
+            }
+            _ = stopped(&mut stop), if waiting => {
+                c.reject(err(ErrorCode::ShuttingDown, None, "this replica is shutting down"));
+            }
+        }
+    }
+    if let Some(a) = c.attached.take() {
+        tracing::debug!(conn = id, session = a.session, "detaching");
+        let _ = a.tx.send(SessionCmd::Detach { conn: id }).await;
+    }
+    if !writer_done {
+        // The device is gone: nothing more needs writing.
+        c.conn.kill.notify_one();
+    }
+    tracing::debug!(conn = id, "connection closed");
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    kill: Arc<Notify>,
+) {
+    loop {
+        let next = tokio::select! {
+            next = rx.recv() => next,
+            _ = kill.notified() => return,
+        };
+        let sent = match next {
+            Some(Outbound::Frame(bytes)) => tokio::select! {
+                r = sink.send(Message::Binary(bytes.into())) => r,
+                _ = kill.notified() => return,
+            },
+            Some(Outbound::Close) | None => {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
+                        .await;
+                return;
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+impl Connection {
+    /// Answers an error before any session exists, and closes.
+    fn reject(&mut self, e: ErrorFrame) {
+        tracing::info!(conn = self.conn.id, code = %e.code, "rejected");
+        if let Ok(bytes) = Frame::Error(e).encode() {
+            let _ = self.conn.out.try_send(Outbound::Frame(bytes));
+        }
+        let _ = self.conn.out.try_send(Outbound::Close);
+        self.closing = true;
+    }
+
+    /// A frame error: the session answers it if there is one, else this connection does.
+    async fn error(&mut self, e: ErrorFrame) {
+        match &self.attached {
+            Some(a) => {
+                let _ =
+                    a.tx.send(SessionCmd::Fail {
+                        conn: self.conn.id,
+                        error: e,
+                    })
+                    .await;
+            }
+            None => self.reject(e),
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) {
+        if self.closing {
+            return;
+        }
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Text(_) => {
+                return self
+                    .error(err(
+                        ErrorCode::MalformedFrame,
+                        None,
+                        "text messages are not used",
+                    ))
+                    .await
+            }
+            // The WebSocket layer answers pings; closes end the stream.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
+        };
+        if !self.rate.allow() {
+            return self
+                .error(err(
+                    ErrorCode::RateLimited,
+                    None,
+                    "too many frames per second",
+                ))
+                .await;
+        }
+        let max = self.shared.cfg.max_frame_bytes;
+        if bytes.len() > max {
+            let msg = format!("frame of {} bytes; the limit is {max}", bytes.len());
+            return self.error(err(ErrorCode::FrameTooLarge, None, &msg)).await;
+        }
+        let limits = Limits {
+            max_frame_bytes: max,
+        };
+        match peek_frame_type(&bytes) {
+            Ok(FrameType::Hidden) => self.on_hidden(&bytes, &limits).await,
+            Ok(_) => match Frame::decode_with(&bytes, &limits) {
+                Ok(frame) => self.on_frame(frame, &bytes).await,
+                Err(e) => self.error(err(e.error_code(), None, &e.to_string())).await,
+            },
+            Err(e) => self.error(err(e.error_code(), None, &e.to_string())).await,
+        }
+    }
+
+    async fn on_hidden(&mut self, bytes: &[u8], limits: &Limits) {
+        let Some(a) = &self.attached else {
+            return self.reject(err(
+                ErrorCode::UnexpectedFrame,
+                None,
+                "Hidden before Open or Resume",
+            ));
+        };
+        let tx = a.tx.clone();
+        let h = match HiddenRef::decode(bytes, limits) {
+            Ok(h) => h,
+            Err(e) => return self.error(err(e.error_code(), None, &e.to_string())).await,
+        };
+        if h.token_count == 0 {
+            return self
+                .error(err(ErrorCode::HiddenShape, Some(h.seq), "zero tokens"))
+                .await;
+        }
+        let mut data = Vec::new();
+        if let Err(e) = h.to_f32(self.shared.served.hidden_size, &mut data) {
+            return self
+                .error(err(e.error_code(), Some(h.seq), &e.to_string()))
+                .await;
+        }
+        let input = Input {
+            seq: h.seq,
+            first_position: h.first_position,
+            rows: h.token_count as usize,
+            complete: h.complete,
+            dtype: h.dtype,
+            data,
+        };
+        let _ = tx
+            .send(SessionCmd::Hidden {
+                conn: self.conn.id,
+                input,
+            })
+            .await;
+    }
+
+    async fn on_frame(&mut self, frame: Frame, bytes: &[u8]) {
+        match (frame, &self.attached) {
+            (Frame::Ping { nonce }, _) => {
+                if let Ok(b) = (Frame::Pong { nonce }).encode() {
+                    let _ = self.conn.out.try_send(Outbound::Frame(b));
+                }
+            }
+            (Frame::Pong { .. }, _) => {}
+            (Frame::Open(open), None) => match open_session(&self.shared, open, bytes).await {
+                Ok((handle, token)) => self.attach(handle, token, None).await,
+                Err(e) => self.reject(e),
+            },
+            (Frame::Resume(r), None) => match resume_session(&self.shared, &r).await {
+                Ok(handle) => {
+                    self.attach(handle, r.resume_token.0, r.last_token_seq)
+                        .await
+                }
+                Err(e) => self.reject(e),
+            },
+            (Frame::Cancel, Some(a)) => {
+                let _ = a.tx.send(SessionCmd::Cancel { conn: self.conn.id }).await;
+            }
+            (Frame::Error(e), _) => {
+                tracing::info!(conn = self.conn.id, code = %e.code, "the device reported an error");
+            }
+            (frame, _) => {
+                let msg = format!("{:?} not allowed now", frame.frame_type());
+                self.error(err(ErrorCode::UnexpectedFrame, None, &msg))
+                    .await;
+            }
+        }
+    }
+
+    async fn attach(&mut self, handle: SessionHandle, token: [u8; 32], last: Option<u64>) {
+        let (reply, answer) = oneshot::channel();
+        let cmd = SessionCmd::Attach {
+            conn: self.conn.clone(),
+            token,
+            last_token_seq: last,
+            reply,
+        };
+        let ok = handle.tx.send(cmd).await.is_ok() && answer.await.unwrap_or(false);
+        if !ok {
+            return self.reject(err(ErrorCode::Finished, None, "the session ended"));
+        }
+        tracing::debug!(conn = self.conn.id, session = handle.id, "attached");
+        self.attached = Some(Attached {
+            session: handle.id,
+            tx: handle.tx,
+        });
+    }
+}
+
+/// What an `Open` asks for, checked against what this cloud serves.
+fn session_params(shared: &Shared, open: &Open) -> Result<SessionParams, ErrorFrame> {
+    let s = &shared.served;
+    if open.manifest.as_bytes() != s.pair_id.as_bytes() {
+        return Err(err(
+            ErrorCode::ManifestMismatch,
+            None,
+            "this cloud serves another model pair",
+        ));
+    }
+    if open.split != s.split || open.hidden_size as usize != s.hidden_size {
+        let msg = format!(
+            "this cloud serves split {} with hidden size {}",
+            s.split, s.hidden_size
+        );
+        return Err(err(ErrorCode::ManifestMismatch, None, &msg));
+    }
+    let sampling = open
+        .sampling
+        .validate()
+        .map_err(|e| err(ErrorCode::BadSamplingParams, None, &e.to_string()))?;
+    let cap = shared.cfg.max_tokens_cap;
+    if open.max_tokens == 0 || open.max_tokens > cap {
+        let msg = format!("max tokens must be in 1..={cap}");
+        return Err(err(ErrorCode::BadSamplingParams, None, &msg));
+    }
+    Ok(SessionParams {
+        sampling,
+        max_tokens: open.max_tokens as usize,
+        stop_strings: open.stop.clone(),
+        eos_ids: None,
+    })
+}
+
+fn store_error(e: &StoreError) -> ErrorFrame {
+    tracing::warn!(error = %e, "session store");
+    err(
+        ErrorCode::Unavailable,
+        None,
+        "the session store is unavailable",
+    )
+}
+
+/// Opens the engine session and spawns its actor.
+async fn spawn_session(
+    shared: &Arc<Shared>,
+    id: u64,
+    open: &Open,
+    device_has: u64,
+) -> Result<SessionHandle, ErrorFrame> {
+    let params = session_params(shared, open)?;
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let engine = shared.engine.clone();
+    let opened = tokio::task::spawn_blocking(move || engine.open_session_with(params, events_tx))
+        .await
+        .unwrap_or(Err(EngineError::Stopped));
+    let seq = opened.map_err(|e| match e {
+        EngineError::Scheduler(SchedError::Overloaded(_)) => {
+            err(ErrorCode::Overloaded, None, "the cloud is at capacity")
+        }
+        EngineError::Stopped => err(ErrorCode::ShuttingDown, None, "the engine stopped"),
+        e => {
+            tracing::error!(error = %e, "engine open failed");
+            err(ErrorCode::Internal, None, "internal error")
+        }
+    })?;
+    Ok(session::spawn(
+        shared.clone(),
+        Setup {
+            id,
+            seq,
+            events,
+            dtype: open.dtype,
+            max_tokens: open.max_tokens,
+            device_has,
+        },
+    ))
+}
+
+async fn open_session(
+    shared: &Arc<Shared>,
+    open: Open,
+    bytes: &[u8],
+) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
+    if shared.draining.load(Ordering::SeqCst) {
+        return Err(err(
+            ErrorCode::ShuttingDown,
+            None,
+            "this replica is shutting down",
+        ));
+    }
+    session_params(shared, &open)?; // refuse before touching the store
+    let id = shared
+        .store
+        .next_session_id()
+        .await
+        .map_err(|e| store_error(&e))?;
+    let token = ResumeToken::generate();
+    let new = NewSession {
+        id,
+        owner: shared.replica.clone(),
+    };
+    shared
+        .store
+        .create_session(new, token.hash())
+        .await
+        .map_err(|e| store_error(&e))?;
+    let cleanup = |shared: Arc<Shared>| async move {
+        let _ = shared.store.close_session(id, &shared.replica).await;
+        shared.params.remove(id.0).await;
+    };
+    if let Err(e) = shared.params.put(id.0, bytes.to_vec()).await {
+        tracing::warn!(error = %e, "storing the session's parameters");
+        cleanup(shared.clone()).await;
+        return Err(err(
+            ErrorCode::Unavailable,
+            None,
+            "the session store is unavailable",
+        ));
+    }
+    match spawn_session(shared, id.0, &open, 0).await {
+        Ok(handle) => {
+            tracing::info!(
+                session = id.0,
+                dtype = %open.dtype,
+                max_tokens = open.max_tokens,
+                "session opened"
+            );
+            Ok((handle, *token.as_bytes()))
+        }
+        Err(e) => {
+            cleanup(shared.clone()).await;
+            Err(e)
+        }
+    }
+}
+
+async fn resume_session(shared: &Arc<Shared>, r: &Resume) -> Result<SessionHandle, ErrorFrame> {
+    if shared.draining.load(Ordering::SeqCst) {
+        return Err(err(
+            ErrorCode::ShuttingDown,
+            None,
+            "this replica is shutting down",
+        ));
+    }
+    let id = store::SessionId(r.session.0);
+    let token = ResumeToken::from_bytes(r.resume_token.0);
+    let local = || shared.sessions.get(&id.0).map(|h| h.value().clone());
+    match shared.store.verify_resume(id, &token).await {
+        Ok(_) => {}
+        Err(StoreError::UnknownSession(_)) => {
+            return Err(err(
+                ErrorCode::UnknownSession,
+                None,
+                "unknown or expired session",
+            ))
+        }
+        Err(StoreError::BadResumeToken(_)) => {
+            return Err(err(ErrorCode::BadResumeToken, None, "wrong resume token"))
+        }
+        // Ended here recently: the actor still holds its tokens and `Done`.
+        Err(StoreError::SessionClosed(_)) => {
+            return local().ok_or_else(|| err(ErrorCode::Finished, None, "the session ended"))
+        }
+        Err(e) => return Err(store_error(&e)),
+    }
+    if let Some(handle) = local() {
+        tracing::info!(session = id.0, "resume on the same replica");
+        return Ok(handle);
+    }
+    match shared
+        .store
+        .claim(id, &shared.replica)
+        .await
+        .map_err(|e| match e {
+            StoreError::SessionClosed(_) => err(ErrorCode::Finished, None, "the session ended"),
+            StoreError::UnknownSession(_) => err(
+                ErrorCode::UnknownSession,
+                None,
+                "unknown or expired session",
+            ),
+            e => store_error(&e),
+        })? {
+        Claim::OwnerAlive { owner } => {
+            tracing::info!(session = id.0, %owner, "resume refused: the owner is alive");
+            Err(err(
+                ErrorCode::Unavailable,
+                None,
+                "another replica holds the session; retry",
+            ))
+        }
+        Claim::Owned { .. } => {
+            // Our process does not hold its state (another replica died, or we restarted):
+            // rebuild it from the device's replay.
+            let bytes = shared
+                .params
+                .get(id.0)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "reading the session's parameters");
+                    err(
+                        ErrorCode::Unavailable,
+                        None,
+                        "the session store is unavailable",
+                    )
+                })?
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::UnknownSession,
+                        None,
+                        "the session's parameters expired",
+                    )
+                })?;
+            let Ok(Frame::Open(open)) = Frame::decode(&bytes) else {
+                return Err(err(ErrorCode::Internal, None, "internal error"));
+            };
+            let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
+            tracing::info!(session = id.0, device_has, "replaying a session taken over");
+            spawn_session(shared, id.0, &open, device_has).await
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! End to end: the device library (`tandem-edge`) against the real server, over real
+//! sockets. Greedy output equals the whole model run locally; 32 concurrent devices get their
+//! solo outputs; a cut connection resumes; a restarted or killed replica (Redis-backed) is
+//! replaced by another that rebuilds the KV from a replay; the CLI runs on the demo model.
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use clap::Parser;
+use tandem_edge::cli::{Cli, Command as EdgeCommand};
+use tandem_edge::{
+    ClientConfig, EdgeBundle, EdgeClient, Event, Finished, GenerateRequest, ReconnectPolicy,
+    ServerList,
+};
+use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_model::pipeline::{self, LocalSplit, LocalSplitOptions};
+use tandem_protocol::{DoneReason, FinishReason, HiddenDtype, SamplingParams};
+use tandem_serve::server::{self, ServerConfig, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A tiny model split after layer 1, with a tokenizer and chat template.
+struct Fixture {
+    dir: tempfile::TempDir,
+    bundle: EdgeBundle,
+    local: LocalSplit,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = &common::specs()[0];
+        let hf = dir.path().join("hf");
+        common::write_hf(&hf, spec);
+        common::write_tokenizer(&hf);
+        let ck = Checkpoint::open(&hf).expect("open");
+        let opts = SplitOptions {
+            edge_layers: 1,
+            dtype: DType::F32,
+            force: false,
+            progress: false,
+        };
+        let split = dir.path().join("split");
+        write_split(&ck, &split, &opts).expect("split");
+        let bundle = EdgeBundle::load(&split).expect("edge");
+        let local = LocalSplit::load(
+            &split,
+            &LocalSplitOptions {
+                edge_layers: None,
+                dtype: None,
+                device: Device::Cpu,
+            },
+        )
+        .expect("local split");
+        Self { dir, bundle, local }
+    }
+
+    fn split_dir(&self) -> PathBuf {
+        self.dir.path().join("split")
+    }
+
+    fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            cloud: self.split_dir().join("cloud"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            kv_cache_gib: 0.02,
+            ..ServerConfig::default()
+        }
+    }
+
+    async fn server(&self) -> ServerHandle {
+        server::start(self.server_config()).await.expect("server")
+    }
+
+    fn client(&self, servers: ServerList, chunk: usize) -> EdgeClient {
+        let mut cfg = ClientConfig::new(servers);
+        cfg.prompt_chunk_tokens = chunk;
+        cfg.reconnect = ReconnectPolicy {
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+            max_attempts: 100,
+            max_elapsed: Duration::from_secs(60),
+            ..ReconnectPolicy::default()
+        };
+        EdgeClient::from_bundle(&self.bundle, cfg).expect("client")
+    }
+
+    /// The whole model, greedy, in one process.
+    fn reference(&self, prompt: &[u32], max_tokens: u32) -> pipeline::Generation {
+        let req = pipeline::GenerateRequest {
+            prompt_ids: prompt.to_vec(),
+            max_tokens: max_tokens as usize,
+            sampling: SamplingParams::default().validate().expect("greedy"),
+            stop_strings: vec![],
+            eos_ids: None,
+        };
+        self.local
+            .generate(&req, &mut |_| {})
+            .expect("local generate")
+    }
+
+    /// Prompt number `i`: distinct lengths and contents, a shared 6-token "system prefix".
+    fn prompt(&self, i: usize) -> Vec<u32> {
+        let spec = &common::specs()[0];
+        let mut p: Vec<u32> = (0..6).map(|t| 10 + t).collect();
+        let body = common::prompt(spec, 40);
+        p.extend(
+            body.iter()
+                .skip(i % 7)
+                .take(5 + (i * 3) % 17)
+                .map(|t| (t + i as u32) % 290 + 4),
+        );
+        p
+    }
+
+    /// A prompt whose greedy output is at least `min` tokens (so a failure can land
+    /// mid-generation).
+    fn long_prompt(&self, min: usize, max_tokens: u32) -> Vec<u32> {
+        (0..200)
+            .map(|i| self.prompt(i))
+            .find(|p| self.reference(p, max_tokens).output_ids.len() >= min)
+            .expect("a prompt with a long output")
+    }
+}
+
+fn request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    let mut req = GenerateRequest::new(prompt);
+    req.system_prefix_len = 6;
+    req.max_tokens = max_tokens;
+    req
+}
+
+/// The client's tokens (with the end-of-sequence token the cloud sends) vs the local run's.
+fn assert_same(f: &Finished, want: &pipeline::Generation, what: &str) {
+    let mut ids = f.token_ids.clone();
+    if f.reason == DoneReason::Finished(FinishReason::Eos) {
+        ids.pop();
+    }
+    assert_eq!(ids, want.output_ids, "{what}: tokens");
+    assert_eq!(f.text, want.text, "{what}: text");
+    assert_eq!(
+        f.reason,
+        DoneReason::Finished(want.finish_reason),
+        "{what}: reason"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_over_a_real_socket_equals_the_whole_model() {
+    let fx = Fixture::new();
+    let server = fx.server().await;
+    for (i, chunk) in [(0, 4), (1, 256), (2, 1)] {
+        let prompt = fx.prompt(i);
+        let want = fx.reference(&prompt, 20);
+        let f = fx
+            .client(ServerList::single(server.ws_url()), chunk)
+            .generate(request(prompt.clone(), 20))
+            .expect("generate")
+            .finish()
+            .await
+            .expect("finished");
+        assert_same(&f, &want, &format!("prompt {i}, chunk {chunk}"));
+        assert_eq!(f.usage.prompt_tokens as usize, prompt.len());
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_devices_get_their_solo_outputs() {
+    let fx = Fixture::new();
+    let server = fx.server().await;
+    let prompts: Vec<Vec<u32>> = (0..32).map(|i| fx.prompt(i)).collect();
+    let wants: Vec<_> = prompts.iter().map(|p| fx.reference(p, 16)).collect();
+    let client = fx.client(ServerList::single(server.ws_url()), 8);
+    let generations: Vec<_> = prompts
+        .iter()
+        .map(|p| client.generate(request(p.clone(), 16)).expect("generate"))
+        .collect();
+    let mut tasks = Vec::new();
+    for g in generations {
+        tasks.push(tokio::spawn(g.finish()));
+    }
+    for (i, (task, want)) in tasks.into_iter().zip(&wants).enumerate() {
+        let f = task.await.expect("join").expect("finished");
+        assert_same(&f, want, &format!("device {i}"));
+    }
+    server.shutdown().await;
+}
+
+/// A TCP proxy that adds `delay` before each chunk it forwards to the server (so a
+/// generation is slow enough to interrupt) and can cut every open connection.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<tokio::sync::Notify>,
+    generation: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let generation = Arc::new(AtomicUsize::new(0));
+        let (c, g) = (cut.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let (c, g) = (c.clone(), g.clone());
+                tokio::spawn(async move {
+                    let born = g.load(Ordering::SeqCst);
+                    let Ok(up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let to_server = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = dr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            tokio::time::sleep(delay).await;
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let to_device = async {
+                        let _ = tokio::io::copy(&mut ur, &mut dw).await;
+                    };
+                    let cut_now = async {
+                        loop {
+                            c.notified().await;
+                            if g.load(Ordering::SeqCst) > born {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = to_server => {}
+                        _ = to_device => {}
+                        _ = cut_now => {}
+                    }
+                    // Dropping both halves of both sockets: the device sees a dead line.
+                });
+            }
+        });
+        Self {
+            addr,
+            cut,
+            generation,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/v1/edge/ws", self.addr)
+    }
+
+    /// Drops every connection open now (later ones pass).
+    fn cut_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits for `n` token events; returns how many tokens were seen.
+async fn wait_tokens(g: &mut tandem_edge::Generation, n: usize) -> usize {
+    let mut seen = 0;
+    while seen < n {
+        match g.next().await.expect("events") {
+            Event::Token { .. } => seen += 1,
+            Event::Done(_) => panic!("the generation ended before the failure was injected"),
+            Event::Error(e) => panic!("generation failed: {e}"),
+            _ => {}
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_resumes_with_unchanged_output() {
+    let fx = Fixture::new();
+    let server = fx.server().await;
+    let prompt = fx.long_prompt(24, 32);
+    let want = fx.reference(&prompt, 32);
+    let proxy = Proxy::start(server.addr(), Duration::from_millis(15)).await;
+    let mut g = fx
+        .client(ServerList::single(proxy.url()), 8)
+        .generate(request(prompt, 32))
+        .expect("generate");
+    let before = wait_tokens(&mut g, 3).await;
+    proxy.cut_all();
+    let f = g.finish().await.expect("finished");
+    assert!(
+        f.token_ids.len() > before + 10,
+        "the cut was mid-generation"
+    );
+    assert!(f.wire.reconnects >= 1, "it reconnected: {:?}", f.wire);
+    assert_same(&f, &want, "after a cut");
+    server.shutdown().await;
+}
+
+/// `tandem serve` as a child process.
+struct ServeProcess {
+    child: Child,
+    url: String,
+    addr: SocketAddr,
+}
+
+impl ServeProcess {
+    fn start(cloud: &Path, redis: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--kv-cache-gib", "0.02"])
+            .arg("--cloud")
+            .arg(cloud)
+            .args(["--redis", redis])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tandem serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        let addr = url
+            .trim_start_matches("ws://")
+            .trim_end_matches("/v1/edge/ws")
+            .parse()
+            .expect("address");
+        Self { child, url, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts a generation on replica A (through a slow proxy), kills A mid-generation, and
+/// points the device at replica B, which must rebuild the session from a replay.
+async fn fail_over(second_started_before: bool) {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let cloud = fx.split_dir().join("cloud");
+    let prompt = fx.long_prompt(24, 32);
+    let want = fx.reference(&prompt, 32);
+    let mut a = ServeProcess::start(&cloud, &redis.url());
+    let mut b = second_started_before.then(|| ServeProcess::start(&cloud, &redis.url()));
+    let proxy = Proxy::start(a.addr, Duration::from_millis(15)).await;
+    let servers = ServerList::single(proxy.url());
+    let mut g = fx
+        .client(servers.clone(), 8)
+        .generate(request(prompt, 32))
+        .expect("generate");
+    let before = wait_tokens(&mut g, 3).await;
+    a.kill();
+    proxy.cut_all();
+    let b = b.get_or_insert_with(|| ServeProcess::start(&cloud, &redis.url()));
+    servers.set(vec![b.url.clone()]);
+    let f = g.finish().await.expect("finished on the other replica");
+    assert!(
+        f.token_ids.len() > before + 10,
+        "the kill was mid-generation"
+    );
+    assert!(
+        f.wire.replays >= 1,
+        "the new replica replayed: {:?}",
+        f.wire
+    );
+    assert_same(&f, &want, "after a fail-over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_rebuilds_the_session_from_a_replay() {
+    fail_over(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_started_on_one_replica_finishes_on_another() {
+    fail_over(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_bytes_per_token_for_each_dtype() {
+    let fx = Fixture::new();
+    let server = fx.server().await;
+    let prompt = fx.long_prompt(8, 8);
+    let hidden = fx.bundle.model.config().hidden_size;
+    for dtype in HiddenDtype::ALL {
+        let mut client_cfg = fx
+            .client(ServerList::single(server.ws_url()), 256)
+            .config()
+            .clone();
+        client_cfg.dtype = dtype;
+        let client = EdgeClient::from_bundle(&fx.bundle, client_cfg).expect("client");
+        let mut req = request(prompt.clone(), 8);
+        req.system_prefix_len = 0;
+        let f = client
+            .generate(req)
+            .expect("generate")
+            .finish()
+            .await
+            .expect("done");
+        let per_step = f.wire.decode_bytes / f.wire.decode_frames.max(1);
+        let expected = 28 + dtype.payload_len(1, hidden).expect("len") as u64;
+        assert_eq!(per_step, expected, "{dtype}");
+        println!(
+            "{dtype}: {per_step} bytes per decode step, {:.1} bytes per prompt token \
+             (hidden size {hidden}, {} prompt tokens in one chunk)",
+            f.wire.prompt_bytes as f64 / prompt.len() as f64,
+            prompt.len()
+        );
+        if dtype == HiddenDtype::F32 {
+            assert_same(&f, &fx.reference(&prompt, 8), "f32");
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_on_the_demo_model_produces_text() {
+    let Some(gguf) = common::demo_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let ck = Checkpoint::open(&gguf).expect("open demo");
+    let opts = SplitOptions {
+        edge_layers: 1,
+        dtype: DType::F32,
+        force: false,
+        progress: false,
+    };
+    write_split(&ck, dir.path(), &opts).expect("split demo");
+    let cfg = ServerConfig {
+        cloud: dir.path().join("cloud"),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        kv_cache_gib: 0.1,
+        ..ServerConfig::default()
+    };
+    let server = server::start(cfg).await.expect("server");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let edge = dir.path().join("edge");
+    let profile = examples.join("profile.json");
+    let prompt = examples.join("gift-prompt.txt");
+    let url = server.ws_url();
+    let cli = Cli::try_parse_from([
+        "tandem-edge",
+        "run",
+        "--edge",
+        edge.to_str().expect("utf8"),
+        "--server",
+        &url,
+        "--profile",
+        profile.to_str().expect("utf8"),
+        "--prompt-file",
+        prompt.to_str().expect("utf8"),
+        "--system",
+        "You are a helpful assistant.",
+        "--max-tokens",
+        "24",
+        "--dtype",
+        "f16",
+        "--json",
+    ])
+    .expect("arguments");
+    let EdgeCommand::Run(args) = cli.command;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let f = tandem_edge::cli::run(args, &mut out, &mut err)
+        .await
+        .expect("cli run");
+    assert!(!f.text.trim().is_empty(), "some text");
+    println!(
+        "demo (hidden 576, f16): {} bytes per decode step, {:.1} bytes per prompt token; \
+         first token after {:.0} ms, {:.1} tokens/s",
+        f.wire.decode_bytes / f.wire.decode_frames.max(1),
+        f.wire.prompt_bytes as f64 / f.usage.prompt_tokens.max(1) as f64,
+        f.timings.time_to_first_token_s * 1e3,
+        f.timings.decode_tokens_per_s
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out).expect("one JSON object");
+    assert_eq!(json["output"].as_str(), Some(f.text.as_str()));
+    assert!(json["transparency"]["sent"]["bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(json["timings"]["time_to_first_token_s"].as_f64().is_some());
+    server.shutdown().await;
+}
