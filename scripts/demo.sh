@@ -2,7 +2,8 @@
 # The main job end to end on embedded defaults: fetch the demo model (SmolLM2-135M-Instruct),
 # split it after layer 1, start `tandem serve` (in-memory session store) on a free loopback
 # port, run `tandem-edge run` with the sample profile and the gift-recommendation prompt over
-# a real WebSocket, print the recommendations and the transparency record, stop the server.
+# a real WebSocket (gift-prompt-short.txt: the 135M demo model follows a short prompt best;
+# gift-prompt.txt is the full template, with redactions), print the recommendations and the transparency record, stop the server.
 #
 # Environment: TANDEM_DEMO_EDGE_LAYERS (default 1), TANDEM_DEMO_MAX_TOKENS (default 160),
 # TANDEM_DEMO_DTYPE (wire dtype, default f16).
@@ -53,12 +54,12 @@ done
 [ -n "$url" ] || { cat "$log.err" >&2; echo "demo: the server did not start in 60 s" >&2; exit 1; }
 echo "server: $url" >&2
 
-step "5/5 tandem-edge run: examples/profile.json + examples/gift-prompt.txt"
+step "5/5 tandem-edge run: examples/profile.json + examples/gift-prompt-short.txt"
 target/release/tandem-edge run \
     --edge "$split/edge" \
     --server "$url" \
     --profile examples/profile.json \
-    --prompt-file examples/gift-prompt.txt \
+    --prompt-file examples/gift-prompt-short.txt \
     --system "$(cat examples/system-prompt.txt)" \
     --max-tokens "$max_tokens" \
     --dtype "$dtype" \

@@ -259,6 +259,8 @@ pub async fn run(
                 "time_to_first_token_s": finished.timings.time_to_first_token_s,
                 "total_s": finished.timings.total_s,
                 "tokens_per_s": finished.timings.decode_tokens_per_s,
+                "edge_prompt_s": finished.timings.edge_prompt_s,
+                "edge_decode_ms_per_token": finished.timings.edge_decode_ms_per_token,
             },
             "wire": finished.wire,
             "transparency": finished.record,
@@ -274,11 +276,12 @@ pub async fn run(
     }
     writeln!(
         err,
-        "finished: {} ({} output tokens, first token after {:.0} ms, {:.1} tokens/s)",
+        "finished: {} ({} output tokens, first token after {:.0} ms, {:.1} tokens/s; edge layers {:.1} ms per token)",
         reason_name(finished.reason),
         finished.usage.output_tokens,
         finished.timings.time_to_first_token_s * 1e3,
-        finished.timings.decode_tokens_per_s
+        finished.timings.decode_tokens_per_s,
+        finished.timings.edge_decode_ms_per_token
     )?;
     Ok(finished)
 }

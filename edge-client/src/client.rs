@@ -149,6 +149,11 @@ pub struct Timings {
     pub total_s: f64,
     /// Output tokens after the first, per second after the first.
     pub decode_tokens_per_s: f64,
+    /// Seconds this device spent in its edge layers over the prompt.
+    pub edge_prompt_s: f64,
+    /// Milliseconds this device spent in its edge layers per decode step (one token): the
+    /// device's share of each token's round trip.
+    pub edge_decode_ms_per_token: f64,
 }
 
 /// The end of a generation.

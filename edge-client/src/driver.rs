@@ -97,6 +97,11 @@ pub(crate) struct Driver {
     jitter: Jitter,
     started: Instant,
     first_token: Option<Instant>,
+    /// Time spent in the edge layers for decode steps (one-token inputs), and their count.
+    edge_decode: Duration,
+    edge_decode_steps: u64,
+    /// Time spent in the edge layers for the prompt.
+    edge_prompt: Duration,
 }
 
 impl Driver {
@@ -145,6 +150,9 @@ impl Driver {
             jitter: Jitter::new(),
             started: Instant::now(),
             first_token: None,
+            edge_decode: Duration::ZERO,
+            edge_decode_steps: 0,
+            edge_prompt: Duration::ZERO,
         }
     }
 
@@ -578,7 +586,14 @@ impl Driver {
         complete: bool,
     ) -> Result<Bytes, Stop> {
         debug_assert_eq!(position, self.edge.position());
+        let edge_started = Instant::now();
         let hidden = self.edge.feed(ids)?;
+        if ids.len() == 1 && !self.tokens.is_empty() {
+            self.edge_decode += edge_started.elapsed();
+            self.edge_decode_steps += 1;
+        } else {
+            self.edge_prompt += edge_started.elapsed();
+        }
         let values: Vec<f32> = hidden
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
@@ -642,6 +657,12 @@ impl Driver {
                 total_s: total.as_secs_f64(),
                 decode_tokens_per_s: if decode_s > 0.0 {
                     after_first / decode_s
+                } else {
+                    0.0
+                },
+                edge_prompt_s: self.edge_prompt.as_secs_f64(),
+                edge_decode_ms_per_token: if self.edge_decode_steps > 0 {
+                    1e3 * self.edge_decode.as_secs_f64() / self.edge_decode_steps as f64
                 } else {
                     0.0
                 },

@@ -512,5 +512,72 @@ async fn cli_on_the_demo_model_produces_text() {
     assert_eq!(json["output"].as_str(), Some(f.text.as_str()));
     assert!(json["transparency"]["sent"]["bytes"].as_u64().unwrap_or(0) > 0);
     assert!(json["timings"]["time_to_first_token_s"].as_f64().is_some());
+
+    // With f32 on the wire the split over the socket is exact: the same tokens as the
+    // in-process split over the same assembled prompt.
+    let system = "You are a helpful shopping assistant.";
+    let cli = Cli::try_parse_from([
+        "tandem-edge",
+        "run",
+        "--edge",
+        edge.to_str().expect("utf8"),
+        "--server",
+        &url,
+        "--profile",
+        profile.to_str().expect("utf8"),
+        "--prompt-file",
+        prompt.to_str().expect("utf8"),
+        "--system",
+        system,
+        "--max-tokens",
+        "24",
+        "--dtype",
+        "f32",
+        "--json",
+    ])
+    .expect("arguments");
+    let EdgeCommand::Run(args) = cli.command;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let f32_run = tandem_edge::cli::run(args, &mut out, &mut err)
+        .await
+        .expect("cli run f32");
+    let local = LocalSplit::load(
+        dir.path(),
+        &LocalSplitOptions {
+            edge_layers: None,
+            dtype: None,
+            device: Device::Cpu,
+        },
+    )
+    .expect("local split");
+    let assembled = tandem_edge::assemble(
+        Some(system),
+        &tandem_edge::PromptTemplate::from_file(&prompt).expect("template"),
+        &tandem_edge::Profile::from_file(&profile).expect("profile"),
+        &tandem_edge::Sanitizer::default(),
+        local.chat_template.as_ref(),
+        local.tokenizer.as_ref().expect("tokenizer"),
+    )
+    .expect("assemble");
+    let want = local
+        .generate(
+            &pipeline::GenerateRequest {
+                prompt_ids: assembled.ids.clone(),
+                max_tokens: 24,
+                sampling: SamplingParams::default().validate().expect("greedy"),
+                stop_strings: vec![],
+                eos_ids: None,
+            },
+            &mut |_| {},
+        )
+        .expect("local generate");
+    assert_eq!(f32_run.usage.prompt_tokens as usize, assembled.ids.len());
+    assert_same(&f32_run, &want, "demo over the socket, f32");
+    println!(
+        "demo (hidden 576, f32): {} bytes per decode step; {:.1} tokens/s; edge layers {:.2} ms per token",
+        f32_run.wire.decode_bytes / f32_run.wire.decode_frames.max(1),
+        f32_run.timings.decode_tokens_per_s,
+        f32_run.timings.edge_decode_ms_per_token
+    );
     server.shutdown().await;
 }
