@@ -19,9 +19,8 @@
 //!   shared, positions not computed, and whether every session's greedy output is the same
 //!   with and without sharing.
 //!
-//! KV waste (in the decode figures): `1 - positions held / (blocks used x block size)` at the
-//! moment the most blocks were in use (positions reserved for the step being run count as
-//! held).
+//! KV waste (in the decode figures): `1 - positions held / (blocks used x block size)` when
+//! every session has received half its output tokens (all of them then hold their KV).
 //!
 //! Caveat, stated in the output too: the devices' edge layers run in the driver thread on the
 //! same machine, so on a small CPU they take cores from the engine.
@@ -128,9 +127,14 @@ fn decode_run(
     // between two of its steps (as concurrent devices would), not one device at a time.
     let mut remaining = n;
     let mut decode_start = None;
+    let mut mid_decode = None;
     while remaining > 0 {
         if decode_start.is_none() && devices.iter().all(|d| d.4 > 0 || d.3) {
             decode_start = Some(engine.stats()?);
+        }
+        // Halfway through the outputs every session holds its KV, its last block part full.
+        if mid_decode.is_none() && devices.iter().all(|d| 2 * d.4 >= plan.gen_tokens || d.3) {
+            mid_decode = Some(engine.stats()?.scheduler);
         }
         let mut answers = Vec::new();
         for (s, kv, pos, done, got) in devices.iter_mut().filter(|d| !d.3) {
@@ -160,10 +164,11 @@ fn decode_run(
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    // The peak of block use (session counts grow run by run, so it is this run's): every
-    // session then holds its prompt and most of its output.
-    let held = engine.stats()?.scheduler;
-    let kv_blocks_used = held.peak_used_blocks;
+    let held = match mid_decode {
+        Some(h) => h,
+        None => engine.stats()?.scheduler,
+    };
+    let kv_blocks_used = held.total_blocks - held.free_blocks;
     let slots = kv_blocks_used * engine.block_size();
     for (s, ..) in &devices {
         engine.close(s.id)?;
@@ -186,9 +191,9 @@ fn decode_run(
         decode_tokens_per_s: decode_tokens as f64 / decode_busy.max(1e-9),
         preemptions: after.scheduler.preemptions - before.scheduler.preemptions,
         kv_blocks_used,
-        kv_positions_held: held.peak_held_positions,
+        kv_positions_held: held.held_positions,
         kv_waste_percent: if slots > 0 {
-            100.0 * (1.0 - held.peak_held_positions as f64 / slots as f64)
+            100.0 * (1.0 - held.held_positions as f64 / slots as f64)
         } else {
             0.0
         },
@@ -547,8 +552,8 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
     let one = decode
         .iter()
         .find(|f| f.sessions == 1)
-        .map(|f| f.engine_tokens_per_s);
-    let most = decode.last().map(|f| (f.sessions, f.engine_tokens_per_s));
+        .map(|f| f.decode_tokens_per_s);
+    let most = decode.last().map(|f| (f.sessions, f.decode_tokens_per_s));
     Ok(serde_json::json!({
         "machine": format!("{} CPU threads", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         "edge_layers": k,
@@ -563,7 +568,7 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
         "decode": decode,
         "mixed": mixed,
         "prefix_sharing": prefix,
-        "ratio_most_to_one_session": match (one, most) {
+        "decode_ratio_most_to_one_session": match (one, most) {
             (Some(a), Some((_, b))) if a > 0.0 => Some(b / a),
             _ => None,
         },
