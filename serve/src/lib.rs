@@ -5,11 +5,14 @@
 //!   in-process API (`Engine::open_session`, `push_hidden`, token events, `close`).
 //! - [`bench`]: `tandem bench`, engine throughput on a real model.
 //! - [`store`]: the session store (in memory or Redis).
-//! - [`server`]: `tandem serve`, the WebSocket front end devices connect to.
+//! - [`server`]: `tandem serve`, the WebSocket front end devices connect to; it also serves
+//!   the REST routes.
+//! - [`rest`]: the REST API (tenants, API keys, the error shape, OpenAPI).
 //!
-//! The REST front end comes with a later issue; `main.rs` holds the CLI.
+//! `main.rs` holds the CLI.
 
 pub mod bench;
 pub mod engine;
+pub mod rest;
 pub mod server;
 pub mod store;

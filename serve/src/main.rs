@@ -98,6 +98,10 @@ struct ServeArgs {
     resume_grace_ms: Option<u64>,
     #[arg(long, env = "TANDEM_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
+    /// The provider's admin key for /v1/admin/... (at least 16 characters; without one those
+    /// routes answer 503). Prefer the environment or the file: flags show in `ps`.
+    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<tandem_serve::server::config::Secret>,
 }
 
 #[derive(Args, Debug)]
@@ -445,6 +449,9 @@ impl ServeArgs {
         }
         if self.replica_id.is_some() {
             c.replica_id = self.replica_id;
+        }
+        if self.admin_key.is_some() {
+            c.admin_key = self.admin_key;
         }
         Ok(c)
     }

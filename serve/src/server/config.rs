@@ -94,6 +94,41 @@ pub struct ServerConfig {
     pub resume_grace_ms: u64,
     /// How long a new connection may take to send `Open` or `Resume`.
     pub handshake_timeout_ms: u64,
+    /// The provider's admin key for the `/v1/admin/...` routes (at least
+    /// [`MIN_ADMIN_KEY_LEN`] characters); `None` turns those routes off (503
+    /// `admin_disabled`). `Debug` never shows it.
+    pub admin_key: Option<Secret>,
+}
+
+/// The shortest admin key accepted.
+pub const MIN_ADMIN_KEY_LEN: usize = 16;
+
+/// A configured secret: readable with [`Secret::expose`], redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::new(s))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl Default for ServerConfig {
@@ -121,6 +156,7 @@ impl Default for ServerConfig {
             drain_timeout_ms: 30_000,
             resume_grace_ms: 60_000,
             handshake_timeout_ms: 30_000,
+            admin_key: None,
         }
     }
 }
@@ -164,6 +200,12 @@ impl ServerConfig {
             self.heartbeat_ttl_ms >= 30,
             "heartbeat_ttl_ms must be >= 30"
         );
+        if let Some(key) = &self.admin_key {
+            anyhow::ensure!(
+                key.expose().chars().count() >= MIN_ADMIN_KEY_LEN,
+                "admin_key must be at least {MIN_ADMIN_KEY_LEN} characters"
+            );
+        }
         Ok(())
     }
 

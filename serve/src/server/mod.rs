@@ -1,9 +1,9 @@
 //! `tandem serve`: the cloud's WebSocket front end (docs/protocol.md, DESIGN.md §5, §6, §8).
 //!
 //! # Layout
-//! - this module: [`start`] (load the cloud model, open the session store, bind, spawn),
-//!   [`ServerHandle`] (address, graceful [`ServerHandle::shutdown`]), the router and the
-//!   replica heartbeat.
+//! - this module: [`start`] (load the cloud model, open the session and tenant stores, bind,
+//!   spawn), [`ServerHandle`] (address, graceful [`ServerHandle::shutdown`]), the router (the
+//!   WebSocket route merged with [`crate::rest::router`]) and the replica heartbeat.
 //! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
 //! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
 //!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
@@ -48,6 +48,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::engine::{Engine, EngineConfig};
+use crate::rest::auth::AdminKey;
+use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantStoreConfig};
+use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 
 pub use config::{PolicyName, ServerConfig};
@@ -107,6 +110,11 @@ impl ServerHandle {
     /// The bound address (the real port when listening on port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `http://{addr}`: the base of the REST routes.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// `ws://{addr}/v1/edge/ws`.
@@ -185,6 +193,19 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let store = store::open(&store_cfg)
         .await
         .context("opening the session store")?;
+    let tenant_cfg = match &cfg.redis {
+        None => TenantStoreConfig::Memory,
+        Some(url) => TenantStoreConfig::Redis(RedisTenantStoreConfig {
+            key_prefix: cfg.redis_key_prefix.clone(),
+            ..RedisTenantStoreConfig::new(url.clone())
+        }),
+    };
+    let rest = Arc::new(RestState {
+        store: tenant_store::open(&tenant_cfg)
+            .await
+            .context("opening the tenant store")?,
+        admin_key: cfg.admin_key.as_ref().map(|k| AdminKey::new(k.expose())),
+    });
     let params = match &cfg.redis {
         None => params::OpenParams::memory(),
         Some(url) => params::OpenParams::redis(url, &cfg.redis_key_prefix, expiry.idle_ttl)?,
@@ -214,7 +235,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     });
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     let (accept_stop, mut accept_rx) = watch::channel(false);
-    let app = app(shared.clone());
+    let app = app(shared.clone(), rest);
     let serve = tokio::spawn(async move {
         let signal = async move {
             let _ = accept_rx.wait_for(|v| *v).await;
@@ -242,11 +263,13 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-fn app(shared: Arc<Shared>) -> Router {
+/// The WebSocket route and the REST routes (which include `/healthz` and the JSON
+/// fallbacks for unknown routes).
+fn app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
     Router::new()
         .route(WS_PATH, get(ws_upgrade))
-        .route("/healthz", get(|| async { "ok" }))
         .with_state(shared)
+        .merge(crate::rest::router(rest))
 }
 
 async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {

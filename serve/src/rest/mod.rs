@@ -1,0 +1,372 @@
+//! The REST front end (DESIGN.md §9): tenants and API keys, the partner's `/v1/me`, health
+//! and the OpenAPI document.
+//!
+//! # Layout
+//! - this module: [`RestState`], [`router`] (every REST route, the body limit, the JSON
+//!   fallbacks), [`route_table`] (what the router serves, for the spec test) and
+//!   [`openapi`] / [`openapi_json`] (the spec, also served at `/openapi.json`).
+//! - [`error`]: the one JSON error shape and the extractors that produce it.
+//! - [`auth`]: admin-key and API-key authentication, key generation and format.
+//! - [`tenants`]: the tenant and key routes.
+//! - [`store`]: [`store::TenantStore`], in memory or in Redis.
+//!
+//! # Invariants
+//! - Every response that is not a success has the [`error::ErrorBody`] shape, including
+//!   unknown routes, wrong methods and axum's own extractor rejections.
+//! - No request body over [`MAX_BODY_BYTES`] is read: a larger `Content-Length` is refused
+//!   with 413 before the handler runs, and a streamed body is cut at the limit (413 too).
+//! - The router is built only through [`Routes::add`], which records each route, so
+//!   [`route_table`] is exactly what is served; a test checks that it equals the spec.
+
+pub mod auth;
+pub mod error;
+pub mod store;
+pub mod tenants;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::handler::Handler;
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi};
+
+use self::auth::AdminKey;
+use self::error::{ApiError, ErrorBody};
+use self::store::TenantStore;
+
+/// The largest request body any REST route reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Where the spec is served.
+pub const OPENAPI_PATH: &str = "/openapi.json";
+
+/// What the REST handlers share.
+pub struct RestState {
+    pub store: Arc<dyn TenantStore>,
+    /// `None`: the admin routes answer 503 `admin_disabled`.
+    pub admin_key: Option<AdminKey>,
+}
+
+impl std::fmt::Debug for RestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestState")
+            .field("admin_key", &self.admin_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A router that remembers the `(method, path)` of every route added to it.
+struct Routes {
+    router: Router<Arc<RestState>>,
+    table: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    fn new() -> Self {
+        Self {
+            router: Router::new(),
+            table: Vec::new(),
+        }
+    }
+
+    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, Arc<RestState>>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone())
+            .unwrap_or_else(|_| panic!("no method filter for {method}"));
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push((method, path));
+        self
+    }
+}
+
+fn routes() -> Routes {
+    Routes::new()
+        .add(Method::GET, "/healthz", healthz)
+        .add(Method::GET, OPENAPI_PATH, serve_openapi)
+        .add(Method::POST, "/v1/admin/tenants", tenants::create_tenant)
+        .add(Method::GET, "/v1/admin/tenants", tenants::list_tenants)
+        .add(Method::GET, "/v1/admin/tenants/{id}", tenants::get_tenant)
+        .add(
+            Method::POST,
+            "/v1/admin/tenants/{id}/keys",
+            tenants::issue_key,
+        )
+        .add(
+            Method::GET,
+            "/v1/admin/tenants/{id}/keys",
+            tenants::list_keys,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/admin/tenants/{id}/keys/{key_id}",
+            tenants::revoke_key,
+        )
+        .add(Method::GET, "/v1/me", tenants::me)
+}
+
+/// Every `(method, path)` the REST router serves, in OpenAPI path syntax.
+pub fn route_table() -> Vec<(Method, &'static str)> {
+    routes().table
+}
+
+/// The REST routes, with the body limit and JSON answers for unknown routes and methods.
+/// Merge it into the server's router.
+pub fn router(state: Arc<RestState>) -> Router {
+    routes()
+        .router
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_large_bodies))
+        .with_state(state)
+}
+
+/// 413 for a declared `Content-Length` over the limit, before anything reads the body.
+async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::payload_too_large(MAX_BODY_BYTES).into_response();
+    }
+    next.run(req).await
+}
+
+/// Liveness: answers `ok` while the process serves.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "The process is serving.", body = String, content_type = "text/plain"))
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object))
+)]
+async fn serve_openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tandem REST API",
+        description = "Split-inference LLM serving: the provider's admin routes and the partners' API. \
+Every error answers `{\"error\": {\"code\", \"message\"}}` with a stable `code`."
+    ),
+    paths(
+        healthz,
+        serve_openapi,
+        tenants::create_tenant,
+        tenants::list_tenants,
+        tenants::get_tenant,
+        tenants::issue_key,
+        tenants::list_keys,
+        tenants::revoke_key,
+        tenants::me,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&CommonResponses),
+    tags(
+        (name = "admin", description = "Provider only: authenticated by the provider's admin key."),
+        (name = "partner", description = "Partner tenants: authenticated by the tenant's API key."),
+        (name = "meta", description = "Health and this document; no authentication."),
+    )
+)]
+struct ApiDoc;
+
+/// Adds the security schemes, and the error answers that routes share, so each route's
+/// annotation states only its own: 401/503 on authenticated routes, 400/415/422 on routes
+/// with a JSON body, 413 and 500 everywhere.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_key",
+            SecurityScheme::Http(bearer("The provider's admin key (server configuration).")),
+        );
+        components.add_security_scheme(
+            "partner_key",
+            SecurityScheme::Http(bearer(
+                "A partner tenant's API key (`tdm_<key_id>_<secret>`), issued by the provider.",
+            )),
+        );
+        for item in doc.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                let schemes: Vec<String> = op
+                    .security
+                    .iter()
+                    .flatten()
+                    .filter_map(|s| serde_json::to_value(s).ok())
+                    .filter_map(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
+                    .flatten()
+                    .collect();
+                let has_body = op.request_body.is_some();
+                let r = &mut op.responses.responses;
+                let mut add = |status: &str, text: &str, retry: bool| {
+                    r.entry(status.to_owned())
+                        .or_insert_with(|| error_response(text, retry).into());
+                };
+                if schemes.iter().any(|s| s == "admin_key") {
+                    add("401", "`unauthorized`: missing or wrong admin key.", false);
+                    add(
+                        "503",
+                        "`admin_disabled`: no admin key is configured; or `unavailable`: the store is unavailable.",
+                        true,
+                    );
+                }
+                if schemes.iter().any(|s| s == "partner_key") {
+                    add(
+                        "401",
+                        "`unauthorized`: missing, malformed, wrong or revoked API key.",
+                        false,
+                    );
+                    add("503", "`unavailable`: the store is unavailable.", true);
+                }
+                if has_body {
+                    add("400", "`bad_request`: the body is not valid JSON.", false);
+                    add(
+                        "415",
+                        "`unsupported_media_type`: the body is not `application/json`.",
+                        false,
+                    );
+                    add(
+                        "422",
+                        "`invalid`: the JSON does not fit the schema or its values are out of range.",
+                        false,
+                    );
+                }
+                // Every route refuses a declared body over the limit, body or not.
+                add(
+                    "413",
+                    "`payload_too_large`: the body is over 65536 bytes.",
+                    false,
+                );
+                add("500", "`internal`: a server fault.", false);
+            }
+        }
+    }
+}
+
+fn bearer(description: &str) -> Http {
+    let mut http = Http::new(HttpAuthScheme::Bearer);
+    http.description = Some(description.to_owned());
+    http
+}
+
+fn error_response(description: &str, retry_after: bool) -> utoipa::openapi::Response {
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("ErrorBody")))
+        .build();
+    let mut builder = ResponseBuilder::new()
+        .description(description)
+        .content("application/json", content);
+    if retry_after {
+        let header = HeaderBuilder::new()
+            .schema(u64_schema())
+            .description(Some("Seconds to wait before retrying."))
+            .build();
+        builder = builder.header("Retry-After", header);
+    }
+    builder.build()
+}
+
+fn u64_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(1))
+        .build()
+}
+
+/// The OpenAPI document of every REST route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// [`openapi`] as pretty JSON with a final newline: the text of `openapi/openapi.json`.
+pub fn openapi_json() -> String {
+    let mut text = openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| panic!("the OpenAPI document does not serialize: {e}"));
+    text.push('\n');
+    text
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds (`2024-05-01T12:00:00.000Z`).
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_values() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339_ms(1_714_564_800_000), "2024-05-01T12:00:00.000Z");
+        assert_eq!(rfc3339_ms(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn every_route_has_a_method_filter_and_the_spec_builds() {
+        assert!(!route_table().is_empty());
+        assert!(openapi_json().contains("\"admin_key\""));
+    }
+}

@@ -1,0 +1,346 @@
+//! Tenants and API keys: the provider's `/v1/admin/tenants...` routes and the partner's
+//! `/v1/me`.
+//!
+//! Requests are checked once here ([`NewTenant::validate`]) and only valid values reach the
+//! store. Ids in paths that cannot be ids answer 404 like unknown ones.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::{AdminAuth, NewApiKey, PartnerAuth};
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
+use super::store::{KeyId, KeyInfo, KeyRecord, Quotas, TenantId, TenantRecord, TenantStoreError};
+use super::{rfc3339_ms, RestState};
+use crate::store::now_ms;
+
+/// The longest tenant name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// `POST /v1/admin/tenants`.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTenant {
+    /// Unique; 1 to 128 characters, no control characters, no surrounding whitespace.
+    #[schema(min_length = 1, max_length = 128, example = "Acme Shop")]
+    pub name: String,
+    pub quotas: Quotas,
+}
+
+impl NewTenant {
+    /// The tenant to store, or why not (422).
+    fn validate(self, now: u64) -> Result<TenantRecord, ApiError> {
+        let chars = self.name.chars().count();
+        if chars == 0 || chars > MAX_NAME_CHARS {
+            return Err(ApiError::invalid(format!(
+                "name must be 1 to {MAX_NAME_CHARS} characters"
+            )));
+        }
+        if self.name.trim() != self.name || self.name.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "name must not have surrounding whitespace or control characters",
+            ));
+        }
+        self.quotas.check().map_err(ApiError::invalid)?;
+        Ok(TenantRecord {
+            id: TenantId::generate(),
+            name: self.name,
+            quotas: self.quotas,
+            created_ms: now,
+        })
+    }
+}
+
+/// A partner tenant.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Tenant {
+    #[schema(example = "3f9a0c1b2d4e5f60")]
+    pub id: String,
+    pub name: String,
+    pub quotas: Quotas,
+    /// When the tenant was created (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub created: String,
+}
+
+impl From<TenantRecord> for Tenant {
+    fn from(t: TenantRecord) -> Self {
+        Self {
+            id: t.id.to_string(),
+            name: t.name,
+            quotas: t.quotas,
+            created: rfc3339_ms(t.created_ms),
+        }
+    }
+}
+
+/// `GET /v1/admin/tenants`: every tenant, oldest first.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TenantList {
+    pub tenants: Vec<Tenant>,
+}
+
+/// A key just issued. `key` is shown this once; the server keeps only its hash.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct IssuedKey {
+    #[schema(example = "0a1b2c3d4e5f6789")]
+    pub key_id: String,
+    /// The secret: send it as `Authorization: Bearer <key>`. It cannot be shown again.
+    #[schema(example = "tdm_0a1b2c3d4e5f6789_<64 hex digits>")]
+    pub key: String,
+    #[schema(format = DateTime)]
+    pub created: String,
+}
+
+/// A live key, as listed (never the key itself).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeySummary {
+    pub key_id: String,
+    #[schema(format = DateTime)]
+    pub created: String,
+}
+
+impl From<KeyInfo> for KeySummary {
+    fn from(k: KeyInfo) -> Self {
+        Self {
+            key_id: k.key_id.to_string(),
+            created: rfc3339_ms(k.created_ms),
+        }
+    }
+}
+
+/// `GET /v1/admin/tenants/{id}/keys`: the tenant's live keys, oldest first.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeySummary>,
+}
+
+/// `GET /v1/me`: the calling partner's tenant.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Me {
+    pub tenant_id: String,
+    pub name: String,
+    pub quotas: Quotas,
+}
+
+fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(raw).ok_or_else(|| ApiError::not_found("no such tenant"))
+}
+
+/// Store errors with the tenant or key in context.
+fn not_found(e: TenantStoreError) -> ApiError {
+    match e {
+        TenantStoreError::UnknownTenant(_) => ApiError::not_found("no such tenant"),
+        TenantStoreError::UnknownKey(_) => ApiError::not_found("no such key"),
+        other => other.into(),
+    }
+}
+
+/// Create a partner tenant.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/tenants",
+    tag = "admin",
+    request_body = NewTenant,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "The tenant was created.", body = Tenant),
+        (status = 409, description = "`conflict`: a tenant with this name exists.", body = ErrorBody),
+    )
+)]
+pub async fn create_tenant(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiJson(body): ApiJson<NewTenant>,
+) -> Result<(StatusCode, Json<Tenant>), ApiError> {
+    let record = body.validate(now_ms())?;
+    state.store.create_tenant(&record).await?;
+    tracing::info!(tenant = %record.id, "tenant created");
+    Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+/// List every tenant, oldest first.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tenants",
+    tag = "admin",
+    security(("admin_key" = [])),
+    responses((status = 200, description = "All tenants.", body = TenantList))
+)]
+pub async fn list_tenants(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+) -> Result<Json<TenantList>, ApiError> {
+    let tenants = state.store.list_tenants().await?;
+    Ok(Json(TenantList {
+        tenants: tenants.into_iter().map(Tenant::from).collect(),
+    }))
+}
+
+/// Read one tenant.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tenants/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "The tenant's id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The tenant.", body = Tenant),
+        (status = 404, description = "`not_found`: no such tenant.", body = ErrorBody),
+    )
+)]
+pub async fn get_tenant(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Tenant>, ApiError> {
+    let id = tenant_id(&id)?;
+    match state.store.get_tenant(&id).await? {
+        Some(t) => Ok(Json(t.into())),
+        None => Err(ApiError::not_found("no such tenant")),
+    }
+}
+
+/// Issue an API key for a tenant. The key is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/tenants/{id}/keys",
+    tag = "admin",
+    params(("id" = String, Path, description = "The tenant's id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "The key (shown once).", body = IssuedKey),
+        (status = 404, description = "`not_found`: no such tenant.", body = ErrorBody),
+    )
+)]
+pub async fn issue_key(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<(StatusCode, Json<IssuedKey>), ApiError> {
+    let tenant = tenant_id(&id)?;
+    let key = NewApiKey::generate();
+    let record = KeyRecord {
+        key_id: key.key_id.clone(),
+        tenant,
+        hash: key.hash(),
+        created_ms: now_ms(),
+    };
+    state.store.add_key(&record).await.map_err(not_found)?;
+    tracing::info!(tenant = %record.tenant, key_id = %record.key_id, "api key issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(IssuedKey {
+            key_id: record.key_id.to_string(),
+            key: key.reveal(),
+            created: rfc3339_ms(record.created_ms),
+        }),
+    ))
+}
+
+/// List a tenant's live keys (ids and creation times only).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tenants/{id}/keys",
+    tag = "admin",
+    params(("id" = String, Path, description = "The tenant's id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The tenant's keys.", body = KeyList),
+        (status = 404, description = "`not_found`: no such tenant.", body = ErrorBody),
+    )
+)]
+pub async fn list_keys(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<KeyList>, ApiError> {
+    let tenant = tenant_id(&id)?;
+    let keys = state.store.list_keys(&tenant).await.map_err(not_found)?;
+    Ok(Json(KeyList {
+        keys: keys.into_iter().map(KeySummary::from).collect(),
+    }))
+}
+
+/// Revoke a key: it is refused from the next request on, on every replica.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/tenants/{id}/keys/{key_id}",
+    tag = "admin",
+    params(
+        ("id" = String, Path, description = "The tenant's id."),
+        ("key_id" = String, Path, description = "The key's id."),
+    ),
+    security(("admin_key" = [])),
+    responses(
+        (status = 204, description = "The key is revoked."),
+        (status = 404, description = "`not_found`: no such tenant, or no such key of this tenant.", body = ErrorBody),
+    )
+)]
+pub async fn revoke_key(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiPath((id, key_id)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant_id(&id)?;
+    let key = KeyId::parse(&key_id).ok_or_else(|| ApiError::not_found("no such key"))?;
+    state
+        .store
+        .revoke_key(&tenant, &key)
+        .await
+        .map_err(not_found)?;
+    tracing::info!(tenant = %tenant, key_id = %key, "api key revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The calling partner's tenant and quotas.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "partner",
+    security(("partner_key" = [])),
+    responses((status = 200, description = "The caller's tenant.", body = Me))
+)]
+pub async fn me(auth: PartnerAuth) -> Json<Me> {
+    Json(Me {
+        tenant_id: auth.tenant.id.to_string(),
+        name: auth.tenant.name,
+        quotas: auth.tenant.quotas,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quotas() -> Quotas {
+        Quotas {
+            prompts_per_minute: 10,
+            tokens_per_day: 1000,
+            max_audience: 5,
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let new = |name: &str| NewTenant {
+            name: name.to_owned(),
+            quotas: quotas(),
+        };
+        assert!(new("Acme Shop").validate(1).is_ok());
+        for bad in [
+            "",
+            " Acme",
+            "Acme ",
+            "Ac\nme",
+            &"x".repeat(MAX_NAME_CHARS + 1),
+        ] {
+            let e = new(bad).validate(1).expect_err(bad);
+            assert_eq!(e.code(), super::super::error::ErrorCode::Invalid);
+        }
+    }
+}

@@ -1,0 +1,832 @@
+//! The REST tenant and key routes over real sockets: servers started in process on
+//! 127.0.0.1:0 with a tiny generated model, and a minimal HTTP/1.1 client written here.
+//!
+//! Checked: the tenant/key lifecycle and `/v1/me`; a revoked key is refused at once, also by
+//! a second replica sharing the same Redis; wrong and malformed keys get the same 401; every
+//! error status in the one JSON shape (400, 401, 404, 405, 409, 413, 415, 422, 503 with
+//! `Retry-After`); Redis holds no key in clear; the OpenAPI document equals
+//! `openapi/openapi.json` and lists every route the router serves.
+//!
+//! `TANDEM_UPDATE_OPENAPI=1 cargo test -p tandem-serve --test rest_tenants` rewrites
+//! `openapi/openapi.json` from the code.
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_serve::server::config::Secret;
+use tandem_serve::server::{self, ServerConfig, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ADMIN_KEY: &str = "provider-admin-key-for-tests-0123456789";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A tiny model split at 2 edge layers; the server needs only its cloud part.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    split_dir: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hf = tmp.path().join("hf");
+    let spec = &common::specs()[2];
+    common::write_hf(&hf, spec);
+    common::write_tokenizer(&hf);
+    let ck = Checkpoint::open(&hf).expect("open hf");
+    let split_dir = tmp.path().join("split");
+    let opts = SplitOptions {
+        edge_layers: 2,
+        dtype: ck.stored_dtype,
+        force: false,
+        progress: false,
+    };
+    write_split(&ck, &split_dir, &opts).expect("split");
+    Fixture {
+        _tmp: tmp,
+        split_dir,
+    }
+}
+
+impl Fixture {
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            cloud: self.split_dir.join("cloud"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            kv_cache_gib: 0.01,
+            drain_timeout_ms: 100,
+            admin_key: Some(Secret::new(ADMIN_KEY)),
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// One HTTP answer.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts the status and the error shape with `code`; answers the message.
+    fn expect_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        let v = self.json();
+        assert_eq!(v["error"]["code"], code, "body: {v}");
+        let obj = v.as_object().expect("object");
+        assert_eq!(obj.len(), 1, "only `error`: {v}");
+        assert_eq!(
+            v["error"].as_object().expect("error object").len(),
+            2,
+            "{v}"
+        );
+        let msg = v["error"]["message"].as_str().expect("message").to_owned();
+        assert!(!msg.is_empty());
+        assert!(
+            self.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "{:?}",
+            self.headers
+        );
+        msg
+    }
+}
+
+/// A request to send: method, path, headers and body.
+struct Req<'a> {
+    method: &'a str,
+    path: &'a str,
+    auth: Option<&'a str>,
+    content_type: Option<&'a str>,
+    body: Vec<u8>,
+    /// Send the headers only (with this declared `Content-Length`) and read the answer.
+    declared_len: Option<usize>,
+}
+
+impl<'a> Req<'a> {
+    fn new(method: &'a str, path: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            auth: None,
+            content_type: None,
+            body: Vec::new(),
+            declared_len: None,
+        }
+    }
+
+    fn bearer(mut self, token: &'a str) -> Self {
+        self.auth = Some(token);
+        self
+    }
+
+    fn admin(self) -> Self {
+        self.bearer(ADMIN_KEY)
+    }
+
+    fn json(mut self, v: &Value) -> Self {
+        self.content_type = Some("application/json");
+        self.body = serde_json::to_vec(v).expect("json");
+        self
+    }
+
+    fn raw(mut self, content_type: &'a str, body: &[u8]) -> Self {
+        self.content_type = Some(content_type);
+        self.body = body.to_vec();
+        self
+    }
+
+    async fn send(self, addr: SocketAddr) -> Reply {
+        tokio::time::timeout(WAIT, self.exchange(addr))
+            .await
+            .expect("HTTP exchange timed out")
+    }
+
+    async fn exchange(self, addr: SocketAddr) -> Reply {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
+            self.method, self.path
+        );
+        if let Some(token) = self.auth {
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        if let Some(ct) = self.content_type {
+            head.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        let len = self.declared_len.unwrap_or(self.body.len());
+        head.push_str(&format!("Content-Length: {len}\r\n\r\n"));
+        stream.write_all(head.as_bytes()).await.expect("write head");
+        if self.declared_len.is_none() {
+            stream.write_all(&self.body).await.expect("write body");
+        }
+        let mut raw = Vec::new();
+        // The server may close without reading a refused body; what it sent first is in `raw`.
+        let _ = stream.read_to_end(&mut raw).await;
+        parse_reply(&raw)
+    }
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = std::str::from_utf8(&raw[..split]).expect("utf-8 head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_text = std::str::from_utf8(&data[..eol]).expect("chunk size");
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+}
+
+fn quotas() -> Value {
+    json!({"prompts_per_minute": 60, "tokens_per_day": 100000, "max_audience": 1000})
+}
+
+async fn create_tenant(addr: SocketAddr, name: &str) -> Value {
+    let r = Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .json(&json!({"name": name, "quotas": quotas()}))
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()
+}
+
+/// Issues a key; answers `(key_id, key)`.
+async fn issue_key(addr: SocketAddr, tenant: &str) -> (String, String) {
+    let r = Req::new("POST", &format!("/v1/admin/tenants/{tenant}/keys"))
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let key_id = v["key_id"].as_str().expect("key_id").to_owned();
+    let key = v["key"].as_str().expect("key").to_owned();
+    assert!(
+        v["created"].as_str().is_some_and(|c| c.ends_with('Z')),
+        "{v}"
+    );
+    (key_id, key)
+}
+
+async fn me(addr: SocketAddr, key: &str) -> Reply {
+    Req::new("GET", "/v1/me").bearer(key).send(addr).await
+}
+
+async fn start(cfg: ServerConfig) -> ServerHandle {
+    server::start(cfg).await.expect("start server")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_and_key_lifecycle() {
+    let fx = fixture();
+    let srv = start(fx.config()).await;
+    let addr = srv.addr();
+
+    let t = create_tenant(addr, "Acme Shop").await;
+    let id = t["id"].as_str().expect("id").to_owned();
+    assert_eq!(t["name"], "Acme Shop");
+    assert_eq!(t["quotas"], quotas());
+    assert!(t["created"].as_str().is_some_and(|c| c.ends_with('Z')));
+
+    let r = Req::new("GET", &format!("/v1/admin/tenants/{id}"))
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), t);
+    let other = create_tenant(addr, "Other Insurer").await;
+    let r = Req::new("GET", "/v1/admin/tenants")
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    // Oldest first; tenants created in the same millisecond by id.
+    let mut expected = vec![t.clone(), other.clone()];
+    expected.sort_by_key(|v| (v["created"].to_string(), v["id"].to_string()));
+    assert_eq!(r.json()["tenants"], json!(expected));
+
+    let (key_id, key) = issue_key(addr, &id).await;
+    assert!(key.starts_with(&format!("tdm_{key_id}_")), "{key}");
+    let (key_id2, _key2) = issue_key(addr, &id).await;
+
+    let r = Req::new("GET", &format!("/v1/admin/tenants/{id}/keys"))
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    let listing = r.json();
+    let mut listed: Vec<&str> = listing["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["key_id"].as_str().expect("key_id"))
+        .collect();
+    listed.sort_unstable();
+    let mut issued = [key_id.as_str(), key_id2.as_str()];
+    issued.sort_unstable();
+    assert_eq!(listed, issued);
+    assert!(!r.text().contains(&key), "a listing shows a key");
+
+    let r = me(addr, &key).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"tenant_id": id, "name": "Acme Shop", "quotas": quotas()})
+    );
+
+    // Another tenant's id in the path does not revoke this tenant's key.
+    let other_id = other["id"].as_str().expect("id");
+    Req::new(
+        "DELETE",
+        &format!("/v1/admin/tenants/{other_id}/keys/{key_id}"),
+    )
+    .admin()
+    .send(addr)
+    .await
+    .expect_error(404, "not_found");
+    assert_eq!(me(addr, &key).await.status, 200);
+
+    let r = Req::new("DELETE", &format!("/v1/admin/tenants/{id}/keys/{key_id}"))
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(r.body.is_empty());
+    let revoked = me(addr, &key).await;
+    revoked.expect_error(401, "unauthorized");
+    assert_eq!(revoked.header("www-authenticate"), Some("Bearer"));
+    Req::new("DELETE", &format!("/v1/admin/tenants/{id}/keys/{key_id}"))
+        .admin()
+        .send(addr)
+        .await
+        .expect_error(404, "not_found");
+    let r = Req::new("GET", &format!("/v1/admin/tenants/{id}/keys"))
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.json()["keys"].as_array().map(Vec::len), Some(1));
+
+    // Wrong, malformed, missing: one and the same 401 body.
+    let mut wrong = key.clone();
+    let last = wrong.pop().expect("char");
+    wrong.push(if last == '0' { '1' } else { '0' });
+    let bodies = [
+        revoked.body.clone(),
+        me(addr, &wrong).await.body,
+        me(addr, "tdm_nonsense").await.body,
+        me(addr, "x").await.body,
+        Req::new("GET", "/v1/me").send(addr).await.body,
+    ];
+    for b in &bodies {
+        assert_eq!(b, &bodies[0], "{}", String::from_utf8_lossy(b));
+    }
+    // A partner key is no admin key, and the admin key is no partner key.
+    let (_, live) = issue_key(addr, &id).await;
+    Req::new("GET", "/v1/admin/tenants")
+        .bearer(&live)
+        .send(addr)
+        .await
+        .expect_error(401, "unauthorized");
+    me(addr, ADMIN_KEY).await.expect_error(401, "unauthorized");
+
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status_in_the_shape() {
+    let fx = fixture();
+    let srv = start(fx.config()).await;
+    let addr = srv.addr();
+    let id = create_tenant(addr, "Acme").await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // 401: no admin key, a wrong one, another scheme.
+    let no_auth = Req::new("GET", "/v1/admin/tenants").send(addr).await;
+    no_auth.expect_error(401, "unauthorized");
+    let wrong = Req::new("GET", "/v1/admin/tenants")
+        .bearer("provider-admin-key-for-tests-0123456788")
+        .send(addr)
+        .await;
+    wrong.expect_error(401, "unauthorized");
+    assert_eq!(no_auth.body, wrong.body);
+    // Authentication comes before the body is read.
+    Req::new("POST", "/v1/admin/tenants")
+        .raw("application/json", b"{not json")
+        .send(addr)
+        .await
+        .expect_error(401, "unauthorized");
+
+    // 404: unknown tenant (well-formed and not), unknown key, unknown route.
+    for path in [
+        "/v1/admin/tenants/0123456789abcdef".to_owned(),
+        "/v1/admin/tenants/not-an-id".to_owned(),
+        "/v1/admin/tenants/0123456789abcdef/keys".to_owned(),
+    ] {
+        Req::new("GET", &path)
+            .admin()
+            .send(addr)
+            .await
+            .expect_error(404, "not_found");
+    }
+    Req::new("POST", "/v1/admin/tenants/0123456789abcdef/keys")
+        .admin()
+        .send(addr)
+        .await
+        .expect_error(404, "not_found");
+    Req::new(
+        "DELETE",
+        &format!("/v1/admin/tenants/{id}/keys/0123456789abcdef"),
+    )
+    .admin()
+    .send(addr)
+    .await
+    .expect_error(404, "not_found");
+    Req::new("GET", "/v1/nothing-here")
+        .send(addr)
+        .await
+        .expect_error(404, "not_found");
+
+    // 405.
+    Req::new("PUT", "/v1/admin/tenants")
+        .admin()
+        .send(addr)
+        .await
+        .expect_error(405, "method_not_allowed");
+
+    // 400: malformed JSON; empty body.
+    Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .raw("application/json", b"{\"name\": ")
+        .send(addr)
+        .await
+        .expect_error(400, "bad_request");
+    Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .raw("application/json", b"")
+        .send(addr)
+        .await
+        .expect_error(400, "bad_request");
+
+    // 415: not JSON.
+    Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .raw("text/plain", b"{}")
+        .send(addr)
+        .await
+        .expect_error(415, "unsupported_media_type");
+
+    // 422: values out of range, wrong types, missing and unknown fields, a bad name.
+    let bad_bodies = [
+        json!({"name": "Z", "quotas": {"prompts_per_minute": 0, "tokens_per_day": 1, "max_audience": 1}}),
+        json!({"name": "Z", "quotas": {"prompts_per_minute": 1, "tokens_per_day": 1, "max_audience": 2_000_000}}),
+        json!({"name": "Z", "quotas": {"prompts_per_minute": -1, "tokens_per_day": 1, "max_audience": 1}}),
+        json!({"name": "Z", "quotas": {"prompts_per_minute": "many", "tokens_per_day": 1, "max_audience": 1}}),
+        json!({"name": "Z"}),
+        json!({"name": "Z", "quotas": quotas(), "admin": true}),
+        json!({"name": "", "quotas": quotas()}),
+        json!({"name": " Z", "quotas": quotas()}),
+    ];
+    for body in &bad_bodies {
+        let msg = Req::new("POST", "/v1/admin/tenants")
+            .admin()
+            .json(body)
+            .send(addr)
+            .await
+            .expect_error(422, "invalid");
+        assert!(!msg.contains("serde"), "{msg}");
+    }
+    let msg = Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .json(&bad_bodies[0])
+        .send(addr)
+        .await
+        .expect_error(422, "invalid");
+    assert!(msg.contains("prompts_per_minute"), "{msg}");
+
+    // 409: the name is taken.
+    Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .json(&json!({"name": "Acme", "quotas": quotas()}))
+        .send(addr)
+        .await
+        .expect_error(409, "conflict");
+
+    // 413: a declared body over 64 KiB is refused before it is sent...
+    let mut big = Req::new("POST", "/v1/admin/tenants").admin();
+    big.content_type = Some("application/json");
+    big.declared_len = Some(70 * 1024);
+    big.send(addr).await.expect_error(413, "payload_too_large");
+    // ...also on a route that reads no body, and before authentication.
+    let mut big = Req::new("GET", "/v1/me");
+    big.declared_len = Some(1 << 20);
+    big.send(addr).await.expect_error(413, "payload_too_large");
+    // A body just under the limit is read (and refused for its content, not its size).
+    let pad = "x".repeat(60 * 1024);
+    Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .json(&json!({"name": pad, "quotas": quotas()}))
+        .send(addr)
+        .await
+        .expect_error(422, "invalid");
+
+    // Nothing above created a tenant.
+    let r = Req::new("GET", "/v1/admin/tenants")
+        .admin()
+        .send(addr)
+        .await;
+    assert_eq!(r.json()["tenants"].as_array().map(Vec::len), Some(1));
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_off_without_an_admin_key() {
+    let fx = fixture();
+    let srv = start(ServerConfig {
+        admin_key: None,
+        ..fx.config()
+    })
+    .await;
+    let r = Req::new("GET", "/v1/admin/tenants")
+        .admin()
+        .send(srv.addr())
+        .await;
+    r.expect_error(503, "admin_disabled");
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!(retry >= 1);
+    // Partner routes still work (and refuse bad keys).
+    me(srv.addr(), "tdm_x")
+        .await
+        .expect_error(401, "unauthorized");
+    let r = Req::new("GET", "/healthz").send(srv.addr()).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    srv.shutdown().await;
+
+    // A short admin key is refused at start.
+    let short = ServerConfig {
+        admin_key: Some(Secret::new("short")),
+        ..fx.config()
+    };
+    assert!(server::start(short).await.is_err());
+}
+
+/// Every `(key, value)` under `prefix`, whatever the type, as text.
+async fn dump_redis(url: &str, prefix: &str) -> Vec<(String, String)> {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let mut out = Vec::new();
+    for k in keys {
+        assert!(
+            k.starts_with(&format!("{prefix}:")),
+            "key outside the prefix: {k}"
+        );
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        let value: Vec<String> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .expect("GET")],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .expect("HGETALL"),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await
+                .expect("ZRANGE"),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .expect("SMEMBERS"),
+            "list" => redis::cmd("LRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .expect("LRANGE"),
+            other => panic!("unexpected type {other} of {k}"),
+        };
+        out.push((k, value.join("\u{1f}")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_every_replica_and_redis_holds_no_key() {
+    let Some(mut redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = fixture();
+    let cfg = ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "rt".to_owned(),
+        ..fx.config()
+    };
+    let a = start(cfg.clone()).await;
+    let b = start(cfg).await;
+
+    let t = create_tenant(a.addr(), "Acme").await;
+    let id = t["id"].as_str().expect("id").to_owned();
+    // B sees what A wrote.
+    let r = Req::new("GET", &format!("/v1/admin/tenants/{id}"))
+        .admin()
+        .send(b.addr())
+        .await;
+    assert_eq!(r.json(), t);
+    Req::new("POST", "/v1/admin/tenants")
+        .admin()
+        .json(&json!({"name": "Acme", "quotas": quotas()}))
+        .send(b.addr())
+        .await
+        .expect_error(409, "conflict");
+
+    let (key_id, key) = issue_key(a.addr(), &id).await;
+    let (_, other_key) = issue_key(b.addr(), &id).await;
+    for srv in [&a, &b] {
+        let r = me(srv.addr(), &key).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["tenant_id"], id.as_str());
+    }
+
+    // No key in clear: neither the whole key nor its secret part, in any key or value.
+    let dump = dump_redis(&redis.url(), "rt").await;
+    assert!(
+        dump.iter()
+            .any(|(k, _)| k == &format!("rt:apikey:{key_id}")),
+        "the key's record is missing: {dump:?}"
+    );
+    for secret in [&key, &other_key] {
+        let random_part = secret.rsplit('_').next().expect("secret part");
+        assert_eq!(random_part.len(), 64);
+        for (k, v) in &dump {
+            assert!(!k.contains(random_part), "key name {k} holds a secret");
+            assert!(!v.contains(random_part), "{k} holds a secret: {v}");
+        }
+    }
+
+    // Revoked through A: B refuses it on its very next request.
+    let r = Req::new("DELETE", &format!("/v1/admin/tenants/{id}/keys/{key_id}"))
+        .admin()
+        .send(a.addr())
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    me(b.addr(), &key).await.expect_error(401, "unauthorized");
+    me(a.addr(), &key).await.expect_error(401, "unauthorized");
+    assert_eq!(me(b.addr(), &other_key).await.status, 200);
+
+    // Redis gone: 503 `unavailable` with Retry-After, not a hang and not a 401.
+    redis.stop();
+    let r = me(b.addr(), &other_key).await;
+    r.expect_error(503, "unavailable");
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    Req::new("GET", "/v1/admin/tenants")
+        .admin()
+        .send(a.addr())
+        .await
+        .expect_error(503, "unavailable");
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+fn spec_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json")
+}
+
+#[test]
+fn openapi_file_matches_the_code() {
+    let code = tandem_serve::rest::openapi_json();
+    let path = spec_file();
+    if std::env::var("TANDEM_UPDATE_OPENAPI").as_deref() == Ok("1") {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir openapi");
+        std::fs::write(&path, &code).expect("write openapi.json");
+        return;
+    }
+    let file = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        file == code,
+        "openapi/openapi.json differs from the code's OpenAPI document.\n\
+         Regenerate it with:\n\n    \
+         TANDEM_UPDATE_OPENAPI=1 cargo test -p tandem-serve --test rest_tenants openapi_file\n"
+    );
+}
+
+/// `(METHOD, path)` of every operation in the spec.
+fn spec_operations(spec: &Value) -> BTreeSet<(String, String)> {
+    let mut ops = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for (method, _) in item.as_object().expect("path item") {
+            if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                ops.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    ops
+}
+
+#[test]
+fn every_route_is_in_the_spec_and_states_its_security() {
+    let spec: Value =
+        serde_json::from_str(&tandem_serve::rest::openapi_json()).expect("spec is JSON");
+    let routes: BTreeSet<(String, String)> = tandem_serve::rest::route_table()
+        .into_iter()
+        .map(|(m, p)| (m.to_string(), p.to_owned()))
+        .collect();
+    let ops = spec_operations(&spec);
+    assert_eq!(routes, ops, "router (left) and spec (right) differ");
+    for (method, path) in &ops {
+        let op = &spec["paths"][path][method.to_lowercase()];
+        let security = op["security"].as_array().unwrap_or_else(|| {
+            panic!("{method} {path} states no security (use `security(())` for public)")
+        });
+        let names: Vec<&String> = security
+            .iter()
+            .flat_map(|s| s.as_object().expect("requirement").keys())
+            .collect();
+        let expected = if path.starts_with("/v1/admin/") {
+            vec!["admin_key"]
+        } else if path.starts_with("/v1/") {
+            vec!["partner_key"]
+        } else {
+            vec![]
+        };
+        assert_eq!(names, expected, "{method} {path}");
+        if !names.is_empty() {
+            assert!(
+                op["responses"]["401"].is_object(),
+                "{method} {path}: no 401"
+            );
+            assert!(
+                op["responses"]["503"]["headers"]["Retry-After"].is_object(),
+                "{method} {path}: 503 without Retry-After"
+            );
+        }
+    }
+    for scheme in ["admin_key", "partner_key"] {
+        assert_eq!(
+            spec["components"]["securitySchemes"][scheme]["scheme"], "bearer",
+            "{scheme}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_spec_is_the_document_and_every_spec_route_is_served() {
+    let fx = fixture();
+    let srv = start(fx.config()).await;
+    let r = Req::new("GET", "/openapi.json").send(srv.addr()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), tandem_serve::rest::openapi_json());
+    let spec = r.json();
+    // Each documented operation reaches a handler: never the unknown-route or wrong-method
+    // answer (unauthenticated calls get 401, or 200 for the public routes).
+    for (method, path) in spec_operations(&spec) {
+        let concrete = path
+            .replace("{id}", "0123456789abcdef")
+            .replace("{key_id}", "0123456789abcdef");
+        let r = Req::new(&method, &concrete).send(srv.addr()).await;
+        assert!(
+            r.status == 200 || r.status == 401,
+            "{method} {path}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    srv.shutdown().await;
+}
