@@ -38,7 +38,7 @@ enum Command {
     /// Measure the cloud engine's throughput on a model (JSON on stdout).
     Bench(BenchArgs),
     /// Serve the cloud part to devices over WebSocket (ws://ADDR/v1/edge/ws).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// Every setting is also read from the environment and from `--config FILE` (TOML, the same
@@ -225,7 +225,7 @@ fn main() -> std::process::ExitCode {
         Command::Split(a) => split(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
