@@ -397,7 +397,10 @@ fn a_session_adopts_the_registered_blocks_of_an_identical_prefix() {
     s.add_block_hashes(A, &hashes(1, 2)).expect("hashes");
     assert!(matches!(
         s.add_block_hashes(A, &hashes(1, 1)),
-        Err(SchedError::Hashes { blocks: 3, received: 10 })
+        Err(SchedError::Hashes {
+            blocks: 3,
+            received: 10
+        })
     ));
     let b = step(&mut s);
     assert_eq!(b.items, vec![item(A, 0, 10, true)]);
@@ -416,10 +419,18 @@ fn a_session_adopts_the_registered_blocks_of_an_identical_prefix() {
     );
     assert_eq!(s.stats().prefix_hit_tokens, 8 + 4);
     assert_eq!(s.stats().shared_blocks, 2, "A's two blocks are shared");
-    assert_eq!(s.pool().num_used(), 3 + 1 + 1, "A: 3 blocks; B and C: one block of their own each");
+    assert_eq!(
+        s.pool().num_used(),
+        3 + 1 + 1,
+        "A: 3 blocks; B and C: one block of their own each"
+    );
     // Closing A keeps the shared blocks alive for the others.
     s.remove(A).expect("remove");
-    assert_eq!(s.stats().shared_blocks, 1, "block 0 is still shared by B and C");
+    assert_eq!(
+        s.stats().shared_blocks,
+        1,
+        "block 0 is still shared by B and C"
+    );
 }
 
 #[test]

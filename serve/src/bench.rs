@@ -270,7 +270,12 @@ struct Device {
 
 impl Device {
     /// Opens a session and sends `chunks` of the prompt (the last one complete).
-    fn start(engine: &Engine, edge: &EdgeModel, chunks: &[&[u32]], max_tokens: usize) -> Result<Self> {
+    fn start(
+        engine: &Engine,
+        edge: &EdgeModel,
+        chunks: &[&[u32]],
+        max_tokens: usize,
+    ) -> Result<Self> {
         let cfg = edge.config();
         let session = engine.open_session(params(max_tokens)?)?;
         let mut kv = ContiguousKv::new(cfg.num_hidden_layers, cfg.max_position_embeddings);
@@ -302,7 +307,12 @@ impl Device {
 
     /// Handles what arrived; answers each token with its hidden state (unless holding). Returns the gaps
     /// between consecutive tokens seen now, in seconds.
-    fn poll(&mut self, engine: &Engine, edge: &EdgeModel, gaps: &mut Vec<(Instant, f64)>) -> Result<()> {
+    fn poll(
+        &mut self,
+        engine: &Engine,
+        edge: &EdgeModel,
+        gaps: &mut Vec<(Instant, f64)>,
+    ) -> Result<()> {
         while let Ok(ev) = self.session.events.try_recv() {
             match ev {
                 Event::Token { id, .. } => {
@@ -335,7 +345,12 @@ fn prompt_ids(vocab: usize, seed: usize, len: usize) -> Vec<u32> {
 }
 
 /// Decoders run, prompts arrive, TPOT is measured (see the module docs).
-fn mixed_run(engine: &Engine, edge: &EdgeModel, cfg: &EngineConfig, plan: &BenchPlan) -> Result<MixedFigure> {
+fn mixed_run(
+    engine: &Engine,
+    edge: &EdgeModel,
+    cfg: &EngineConfig,
+    plan: &BenchPlan,
+) -> Result<MixedFigure> {
     let vocab = edge.config().vocab_size;
     let mut decoders = Vec::new();
     for i in 0..plan.mixed_decoders {
@@ -385,7 +400,10 @@ fn mixed_run(engine: &Engine, edge: &EdgeModel, cfg: &EngineConfig, plan: &Bench
     // One more gap per decoder: a token that was due during the prefill may arrive after it.
     let mut tail = Vec::new();
     while decoders.iter().any(|d| d.last.is_some_and(|t| t < end)) {
-        for d in decoders.iter_mut().filter(|d| d.last.is_some_and(|t| t < end)) {
+        for d in decoders
+            .iter_mut()
+            .filter(|d| d.last.is_some_and(|t| t < end))
+        {
             d.poll(engine, edge, &mut tail)?;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
@@ -398,7 +416,11 @@ fn mixed_run(engine: &Engine, edge: &EdgeModel, cfg: &EngineConfig, plan: &Bench
     }
     let mut base: Vec<f64> = base.into_iter().map(|g| g.1 * 1e3).collect();
     let mut dur: Vec<f64> = during.into_iter().chain(tail).map(|g| g.1 * 1e3).collect();
-    let mut ttft: Vec<f64> = prompts.iter().filter_map(|p| p.1).map(|t| t * 1e3).collect();
+    let mut ttft: Vec<f64> = prompts
+        .iter()
+        .filter_map(|p| p.1)
+        .map(|t| t * 1e3)
+        .collect();
     let b50 = percentile(&mut base, 50.0);
     let d99 = percentile(&mut dur, 99.0);
     Ok(MixedFigure {

@@ -241,7 +241,9 @@ fn check_prefix_sharing(kv_blocks: usize) -> tandem_serve::engine::EngineStats {
     let reference = load(dir.path());
     let spec = &common::specs()[2];
     let mut rng = common::Rng::new(11);
-    let system: Vec<u32> = (0..40).map(|_| 4 + rng.below(spec.vocab as u32 - 4)).collect();
+    let system: Vec<u32> = (0..40)
+        .map(|_| 4 + rng.below(spec.vocab as u32 - 4))
+        .collect();
     let prompts: Vec<Vec<u32>> = [3usize, 9, 1, 17, 6, 12, 30, 2]
         .iter()
         .map(|&l| {
@@ -251,11 +253,18 @@ fn check_prefix_sharing(kv_blocks: usize) -> tandem_serve::engine::EngineStats {
         .collect();
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| solo(&reference, p)).collect();
     let m = load(dir.path());
-    let engine = Engine::start(m.cloud, m.tokenizer, config(Policy::DecodeFirst, kv_blocks, 8));
+    let engine = Engine::start(
+        m.cloud,
+        m.tokenizer,
+        config(Policy::DecodeFirst, kv_blocks, 8),
+    );
     let devices = drive_with_prefix(&engine, &m.edge, &prompts, system.len(), 7);
     for (i, (d, want)) in devices.iter().zip(&expected).enumerate() {
         let (_, ids) = d.done.clone().expect("done");
-        assert_eq!(&ids, want, "blocks {kv_blocks}: session {i} differs from its solo run");
+        assert_eq!(
+            &ids, want,
+            "blocks {kv_blocks}: session {i} differs from its solo run"
+        );
     }
     engine.stats().expect("stats")
 }
@@ -271,7 +280,11 @@ fn sessions_share_a_system_prompt_blocks_and_keep_their_outputs() {
         "expected at least 6 of 8 sessions to adopt the system prompt: {:?}",
         stats.scheduler
     );
-    assert_eq!(stats.scheduler.prefix_hit_tokens % 8, 0, "only whole blocks are adopted");
+    assert_eq!(
+        stats.scheduler.prefix_hit_tokens % 8,
+        0,
+        "only whole blocks are adopted"
+    );
     assert_eq!(
         stats.scheduler.peak_shared_blocks, 5,
         "at the peak, the 5 full system-prompt blocks were held by several sessions"
@@ -287,7 +300,10 @@ fn prefix_sharing_survives_preemption() {
     // preemption, and a preempted session re-adopts the shared blocks when it comes back.
     let stats = check_prefix_sharing(14);
     println!("prefix sharing, tiny budget: {:?}", stats.scheduler);
-    assert!(stats.scheduler.preemptions > 0, "the budget was meant to force preemption");
+    assert!(
+        stats.scheduler.preemptions > 0,
+        "the budget was meant to force preemption"
+    );
     assert!(stats.scheduler.prefix_hit_tokens > 0);
 }
 
