@@ -39,6 +39,9 @@ use sha2::{Digest, Sha256};
 
 pub mod memory;
 pub mod redis;
+pub(crate) mod shared;
+
+use shared::SecretDigest;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, RedisStoreConfig};
@@ -207,23 +210,15 @@ pub struct ResumeTokenHash([u8; 32]);
 impl ResumeTokenHash {
     /// Whether `token` hashes to this, comparing in constant time.
     pub fn matches(&self, token: &ResumeToken) -> bool {
-        let other = token.hash();
-        let diff = self
-            .0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |d, (a, b)| d | (a ^ b));
-        std::hint::black_box(diff) == 0
+        SecretDigest(self.0).matches(&SecretDigest(token.hash().0))
     }
 
     pub(crate) fn to_hex(self) -> String {
-        hex::encode(self.0)
+        SecretDigest(self.0).to_hex()
     }
 
     pub(crate) fn from_hex(s: &str) -> Option<Self> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).ok()?;
-        Some(Self(out))
+        SecretDigest::from_hex(s).map(|d| Self(d.0))
     }
 }
 

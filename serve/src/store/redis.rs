@@ -22,7 +22,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::ConnectionManager;
+
+use crate::store::shared::redis_manager;
 use ::redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
 
 use super::{
@@ -140,20 +142,8 @@ impl RedisStore {
     /// Connects and pings: [`StoreError::Unavailable`] if Redis does not answer within
     /// `op_timeout`, [`StoreError::Backend`] for a malformed URL.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, StoreError> {
-        // The error text never includes the URL: it may hold a password.
-        let client = ::redis::Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Backend(format!("bad redis url: {}", e.category())))?;
-        let addr = client.get_connection_info().addr().to_string();
-        // Few, short reconnect retries: a failed reconnect ends quickly and the next call
-        // starts a new one, so recovery follows Redis's return within about a second.
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.op_timeout))
-            .set_response_timeout(Some(config.op_timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| StoreError::Backend(format!("redis client: {e}")))?;
+        let (conn, addr) =
+            redis_manager(&config.url, config.op_timeout).map_err(StoreError::Backend)?;
         let lua = |body: &str| Script::new(&format!("{LUA_RECORD}{body}"));
         let store = Self {
             conn,

@@ -30,6 +30,8 @@ use utoipa::ToSchema;
 pub mod memory;
 pub mod redis;
 
+use crate::store::shared::SecretDigest;
+
 pub use self::memory::MemoryTenantStore;
 pub use self::redis::{RedisTenantStore, RedisTenantStoreConfig};
 
@@ -153,22 +155,15 @@ impl KeyHash {
 
     /// Whether the two hashes are equal, in time that does not depend on where they differ.
     pub fn matches(&self, other: &KeyHash) -> bool {
-        let diff = self
-            .0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |d, (a, b)| d | (a ^ b));
-        std::hint::black_box(diff) == 0
+        SecretDigest(self.0).matches(&SecretDigest(other.0))
     }
 
     pub(crate) fn to_hex(self) -> String {
-        hex::encode(self.0)
+        SecretDigest(self.0).to_hex()
     }
 
     pub(crate) fn from_hex(s: &str) -> Option<Self> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).ok()?;
-        Some(Self(out))
+        SecretDigest::from_hex(s).map(|d| Self(d.0))
     }
 }
 

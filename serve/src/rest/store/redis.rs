@@ -17,7 +17,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::ConnectionManager;
+
+use crate::store::shared::redis_manager;
 use ::redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
 
 use super::{
@@ -102,17 +104,8 @@ impl RedisTenantStore {
     /// Connects and pings: [`TenantStoreError::Unavailable`] if Redis does not answer in
     /// time, [`TenantStoreError::Backend`] for a malformed URL.
     pub async fn connect(config: RedisTenantStoreConfig) -> Result<Self, TenantStoreError> {
-        let client = ::redis::Client::open(config.url.as_str())
-            .map_err(|e| TenantStoreError::Backend(format!("bad redis url: {}", e.category())))?;
-        let addr = client.get_connection_info().addr().to_string();
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.op_timeout))
-            .set_response_timeout(Some(config.op_timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| TenantStoreError::Backend(format!("redis client: {e}")))?;
+        let (conn, addr) =
+            redis_manager(&config.url, config.op_timeout).map_err(TenantStoreError::Backend)?;
         let store = Self {
             conn,
             addr,
