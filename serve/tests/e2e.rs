@@ -448,6 +448,43 @@ async fn wire_bytes_per_token_for_each_dtype() {
     server.shutdown().await;
 }
 
+/// `tandem-edge run ... --max-tokens 24 --json`, in process; returns the result and stdout.
+async fn run_cli(
+    edge: &Path,
+    url: &str,
+    profile: &Path,
+    prompt: &Path,
+    system: &str,
+    dtype: &str,
+) -> (Finished, Vec<u8>) {
+    let cli = Cli::try_parse_from([
+        "tandem-edge",
+        "run",
+        "--edge",
+        edge.to_str().expect("utf8"),
+        "--server",
+        url,
+        "--profile",
+        profile.to_str().expect("utf8"),
+        "--prompt-file",
+        prompt.to_str().expect("utf8"),
+        "--system",
+        system,
+        "--max-tokens",
+        "24",
+        "--dtype",
+        dtype,
+        "--json",
+    ])
+    .expect("arguments");
+    let EdgeCommand::Run(args) = cli.command;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let f = tandem_edge::cli::run(args, &mut out, &mut err)
+        .await
+        .expect("cli run");
+    (f, out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_on_the_demo_model_produces_text() {
     let Some(gguf) = common::demo_model() else {
@@ -474,31 +511,15 @@ async fn cli_on_the_demo_model_produces_text() {
     let profile = examples.join("profile.json");
     let prompt = examples.join("gift-prompt.txt");
     let url = server.ws_url();
-    let cli = Cli::try_parse_from([
-        "tandem-edge",
-        "run",
-        "--edge",
-        edge.to_str().expect("utf8"),
-        "--server",
+    let (f, out) = run_cli(
+        &edge,
         &url,
-        "--profile",
-        profile.to_str().expect("utf8"),
-        "--prompt-file",
-        prompt.to_str().expect("utf8"),
-        "--system",
+        &profile,
+        &prompt,
         "You are a helpful assistant.",
-        "--max-tokens",
-        "24",
-        "--dtype",
         "f16",
-        "--json",
-    ])
-    .expect("arguments");
-    let EdgeCommand::Run(args) = cli.command;
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let f = tandem_edge::cli::run(args, &mut out, &mut err)
-        .await
-        .expect("cli run");
+    )
+    .await;
     assert!(!f.text.trim().is_empty(), "some text");
     println!(
         "demo (hidden 576, f16): {} bytes per decode step, {:.1} bytes per prompt token; \
@@ -516,31 +537,7 @@ async fn cli_on_the_demo_model_produces_text() {
     // With f32 on the wire the split over the socket is exact: the same tokens as the
     // in-process split over the same assembled prompt.
     let system = "You are a helpful shopping assistant.";
-    let cli = Cli::try_parse_from([
-        "tandem-edge",
-        "run",
-        "--edge",
-        edge.to_str().expect("utf8"),
-        "--server",
-        &url,
-        "--profile",
-        profile.to_str().expect("utf8"),
-        "--prompt-file",
-        prompt.to_str().expect("utf8"),
-        "--system",
-        system,
-        "--max-tokens",
-        "24",
-        "--dtype",
-        "f32",
-        "--json",
-    ])
-    .expect("arguments");
-    let EdgeCommand::Run(args) = cli.command;
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let f32_run = tandem_edge::cli::run(args, &mut out, &mut err)
-        .await
-        .expect("cli run f32");
+    let (f32_run, _) = run_cli(&edge, &url, &profile, &prompt, system, "f32").await;
     let local = LocalSplit::load(
         dir.path(),
         &LocalSplitOptions {
