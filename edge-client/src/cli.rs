@@ -3,11 +3,19 @@
 //! `tandem-edge run` loads an edge checkpoint, a profile and the default sanitizer,
 //! assembles the prompt with the model's chat template, streams the output text to stdout
 //! as it arrives, and prints the transparency record (`--show-transparency`) or one JSON
-//! object (`--json`). Status lines go to stderr; an error is one `error: …` line with its
-//! causes, and exit code 1. The logic lives here, not in the binary, so tests can run it
-//! in-process ([`run`]).
+//! object (`--json`).
+//!
+//! `tandem-edge inbox` lists the prompts partners sent to the user and answers or declines
+//! them (see [`InboxArgs`] for who decides what); each answer streams like `run`'s output.
+//! Both take the same model and wire options ([`ModelArgs`]).
+//!
+//! Status lines go to stderr; an error is one `error: …` line with its causes, and exit
+//! code 1. The logic lives here, not in the binary, so tests can run it in-process ([`run`],
+//! [`inbox()`]).
 
-use std::io::Write;
+mod inbox;
+
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,7 +24,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tandem_protocol::{DoneReason, HiddenDtype, SamplingParams};
 
-use crate::client::{ClientConfig, EdgeClient, Event, Finished, GenerateRequest};
+pub use self::inbox::{inbox, Console, InboxArgs, InboxReport};
+use crate::client::{ClientConfig, EdgeClient, Event, Finished, GenerateRequest, Generation};
 use crate::prompt::{assemble, Profile, PromptTemplate};
 use crate::sanitize::Sanitizer;
 use crate::transparency::TransparencyRecord;
@@ -38,6 +47,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one generation against a Tandem server.
     Run(RunArgs),
+    /// List the prompts partners sent to this user, and answer or decline them.
+    Inbox(InboxArgs),
 }
 
 /// Element type of the hidden states on the wire.
@@ -60,14 +71,75 @@ impl From<WireDtype> for HiddenDtype {
     }
 }
 
+/// The edge checkpoint and how to reach the cloud: shared by `run` and `inbox`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub struct ModelArgs {
     /// The edge checkpoint (`edge/` written by `tandem split`, or the split directory).
     #[arg(long)]
     pub edge: PathBuf,
-    /// Server WebSocket URL (`ws://HOST:PORT/v1/edge/ws`); repeat to give fallbacks.
-    #[arg(long = "server", required = true)]
+    /// Server WebSocket URL (`ws://HOST:PORT/v1/edge/ws`); repeat to give fallbacks. Needed
+    /// for every generation (not by `inbox --list`).
+    #[arg(long = "server")]
     pub servers: Vec<String>,
+    /// Element type of the hidden states on the wire.
+    #[arg(long, value_enum, default_value_t = WireDtype::F32)]
+    pub dtype: WireDtype,
+    /// Most prompt tokens per hidden-state message.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_tokens: usize,
+}
+
+impl ModelArgs {
+    /// Loads the checkpoint, which must carry a tokenizer.
+    pub fn load(&self) -> anyhow::Result<EdgeBundle> {
+        let bundle = EdgeBundle::load(&self.edge)
+            .with_context(|| format!("cannot load the edge checkpoint {}", self.edge.display()))?;
+        if bundle.tokenizer.is_none() {
+            bail!("the edge checkpoint has no tokenizer.json");
+        }
+        Ok(bundle)
+    }
+
+    /// The client settings these options give; fails without a `--server`.
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        if self.servers.is_empty() {
+            bail!("give the server's WebSocket URL with --server ws://HOST:PORT/v1/edge/ws");
+        }
+        let mut cfg = ClientConfig::new(ServerList::new(self.servers.clone()));
+        cfg.dtype = self.dtype.into();
+        cfg.prompt_chunk_tokens = self.chunk_tokens;
+        Ok(cfg)
+    }
+
+    fn dtype_name(&self) -> String {
+        self.dtype
+            .to_possible_value()
+            .map_or("?".into(), |v| v.get_name().to_owned())
+    }
+
+    /// The status line before a generation starts.
+    fn describe(
+        &self,
+        err: &mut (dyn Write + Send),
+        req: &GenerateRequest,
+        bundle: &EdgeBundle,
+    ) -> std::io::Result<()> {
+        writeln!(
+            err,
+            "prompt: {} tokens ({} shared system prefix); split after layer {} of {}; wire dtype {}",
+            req.prompt.len(),
+            req.system_prefix_len,
+            bundle.manifest.edge_layers,
+            bundle.manifest.num_layers,
+            self.dtype_name(),
+        )
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The user's profile (a JSON object).
     #[arg(long)]
     pub profile: Option<PathBuf>,
@@ -94,12 +166,8 @@ pub struct RunArgs {
     /// Stop string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
-    #[arg(long, value_enum, default_value_t = WireDtype::F32)]
-    pub dtype: WireDtype,
-    /// Most prompt tokens per hidden-state message.
-    #[arg(long, default_value_t = 256)]
-    pub chunk_tokens: usize,
-    /// The provider prompt id, if the template came from an inbox.
+    /// The provider prompt id, if the template came from an inbox (`tandem-edge inbox`
+    /// accepts and answers inbox prompts itself).
     #[arg(long)]
     pub prompt_id: Option<String>,
     /// Print one JSON object (output, finish reason, usage, timings, transparency record)
@@ -125,19 +193,40 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Command::Run(args) = cli.command;
     let result = runtime.block_on(async {
         let mut stdout = std::io::stdout();
         let mut stderr = std::io::stderr();
-        run(args, &mut stdout, &mut stderr).await
-    });
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        match cli.command {
+            Command::Run(args) => run(args, &mut stdout, &mut stderr)
+                .await
+                .map(|_| ExitCode::SUCCESS),
+            Command::Inbox(args) => {
+                // Ask only a person: with stdin not a terminal, nobody is there to answer.
+                let mut stdin = std::io::BufReader::new(std::io::stdin());
+                let answers = if std::io::stdin().is_terminal() {
+                    Some(&mut stdin as &mut (dyn BufRead + Send))
+                } else {
+                    None
+                };
+                let console = Console {
+                    out: &mut stdout,
+                    err: &mut stderr,
+                    answers,
+                };
+                inbox::inbox(args, console).await.map(|report| {
+                    if report.failed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                })
+            }
         }
-    }
+    });
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
 }
 
 fn init_logging() {
@@ -155,8 +244,8 @@ pub async fn run(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> anyhow::Result<Finished> {
-    let bundle = EdgeBundle::load(&args.edge)
-        .with_context(|| format!("cannot load the edge checkpoint {}", args.edge.display()))?;
+    let cfg = args.model.client_config()?;
+    let bundle = args.model.load()?;
     let tokenizer = bundle
         .tokenizer
         .as_ref()
@@ -182,9 +271,6 @@ pub async fn run(
     .context("cannot assemble the prompt")?;
     let record = TransparencyRecord::new(bundle.model_info(), system, &template, &prompt);
 
-    let mut cfg = ClientConfig::new(ServerList::new(args.servers.clone()));
-    cfg.dtype = args.dtype.into();
-    cfg.prompt_chunk_tokens = args.chunk_tokens;
     let client = EdgeClient::from_bundle(&bundle, cfg)?;
     let mut req = GenerateRequest::from_assembled(&prompt);
     req.sampling = SamplingParams {
@@ -198,56 +284,11 @@ pub async fn run(
     req.stop = args.stop.clone();
     req.prompt_id = args.prompt_id.clone();
     req.record = Some(record);
-    writeln!(
-        err,
-        "prompt: {} tokens ({} shared system prefix); split after layer {} of {}; wire dtype {}",
-        prompt.ids.len(),
-        prompt.system_prefix_len,
-        bundle.manifest.edge_layers,
-        bundle.manifest.num_layers,
-        args.dtype
-            .to_possible_value()
-            .map_or("?".into(), |v| v.get_name().to_owned()),
-    )?;
+    args.model.describe(err, &req, &bundle)?;
 
-    let mut generation = client.generate(req)?;
-    let finished = loop {
-        let event = tokio::select! {
-            e = generation.next() => e,
-            _ = tokio::signal::ctrl_c() => {
-                writeln!(err, "cancelling")?;
-                generation.cancel();
-                continue;
-            }
-        };
-        match event.context("the generation ended without a result")? {
-            Event::Opened { session } => writeln!(err, "session {session} opened")?,
-            Event::Token { text, .. } => {
-                if !args.json && !text.is_empty() {
-                    out.write_all(text.as_bytes())?;
-                    out.flush()?;
-                }
-            }
-            Event::Reconnecting {
-                attempt,
-                delay,
-                cause,
-            } => writeln!(
-                err,
-                "connection lost ({cause}); reconnecting in {} ms (attempt {attempt})",
-                delay.as_millis()
-            )?,
-            Event::Resumed {
-                next_hidden_seq,
-                resent,
-            } => writeln!(
-                err,
-                "session resumed from hidden frame {next_hidden_seq} ({resent} resent)"
-            )?,
-            Event::Done(f) => break *f,
-            Event::Error(e) => return Err(anyhow::Error::new(e).context("generation failed")),
-        }
-    };
+    let generation = client.generate(req)?;
+    let stream = if args.json { None } else { Some(&mut *out) };
+    let finished = drive(generation, stream, err).await?;
 
     if args.json {
         let obj = json!({
@@ -274,16 +315,68 @@ pub async fn run(
             }
         }
     }
-    writeln!(
-        err,
+    writeln!(err, "{}", summary(&finished))?;
+    Ok(finished)
+}
+
+/// Follows a generation to its end: status lines to `err`, the text to `stream` as it
+/// arrives (when given). Ctrl-C cancels the generation, which then ends as `cancelled`.
+async fn drive(
+    mut generation: Generation,
+    mut stream: Option<&mut (dyn Write + Send + '_)>,
+    err: &mut (dyn Write + Send),
+) -> anyhow::Result<Finished> {
+    loop {
+        let event = tokio::select! {
+            e = generation.next() => e,
+            _ = tokio::signal::ctrl_c() => {
+                writeln!(err, "cancelling")?;
+                generation.cancel();
+                continue;
+            }
+        };
+        match event.context("the generation ended without a result")? {
+            Event::Opened { session } => writeln!(err, "session {session} opened")?,
+            Event::Token { text, .. } => {
+                if let Some(out) = stream.as_deref_mut() {
+                    if !text.is_empty() {
+                        out.write_all(text.as_bytes())?;
+                        out.flush()?;
+                    }
+                }
+            }
+            Event::Reconnecting {
+                attempt,
+                delay,
+                cause,
+            } => writeln!(
+                err,
+                "connection lost ({cause}); reconnecting in {} ms (attempt {attempt})",
+                delay.as_millis()
+            )?,
+            Event::Resumed {
+                next_hidden_seq,
+                resent,
+            } => writeln!(
+                err,
+                "session resumed from hidden frame {next_hidden_seq} ({resent} resent)"
+            )?,
+            Event::Done(f) => return Ok(*f),
+            Event::Error(e) => return Err(anyhow::Error::new(e).context("generation failed")),
+        }
+    }
+}
+
+/// The one-line summary after a generation.
+fn summary(finished: &Finished) -> String {
+    format!(
         "finished: {} ({} output tokens, first token after {:.0} ms, {:.1} tokens/s; edge layers {:.1} ms per token)",
         reason_name(finished.reason),
         finished.usage.output_tokens,
         finished.timings.time_to_first_token_s * 1e3,
         finished.timings.decode_tokens_per_s,
         finished.timings.edge_decode_ms_per_token
-    )?;
-    Ok(finished)
+    )
 }
 
 /// The snake_case name of a finish reason (`eos`, `stop_string`, `length`, `cancelled`).

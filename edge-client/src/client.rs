@@ -38,8 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::bundle::EdgeBundle;
 use crate::driver::Driver;
+use crate::inbox::{InboxClient, InboxConfig};
 use crate::prompt::AssembledPrompt;
-use crate::transparency::TransparencyRecord;
+use crate::transparency::{ModelInfo, TransparencyRecord};
 use crate::transport::{ReconnectPolicy, ServerList};
 
 /// How a client talks to the cloud.
@@ -58,6 +59,9 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// What the client accepts from the cloud.
     pub limits: Limits,
+    /// The REST inbox (base URL and device token); `None`: the inbox calls fail with
+    /// [`InboxError::Config`](crate::inbox::InboxError::Config).
+    pub inbox: Option<InboxConfig>,
 }
 
 impl ClientConfig {
@@ -70,6 +74,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             limits: Limits::default(),
+            inbox: None,
         }
     }
 }
@@ -231,6 +236,8 @@ pub struct EdgeClient {
     model: Arc<EdgeModel>,
     manifest: ManifestId,
     cfg: ClientConfig,
+    /// Built from `cfg.inbox`.
+    pub(crate) inbox: Option<InboxClient>,
 }
 
 impl EdgeClient {
@@ -248,6 +255,7 @@ impl EdgeClient {
         Ok(Self {
             model,
             manifest: ManifestId::try_from(pair_id)?,
+            inbox: cfg.inbox.clone().map(InboxClient::new),
             cfg,
         })
     }
@@ -259,6 +267,14 @@ impl EdgeClient {
 
     pub fn config(&self) -> &ClientConfig {
         &self.cfg
+    }
+
+    /// The split and shapes of the model, for a [`TransparencyRecord`].
+    pub fn model_info(&self) -> ModelInfo {
+        ModelInfo::from_edge(
+            &self.model,
+            String::from_utf8_lossy(self.manifest.as_bytes()),
+        )
     }
 
     /// Starts a generation on the current tokio runtime. Checks the request first; every

@@ -9,17 +9,30 @@
 //! state when the cloud lost the session). A [`TransparencyRecord`] tells the user what was
 //! used and what left the device.
 //!
+//! # The inbox
+//! Partners send prompts to users through the provider; the device pulls them
+//! ([`EdgeClient::inbox`], plain-HTTP REST with the device token: set
+//! [`ClientConfig::inbox`]), decides per prompt ([`AutoAccept`]: the profile's
+//! `auto_accept_partners` setting, otherwise ask the user), then [`EdgeClient::accept`]s and
+//! [`EdgeClient::answer`]s it (the partner's template rendered with the local profile, the
+//! generation tied to the prompt by a one-use ticket) or [`EdgeClient::decline`]s it. A
+//! template that names a field the profile lacks fails before anything is sent. HTTPS is not
+//! built yet (no TLS stack in this crate): `https://` URLs are refused. The CLI's
+//! `tandem-edge inbox` does all of it. See [`inbox`].
+//!
 //! # Layout
 //! - [`bundle`]: loading an `edge/` checkpoint directory.
 //! - [`prompt`], [`sanitize`]: prompt templates, profiles, assembly, redaction.
 //! - [`client`]: [`EdgeClient`], [`GenerateRequest`], the [`Generation`] event stream; the
 //!   session task (resume, replay, dedupe) lives in the private `driver` module.
 //! - [`transport`]: server lists and the reconnect policy.
+//! - [`inbox`]: the inbox REST calls, auto-accept, and answering an accepted prompt; the
+//!   small HTTP/1.1 client under it lives in the private `http` module.
 //! - [`transparency`]: the record shown to the user.
 //! - `cli` (feature `cli`, on by default): the `tandem-edge` command.
 //!
-//! The crate stays light on purpose: tokio and a WebSocket client, no HTTP server, no Redis,
-//! no scheduler. Nothing here logs above debug level with prompt text, profile values,
+//! The crate stays light on purpose: tokio, a WebSocket client and hyper's HTTP/1.1 client
+//! core, no HTTP server, no TLS, no Redis, no scheduler. Nothing here logs above debug level with prompt text, profile values,
 //! output text or activations.
 
 pub mod bundle;
@@ -27,6 +40,8 @@ pub mod bundle;
 pub mod cli;
 pub mod client;
 mod driver;
+mod http;
+pub mod inbox;
 pub mod prompt;
 pub mod sanitize;
 pub mod transparency;
@@ -40,7 +55,13 @@ pub use client::{
     ClientConfig, ClientError, EdgeClient, Event, Finished, GenerateRequest, Generation, Timings,
     Usage, WireStats,
 };
-pub use prompt::{assemble, AssembledPrompt, FieldUse, Profile, PromptError, PromptTemplate};
+pub use inbox::{
+    Accepted, ApiCode, AutoAccept, Decision, DeviceToken, Inbox, InboxClient, InboxConfig,
+    InboxError, InboxItem, ItemStatus, PartnerPrompt, PromptContext, PromptId, Ticket,
+};
+pub use prompt::{
+    assemble, AssembledPrompt, FieldUse, Profile, ProfileSettings, PromptError, PromptTemplate,
+};
 pub use sanitize::{Redaction, Rule, Sanitizer, SanitizerConfig};
 use tandem_model::{ContiguousKv, ForwardCtx};
 pub use tandem_model::{EdgeModel, ModelError};

@@ -15,6 +15,8 @@
 //! - The rendered text may not contain the model's control tokens (`<|im_start|>`, …): a
 //!   template or profile value cannot open a chat turn of its own
 //!   ([`PromptError::ControlToken`]).
+//! - Profile settings ([`SETTINGS_KEYS`], e.g. `auto_accept_partners`) are not fields: a
+//!   template that names one gets [`PromptError::MissingFields`] like any absent field.
 //! - `fields_used` is exact: it lists the profile fields the rendering actually read (a field
 //!   named only in a branch not taken is not used), recorded as the template looks them up.
 //!   Only those fields are sanitized, and only their redactions are reported.
@@ -75,6 +77,13 @@ pub enum PromptError {
         path: Option<PathBuf>,
         found: &'static str,
     },
+    /// A setting in the profile (see [`ProfileSettings`]) has the wrong shape.
+    #[error("profile{}: setting `{key}` {reason}", origin(.path))]
+    ProfileSetting {
+        path: Option<PathBuf>,
+        key: &'static str,
+        reason: String,
+    },
     /// The prompt template does not compile.
     #[error("prompt template: {0}")]
     TemplateSyntax(String),
@@ -128,16 +137,69 @@ fn field_list(fields: &[String]) -> String {
 
 /// The user's local profile: a JSON object of named fields. Never leaves the device; its
 /// `Debug` output shows field names only.
+///
+/// A few top-level keys are settings of the device, not fields ([`ProfileSettings`],
+/// [`SETTINGS_KEYS`]): they are taken out when the profile is parsed, so a template cannot
+/// read them (`{{ auto_accept_partners }}` is a missing field) and they never enter a prompt.
 #[derive(Clone, Default, PartialEq)]
 pub struct Profile {
     fields: serde_json::Map<String, Json>,
+    settings: ProfileSettings,
 }
 
 impl fmt::Debug for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Profile")
             .field("fields", &self.fields.keys().collect::<Vec<_>>())
+            .field("settings", &self.settings)
             .finish()
+    }
+}
+
+/// The profile key listing partners whose inbox prompts are answered without asking.
+pub const AUTO_ACCEPT_PARTNERS: &str = "auto_accept_partners";
+
+/// Top-level profile keys that are settings, not fields.
+pub const SETTINGS_KEYS: &[&str] = &[AUTO_ACCEPT_PARTNERS];
+
+/// The device settings a profile file may carry beside its fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProfileSettings {
+    /// `"auto_accept_partners": ["Acme Shop", …]`: partner names (matched exactly) whose
+    /// inbox prompts the device answers without asking (see `inbox::AutoAccept`).
+    pub auto_accept_partners: Vec<String>,
+}
+
+impl ProfileSettings {
+    /// Takes the settings keys out of `fields`.
+    fn take_from(fields: &mut serde_json::Map<String, Json>) -> Result<Self, PromptError> {
+        let bad = |reason: String| PromptError::ProfileSetting {
+            path: None,
+            key: AUTO_ACCEPT_PARTNERS,
+            reason,
+        };
+        let auto_accept_partners = match fields.remove(AUTO_ACCEPT_PARTNERS) {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Json::String(name) => Ok(name),
+                    other => Err(bad(format!(
+                        "must list partner names as strings, found {}",
+                        json_kind(&other)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(bad(format!(
+                    "must be an array of partner names, found {}",
+                    json_kind(&other)
+                )))
+            }
+        };
+        Ok(Self {
+            auto_accept_partners,
+        })
     }
 }
 
@@ -168,14 +230,23 @@ impl Profile {
                 path: path.map(Into::into),
                 found,
             },
+            PromptError::ProfileSetting { key, reason, .. } => PromptError::ProfileSetting {
+                path: path.map(Into::into),
+                key,
+                reason,
+            },
             other => other,
         })
     }
 
-    /// A profile from a JSON value, which must be an object.
+    /// A profile from a JSON value, which must be an object. The settings keys
+    /// ([`SETTINGS_KEYS`]) are taken out of the fields.
     pub fn from_value(json: Json) -> Result<Self, PromptError> {
         match json {
-            Json::Object(fields) => Ok(Self { fields }),
+            Json::Object(mut fields) => {
+                let settings = ProfileSettings::take_from(&mut fields)?;
+                Ok(Self { fields, settings })
+            }
             other => Err(PromptError::ProfileNotObject {
                 path: None,
                 found: json_kind(&other),
@@ -183,7 +254,12 @@ impl Profile {
         }
     }
 
-    /// A field's (unsanitized) value.
+    /// The device settings that came with the profile.
+    pub fn settings(&self) -> &ProfileSettings {
+        &self.settings
+    }
+
+    /// A field's (unsanitized) value. Settings are not fields.
     pub fn get(&self, name: &str) -> Option<&Json> {
         self.fields.get(name)
     }

@@ -89,6 +89,13 @@ pub struct NoiseRecord {
 /// Everything about one generation that its user may see. See the module doc.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TransparencyRecord {
+    /// The partner (third party) whose inbox prompt this generation answers; `None` for a
+    /// prompt the user's own app made. Left out of the JSON when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    /// The inbox prompt's id (not the one-use ticket); `None` as for `partner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_id: Option<String>,
     /// The provider's system prompt, if any.
     pub system_prompt: Option<String>,
     /// The third party's template, as written.
@@ -129,6 +136,8 @@ impl TransparencyRecord {
             ..SentTraffic::default()
         };
         Self {
+            partner: None,
+            prompt_id: None,
             system_prompt: system_prompt.map(str::to_owned),
             template: template.source().to_owned(),
             user_prompt: prompt.user_prompt.clone(),
@@ -144,6 +153,13 @@ impl TransparencyRecord {
             output: None,
             finish_reason: None,
         }
+    }
+
+    /// Marks the record as answering `partner`'s inbox prompt `prompt_id`.
+    pub fn for_partner(mut self, partner: impl Into<String>, prompt_id: impl Into<String>) -> Self {
+        self.partner = Some(partner.into());
+        self.prompt_id = Some(prompt_id.into());
+        self
     }
 
     /// Counts one hidden-state message of `rows` rows and `bytes` bytes sent.
@@ -182,6 +198,13 @@ impl TransparencyRecord {
     fn render_inputs(&self, s: &mut String) {
         let m = &self.model;
         s.push_str("What this generation used\n");
+        if let Some(partner) = &self.partner {
+            let _ = writeln!(
+                s,
+                "  Asked by {partner} (inbox prompt {}); they receive the output.",
+                self.prompt_id.as_deref().unwrap_or("without an id")
+            );
+        }
         let _ = writeln!(
             s,
             "  Model pair {}: this device ran the embedding and the first {} of {} layers; \

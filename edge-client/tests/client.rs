@@ -533,6 +533,8 @@ fn nothing_above_debug_logs_private_text() {
         req.stop = vec![MARKER.into()];
         req.prompt_id = Some(MARKER.into());
         req.record = Some(TransparencyRecord {
+            partner: Some(MARKER.into()),
+            prompt_id: Some(MARKER.into()),
             system_prompt: Some(MARKER.into()),
             template: format!("Hello {MARKER}"),
             user_prompt: format!("Hello {MARKER}"),

@@ -239,7 +239,9 @@ pub struct Open {
     pub max_tokens: u32,
     /// Stop strings (at most [`MAX_STOP_STRINGS`]).
     pub stop: Vec<String>,
-    /// The provider prompt the device assembled, if any (for accounting).
+    /// The ticket of an accepted partner prompt (`tkt_` + 64 hex digits, from the REST
+    /// inbox's accept), if this generation answers one: the cloud then applies that prompt's
+    /// `max_tokens` and sampling and stores the output as the user's result.
     pub prompt_id: Option<String>,
     /// W3C trace context, to join the device's trace.
     pub traceparent: Option<String>,
@@ -278,6 +280,16 @@ pub enum DoneReason {
 }
 
 impl DoneReason {
+    /// The stable snake_case name: `eos`, `stop_string`, `length` or `cancelled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Finished(FinishReason::Eos) => "eos",
+            Self::Finished(FinishReason::StopString) => "stop_string",
+            Self::Finished(FinishReason::Length) => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     /// The byte on the wire.
     pub fn code(self) -> u8 {
         match self {

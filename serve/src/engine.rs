@@ -138,6 +138,8 @@ enum Command {
     Stats {
         reply: Sender<EngineStats>,
     },
+    /// Holds the loop as a step that never ends would (for the readiness tests).
+    Stall(std::time::Duration),
 }
 
 /// Counters of the engine since it started.
@@ -171,12 +173,23 @@ pub struct Session {
 impl Engine {
     /// Starts the engine thread over `cloud`.
     pub fn start(cloud: CloudModel, tokenizer: Option<TextTokenizer>, cfg: EngineConfig) -> Self {
+        Self::start_observed(cloud, tokenizer, cfg, None)
+    }
+
+    /// [`Engine::start`], recording every step into `metrics` (batch sizes, step duration,
+    /// the step in progress).
+    pub fn start_observed(
+        cloud: CloudModel,
+        tokenizer: Option<TextTokenizer>,
+        cfg: EngineConfig,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Self {
         let hidden_size = cloud.config().hidden_size;
         let block_size = cfg.block_size;
         let (tx, rx) = unbounded();
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
-            .spawn(move || run(cloud, tokenizer, cfg, rx))
+            .spawn(move || run(cloud, tokenizer, cfg, rx, metrics))
             .ok();
         Self {
             tx: Some(tx),
@@ -300,6 +313,15 @@ impl Engine {
     }
 
     /// Positions per KV block.
+    /// Holds the engine loop for `d`, as a step that does not end would: for tests of the
+    /// readiness check only.
+    #[doc(hidden)]
+    pub fn stall_for_tests(&self, d: std::time::Duration) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Command::Stall(d));
+        }
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }
@@ -358,6 +380,7 @@ struct Loop<'t> {
     positions_computed: u64,
     block_size: usize,
     prefix_sharing: bool,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 fn run(
@@ -365,6 +388,7 @@ fn run(
     tokenizer: Option<TextTokenizer>,
     cfg: EngineConfig,
     rx: Receiver<Command>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 ) {
     let ccfg = cloud.config().clone();
     let range = cloud.split().cloud_range();
@@ -389,6 +413,7 @@ fn run(
         positions_computed: 0,
         block_size: cfg.block_size,
         prefix_sharing: cfg.prefix_sharing,
+        metrics,
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
@@ -409,6 +434,16 @@ fn run(
 impl<'t> Loop<'t> {
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Stall(d) => {
+                if let Some(m) = &self.metrics {
+                    m.step_started_ms
+                        .store(crate::store::now_ms().max(1), Ordering::Relaxed);
+                }
+                std::thread::sleep(d);
+                if let Some(m) = &self.metrics {
+                    m.step_started_ms.store(0, Ordering::Relaxed);
+                }
+            }
             Command::Open {
                 id,
                 params,
@@ -523,8 +558,18 @@ impl<'t> Loop<'t> {
     /// Runs one batch; a failure fails the batch's sessions, not the engine.
     fn step(&mut self, batch: Batch) {
         let started = std::time::Instant::now();
+        if let Some(m) = &self.metrics {
+            m.step_started_ms
+                .store(crate::store::now_ms().max(1), Ordering::Relaxed);
+        }
         let result = self.forward_and_sample(&batch);
         self.busy_s += started.elapsed().as_secs_f64();
+        if let Some(m) = &self.metrics {
+            m.step_started_ms.store(0, Ordering::Relaxed);
+            m.step_duration_seconds.observe_duration(started.elapsed());
+            m.batch_tokens.observe(batch.num_tokens() as f64);
+            m.batch_sequences.observe(batch.items.len() as f64);
+        }
         self.positions_computed += batch.num_tokens() as u64;
         self.tokens_sampled += batch.items.iter().filter(|i| i.sample).count() as u64;
         let outcome = match result {

@@ -11,8 +11,10 @@
 //!
 //! `main.rs` holds the CLI.
 
+pub mod admin_cli;
 pub mod bench;
 pub mod engine;
+pub mod metrics;
 pub mod rest;
 pub mod server;
 pub mod store;

@@ -4,7 +4,8 @@
 //! - `tandem split`: cut a checkpoint into an edge part and a cloud part;
 //! - `tandem generate`: run a split model in one process (edge then cloud), token by token;
 //! - `tandem bench`: engine throughput;
-//! - `tandem serve`: the cloud server devices connect to over WebSocket.
+//! - `tandem serve`: the cloud server devices connect to over WebSocket;
+//! - `tandem admin`: tenants, API keys, quotas and device tokens on a running server.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ enum Command {
     Bench(BenchArgs),
     /// Serve the cloud part to devices over WebSocket (ws://ADDR/v1/edge/ws).
     Serve(Box<ServeArgs>),
+    /// The provider's administration of a running server: tenants, API keys, quotas,
+    /// device tokens (over its /v1/admin routes).
+    Admin(tandem_serve::admin_cli::AdminArgs),
 }
 
 /// Every setting is also read from the environment and from `--config FILE` (TOML, the same
@@ -63,6 +67,9 @@ struct ServeArgs {
     /// This replica's name (a random suffix is added).
     #[arg(long, env = "TANDEM_REPLICA_ID")]
     replica_id: Option<String>,
+    /// KV cache size as a block count (overrides --kv-cache-gib).
+    #[arg(long, env = "TANDEM_KV_BLOCKS")]
+    kv_blocks: Option<usize>,
     #[arg(long, env = "TANDEM_KV_CACHE_GIB")]
     kv_cache_gib: Option<f64>,
     #[arg(long, env = "TANDEM_BLOCK_SIZE")]
@@ -102,6 +109,29 @@ struct ServeArgs {
     /// routes answer 503). Prefer the environment or the file: flags show in `ps`.
     #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<tandem_serve::server::config::Secret>,
+    /// Signs device tokens (at least 32 characters; every replica needs the same). Without
+    /// one, a random key: tokens then work on this process only.
+    #[arg(long, env = "TANDEM_DEVICE_TOKEN_KEY", hide_env_values = true)]
+    device_token_key: Option<tandem_serve::server::config::Secret>,
+    /// The provider's system prompt, sent to devices with every inbox item.
+    #[arg(
+        long,
+        env = "TANDEM_SYSTEM_PROMPT",
+        conflicts_with = "system_prompt_file"
+    )]
+    system_prompt: Option<String>,
+    /// Reads the provider's system prompt from a file.
+    #[arg(long, env = "TANDEM_SYSTEM_PROMPT_FILE")]
+    system_prompt_file: Option<PathBuf>,
+    /// Requests per minute per partner tenant (default 600).
+    #[arg(long, env = "TANDEM_PARTNER_REQUESTS_PER_MINUTE")]
+    partner_requests_per_minute: Option<u32>,
+    /// Requests per minute per device user (default 120).
+    #[arg(long, env = "TANDEM_DEVICE_REQUESTS_PER_MINUTE")]
+    device_requests_per_minute: Option<u32>,
+    /// /readyz turns 503 while one engine step runs longer than this (default 30000).
+    #[arg(long, env = "TANDEM_ENGINE_STALL_MS")]
+    engine_stall_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -214,18 +244,27 @@ struct GenerateArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs go to stderr, filtered by RUST_LOG (default `warn`); TANDEM_LOG_FORMAT=json
+    // writes one JSON object per line (for log collectors), anything else plain text.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     let result = match Cli::parse().command {
         Command::Split(a) => split(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(*a),
+        Command::Admin(a) => match tandem_serve::admin_cli::run(a) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -442,10 +481,24 @@ impl ServeArgs {
             heartbeat_ttl_ms,
             drain_timeout_ms,
             resume_grace_ms,
-            handshake_timeout_ms
+            handshake_timeout_ms,
+            system_prompt,
+            partner_requests_per_minute,
+            device_requests_per_minute,
+            engine_stall_ms
         );
+        if let Some(path) = self.system_prompt_file {
+            c.system_prompt = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the system prompt {}", path.display()))?;
+        }
+        if self.device_token_key.is_some() {
+            c.device_token_key = self.device_token_key;
+        }
         if self.redis.is_some() {
             c.redis = self.redis;
+        }
+        if self.kv_blocks.is_some() {
+            c.kv_blocks = self.kv_blocks;
         }
         if self.replica_id.is_some() {
             c.replica_id = self.replica_id;

@@ -477,7 +477,9 @@ async fn run_cli(
         "--json",
     ])
     .expect("arguments");
-    let EdgeCommand::Run(args) = cli.command;
+    let EdgeCommand::Run(args) = cli.command else {
+        panic!("the arguments parse as another subcommand");
+    };
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let f = tandem_edge::cli::run(args, &mut out, &mut err)
         .await

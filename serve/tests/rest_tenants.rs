@@ -12,23 +12,22 @@
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
+#[path = "support/http.rs"]
+mod http;
 #[path = "support/redis.rs"]
 mod redis_server;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
+use http::{dump_redis, Reply, Req};
 use serde_json::{json, Value};
 use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_serve::server::config::Secret;
 use tandem_serve::server::{self, ServerConfig, ServerHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const ADMIN_KEY: &str = "provider-admin-key-for-tests-0123456789";
-const WAIT: Duration = Duration::from_secs(10);
 
 /// A tiny model split at 2 edge layers; the server needs only its cloud part.
 struct Fixture {
@@ -70,192 +69,13 @@ impl Fixture {
     }
 }
 
-/// One HTTP answer.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {}: body is not JSON ({e}): {:?}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// Asserts the status and the error shape with `code`; answers the message.
-    fn expect_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(self.status, status, "body: {}", self.text());
-        let v = self.json();
-        assert_eq!(v["error"]["code"], code, "body: {v}");
-        let obj = v.as_object().expect("object");
-        assert_eq!(obj.len(), 1, "only `error`: {v}");
-        assert_eq!(
-            v["error"].as_object().expect("error object").len(),
-            2,
-            "{v}"
-        );
-        let msg = v["error"]["message"].as_str().expect("message").to_owned();
-        assert!(!msg.is_empty());
-        assert!(
-            self.header("content-type")
-                .is_some_and(|c| c.starts_with("application/json")),
-            "{:?}",
-            self.headers
-        );
-        msg
-    }
-}
-
-/// A request to send: method, path, headers and body.
-struct Req<'a> {
-    method: &'a str,
-    path: &'a str,
-    auth: Option<&'a str>,
-    content_type: Option<&'a str>,
-    body: Vec<u8>,
-    /// Send the headers only (with this declared `Content-Length`) and read the answer.
-    declared_len: Option<usize>,
-}
-
-impl<'a> Req<'a> {
-    fn new(method: &'a str, path: &'a str) -> Self {
-        Self {
-            method,
-            path,
-            auth: None,
-            content_type: None,
-            body: Vec::new(),
-            declared_len: None,
-        }
-    }
-
-    fn bearer(mut self, token: &'a str) -> Self {
-        self.auth = Some(token);
-        self
-    }
-
-    fn admin(self) -> Self {
-        self.bearer(ADMIN_KEY)
-    }
-
-    fn json(mut self, v: &Value) -> Self {
-        self.content_type = Some("application/json");
-        self.body = serde_json::to_vec(v).expect("json");
-        self
-    }
-
-    fn raw(mut self, content_type: &'a str, body: &[u8]) -> Self {
-        self.content_type = Some(content_type);
-        self.body = body.to_vec();
-        self
-    }
-
-    async fn send(self, addr: SocketAddr) -> Reply {
-        tokio::time::timeout(WAIT, self.exchange(addr))
-            .await
-            .expect("HTTP exchange timed out")
-    }
-
-    async fn exchange(self, addr: SocketAddr) -> Reply {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let mut head = format!(
-            "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
-            self.method, self.path
-        );
-        if let Some(token) = self.auth {
-            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        if let Some(ct) = self.content_type {
-            head.push_str(&format!("Content-Type: {ct}\r\n"));
-        }
-        let len = self.declared_len.unwrap_or(self.body.len());
-        head.push_str(&format!("Content-Length: {len}\r\n\r\n"));
-        stream.write_all(head.as_bytes()).await.expect("write head");
-        if self.declared_len.is_none() {
-            stream.write_all(&self.body).await.expect("write body");
-        }
-        let mut raw = Vec::new();
-        // The server may close without reading a refused body; what it sent first is in `raw`.
-        let _ = stream.read_to_end(&mut raw).await;
-        parse_reply(&raw)
-    }
-}
-
-fn parse_reply(raw: &[u8]) -> Reply {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..split]).expect("utf-8 head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("status line");
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let rest = &raw[split + 4..];
-    let chunked = headers.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_vec()
-    };
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_text = std::str::from_utf8(&data[..eol]).expect("chunk size");
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .expect("hex chunk size");
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
-        data = &data[eol + 2 + size + 2..];
-    }
-}
-
 fn quotas() -> Value {
     json!({"prompts_per_minute": 60, "tokens_per_day": 100000, "max_audience": 1000})
 }
 
 async fn create_tenant(addr: SocketAddr, name: &str) -> Value {
     let r = Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .json(&json!({"name": name, "quotas": quotas()}))
         .send(addr)
         .await;
@@ -266,7 +86,7 @@ async fn create_tenant(addr: SocketAddr, name: &str) -> Value {
 /// Issues a key; answers `(key_id, key)`.
 async fn issue_key(addr: SocketAddr, tenant: &str) -> (String, String) {
     let r = Req::new("POST", &format!("/v1/admin/tenants/{tenant}/keys"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
@@ -301,14 +121,14 @@ async fn tenant_and_key_lifecycle() {
     assert!(t["created"].as_str().is_some_and(|c| c.ends_with('Z')));
 
     let r = Req::new("GET", &format!("/v1/admin/tenants/{id}"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), t);
     let other = create_tenant(addr, "Other Insurer").await;
     let r = Req::new("GET", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.status, 200);
@@ -322,7 +142,7 @@ async fn tenant_and_key_lifecycle() {
     let (key_id2, _key2) = issue_key(addr, &id).await;
 
     let r = Req::new("GET", &format!("/v1/admin/tenants/{id}/keys"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.status, 200);
@@ -352,14 +172,14 @@ async fn tenant_and_key_lifecycle() {
         "DELETE",
         &format!("/v1/admin/tenants/{other_id}/keys/{key_id}"),
     )
-    .admin()
+    .bearer(ADMIN_KEY)
     .send(addr)
     .await
     .expect_error(404, "not_found");
     assert_eq!(me(addr, &key).await.status, 200);
 
     let r = Req::new("DELETE", &format!("/v1/admin/tenants/{id}/keys/{key_id}"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
@@ -368,12 +188,12 @@ async fn tenant_and_key_lifecycle() {
     revoked.expect_error(401, "unauthorized");
     assert_eq!(revoked.header("www-authenticate"), Some("Bearer"));
     Req::new("DELETE", &format!("/v1/admin/tenants/{id}/keys/{key_id}"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await
         .expect_error(404, "not_found");
     let r = Req::new("GET", &format!("/v1/admin/tenants/{id}/keys"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.json()["keys"].as_array().map(Vec::len), Some(1));
@@ -437,13 +257,13 @@ async fn every_error_status_in_the_shape() {
         "/v1/admin/tenants/0123456789abcdef/keys".to_owned(),
     ] {
         Req::new("GET", &path)
-            .admin()
+            .bearer(ADMIN_KEY)
             .send(addr)
             .await
             .expect_error(404, "not_found");
     }
     Req::new("POST", "/v1/admin/tenants/0123456789abcdef/keys")
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await
         .expect_error(404, "not_found");
@@ -451,7 +271,7 @@ async fn every_error_status_in_the_shape() {
         "DELETE",
         &format!("/v1/admin/tenants/{id}/keys/0123456789abcdef"),
     )
-    .admin()
+    .bearer(ADMIN_KEY)
     .send(addr)
     .await
     .expect_error(404, "not_found");
@@ -462,20 +282,20 @@ async fn every_error_status_in_the_shape() {
 
     // 405.
     Req::new("PUT", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await
         .expect_error(405, "method_not_allowed");
 
     // 400: malformed JSON; empty body.
     Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .raw("application/json", b"{\"name\": ")
         .send(addr)
         .await
         .expect_error(400, "bad_request");
     Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .raw("application/json", b"")
         .send(addr)
         .await
@@ -483,7 +303,7 @@ async fn every_error_status_in_the_shape() {
 
     // 415: not JSON.
     Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .raw("text/plain", b"{}")
         .send(addr)
         .await
@@ -502,7 +322,7 @@ async fn every_error_status_in_the_shape() {
     ];
     for body in &bad_bodies {
         let msg = Req::new("POST", "/v1/admin/tenants")
-            .admin()
+            .bearer(ADMIN_KEY)
             .json(body)
             .send(addr)
             .await
@@ -510,7 +330,7 @@ async fn every_error_status_in_the_shape() {
         assert!(!msg.contains("serde"), "{msg}");
     }
     let msg = Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .json(&bad_bodies[0])
         .send(addr)
         .await
@@ -519,14 +339,14 @@ async fn every_error_status_in_the_shape() {
 
     // 409: the name is taken.
     Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .json(&json!({"name": "Acme", "quotas": quotas()}))
         .send(addr)
         .await
         .expect_error(409, "conflict");
 
     // 413: a declared body over 64 KiB is refused before it is sent...
-    let mut big = Req::new("POST", "/v1/admin/tenants").admin();
+    let mut big = Req::new("POST", "/v1/admin/tenants").bearer(ADMIN_KEY);
     big.content_type = Some("application/json");
     big.declared_len = Some(70 * 1024);
     big.send(addr).await.expect_error(413, "payload_too_large");
@@ -537,7 +357,7 @@ async fn every_error_status_in_the_shape() {
     // A body just under the limit is read (and refused for its content, not its size).
     let pad = "x".repeat(60 * 1024);
     Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .json(&json!({"name": pad, "quotas": quotas()}))
         .send(addr)
         .await
@@ -545,7 +365,7 @@ async fn every_error_status_in_the_shape() {
 
     // Nothing above created a tenant.
     let r = Req::new("GET", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(addr)
         .await;
     assert_eq!(r.json()["tenants"].as_array().map(Vec::len), Some(1));
@@ -561,7 +381,7 @@ async fn admin_routes_off_without_an_admin_key() {
     })
     .await;
     let r = Req::new("GET", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(srv.addr())
         .await;
     r.expect_error(503, "admin_disabled");
@@ -586,67 +406,6 @@ async fn admin_routes_off_without_an_admin_key() {
     assert!(server::start(short).await.is_err());
 }
 
-/// Every `(key, value)` under `prefix`, whatever the type, as text.
-async fn dump_redis(url: &str, prefix: &str) -> Vec<(String, String)> {
-    let client = redis::Client::open(url).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
-    let mut out = Vec::new();
-    for k in keys {
-        assert!(
-            k.starts_with(&format!("{prefix}:")),
-            "key outside the prefix: {k}"
-        );
-        let kind: String = redis::cmd("TYPE")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .expect("TYPE");
-        let value: Vec<String> = match kind.as_str() {
-            "string" => vec![redis::cmd("GET")
-                .arg(&k)
-                .query_async(&mut conn)
-                .await
-                .expect("GET")],
-            "hash" => redis::cmd("HGETALL")
-                .arg(&k)
-                .query_async(&mut conn)
-                .await
-                .expect("HGETALL"),
-            "zset" => redis::cmd("ZRANGE")
-                .arg(&k)
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .query_async(&mut conn)
-                .await
-                .expect("ZRANGE"),
-            "set" => redis::cmd("SMEMBERS")
-                .arg(&k)
-                .query_async(&mut conn)
-                .await
-                .expect("SMEMBERS"),
-            "list" => redis::cmd("LRANGE")
-                .arg(&k)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-                .expect("LRANGE"),
-            other => panic!("unexpected type {other} of {k}"),
-        };
-        out.push((k, value.join("\u{1f}")));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_reaches_every_replica_and_redis_holds_no_key() {
     let Some(mut redis) = redis_server::RedisServer::start() else {
@@ -665,12 +424,12 @@ async fn revocation_reaches_every_replica_and_redis_holds_no_key() {
     let id = t["id"].as_str().expect("id").to_owned();
     // B sees what A wrote.
     let r = Req::new("GET", &format!("/v1/admin/tenants/{id}"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(b.addr())
         .await;
     assert_eq!(r.json(), t);
     Req::new("POST", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .json(&json!({"name": "Acme", "quotas": quotas()}))
         .send(b.addr())
         .await
@@ -702,7 +461,7 @@ async fn revocation_reaches_every_replica_and_redis_holds_no_key() {
 
     // Revoked through A: B refuses it on its very next request.
     let r = Req::new("DELETE", &format!("/v1/admin/tenants/{id}/keys/{key_id}"))
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(a.addr())
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
@@ -716,7 +475,7 @@ async fn revocation_reaches_every_replica_and_redis_holds_no_key() {
     r.expect_error(503, "unavailable");
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
     Req::new("GET", "/v1/admin/tenants")
-        .admin()
+        .bearer(ADMIN_KEY)
         .send(a.addr())
         .await
         .expect_error(503, "unavailable");
@@ -781,6 +540,8 @@ fn every_route_is_in_the_spec_and_states_its_security() {
             .collect();
         let expected = if path.starts_with("/v1/admin/") {
             vec!["admin_key"]
+        } else if path.starts_with("/v1/edge/") {
+            vec!["device_token"]
         } else if path.starts_with("/v1/") {
             vec!["partner_key"]
         } else {
@@ -798,7 +559,7 @@ fn every_route_is_in_the_spec_and_states_its_security() {
             );
         }
     }
-    for scheme in ["admin_key", "partner_key"] {
+    for scheme in ["admin_key", "partner_key", "device_token"] {
         assert_eq!(
             spec["components"]["securitySchemes"][scheme]["scheme"], "bearer",
             "{scheme}"
@@ -819,14 +580,117 @@ async fn served_spec_is_the_document_and_every_spec_route_is_served() {
     for (method, path) in spec_operations(&spec) {
         let concrete = path
             .replace("{id}", "0123456789abcdef")
-            .replace("{key_id}", "0123456789abcdef");
+            .replace("{key_id}", "0123456789abcdef")
+            .replace("{token_id}", "0123456789abcdef")
+            .replace("{prompt_id}", "0123456789abcdef")
+            .replace("{file}", "swagger-ui.css");
         let r = Req::new(&method, &concrete).send(srv.addr()).await;
+        // /docs answers 503 in a binary built without Swagger UI (still its own handler).
+        let docs_missing =
+            path.starts_with("/docs") && !tandem_serve::rest::docs::EMBEDDED && r.status == 503;
         assert!(
-            r.status == 200 || r.status == 401,
+            r.status == 200 || r.status == 401 || docs_missing,
             "{method} {path}: {} {}",
             r.status,
             r.text()
         );
     }
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docs_serve_swagger_ui_from_the_binary() {
+    let embedded = tandem_serve::rest::docs::EMBEDDED;
+    if !embedded {
+        assert_ne!(
+            std::env::var("TANDEM_REQUIRE_SWAGGER_UI").as_deref(),
+            Ok("1"),
+            "TANDEM_REQUIRE_SWAGGER_UI=1 but this build has no Swagger UI: run scripts/fetch-swagger-ui.sh"
+        );
+    }
+    let fx = fixture();
+    let srv = start(fx.config()).await;
+    let page = Req::new("GET", "/docs").send(srv.addr()).await;
+    if !embedded {
+        let msg = page.expect_error(503, "unavailable");
+        assert!(msg.contains("fetch-swagger-ui.sh"), "{msg}");
+        srv.shutdown().await;
+        return;
+    }
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/html")));
+    let html = page.text();
+    // Only same-origin assets: nothing is fetched from another host.
+    assert!(html.contains("/docs/swagger-ui-bundle.js") && html.contains("/openapi.json"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "{html}"
+    );
+    let js = Req::new("GET", "/docs/swagger-ui-bundle.js")
+        .send(srv.addr())
+        .await;
+    assert_eq!(js.status, 200);
+    assert!(js.body.len() > 100_000, "{} bytes", js.body.len());
+    assert!(js.text().contains("SwaggerUIBundle"));
+    let css = Req::new("GET", "/docs/swagger-ui.css")
+        .send(srv.addr())
+        .await;
+    assert_eq!(css.status, 200);
+    assert_eq!(css.header("content-type"), Some("text/css"));
+    Req::new("GET", "/docs/../Cargo.toml")
+        .send(srv.addr())
+        .await
+        .expect_error(404, "not_found");
+    Req::new("GET", "/docs/other.js")
+        .send(srv.addr())
+        .await
+        .expect_error(404, "not_found");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_and_malformed_keys_take_the_same_time() {
+    let fx = fixture();
+    let srv = start(fx.config()).await;
+    let addr = srv.addr();
+    let t = create_tenant(addr, "Timing").await;
+    let (key_id, key) = issue_key(addr, t["id"].as_str().expect("id")).await;
+    // A wrong secret for a live key id, an unknown key id, and a malformed key.
+    let mut wrong = key.clone();
+    let last = wrong.pop().expect("char");
+    wrong.push(if last == '0' { '1' } else { '0' });
+    let unknown = key.replacen(&key_id, "fedcba9876543210", 1);
+    let malformed = "tdm_not-a-key".to_owned();
+    let kinds = [wrong, unknown, malformed];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    // Interleaved rounds, so that drift in the machine's load hits every kind alike.
+    for round in 0..60 {
+        for (i, k) in kinds.iter().enumerate() {
+            let started = std::time::Instant::now();
+            let r = me(addr, k).await;
+            let elapsed = started.elapsed().as_secs_f64();
+            assert_eq!(r.status, 401);
+            if round >= 5 {
+                times[i].push(elapsed);
+            }
+        }
+    }
+    let medians: Vec<f64> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect();
+    let (lo, hi) = medians
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), m| (lo.min(*m), hi.max(*m)));
+    // No path does measurably more work: the medians agree within 1 ms and within half.
+    assert!(
+        hi - lo < 0.001 && hi < lo * 1.5 + 0.0002,
+        "median 401 times differ: {medians:?} s (wrong, unknown, malformed)"
+    );
     srv.shutdown().await;
 }

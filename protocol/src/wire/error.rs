@@ -183,6 +183,9 @@ error_codes! {
     BadResumeToken = 201, "bad_resume_token";
     /// The session already finished; nothing more can be sent to it.
     Finished = 202, "finished";
+    /// `Open`'s prompt id is not a live ticket of an accepted partner prompt: unknown,
+    /// already used, or its prompt expired or was cancelled.
+    BadPromptTicket = 203, "bad_prompt_ticket";
     /// The device sends frames faster than it is allowed to.
     RateLimited = 300, "rate_limited";
     /// The cloud is at capacity and refused a new session (admission control).

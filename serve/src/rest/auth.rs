@@ -100,7 +100,7 @@ impl fmt::Debug for AdminKey {
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if there is exactly that.
-fn bearer(parts: &Parts) -> Option<&str> {
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

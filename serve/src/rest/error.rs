@@ -45,6 +45,9 @@ pub enum ErrorCode {
     Invalid,
     /// 429: too many requests; retry after `Retry-After` seconds.
     RateLimited,
+    /// 429: the tenant's daily token quota would be passed; retry after `Retry-After`
+    /// seconds (the next UTC day).
+    QuotaExceeded,
     /// 503: a dependency (the store) is unavailable; retry after `Retry-After` seconds.
     Unavailable,
     /// 503: the admin routes are off because no admin key is configured.
@@ -54,6 +57,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The snake_case name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict => "conflict",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Invalid => "invalid",
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::Unavailable => "unavailable",
+            Self::AdminDisabled => "admin_disabled",
+            Self::Internal => "internal",
+        }
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Self::BadRequest => StatusCode::BAD_REQUEST,
@@ -65,7 +88,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable | Self::AdminDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -157,6 +180,13 @@ impl ApiError {
         }
     }
 
+    pub fn quota_exceeded(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(ErrorCode::QuotaExceeded, message)
+        }
+    }
+
     pub fn unavailable(message: impl Into<String>, retry_after: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),
@@ -223,6 +253,7 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        response.extensions_mut().insert(self.code);
         response
     }
 }

@@ -1,5 +1,5 @@
-//! The REST front end (DESIGN.md §9): tenants and API keys, the partner's `/v1/me`, health
-//! and the OpenAPI document.
+//! The REST front end (DESIGN.md §9): tenants and API keys, device tokens, the partners'
+//! prompts and results, the devices' inboxes, health and the OpenAPI document.
 //!
 //! # Layout
 //! - this module: [`RestState`], [`router`] (every REST route, the body limit, the JSON
@@ -7,8 +7,12 @@
 //!   [`openapi`] / [`openapi_json`] (the spec, also served at `/openapi.json`).
 //! - [`error`]: the one JSON error shape and the extractors that produce it.
 //! - [`auth`]: admin-key and API-key authentication, key generation and format.
+//! - [`docs`]: Swagger UI at `/docs`, from assets built into the binary.
 //! - [`tenants`]: the tenant and key routes.
-//! - [`store`]: [`store::TenantStore`], in memory or in Redis.
+//! - [`device`]: device tokens (HMAC-signed, expiring, revocable) and their admin routes.
+//! - [`prompts`]: the partner's `/v1/prompts` routes, quotas and rate limits.
+//! - [`inbox`]: the device's `/v1/edge/inbox` routes and prompt tickets.
+//! - [`store`]: [`store::TenantStore`] and [`store::PromptStore`], in memory or in Redis.
 //!
 //! # Invariants
 //! - Every response that is not a success has the [`error::ErrorBody`] shape, including
@@ -19,9 +23,14 @@
 //!   [`route_table`] is exactly what is served; a test checks that it equals the spec.
 
 pub mod auth;
+pub mod device;
+pub mod docs;
 pub mod error;
+pub mod inbox;
+pub mod prompts;
 pub mod store;
 pub mod tenants;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -37,8 +46,9 @@ use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use self::auth::AdminKey;
+use self::device::DeviceKey;
 use self::error::{ApiError, ErrorBody};
-use self::store::TenantStore;
+use self::store::{PromptStore, TenantStore};
 
 /// The largest request body any REST route reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -49,8 +59,23 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
 /// What the REST handlers share.
 pub struct RestState {
     pub store: Arc<dyn TenantStore>,
+    /// Prompts, assignments, revocations and rate counters (the same backend as `store`).
+    pub prompts: Arc<dyn PromptStore>,
     /// `None`: the admin routes answer 503 `admin_disabled`.
     pub admin_key: Option<AdminKey>,
+    /// Signs and verifies device tokens.
+    pub device_key: DeviceKey,
+    /// The provider's system prompt, delivered to devices with every inbox item; never
+    /// returned to partners.
+    pub system_prompt: String,
+    /// The largest `max_tokens` a prompt may ask for.
+    pub max_tokens_cap: u32,
+    /// Requests per minute per partner tenant, over all partner routes.
+    pub partner_requests_per_minute: u32,
+    /// Requests per minute per user, over all device routes.
+    pub device_requests_per_minute: u32,
+    /// Error answers by code and prompts by tenant are counted here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for RestState {
@@ -92,6 +117,8 @@ fn routes() -> Routes {
     Routes::new()
         .add(Method::GET, "/healthz", healthz)
         .add(Method::GET, OPENAPI_PATH, serve_openapi)
+        .add(Method::GET, "/docs", docs::page)
+        .add(Method::GET, "/docs/{file}", docs::asset)
         .add(Method::POST, "/v1/admin/tenants", tenants::create_tenant)
         .add(Method::GET, "/v1/admin/tenants", tenants::list_tenants)
         .add(Method::GET, "/v1/admin/tenants/{id}", tenants::get_tenant)
@@ -110,7 +137,38 @@ fn routes() -> Routes {
             "/v1/admin/tenants/{id}/keys/{key_id}",
             tenants::revoke_key,
         )
+        .add(
+            Method::PUT,
+            "/v1/admin/tenants/{id}/quotas",
+            tenants::set_quotas,
+        )
         .add(Method::GET, "/v1/me", tenants::me)
+        .add(
+            Method::POST,
+            "/v1/admin/device-tokens",
+            device::issue_device_token,
+        )
+        .add(
+            Method::DELETE,
+            "/v1/admin/device-tokens/{token_id}",
+            device::revoke_device_token,
+        )
+        .add(Method::POST, "/v1/prompts", prompts::create_prompt)
+        .add(Method::GET, "/v1/prompts", prompts::list_prompts)
+        .add(Method::GET, "/v1/prompts/{id}", prompts::get_prompt)
+        .add(Method::DELETE, "/v1/prompts/{id}", prompts::cancel_prompt)
+        .add(Method::GET, "/v1/edge/inbox", inbox::inbox)
+        .add(Method::GET, "/v1/edge/inbox/{prompt_id}", inbox::own_answer)
+        .add(
+            Method::POST,
+            "/v1/edge/inbox/{prompt_id}/accept",
+            inbox::accept,
+        )
+        .add(
+            Method::POST,
+            "/v1/edge/inbox/{prompt_id}/decline",
+            inbox::decline,
+        )
 }
 
 /// Every `(method, path)` the REST router serves, in OpenAPI path syntax.
@@ -127,7 +185,21 @@ pub fn router(state: Arc<RestState>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_large_bodies))
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
+}
+
+/// Counts every error answer by its code (the [`error::ErrorCode`] the answer carries).
+async fn count_errors(
+    axum::extract::State(state): axum::extract::State<Arc<RestState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(req).await;
+    if let Some(code) = response.extensions().get::<error::ErrorCode>() {
+        state.metrics.errors_total.with(code.as_str()).inc();
+    }
+    response
 }
 
 /// 413 for a declared `Content-Length` over the limit, before anything reads the body.
@@ -182,19 +254,33 @@ Every error answers `{\"error\": {\"code\", \"message\"}}` with a stable `code`.
     paths(
         healthz,
         serve_openapi,
+        docs::page,
+        docs::asset,
         tenants::create_tenant,
         tenants::list_tenants,
         tenants::get_tenant,
         tenants::issue_key,
         tenants::list_keys,
         tenants::revoke_key,
+        tenants::set_quotas,
         tenants::me,
+        device::issue_device_token,
+        device::revoke_device_token,
+        prompts::create_prompt,
+        prompts::list_prompts,
+        prompts::get_prompt,
+        prompts::cancel_prompt,
+        inbox::inbox,
+        inbox::own_answer,
+        inbox::accept,
+        inbox::decline,
     ),
     components(schemas(ErrorBody)),
     modifiers(&CommonResponses),
     tags(
         (name = "admin", description = "Provider only: authenticated by the provider's admin key."),
-        (name = "partner", description = "Partner tenants: authenticated by the tenant's API key."),
+        (name = "partner", description = "Partner tenants: authenticated by the tenant's API key. A partner reaches its own prompts and results only."),
+        (name = "device", description = "Users' devices: authenticated by a device token naming the user. A device reaches its own user's inbox and answers only."),
         (name = "meta", description = "Health and this document; no authentication."),
     )
 )]
@@ -211,6 +297,12 @@ impl Modify for CommonResponses {
         components.add_security_scheme(
             "admin_key",
             SecurityScheme::Http(bearer("The provider's admin key (server configuration).")),
+        );
+        components.add_security_scheme(
+            "device_token",
+            SecurityScheme::Http(bearer(
+                "A device token (`tdv_<user>.<token_id>.<expires>.<mac>`) naming the device's user, issued by the provider.",
+            )),
         );
         components.add_security_scheme(
             "partner_key",
@@ -248,6 +340,14 @@ impl Modify for CommonResponses {
                         "`admin_disabled`: no admin key is configured; or `unavailable`: the store is unavailable.",
                         true,
                     );
+                }
+                if schemes.iter().any(|s| s == "device_token") {
+                    add(
+                        "401",
+                        "`unauthorized`: missing, malformed, expired or revoked device token.",
+                        false,
+                    );
+                    add("503", "`unavailable`: the store is unavailable.", true);
                 }
                 if schemes.iter().any(|s| s == "partner_key") {
                     add(

@@ -266,6 +266,39 @@ pub async fn list_keys(
     }))
 }
 
+/// Replace a tenant's quotas; they apply from the next request on, on every replica.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/tenants/{id}/quotas",
+    tag = "admin",
+    params(("id" = String, Path, description = "The tenant's id.")),
+    request_body = Quotas,
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The tenant with its new quotas.", body = Tenant),
+        (status = 404, description = "`not_found`: no such tenant.", body = ErrorBody),
+    )
+)]
+pub async fn set_quotas(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(quotas): ApiJson<Quotas>,
+) -> Result<Json<Tenant>, ApiError> {
+    let id = tenant_id(&id)?;
+    quotas.check().map_err(ApiError::invalid)?;
+    state
+        .store
+        .set_quotas(&id, quotas)
+        .await
+        .map_err(not_found)?;
+    tracing::info!(tenant = %id, "quotas set");
+    match state.store.get_tenant(&id).await? {
+        Some(t) => Ok(Json(t.into())),
+        None => Err(ApiError::not_found("no such tenant")),
+    }
+}
+
 /// Revoke a key: it is refused from the next request on, on every replica.
 #[utoipa::path(
     delete,

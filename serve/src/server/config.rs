@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub redis_key_prefix: String,
     /// KV cache size in GiB (f32 storage), allocated at start.
     pub kv_cache_gib: f64,
+    /// KV cache size as a block count; overrides `kv_cache_gib` when set.
+    pub kv_blocks: Option<usize>,
     /// Positions per KV block.
     pub block_size: usize,
     /// Positions computed per engine step, over all sessions.
@@ -98,7 +100,27 @@ pub struct ServerConfig {
     /// [`MIN_ADMIN_KEY_LEN`] characters); `None` turns those routes off (503
     /// `admin_disabled`). `Debug` never shows it.
     pub admin_key: Option<Secret>,
+    /// Signs device tokens (at least 32 characters); every replica needs the same one.
+    /// `None` draws a random key at start: tokens then work on this process only.
+    pub device_token_key: Option<Secret>,
+    /// The provider's system prompt, delivered to devices with every inbox item and never
+    /// returned to partners.
+    pub system_prompt: String,
+    /// Requests per minute per partner tenant, over all partner routes.
+    pub partner_requests_per_minute: u32,
+    /// Requests per minute per user, over all device routes.
+    pub device_requests_per_minute: u32,
+    /// `/readyz` answers 503 while one engine step has run longer than this.
+    pub engine_stall_ms: u64,
 }
+
+/// The provider system prompt when none is configured.
+pub const DEFAULT_SYSTEM_PROMPT: &str =
+    "You are a helpful assistant running for the user of this device. \
+Answer the partner's question from the user's details given below, briefly and honestly.";
+
+/// The longest provider system prompt, in bytes.
+pub const MAX_SYSTEM_PROMPT_BYTES: usize = 16 * 1024;
 
 /// The shortest admin key accepted.
 pub const MIN_ADMIN_KEY_LEN: usize = 16;
@@ -140,6 +162,7 @@ impl Default for ServerConfig {
             replica_id: None,
             redis_key_prefix: "tandem".to_owned(),
             kv_cache_gib: 1.0,
+            kv_blocks: None,
             block_size: 16,
             max_batch_tokens: 256,
             max_batch_seqs: 64,
@@ -157,6 +180,11 @@ impl Default for ServerConfig {
             resume_grace_ms: 60_000,
             handshake_timeout_ms: 30_000,
             admin_key: None,
+            device_token_key: None,
+            system_prompt: DEFAULT_SYSTEM_PROMPT.to_owned(),
+            partner_requests_per_minute: 600,
+            device_requests_per_minute: 120,
+            engine_stall_ms: 30_000,
         }
     }
 }
@@ -179,6 +207,7 @@ impl ServerConfig {
             self.kv_cache_gib.is_finite() && self.kv_cache_gib > 0.0,
             "kv_cache_gib must be > 0"
         );
+        anyhow::ensure!(self.kv_blocks != Some(0), "kv_blocks must be > 0");
         for (name, v) in [
             ("block_size", self.block_size),
             ("max_batch_tokens", self.max_batch_tokens),
@@ -206,6 +235,21 @@ impl ServerConfig {
                 "admin_key must be at least {MIN_ADMIN_KEY_LEN} characters"
             );
         }
+        if let Some(key) = &self.device_token_key {
+            anyhow::ensure!(
+                key.expose().chars().count() >= crate::rest::device::MIN_DEVICE_KEY_LEN,
+                "device_token_key must be at least {} characters",
+                crate::rest::device::MIN_DEVICE_KEY_LEN
+            );
+        }
+        anyhow::ensure!(
+            self.system_prompt.len() <= MAX_SYSTEM_PROMPT_BYTES,
+            "system_prompt must be at most {MAX_SYSTEM_PROMPT_BYTES} bytes"
+        );
+        anyhow::ensure!(
+            self.partner_requests_per_minute > 0 && self.device_requests_per_minute > 0,
+            "partner_requests_per_minute and device_requests_per_minute must be > 0"
+        );
         Ok(())
     }
 

@@ -49,6 +49,7 @@ use tokio::task::JoinHandle;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::rest::auth::AdminKey;
+use crate::rest::device::DeviceKey;
 use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantStoreConfig};
 use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
@@ -74,6 +75,12 @@ pub(crate) struct Shared {
     pub(crate) served: Served,
     pub(crate) engine: Arc<Engine>,
     pub(crate) store: Arc<dyn SessionStore>,
+    /// What `/metrics` exposes.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// The last engine snapshot `/metrics` read (shown again if the engine does not answer).
+    pub(crate) last_snapshot: std::sync::Mutex<crate::metrics::Snapshot>,
+    /// Where generations tied to a partner prompt claim their ticket and leave their result.
+    pub(crate) prompts: Arc<dyn crate::rest::store::PromptStore>,
     pub(crate) params: params::OpenParams,
     pub(crate) replica: ReplicaId,
     /// Sessions held by this process, by wire session id.
@@ -107,6 +114,12 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
+    /// Holds the engine loop for `d` as a step that does not end would (tests of `/readyz`).
+    #[doc(hidden)]
+    pub fn stall_engine_for_tests(&self, d: Duration) {
+        self.shared.engine.stall_for_tests(d);
+    }
+
     /// The bound address (the real port when listening on port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -200,11 +213,29 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
             ..RedisTenantStoreConfig::new(url.clone())
         }),
     };
+    let stores = tenant_store::open(&tenant_cfg)
+        .await
+        .context("opening the tenant store")?;
+    let device_key = match &cfg.device_token_key {
+        Some(k) => DeviceKey::from_secret(k.expose()),
+        None => {
+            tracing::warn!(
+                "no device-token key configured: device tokens issued now work on this process only"
+            );
+            DeviceKey::random()
+        }
+    };
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let rest = Arc::new(RestState {
-        store: tenant_store::open(&tenant_cfg)
-            .await
-            .context("opening the tenant store")?,
+        metrics: metrics.clone(),
+        store: stores.tenants,
+        prompts: stores.prompts.clone(),
         admin_key: cfg.admin_key.as_ref().map(|k| AdminKey::new(k.expose())),
+        device_key,
+        system_prompt: cfg.system_prompt.clone(),
+        max_tokens_cap: cfg.max_tokens_cap,
+        partner_requests_per_minute: cfg.partner_requests_per_minute,
+        device_requests_per_minute: cfg.device_requests_per_minute,
     });
     let params = match &cfg.redis {
         None => params::OpenParams::memory(),
@@ -219,13 +250,21 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let engine = Arc::new(Engine::start(model, tokenizer, engine_cfg));
+    let engine = Arc::new(Engine::start_observed(
+        model,
+        tokenizer,
+        engine_cfg,
+        Some(metrics.clone()),
+    ));
     let (stop, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         cfg,
         served,
         engine,
         store,
+        prompts: stores.prompts,
+        metrics,
+        last_snapshot: std::sync::Mutex::new(crate::metrics::Snapshot::default()),
         params,
         replica: replica.clone(),
         sessions: DashMap::new(),
@@ -268,8 +307,99 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 fn app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
     Router::new()
         .route(WS_PATH, get(ws_upgrade))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .with_state(shared)
         .merge(crate::rest::router(rest))
+}
+
+/// The engine's counters, or `None` if it does not answer within `wait`.
+async fn engine_stats(shared: &Arc<Shared>, wait: Duration) -> Option<crate::engine::EngineStats> {
+    let engine = shared.engine.clone();
+    let ask = tokio::task::spawn_blocking(move || engine.stats());
+    match tokio::time::timeout(wait, ask).await {
+        Ok(Ok(Ok(stats))) => Some(stats),
+        _ => None,
+    }
+}
+
+/// How long `/metrics` and `/readyz` wait for the engine loop.
+const ENGINE_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+    use axum::response::IntoResponse;
+    let snap = match engine_stats(&shared, ENGINE_ANSWER_WAIT).await {
+        Some(st) => {
+            let s = &st.scheduler;
+            let snap = crate::metrics::Snapshot {
+                sessions_active: (s.sessions_waiting + s.sessions_ready + s.sessions_running)
+                    as u64,
+                sessions_waiting_for_device: s.sessions_waiting as u64,
+                queue_depth_tokens: s.queued_tokens as u64,
+                kv_blocks_used: s.total_blocks.saturating_sub(s.free_blocks) as u64,
+                kv_blocks_free: s.free_blocks as u64,
+                kv_blocks_shared: s.shared_blocks as u64,
+                preemptions_total: s.preemptions,
+            };
+            *shared
+                .last_snapshot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = snap;
+            snap
+        }
+        None => *shared
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(&snap),
+    )
+        .into_response()
+}
+
+/// `GET /readyz`: 200 when this replica should get traffic: not draining, the engine loop
+/// answers and no step has run longer than `engine_stall_ms`, and the session store answers.
+/// Otherwise 503 (`unavailable`, with `Retry-After`) naming what is wrong.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    use axum::response::IntoResponse;
+    let mut problems: Vec<&str> = Vec::new();
+    if shared.draining.load(Ordering::SeqCst) {
+        problems.push("draining");
+    }
+    let started = shared.metrics.step_started_ms.load(Ordering::Relaxed);
+    let stalled =
+        started != 0 && crate::store::now_ms().saturating_sub(started) > shared.cfg.engine_stall_ms;
+    if stalled {
+        problems.push("the engine step has run longer than engine_stall_ms");
+    } else if engine_stats(&shared, ENGINE_ANSWER_WAIT).await.is_none() {
+        problems.push("the engine loop does not answer");
+    }
+    let store = tokio::time::timeout(
+        ENGINE_ANSWER_WAIT,
+        shared.store.replica_alive(&shared.replica),
+    )
+    .await;
+    if !matches!(store, Ok(Ok(_))) {
+        problems.push("the session store does not answer");
+    }
+    if problems.is_empty() {
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            "{\"status\":\"ready\"}",
+        )
+            .into_response();
+    }
+    crate::rest::error::ApiError::unavailable(
+        format!("not ready: {}", problems.join("; ")),
+        Duration::from_secs(1),
+    )
+    .into_response()
 }
 
 async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
@@ -352,7 +482,9 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
             max_context: c.max_position_embeddings,
         },
         block_size: cfg.block_size,
-        kv_blocks: layout.blocks_for_budget(bytes).max(1),
+        kv_blocks: cfg
+            .kv_blocks
+            .unwrap_or_else(|| layout.blocks_for_budget(bytes).max(1)),
         kv_dtype: KvDtype::F32,
         prefix_sharing: cfg.prefix_sharing,
     }

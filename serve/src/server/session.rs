@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_protocol::wire::{
     Done, DoneReason, ErrorCode, ErrorFrame, Frame, HiddenDtype, Opened, ResumeToken, SessionId,
@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{stopped, Shared};
 use crate::engine::{EngineError, Event};
+use crate::rest::store::prompts::GenerationResult;
 use crate::store::{self, SessionState, SessionUpdate};
 
 /// What goes to a connection's writer.
@@ -136,6 +137,8 @@ pub(crate) struct Setup {
     pub(crate) max_tokens: u32,
     /// Tokens the device already holds (`last_token_seq + 1` of a Replay's `Resume`).
     pub(crate) device_has: u64,
+    /// The partner prompt this generation answers, if any: its result is stored there.
+    pub(crate) assignment: Option<super::ws::AssignmentRef>,
 }
 
 /// Spawns the actor and registers it in the live table.
@@ -170,6 +173,10 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         done: None,
         grace: None,
         marked_generating: false,
+        assignment: setup.assignment,
+        started: Instant::now(),
+        first_token_at: None,
+        last_token_at: None,
     };
     tokio::spawn(actor.run(stop));
     handle
@@ -198,6 +205,10 @@ struct Actor {
     /// When the session gives up waiting for a `Resume`.
     grace: Option<Instant>,
     marked_generating: bool,
+    assignment: Option<super::ws::AssignmentRef>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
 }
 
 /// Whether the actor goes on.
@@ -313,6 +324,9 @@ impl Actor {
 
     /// Sends on the current connection; a full queue (the device does not read) drops it.
     fn send(&mut self, frame: &Frame) {
+        if let Frame::Error(e) = frame {
+            self.shared.metrics.errors_total.with(e.code.as_str()).inc();
+        }
         let Some(conn) = &self.conn else { return };
         if !conn.send(frame) {
             tracing::warn!(
@@ -389,6 +403,7 @@ impl Actor {
         }
         self.next_hidden_seq += 1;
         self.next_position += input.rows as u64;
+        self.shared.metrics.tokens_in_total.add(input.rows as u64);
         if input.complete {
             self.completes_accepted += 1;
             self.prompt_tokens.get_or_insert(self.next_position);
@@ -498,6 +513,14 @@ impl Actor {
                     t
                 });
                 self.tokens.push((id, text));
+                let now = Instant::now();
+                let m = &self.shared.metrics;
+                m.tokens_out_total.inc();
+                match self.last_token_at.replace(now) {
+                    Some(prev) => m.tpot_seconds.observe_duration(now - prev),
+                    None => m.ttft_seconds.observe_duration(now - self.started),
+                }
+                self.first_token_at.get_or_insert(now);
                 if seq as u64 >= self.device_has {
                     let frame = self.token_frame(seq);
                     self.send(&frame);
@@ -533,6 +556,28 @@ impl Actor {
             "generation done"
         );
         self.done = Some(done);
+        self.shared
+            .metrics
+            .generation_duration_seconds
+            .observe_duration(self.started.elapsed());
+        if let Some(a) = &self.assignment {
+            let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            let result = GenerationResult {
+                output: self
+                    .tokens
+                    .iter()
+                    .filter_map(|(_, t)| t.as_deref())
+                    .collect(),
+                finish_reason: done.reason.name().to_owned(),
+                prompt_tokens: done.prompt_tokens,
+                completion_tokens: done.output_tokens,
+                ttft_ms: self
+                    .first_token_at
+                    .map_or(0, |t| ms(t.duration_since(self.started))),
+                total_ms: ms(self.started.elapsed()),
+            };
+            a.finish_later(&self.shared, Ok(result));
+        }
         self.running.store(false, Ordering::SeqCst);
         self.send(&Frame::Done(done));
         self.detach_current();
@@ -543,6 +588,9 @@ impl Actor {
     /// Answers a fatal error (1xx, 2xx, 5xx), ends the session and the actor.
     async fn fail(&mut self, error: ErrorFrame) -> Flow {
         tracing::info!(session = self.id, code = %error.code, seq = ?error.seq, "session failed");
+        if let (Some(a), None) = (&self.assignment, &self.done) {
+            a.fail_later(&self.shared, error.code);
+        }
         self.send(&Frame::Error(error));
         if let Some(conn) = self.conn.take() {
             conn.close();

@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
 use super::{stopped, Shared};
 use crate::engine::{EngineError, SessionParams};
-use crate::store::{self, Claim, NewSession, ResumeToken, StoreError};
+use crate::rest::inbox::ticket_hash;
+use crate::rest::store::prompts::{GenerationResult, PromptId, TicketRefusal, UserId};
+use crate::store::{self, now_ms, Claim, NewSession, ResumeToken, StoreError};
 use tandem_scheduler::SchedError;
 
 /// Counts frames per one-second window.
@@ -81,7 +83,12 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = mpsc::channel(shared.cfg.outbound_queue);
     let kill = Arc::new(Notify::new());
-    let mut writer = tokio::spawn(write_loop(sink, out_rx, kill.clone()));
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        out_rx,
+        kill.clone(),
+        shared.metrics.clone(),
+    ));
     let handshake_by = tokio::time::Instant::now() + shared.cfg.handshake_timeout();
     let mut stop = shared.stop.subscribe();
     let mut c = Connection {
@@ -132,17 +139,22 @@ async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     kill: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
+    let bytes_out = metrics.wire_bytes_total.with("out");
     loop {
         let next = tokio::select! {
             next = rx.recv() => next,
             _ = kill.notified() => return,
         };
         let sent = match next {
-            Some(Outbound::Frame(bytes)) => tokio::select! {
-                r = sink.send(Message::Binary(bytes.into())) => r,
-                _ = kill.notified() => return,
-            },
+            Some(Outbound::Frame(bytes)) => {
+                bytes_out.add(bytes.len() as u64);
+                tokio::select! {
+                    r = sink.send(Message::Binary(bytes.into())) => r,
+                    _ = kill.notified() => return,
+                }
+            }
             Some(Outbound::Close) | None => {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
@@ -160,6 +172,7 @@ impl Connection {
     /// Answers an error before any session exists, and closes.
     fn reject(&mut self, e: ErrorFrame) {
         tracing::info!(conn = self.conn.id, code = %e.code, "rejected");
+        self.shared.metrics.errors_total.with(e.code.as_str()).inc();
         if let Ok(bytes) = Frame::Error(e).encode() {
             let _ = self.conn.out.try_send(Outbound::Frame(bytes));
         }
@@ -187,7 +200,14 @@ impl Connection {
             return;
         }
         let bytes = match msg {
-            Message::Binary(b) => b,
+            Message::Binary(b) => {
+                self.shared
+                    .metrics
+                    .wire_bytes_total
+                    .with("in")
+                    .add(b.len() as u64);
+                b
+            }
             Message::Text(_) => {
                 return self
                     .error(err(
@@ -363,6 +383,108 @@ fn store_error(e: &StoreError) -> ErrorFrame {
     )
 }
 
+/// The partner prompt a session answers, and the user it answers for: where its result goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AssignmentRef {
+    pub(crate) prompt: PromptId,
+    pub(crate) user: UserId,
+}
+
+/// How a claimed assignment is kept in the saved `Open` frame's prompt id, so that a replica
+/// taking the session over knows where the result goes. A device cannot send one: a fresh
+/// `Open`'s prompt id must be a ticket.
+const ASSIGNMENT_MARK: &str = "asg:";
+
+impl AssignmentRef {
+    fn mark(&self) -> String {
+        format!("{ASSIGNMENT_MARK}{}:{}", self.prompt, self.user)
+    }
+
+    fn from_mark(s: &str) -> Option<Self> {
+        let (prompt, user) = s.strip_prefix(ASSIGNMENT_MARK)?.split_once(':')?;
+        Some(Self {
+            prompt: PromptId::parse(prompt)?,
+            user: UserId::parse(user)?,
+        })
+    }
+
+    /// Records a generation that could not start or ended in an error.
+    pub(crate) fn fail_later(&self, shared: &Arc<Shared>, code: ErrorCode) {
+        let result = GenerationResult {
+            output: String::new(),
+            finish_reason: code.as_str().to_owned(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            ttft_ms: 0,
+            total_ms: 0,
+        };
+        self.finish_later(shared, Err(result));
+    }
+
+    /// Stores the result off the caller's path (a slow store never delays a device).
+    pub(crate) fn finish_later(
+        &self,
+        shared: &Arc<Shared>,
+        result: Result<GenerationResult, GenerationResult>,
+    ) {
+        let shared = shared.clone();
+        let a = self.clone();
+        tokio::spawn(async move {
+            match shared
+                .prompts
+                .finish(&a.prompt, &a.user, result, now_ms())
+                .await
+            {
+                Ok(true) => {
+                    crate::rest::webhook::check_later(shared.prompts.clone(), a.prompt.clone())
+                }
+                Ok(false) => {
+                    tracing::warn!(prompt = %a.prompt, "result not stored: the assignment was not running")
+                }
+                Err(e) => tracing::warn!(prompt = %a.prompt, error = %e, "storing a prompt result"),
+            }
+        });
+    }
+}
+
+/// For an `Open` that carries a prompt ticket: claims it (once), and applies the prompt's
+/// `max_tokens` and sampling. Returns the frame to run and where its result goes.
+async fn claim_prompt(
+    shared: &Arc<Shared>,
+    mut open: Open,
+) -> Result<(Open, Option<AssignmentRef>), ErrorFrame> {
+    let Some(ticket) = open.prompt_id.take() else {
+        return Ok((open, None));
+    };
+    let bad = |m: &str| err(ErrorCode::BadPromptTicket, None, m);
+    let hash = ticket_hash(&ticket).ok_or_else(|| bad("the prompt id is not a prompt ticket"))?;
+    let claimed = shared
+        .prompts
+        .claim_ticket(&hash, now_ms())
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "prompt store");
+            err(
+                ErrorCode::Unavailable,
+                None,
+                "the prompt store is unavailable",
+            )
+        })?
+        .map_err(|r| match r {
+            TicketRefusal::Unknown => bad("unknown or already used prompt ticket"),
+            TicketRefusal::Closed(s) => bad(&format!("the prompt is {}", s.as_str())),
+        })?;
+    let a = AssignmentRef {
+        prompt: claimed.prompt.id.clone(),
+        user: claimed.user,
+    };
+    open.max_tokens = claimed.prompt.max_tokens.min(shared.cfg.max_tokens_cap);
+    open.sampling = claimed.prompt.sampling;
+    open.prompt_id = Some(a.mark());
+    tracing::info!(prompt = %a.prompt, "prompt ticket claimed");
+    Ok((open, Some(a)))
+}
+
 /// Opens the engine session and spawns its actor.
 async fn spawn_session(
     shared: &Arc<Shared>,
@@ -386,6 +508,7 @@ async fn spawn_session(
             err(ErrorCode::Internal, None, "internal error")
         }
     })?;
+    let assignment = open.prompt_id.as_deref().and_then(AssignmentRef::from_mark);
     Ok(session::spawn(
         shared.clone(),
         Setup {
@@ -395,6 +518,7 @@ async fn spawn_session(
             dtype: open.dtype,
             max_tokens: open.max_tokens,
             device_has,
+            assignment,
         },
     ))
 }
@@ -412,11 +536,27 @@ async fn open_session(
         ));
     }
     session_params(shared, &open)?; // refuse before touching the store
+    let (open, assignment) = claim_prompt(shared, open).await?;
+    let fail = |e: ErrorFrame| {
+        if let Some(a) = &assignment {
+            a.fail_later(shared, e.code);
+        }
+        e
+    };
+    // The frame to keep for a takeover: the device's own, or the one with the prompt's
+    // parameters and the assignment mark.
+    let bytes = match &assignment {
+        None => bytes.to_vec(),
+        Some(_) => Frame::Open(open.clone())
+            .encode()
+            .map_err(|_| fail(err(ErrorCode::Internal, None, "internal error")))?,
+    };
+    session_params(shared, &open).map_err(fail)?;
     let id = shared
         .store
         .next_session_id()
         .await
-        .map_err(|e| store_error(&e))?;
+        .map_err(|e| fail(store_error(&e)))?;
     let token = ResumeToken::generate();
     let new = NewSession {
         id,
@@ -426,19 +566,19 @@ async fn open_session(
         .store
         .create_session(new, token.hash())
         .await
-        .map_err(|e| store_error(&e))?;
+        .map_err(|e| fail(store_error(&e)))?;
     let cleanup = |shared: Arc<Shared>| async move {
         let _ = shared.store.close_session(id, &shared.replica).await;
         shared.params.remove(id.0).await;
     };
-    if let Err(e) = shared.params.put(id.0, bytes.to_vec()).await {
+    if let Err(e) = shared.params.put(id.0, bytes).await {
         tracing::warn!(error = %e, "storing the session's parameters");
         cleanup(shared.clone()).await;
-        return Err(err(
+        return Err(fail(err(
             ErrorCode::Unavailable,
             None,
             "the session store is unavailable",
-        ));
+        )));
     }
     match spawn_session(shared, id.0, &open, 0).await {
         Ok(handle) => {
@@ -452,7 +592,7 @@ async fn open_session(
         }
         Err(e) => {
             cleanup(shared.clone()).await;
-            Err(e)
+            Err(fail(e))
         }
     }
 }

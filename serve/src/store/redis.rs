@@ -180,11 +180,14 @@ impl RedisStore {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.op_timeout, call).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.op_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.map_err(e)),
             Err(_) => Err(self.timed_out()),
-        }
+        };
+        crate::metrics::record_redis(started.elapsed(), result.is_err());
+        result
     }
 
     fn timed_out(&self) -> StoreError {

@@ -50,8 +50,22 @@ fn is_id(s: &str) -> bool {
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                Self::parse(&s).ok_or_else(|| format!("not a 16-hex-digit id: {s:?}"))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
 
         impl $name {
             /// 64 random bits.
@@ -86,6 +100,10 @@ hex_id!(
     /// digits.
     KeyId
 );
+
+pub mod prompts;
+mod redis_prompts;
+pub use self::prompts::PromptStore;
 
 /// A tenant's limits. Checked by [`Quotas::check`] before anything stores them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -196,11 +214,29 @@ pub enum TenantStoreConfig {
     Redis(RedisTenantStoreConfig),
 }
 
+/// Both halves of one opened backend.
+pub struct RestStores {
+    pub tenants: Arc<dyn TenantStore>,
+    pub prompts: Arc<dyn PromptStore>,
+}
+
 /// Opens the configured backend; for Redis this connects and pings.
-pub async fn open(config: &TenantStoreConfig) -> Result<Arc<dyn TenantStore>, TenantStoreError> {
+pub async fn open(config: &TenantStoreConfig) -> Result<RestStores, TenantStoreError> {
     Ok(match config {
-        TenantStoreConfig::Memory => Arc::new(MemoryTenantStore::default()),
-        TenantStoreConfig::Redis(cfg) => Arc::new(RedisTenantStore::connect(cfg.clone()).await?),
+        TenantStoreConfig::Memory => {
+            let store = Arc::new(MemoryTenantStore::default());
+            RestStores {
+                tenants: store.clone(),
+                prompts: store,
+            }
+        }
+        TenantStoreConfig::Redis(cfg) => {
+            let store = Arc::new(RedisTenantStore::connect(cfg.clone()).await?);
+            RestStores {
+                tenants: store.clone(),
+                prompts: store,
+            }
+        }
     })
 }
 
@@ -247,6 +283,9 @@ pub trait TenantStore: Send + Sync {
 
     /// The tenant's live keys, oldest first. [`TenantStoreError::UnknownTenant`].
     fn list_keys<'a>(&'a self, tenant: &'a TenantId) -> TenantFuture<'a, Vec<KeyInfo>>;
+
+    /// Replaces the tenant's quotas. [`TenantStoreError::UnknownTenant`].
+    fn set_quotas<'a>(&'a self, tenant: &'a TenantId, quotas: Quotas) -> TenantFuture<'a, ()>;
 
     /// Deletes the key. [`TenantStoreError::UnknownTenant`], or
     /// [`TenantStoreError::UnknownKey`] if the key does not exist or is another tenant's.

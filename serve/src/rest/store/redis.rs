@@ -79,16 +79,24 @@ redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 'ok'";
 
+/// KEYS: tenant. ARGV: ppm, tpd, audience.
+const LUA_SET_QUOTAS: &str =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 'unknown_tenant' end
+redis.call('HSET', KEYS[1], 'prompts_per_minute', ARGV[1], 'tokens_per_day', ARGV[2],
+  'max_audience', ARGV[3])
+return 'ok'";
+
 /// The Redis tenant store. Cheap to share: hold it in an `Arc`.
 pub struct RedisTenantStore {
-    conn: ConnectionManager,
+    pub(super) conn: ConnectionManager,
     /// `host:port` only (the URL may hold a password).
     addr: String,
-    prefix: String,
+    pub(super) prefix: String,
     op_timeout: Duration,
     create_tenant: Script,
     add_key: Script,
     revoke_key: Script,
+    set_quotas: Script,
 }
 
 impl std::fmt::Debug for RedisTenantStore {
@@ -114,6 +122,7 @@ impl RedisTenantStore {
             create_tenant: Script::new(LUA_CREATE_TENANT),
             add_key: Script::new(LUA_ADD_KEY),
             revoke_key: Script::new(LUA_REVOKE_KEY),
+            set_quotas: Script::new(LUA_SET_QUOTAS),
         };
         let mut conn = store.conn.clone();
         store
@@ -142,15 +151,18 @@ impl RedisTenantStore {
         format!("{}:tenant-keys:{id}", self.prefix)
     }
 
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, TenantStoreError> {
-        match tokio::time::timeout(self.op_timeout, call).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.op_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.map_err(e)),
             Err(_) => Err(self.timed_out()),
-        }
+        };
+        crate::metrics::record_redis(started.elapsed(), result.is_err());
+        result
     }
 
     fn timed_out(&self) -> TenantStoreError {
@@ -209,7 +221,7 @@ fn parse_tenant(id: TenantId, f: &[Option<String>]) -> Result<TenantRecord, Tena
     })
 }
 
-fn unexpected(word: &str) -> TenantStoreError {
+pub(super) fn unexpected(word: &str) -> TenantStoreError {
     TenantStoreError::Corrupt(format!("unexpected script status {word:?}"))
 }
 
@@ -356,6 +368,22 @@ impl TenantStore for RedisTenantStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn set_quotas<'a>(&'a self, tenant: &'a TenantId, quotas: Quotas) -> TenantFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut call = self.set_quotas.key(self.tenant_key(tenant));
+            call.arg(quotas.prompts_per_minute)
+                .arg(quotas.tokens_per_day)
+                .arg(quotas.max_audience);
+            let word: String = self.bounded(call.invoke_async(&mut conn)).await?;
+            match word.as_str() {
+                "ok" => Ok(()),
+                "unknown_tenant" => Err(TenantStoreError::UnknownTenant(tenant.clone())),
+                w => Err(unexpected(w)),
+            }
         })
     }
 

@@ -1,0 +1,385 @@
+//! `tandem admin`: the provider's command line over the `/v1/admin/...` routes of a running
+//! server (tenants, API keys, quotas, device tokens).
+//!
+//! It speaks plain HTTP/1.1 (`http://` only: put it on the server's network, or a TLS
+//! terminator's inside; there is no TLS client here), one request per connection, and prints
+//! the server's JSON answer on stdout. An error answer prints its code and message on stderr
+//! and exits with status 1. The admin key comes from `--admin-key` or `TANDEM_ADMIN_KEY`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::server::config::Secret;
+
+/// The largest answer read.
+const MAX_REPLY_BYTES: usize = 4 << 20;
+/// The longest one exchange may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// The server's base URL.
+    #[arg(long, env = "TANDEM_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The provider's admin key. Prefer the environment: flags show in `ps`.
+    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Secret,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Partner tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// A tenant's API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Users' device tokens.
+    #[command(subcommand, name = "device-token")]
+    DeviceToken(DeviceTokenCommand),
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct QuotaArgs {
+    /// Prompts the tenant may submit per minute.
+    #[arg(long, default_value_t = 60)]
+    pub prompts_per_minute: u32,
+    /// Tokens the tenant's prompts may generate per day (charged max_tokens × audience).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tokens_per_day: u64,
+    /// Users one prompt may target.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_audience: u32,
+}
+
+impl QuotaArgs {
+    fn json(self) -> Value {
+        json!({
+            "prompts_per_minute": self.prompts_per_minute,
+            "tokens_per_day": self.tokens_per_day,
+            "max_audience": self.max_audience,
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        name: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
+    },
+    /// List every tenant.
+    List,
+    /// Show one tenant.
+    Show { tenant_id: String },
+    /// Replace a tenant's quotas.
+    Quotas {
+        tenant_id: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Issue a key (printed once).
+    Issue { tenant_id: String },
+    /// List a tenant's live keys (ids only).
+    List { tenant_id: String },
+    /// Revoke a key: refused from the next request on, on every replica.
+    Revoke { tenant_id: String, key_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceTokenCommand {
+    /// Issue a token for a user (printed once).
+    Issue {
+        user_id: String,
+        /// Lifetime in seconds (default 30 days).
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+    },
+    /// Revoke a token by its id.
+    Revoke { token_id: String },
+}
+
+/// One request: method, path, optional JSON body.
+fn request(cmd: &AdminCommand) -> (&'static str, String, Option<Value>) {
+    match cmd {
+        AdminCommand::Tenant(t) => match t {
+            TenantCommand::Create { name, quotas } => (
+                "POST",
+                "/v1/admin/tenants".into(),
+                Some(json!({"name": name, "quotas": quotas.json()})),
+            ),
+            TenantCommand::List => ("GET", "/v1/admin/tenants".into(), None),
+            TenantCommand::Show { tenant_id } => {
+                ("GET", format!("/v1/admin/tenants/{tenant_id}"), None)
+            }
+            TenantCommand::Quotas { tenant_id, quotas } => (
+                "PUT",
+                format!("/v1/admin/tenants/{tenant_id}/quotas"),
+                Some(quotas.json()),
+            ),
+        },
+        AdminCommand::Key(k) => match k {
+            KeyCommand::Issue { tenant_id } => {
+                ("POST", format!("/v1/admin/tenants/{tenant_id}/keys"), None)
+            }
+            KeyCommand::List { tenant_id } => {
+                ("GET", format!("/v1/admin/tenants/{tenant_id}/keys"), None)
+            }
+            KeyCommand::Revoke { tenant_id, key_id } => (
+                "DELETE",
+                format!("/v1/admin/tenants/{tenant_id}/keys/{key_id}"),
+                None,
+            ),
+        },
+        AdminCommand::DeviceToken(d) => match d {
+            DeviceTokenCommand::Issue {
+                user_id,
+                ttl_seconds,
+            } => {
+                let mut body = json!({"user_id": user_id});
+                if let Some(ttl) = ttl_seconds {
+                    body["ttl_seconds"] = json!(ttl);
+                }
+                ("POST", "/v1/admin/device-tokens".into(), Some(body))
+            }
+            DeviceTokenCommand::Revoke { token_id } => (
+                "DELETE",
+                format!("/v1/admin/device-tokens/{token_id}"),
+                None,
+            ),
+        },
+    }
+}
+
+/// `host:port` of an `http://host[:port][/]` URL.
+fn authority(url: &str) -> Result<String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("--url must start with http:// (this client has no TLS): {url}");
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') {
+        bail!("--url must be http://HOST[:PORT] with no path: {url}");
+    }
+    Ok(if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:80")
+    })
+}
+
+/// What the server answered: status and body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// `host:port` and the path (with its query; `/` when empty) of an `http://` URL.
+pub fn split_url(url: &str) -> Result<(String, String)> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("only http:// URLs are supported (no TLS client here): {url}");
+    };
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if host.is_empty() || host.contains('@') {
+        bail!("bad URL {url}");
+    }
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:80")
+    };
+    Ok((host, path.to_owned()))
+}
+
+/// Sends one request to `url` (`http://host[:port]`) + `path` and reads the whole answer.
+pub async fn send(
+    url: &str,
+    admin_key: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Reply> {
+    let addr = authority(url)?;
+    exchange(&addr, Some(admin_key), method, path, body).await
+}
+
+/// One HTTP/1.1 exchange with `addr` (`host:port`), bounded by [`TIMEOUT`].
+pub async fn exchange(
+    addr: &str,
+    bearer: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Reply> {
+    let addr = addr.to_owned();
+    let body = body
+        .map(serde_json::to_vec)
+        .transpose()?
+        .unwrap_or_default();
+    let exchange = async {
+        let mut stream = TcpStream::connect(&addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Accept: application/json\r\nUser-Agent: tandem\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(token) = bearer {
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        if !body.is_empty() {
+            head.push_str("Content-Type: application/json\r\n");
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        let mut raw = Vec::new();
+        (&mut stream)
+            .take(MAX_REPLY_BYTES as u64 + 1)
+            .read_to_end(&mut raw)
+            .await?;
+        if raw.len() > MAX_REPLY_BYTES {
+            bail!("the answer is over {MAX_REPLY_BYTES} bytes");
+        }
+        parse(&raw)
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("{addr} did not answer within {} s", TIMEOUT.as_secs()))?
+}
+
+fn parse(raw: &[u8]) -> Result<Reply> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("the answer has no header end")?;
+    let head = std::str::from_utf8(&raw[..split]).context("the answer's header is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .context("the answer has no status")?;
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let rest = &raw[split + 4..];
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
+    Ok(Reply { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("truncated chunk")?;
+        let size_text = std::str::from_utf8(&data[..eol])?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let start = eol + 2;
+        let chunk = data.get(start..start + size).context("truncated chunk")?;
+        out.extend_from_slice(chunk);
+        data = data.get(start + size + 2..).unwrap_or_default();
+    }
+}
+
+/// Runs the command; the exit status is 0 on a 2xx answer, 1 otherwise.
+pub fn run(a: AdminArgs) -> Result<std::process::ExitCode> {
+    let (method, path, body) = request(&a.command);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt.block_on(send(
+        &a.url,
+        a.admin_key.expose(),
+        method,
+        &path,
+        body.as_ref(),
+    ))?;
+    let json: Option<Value> = serde_json::from_slice(&reply.body).ok();
+    if (200..300).contains(&reply.status) {
+        match json {
+            Some(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+            None if reply.body.is_empty() => println!("{{\"status\": {}}}", reply.status),
+            None => println!("{}", String::from_utf8_lossy(&reply.body)),
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let (code, message) = json
+        .as_ref()
+        .map(|v| {
+            (
+                v["error"]["code"].as_str().unwrap_or("?").to_owned(),
+                v["error"]["message"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .unwrap_or_else(|| {
+            (
+                "?".into(),
+                String::from_utf8_lossy(&reply.body).into_owned(),
+            )
+        });
+    eprintln!("error: HTTP {} {code}: {message}", reply.status);
+    Ok(std::process::ExitCode::from(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_answers_parse() {
+        assert_eq!(
+            authority("http://127.0.0.1:8080").ok(),
+            Some("127.0.0.1:8080".into())
+        );
+        assert_eq!(authority("http://tandem/").ok(), Some("tandem:80".into()));
+        assert!(authority("https://x").is_err());
+        assert!(authority("http://x/v1").is_err());
+        let r = parse(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}").expect("reply");
+        assert_eq!((r.status, r.body.as_slice()), (201, &b"{}"[..]));
+        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+            .expect("chunked");
+        assert_eq!(r.body, b"{}");
+        assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert_eq!(
+            split_url("http://hooks.example:8080/a/b?c=1").ok(),
+            Some(("hooks.example:8080".into(), "/a/b?c=1".into()))
+        );
+        assert_eq!(
+            split_url("http://hooks.example").ok(),
+            Some(("hooks.example:80".into(), "/".into()))
+        );
+        assert!(split_url("https://hooks.example/x").is_err());
+        assert!(split_url("http://user@host/x").is_err());
+    }
+}

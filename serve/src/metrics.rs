@@ -1,0 +1,513 @@
+//! The server's metrics and their Prometheus text exposition (`GET /metrics`).
+//!
+//! # What is measured, and where
+//! - Per engine step (the engine thread): batch size in positions and in sequences, step
+//!   duration; the step in progress, for `/readyz`'s wedge check.
+//! - Per session (the session actors): time to first token, time per output token,
+//!   end-to-end generation time, tokens out.
+//! - Per connection (the WebSocket tasks): hidden-state positions in, wire bytes by
+//!   direction, error frames by code.
+//! - Per REST answer: error answers by code; prompts submitted per tenant.
+//! - Per Redis call (both stores): latency and errors ([`redis`], process-wide: one process
+//!   has one set of Redis clients whatever the number of servers in it).
+//! - At scrape time, from the engine's own counters: live sessions, sessions waiting for
+//!   their device, queued positions, KV blocks used/free/shared, preemptions.
+//!
+//! # Rules
+//! Names carry their unit (`_seconds`, `_tokens`, `_total`, `_bytes`); histograms have
+//! buckets fitted to the values they take on a CPU or a GPU; label sets are bounded: error
+//! codes and directions are fixed sets, and tenants are capped at [`MAX_TENANT_LABELS`]
+//! distinct values (the rest count under `tenant="other"`). No label or value ever holds a
+//! session id, prompt text, profile data or activations.
+//!
+//! Every recording is a few relaxed atomic operations; nothing here locks on the hot path
+//! except the first sighting of a label value.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+/// Distinct tenants that get their own label value.
+pub const MAX_TENANT_LABELS: usize = 1000;
+
+/// A monotonic counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram with fixed upper bounds (plus `+Inf`).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative); the last is `+Inf`.
+    counts: Vec<AtomicU64>,
+    /// The sum of observations, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        let i = self.bounds.partition_point(|b| *b < v);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0u64;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            let le = match self.bounds.get(i) {
+                Some(b) => format_float(*b),
+                None => "+Inf".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", format_float(sum));
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+fn format_float(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e15 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Counters by one label whose values are a bounded set.
+#[derive(Debug)]
+pub struct Family {
+    label: &'static str,
+    cap: usize,
+    values: Mutex<BTreeMap<String, &'static Counter>>,
+}
+
+impl Family {
+    pub fn new(label: &'static str, cap: usize) -> Self {
+        Self {
+            label,
+            cap,
+            values: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The counter of `value` (of `other` once the cap is reached).
+    pub fn with(&self, value: &str) -> &'static Counter {
+        let mut map = self
+            .values
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = map.get(value) {
+            return c;
+        }
+        let key = if map.len() >= self.cap {
+            "other"
+        } else {
+            value
+        };
+        // Leaked once per distinct label value: bounded by the cap (and the fixed code sets).
+        map.entry(key.to_owned())
+            .or_insert_with(|| Box::leak(Box::new(Counter::default())))
+    }
+
+    pub fn get(&self, value: &str) -> u64 {
+        let map = self
+            .values
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(value).map_or(0, |c| c.get())
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        let map = self
+            .values
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (v, c) in map.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{{}=\"{}\"}} {}",
+                self.label,
+                escape(v),
+                c.get()
+            );
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Positions per step: 1 to the largest token budgets.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+/// Sequences per step.
+const SEQ_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// One engine step: a GPU decode step (ms) to a long CPU prefill (seconds).
+const STEP_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Time to first token: includes the prompt's prefill and the device's upload.
+const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Time per output token, device round trip included.
+const TPOT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
+];
+/// A whole generation.
+const GENERATION_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+/// One Redis call on a LAN.
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Redis calls of this process (both stores).
+#[derive(Debug)]
+pub struct RedisMetrics {
+    pub duration_seconds: Histogram,
+    pub errors_total: Counter,
+}
+
+/// The process's Redis metrics.
+pub fn redis() -> &'static RedisMetrics {
+    static REDIS: LazyLock<RedisMetrics> = LazyLock::new(|| RedisMetrics {
+        duration_seconds: Histogram::new(REDIS_BUCKETS),
+        errors_total: Counter::default(),
+    });
+    &REDIS
+}
+
+/// Records one Redis call's duration and whether it failed.
+pub fn record_redis(elapsed: Duration, failed: bool) {
+    let m = redis();
+    m.duration_seconds.observe_duration(elapsed);
+    if failed {
+        m.errors_total.inc();
+    }
+}
+
+/// One server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    pub batch_tokens: Histogram,
+    pub batch_sequences: Histogram,
+    pub step_duration_seconds: Histogram,
+    pub ttft_seconds: Histogram,
+    pub tpot_seconds: Histogram,
+    pub generation_duration_seconds: Histogram,
+    pub tokens_in_total: Counter,
+    pub tokens_out_total: Counter,
+    /// `direction` = `in` (device to cloud) or `out`.
+    pub wire_bytes_total: Family,
+    /// `code` = a wire or REST error code name.
+    pub errors_total: Family,
+    /// `tenant` = a tenant id (capped).
+    pub prompts_submitted_total: Family,
+    /// Unix ms when the step in progress started; 0 between steps.
+    pub step_started_ms: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            batch_tokens: Histogram::new(TOKEN_BUCKETS),
+            batch_sequences: Histogram::new(SEQ_BUCKETS),
+            step_duration_seconds: Histogram::new(STEP_BUCKETS),
+            ttft_seconds: Histogram::new(TTFT_BUCKETS),
+            tpot_seconds: Histogram::new(TPOT_BUCKETS),
+            generation_duration_seconds: Histogram::new(GENERATION_BUCKETS),
+            tokens_in_total: Counter::default(),
+            tokens_out_total: Counter::default(),
+            wire_bytes_total: Family::new("direction", 2),
+            errors_total: Family::new("code", 256),
+            prompts_submitted_total: Family::new("tenant", MAX_TENANT_LABELS),
+            step_started_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What the engine and the server know at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Snapshot {
+    pub sessions_active: u64,
+    pub sessions_waiting_for_device: u64,
+    pub queue_depth_tokens: u64,
+    pub kv_blocks_used: u64,
+    pub kv_blocks_free: u64,
+    pub kv_blocks_shared: u64,
+    pub preemptions_total: u64,
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
+    head(out, name, kind, help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+impl Metrics {
+    /// The Prometheus text exposition (version 0.0.4) of everything.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut o = String::with_capacity(16 * 1024);
+        let gauges = [
+            (
+                "tandem_sessions_active",
+                "Sessions held by the engine.",
+                snap.sessions_active,
+            ),
+            (
+                "tandem_sessions_waiting_for_device",
+                "Sessions waiting for their device's next hidden state.",
+                snap.sessions_waiting_for_device,
+            ),
+            (
+                "tandem_queue_depth_tokens",
+                "Positions received and not yet computed.",
+                snap.queue_depth_tokens,
+            ),
+            (
+                "tandem_kv_blocks_used",
+                "KV blocks in use.",
+                snap.kv_blocks_used,
+            ),
+            (
+                "tandem_kv_blocks_free",
+                "KV blocks free.",
+                snap.kv_blocks_free,
+            ),
+            (
+                "tandem_kv_blocks_shared",
+                "KV blocks held by more than one session (prefix sharing).",
+                snap.kv_blocks_shared,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            scalar(&mut o, name, "gauge", help, v);
+        }
+        scalar(
+            &mut o,
+            "tandem_preemptions_total",
+            "counter",
+            "Sessions whose KV was dropped to make room (recomputed later).",
+            snap.preemptions_total,
+        );
+        scalar(
+            &mut o,
+            "tandem_tokens_in_total",
+            "counter",
+            "Hidden-state positions received from devices.",
+            self.tokens_in_total.get(),
+        );
+        scalar(
+            &mut o,
+            "tandem_tokens_out_total",
+            "counter",
+            "Tokens generated and sent to devices.",
+            self.tokens_out_total.get(),
+        );
+        let hists: [(&str, &str, &Histogram); 6] = [
+            (
+                "tandem_batch_tokens",
+                "Positions computed per engine step.",
+                &self.batch_tokens,
+            ),
+            (
+                "tandem_batch_sequences",
+                "Sessions per engine step.",
+                &self.batch_sequences,
+            ),
+            (
+                "tandem_step_duration_seconds",
+                "Duration of one engine step (forward and sampling).",
+                &self.step_duration_seconds,
+            ),
+            (
+                "tandem_ttft_seconds",
+                "From a session's open to its first token.",
+                &self.ttft_seconds,
+            ),
+            (
+                "tandem_tpot_seconds",
+                "Between consecutive output tokens of a session.",
+                &self.tpot_seconds,
+            ),
+            (
+                "tandem_generation_duration_seconds",
+                "From a session's open to its end.",
+                &self.generation_duration_seconds,
+            ),
+        ];
+        for (name, help, h) in hists {
+            head(&mut o, name, "histogram", help);
+            h.render(&mut o, name, "");
+        }
+        head(
+            &mut o,
+            "tandem_wire_bytes_total",
+            "counter",
+            "WebSocket payload bytes by direction (in: device to cloud).",
+        );
+        self.wire_bytes_total
+            .render(&mut o, "tandem_wire_bytes_total");
+        head(
+            &mut o,
+            "tandem_errors_total",
+            "counter",
+            "Error answers by stable code (wire frames and REST).",
+        );
+        self.errors_total.render(&mut o, "tandem_errors_total");
+        head(
+            &mut o,
+            "tandem_prompts_submitted_total",
+            "counter",
+            "Partner prompts accepted, by tenant id.",
+        );
+        self.prompts_submitted_total
+            .render(&mut o, "tandem_prompts_submitted_total");
+        let r = redis();
+        head(
+            &mut o,
+            "tandem_redis_duration_seconds",
+            "histogram",
+            "Duration of one Redis call (this process).",
+        );
+        r.duration_seconds
+            .render(&mut o, "tandem_redis_duration_seconds", "");
+        scalar(
+            &mut o,
+            "tandem_redis_errors_total",
+            "counter",
+            "Redis calls that failed or timed out (this process).",
+            r.errors_total.get(),
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_sum() {
+        let h = Histogram::new(&[1.0, 2.0]);
+        for v in [0.5, 1.0, 1.5, 3.0, f64::NAN] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "");
+        assert_eq!(
+            out,
+            "x_bucket{le=\"1.0\"} 2\nx_bucket{le=\"2.0\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_sum 6.0\nx_count 4\n"
+        );
+    }
+
+    #[test]
+    fn families_cap_their_labels() {
+        let f = Family::new("tenant", 2);
+        f.with("a").inc();
+        f.with("b").add(2);
+        f.with("c").add(3);
+        f.with("d").inc();
+        assert_eq!((f.get("a"), f.get("b"), f.get("other")), (1, 2, 4));
+        assert_eq!(f.get("c"), 0);
+        let mut out = String::new();
+        f.render(&mut out, "t");
+        assert_eq!(out.lines().count(), 3);
+    }
+
+    #[test]
+    fn exposition_names_every_metric_once() {
+        let m = Metrics::default();
+        let text = m.render(&Snapshot::default());
+        for name in [
+            "tandem_sessions_active",
+            "tandem_batch_tokens",
+            "tandem_redis_duration_seconds",
+            "tandem_prompts_submitted_total",
+        ] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name}"
+            );
+        }
+    }
+}

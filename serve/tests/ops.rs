@@ -1,0 +1,390 @@
+//! What an SRE sees: `/metrics` and `/readyz` of a server started in process on
+//! 127.0.0.1:0 with a tiny generated model, devices driven by the `tandem-edge` library over
+//! real WebSockets, and a real Redis for the readiness test.
+//!
+//! Checked: `/metrics` parses as the Prometheus text format and exports every metric the
+//! Grafana dashboard uses; a generation moves tokens, wire bytes, TTFT/TPOT/generation and
+//! step histograms; an error answer moves `tandem_errors_total{code}`; a KV cache too small
+//! for three sessions at once moves `tandem_preemptions_total` while the outputs stay those
+//! of solo runs; `/readyz` turns 503 when Redis stops and back to 200 when it returns, and
+//! while the engine loop is stalled.
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Req;
+use tandem_edge::{ClientConfig, EdgeBundle, EdgeClient, Finished, GenerateRequest};
+use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_serve::server::{self, ServerConfig, ServerHandle};
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    split_dir: PathBuf,
+    bundle: EdgeBundle,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hf = tmp.path().join("hf");
+    let spec = &common::specs()[2];
+    common::write_hf(&hf, spec);
+    common::write_tokenizer(&hf);
+    let ck = Checkpoint::open(&hf).expect("open hf");
+    let split_dir = tmp.path().join("split");
+    let opts = SplitOptions {
+        edge_layers: 2,
+        dtype: ck.stored_dtype,
+        force: false,
+        progress: false,
+    };
+    write_split(&ck, &split_dir, &opts).expect("split");
+    let bundle = EdgeBundle::load(&split_dir).expect("edge bundle");
+    Fixture {
+        _tmp: tmp,
+        split_dir,
+        bundle,
+    }
+}
+
+impl Fixture {
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            cloud: self.split_dir.join("cloud"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            kv_cache_gib: 0.01,
+            drain_timeout_ms: 100,
+            ..ServerConfig::default()
+        }
+    }
+
+    async fn generate(&self, url: &str, prompt: Vec<u32>, max_tokens: u32) -> Finished {
+        let client = EdgeClient::from_bundle(&self.bundle, ClientConfig::new(url)).expect("client");
+        let mut req = GenerateRequest::new(prompt);
+        req.max_tokens = max_tokens;
+        client
+            .generate(req)
+            .expect("generate")
+            .finish()
+            .await
+            .expect("finished")
+    }
+}
+
+/// One parsed exposition: sample name with labels → value.
+type Samples = BTreeMap<String, f64>;
+
+/// Parses the Prometheus text format (0.0.4) strictly: every line is a `# HELP`, a
+/// `# TYPE` with a known type, or a sample `name[{label="value",...}] number`; every sample
+/// belongs to a declared family; names are valid.
+fn parse_exposition(text: &str) -> (Samples, BTreeMap<String, String>) {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut samples = Samples::new();
+    let mut types = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().expect("name");
+            assert!(valid_name(name), "{line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let (name, kind) = (it.next().expect("name"), it.next().expect("type"));
+            assert!(valid_name(name), "{line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            types.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.trim().is_empty(),
+            "{line:?}"
+        );
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+        };
+        let name = series.split('{').next().expect("name");
+        assert!(valid_name(name), "{line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split(',') {
+                    let (k, v) = pair.split_once('=').expect("label pair");
+                    assert!(valid_name(k), "{line}");
+                    assert!(
+                        v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
+                        "{line}"
+                    );
+                }
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "sample before its TYPE: {line}");
+        samples.insert(series.to_owned(), value);
+    }
+    (samples, types)
+}
+
+async fn scrape(srv: &ServerHandle) -> (Samples, BTreeMap<String, String>) {
+    let r = Req::new("GET", "/metrics").send(srv.addr()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain")));
+    parse_exposition(&r.text())
+}
+
+fn get(s: &Samples, series: &str) -> f64 {
+    s.get(series).copied().unwrap_or(0.0)
+}
+
+fn dashboard_metric_names(repo: &Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(repo.join("deploy/grafana/dashboards/tandem.json"))
+        .expect("the dashboard");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    if k == "expr" {
+                        if let Some(s) = v.as_str() {
+                            out.push(s.to_owned());
+                        }
+                    }
+                    walk(v, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&json, &mut exprs);
+    assert!(
+        exprs.len() > 10,
+        "the dashboard has {} queries",
+        exprs.len()
+    );
+    let mut names = BTreeSet::new();
+    for e in exprs {
+        let bytes = e.as_bytes();
+        let mut i = 0;
+        while let Some(pos) = e[i..].find("tandem_") {
+            let start = i + pos;
+            let mut end = start;
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            names.insert(e[start..end].to_owned());
+            i = end;
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_cover_the_dashboard_and_move() {
+    let fx = fixture();
+    let srv = server::start(fx.config()).await.expect("start");
+    let (before, types) = scrape(&srv).await;
+
+    // Every name the dashboard queries is exported (histograms through their series).
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for name in dashboard_metric_names(&repo) {
+        let exported = types.contains_key(&name)
+            || ["_bucket", "_sum", "_count"].iter().any(|s| {
+                name.strip_suffix(s)
+                    .is_some_and(|f| types.get(f).is_some_and(|t| t == "histogram"))
+            });
+        assert!(
+            exported,
+            "the dashboard uses {name}, which /metrics does not export"
+        );
+    }
+    // Units in names; no unbounded labels (no session ids) anywhere.
+    for (name, kind) in &types {
+        assert!(name.starts_with("tandem_"), "{name}");
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "{name}");
+        }
+    }
+
+    let prompt: Vec<u32> = (1..=12).collect();
+    let f = fx.generate(&srv.ws_url(), prompt, 6).await;
+    let out_tokens = f64::from(f.usage.output_tokens);
+    assert!(out_tokens >= 1.0);
+    // A REST error answer.
+    Req::new("GET", "/v1/prompts")
+        .send(srv.addr())
+        .await
+        .expect_error(401, "unauthorized");
+
+    let (after, _) = scrape(&srv).await;
+    let delta = |s: &str| get(&after, s) - get(&before, s);
+    assert_eq!(delta("tandem_tokens_out_total"), out_tokens);
+    assert!(
+        delta("tandem_tokens_in_total") >= 12.0,
+        "{}",
+        delta("tandem_tokens_in_total")
+    );
+    assert!(delta("tandem_wire_bytes_total{direction=\"in\"}") > 12.0 * 4.0);
+    assert!(delta("tandem_wire_bytes_total{direction=\"out\"}") > 0.0);
+    assert_eq!(delta("tandem_ttft_seconds_count"), 1.0);
+    assert_eq!(delta("tandem_tpot_seconds_count"), out_tokens - 1.0);
+    assert_eq!(delta("tandem_generation_duration_seconds_count"), 1.0);
+    assert!(delta("tandem_step_duration_seconds_count") >= out_tokens);
+    assert!(delta("tandem_batch_tokens_sum") >= 12.0 + out_tokens - 1.0);
+    assert_eq!(delta("tandem_errors_total{code=\"unauthorized\"}"), 1.0);
+    // Histogram buckets are cumulative and end at the count.
+    assert_eq!(
+        get(&after, "tandem_ttft_seconds_bucket{le=\"+Inf\"}"),
+        get(&after, "tandem_ttft_seconds_count")
+    );
+    // The session is over: nothing is held.
+    assert_eq!(get(&after, "tandem_sessions_active"), 0.0);
+    assert_eq!(get(&after, "tandem_kv_blocks_used"), 0.0);
+    assert!(get(&after, "tandem_kv_blocks_free") > 0.0);
+    // No label value looks like a session id or holds text.
+    for series in after.keys() {
+        let labels = series.split_once('{').map_or("", |(_, l)| l);
+        for (key, _) in labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+        {
+            assert!(
+                ["le", "code", "direction", "tenant"].contains(&key),
+                "unexpected label {key} in {series}"
+            );
+        }
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_cache_too_small_preempts_and_the_outputs_stay_the_same() {
+    let fx = fixture();
+    // Solo outputs first, on a roomy cache.
+    let roomy = server::start(fx.config()).await.expect("start");
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|s| (0..30u32).map(|i| 1 + (i * 7 + s * 13) % 60).collect())
+        .collect();
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(fx.generate(&roomy.ws_url(), p.clone(), 24).await.token_ids);
+    }
+    roomy.shutdown().await;
+
+    // 5 blocks of 16 positions; three sessions of 30 + 24 positions need 4 blocks each.
+    let tight = server::start(ServerConfig {
+        kv_blocks: Some(5),
+        block_size: 16,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let (before, _) = scrape(&tight).await;
+    let url = tight.ws_url();
+    let runs = prompts
+        .iter()
+        .map(|p| fx.generate(&url, p.clone(), 24))
+        .collect::<Vec<_>>();
+    let outs = futures_util::future::join_all(runs).await;
+    for (i, (f, want)) in outs.iter().zip(&solo).enumerate() {
+        assert_eq!(&f.token_ids, want, "session {i} changed under preemption");
+    }
+    let (after, _) = scrape(&tight).await;
+    let preempted =
+        get(&after, "tandem_preemptions_total") - get(&before, "tandem_preemptions_total");
+    assert!(
+        preempted >= 1.0,
+        "no preemption with 5 blocks for 3 × 4 blocks"
+    );
+    tight.shutdown().await;
+}
+
+async fn ready(srv: &ServerHandle) -> http::Reply {
+    Req::new("GET", "/readyz").send(srv.addr()).await
+}
+
+/// Polls `/readyz` until it answers `status` (at most 15 s).
+async fn wait_ready(srv: &ServerHandle, status: u16) -> http::Reply {
+    let mut last = ready(srv).await;
+    for _ in 0..150 {
+        if last.status == status {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = ready(srv).await;
+    }
+    panic!(
+        "/readyz never answered {status}: {} {}",
+        last.status,
+        last.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_redis_and_the_engine_loop() {
+    let Some(mut redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "ops".to_owned(),
+        engine_stall_ms: 300,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let r = wait_ready(&srv, 200).await;
+    assert_eq!(r.json()["status"], "ready");
+    let healthz = Req::new("GET", "/healthz").send(srv.addr()).await;
+    assert_eq!(healthz.status, 200);
+
+    redis.stop();
+    let r = wait_ready(&srv, 503).await;
+    let msg = r.expect_error(503, "unavailable");
+    assert!(msg.contains("store"), "{msg}");
+    assert!(r.header("retry-after").is_some());
+    // Liveness is not readiness: the process still serves.
+    assert_eq!(
+        Req::new("GET", "/healthz").send(srv.addr()).await.status,
+        200
+    );
+
+    redis.restart();
+    wait_ready(&srv, 200).await;
+
+    // A step that does not end: unready while it lasts, ready after.
+    srv.stall_engine_for_tests(Duration::from_millis(2500));
+    let r = wait_ready(&srv, 503).await;
+    let msg = r.expect_error(503, "unavailable");
+    assert!(msg.contains("engine"), "{msg}");
+    wait_ready(&srv, 200).await;
+    srv.shutdown().await;
+}
