@@ -116,8 +116,7 @@ pub struct ServerConfig {
 
 /// The provider system prompt when none is configured.
 pub const DEFAULT_SYSTEM_PROMPT: &str =
-    "You are a helpful assistant running for the user of this device. \
-Answer the partner's question from the user's details given below, briefly and honestly.";
+    "You are a helpful assistant. Answer briefly and concretely.";
 
 /// The longest provider system prompt, in bytes.
 pub const MAX_SYSTEM_PROMPT_BYTES: usize = 16 * 1024;
