@@ -14,8 +14,8 @@ use candle_core::DType;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tandem_model::EdgeModel;
 use tandem_protocol::{
-    f32_to_hidden, DoneReason, Frame, HiddenDtype, HiddenRef, ManifestId, Open, ResumeToken,
-    SessionId,
+    f32_to_hidden, DoneReason, ErrorCode, Frame, HiddenDtype, HiddenRef, ManifestId, Open,
+    ResumeToken, SessionId,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -69,6 +69,8 @@ pub(crate) struct Driver {
     events: mpsc::UnboundedSender<Event>,
     cancel_rx: oneshot::Receiver<()>,
     cancel_requested: bool,
+    /// Where a `moved` answer said the session lives: the next connection goes there.
+    redirect: Option<String>,
     cancel_sent: bool,
 
     edge: EdgeSession,
@@ -148,6 +150,7 @@ impl Driver {
             progressed: false,
             stats: WireStats::default(),
             jitter: Jitter::new(),
+            redirect: None,
             started: Instant::now(),
             first_token: None,
             edge_decode: Duration::ZERO,
@@ -203,7 +206,13 @@ impl Driver {
                     last: cause,
                 });
             }
-            let delay = policy.delay(*failures, &mut self.jitter);
+            // Told where the session lives: go there now (it still counts as an attempt, so
+            // two replicas sending a device back and forth end like any outage).
+            let delay = if self.redirect.is_some() {
+                Duration::ZERO
+            } else {
+                policy.delay(*failures, &mut self.jitter)
+            };
             *failures += 1;
             tracing::info!(attempt = *failures, delay_ms = delay.as_millis() as u64, cause = %cause, "reconnecting");
             let _ = self.events.send(Event::Reconnecting {
@@ -222,9 +231,12 @@ impl Driver {
 
     /// Connects, sends `Open` or `Resume`, and waits for `Opened`.
     async fn open(&mut self, attempt: usize) -> Result<Ws, Stop> {
-        let url = self.cfg.servers.pick(attempt).ok_or_else(|| {
-            Stop::Fatal(ClientError::Request("no server URL to connect to".into()))
-        })?;
+        let url = match self.redirect.take() {
+            Some(url) => url,
+            None => self.cfg.servers.pick(attempt).ok_or_else(|| {
+                Stop::Fatal(ClientError::Request("no server URL to connect to".into()))
+            })?,
+        };
         let connect = tokio_tungstenite::connect_async(url.as_str());
         let mut ws = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
             Ok(Ok((ws, _))) => ws,
@@ -293,6 +305,11 @@ impl Driver {
                     tracing::info!(session = %o.session, "session opened");
                     let _ = self.events.send(Event::Opened { session: o.session });
                     return Ok(ws);
+                }
+                Frame::Error(e) if e.code == ErrorCode::Moved && is_ws_url(&e.message) => {
+                    tracing::info!(to = %e.message, "the session lives on another replica");
+                    self.redirect = Some(e.message.clone());
+                    return Err(Stop::Retry(format!("moved to {}", e.message)));
                 }
                 Frame::Error(e) if e.code.is_retryable() => {
                     return Err(Stop::Retry(format!("server error {}", e.code)));
@@ -684,4 +701,11 @@ async fn send(ws: &mut Ws, frame: Bytes) -> Result<(), Stop> {
     ws.send(Message::Binary(frame))
         .await
         .map_err(|e| Stop::Retry(format!("send failed: {e}")))
+}
+
+/// Whether `s` is a WebSocket URL a `moved` answer may send the device to.
+fn is_ws_url(s: &str) -> bool {
+    (s.starts_with("ws://") || s.starts_with("wss://"))
+        && s.len() <= 512
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }

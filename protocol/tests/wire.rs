@@ -586,6 +586,7 @@ fn error_codes_are_stable() {
         (ErrorCode::Overloaded, 301, "overloaded"),
         (ErrorCode::Unavailable, 302, "unavailable"),
         (ErrorCode::ShuttingDown, 303, "shutting_down"),
+        (ErrorCode::Moved, 304, "moved"),
         (ErrorCode::Internal, 500, "internal"),
     ];
     assert_eq!(ErrorCode::ALL.len(), table.len());

@@ -132,6 +132,10 @@ struct ServeArgs {
     /// /readyz turns 503 while one engine step runs longer than this (default 30000).
     #[arg(long, env = "TANDEM_ENGINE_STALL_MS")]
     engine_stall_ms: Option<u64>,
+    /// The ws:// URL devices use to reach this replica (told to devices that resume at
+    /// another replica). Default: ws://LISTEN-ADDRESS/v1/edge/ws.
+    #[arg(long, env = "TANDEM_ADVERTISE_URL")]
+    advertise_url: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -499,6 +503,9 @@ impl ServeArgs {
         }
         if self.kv_blocks.is_some() {
             c.kv_blocks = self.kv_blocks;
+        }
+        if self.advertise_url.is_some() {
+            c.advertise_url = self.advertise_url;
         }
         if self.replica_id.is_some() {
             c.replica_id = self.replica_id;

@@ -388,3 +388,86 @@ async fn readyz_follows_redis_and_the_engine_loop() {
     wait_ready(&srv, 200).await;
     srv.shutdown().await;
 }
+
+/// A TCP relay to `to` that the test can cut (every connection through it at once, by
+/// sending `true`).
+async fn relay(to: std::net::SocketAddr) -> (String, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut cut_rx = cut_rx.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|c| *c) => {}
+                    }
+                }
+            });
+        }
+    });
+    (format!("ws://{addr}/v1/edge/ws"), cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_told_moved_reconnects_to_the_owner_and_keeps_its_output() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = fixture();
+    let cfg = ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "mv".to_owned(),
+        heartbeat_ttl_ms: 3_000,
+        ..fx.config()
+    };
+    let a = server::start(cfg.clone()).await.expect("start A");
+    let b = server::start(cfg).await.expect("start B");
+    let prompt: Vec<u32> = (3..=20).collect();
+    let solo = fx.generate(&a.ws_url(), prompt.clone(), 24).await.token_ids;
+
+    // The device reaches A through a relay; the relay dies mid-generation and the device's
+    // list now names only B, which sends it to A.
+    let (via, cut) = relay(a.addr()).await;
+    let mut cfg = ClientConfig::new(via.as_str());
+    cfg.reconnect.initial_delay = Duration::from_millis(10);
+    let servers = cfg.servers.clone();
+    let client = EdgeClient::from_bundle(&fx.bundle, cfg).expect("client");
+    let mut req = GenerateRequest::new(prompt);
+    req.max_tokens = 24;
+    let mut generation = client.generate(req).expect("generate");
+    let mut tokens = 0;
+    let mut moved = false;
+    let finished = loop {
+        match generation.next().await.expect("an event") {
+            tandem_edge::Event::Token { .. } => {
+                tokens += 1;
+                if tokens == 4 {
+                    servers.set(vec![b.ws_url()]);
+                    let _ = cut.send(true);
+                }
+            }
+            tandem_edge::Event::Reconnecting { cause, .. } => {
+                moved |= cause.contains("moved");
+            }
+            tandem_edge::Event::Done(f) => break f,
+            tandem_edge::Event::Error(e) => panic!("generation failed: {e}"),
+            _ => {}
+        }
+    };
+    assert!(moved, "the device was never told `moved`");
+    assert_eq!(
+        finished.token_ids, solo,
+        "the output changed across the move"
+    );
+    assert_eq!(
+        finished.wire.replays, 0,
+        "the owner kept the state: no replay"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -595,3 +595,53 @@ async fn graceful_shutdown_drains_a_running_generation() {
         "nothing listens after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_at_another_replica_is_moved_to_the_live_owner() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = fixture();
+    let cfg = ServerConfig {
+        redis: Some(redis.url()),
+        heartbeat_ttl_ms: 3_000,
+        ..fx.config()
+    };
+    let a = server::start(cfg.clone()).await.expect("start A");
+    let b = server::start(cfg).await.expect("start B");
+    let (mut ws, opened1) = opened(&fx, &a.ws_url()).await;
+    let mut dev = fx.device(HiddenDtype::F32);
+    dev.send_prompt(&mut ws).await;
+    assert!(dev.drive(&mut ws, Some(3)).await.is_none());
+    // The device loses its connection and comes back through B (a load balancer's choice).
+    drop(ws);
+    let resume = Frame::Resume(Resume {
+        session: opened1.session,
+        resume_token: opened1.resume_token.clone(),
+        last_token_seq: Some(2),
+    });
+    let mut ws = connect(&b.ws_url()).await;
+    send(&mut ws, &resume).await;
+    let moved_to = match recv(&mut ws).await {
+        Some(Frame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Moved, "{}", e.message);
+            e.message
+        }
+        other => panic!("expected Error(moved), got {other:?}"),
+    };
+    assert_eq!(moved_to, a.ws_url(), "B names the owner's advertised URL");
+    // At the owner the session goes on from where it was: no replay.
+    let mut ws = connect(&moved_to).await;
+    send(&mut ws, &resume).await;
+    let o = expect_opened(&mut ws).await;
+    assert_eq!(
+        o.next_hidden_seq as usize,
+        dev.sent.len(),
+        "A kept the state"
+    );
+    dev.catch_up(&mut ws).await;
+    let done = dev.drive(&mut ws, None).await.expect("done");
+    fx.check(&dev.tokens, &done);
+    a.shutdown().await;
+    b.shutdown().await;
+}

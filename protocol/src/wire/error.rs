@@ -194,6 +194,9 @@ error_codes! {
     Unavailable = 302, "unavailable";
     /// The cloud replica is shutting down; resume on another one.
     ShuttingDown = 303, "shutting_down";
+    /// Another replica, alive, holds the session: the message is the WebSocket URL to
+    /// reconnect to and `Resume` there (the device should do so at once).
+    Moved = 304, "moved";
     /// A bug on the cloud; the message says no more than that.
     Internal = 500, "internal";
 }

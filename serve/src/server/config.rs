@@ -112,6 +112,10 @@ pub struct ServerConfig {
     pub device_requests_per_minute: u32,
     /// `/readyz` answers 503 while one engine step has run longer than this.
     pub engine_stall_ms: u64,
+    /// The WebSocket URL devices use to reach this replica, which other replicas give a
+    /// device that resumes in the wrong place (`moved`). `None`: `ws://{bound address}/v1/edge/ws`,
+    /// right on one host; behind a cluster network set it (e.g. from the pod IP).
+    pub advertise_url: Option<String>,
 }
 
 /// The provider system prompt when none is configured.
@@ -184,6 +188,7 @@ impl Default for ServerConfig {
             partner_requests_per_minute: 600,
             device_requests_per_minute: 120,
             engine_stall_ms: 30_000,
+            advertise_url: None,
         }
     }
 }
@@ -245,6 +250,14 @@ impl ServerConfig {
             self.system_prompt.len() <= MAX_SYSTEM_PROMPT_BYTES,
             "system_prompt must be at most {MAX_SYSTEM_PROMPT_BYTES} bytes"
         );
+        if let Some(url) = &self.advertise_url {
+            anyhow::ensure!(
+                (url.starts_with("ws://") || url.starts_with("wss://"))
+                    && url.len() <= crate::server::MAX_ADVERTISE_URL_LEN,
+                "advertise_url must be a ws:// or wss:// URL of at most {} bytes",
+                crate::server::MAX_ADVERTISE_URL_LEN
+            );
+        }
         anyhow::ensure!(
             self.partner_requests_per_minute > 0 && self.device_requests_per_minute > 0,
             "partner_requests_per_minute and device_requests_per_minute must be > 0"

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) served: Served,
     pub(crate) engine: Arc<Engine>,
     pub(crate) store: Arc<dyn SessionStore>,
+    /// Where devices reach this replica (told to devices that resume elsewhere).
+    pub(crate) advertise_url: String,
     /// What `/metrics` exposes.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// The last engine snapshot `/metrics` read (shown again if the engine does not answer).
@@ -257,12 +259,17 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         Some(metrics.clone()),
     ));
     let (stop, _) = watch::channel(false);
+    let advertise_url = cfg
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{addr}{WS_PATH}"));
     let shared = Arc::new(Shared {
         cfg,
         served,
         engine,
         store,
         prompts: stores.prompts,
+        advertise_url,
         metrics,
         last_snapshot: std::sync::Mutex::new(crate::metrics::Snapshot::default()),
         params,
@@ -296,6 +303,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         heartbeat,
     })
 }
+
+/// The longest advertised URL (it travels in an error frame's message).
+pub const MAX_ADVERTISE_URL_LEN: usize = 200;
 
 /// Resolves once `stop` is `true` (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -416,6 +426,13 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     loop {
         if let Err(e) = shared.store.heartbeat(&shared.replica, ttl).await {
             tracing::warn!(error = %e, "heartbeat failed");
+        }
+        if let Err(e) = shared
+            .store
+            .advertise(&shared.replica, &shared.advertise_url, ttl)
+            .await
+        {
+            tracing::warn!(error = %e, "advertising the replica's URL failed");
         }
         tokio::time::sleep(ttl / 3).await;
     }

@@ -644,6 +644,14 @@ async fn resume_session(shared: &Arc<Shared>, r: &Resume) -> Result<SessionHandl
             e => store_error(&e),
         })? {
         Claim::OwnerAlive { owner } => {
+            match shared.store.replica_address(&owner).await {
+                Ok(Some(url)) if url != shared.advertise_url => {
+                    tracing::info!(session = id.0, %owner, "resume sent to the owner");
+                    return Err(err(ErrorCode::Moved, None, &url));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the owner's address"),
+            }
             tracing::info!(session = id.0, %owner, "resume refused: the owner is alive");
             Err(err(
                 ErrorCode::Unavailable,

@@ -39,6 +39,8 @@ pub struct MemoryStore {
     sessions: DashMap<SessionId, Entry>,
     /// Replica → when its last heartbeat expires.
     replicas: DashMap<ReplicaId, Instant>,
+    /// Advertised URLs and until when.
+    addresses: DashMap<ReplicaId, (String, Instant)>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -65,6 +67,7 @@ impl MemoryStore {
             creates: AtomicU64::new(0),
             sessions: DashMap::new(),
             replicas: DashMap::new(),
+            addresses: DashMap::new(),
         }
     }
 
@@ -236,6 +239,29 @@ impl SessionStore for MemoryStore {
 
     fn replica_alive<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, bool> {
         Box::pin(async move { Ok(self.alive(replica)) })
+    }
+
+    fn advertise<'a>(
+        &'a self,
+        replica: &'a ReplicaId,
+        url: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.addresses
+                .insert(replica.clone(), (url.to_owned(), Instant::now() + ttl));
+            Ok(())
+        })
+    }
+
+    fn replica_address<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            Ok(self
+                .addresses
+                .get(replica)
+                .filter(|e| e.value().1 > Instant::now())
+                .map(|e| e.value().0.clone()))
+        })
     }
 
     fn claim<'a>(&'a self, id: SessionId, by: &'a ReplicaId) -> StoreFuture<'a, Claim> {

@@ -365,6 +365,18 @@ pub trait SessionStore: Send + Sync {
     /// Marks `replica` alive for `ttl`.
     fn heartbeat<'a>(&'a self, replica: &'a ReplicaId, ttl: Duration) -> StoreFuture<'a, ()>;
 
+    /// Records, for `ttl`, the WebSocket URL where devices reach `replica` (what another
+    /// replica tells a device that resumes at the wrong place).
+    fn advertise<'a>(
+        &'a self,
+        replica: &'a ReplicaId,
+        url: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()>;
+
+    /// The URL `replica` advertised, while it lasts.
+    fn replica_address<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, Option<String>>;
+
     /// Whether `replica`'s last heartbeat has not expired.
     fn replica_alive<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, bool>;
 

@@ -5,6 +5,7 @@
 //!   expires_ms resume`, where `resume` is the hex sha256 of the resume token. It carries a
 //!   `PEXPIRE` equal to the session's TTL, refreshed on every write.
 //! - `{p}:replica:{id}`: the replica's last heartbeat (unix ms), expiring after its TTL.
+//! - `{p}:replica-url:{id}`: the WebSocket URL the replica advertises, expiring likewise.
 //! - `{p}:session-id`: the id counter (`INCR`), seeded at `unix_millis * 1024` when absent.
 //!
 //! Every read-check-write (create, update, claim, id allocation) is one Lua script, so it is
@@ -406,6 +407,32 @@ impl SessionStore for RedisStore {
                 .arg("PX")
                 .arg(millis(ttl));
             self.bounded(cmd.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn advertise<'a>(
+        &'a self,
+        replica: &'a ReplicaId,
+        url: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut cmd = ::redis::cmd("SET");
+            cmd.arg(format!("{}:replica-url:{replica}", self.prefix))
+                .arg(url)
+                .arg("PX")
+                .arg(millis(ttl));
+            self.bounded(cmd.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn replica_address<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut cmd = ::redis::cmd("GET");
+            cmd.arg(format!("{}:replica-url:{replica}", self.prefix));
+            self.bounded(cmd.query_async(&mut conn)).await
         })
     }
 
