@@ -471,3 +471,80 @@ async fn a_device_told_moved_reconnects_to_the_owner_and_keeps_its_output() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_replica_moves_its_sessions_to_the_other_unchanged() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = fixture();
+    let cfg = ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "drain".to_owned(),
+        heartbeat_ttl_ms: 3_000,
+        // Long generations do not finish within the drain: they must move.
+        drain_timeout_ms: 50,
+        ..fx.config()
+    };
+    let a = server::start(cfg.clone()).await.expect("start A");
+    let b = server::start(cfg).await.expect("start B");
+    let prompts: Vec<Vec<u32>> = [0u32, 2, 3]
+        .iter()
+        .map(|s| (0..16u32).map(|i| 1 + (i * 5 + s * 11) % 60).collect())
+        .collect();
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(fx.generate(&b.ws_url(), p.clone(), 200).await.token_ids);
+    }
+    // Long enough to be caught mid-way (greedy: the same lengths under the drain).
+    assert!(
+        solo.iter().all(|t| t.len() > 20),
+        "{:?}",
+        solo.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+
+    // Three devices on A (their lists: A, then B).
+    let mut gens = Vec::new();
+    for p in &prompts {
+        let mut cfg = ClientConfig::new(tandem_edge::ServerList::new(vec![a.ws_url(), b.ws_url()]));
+        cfg.reconnect.initial_delay = Duration::from_millis(10);
+        let client = EdgeClient::from_bundle(&fx.bundle, cfg).expect("client");
+        let mut req = GenerateRequest::new(p.clone());
+        req.max_tokens = 200;
+        gens.push(client.generate(req).expect("generate"));
+    }
+    // Once every device holds a few tokens, drain A (what SIGTERM does).
+    let mut held = vec![0usize; gens.len()];
+    while held.iter().any(|h| *h < 3) {
+        for (i, g) in gens.iter_mut().enumerate() {
+            if held[i] < 3 {
+                match g.next().await.expect("event") {
+                    tandem_edge::Event::Token { .. } => held[i] += 1,
+                    tandem_edge::Event::Done(_) => panic!("finished before the drain"),
+                    tandem_edge::Event::Error(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let drained_at = std::time::Instant::now();
+    a.shutdown().await;
+    let drain_s = drained_at.elapsed().as_secs_f64();
+    let mut replays = 0;
+    for (i, g) in gens.into_iter().enumerate() {
+        let f = g.finish().await.expect("finished on B");
+        assert_eq!(
+            f.token_ids, solo[i],
+            "device {i}'s output changed across the drain"
+        );
+        assert!(f.wire.reconnects >= 1, "device {i} never moved");
+        replays += f.wire.replays;
+    }
+    let moved_s = drained_at.elapsed().as_secs_f64();
+    // B took all three over and had them replay (A's KV went with it).
+    assert_eq!(replays, 3);
+    eprintln!(
+        "drain figures: A's shutdown took {drain_s:.3} s; all 3 sessions finished on B {moved_s:.3} s after the drain began, 3 replays"
+    );
+    b.shutdown().await;
+}
