@@ -34,8 +34,11 @@ if ! "$venv/bin/st" --version 2>/dev/null | grep -q "$version"; then
     "$venv/bin/pip" install -q "schemathesis==$version" >&2
 fi
 
-echo "schemathesis: building tandem (debug)" >&2
-cargo build -q -p tandem-serve --bin tandem
+# The same build as the test run (`cargo test --workspace` unifies features across the
+# workspace's dev-dependencies; a plain `cargo build -p tandem-serve` would not, and would
+# compile candle and the rest a second time).
+echo "schemathesis: building tandem (the test build)" >&2
+cargo test -q --workspace --no-run >/dev/null 2>&1 || cargo test -q --workspace --no-run
 tandem=target/debug/tandem
 mkdir -p "$work"
 if [ ! -f "$work/split/cloud/manifest.json" ]; then
