@@ -248,9 +248,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         .heartbeat(&replica, cfg.heartbeat_ttl())
         .await
         .context("first heartbeat")?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
+    let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let engine = Arc::new(Engine::start_observed(
         model,
@@ -306,6 +304,22 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
 
 /// The longest advertised URL (it travels in an error frame's message).
 pub const MAX_ADVERTISE_URL_LEN: usize = 200;
+
+/// Pending connections the kernel queues before `accept`: thousands of devices reconnect
+/// at once after a network blip, and the default of 128 made a burst of 200 wait a second
+/// for a TCP retransmit (seen by the load test).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Resolves once `stop` is `true` (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {

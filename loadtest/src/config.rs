@@ -1,0 +1,428 @@
+//! What a load run does: [`LoadConfig`] and the two small distributions it is made of,
+//! [`Arrival`] (when devices start) and [`LengthDist`] (how many prompt or output tokens).
+//!
+//! Both distributions are parsed once from their command-line spelling (`all`,
+//! `poisson:5`, `fixed:64`, `uniform:32-128`) into values that cannot be wrong (a rate that is
+//! finite and positive, `1 <= min <= max`); they print back in the same spelling, which is
+//! also how they appear in the JSON report. Sampling takes the caller's seeded RNG, so a run's
+//! workload is a pure function of its seed.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tandem_protocol::HiddenDtype;
+
+/// When devices start their first generation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Arrival {
+    /// Every device at once (every start delay is zero).
+    All,
+    /// A Poisson process: independent exponential gaps between consecutive device starts.
+    Poisson(Rate),
+}
+
+/// Device arrivals per second: finite and positive.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate(f64);
+
+impl Rate {
+    pub fn new(per_s: f64) -> Result<Self, String> {
+        if per_s.is_finite() && per_s > 0.0 {
+            Ok(Self(per_s))
+        } else {
+            Err(format!(
+                "an arrival rate must be a positive number per second, not {per_s}"
+            ))
+        }
+    }
+
+    pub fn per_s(self) -> f64 {
+        self.0
+    }
+}
+
+impl Arrival {
+    /// The start offset of each of `n` devices from the start of the run, in arrival order.
+    ///
+    /// Poisson: gap `i` is `-ln(1 - u) / rate` with `u` uniform in `[0, 1)` (inverse-CDF
+    /// sampling of the exponential distribution, mean `1 / rate`); the first device starts
+    /// after the first gap, as in a process observed from time 0.
+    pub fn offsets(self, n: usize, rng: &mut impl Rng) -> Vec<Duration> {
+        match self {
+            Self::All => vec![Duration::ZERO; n],
+            Self::Poisson(rate) => {
+                let mut t = 0.0;
+                (0..n)
+                    .map(|_| {
+                        let u: f64 = rng.random();
+                        t += -(1.0 - u).ln() / rate.0;
+                        Duration::from_secs_f64(t)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl FromStr for Arrival {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "all" {
+            return Ok(Self::All);
+        }
+        let rate = s.strip_prefix("poisson:").ok_or_else(|| {
+            format!("arrival `{s}`: expected `all` or `poisson:RATE_PER_S` (e.g. poisson:5)")
+        })?;
+        let per_s: f64 = rate
+            .parse()
+            .map_err(|_| format!("arrival `{s}`: `{rate}` is not a number"))?;
+        Ok(Self::Poisson(Rate::new(per_s)?))
+    }
+}
+
+impl fmt::Display for Arrival {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => f.write_str("all"),
+            Self::Poisson(r) => write!(f, "poisson:{}", r.0),
+        }
+    }
+}
+
+impl TryFrom<String> for Arrival {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Arrival> for String {
+    fn from(a: Arrival) -> Self {
+        a.to_string()
+    }
+}
+
+/// A token count drawn uniformly from `[min, max]` (`fixed:N` is `min = max = N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LengthDist {
+    min: u32,
+    max: u32,
+}
+
+impl LengthDist {
+    pub fn fixed(n: u32) -> Result<Self, String> {
+        Self::uniform(n, n)
+    }
+
+    pub fn uniform(min: u32, max: u32) -> Result<Self, String> {
+        if min == 0 {
+            return Err("a token count must be at least 1".into());
+        }
+        if min > max {
+            return Err(format!(
+                "uniform:{min}-{max}: the minimum is above the maximum"
+            ));
+        }
+        Ok(Self { min, max })
+    }
+
+    pub fn min(self) -> u32 {
+        self.min
+    }
+
+    pub fn max(self) -> u32 {
+        self.max
+    }
+
+    pub fn sample(self, rng: &mut impl Rng) -> u32 {
+        rng.random_range(self.min..=self.max)
+    }
+}
+
+impl FromStr for LengthDist {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let count = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| format!("`{s}`: `{v}` is not a token count"))
+        };
+        if let Some(n) = s.strip_prefix("fixed:") {
+            return Self::fixed(count(n)?);
+        }
+        if let Some(range) = s.strip_prefix("uniform:") {
+            let (a, b) = range
+                .split_once('-')
+                .ok_or_else(|| format!("`{s}`: expected uniform:MIN-MAX"))?;
+            return Self::uniform(count(a)?, count(b)?);
+        }
+        Err(format!(
+            "`{s}`: expected fixed:N or uniform:MIN-MAX (e.g. fixed:64, uniform:32-128)"
+        ))
+    }
+}
+
+impl fmt::Display for LengthDist {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "fixed:{}", self.min)
+        } else {
+            write!(f, "uniform:{}-{}", self.min, self.max)
+        }
+    }
+}
+
+impl TryFrom<String> for LengthDist {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<LengthDist> for String {
+    fn from(d: LengthDist) -> Self {
+        d.to_string()
+    }
+}
+
+/// Parses a hidden-state dtype by its wire name (`f32`, `f16`, `bf16`, `int8`).
+pub fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
+    HiddenDtype::ALL
+        .into_iter()
+        .find(|d| d.as_str() == s)
+        .ok_or_else(|| format!("dtype `{s}`: expected f32, f16, bf16 or int8"))
+}
+
+/// One load run.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// The server's WebSocket URL, `ws://HOST:PORT/v1/edge/ws`.
+    pub server: String,
+    /// The edge checkpoint of the split the server serves (`SPLIT/edge`, or `SPLIT`).
+    pub edge: PathBuf,
+    /// Simulated devices.
+    pub devices: usize,
+    pub arrival: Arrival,
+    pub prompt_tokens: LengthDist,
+    /// `max_tokens` of each generation (it may end earlier on an end-of-sequence token).
+    pub output_tokens: LengthDist,
+    /// Pause of a device between two of its generations.
+    pub think: Duration,
+    pub generations_per_device: u32,
+    /// Hard stop: generations still running then are cut and counted as such.
+    pub duration: Duration,
+    /// Encoding of the hidden states on the wire.
+    pub dtype: HiddenDtype,
+    /// Distinct prompts (random token ids); every generation takes one of them.
+    pub prompt_pool: usize,
+    /// Seeds the prompts, their lengths, the output lengths, the arrivals and the choice of
+    /// prompt per generation.
+    pub seed: u64,
+    /// The server's `/metrics` (`http://HOST:PORT/metrics`), scraped before and after.
+    pub metrics_url: Option<String>,
+    /// Print a progress line on stderr once a second.
+    pub progress: bool,
+}
+
+impl LoadConfig {
+    /// A run of `devices` devices against `server` with the defaults of the command line:
+    /// everyone at once, 64 prompt tokens, 32 output tokens, one generation each, f32, a pool
+    /// of 8 prompts, seed 0, a 60 s limit, no progress line.
+    pub fn new(server: impl Into<String>, edge: impl Into<PathBuf>, devices: usize) -> Self {
+        Self {
+            server: server.into(),
+            edge: edge.into(),
+            devices,
+            arrival: Arrival::All,
+            prompt_tokens: LengthDist { min: 64, max: 64 },
+            output_tokens: LengthDist { min: 32, max: 32 },
+            think: Duration::ZERO,
+            generations_per_device: 1,
+            duration: Duration::from_secs(60),
+            dtype: HiddenDtype::F32,
+            prompt_pool: 8,
+            seed: 0,
+            metrics_url: None,
+            progress: false,
+        }
+    }
+
+    /// Checks what the types alone cannot; the model-dependent checks (context length) are
+    /// made once the edge checkpoint is loaded.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.server.starts_with("ws://") || self.server.starts_with("wss://")) {
+            return Err(format!(
+                "--server `{}`: expected ws://HOST:PORT/v1/edge/ws",
+                self.server
+            ));
+        }
+        if self.devices == 0 {
+            return Err("--devices must be at least 1".into());
+        }
+        if self.generations_per_device == 0 {
+            return Err("--generations-per-device must be at least 1".into());
+        }
+        if self.prompt_pool == 0 {
+            return Err("--prompt-pool must be at least 1".into());
+        }
+        if self.duration.is_zero() {
+            return Err("--duration-s must be positive".into());
+        }
+        if let Some(url) = &self.metrics_url {
+            if !url.starts_with("http://") {
+                return Err(format!(
+                    "--metrics-url `{url}`: expected http://HOST:PORT/metrics"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn all_arrives_at_once() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let offsets = Arrival::All.offsets(1000, &mut rng);
+        assert_eq!(offsets.len(), 1000);
+        assert!(offsets.iter().all(|d| d.is_zero()));
+    }
+
+    #[test]
+    fn poisson_mean_gap_is_one_over_rate() {
+        let rate = 20.0;
+        let n = 100_000;
+        let mut rng = StdRng::seed_from_u64(7);
+        let a: Arrival = "poisson:20".parse().expect("parse");
+        let offsets = a.offsets(n, &mut rng);
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "sorted");
+        let mut prev = 0.0;
+        let gaps: Vec<f64> = offsets
+            .iter()
+            .map(|d| {
+                let t = d.as_secs_f64();
+                let g = t - prev;
+                prev = t;
+                g
+            })
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / n as f64;
+        // The standard error of the mean of n exponential gaps is (1/rate)/sqrt(n) = 0.3%
+        // of the mean here: 2% is over six of them.
+        assert!((mean * rate - 1.0).abs() < 0.02, "mean gap {mean}");
+        // Exponential: the standard deviation equals the mean.
+        let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!((var.sqrt() / mean - 1.0).abs() < 0.03, "sd {}", var.sqrt());
+        // Same seed, same arrivals.
+        let again = a.offsets(n, &mut StdRng::seed_from_u64(7));
+        assert_eq!(offsets, again);
+    }
+
+    #[test]
+    fn arrival_parses_and_prints() {
+        assert_eq!("all".parse::<Arrival>(), Ok(Arrival::All));
+        let p: Arrival = "poisson:2.5".parse().expect("parse");
+        assert_eq!(p.to_string(), "poisson:2.5");
+        for bad in [
+            "",
+            "poisson",
+            "poisson:",
+            "poisson:0",
+            "poisson:-1",
+            "poisson:inf",
+            "x",
+        ] {
+            assert!(bad.parse::<Arrival>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn lengths_parse_print_and_stay_in_range() {
+        let f: LengthDist = "fixed:64".parse().expect("fixed");
+        assert_eq!((f.min(), f.max()), (64, 64));
+        assert_eq!(f.to_string(), "fixed:64");
+        let u: LengthDist = "uniform:32-128".parse().expect("uniform");
+        assert_eq!(u.to_string(), "uniform:32-128");
+        assert_eq!(
+            "uniform:5-5".parse::<LengthDist>(),
+            Ok(LengthDist::fixed(5).expect("5"))
+        );
+        for bad in [
+            "fixed:0",
+            "fixed:",
+            "fixed:x",
+            "uniform:9-3",
+            "uniform:0-3",
+            "uniform:3",
+            "64",
+            "normal:3-4",
+        ] {
+            assert!(
+                bad.parse::<LengthDist>().is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut seen = [0u32; 5];
+        for _ in 0..10_000 {
+            let n = u.sample(&mut rng);
+            assert!((32..=128).contains(&n));
+            let small = LengthDist::uniform(10, 14).expect("u").sample(&mut rng);
+            seen[(small - 10) as usize] += 1;
+            assert_eq!(f.sample(&mut rng), 64);
+        }
+        // Every value of a small range comes up about equally often (2,000 expected each).
+        assert!(
+            seen.iter().all(|&c| (1_700..2_300).contains(&c)),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn distributions_serialize_as_their_spelling() {
+        let json = serde_json::to_string(&(Arrival::All, LengthDist::uniform(1, 9).expect("u")))
+            .expect("json");
+        assert_eq!(json, r#"["all","uniform:1-9"]"#);
+        let back: (Arrival, LengthDist) = serde_json::from_str(&json).expect("back");
+        assert_eq!(back.1.to_string(), "uniform:1-9");
+        assert!(serde_json::from_str::<LengthDist>(r#""fixed:0""#).is_err());
+    }
+
+    #[test]
+    fn dtypes_parse_by_wire_name() {
+        assert_eq!(parse_dtype("f16"), Ok(HiddenDtype::F16));
+        assert_eq!(parse_dtype("f32"), Ok(HiddenDtype::F32));
+        assert!(parse_dtype("fp16").is_err());
+    }
+
+    #[test]
+    fn config_checks() {
+        let ok = LoadConfig::new("ws://127.0.0.1:1/v1/edge/ws", "edge", 4);
+        assert_eq!(ok.check(), Ok(()));
+        let bad = |f: fn(&mut LoadConfig)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c.check().is_err()
+        };
+        assert!(bad(|c| c.server = "http://x".into()));
+        assert!(bad(|c| c.devices = 0));
+        assert!(bad(|c| c.generations_per_device = 0));
+        assert!(bad(|c| c.prompt_pool = 0));
+        assert!(bad(|c| c.duration = Duration::ZERO));
+        assert!(bad(|c| c.metrics_url = Some("ws://x/metrics".into())));
+    }
+}

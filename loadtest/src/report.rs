@@ -1,0 +1,494 @@
+//! The JSON report of a run and the statistics in it.
+//!
+//! # Percentiles
+//! Nearest rank: the `p`-th percentile of `n` sorted samples is the sample of rank
+//! `ceil(p / 100 × n)` (1-based; rank 1 for `p = 0`). It is always one of the samples (no
+//! interpolation), so `p100` is the maximum and a percentile of one sample is that sample.
+//! A rank within 1e-9 of an integer counts as that integer (decimal `p` in binary floats).
+//!
+//! # What is counted where
+//! - Latencies (milliseconds) come from completed generations only (those that got `Done`):
+//!   TTFT per generation, TPOT per gap between two consecutive tokens (all gaps of all
+//!   generations pooled, so long outputs weigh more), end to end per generation. The
+//!   connection handshake comes before `Open` and is in none of them; it has its own
+//!   summary, over every generation that connected.
+//! - Throughput is every `Token` frame received during the run (cut generations included)
+//!   over the run's wall time, from the first device's start to the end.
+//! - Errors are counted by name: the protocol's code name for `Error` frames
+//!   (`ErrorCode::as_str`), or a local name (see [`crate::device::Failure::name`]).
+//!
+//! Every float is rounded to 3 decimals (microseconds for milliseconds), so the JSON stays
+//! readable and parses back to the same value.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Arrival, LengthDist};
+use crate::device::{GenerationRecord, Outcome};
+use crate::live::TimelineSample;
+use crate::replay::ReplayStats;
+use crate::scrape::ServerMetrics;
+
+/// Nearest-rank percentile of sorted `samples` (see the module doc); `None` when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let exact = p.clamp(0.0, 100.0) / 100.0 * sorted.len() as f64;
+    // `p` is decimal and binary floats are not: 99.9 / 100 × 1000 comes out a hair above
+    // 999. A rank within 1e-9 of an integer is that integer.
+    let rank = (exact - 1e-9).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Summary of a latency distribution, in milliseconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// The summary of `samples` (any order; NaNs are dropped); `None` when there are none.
+    pub fn of(mut samples: Vec<f64>) -> Option<Self> {
+        samples.retain(|v| !v.is_nan());
+        samples.sort_by(f64::total_cmp);
+        let at = |p| percentile(&samples, p).map(round3);
+        Some(Self {
+            count: samples.len(),
+            mean: round3(samples.iter().sum::<f64>() / samples.len().max(1) as f64),
+            p50: at(50.0)?,
+            p90: at(90.0)?,
+            p99: at(99.0)?,
+            max: at(100.0)?,
+        })
+    }
+}
+
+/// Rounds to 3 decimals.
+pub fn round3(v: f64) -> f64 {
+    if v.is_finite() {
+        (v * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The run's settings, as given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    pub server: String,
+    pub edge: String,
+    pub devices: usize,
+    pub arrival: Arrival,
+    pub prompt_tokens: LengthDist,
+    pub output_tokens: LengthDist,
+    pub think_ms: u64,
+    pub generations_per_device: u32,
+    pub duration_s: f64,
+    pub dtype: String,
+    pub prompt_pool: usize,
+    pub seed: u64,
+    pub metrics_url: Option<String>,
+}
+
+/// The model the devices ran (its edge part).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub pair_id: String,
+    pub edge_layers: usize,
+    pub hidden_size: usize,
+    pub max_position_embeddings: usize,
+}
+
+/// Why the run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Every device ran all its generations.
+    AllFinished,
+    /// `--duration-s` passed first.
+    Deadline,
+}
+
+/// Generations by fate.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub devices: usize,
+    pub generations_planned: u64,
+    pub started: u64,
+    /// Ended with `Done` (any finish reason).
+    pub completed: u64,
+    /// Ended with an error.
+    pub failed: u64,
+    /// Still running at the deadline.
+    pub cut_by_deadline: u64,
+    /// Never started (the deadline came first).
+    pub not_started: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// `Token` frames received, over every generation.
+    pub output_tokens: u64,
+    /// Sum of `Done`'s output tokens over completed generations.
+    pub output_tokens_done: u64,
+    /// `Token` frames received by completed generations (equals `output_tokens_done` when
+    /// the server counts as the device does).
+    pub output_tokens_received_done: u64,
+    /// Prompt tokens of completed generations.
+    pub prompt_tokens_done: u64,
+    /// `output_tokens` over `wall_s`.
+    pub output_tokens_per_s: f64,
+    pub completed_per_s: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// TCP + WebSocket handshake, every generation that connected.
+    pub connect: Option<Percentiles>,
+    pub ttft: Option<Percentiles>,
+    pub tpot: Option<Percentiles>,
+    pub e2e: Option<Percentiles>,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub settings: RunSettings,
+    pub model: ModelSummary,
+    pub stopped_by: StopReason,
+    pub wall_s: f64,
+    pub counts: Counts,
+    /// Completed generations by `Done`'s reason (`eos`, `stop_string`, `length`,
+    /// `cancelled`).
+    pub finish_reasons: BTreeMap<String, u64>,
+    /// Failed generations by error name.
+    pub errors: BTreeMap<String, u64>,
+    /// The first message seen for each error name.
+    pub error_examples: BTreeMap<String, String>,
+    pub throughput: Throughput,
+    /// Milliseconds.
+    pub latency_ms: Latency,
+    pub replay: ReplayStats,
+    /// With `--metrics-url`: the server's counters over the run and its gauges at the end.
+    pub server_metrics: Option<ServerMetrics>,
+    /// The live counters once a second.
+    pub timeline: Vec<TimelineSample>,
+}
+
+/// What the runner knows besides the records.
+#[derive(Debug)]
+pub struct RunFacts {
+    pub settings: RunSettings,
+    pub model: ModelSummary,
+    pub stopped_by: StopReason,
+    pub wall: Duration,
+    pub timeline: Vec<TimelineSample>,
+    pub devices: usize,
+    pub planned: u64,
+    pub started: u64,
+    /// Every `Token` received (the live counter).
+    pub tokens: u64,
+    pub replay: ReplayStats,
+    pub server_metrics: Option<ServerMetrics>,
+}
+
+impl Report {
+    /// Aggregates the records of ended generations.
+    pub fn build(facts: RunFacts, records: &[GenerationRecord]) -> Self {
+        let mut counts = Counts {
+            devices: facts.devices,
+            generations_planned: facts.planned,
+            started: facts.started,
+            ..Counts::default()
+        };
+        let mut throughput = Throughput {
+            output_tokens: facts.tokens,
+            ..Throughput::default()
+        };
+        let (mut finish_reasons, mut errors, mut error_examples) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+        let mut connect = Vec::new();
+        for r in records {
+            connect.extend(r.connect.map(ms));
+            match &r.outcome {
+                Outcome::Done {
+                    reason,
+                    output_tokens,
+                } => {
+                    counts.completed += 1;
+                    *finish_reasons.entry(reason.name().to_owned()).or_insert(0) += 1;
+                    throughput.output_tokens_done += u64::from(*output_tokens);
+                    throughput.output_tokens_received_done += u64::from(r.tokens_received);
+                    throughput.prompt_tokens_done += u64::from(r.prompt_tokens);
+                    ttft.extend(r.ttft.map(ms));
+                    tpot.extend(r.gaps.iter().copied().map(ms));
+                    e2e.push(ms(r.e2e));
+                }
+                Outcome::Failed(f) => {
+                    counts.failed += 1;
+                    *errors.entry(f.name().to_owned()).or_insert(0) += 1;
+                    error_examples
+                        .entry(f.name().to_owned())
+                        .or_insert_with(|| f.detail());
+                }
+            }
+        }
+        let ended = counts.completed + counts.failed;
+        counts.cut_by_deadline = facts.started.saturating_sub(ended);
+        counts.not_started = facts.planned.saturating_sub(facts.started);
+        let wall_s = facts.wall.as_secs_f64().max(1e-9);
+        throughput.output_tokens_per_s = round3(facts.tokens as f64 / wall_s);
+        throughput.completed_per_s = round3(counts.completed as f64 / wall_s);
+        Self {
+            settings: facts.settings,
+            model: facts.model,
+            stopped_by: facts.stopped_by,
+            wall_s: round3(facts.wall.as_secs_f64()),
+            counts,
+            finish_reasons,
+            errors,
+            error_examples,
+            throughput,
+            latency_ms: Latency {
+                connect: Percentiles::of(connect),
+                ttft: Percentiles::of(ttft),
+                tpot: Percentiles::of(tpot),
+                e2e: Percentiles::of(e2e),
+            },
+            replay: ReplayStats {
+                edge_compute_s: round3(facts.replay.edge_compute_s),
+                ..facts.replay
+            },
+            server_metrics: facts.server_metrics,
+            timeline: facts.timeline,
+        }
+    }
+
+    /// A few lines for people.
+    pub fn summary(&self) -> String {
+        let c = &self.counts;
+        let fmt = |p: &Option<Percentiles>| match p {
+            Some(p) => format!(
+                "p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1} ms (n={})",
+                p.p50, p.p90, p.p99, p.max, p.count
+            ),
+            None => "no samples".to_owned(),
+        };
+        let mut s = format!(
+            "{} devices, {:.1}s ({:?}): {} completed, {} failed, {} cut by the deadline, {} not started\n\
+             output: {} tokens, {:.1} tok/s\n\
+             connect {}\nTTFT  {}\nTPOT  {}\nE2E   {}\n\
+             edge rows: {} requested, {} computed\n",
+            c.devices,
+            self.wall_s,
+            self.stopped_by,
+            c.completed,
+            c.failed,
+            c.cut_by_deadline,
+            c.not_started,
+            self.throughput.output_tokens,
+            self.throughput.output_tokens_per_s,
+            fmt(&self.latency_ms.connect),
+            fmt(&self.latency_ms.ttft),
+            fmt(&self.latency_ms.tpot),
+            fmt(&self.latency_ms.e2e),
+            self.replay.rows_requested,
+            self.replay.rows_computed,
+        );
+        for (name, n) in &self.errors {
+            s.push_str(&format!("error {name}: {n}\n"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_protocol::{DoneReason, ErrorCode, FinishReason, HiddenDtype};
+
+    use super::*;
+    use crate::device::Failure;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        // The textbook example: 15, 20, 35, 40, 50.
+        let v = [15.0, 20.0, 35.0, 40.0, 50.0];
+        assert_eq!(percentile(&v, 5.0), Some(15.0)); // rank ceil(0.25) = 1
+        assert_eq!(percentile(&v, 30.0), Some(20.0)); // rank ceil(1.5) = 2
+        assert_eq!(percentile(&v, 40.0), Some(20.0)); // rank 2 exactly
+        assert_eq!(percentile(&v, 50.0), Some(35.0)); // rank ceil(2.5) = 3
+        assert_eq!(percentile(&v, 100.0), Some(50.0));
+        assert_eq!(percentile(&v, 0.0), Some(15.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+
+        // 1..=100: the p-th percentile is p itself.
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        for p in [1.0, 50.0, 90.0, 99.0, 100.0] {
+            assert_eq!(percentile(&hundred, p), Some(p));
+        }
+        // 1..=1000: p99 is the 990th value, p99.9 the 999th.
+        let thousand: Vec<f64> = (1..=1000).map(f64::from).collect();
+        assert_eq!(percentile(&thousand, 99.0), Some(990.0));
+        assert_eq!(percentile(&thousand, 99.9), Some(999.0));
+    }
+
+    #[test]
+    fn summaries_sort_and_round() {
+        let p = Percentiles::of(vec![3.0, 1.0, 2.0, 4.0, 1.0004]).expect("some");
+        assert_eq!(p.count, 5);
+        assert_eq!((p.p50, p.p90, p.p99, p.max), (2.0, 4.0, 4.0, 4.0));
+        assert_eq!(p.mean, 2.2);
+        assert!(Percentiles::of(Vec::new()).is_none());
+        assert_eq!(round3(1.23456), 1.235);
+    }
+
+    fn record(outcome: Outcome, tokens: u32, gaps_ms: &[u64]) -> GenerationRecord {
+        GenerationRecord {
+            prompt_tokens: 8,
+            max_tokens: 4,
+            outcome,
+            tokens_received: tokens,
+            ttft: (tokens > 0).then(|| Duration::from_millis(100)),
+            gaps: gaps_ms.iter().map(|&g| Duration::from_millis(g)).collect(),
+            e2e: Duration::from_millis(100 + gaps_ms.iter().sum::<u64>()),
+            connect: Some(Duration::from_millis(2)),
+        }
+    }
+
+    fn sample_report() -> Report {
+        let done = |n| Outcome::Done {
+            reason: DoneReason::Finished(FinishReason::Length),
+            output_tokens: n,
+        };
+        let records = vec![
+            record(done(4), 4, &[10, 20, 30]),
+            record(done(4), 4, &[11, 21, 31]),
+            record(
+                Outcome::Done {
+                    reason: DoneReason::Finished(FinishReason::Eos),
+                    output_tokens: 2,
+                },
+                2,
+                &[12],
+            ),
+            record(
+                Outcome::Failed(Failure::Server {
+                    code: ErrorCode::Overloaded,
+                    message: "at capacity".into(),
+                }),
+                0,
+                &[],
+            ),
+            record(Outcome::Failed(Failure::Timeout), 1, &[]),
+        ];
+        let settings = RunSettings {
+            server: "ws://127.0.0.1:9/v1/edge/ws".into(),
+            edge: "models/x/edge".into(),
+            devices: 3,
+            arrival: "poisson:2.5".parse().expect("arrival"),
+            prompt_tokens: "fixed:8".parse().expect("p"),
+            output_tokens: "uniform:2-4".parse().expect("o"),
+            think_ms: 0,
+            generations_per_device: 2,
+            duration_s: 60.0,
+            dtype: HiddenDtype::F16.as_str().into(),
+            prompt_pool: 8,
+            seed: 1,
+            metrics_url: None,
+        };
+        let facts = RunFacts {
+            settings,
+            model: ModelSummary {
+                pair_id: "abc".into(),
+                edge_layers: 2,
+                hidden_size: 64,
+                max_position_embeddings: 512,
+            },
+            stopped_by: StopReason::Deadline,
+            wall: Duration::from_millis(2_000),
+            timeline: vec![TimelineSample {
+                t_s: 1.001,
+                active: 3,
+                completed: 1,
+                failed: 0,
+                output_tokens: 7,
+                output_tokens_per_s: 6.993,
+            }],
+            devices: 3,
+            planned: 6,
+            started: 6,
+            tokens: 12,
+            replay: ReplayStats {
+                prompts: 8,
+                rows_requested: 7,
+                rows_computed: 3,
+                edge_compute_s: 0.0123456,
+            },
+            server_metrics: Some(ServerMetrics {
+                counters_delta: [("tandem_tokens_out_total".to_owned(), 10.0)].into(),
+                gauges: [("tandem_sessions_active".to_owned(), 0.0)].into(),
+                error: None,
+            }),
+        };
+        Report::build(facts, &records)
+    }
+
+    #[test]
+    fn aggregates_records() {
+        let r = sample_report();
+        assert_eq!(r.counts.completed, 3);
+        assert_eq!(r.counts.failed, 2);
+        assert_eq!(r.counts.cut_by_deadline, 1);
+        assert_eq!(r.counts.not_started, 0);
+        assert_eq!(r.finish_reasons["length"], 2);
+        assert_eq!(r.finish_reasons["eos"], 1);
+        assert_eq!(r.errors["overloaded"], 1);
+        assert_eq!(r.errors["timeout"], 1);
+        assert!(r.error_examples["overloaded"].contains("301"));
+        assert_eq!(r.throughput.output_tokens, 12);
+        assert_eq!(r.throughput.output_tokens_done, 10);
+        assert_eq!(r.throughput.output_tokens_received_done, 10);
+        assert_eq!(r.throughput.output_tokens_per_s, 6.0);
+        assert_eq!(r.throughput.completed_per_s, 1.5);
+        let ttft = r.latency_ms.ttft.as_ref().expect("ttft");
+        assert_eq!((ttft.count, ttft.p50), (3, 100.0));
+        let tpot = r.latency_ms.tpot.as_ref().expect("tpot");
+        assert_eq!(tpot.count, 7); // every gap of the completed generations
+        assert_eq!((tpot.p50, tpot.max), (20.0, 31.0));
+        let e2e = r.latency_ms.e2e.as_ref().expect("e2e");
+        assert_eq!((e2e.p50, e2e.max), (160.0, 163.0));
+        assert_eq!(r.replay.edge_compute_s, 0.012);
+        assert!(r.summary().contains("error overloaded: 1"));
+    }
+
+    #[test]
+    fn report_round_trips_through_json() {
+        let r = sample_report();
+        let json = serde_json::to_string_pretty(&r).expect("json");
+        let back: Report = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, r);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("value");
+        assert_eq!(v["settings"]["arrival"], "poisson:2.5");
+        assert_eq!(v["settings"]["output_tokens"], "uniform:2-4");
+        assert_eq!(v["stopped_by"], "deadline");
+        assert_eq!(v["latency_ms"]["tpot"]["p99"], 31.0);
+        assert_eq!(
+            v["server_metrics"]["counters_delta"]["tandem_tokens_out_total"],
+            10.0
+        );
+    }
+}

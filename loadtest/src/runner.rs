@@ -1,0 +1,230 @@
+//! [`run`]: a whole load run, from loading the edge checkpoint to the report.
+//!
+//! Order: load the edge model; draw the workload; run the edge over every prompt of the
+//! pool (before the clock starts); scrape the server's metrics; start one task per device
+//! (each waits for its arrival offset, then runs its generations one after the other, with
+//! the think time between them); wait until every device is done or the deadline passes,
+//! then abort what still runs; scrape again; build the report.
+//!
+//! Records of ended generations come back over a channel as they end, so a hard stop loses
+//! only the generations still in flight (counted as cut by the deadline).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tandem_edge::EdgeBundle;
+use tandem_protocol::{ManifestId, Open, SamplingParams};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::config::LoadConfig;
+use crate::device::{self, DeviceContext, GenerationRecord, Outcome};
+use crate::live::{self, Live};
+use crate::replay::{Replay, Step};
+use crate::report::{ModelSummary, Report, RunFacts, RunSettings, StopReason};
+use crate::scrape::{self, Exposition, ServerMetrics};
+use crate::workload::{DevicePlan, Vocabulary, Workload};
+
+/// Runs the load described by `cfg` and reports on it. Fails only when the run cannot start
+/// (bad settings, an unreadable checkpoint, an unreachable `--metrics-url`); what goes wrong
+/// during the run is counted in the report.
+pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
+    cfg.check().map_err(anyhow::Error::msg)?;
+    let edge_dir = cfg.edge.clone();
+    let bundle = tokio::task::spawn_blocking(move || EdgeBundle::load(&edge_dir))
+        .await?
+        .with_context(|| format!("loading the edge checkpoint {}", cfg.edge.display()))?;
+    let model_cfg = bundle.model.config().clone();
+    let context = model_cfg.max_position_embeddings;
+    let longest = cfg.prompt_tokens.max() as usize + cfg.output_tokens.max() as usize;
+    anyhow::ensure!(
+        longest <= context,
+        "prompts of up to {} tokens plus up to {} output tokens exceed the model's context of {context}",
+        cfg.prompt_tokens.max(),
+        cfg.output_tokens.max(),
+    );
+
+    let workload = Workload::draw(
+        &cfg,
+        &Vocabulary {
+            size: model_cfg.vocab_size as u32,
+            excluded: model_cfg.eos_token_ids.clone(),
+        },
+    );
+    let replay = Arc::new(Replay::new(bundle.model.clone(), cfg.dtype));
+    let roots = {
+        let (replay, prompts) = (replay.clone(), workload.prompts.clone());
+        tokio::task::spawn_blocking(move || {
+            prompts
+                .iter()
+                .map(|p| replay.prompt(p))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await?
+        .context("running the edge over the prompts")?
+    };
+
+    let before = match &cfg.metrics_url {
+        Some(url) => Some(Exposition::parse(
+            &scrape::fetch(url)
+                .await
+                .context("scraping before the run")?,
+        )),
+        None => None,
+    };
+
+    let live = Arc::new(Live::default());
+    let ctx = Arc::new(DeviceContext {
+        server: cfg.server.clone(),
+        open: Open {
+            manifest: ManifestId::try_from(bundle.pair_id())?,
+            split: bundle.model.split().edge_layers() as u32,
+            hidden_size: model_cfg.hidden_size as u32,
+            dtype: cfg.dtype,
+            sampling: SamplingParams::default(), // greedy: devices on one prompt share work
+            max_tokens: 1,
+            stop: Vec::new(),
+            prompt_id: None,
+            traceparent: None,
+        },
+        replay: replay.clone(),
+        eos: model_cfg.eos_token_ids.clone(),
+        live: live.clone(),
+    });
+    let driven = drive(&cfg, &workload, ctx, Arc::new(roots), &live).await;
+
+    let server_metrics = match (&cfg.metrics_url, &before) {
+        (Some(url), Some(before)) => Some(match scrape::fetch(url).await {
+            Ok(text) => Exposition::parse(&text).since(before),
+            Err(e) => ServerMetrics {
+                error: Some(format!("{e:#}")),
+                ..ServerMetrics::default()
+            },
+        }),
+        _ => None,
+    };
+    let snapshot = live.snapshot();
+    let facts = RunFacts {
+        settings: settings(&cfg),
+        model: ModelSummary {
+            pair_id: bundle.pair_id().to_owned(),
+            edge_layers: bundle.model.split().edge_layers(),
+            hidden_size: model_cfg.hidden_size,
+            max_position_embeddings: context,
+        },
+        stopped_by: driven.stopped_by,
+        wall: driven.wall,
+        timeline: driven.timeline,
+        devices: cfg.devices,
+        planned: workload.generations() as u64,
+        started: snapshot.started,
+        tokens: snapshot.tokens,
+        replay: replay.stats(),
+        server_metrics,
+    };
+    Ok(Report::build(facts, &driven.records))
+}
+
+/// What [`drive`] saw.
+struct Driven {
+    stopped_by: StopReason,
+    wall: Duration,
+    records: Vec<GenerationRecord>,
+    timeline: Vec<live::TimelineSample>,
+}
+
+/// Starts the devices and waits for them or the deadline.
+async fn drive(
+    cfg: &LoadConfig,
+    workload: &Workload,
+    ctx: Arc<DeviceContext>,
+    roots: Arc<Vec<Arc<Step>>>,
+    live: &Arc<Live>,
+) -> Driven {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let start = Instant::now();
+    let (stop_sampler, stopped) = oneshot::channel();
+    let how = live::Sampling {
+        period: Duration::from_secs(1),
+        print: cfg.progress,
+    };
+    let sampler = tokio::spawn(live::sample(live.clone(), start, how, stopped));
+    let mut devices = JoinSet::new();
+    for plan in &workload.devices {
+        devices.spawn(device_loop(
+            ctx.clone(),
+            roots.clone(),
+            plan.clone(),
+            start,
+            cfg.think,
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+    let deadline = tokio::time::Instant::from_std(start + cfg.duration);
+    let all_done = async { while devices.join_next().await.is_some() {} };
+    let stopped_by = match tokio::time::timeout_at(deadline, all_done).await {
+        Ok(()) => StopReason::AllFinished,
+        Err(_) => StopReason::Deadline,
+    };
+    let wall = start.elapsed();
+    devices.shutdown().await;
+    let _ = stop_sampler.send(());
+    let timeline = sampler.await.unwrap_or_default();
+    let mut records = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        records.push(r);
+    }
+    Driven {
+        stopped_by,
+        wall,
+        records,
+        timeline,
+    }
+}
+
+/// One device: wait for its arrival, then its generations in turn.
+async fn device_loop(
+    ctx: Arc<DeviceContext>,
+    roots: Arc<Vec<Arc<Step>>>,
+    plan: DevicePlan,
+    start: Instant,
+    think: Duration,
+    records: mpsc::UnboundedSender<GenerationRecord>,
+) {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(start + plan.start)).await;
+    for (i, g) in plan.generations.iter().enumerate() {
+        if i > 0 && !think.is_zero() {
+            tokio::time::sleep(think).await;
+        }
+        ctx.live.generation_started();
+        let record = device::generate(&ctx, &roots[g.prompt.0], g.max_tokens).await;
+        ctx.live
+            .generation_ended(matches!(record.outcome, Outcome::Done { .. }));
+        let _ = records.send(record);
+    }
+}
+
+fn settings(cfg: &LoadConfig) -> RunSettings {
+    RunSettings {
+        server: cfg.server.clone(),
+        edge: display(&cfg.edge),
+        devices: cfg.devices,
+        arrival: cfg.arrival,
+        prompt_tokens: cfg.prompt_tokens,
+        output_tokens: cfg.output_tokens,
+        think_ms: cfg.think.as_millis() as u64,
+        generations_per_device: cfg.generations_per_device,
+        duration_s: cfg.duration.as_secs_f64(),
+        dtype: cfg.dtype.as_str().to_owned(),
+        prompt_pool: cfg.prompt_pool,
+        seed: cfg.seed,
+        metrics_url: cfg.metrics_url.clone(),
+    }
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,258 @@
+//! Reading the server's `/metrics` before and after a run.
+//!
+//! The fetch is one plain HTTP/1.0 `GET` over a TCP connection (HTTP/1.0 so the answer is
+//! neither chunked nor kept alive; a chunked one is decoded anyway). The parse is the simple
+//! part of the Prometheus text format: `# TYPE` lines give each family's type, every other
+//! non-comment line is `name{labels} value [timestamp]`. Only `tandem_*` samples are kept.
+//!
+//! The report keeps, per sample (name with its labels), the change of every `*_total`
+//! counter over the run and the final value of every gauge.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BYTES: u64 = 16 << 20;
+
+/// The server's side of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerMetrics {
+    /// `tandem_*_total` samples: after minus before.
+    pub counters_delta: BTreeMap<String, f64>,
+    /// `tandem_*` gauge samples after the run.
+    pub gauges: BTreeMap<String, f64>,
+    /// Set when the scrape after the run failed (the maps are then empty).
+    pub error: Option<String>,
+}
+
+/// One parsed exposition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Exposition {
+    /// Sample (`name{labels}` as written) → value.
+    pub samples: BTreeMap<String, f64>,
+    /// Family name → type (`counter`, `gauge`, `histogram`, …).
+    pub types: BTreeMap<String, String>,
+}
+
+impl Exposition {
+    /// Parses the text format, keeping `tandem_*` samples; lines it cannot read are skipped.
+    pub fn parse(text: &str) -> Self {
+        let mut out = Self::default();
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split_whitespace();
+                if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                    out.types.insert(name.to_owned(), kind.to_owned());
+                }
+                continue;
+            }
+            if line.is_empty() || line.starts_with('#') || !line.starts_with("tandem_") {
+                continue;
+            }
+            // The sample is everything up to the value; label values may hold spaces, so
+            // split after the closing brace when there is one.
+            let split_at = match line.rfind('}') {
+                Some(brace) => brace + 1,
+                None => line.find(char::is_whitespace).unwrap_or(line.len()),
+            };
+            let (sample, rest) = line.split_at(split_at);
+            let Some(value) = rest.split_whitespace().next() else {
+                continue;
+            };
+            if let Ok(v) = parse_value(value) {
+                out.samples.insert(sample.to_owned(), v);
+            }
+        }
+        out
+    }
+
+    /// The family a sample belongs to (its name without labels).
+    fn family(sample: &str) -> &str {
+        sample.split('{').next().unwrap_or(sample)
+    }
+
+    /// Counter deltas from `before` to `self`, and `self`'s gauges.
+    pub fn since(&self, before: &Exposition) -> ServerMetrics {
+        let mut m = ServerMetrics::default();
+        for (sample, &after) in &self.samples {
+            let family = Self::family(sample);
+            if family.ends_with("_total") {
+                let prior = before.samples.get(sample).copied().unwrap_or(0.0);
+                m.counters_delta.insert(sample.clone(), after - prior);
+            } else if self.types.get(family).map(String::as_str) == Some("gauge") {
+                m.gauges.insert(sample.clone(), after);
+            }
+        }
+        m
+    }
+}
+
+fn parse_value(s: &str) -> Result<f64, std::num::ParseFloatError> {
+    match s {
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        other => other.parse(),
+    }
+}
+
+/// `GET`s `url` (`http://HOST[:PORT]/PATH`) and returns the body of a `200` answer.
+pub async fn fetch(url: &str) -> anyhow::Result<String> {
+    tokio::time::timeout(TIMEOUT, fetch_inner(url))
+        .await
+        .with_context(|| format!("GET {url}: timed out"))?
+        .with_context(|| format!("GET {url}"))
+}
+
+async fn fetch_inner(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let addr = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let mut stream = TcpStream::connect(&addr).await?;
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.take(MAX_BYTES).read_to_end(&mut raw).await?;
+    parse_response(&raw)
+}
+
+/// The body of a raw HTTP/1.x response, if its status is 200.
+fn parse_response(raw: &[u8]) -> anyhow::Result<String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers in the answer")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let body = &raw[end + 4..];
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("answered `{status}`");
+    }
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
+    String::from_utf8(body).context("the body is not UTF-8")
+}
+
+/// Decodes a chunked transfer-encoded body.
+fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("truncated chunk header")?;
+        let size_text = String::from_utf8_lossy(&body[..line_end]);
+        let size_hex = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_hex, 16)
+            .with_context(|| format!("bad chunk size `{size_hex}`"))?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        anyhow::ensure!(body.len() >= size + 2, "truncated chunk");
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "\
+# HELP tandem_tokens_out_total Tokens sent.
+# TYPE tandem_tokens_out_total counter
+tandem_tokens_out_total 100
+# TYPE tandem_errors_total counter
+tandem_errors_total{code=\"overloaded\"} 2
+# TYPE tandem_sessions_active gauge
+tandem_sessions_active 5
+# TYPE tandem_ttft_seconds histogram
+tandem_ttft_seconds_bucket{le=\"0.1\"} 3
+tandem_ttft_seconds_count 3
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 9
+";
+
+    const AFTER: &str = "\
+# TYPE tandem_tokens_out_total counter
+tandem_tokens_out_total 900
+# TYPE tandem_errors_total counter
+tandem_errors_total{code=\"overloaded\"} 2
+tandem_errors_total{code=\"internal\", where=\"a b\"} 1
+# TYPE tandem_sessions_active gauge
+tandem_sessions_active 0
+# TYPE tandem_kv_blocks_used gauge
+tandem_kv_blocks_used 12 1700000000000
+# TYPE tandem_ttft_seconds histogram
+tandem_ttft_seconds_bucket{le=\"+Inf\"} 7
+tandem_ttft_seconds_count 7
+garbage line
+";
+
+    #[test]
+    fn parses_samples_and_types() {
+        let e = Exposition::parse(AFTER);
+        assert_eq!(e.samples["tandem_tokens_out_total"], 900.0);
+        assert_eq!(
+            e.samples["tandem_errors_total{code=\"internal\", where=\"a b\"}"],
+            1.0
+        );
+        assert_eq!(e.samples["tandem_kv_blocks_used"], 12.0);
+        assert_eq!(e.samples["tandem_ttft_seconds_bucket{le=\"+Inf\"}"], 7.0);
+        assert_eq!(e.types["tandem_sessions_active"], "gauge");
+        assert!(!e.samples.keys().any(|k| k.starts_with("process_")));
+    }
+
+    #[test]
+    fn counter_deltas_and_final_gauges() {
+        let m = Exposition::parse(AFTER).since(&Exposition::parse(BEFORE));
+        assert_eq!(m.counters_delta["tandem_tokens_out_total"], 800.0);
+        assert_eq!(
+            m.counters_delta["tandem_errors_total{code=\"overloaded\"}"],
+            0.0
+        );
+        assert_eq!(
+            m.counters_delta["tandem_errors_total{code=\"internal\", where=\"a b\"}"],
+            1.0
+        );
+        assert_eq!(m.counters_delta.len(), 3, "{:?}", m.counters_delta);
+        assert_eq!(m.gauges["tandem_sessions_active"], 0.0);
+        assert_eq!(m.gauges["tandem_kv_blocks_used"], 12.0);
+        assert_eq!(m.gauges.len(), 2);
+    }
+
+    #[test]
+    fn reads_plain_and_chunked_answers() {
+        let plain = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\ntandem_x 1\n";
+        assert_eq!(parse_response(plain).expect("plain"), "tandem_x 1\n");
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ntande\r\n6;x=y\r\nm_x 1\n\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).expect("chunked"), "tandem_x 1\n");
+        assert!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+}
