@@ -15,6 +15,8 @@ mod common;
 mod http;
 #[path = "support/redis.rs"]
 mod redis_server;
+#[path = "support/tiny.rs"]
+mod tiny;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,6 @@ use std::time::Duration;
 
 use http::Req;
 use tandem_edge::{ClientConfig, EdgeBundle, EdgeClient, Finished, GenerateRequest};
-use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_serve::server::{self, ServerConfig, ServerHandle};
 
 struct Fixture {
@@ -33,19 +34,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tmp");
-    let hf = tmp.path().join("hf");
-    let spec = &common::specs()[2];
-    common::write_hf(&hf, spec);
-    common::write_tokenizer(&hf);
-    let ck = Checkpoint::open(&hf).expect("open hf");
-    let split_dir = tmp.path().join("split");
-    let opts = SplitOptions {
-        edge_layers: 2,
-        dtype: ck.stored_dtype,
-        force: false,
-        progress: false,
-    };
-    write_split(&ck, &split_dir, &opts).expect("split");
+    let split_dir = tiny::write_tiny_split(tmp.path());
     let bundle = EdgeBundle::load(&split_dir).expect("edge bundle");
     Fixture {
         _tmp: tmp,

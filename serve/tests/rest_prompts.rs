@@ -15,6 +15,8 @@ mod common;
 mod http;
 #[path = "support/redis.rs"]
 mod redis_server;
+#[path = "support/tiny.rs"]
+mod tiny;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +25,6 @@ use std::time::Duration;
 use http::{dump_redis, Req};
 use serde_json::{json, Value};
 use tandem_edge::{ClientConfig, ClientError, EdgeBundle, EdgeClient, GenerateRequest};
-use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_protocol::wire::ErrorCode;
 use tandem_protocol::SamplingParams;
 use tandem_serve::server::config::Secret;
@@ -43,19 +44,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tmp");
-    let hf = tmp.path().join("hf");
-    let spec = &common::specs()[2];
-    common::write_hf(&hf, spec);
-    common::write_tokenizer(&hf);
-    let ck = Checkpoint::open(&hf).expect("open hf");
-    let split_dir = tmp.path().join("split");
-    let opts = SplitOptions {
-        edge_layers: 2,
-        dtype: ck.stored_dtype,
-        force: false,
-        progress: false,
-    };
-    write_split(&ck, &split_dir, &opts).expect("split");
+    let split_dir = tiny::write_tiny_split(tmp.path());
     let bundle = EdgeBundle::load(&split_dir).expect("edge bundle");
     Fixture {
         _tmp: tmp,

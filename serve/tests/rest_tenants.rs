@@ -16,6 +16,8 @@ mod common;
 mod http;
 #[path = "support/redis.rs"]
 mod redis_server;
+#[path = "support/tiny.rs"]
+mod tiny;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -23,7 +25,6 @@ use std::path::PathBuf;
 
 use http::{dump_redis, Reply, Req};
 use serde_json::{json, Value};
-use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_serve::server::config::Secret;
 use tandem_serve::server::{self, ServerConfig, ServerHandle};
 
@@ -37,19 +38,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tmp");
-    let hf = tmp.path().join("hf");
-    let spec = &common::specs()[2];
-    common::write_hf(&hf, spec);
-    common::write_tokenizer(&hf);
-    let ck = Checkpoint::open(&hf).expect("open hf");
-    let split_dir = tmp.path().join("split");
-    let opts = SplitOptions {
-        edge_layers: 2,
-        dtype: ck.stored_dtype,
-        force: false,
-        progress: false,
-    };
-    write_split(&ck, &split_dir, &opts).expect("split");
+    let split_dir = tiny::write_tiny_split(tmp.path());
     Fixture {
         _tmp: tmp,
         split_dir,
