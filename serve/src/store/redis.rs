@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
 
-use crate::store::shared::redis_manager;
-use ::redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use crate::store::shared::{bounded_call, redis_manager, RedisFailure};
+use ::redis::{RedisResult, Script};
 
 use super::{
     id_floor, millis, now_ms, Claim, NewSession, ReplicaId, ResumeToken, ResumeTokenHash,
@@ -181,48 +181,13 @@ impl RedisStore {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(self.op_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.map_err(e)),
-            Err(_) => Err(self.timed_out()),
-        };
-        crate::metrics::record_redis(started.elapsed(), result.is_err());
-        result
-    }
-
-    fn timed_out(&self) -> StoreError {
-        StoreError::Unavailable(format!(
-            "redis at {} did not answer within {} ms",
-            self.addr,
-            self.op_timeout.as_millis()
-        ))
-    }
-
-    fn map_err(&self, e: RedisError) -> StoreError {
-        if e.is_timeout() {
-            return self.timed_out();
-        }
-        let transient = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || matches!(
-                e.kind(),
-                ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                        | ServerErrorKind::TryAgain
-                        | ServerErrorKind::MasterDown
-                        | ServerErrorKind::ClusterDown
-                )
-            );
-        if transient {
-            StoreError::Unavailable(format!("redis at {}: {e}", self.addr))
-        } else if e.kind() == ErrorKind::UnexpectedReturnType || e.kind() == ErrorKind::Parse {
-            StoreError::Corrupt(e.to_string())
-        } else {
-            StoreError::Backend(format!("redis at {}: {e}", self.addr))
-        }
+        bounded_call(&self.addr, self.op_timeout, call)
+            .await
+            .map_err(|f| match f {
+                RedisFailure::Unavailable(m) => StoreError::Unavailable(m),
+                RedisFailure::Corrupt(m) => StoreError::Corrupt(m),
+                RedisFailure::Backend(m) => StoreError::Backend(m),
+            })
     }
 
     /// `(ttl_ms, now_ms, expires_ms)` for a write that leaves the session in `state`.

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
+use std::future::Future;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind};
 
 /// The SHA-256 of a secret (a resume token, an API key): what the stores keep instead of it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,4 +54,60 @@ pub(crate) fn redis_manager(
     let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
         .map_err(|e| format!("redis client: {e}"))?;
     Ok((conn, addr))
+}
+
+/// How a failed Redis call reads to a store: retry later, data it did not write, or a
+/// refused command. Each store maps it onto its own error type.
+#[derive(Debug)]
+pub(crate) enum RedisFailure {
+    Unavailable(String),
+    Corrupt(String),
+    Backend(String),
+}
+
+/// Runs one Redis call under `timeout`, records its latency and outcome in the process's
+/// Redis metrics, and classifies a failure. `addr` (`host:port`, never the URL, which may
+/// hold a password) goes into the messages.
+pub(crate) async fn bounded_call<T>(
+    addr: &str,
+    timeout: Duration,
+    call: impl Future<Output = RedisResult<T>>,
+) -> Result<T, RedisFailure> {
+    let started = std::time::Instant::now();
+    let timed_out = || {
+        RedisFailure::Unavailable(format!(
+            "redis at {addr} did not answer within {} ms",
+            timeout.as_millis()
+        ))
+    };
+    let result = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) if e.is_timeout() => Err(timed_out()),
+        Ok(Err(e)) => Err(classify(addr, e)),
+        Err(_) => Err(timed_out()),
+    };
+    crate::metrics::record_redis(started.elapsed(), result.is_err());
+    result
+}
+
+fn classify(addr: &str, e: RedisError) -> RedisFailure {
+    let transient = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+            )
+        );
+    if transient {
+        RedisFailure::Unavailable(format!("redis at {addr}: {e}"))
+    } else if e.kind() == ErrorKind::UnexpectedReturnType || e.kind() == ErrorKind::Parse {
+        RedisFailure::Corrupt(e.to_string())
+    } else {
+        RedisFailure::Backend(format!("redis at {addr}: {e}"))
+    }
 }

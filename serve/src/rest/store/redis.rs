@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
 
-use crate::store::shared::redis_manager;
-use ::redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use crate::store::shared::{bounded_call, redis_manager, RedisFailure};
+use ::redis::{RedisResult, Script};
 
 use super::{
     KeyHash, KeyId, KeyInfo, KeyRecord, Quotas, TenantFuture, TenantId, TenantRecord, TenantStore,
@@ -155,45 +155,13 @@ impl RedisTenantStore {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, TenantStoreError> {
-        let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(self.op_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.map_err(e)),
-            Err(_) => Err(self.timed_out()),
-        };
-        crate::metrics::record_redis(started.elapsed(), result.is_err());
-        result
-    }
-
-    fn timed_out(&self) -> TenantStoreError {
-        TenantStoreError::Unavailable(format!(
-            "redis at {} did not answer within {} ms",
-            self.addr,
-            self.op_timeout.as_millis()
-        ))
-    }
-
-    fn map_err(&self, e: RedisError) -> TenantStoreError {
-        let transient = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || matches!(
-                e.kind(),
-                ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                        | ServerErrorKind::TryAgain
-                        | ServerErrorKind::MasterDown
-                        | ServerErrorKind::ClusterDown
-                )
-            );
-        if transient {
-            TenantStoreError::Unavailable(format!("redis at {}: {e}", self.addr))
-        } else if e.kind() == ErrorKind::UnexpectedReturnType || e.kind() == ErrorKind::Parse {
-            TenantStoreError::Corrupt(e.to_string())
-        } else {
-            TenantStoreError::Backend(format!("redis at {}: {e}", self.addr))
-        }
+        bounded_call(&self.addr, self.op_timeout, call)
+            .await
+            .map_err(|f| match f {
+                RedisFailure::Unavailable(m) => TenantStoreError::Unavailable(m),
+                RedisFailure::Corrupt(m) => TenantStoreError::Corrupt(m),
+                RedisFailure::Backend(m) => TenantStoreError::Backend(m),
+            })
     }
 }
 
