@@ -13,7 +13,7 @@
 //! Costs: `add`, `push`, `remove`, `table`, `state` are O(log S) for S sessions; `update` is
 //! O(items); `stats` is O(S); `schedule` is O(S log S) plus O(S) per preemption (see `step`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tandem_kvcache::{AllocStatus, BlockHash, BlockPool, BlockTable};
 
@@ -76,6 +76,11 @@ pub struct Scheduler {
     pub(crate) sessions: HashMap<SeqId, Session>,
     /// Admission number -> session, oldest first.
     pub(crate) order: BTreeMap<u64, SeqId>,
+    /// Sessions that may have work, by admission number: every session that is ready,
+    /// running, or may adopt a prefix is here (others may be too; `schedule` drops them as it
+    /// meets them). Input (`push`), hashes and preemption put a session here; so a step costs
+    /// O(sessions with work), not O(live sessions), however many wait for their device.
+    pub(crate) pending: BTreeSet<(u64, SeqId)>,
     next_order: u64,
     pub(crate) queued: usize,
     pub(crate) fresh: usize,
@@ -94,6 +99,7 @@ impl Scheduler {
             pool,
             sessions: HashMap::new(),
             order: BTreeMap::new(),
+            pending: BTreeSet::new(),
             next_order: 0,
             queued: 0,
             fresh: 0,
@@ -175,6 +181,7 @@ impl Scheduler {
                 s.complete_upto = len;
             }
             s.parked = false;
+            self.pending.insert((s.order, id));
         }
         Ok(())
     }
@@ -202,6 +209,9 @@ impl Scheduler {
         }
         s.hashes.extend_from_slice(hashes);
         s.try_adopt = s.computed == 0 && !s.hashes.is_empty();
+        if s.try_adopt {
+            self.pending.insert((s.order, id));
+        }
         Ok(())
     }
 
@@ -209,7 +219,10 @@ impl Scheduler {
     /// chain. Called at the start of each `schedule`.
     pub(crate) fn adopt_prefixes(&mut self) {
         let bs = self.pool.block_size();
-        for s in self.sessions.values_mut() {
+        for &(_, id) in &self.pending {
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
             if !std::mem::take(&mut s.try_adopt) || s.running || s.computed != 0 {
                 continue;
             }
@@ -245,6 +258,7 @@ impl Scheduler {
             .remove(&id)
             .ok_or(SchedError::UnknownSession(id))?;
         self.order.remove(&s.order);
+        self.pending.remove(&(s.order, id));
         self.queued = self.queued.saturating_sub(s.remaining());
         self.fresh = self
             .fresh

@@ -93,22 +93,31 @@ impl Scheduler {
         step.batch
     }
 
-    /// Schedulable sessions, oldest first: (decodes, prefills).
-    fn candidates(&self) -> (Vec<SeqId>, Vec<SeqId>) {
+    /// Schedulable sessions, oldest first: (decodes, prefills). Sessions of the pending set
+    /// that have no work left and are not running leave it (new input brings them back).
+    fn candidates(&mut self) -> (Vec<SeqId>, Vec<SeqId>) {
         let mut decodes = Vec::new();
         let mut prefills = Vec::new();
-        for id in self.order.values() {
-            let Some(s) = self.sessions.get(id) else {
+        let mut idle = Vec::new();
+        for &(order, id) in &self.pending {
+            let Some(s) = self.sessions.get(&id) else {
+                idle.push((order, id));
                 continue;
             };
             if !s.is_schedulable() {
+                if !s.running && !s.try_adopt {
+                    idle.push((order, id));
+                }
                 continue;
             }
             if s.remaining() == 1 {
-                decodes.push(*id);
+                decodes.push(id);
             } else {
-                prefills.push(*id);
+                prefills.push(id);
             }
+        }
+        for key in idle {
+            self.pending.remove(&key);
         }
         (decodes, prefills)
     }
@@ -211,6 +220,7 @@ impl Scheduler {
             return;
         };
         self.queued += s.drop_kv();
+        self.pending.insert((s.order, id));
         self.totals.preemptions += 1;
         step.batch.preempted.push(id);
         step.dropped.insert(id);
