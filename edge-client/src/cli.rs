@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
+use tandem_model::privacy::{DpConfig, GaussianMechanism};
 use tandem_protocol::{DoneReason, HiddenDtype, SamplingParams};
 
 pub use self::inbox::{inbox, Console, InboxArgs, InboxReport};
@@ -87,6 +88,16 @@ pub struct ModelArgs {
     /// Most prompt tokens per hidden-state message.
     #[arg(long, default_value_t = 256)]
     pub chunk_tokens: usize,
+    /// Differential-privacy noise on every hidden-state row: the per-row epsilon (needs
+    /// --dp-clip; `inf` clips without noise). See docs/privacy.md for what it buys and costs.
+    #[arg(long, requires = "dp_clip")]
+    pub dp_epsilon: Option<f64>,
+    /// Per-row delta of the noise.
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
+    /// L2 norm each hidden-state row is clipped to before the noise is added.
+    #[arg(long, requires = "dp_epsilon")]
+    pub dp_clip: Option<f32>,
 }
 
 impl ModelArgs {
@@ -108,6 +119,10 @@ impl ModelArgs {
         let mut cfg = ClientConfig::new(ServerList::new(self.servers.clone()));
         cfg.dtype = self.dtype.into();
         cfg.prompt_chunk_tokens = self.chunk_tokens;
+        if let (Some(epsilon), Some(clip)) = (self.dp_epsilon, self.dp_clip) {
+            let dp = DpConfig::new(epsilon, self.dp_delta, clip);
+            cfg.noise = Some(GaussianMechanism::new(dp).context("--dp-epsilon/--dp-clip")?);
+        }
         Ok(cfg)
     }
 

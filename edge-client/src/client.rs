@@ -30,6 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Serialize;
+use tandem_model::privacy::GaussianMechanism;
 use tandem_model::{EdgeModel, ModelError};
 use tandem_protocol::{
     DoneReason, ErrorCode, HiddenDtype, Limits, ManifestId, SamplingParams, SessionId, WireError,
@@ -62,6 +63,14 @@ pub struct ClientConfig {
     /// The REST inbox (base URL and device token); `None`: the inbox calls fail with
     /// [`InboxError::Config`](crate::inbox::InboxError::Config).
     pub inbox: Option<InboxConfig>,
+    /// Differential-privacy noise on every hidden-state row before it is encoded (clip, then
+    /// Gaussian noise; `tandem_model::privacy`). `None`: rows leave as computed. The device
+    /// decides; the cloud is not told.
+    pub noise: Option<GaussianMechanism>,
+    /// Seed of the noise; `None` (the default, and what a device should use) draws it from
+    /// the operating system. A fixed seed is for tests and audits only: whoever knows it can
+    /// subtract the noise.
+    pub noise_seed: Option<u64>,
 }
 
 impl ClientConfig {
@@ -75,6 +84,8 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(120),
             limits: Limits::default(),
             inbox: None,
+            noise: None,
+            noise_seed: None,
         }
     }
 }
@@ -91,6 +102,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// The provider prompt this generation answers, if any.
     pub prompt_id: Option<String>,
+    /// W3C `traceparent` of the app's trace, sent in `Open`: the cloud's spans for this
+    /// generation join that trace. It carries ids only, never content.
+    pub traceparent: Option<String>,
     /// Filled in with the traffic and the output and returned in [`Finished::record`].
     pub record: Option<TransparencyRecord>,
 }
@@ -105,6 +119,7 @@ impl GenerateRequest {
             max_tokens: 128,
             stop: Vec::new(),
             prompt_id: None,
+            traceparent: None,
             record: None,
         }
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tandem_model::privacy::RowNoiser;
 use tandem_model::EdgeModel;
 use tandem_protocol::{
     f32_to_hidden, DoneReason, ErrorCode, Frame, HiddenDtype, HiddenRef, ManifestId, Open,
@@ -25,7 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::client::{
     ClientConfig, ClientError, Event, Finished, GenerateRequest, Timings, Usage, WireStats,
 };
-use crate::transparency::Compression;
+use crate::transparency::{Compression, NoiseRecord};
 use crate::transport::Jitter;
 use crate::EdgeSession;
 
@@ -104,6 +105,8 @@ pub(crate) struct Driver {
     edge_decode_steps: u64,
     /// Time spent in the edge layers for the prompt.
     edge_prompt: Duration,
+    /// Clips and noises each row before it is encoded, when the device asked for noise.
+    noiser: Option<RowNoiser>,
 }
 
 impl Driver {
@@ -126,7 +129,9 @@ impl Driver {
                 HiddenDtype::Bf16 => Some(Compression::Bf16),
                 HiddenDtype::Int8 => Some(Compression::Int8),
             };
+            r.noise = cfg.noise.as_ref().map(NoiseRecord::from_mechanism);
         }
+        let noiser = cfg.noise.map(|m| RowNoiser::new(m, cfg.noise_seed));
         Self {
             manifest,
             cfg,
@@ -156,6 +161,7 @@ impl Driver {
             edge_decode: Duration::ZERO,
             edge_decode_steps: 0,
             edge_prompt: Duration::ZERO,
+            noiser,
         }
     }
 
@@ -253,7 +259,7 @@ impl Driver {
                 max_tokens: self.req.max_tokens,
                 stop: self.req.stop.clone(),
                 prompt_id: self.req.prompt_id.clone(),
-                traceparent: None,
+                traceparent: self.req.traceparent.clone(),
             }),
             Some((session, token)) => Frame::Resume(tandem_protocol::Resume {
                 session: *session,
@@ -611,11 +617,18 @@ impl Driver {
         } else {
             self.edge_prompt += edge_started.elapsed();
         }
-        let values: Vec<f32> = hidden
+        let mut values: Vec<f32> = hidden
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1())
             .map_err(tandem_model::ModelError::from)?;
+        if let Some(noiser) = self.noiser.as_mut() {
+            // Before compression: the noise is part of what the wire dtype then rounds.
+            noiser.apply(&mut values, self.hidden_size)?;
+            if let Some(n) = self.req.record.as_mut().and_then(|r| r.noise.as_mut()) {
+                n.update(noiser);
+            }
+        }
         let mut payload = Vec::new();
         f32_to_hidden(
             self.cfg.dtype,

@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+use tandem_model::privacy::{ComposedBudget, GaussianMechanism, RowNoiser};
 use tandem_model::EdgeModel;
 use tandem_protocol::FinishReason;
 
@@ -74,16 +75,59 @@ pub enum Compression {
     Int8,
 }
 
-/// Differential-privacy noise applied to the hidden states (DESIGN.md §11).
+/// Differential-privacy noise applied to the hidden states (DESIGN.md §11): every row sent
+/// was clipped to `clip_norm` and got Gaussian noise of standard deviation `sigma`
+/// (`tandem_model::privacy` states the mechanism and the accounting).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NoiseRecord {
     /// Each row's L2 norm is clipped to this.
     pub clip_norm: f32,
     /// Standard deviation of the Gaussian noise added.
     pub sigma: f32,
-    /// The privacy budget spent, when the mechanism reports one.
+    /// The privacy budget per row, when the mechanism reports one (`None`: infinite).
     pub epsilon: Option<f64>,
     pub delta: Option<f64>,
+    /// How sigma was calibrated.
+    #[serde(default)]
+    pub mechanism: String,
+    /// L2 sensitivity of one clipped row (replace-one: twice the clip norm).
+    #[serde(default)]
+    pub sensitivity: f64,
+    /// Rows that were clipped and noised (each row is noised once, before compression;
+    /// resends after a reconnect resend the same noised bytes).
+    #[serde(default)]
+    pub rows_noised: usize,
+    /// Of those, rows longer than the clip norm.
+    #[serde(default)]
+    pub rows_clipped: usize,
+    /// The budget composed over every row noised so far.
+    #[serde(default)]
+    pub total: ComposedBudget,
+}
+
+impl NoiseRecord {
+    /// The record of `mech` before any row was noised.
+    pub fn from_mechanism(mech: &GaussianMechanism) -> Self {
+        let cfg = mech.config();
+        Self {
+            clip_norm: mech.clip(),
+            sigma: mech.sigma() as f32,
+            epsilon: cfg.epsilon.is_finite().then_some(cfg.epsilon),
+            delta: Some(cfg.delta),
+            mechanism: cfg.calibration.as_str().to_owned(),
+            sensitivity: mech.sensitivity(),
+            rows_noised: 0,
+            rows_clipped: 0,
+            total: mech.compose(0),
+        }
+    }
+
+    /// Updates the counts and the composed budget from the noiser's running totals.
+    pub fn update(&mut self, noiser: &RowNoiser) {
+        self.rows_noised = noiser.rows();
+        self.rows_clipped = noiser.clipped();
+        self.total = noiser.mechanism().compose(noiser.rows());
+    }
 }
 
 /// Everything about one generation that its user may see. See the module doc.
@@ -281,20 +325,35 @@ impl TransparencyRecord {
                  easier).\n",
             ),
             Some(n) => {
-                let _ = write!(
+                let _ = writeln!(
                     s,
-                    "  Noise: rows clipped to norm {}, Gaussian noise sigma {}",
-                    n.clip_norm, n.sigma
+                    "  Noise: each row clipped to norm {}, then Gaussian noise with sigma {:.4} \
+                     added on this device before compression ({}).",
+                    n.clip_norm, n.sigma, n.mechanism
                 );
-                match (n.epsilon, n.delta) {
-                    (Some(e), Some(d)) => {
-                        let _ = writeln!(s, " (privacy budget epsilon {e}, delta {d}).");
+                match n.epsilon {
+                    Some(e) => {
+                        let _ = writeln!(
+                            s,
+                            "  Privacy budget per row: epsilon {e}, delta {} (sensitivity {}).",
+                            n.delta.unwrap_or(0.0),
+                            n.sensitivity
+                        );
                     }
-                    (Some(e), None) => {
-                        let _ = writeln!(s, " (privacy budget epsilon {e}).");
-                    }
-                    _ => s.push_str(".\n"),
+                    None => s.push_str(
+                        "  Privacy budget per row: none (clipping only, no noise: epsilon is \
+                         infinite).\n",
+                    ),
                 }
+                let total = match n.total.epsilon {
+                    Some(e) => format!("epsilon {e:.3}, delta {:.3e}", n.total.basic_delta),
+                    None => "unbounded".to_owned(),
+                };
+                let _ = writeln!(
+                    s,
+                    "  Rows noised: {} ({} clipped); budget over all of them: {total}.",
+                    n.rows_noised, n.rows_clipped
+                );
             }
         }
         let _ = writeln!(

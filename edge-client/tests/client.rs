@@ -589,3 +589,89 @@ fn nothing_above_debug_logs_private_text() {
     );
     assert!(!logs.contains(MARKER), "private text in the logs:\n{logs}");
 }
+
+/// Runs a 6-token prompt and 2 output tokens against the fake cloud with `noise`; answers
+/// the hidden frames received and the finished generation.
+async fn run_with_noise(
+    tiny: &Tiny,
+    noise: Option<tandem_model::privacy::GaussianMechanism>,
+) -> (Vec<Vec<u8>>, tandem_edge::Finished) {
+    let fake = Fake::start().await;
+    let mut cfg = config(&fake.url);
+    cfg.noise = noise;
+    cfg.noise_seed = Some(99);
+    let client = EdgeClient::from_bundle(&tiny.bundle, cfg).expect("client");
+    let mut req = GenerateRequest::new(prompt(6));
+    req.max_tokens = 2;
+    req.record = Some(TransparencyRecord {
+        partner: None,
+        prompt_id: None,
+        system_prompt: None,
+        template: "t".into(),
+        user_prompt: "u".into(),
+        fields_used: vec![],
+        redactions: vec![],
+        prompt_tokens: 6,
+        shared_prefix_tokens: 0,
+        model: ModelInfo::from_edge(&tiny.bundle.model, tiny.bundle.pair_id()),
+        sent: SentTraffic::default(),
+        bytes_received: 0,
+        compression: None,
+        noise: None,
+        output: None,
+        finish_reason: None,
+    });
+    let generation = client.generate(req).expect("generate");
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    send(&mut ws, opened(3, 1, 0)).await;
+    let mut frames = vec![expect_hidden(&mut ws, 0, 0, 5, false).await];
+    frames.push(expect_hidden(&mut ws, 1, 5, 1, true).await);
+    send(&mut ws, token(0, 40)).await;
+    frames.push(expect_hidden(&mut ws, 2, 6, 1, true).await);
+    send(&mut ws, token(1, 41)).await;
+    send(
+        &mut ws,
+        done(DoneReason::Finished(FinishReason::Length), 6, 2),
+    )
+    .await;
+    (frames, generation.finish().await.expect("finished"))
+}
+
+#[tokio::test]
+async fn noise_is_applied_before_sending_and_reported() {
+    use tandem_model::privacy::{DpConfig, GaussianMechanism};
+    let tiny = tiny();
+    let (plain, f) = run_with_noise(&tiny, None).await;
+    assert!(f.record.expect("record").noise.is_none());
+
+    // Zero noise (epsilon = inf) under a bound no row reaches: the same bytes as no noise.
+    let zero = GaussianMechanism::new(DpConfig::new(f64::INFINITY, 1e-5, 1e6)).expect("ok");
+    let (same, f) = run_with_noise(&tiny, Some(zero)).await;
+    assert_eq!(same, plain, "zero noise must be bit-identical to no noise");
+    let n = f.record.expect("record").noise.expect("noise record");
+    assert_eq!((n.epsilon, n.sigma, n.rows_noised), (None, 0.0, 7));
+
+    // Real noise: other bytes, and the record says what was spent.
+    let mech = GaussianMechanism::new(DpConfig::new(2.0, 1e-5, 4.0)).expect("ok");
+    let (noisy, f) = run_with_noise(&tiny, Some(mech)).await;
+    assert_ne!(noisy, plain);
+    let record = f.record.expect("record");
+    let n = record.noise.clone().expect("noise record");
+    assert_eq!(n.epsilon, Some(2.0));
+    assert_eq!(n.delta, Some(1e-5));
+    assert_eq!(n.clip_norm, 4.0);
+    assert_eq!(n.sensitivity, 8.0);
+    assert!((f64::from(n.sigma) - mech.sigma()).abs() < 1e-5);
+    // Five prompt rows, one more prompt row, one decode row.
+    assert_eq!(n.rows_noised, 7);
+    assert_eq!(n.total.rows, 7);
+    assert_eq!(n.total.basic_epsilon, Some(14.0));
+    assert!((n.total.basic_delta - 7e-5).abs() < 1e-12);
+    let text = record.render_text();
+    assert!(text.contains("epsilon 2, delta 0.00001"), "{text}");
+    assert!(text.contains("Rows noised: 7"), "{text}");
+    let json = serde_json::to_value(&record).expect("json");
+    assert_eq!(json["noise"]["epsilon"], 2.0);
+    assert_eq!(json["noise"]["delta"], 1e-5);
+}

@@ -17,6 +17,8 @@
 //! - [`tokenizer`], [`chat`]: tokenizer (from `tokenizer.json` or GGUF) and chat template.
 //! - [`sampling`]: turning logits into the next token.
 //! - [`pipeline`]: one-process split generation (edge then cloud, token by token).
+//! - [`privacy`]: differential-privacy clipping and Gaussian noise on hidden-state rows, its
+//!   calibration and its accounting (used by the device and by the privacy audit).
 //!
 //! # Invariants
 //! - Weights are immutable after load; all mutable state lives in the KV cache passed in.
@@ -31,6 +33,7 @@ pub mod kv;
 pub mod layers;
 pub mod manifest;
 pub mod pipeline;
+pub mod privacy;
 pub mod sampling;
 pub mod split;
 pub mod tokenizer;

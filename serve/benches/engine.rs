@@ -74,6 +74,7 @@ fn params() -> SessionParams {
         max_tokens: 1 << 20,
         stop_strings: Vec::new(),
         eos_ids: Some(Vec::new()),
+        trace: None,
     }
 }
 

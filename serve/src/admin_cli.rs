@@ -227,29 +227,53 @@ pub async fn exchange(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Reply> {
-    let addr = addr.to_owned();
     let body = body
         .map(serde_json::to_vec)
         .transpose()?
         .unwrap_or_default();
+    let mut headers = vec![("Accept".to_owned(), "application/json".to_owned())];
+    if let Some(token) = bearer {
+        headers.push(("Authorization".to_owned(), format!("Bearer {token}")));
+    }
+    if !body.is_empty() {
+        headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
+    }
+    exchange_bytes(addr, method, path, &headers, &body, TIMEOUT).await
+}
+
+/// One HTTP/1.1 exchange of raw bytes with `addr` (`host:port`), with `headers` (besides
+/// `Host`, `Connection`, `User-Agent` and `Content-Length`, which it writes itself), bounded
+/// by `timeout`. Header values with line breaks are refused.
+pub async fn exchange_bytes(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Reply> {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         User-Agent: tandem\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        let skip = ["host", "connection", "user-agent", "content-length"];
+        if skip.iter().any(|s| name.eq_ignore_ascii_case(s)) {
+            continue;
+        }
+        if [name, value].iter().any(|s| s.contains(['\r', '\n'])) {
+            bail!("a header holds a line break");
+        }
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
     let exchange = async {
-        let mut stream = TcpStream::connect(&addr)
+        let mut stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-             Accept: application/json\r\nUser-Agent: tandem\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if let Some(token) = bearer {
-            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        if !body.is_empty() {
-            head.push_str("Content-Type: application/json\r\n");
-        }
-        head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&body).await?;
+        stream.write_all(body).await?;
         let mut raw = Vec::new();
         (&mut stream)
             .take(MAX_REPLY_BYTES as u64 + 1)
@@ -260,9 +284,9 @@ pub async fn exchange(
         }
         parse(&raw)
     };
-    tokio::time::timeout(TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .with_context(|| format!("{addr} did not answer within {} s", TIMEOUT.as_secs()))?
+        .with_context(|| format!("{addr} did not answer within {} s", timeout.as_secs()))?
 }
 
 fn parse(raw: &[u8]) -> Result<Reply> {

@@ -99,6 +99,7 @@ fn params(gen_tokens: usize) -> Result<SessionParams> {
         max_tokens: gen_tokens,
         stop_strings: Vec::new(),
         eos_ids: Some(Vec::new()), // fixed-length generations: comparable across runs
+        trace: None,
     })
 }
 

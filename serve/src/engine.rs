@@ -48,6 +48,8 @@ pub struct SessionParams {
     pub stop_strings: Vec<String>,
     /// Overrides the model's eos ids when set.
     pub eos_ids: Option<Vec<u32>>,
+    /// The generation's span, which every engine step computing this session links to.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// What a session hears from the engine.
@@ -367,6 +369,8 @@ struct SessionState<'t> {
     /// Full blocks of `hidden` hashed so far, and the last hash of the chain.
     hashed_blocks: usize,
     last_hash: Option<BlockHash>,
+    /// The generation span steps link to.
+    trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 struct Loop<'t> {
@@ -469,6 +473,7 @@ impl<'t> Loop<'t> {
                             finished: false,
                             hashed_blocks: 0,
                             last_hash: None,
+                            trace: params.trace,
                         },
                     );
                 }
@@ -558,6 +563,24 @@ impl<'t> Loop<'t> {
     /// Runs one batch; a failure fails the batch's sessions, not the engine.
     fn step(&mut self, batch: Batch) {
         let started = std::time::Instant::now();
+        // A root span per step, linked to the generations it computed (a step serves many
+        // traces at once, so it is no one's child).
+        let span = tracing::info_span!(
+            parent: None,
+            "engine.step",
+            batch_tokens = batch.num_tokens() as i64,
+            batch_sequences = batch.items.len() as i64,
+            sampled = batch.items.iter().filter(|i| i.sample).count() as i64,
+            copies = batch.copies.len() as i64,
+        );
+        crate::telemetry::link(
+            &span,
+            batch
+                .items
+                .iter()
+                .filter_map(|i| self.sessions.get(&i.id)?.trace.clone()),
+        );
+        let _in_step = span.enter();
         if let Some(m) = &self.metrics {
             m.step_started_ms
                 .store(crate::store::now_ms().max(1), Ordering::Relaxed);

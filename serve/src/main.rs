@@ -5,7 +5,8 @@
 //! - `tandem generate`: run a split model in one process (edge then cloud), token by token;
 //! - `tandem bench`: engine throughput;
 //! - `tandem serve`: the cloud server devices connect to over WebSocket;
-//! - `tandem admin`: tenants, API keys, quotas and device tokens on a running server.
+//! - `tandem admin`: tenants, API keys, quotas and device tokens on a running server;
+//! - `tandem audit-privacy`: the privacy audit (docs/privacy.md).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ enum Command {
     /// The provider's administration of a running server: tenants, API keys, quotas,
     /// device tokens (over its /v1/admin routes).
     Admin(tandem_serve::admin_cli::AdminArgs),
+    /// Play the server as an attacker: how much of a prompt the hidden states give away at
+    /// each split depth, wire encoding and noise level, beside the quality cost.
+    AuditPrivacy(Box<tandem_serve::audit::AuditArgs>),
 }
 
 /// Every setting is also read from the environment and from `--config FILE` (TOML, the same
@@ -249,22 +253,18 @@ struct GenerateArgs {
 
 fn main() -> std::process::ExitCode {
     // Logs go to stderr, filtered by RUST_LOG (default `warn`); TANDEM_LOG_FORMAT=json
-    // writes one JSON object per line (for log collectors), anything else plain text.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
+    // writes one JSON object per line (for log collectors). `serve` also exports OTLP
+    // traces and metrics when the OTEL_* variables ask (tandem_serve::telemetry).
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        tandem_serve::telemetry::init_logs();
     }
-    let result = match Cli::parse().command {
+    let result = match cli.command {
         Command::Split(a) => split(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(*a),
+        Command::AuditPrivacy(a) => tandem_serve::audit::run_cli(*a),
         Command::Admin(a) => match tandem_serve::admin_cli::run(a) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -523,7 +523,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async move {
+    let mut telemetry = {
+        let _in_runtime = rt.enter();
+        let plan = tandem_serve::telemetry::ExportPlan::from_env()?;
+        tandem_serve::telemetry::init(plan)?
+    };
+    let result = rt.block_on(async move {
         let server = tandem_serve::server::start(cfg).await?;
         {
             // Scripts and tests read this line; logs go to stderr.
@@ -535,7 +540,10 @@ fn serve(a: ServeArgs) -> Result<()> {
         tracing::info!("shutting down");
         server.shutdown().await;
         Ok(())
-    })
+    });
+    // Spans and metrics still buffered leave before the process ends.
+    telemetry.shutdown();
+    result
 }
 
 /// SIGINT or SIGTERM.

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Distinct tenants that get their own label value.
@@ -76,6 +76,8 @@ pub struct Histogram {
     counts: Vec<AtomicU64>,
     /// The sum of observations, as `f64` bits.
     sum: AtomicU64,
+    /// The same observations, to the OTLP exporter (when metrics are exported).
+    otel: OnceLock<opentelemetry::metrics::Histogram<f64>>,
 }
 
 impl Histogram {
@@ -84,6 +86,7 @@ impl Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum: AtomicU64::new(0f64.to_bits()),
+            otel: OnceLock::new(),
         }
     }
 
@@ -98,6 +101,20 @@ impl Histogram {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
                 Some((f64::from_bits(bits) + v).to_bits())
             });
+        if let Some(h) = self.otel.get() {
+            h.record(v, &[]);
+        }
+    }
+
+    /// Also records into an OpenTelemetry histogram of the same name, unit and buckets.
+    fn export_to(&self, meter: &opentelemetry::metrics::Meter, d: &Described) {
+        let h = meter
+            .f64_histogram(d.name)
+            .with_description(d.help)
+            .with_unit(d.unit)
+            .with_boundaries(self.bounds.to_vec())
+            .build();
+        let _ = self.otel.set(h);
     }
 
     pub fn observe_duration(&self, d: Duration) {
@@ -183,6 +200,15 @@ impl Family {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.get(value).map_or(0, |c| c.get())
+    }
+
+    /// Each label value and its count.
+    fn values(&self) -> Vec<(String, u64)> {
+        let map = self
+            .values
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter().map(|(v, c)| (v.clone(), c.get())).collect()
     }
 
     fn render(&self, out: &mut String, name: &str) {
@@ -312,6 +338,107 @@ pub struct Snapshot {
     pub preemptions_total: u64,
 }
 
+/// A metric's name (with its unit), help text and OpenTelemetry unit.
+#[derive(Clone, Copy, Debug)]
+struct Described {
+    name: &'static str,
+    help: &'static str,
+    unit: &'static str,
+}
+
+const fn described(name: &'static str, help: &'static str, unit: &'static str) -> Described {
+    Described { name, help, unit }
+}
+
+/// The gauges read from the engine at scrape (or export) time, with their field in
+/// [`Snapshot`].
+/// Reads one gauge from a snapshot.
+type SnapshotField = fn(&Snapshot) -> u64;
+
+const GAUGES: [(Described, SnapshotField); 6] = [
+    (
+        described(
+            "tandem_sessions_active",
+            "Sessions held by the engine.",
+            "{session}",
+        ),
+        |s| s.sessions_active,
+    ),
+    (
+        described(
+            "tandem_sessions_waiting_for_device",
+            "Sessions waiting for their device's next hidden state.",
+            "{session}",
+        ),
+        |s| s.sessions_waiting_for_device,
+    ),
+    (
+        described(
+            "tandem_queue_depth_tokens",
+            "Positions received and not yet computed.",
+            "{token}",
+        ),
+        |s| s.queue_depth_tokens,
+    ),
+    (
+        described("tandem_kv_blocks_used", "KV blocks in use.", "{block}"),
+        |s| s.kv_blocks_used,
+    ),
+    (
+        described("tandem_kv_blocks_free", "KV blocks free.", "{block}"),
+        |s| s.kv_blocks_free,
+    ),
+    (
+        described(
+            "tandem_kv_blocks_shared",
+            "KV blocks held by more than one session (prefix sharing).",
+            "{block}",
+        ),
+        |s| s.kv_blocks_shared,
+    ),
+];
+
+const PREEMPTIONS: Described = described(
+    "tandem_preemptions_total",
+    "Sessions whose KV was dropped to make room (recomputed later).",
+    "{preemption}",
+);
+const TOKENS_IN: Described = described(
+    "tandem_tokens_in_total",
+    "Hidden-state positions received from devices.",
+    "{token}",
+);
+const TOKENS_OUT: Described = described(
+    "tandem_tokens_out_total",
+    "Tokens generated and sent to devices.",
+    "{token}",
+);
+const WIRE_BYTES: Described = described(
+    "tandem_wire_bytes_total",
+    "WebSocket payload bytes by direction (in: device to cloud).",
+    "By",
+);
+const ERRORS: Described = described(
+    "tandem_errors_total",
+    "Error answers by stable code (wire frames and REST).",
+    "{error}",
+);
+const PROMPTS: Described = described(
+    "tandem_prompts_submitted_total",
+    "Partner prompts accepted, by tenant id.",
+    "{prompt}",
+);
+const REDIS_DURATION: Described = described(
+    "tandem_redis_duration_seconds",
+    "Duration of one Redis call (this process).",
+    "s",
+);
+const REDIS_ERRORS: Described = described(
+    "tandem_redis_errors_total",
+    "Redis calls that failed or timed out (this process).",
+    "{error}",
+);
+
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -323,141 +450,170 @@ fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition (version 0.0.4) of everything.
-    pub fn render(&self, snap: &Snapshot) -> String {
-        let mut o = String::with_capacity(16 * 1024);
-        let gauges = [
+    fn histograms(&self) -> [(Described, &Histogram); 6] {
+        [
             (
-                "tandem_sessions_active",
-                "Sessions held by the engine.",
-                snap.sessions_active,
-            ),
-            (
-                "tandem_sessions_waiting_for_device",
-                "Sessions waiting for their device's next hidden state.",
-                snap.sessions_waiting_for_device,
-            ),
-            (
-                "tandem_queue_depth_tokens",
-                "Positions received and not yet computed.",
-                snap.queue_depth_tokens,
-            ),
-            (
-                "tandem_kv_blocks_used",
-                "KV blocks in use.",
-                snap.kv_blocks_used,
-            ),
-            (
-                "tandem_kv_blocks_free",
-                "KV blocks free.",
-                snap.kv_blocks_free,
-            ),
-            (
-                "tandem_kv_blocks_shared",
-                "KV blocks held by more than one session (prefix sharing).",
-                snap.kv_blocks_shared,
-            ),
-        ];
-        for (name, help, v) in gauges {
-            scalar(&mut o, name, "gauge", help, v);
-        }
-        scalar(
-            &mut o,
-            "tandem_preemptions_total",
-            "counter",
-            "Sessions whose KV was dropped to make room (recomputed later).",
-            snap.preemptions_total,
-        );
-        scalar(
-            &mut o,
-            "tandem_tokens_in_total",
-            "counter",
-            "Hidden-state positions received from devices.",
-            self.tokens_in_total.get(),
-        );
-        scalar(
-            &mut o,
-            "tandem_tokens_out_total",
-            "counter",
-            "Tokens generated and sent to devices.",
-            self.tokens_out_total.get(),
-        );
-        let hists: [(&str, &str, &Histogram); 6] = [
-            (
-                "tandem_batch_tokens",
-                "Positions computed per engine step.",
+                described(
+                    "tandem_batch_tokens",
+                    "Positions computed per engine step.",
+                    "{token}",
+                ),
                 &self.batch_tokens,
             ),
             (
-                "tandem_batch_sequences",
-                "Sessions per engine step.",
+                described(
+                    "tandem_batch_sequences",
+                    "Sessions per engine step.",
+                    "{session}",
+                ),
                 &self.batch_sequences,
             ),
             (
-                "tandem_step_duration_seconds",
-                "Duration of one engine step (forward and sampling).",
+                described(
+                    "tandem_step_duration_seconds",
+                    "Duration of one engine step (forward and sampling).",
+                    "s",
+                ),
                 &self.step_duration_seconds,
             ),
             (
-                "tandem_ttft_seconds",
-                "From a session's open to its first token.",
+                described(
+                    "tandem_ttft_seconds",
+                    "From a session's open to its first token.",
+                    "s",
+                ),
                 &self.ttft_seconds,
             ),
             (
-                "tandem_tpot_seconds",
-                "Between consecutive output tokens of a session.",
+                described(
+                    "tandem_tpot_seconds",
+                    "Between consecutive output tokens of a session.",
+                    "s",
+                ),
                 &self.tpot_seconds,
             ),
             (
-                "tandem_generation_duration_seconds",
-                "From a session's open to its end.",
+                described(
+                    "tandem_generation_duration_seconds",
+                    "From a session's open to its end.",
+                    "s",
+                ),
                 &self.generation_duration_seconds,
             ),
-        ];
-        for (name, help, h) in hists {
-            head(&mut o, name, "histogram", help);
-            h.render(&mut o, name, "");
+        ]
+    }
+
+    fn families(&self) -> [(Described, &Family); 3] {
+        [
+            (WIRE_BYTES, &self.wire_bytes_total),
+            (ERRORS, &self.errors_total),
+            (PROMPTS, &self.prompts_submitted_total),
+        ]
+    }
+
+    /// The Prometheus text exposition (version 0.0.4) of everything.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut o = String::with_capacity(16 * 1024);
+        for (d, field) in GAUGES {
+            scalar(&mut o, d.name, "gauge", d.help, field(snap));
         }
-        head(
-            &mut o,
-            "tandem_wire_bytes_total",
-            "counter",
-            "WebSocket payload bytes by direction (in: device to cloud).",
-        );
-        self.wire_bytes_total
-            .render(&mut o, "tandem_wire_bytes_total");
-        head(
-            &mut o,
-            "tandem_errors_total",
-            "counter",
-            "Error answers by stable code (wire frames and REST).",
-        );
-        self.errors_total.render(&mut o, "tandem_errors_total");
-        head(
-            &mut o,
-            "tandem_prompts_submitted_total",
-            "counter",
-            "Partner prompts accepted, by tenant id.",
-        );
-        self.prompts_submitted_total
-            .render(&mut o, "tandem_prompts_submitted_total");
+        let counters = [
+            (PREEMPTIONS, snap.preemptions_total),
+            (TOKENS_IN, self.tokens_in_total.get()),
+            (TOKENS_OUT, self.tokens_out_total.get()),
+        ];
+        for (d, v) in counters {
+            scalar(&mut o, d.name, "counter", d.help, v);
+        }
+        for (d, h) in self.histograms() {
+            head(&mut o, d.name, "histogram", d.help);
+            h.render(&mut o, d.name, "");
+        }
+        for (d, f) in self.families() {
+            head(&mut o, d.name, "counter", d.help);
+            f.render(&mut o, d.name);
+        }
         let r = redis();
         head(
             &mut o,
-            "tandem_redis_duration_seconds",
+            REDIS_DURATION.name,
             "histogram",
-            "Duration of one Redis call (this process).",
+            REDIS_DURATION.help,
         );
-        r.duration_seconds
-            .render(&mut o, "tandem_redis_duration_seconds", "");
+        r.duration_seconds.render(&mut o, REDIS_DURATION.name, "");
         scalar(
             &mut o,
-            "tandem_redis_errors_total",
+            REDIS_ERRORS.name,
             "counter",
-            "Redis calls that failed or timed out (this process).",
+            REDIS_ERRORS.help,
             r.errors_total.get(),
         );
         o
+    }
+
+    /// Exports every metric through `meter` (the OTLP exporter) as well, under the same
+    /// names, units and buckets as `/metrics`: histograms record each observation, and the
+    /// gauges and counters are read at export time (`snapshot` gives the engine's last
+    /// known counters). Call once per server; the process's Redis metrics join once.
+    pub fn export_otel(
+        self: &Arc<Self>,
+        meter: &opentelemetry::metrics::Meter,
+        snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+    ) {
+        for (d, h) in self.histograms() {
+            h.export_to(meter, &d);
+        }
+        for (d, field) in GAUGES {
+            let snapshot = snapshot.clone();
+            let _ = meter
+                .u64_observable_gauge(d.name)
+                .with_description(d.help)
+                .with_unit(d.unit)
+                .with_callback(move |o| o.observe(field(&snapshot()), &[]))
+                .build();
+        }
+        // The callbacks hold the metrics (not the server): the final export, after the
+        // server stopped, still reports every counter.
+        type Read = Box<dyn Fn(&Metrics) -> u64 + Send + Sync>;
+        let counters: [(Described, Read); 3] = [
+            (PREEMPTIONS, Box::new(move |_| snapshot().preemptions_total)),
+            (TOKENS_IN, Box::new(|m| m.tokens_in_total.get())),
+            (TOKENS_OUT, Box::new(|m| m.tokens_out_total.get())),
+        ];
+        for (d, read) in counters {
+            let m = self.clone();
+            let _ = meter
+                .u64_observable_counter(d.name)
+                .with_description(d.help)
+                .with_unit(d.unit)
+                .with_callback(move |o| o.observe(read(&m), &[]))
+                .build();
+        }
+        for (i, (d, _)) in self.families().into_iter().enumerate() {
+            let m = self.clone();
+            let _ = meter
+                .u64_observable_counter(d.name)
+                .with_description(d.help)
+                .with_unit(d.unit)
+                .with_callback(move |o| {
+                    let (_, f) = m.families()[i];
+                    for (label, value) in f.values() {
+                        o.observe(value, &[opentelemetry::KeyValue::new(f.label, label)]);
+                    }
+                })
+                .build();
+        }
+        static REDIS_EXPORTED: std::sync::Once = std::sync::Once::new();
+        REDIS_EXPORTED.call_once(|| {
+            let r = redis();
+            r.duration_seconds.export_to(meter, &REDIS_DURATION);
+            let _ = meter
+                .u64_observable_counter(REDIS_ERRORS.name)
+                .with_description(REDIS_ERRORS.help)
+                .with_unit(REDIS_ERRORS.unit)
+                .with_callback(|o| o.observe(redis().errors_total.get(), &[]))
+                .build();
+        });
     }
 }
 

@@ -62,6 +62,7 @@ fn params() -> SessionParams {
         max_tokens: MAX_TOKENS,
         stop_strings: Vec::new(),
         eos_ids: Some(Vec::new()), // run to the limit so every session decodes MAX_TOKENS times
+        trace: None,
     }
 }
 

@@ -186,7 +186,45 @@ pub fn router(state: Arc<RestState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_large_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
+        .layer(middleware::from_fn(trace_requests))
         .with_state(state)
+}
+
+/// One `http.request` span per request, a child of the caller's trace when the request
+/// carries W3C `traceparent`/`tracestate`. It holds the method, the route template (never
+/// the raw path or query), the status and the error code.
+async fn trace_requests(req: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let parent = {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        crate::telemetry::remote_parent(header("traceparent"), header("tracestate"))
+    };
+    let method = req.method().clone();
+    let name = format!("{method} {route}");
+    let span = tracing::info_span!(
+        parent: None,
+        "http.request",
+        otel.kind = "server",
+        otel.name = %name,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    crate::telemetry::adopt_parent(&span, parent);
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
+    if let Some(code) = response.extensions().get::<error::ErrorCode>() {
+        span.record("error.type", code.as_str());
+    }
+    response
 }
 
 /// Counts every error answer by its code (the [`error::ErrorCode`] the answer carries).

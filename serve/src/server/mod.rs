@@ -80,7 +80,7 @@ pub(crate) struct Shared {
     /// What `/metrics` exposes.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// The last engine snapshot `/metrics` read (shown again if the engine does not answer).
-    pub(crate) last_snapshot: std::sync::Mutex<crate::metrics::Snapshot>,
+    pub(crate) last_snapshot: Arc<std::sync::Mutex<crate::metrics::Snapshot>>,
     /// Where generations tied to a partner prompt claim their ticket and leave their result.
     pub(crate) prompts: Arc<dyn crate::rest::store::PromptStore>,
     pub(crate) params: params::OpenParams,
@@ -269,7 +269,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         prompts: stores.prompts,
         advertise_url,
         metrics,
-        last_snapshot: std::sync::Mutex::new(crate::metrics::Snapshot::default()),
+        last_snapshot: Arc::default(),
         params,
         replica: replica.clone(),
         sessions: DashMap::new(),
@@ -278,6 +278,24 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         next_conn: AtomicU64::new(1),
     });
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
+    if let Some(provider) = crate::telemetry::meter_provider() {
+        use opentelemetry::metrics::MeterProvider as _;
+        // The last known engine counters, also after the server stopped (the final export
+        // comes after the shutdown; a counter must not fall back to 0).
+        let last = shared.last_snapshot.clone();
+        shared.metrics.export_otel(
+            &provider.meter("tandem"),
+            Arc::new(move || {
+                *last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            }),
+        );
+        tokio::spawn(refresh_snapshots(
+            Arc::downgrade(&shared),
+            Duration::from_secs(5),
+        ));
+    }
     let (accept_stop, mut accept_rx) = watch::channel(false);
     let app = app(shared.clone(), rest);
     let serve = tokio::spawn(async move {
@@ -350,10 +368,10 @@ async fn engine_stats(shared: &Arc<Shared>, wait: Duration) -> Option<crate::eng
 /// How long `/metrics` and `/readyz` wait for the engine loop.
 const ENGINE_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
-/// `GET /metrics`: the Prometheus text exposition.
-async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
-    use axum::response::IntoResponse;
-    let snap = match engine_stats(&shared, ENGINE_ANSWER_WAIT).await {
+/// The engine's counters for `/metrics` and the OTLP export; the last known ones (kept in
+/// `last_snapshot`) when the engine does not answer in time.
+async fn current_snapshot(shared: &Arc<Shared>) -> crate::metrics::Snapshot {
+    match engine_stats(shared, ENGINE_ANSWER_WAIT).await {
         Some(st) => {
             let s = &st.scheduler;
             let snap = crate::metrics::Snapshot {
@@ -376,7 +394,28 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
             .last_snapshot
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
-    };
+    }
+}
+
+/// Keeps `last_snapshot` fresh for the OTLP export's gauges (it reads it from its own
+/// thread): every `every`, until the server is gone.
+async fn refresh_snapshots(shared: std::sync::Weak<Shared>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if *shared.stop.borrow() {
+            return;
+        }
+        current_snapshot(&shared).await;
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+    use axum::response::IntoResponse;
+    let snap = current_snapshot(&shared).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -139,6 +139,10 @@ pub(crate) struct Setup {
     pub(crate) device_has: u64,
     /// The partner prompt this generation answers, if any: its result is stored there.
     pub(crate) assignment: Option<super::ws::AssignmentRef>,
+    /// The `session` span (ends with the actor) and its `generation` child (ends with
+    /// `Done` or the error); see [`crate::telemetry`].
+    pub(crate) span: tracing::Span,
+    pub(crate) generation: tracing::Span,
 }
 
 /// Spawns the actor and registers it in the live table.
@@ -177,6 +181,8 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         started: Instant::now(),
         first_token_at: None,
         last_token_at: None,
+        span: setup.span,
+        generation: Some(setup.generation),
     };
     tokio::spawn(actor.run(stop));
     handle
@@ -209,6 +215,11 @@ struct Actor {
     started: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    /// Held (not entered) for the actor's life; closing it exports it.
+    #[allow(dead_code)]
+    span: tracing::Span,
+    /// `None` once the generation ended.
+    generation: Option<tracing::Span>,
 }
 
 /// Whether the actor goes on.
@@ -518,7 +529,12 @@ impl Actor {
                 m.tokens_out_total.inc();
                 match self.last_token_at.replace(now) {
                     Some(prev) => m.tpot_seconds.observe_duration(now - prev),
-                    None => m.ttft_seconds.observe_duration(now - self.started),
+                    None => {
+                        m.ttft_seconds.observe_duration(now - self.started);
+                        if let Some(g) = &self.generation {
+                            g.record("ttft_ms", (now - self.started).as_secs_f64() * 1e3);
+                        }
+                    }
                 }
                 self.first_token_at.get_or_insert(now);
                 if seq as u64 >= self.device_has {
@@ -555,6 +571,11 @@ impl Actor {
             output_tokens = done.output_tokens,
             "generation done"
         );
+        if let Some(g) = self.generation.take() {
+            g.record("prompt_tokens", i64::from(done.prompt_tokens));
+            g.record("output_tokens", i64::from(done.output_tokens));
+            g.record("finish_reason", done.reason.name());
+        }
         self.done = Some(done);
         self.shared
             .metrics
@@ -588,6 +609,10 @@ impl Actor {
     /// Answers a fatal error (1xx, 2xx, 5xx), ends the session and the actor.
     async fn fail(&mut self, error: ErrorFrame) -> Flow {
         tracing::info!(session = self.id, code = %error.code, seq = ?error.seq, "session failed");
+        if let Some(g) = self.generation.take() {
+            g.record("error_code", error.code.as_str());
+            g.record("output_tokens", self.tokens.len() as i64);
+        }
         if let (Some(a), None) = (&self.assignment, &self.done) {
             a.fail_later(&self.shared, error.code);
         }

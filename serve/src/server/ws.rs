@@ -371,6 +371,7 @@ fn session_params(shared: &Shared, open: &Open) -> Result<SessionParams, ErrorFr
         max_tokens: open.max_tokens as usize,
         stop_strings: open.stop.clone(),
         eos_ids: None,
+        trace: None,
     })
 }
 
@@ -492,7 +493,35 @@ async fn spawn_session(
     open: &Open,
     device_has: u64,
 ) -> Result<SessionHandle, ErrorFrame> {
-    let params = session_params(shared, open)?;
+    let mut params = session_params(shared, open)?;
+    // The device's trace (W3C `traceparent` in `Open`) is the session's parent; the engine
+    // links each step to the generation span of the sessions it computed.
+    let span = tracing::info_span!(
+        parent: None,
+        "session",
+        otel.kind = "server",
+        session.id = id as i64,
+        session.replayed = device_has > 0,
+        wire.dtype = %open.dtype,
+        split = i64::from(open.split),
+        partner_prompt = open.prompt_id.is_some(),
+        replica = %shared.replica,
+    );
+    crate::telemetry::adopt_parent(
+        &span,
+        crate::telemetry::remote_parent(open.traceparent.as_deref(), None),
+    );
+    let generation = tracing::info_span!(
+        parent: &span,
+        "generation",
+        max_tokens = i64::from(open.max_tokens),
+        prompt_tokens = tracing::field::Empty,
+        output_tokens = tracing::field::Empty,
+        ttft_ms = tracing::field::Empty,
+        finish_reason = tracing::field::Empty,
+        error_code = tracing::field::Empty,
+    );
+    params.trace = crate::telemetry::span_context(&generation);
     let (events_tx, events) = mpsc::unbounded_channel();
     let engine = shared.engine.clone();
     let opened = tokio::task::spawn_blocking(move || engine.open_session_with(params, events_tx))
@@ -519,6 +548,8 @@ async fn spawn_session(
             max_tokens: open.max_tokens,
             device_has,
             assignment,
+            span,
+            generation,
         },
     ))
 }

@@ -73,7 +73,16 @@ pub(crate) async fn bounded_call<T>(
     timeout: Duration,
     call: impl Future<Output = RedisResult<T>>,
 ) -> Result<T, RedisFailure> {
+    use tracing::Instrument as _;
     let started = std::time::Instant::now();
+    let span = tracing::info_span!(
+        "redis",
+        otel.kind = "client",
+        db.system = "redis",
+        server.address = %addr,
+        error.type = tracing::field::Empty,
+    );
+    let call = call.instrument(span.clone());
     let timed_out = || {
         RedisFailure::Unavailable(format!(
             "redis at {addr} did not answer within {} ms",
@@ -87,6 +96,16 @@ pub(crate) async fn bounded_call<T>(
         Err(_) => Err(timed_out()),
     };
     crate::metrics::record_redis(started.elapsed(), result.is_err());
+    if let Err(f) = &result {
+        span.record(
+            "error.type",
+            match f {
+                RedisFailure::Unavailable(_) => "unavailable",
+                RedisFailure::Corrupt(_) => "corrupt",
+                RedisFailure::Backend(_) => "backend",
+            },
+        );
+    }
     result
 }
 

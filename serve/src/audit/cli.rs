@@ -1,0 +1,199 @@
+//! The `tandem audit-privacy` command: flags, loading, the printed table and the JSON.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tandem_model::checkpoint::{is_split_dir, Checkpoint};
+use tandem_protocol::HiddenDtype;
+
+use super::cost;
+use super::prompts::{self, GENERIC_TEXT};
+use super::run::{audit, AuditInputs, AuditReport, AuditSettings, NoiseLevel};
+
+/// Flags of `tandem audit-privacy`.
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// A whole model: an HF directory or a .gguf file (it is cut at each --edge-layers).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: PathBuf,
+    /// Split depths to audit, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub edge_layers: Vec<usize>,
+    /// Wire encodings of the hidden states, comma-separated: f32, f16, bf16, int8.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub wire: Vec<String>,
+    /// Noise levels, comma-separated: `none`, `inf` (clip only) or a per-row epsilon.
+    #[arg(long, value_delimiter = ',', default_value = "none,inf,1000,100,10,1")]
+    pub noise: Vec<NoiseLevel>,
+    /// Per-row delta of the noise.
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
+    /// Clip bound on each row's L2 norm [default: the median row norm of generic text at
+    /// each depth].
+    #[arg(long)]
+    pub dp_clip: Option<f32>,
+    /// More prompts, one per line, sensitive spans marked `[[like this]]`.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Shortlist size per source (embedding cosine, learned decoder) for the
+    /// nearest-neighbour attack.
+    #[arg(long, default_value_t = 64)]
+    pub shortlist: usize,
+    /// Teacher-forced output steps compared for utility.
+    #[arg(long, default_value_t = 16)]
+    pub gen_tokens: usize,
+    /// Random-token sequences the learned attacker trains on, besides the generic text.
+    #[arg(long, default_value_t = 24)]
+    pub random_sequences: usize,
+    /// Context length at which the edge's attention FLOPs are counted.
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Only print the edge's memory and compute for each --edge-layers.
+    #[arg(long)]
+    pub cost_only: bool,
+    /// Write a PNG of sensitive-token recovery and greedy agreement over the noise levels.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// TrueType font for the PNG's text [default: DejaVu Sans where installed].
+    #[arg(long)]
+    pub plot_font: Option<PathBuf>,
+}
+
+fn parse_wire(s: &str) -> Result<HiddenDtype> {
+    Ok(match s.trim() {
+        "f32" => HiddenDtype::F32,
+        "f16" => HiddenDtype::F16,
+        "bf16" => HiddenDtype::Bf16,
+        "int8" => HiddenDtype::Int8,
+        other => bail!("wire encoding `{other}`: f32, f16, bf16 or int8"),
+    })
+}
+
+/// Runs the command.
+pub fn run_cli(a: AuditArgs) -> Result<()> {
+    if is_split_dir(&a.model) {
+        bail!(
+            "{} is a split; the audit needs the whole model (it cuts it at each depth)",
+            a.model.display()
+        );
+    }
+    let ck =
+        Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let settings = AuditSettings {
+        edge_layers: a.edge_layers.clone(),
+        wire: a
+            .wire
+            .iter()
+            .map(|w| parse_wire(w))
+            .collect::<Result<_>>()?,
+        noise: a.noise.clone(),
+        delta: a.dp_delta,
+        clip: a.dp_clip,
+        shortlist: a.shortlist,
+        gen_tokens: a.gen_tokens,
+        random_sequences: a.random_sequences,
+        context: a.context,
+        seed: a.seed,
+        ..AuditSettings::default()
+    };
+    for &k in &settings.edge_layers {
+        tandem_model::SplitPoint::new(k, ck.config.num_hidden_layers)?;
+    }
+    if a.cost_only {
+        let costs: Vec<_> = settings
+            .edge_layers
+            .iter()
+            .map(|&k| cost::edge_cost(&ck.config, k, settings.context))
+            .collect();
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&costs)?);
+        } else {
+            print!("{}", cost::render(&costs));
+        }
+        return Ok(());
+    }
+    let tok = ck
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer; the audit needs one for its prompts")?;
+    let prompts = prompts::load(tok, a.prompts.as_deref())?;
+    let generic = tok.encode(GENERIC_TEXT, false)?;
+    let excluded: Vec<u32> = (0..ck.config.vocab_size as u32)
+        .filter(|&t| tok.is_special(t))
+        .collect();
+    let inputs = AuditInputs {
+        prompts: &prompts,
+        generic: &generic,
+        excluded,
+        bos: tok.bos_token().map(|b| b.id),
+    };
+    let started = std::time::Instant::now();
+    let report = audit(&ck, &inputs, &settings, &mut |line| {
+        eprintln!("[audit {:>6.1}s] {line}", started.elapsed().as_secs_f64());
+    })?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        write!(out, "{}", render(&report))?;
+    }
+    out.flush()?;
+    if let Some(path) = &a.plot {
+        let text = super::plot::write_png(&report, path, a.plot_font.as_deref())?;
+        eprintln!(
+            "wrote {}{}",
+            path.display(),
+            if text {
+                ""
+            } else {
+                " (no font found: drawn without text)"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The report as plain-text tables.
+pub fn render(r: &AuditReport) -> String {
+    let tokens: usize = r.prompts.iter().map(|p| p.tokens).sum();
+    let sensitive: usize = r.prompts.iter().map(|p| p.sensitive_tokens).sum();
+    let mut s = format!(
+        "Privacy audit of {} ({} prompts, {tokens} prompt tokens, {sensitive} sensitive; seed {})\n\n",
+        r.model,
+        r.prompts.len(),
+        r.settings.seed
+    );
+    s.push_str(
+        "k | wire | noise | sigma | clip | eps/prompt | NN rec | NN sens | learned | learned sens | greedy agree | max drift | bytes/token\n",
+    );
+    s.push_str("--|------|-------|-------|------|------------|--------|---------|---------|--------------|--------------|-----------|------------\n");
+    for c in &r.cells {
+        let opt = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.3}"));
+        s.push_str(&format!(
+            "{} | {} | {} | {:.4} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.3} | {}\n",
+            c.edge_layers,
+            c.wire,
+            c.noise,
+            c.sigma,
+            c.clip.map_or("-".to_owned(), |v| format!("{v:.2}")),
+            opt(c.prompt_epsilon),
+            100.0 * c.nn_recovery,
+            100.0 * c.nn_sensitive_recovery,
+            100.0 * c.learned_recovery,
+            100.0 * c.learned_sensitive_recovery,
+            100.0 * c.greedy_agreement,
+            c.max_logit_drift,
+            c.payload_bytes_per_token
+        ));
+    }
+    s.push_str("\nEdge memory and compute per split depth\n");
+    s.push_str(&cost::render(&r.costs));
+    s
+}

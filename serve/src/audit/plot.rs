@@ -1,0 +1,262 @@
+//! The audit's PNG: two panels over the noise levels, one line per split depth (and wire
+//! encoding when there are several): on the left the share of sensitive tokens the stronger
+//! attack recovers, with the 10% line; on the right greedy agreement with the noise-free run.
+//!
+//! Drawn with plotters' bitmap backend into a buffer and written by the small PNG encoder
+//! below (stored deflate blocks: larger files, no image crate). Text needs a TrueType font,
+//! read at run time from `--plot-font` or the usual DejaVu paths (plotters' font-kit, which
+//! pulls in fontconfig, stays off); without one the chart is drawn without text and says so.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+
+use super::run::AuditReport;
+
+const WIDTH: u32 = 1200;
+const HEIGHT: u32 = 520;
+
+/// Fonts tried when none is given.
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+/// Registers a font for plotters; answers whether text can be drawn.
+fn load_font(font: Option<&Path>) -> bool {
+    let candidates: Vec<&Path> = match font {
+        Some(p) => vec![p],
+        None => FONT_PATHS.iter().map(Path::new).collect(),
+    };
+    for p in candidates {
+        if let Ok(bytes) = std::fs::read(p) {
+            // plotters keeps fonts for the life of the process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// One plotted line: its label and a value per noise level.
+struct Series {
+    label: String,
+    values: Vec<f64>,
+}
+
+fn series(report: &AuditReport, metric: impl Fn(&super::run::Cell) -> f64) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
+    let several_wires = report.settings.wire.len() > 1;
+    for c in &report.cells {
+        let label = if several_wires {
+            format!("k={} {}", c.edge_layers, c.wire)
+        } else {
+            format!("k={}", c.edge_layers)
+        };
+        match out.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.values.push(metric(c)),
+            None => out.push(Series {
+                label,
+                values: vec![metric(c)],
+            }),
+        }
+    }
+    out
+}
+
+/// Writes the chart to `path`. Answers whether text (labels, legend) was drawn.
+pub fn write_png(report: &AuditReport, path: &Path, font: Option<&Path>) -> Result<bool> {
+    let text = load_font(font);
+    let labels: Vec<String> = report.settings.noise.iter().map(|l| l.label()).collect();
+    let recovery = series(report, |c| {
+        100.0 * c.nn_sensitive_recovery.max(c.learned_sensitive_recovery)
+    });
+    let agreement = series(report, |c| 100.0 * c.greedy_agreement);
+    let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+        let (left, right) = root.split_horizontally(WIDTH / 2);
+        let panels = [
+            (left, &recovery, "sensitive tokens recovered (%)", true),
+            (
+                right,
+                &agreement,
+                "greedy agreement with noise-free (%)",
+                false,
+            ),
+        ];
+        for (area, lines, title, threshold) in panels {
+            draw_panel(&area, lines, &labels, title, threshold, text)?;
+        }
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    let png = encode_png(WIDTH, HEIGHT, &buf);
+    std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
+    Ok(text)
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    lines: &[Series],
+    labels: &[String],
+    title: &str,
+    threshold: bool,
+    text: bool,
+) -> Result<()> {
+    let err = |e: DrawingAreaErrorKind<_>| anyhow!("drawing the chart: {e}");
+    let n = labels.len().max(1);
+    let x_range = -0.2f64..(n as f64 - 0.8);
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(16);
+    if text {
+        builder
+            .caption(title, ("sans-serif", 20))
+            .x_label_area_size(40)
+            .y_label_area_size(50);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(x_range, 0f64..101f64)
+        .map_err(err)?;
+    let label_of = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 {
+            labels.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_labels(n)
+            .x_label_formatter(&label_of)
+            .x_desc("noise level (per-row epsilon)")
+            .y_labels(11);
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(err)?;
+    if threshold {
+        chart
+            .draw_series(LineSeries::new(
+                [(-0.2, 10.0), (n as f64 - 0.8, 10.0)],
+                RGBColor(200, 0, 0).stroke_width(1),
+            ))
+            .map_err(err)?;
+    }
+    for (i, s) in lines.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = s
+            .values
+            .iter()
+            .enumerate()
+            .map(|(x, &y)| (x as f64, y))
+            .collect();
+        let drawn = chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(err)?;
+        if text {
+            drawn
+                .label(s.label.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+        }
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(err)?;
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A PNG of `rgb` (8-bit RGB, row-major), zlib with stored (uncompressed) blocks.
+pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(rgb.len() + height as usize);
+    for row in rgb.chunks_exact(width as usize * 3) {
+        raw.push(0); // filter: none
+        raw.extend_from_slice(row);
+    }
+    let mut z = vec![0x78, 0x01];
+    let mut blocks = raw.chunks(65_535).peekable();
+    while let Some(block) = blocks.next() {
+        z.push(u8::from(blocks.peek().is_none()));
+        let len = block.len() as u16;
+        z.extend_from_slice(&len.to_le_bytes());
+        z.extend_from_slice(&(!len).to_le_bytes());
+        z.extend_from_slice(block);
+    }
+    z.extend_from_slice(&adler32(&raw).to_be_bytes());
+    let mut ihdr = Vec::with_capacity(13);
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, adaptive, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [(b"IHDR", &ihdr[..]), (b"IDAT", &z[..]), (b"IEND", &[][..])] {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = png.len();
+        png.extend_from_slice(kind);
+        png.extend_from_slice(data);
+        let crc = crc32(&png[start..]);
+        png.extend_from_slice(&crc.to_be_bytes());
+    }
+    png
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in data.chunks(5552) {
+        for &x in chunk {
+            a += u32::from(x);
+            b += a;
+        }
+        a %= 65_521;
+        b %= 65_521;
+    }
+    (b << 16) | a
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_match_known_values() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+    }
+
+    #[test]
+    fn png_has_its_chunks() {
+        let png = encode_png(2, 2, &[0u8; 12]);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert!(png.windows(4).any(|w| w == b"IDAT"));
+        assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
+    }
+}

@@ -1,0 +1,565 @@
+//! The audit loop: per split depth, wire encoding and noise level, utility and recovery.
+//! See the module doc of [`crate::audit`].
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tandem_model::checkpoint::Checkpoint;
+use tandem_model::layers::ForwardCtx;
+use tandem_model::privacy::{DpConfig, GaussianMechanism, RowNoiser};
+use tandem_model::split::{LoadOptions, EMBED};
+use tandem_model::{CloudModel, ContiguousKv, EdgeModel, SplitPoint};
+use tandem_protocol::{f32_to_hidden, hidden_to_f32, HiddenDtype};
+
+use super::attack::{edge_rows, AttackerView, EmbeddingIndex, NearestNeighbour, RidgeDecoder};
+use super::cost::{edge_cost, EdgeCost};
+use super::prompts::AuditPrompt;
+
+/// One noise setting of the audit.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum NoiseLevel {
+    /// Rows leave as computed.
+    None,
+    /// Clip to the bound and add noise calibrated to this per-row epsilon (`inf`: clip only).
+    Dp { epsilon: f64 },
+}
+
+impl NoiseLevel {
+    pub fn label(&self) -> String {
+        match self {
+            Self::None => "none".into(),
+            Self::Dp { epsilon } if epsilon.is_infinite() => "clip".into(),
+            Self::Dp { epsilon } => format!("eps={epsilon}"),
+        }
+    }
+}
+
+impl std::str::FromStr for NoiseLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "none" => Ok(Self::None),
+            "inf" | "clip" => Ok(Self::Dp {
+                epsilon: f64::INFINITY,
+            }),
+            other => match other.parse::<f64>() {
+                Ok(e) if e > 0.0 => Ok(Self::Dp { epsilon: e }),
+                _ => Err(format!(
+                    "noise level `{other}`: none, inf (clip only) or a positive epsilon"
+                )),
+            },
+        }
+    }
+}
+
+/// What to audit.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditSettings {
+    pub edge_layers: Vec<usize>,
+    #[serde(serialize_with = "wire_names")]
+    pub wire: Vec<HiddenDtype>,
+    pub noise: Vec<NoiseLevel>,
+    /// Per-row delta of every noise level.
+    pub delta: f64,
+    /// Clip bound; `None`: the median row norm of the generic text at each depth.
+    pub clip: Option<f32>,
+    /// Shortlist size per source for the nearest-neighbour attack.
+    pub shortlist: usize,
+    /// Teacher-forced steps compared for utility (the first is the prompt's next token).
+    pub gen_tokens: usize,
+    /// Random-token training sequences for the learned attack (besides the generic text).
+    pub random_sequences: usize,
+    /// Tokens per training sequence.
+    pub train_seq_len: usize,
+    /// Ridge penalty, relative to the mean Gram diagonal.
+    pub ridge: f64,
+    /// Context length at which the edge's attention FLOPs are counted.
+    pub context: usize,
+    pub seed: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            edge_layers: vec![1],
+            wire: vec![HiddenDtype::F32],
+            noise: vec![NoiseLevel::None],
+            delta: 1e-5,
+            clip: None,
+            shortlist: 64,
+            gen_tokens: 16,
+            random_sequences: 24,
+            train_seq_len: 48,
+            ridge: 1e-3,
+            context: 512,
+            seed: 0,
+        }
+    }
+}
+
+fn wire_names<S: serde::Serializer>(v: &[HiddenDtype], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|d| d.as_str()))
+}
+
+/// One row of the result table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    pub edge_layers: usize,
+    pub wire: String,
+    pub noise: String,
+    /// Per-row epsilon (`None`: no noise or clip only).
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
+    pub clip: Option<f32>,
+    pub sigma: f64,
+    /// Composed over the average prompt's rows (zCDP or basic, the smaller), at
+    /// `delta_total = rows·delta`.
+    pub prompt_epsilon: Option<f64>,
+    pub prompt_delta: Option<f64>,
+    pub tokens: usize,
+    pub sensitive_tokens: usize,
+    pub nn_recovery: f64,
+    pub nn_sensitive_recovery: f64,
+    pub learned_recovery: f64,
+    pub learned_sensitive_recovery: f64,
+    pub greedy_agreement: f64,
+    pub max_logit_drift: f64,
+    /// Hidden-state payload per token on the wire (a one-token frame adds 28 bytes).
+    pub payload_bytes_per_token: usize,
+    pub seconds: f64,
+}
+
+/// Everything the audit found.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditReport {
+    pub model: String,
+    pub settings: AuditSettings,
+    pub prompts: Vec<PromptSummary>,
+    pub costs: Vec<EdgeCost>,
+    /// The clip bound used at each depth.
+    pub clip_by_depth: Vec<(usize, f32)>,
+    pub cells: Vec<Cell>,
+}
+
+/// A prompt's name and sizes (never its text).
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptSummary {
+    pub name: String,
+    pub tokens: usize,
+    pub sensitive_tokens: usize,
+}
+
+/// The noise-free reference for one prompt at one depth.
+struct Reference {
+    /// Edge rows of the prompt followed by the teacher-forced output tokens.
+    rows: Vec<f32>,
+    /// Argmax tokens and logits of each step.
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+/// A reproducible stream seed from the run seed and a cell/prompt coordinate.
+fn mix(seed: u64, parts: &[u64]) -> u64 {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for &p in parts {
+        x = x.wrapping_add(p).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 29;
+    }
+    x
+}
+
+/// Clip and noise (when `noiser`), then the wire's encode/decode round trip.
+fn release(
+    rows: &[f32],
+    d: usize,
+    noiser: Option<&mut RowNoiser>,
+    wire: HiddenDtype,
+) -> Result<Vec<f32>> {
+    let mut v = rows.to_vec();
+    if let Some(n) = noiser {
+        n.apply(&mut v, d)?;
+    }
+    let n = v.len() / d;
+    let mut payload = Vec::new();
+    f32_to_hidden(wire, n, d, &v, &mut payload)?;
+    let mut out = Vec::new();
+    hidden_to_f32(wire, n, d, &payload, &mut out)?;
+    Ok(out)
+}
+
+/// Logits `[rows, V]` of the cloud over all of `rows` (one sequence from position 0).
+fn cloud_logits(cloud: &CloudModel, rows: &[f32], d: usize) -> Result<Vec<Vec<f32>>> {
+    let n = rows.len() / d;
+    let cfg = cloud.config();
+    let mut kv = ContiguousKv::new(cfg.num_hidden_layers, cfg.max_position_embeddings);
+    let ctx = ForwardCtx::single(0, n);
+    let h = Tensor::from_slice(rows, (n, d), &Device::Cpu)?.to_dtype(cloud.dtype())?;
+    let x = cloud.forward_layers(&h, &ctx, &mut kv)?;
+    Ok(cloud.logits(&x)?.to_vec2()?)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    tandem_model::sampling::argmax(v)
+}
+
+/// Token sequences for training the learned attacker: the generic text in pieces, then
+/// random tokens; each starts with BOS when there is one.
+fn training_sequences(
+    generic: &[u32],
+    bos: Option<u32>,
+    settings: &AuditSettings,
+    vocab: usize,
+    excluded: &[u32],
+) -> Vec<Vec<u32>> {
+    let len = settings.train_seq_len.max(2);
+    let body = len - usize::from(bos.is_some());
+    let mut out = Vec::new();
+    for piece in generic.chunks(body) {
+        out.push(bos.into_iter().chain(piece.iter().copied()).collect());
+    }
+    let mut rng = StdRng::seed_from_u64(mix(settings.seed, &[0xDA7A]));
+    for _ in 0..settings.random_sequences {
+        let mut s: Vec<u32> = bos.into_iter().collect();
+        while s.len() < len {
+            let t = rng.random_range(0..vocab as u32);
+            if !excluded.contains(&t) {
+                s.push(t);
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Inputs the audit needs besides the checkpoint.
+#[derive(Debug)]
+pub struct AuditInputs<'a> {
+    pub prompts: &'a [AuditPrompt],
+    /// The generic training text, tokenized without special tokens.
+    pub generic: &'a [u32],
+    /// Token ids never guessed and never used for training (special tokens).
+    pub excluded: Vec<u32>,
+    pub bos: Option<u32>,
+}
+
+/// Runs the audit. `progress` receives one line per step of the work (no prompt text).
+pub fn audit(
+    ck: &Checkpoint,
+    inputs: &AuditInputs<'_>,
+    settings: &AuditSettings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<AuditReport> {
+    let cfg = &ck.config;
+    let device = Device::Cpu;
+    let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    let embed = ck
+        .tensors
+        .load(EMBED, &[vocab, d], DType::F32, &device)
+        .context("loading the embedding matrix")?;
+    let index = EmbeddingIndex::new(&embed, inputs.excluded.clone())?;
+    let lo = LoadOptions {
+        dtype: DType::F32,
+        device: &device,
+    };
+    let mut report = AuditReport {
+        model: ck.path.display().to_string(),
+        settings: settings.clone(),
+        prompts: inputs
+            .prompts
+            .iter()
+            .map(|p| PromptSummary {
+                name: p.name.clone(),
+                tokens: p.scored().len(),
+                sensitive_tokens: p.scored().filter(|&i| p.sensitive[i]).count(),
+            })
+            .collect(),
+        costs: settings
+            .edge_layers
+            .iter()
+            .map(|&k| edge_cost(cfg, k, settings.context))
+            .collect(),
+        clip_by_depth: Vec::new(),
+        cells: Vec::new(),
+    };
+    let train_seqs = training_sequences(
+        inputs.generic,
+        inputs.bos,
+        settings,
+        vocab,
+        &inputs.excluded,
+    );
+    for (ki, &k) in settings.edge_layers.iter().enumerate() {
+        let split = SplitPoint::new(k, cfg.num_hidden_layers)?;
+        progress(&format!("k={k}: loading the edge and cloud parts"));
+        let edge = EdgeModel::load(ck.tensors.as_ref(), cfg, split, lo)?;
+        let cloud = CloudModel::load(ck.tensors.as_ref(), cfg, split, lo)?;
+        // Training rows (BOS rows left out: they are known and atypically long).
+        let mut train_rows = Vec::new();
+        let mut train_tokens = Vec::new();
+        for s in &train_seqs {
+            let rows = edge_rows(&edge, s)?;
+            let skip = usize::from(inputs.bos.is_some());
+            train_rows.extend_from_slice(&rows[skip * d..]);
+            train_tokens.extend_from_slice(&s[skip..]);
+        }
+        let clip = match settings.clip {
+            Some(c) => c,
+            None => median_norm(&train_rows, d),
+        };
+        report.clip_by_depth.push((k, clip));
+        progress(&format!(
+            "k={k}: {} training rows, clip bound {clip:.3}; noise-free reference over {} prompts",
+            train_tokens.len(),
+            inputs.prompts.len()
+        ));
+        let refs = inputs
+            .prompts
+            .iter()
+            .map(|p| reference(&edge, &cloud, p, settings.gen_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        let depth = Depth {
+            k,
+            edge: &edge,
+            cloud: &cloud,
+            index: &index,
+            embed: &embed,
+            train_rows: &train_rows,
+            train_tokens: &train_tokens,
+            refs: &refs,
+            clip,
+        };
+        for (wi, &wire) in settings.wire.iter().enumerate() {
+            for (li, level) in settings.noise.iter().enumerate() {
+                let coord = [ki as u64, wi as u64, li as u64];
+                let cell = run_cell(&depth, inputs, settings, wire, *level, coord)?;
+                progress(&format!(
+                    "k={k} wire={} noise={}: nn {:.1}% (sensitive {:.1}%), learned {:.1}%, \
+                     agreement {:.1}%, drift {:.3} in {:.1}s",
+                    cell.wire,
+                    cell.noise,
+                    100.0 * cell.nn_recovery,
+                    100.0 * cell.nn_sensitive_recovery,
+                    100.0 * cell.learned_recovery,
+                    100.0 * cell.greedy_agreement,
+                    cell.max_logit_drift,
+                    cell.seconds
+                ));
+                report.cells.push(cell);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What one split depth shares between its cells.
+struct Depth<'a> {
+    k: usize,
+    edge: &'a EdgeModel,
+    cloud: &'a CloudModel,
+    index: &'a EmbeddingIndex,
+    embed: &'a Tensor,
+    train_rows: &'a [f32],
+    train_tokens: &'a [u32],
+    refs: &'a [Reference],
+    clip: f32,
+}
+
+/// One wire encoding and noise level at one depth: train the learned attacker on rows
+/// released the same way, then score every prompt.
+fn run_cell(
+    depth: &Depth<'_>,
+    inputs: &AuditInputs<'_>,
+    settings: &AuditSettings,
+    wire: HiddenDtype,
+    level: NoiseLevel,
+    coord: [u64; 3],
+) -> Result<Cell> {
+    let started = std::time::Instant::now();
+    let d = depth.edge.config().hidden_size;
+    let mech = match level {
+        NoiseLevel::None => None,
+        NoiseLevel::Dp { epsilon } => Some(GaussianMechanism::new(DpConfig::new(
+            epsilon,
+            settings.delta,
+            depth.clip,
+        ))?),
+    };
+    let noiser = |stream: u64| {
+        mech.map(|m| {
+            let seed = mix(settings.seed, &[coord[0], coord[1], coord[2], stream]);
+            RowNoiser::new(m, Some(seed))
+        })
+    };
+    let noisy_train = release(depth.train_rows, d, noiser(u64::MAX).as_mut(), wire)?;
+    let decoder = RidgeDecoder::fit(
+        &noisy_train,
+        depth.train_tokens,
+        depth.embed,
+        settings.ridge,
+    )?;
+    let nn = NearestNeighbour {
+        edge: depth.edge,
+        index: depth.index,
+        shortlist: settings.shortlist,
+        view: AttackerView {
+            clip: mech.map(|m| m.clip()),
+        },
+    };
+    let mut tally = Tally::default();
+    for (pi, (p, r)) in inputs.prompts.iter().zip(depth.refs).enumerate() {
+        let received = release(&r.rows, d, noiser(pi as u64).as_mut(), wire)?;
+        score_prompt(depth, &nn, &decoder, p, r, &received, &mut tally)?;
+    }
+    let avg_rows = tally.rows / inputs.prompts.len().max(1);
+    let composed = mech.map(|m| m.compose(avg_rows));
+    Ok(Cell {
+        edge_layers: depth.k,
+        wire: wire.as_str().to_owned(),
+        noise: level.label(),
+        epsilon: mech.and_then(|m| m.config().epsilon.is_finite().then_some(m.config().epsilon)),
+        delta: mech.map(|m| m.config().delta),
+        clip: mech.map(|m| m.clip()),
+        sigma: mech.map_or(0.0, |m| m.sigma()),
+        prompt_epsilon: composed.as_ref().and_then(|c| c.epsilon),
+        prompt_delta: composed.as_ref().map(|c| c.basic_delta),
+        tokens: tally.tokens,
+        sensitive_tokens: tally.sensitive,
+        nn_recovery: ratio(tally.nn, tally.tokens),
+        nn_sensitive_recovery: ratio(tally.nn_sensitive, tally.sensitive),
+        learned_recovery: ratio(tally.learned, tally.tokens),
+        learned_sensitive_recovery: ratio(tally.learned_sensitive, tally.sensitive),
+        greedy_agreement: ratio(tally.agree, tally.steps),
+        max_logit_drift: tally.drift,
+        payload_bytes_per_token: wire.payload_len(1, d).unwrap_or(0),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Utility and both attacks on one prompt's released rows.
+fn score_prompt(
+    depth: &Depth<'_>,
+    nn: &NearestNeighbour<'_>,
+    decoder: &RidgeDecoder,
+    p: &AuditPrompt,
+    r: &Reference,
+    received: &[f32],
+    tally: &mut Tally,
+) -> Result<()> {
+    let d = depth.edge.config().hidden_size;
+    // Utility: teacher-forced steps from the last prompt row on.
+    let logits = cloud_logits(depth.cloud, received, d)?;
+    let first = p.ids.len() - 1;
+    for (step, want) in r.logits.iter().enumerate() {
+        let got = &logits[first + step];
+        tally.steps += 1;
+        tally.agree += usize::from(argmax(got) == r.tokens[step]);
+        let drift = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .fold(0.0, f64::max);
+        tally.drift = tally.drift.max(drift);
+    }
+    // Attacks on the prompt's rows.
+    let prompt_rows = &received[..p.ids.len() * d];
+    let known = p.starts_with_bos.then(|| p.ids[0]);
+    let nn_guess = nn.invert(prompt_rows, known, Some(decoder))?;
+    let learned_guess = decoder.decode(prompt_rows, d, depth.index)?;
+    for i in p.scored() {
+        tally.count(
+            p.sensitive[i],
+            nn_guess[i] == p.ids[i],
+            learned_guess[i] == p.ids[i],
+        );
+    }
+    tally.rows += p.ids.len();
+    Ok(())
+}
+
+#[derive(Default)]
+struct Tally {
+    tokens: usize,
+    sensitive: usize,
+    nn: usize,
+    nn_sensitive: usize,
+    learned: usize,
+    learned_sensitive: usize,
+    steps: usize,
+    agree: usize,
+    drift: f64,
+    rows: usize,
+}
+
+impl Tally {
+    fn count(&mut self, sensitive: bool, nn: bool, learned: bool) {
+        self.tokens += 1;
+        self.nn += usize::from(nn);
+        self.learned += usize::from(learned);
+        if sensitive {
+            self.sensitive += 1;
+            self.nn_sensitive += usize::from(nn);
+            self.learned_sensitive += usize::from(learned);
+        }
+    }
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn median_norm(rows: &[f32], d: usize) -> f32 {
+    let mut norms: Vec<f32> = rows
+        .chunks_exact(d)
+        .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .collect();
+    if norms.is_empty() {
+        return 1.0;
+    }
+    norms.sort_by(f32::total_cmp);
+    norms[norms.len() / 2]
+}
+
+/// The noise-free f32 run: greedy tokens from the prompt, then the edge rows of the prompt
+/// followed by those tokens (what the device sends under teacher forcing).
+fn reference(
+    edge: &EdgeModel,
+    cloud: &CloudModel,
+    p: &AuditPrompt,
+    steps: usize,
+) -> Result<Reference> {
+    let d = edge.config().hidden_size;
+    let n = edge.config().num_hidden_layers;
+    let max = edge.config().max_position_embeddings;
+    let (mut ekv, mut ckv) = (ContiguousKv::new(n, max), ContiguousKv::new(n, max));
+    let mut input = p.ids.clone();
+    let mut pos = 0;
+    let mut rows: Vec<f32> = Vec::new();
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    for _ in 0..steps.max(1) {
+        let ctx = ForwardCtx::single(pos, input.len());
+        let h = edge.forward(&input, &ctx, &mut ekv)?;
+        rows.extend(h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let l: Vec<f32> = cloud.forward(&h, &ctx, &mut ckv)?.squeeze(0)?.to_vec1()?;
+        pos += input.len();
+        let t = argmax(&l);
+        tokens.push(t);
+        logits.push(l);
+        input = vec![t];
+    }
+    debug_assert_eq!(rows.len() / d, p.ids.len() + steps.max(1) - 1);
+    Ok(Reference {
+        rows,
+        tokens,
+        logits,
+    })
+}

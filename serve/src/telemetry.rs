@@ -1,0 +1,483 @@
+//! Logs, traces and metrics of the `tandem` process.
+//!
+//! # What goes where
+//! - **Logs**: always to stderr, filtered by `RUST_LOG` (default `warn`), plain text or one
+//!   JSON object per line with `TANDEM_LOG_FORMAT=json`.
+//! - **Traces**: exported over OTLP when the standard variables ask for it:
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, and neither
+//!   `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`. The transport is
+//!   `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or
+//!   `http/protobuf` (the default). The service is `OTEL_SERVICE_NAME` (default `tandem`),
+//!   with `OTEL_RESOURCE_ATTRIBUTES`; sampling follows `OTEL_TRACES_SAMPLER`. Only the
+//!   server's own spans (targets `tandem_*`, level INFO and above) are exported, whatever
+//!   `RUST_LOG` says.
+//! - **Metrics**: always on `GET /metrics` (Prometheus text); also exported over OTLP under
+//!   the same rules with `OTEL_METRICS_EXPORTER` and the `..._METRICS_...` variables, every
+//!   `OTEL_METRIC_EXPORT_INTERVAL` ms (default 60000), with the same names, units and
+//!   buckets ([`crate::metrics`]).
+//!
+//! # Spans
+//! - `session`: one per session on the replica that holds it, from `Open` (or the
+//!   `Resume` that rebuilt it) to its end; its parent is the device's trace when `Open`
+//!   carries a W3C `traceparent`.
+//! - `generation`: the part of the session that produces tokens (to `Done` or the error),
+//!   with token counts, time to first token and the finish reason.
+//! - `engine.step`: one per engine step, a root span linked (span links) to the
+//!   `generation` spans of the sessions it computed.
+//! - `http.request`: one per REST request, with the route template and the status; its
+//!   parent is the partner's trace when the request carries `traceparent`.
+//! - `redis`: one per Redis call.
+//!
+//! No span or attribute holds prompt text, profile data, activations, output text, resume
+//! tokens or keys: only sizes, counts, durations, codes and ids.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+/// How spans and metrics leave the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    fn parse(v: &str) -> Result<Self> {
+        match v.trim() {
+            "grpc" => Ok(Self::Grpc),
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            other => anyhow::bail!(
+                "unsupported OTLP protocol {other:?}: use \"grpc\" or \"http/protobuf\""
+            ),
+        }
+    }
+}
+
+/// Whether and how one signal (traces or metrics) is exported, from the `OTEL_*` variables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalExport {
+    pub protocol: OtlpProtocol,
+}
+
+/// The export settings of both signals, read from the environment by [`ExportPlan::from_env`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportPlan {
+    pub traces: Option<SignalExport>,
+    pub metrics: Option<SignalExport>,
+}
+
+impl ExportPlan {
+    /// Reads the standard variables through `var` (the process environment in production).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
+        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            return Ok(Self::default());
+        }
+        let signal = |upper: &str, exporter_var: &str| -> Result<Option<SignalExport>> {
+            let exporter = var(exporter_var).unwrap_or_default();
+            if exporter.trim().eq_ignore_ascii_case("none") {
+                return Ok(None);
+            }
+            if !exporter.trim().is_empty() && !exporter.trim().eq_ignore_ascii_case("otlp") {
+                anyhow::bail!(
+                    "{exporter_var}={exporter:?}: only \"otlp\" and \"none\" are supported"
+                );
+            }
+            if !set("OTEL_EXPORTER_OTLP_ENDPOINT")
+                && !set(&format!("OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"))
+            {
+                return Ok(None);
+            }
+            let protocol = var(&format!("OTEL_EXPORTER_OTLP_{upper}_PROTOCOL"))
+                .filter(|v| !v.trim().is_empty())
+                .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL").filter(|v| !v.trim().is_empty()))
+                .map(|v| OtlpProtocol::parse(&v))
+                .transpose()?
+                .unwrap_or(OtlpProtocol::HttpProtobuf);
+            Ok(Some(SignalExport { protocol }))
+        };
+        Ok(Self {
+            traces: signal("TRACES", "OTEL_TRACES_EXPORTER")?,
+            metrics: signal("METRICS", "OTEL_METRICS_EXPORTER")?,
+        })
+    }
+
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+}
+
+/// The installed providers; [`Telemetry::shutdown`] (or dropping it) flushes what is
+/// buffered.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+static METER: OnceLock<SdkMeterProvider> = OnceLock::new();
+
+/// The process's OTLP meter provider, if metrics are exported.
+pub fn meter_provider() -> Option<&'static SdkMeterProvider> {
+    METER.get()
+}
+
+impl Telemetry {
+    /// Sends what is buffered and stops the exporters.
+    pub fn shutdown(&mut self) {
+        if let Some(t) = self.tracer.take() {
+            if let Err(e) = t.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("warning: flushing traces failed: {e}");
+            }
+        }
+        if let Some(m) = self.meter.take() {
+            if let Err(e) = m.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("warning: flushing metrics failed: {e}");
+            }
+        }
+    }
+
+    /// Whether spans are exported.
+    pub fn traces_on(&self) -> bool {
+        self.tracer.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn resource() -> Resource {
+    let mut b = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").map_or(true, |v| v.trim().is_empty()) {
+        b = b.with_service_name("tandem");
+    }
+    b.with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ))
+    .build()
+}
+
+/// Logs only (every subcommand but `serve`).
+pub fn init_logs() {
+    let _ = tracing_subscriber::registry().with(log_layer()).try_init();
+}
+
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+fn log_layer() -> BoxedLayer {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        fmt.json().with_filter(filter).boxed()
+    } else {
+        fmt.with_filter(filter).boxed()
+    }
+}
+
+/// Logs, and OTLP traces and metrics as `plan` says. Call it inside the tokio runtime that
+/// will run the server (the gRPC transport spawns its connection task there).
+pub fn init(plan: ExportPlan) -> Result<Telemetry> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut telemetry = Telemetry::default();
+    let mut layers = vec![log_layer()];
+    if let Some(t) = plan.traces {
+        let exporter = match t.protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build(),
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(RuntimeHttpClient::current()?)
+                .build(),
+        }
+        .context("building the OTLP span exporter")?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource())
+            .build();
+        let tracer = provider.tracer("tandem");
+        let ours = tracing_subscriber::filter::Targets::new()
+            .with_target("tandem_serve", tracing::Level::INFO)
+            .with_target("tandem", tracing::Level::INFO);
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_tracked_inactivity(false)
+                .with_filter(ours)
+                .boxed(),
+        );
+        telemetry.tracer = Some(provider);
+    }
+    if let Some(m) = plan.metrics {
+        let exporter = match m.protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build(),
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(RuntimeHttpClient::current()?)
+                .build(),
+        }
+        .context("building the OTLP metric exporter")?;
+        let provider = SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter)
+            .with_resource(resource())
+            .build();
+        // One provider per process; a second `init` keeps the first.
+        let _ = METER.set(provider.clone());
+        telemetry.meter = Some(provider);
+    }
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .context("installing the log subscriber")?;
+    Ok(telemetry)
+}
+
+/// The W3C trace context in `traceparent` (and `tracestate`), as a parent context; `None`
+/// when absent or malformed (a bad header starts a new trace, it never fails a request).
+pub fn remote_parent(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> Option<opentelemetry::Context> {
+    let traceparent = traceparent?;
+    let mut carrier = HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if let Some(s) = tracestate {
+        carrier.insert("tracestate".to_owned(), s.to_owned());
+    }
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// Makes `span`'s parent the remote context, if any.
+pub fn adopt_parent(span: &tracing::Span, parent: Option<opentelemetry::Context>) {
+    if let Some(cx) = parent {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The OpenTelemetry identity of `span`, to link other spans to it; `None` when spans are
+/// not exported.
+pub fn span_context(span: &tracing::Span) -> Option<SpanContext> {
+    if span.is_disabled() {
+        return None;
+    }
+    let sc = span.context().span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// Links `span` to each of `links` (an engine step to the generations it served).
+pub fn link(span: &tracing::Span, links: impl IntoIterator<Item = SpanContext>) {
+    if span.is_disabled() {
+        return;
+    }
+    for sc in links {
+        span.add_link(sc);
+    }
+}
+
+/// The OTLP/HTTP transport: plain HTTP/1.1 requests run on the server's tokio runtime (the
+/// SDK's batch processors call from threads of their own, which have no reactor).
+#[derive(Debug, Clone)]
+struct RuntimeHttpClient {
+    rt: tokio::runtime::Handle,
+}
+
+impl RuntimeHttpClient {
+    fn current() -> Result<Self> {
+        Ok(Self {
+            rt: tokio::runtime::Handle::try_current()
+                .context("telemetry must start inside the tokio runtime")?,
+        })
+    }
+}
+
+/// Longest wait for one OTLP answer.
+const OTLP_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl opentelemetry_http::HttpClient for RuntimeHttpClient {
+    fn send_bytes<'a, 'b>(
+        &'a self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Pin<
+        Box<
+            dyn Future<Output = Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError>>
+                + Send
+                + 'b,
+        >,
+    >
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        let task = self.rt.spawn(async move {
+            let uri = request.uri().clone();
+            let authority = uri
+                .authority()
+                .ok_or_else(|| anyhow::anyhow!("OTLP endpoint {uri} has no host"))?
+                .to_string();
+            if uri.scheme_str() != Some("http") {
+                anyhow::bail!("OTLP endpoint {uri}: only http:// is supported (no TLS client)");
+            }
+            let addr = if authority.contains(':') {
+                authority
+            } else {
+                format!("{authority}:80")
+            };
+            let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+            let headers: Vec<(String, String)> = request
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .collect();
+            let reply = crate::admin_cli::exchange_bytes(
+                &addr,
+                request.method().as_str(),
+                &path,
+                &headers,
+                request.body(),
+                OTLP_HTTP_TIMEOUT,
+            )
+            .await?;
+            let response = http::Response::builder()
+                .status(reply.status)
+                .body(bytes::Bytes::from(reply.body))?;
+            Ok(response)
+        });
+        Box::pin(async move {
+            match task.await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(Box::new(e) as opentelemetry_http::HttpError),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(vars: &[(&str, &str)]) -> Result<ExportPlan> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        ExportPlan::from_vars(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn nothing_is_exported_without_an_endpoint() {
+        assert_eq!(plan(&[]).expect("plan"), ExportPlan::default());
+        assert_eq!(
+            plan(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).expect("plan"),
+            ExportPlan::default()
+        );
+    }
+
+    #[test]
+    fn the_endpoint_turns_both_signals_on_with_http_by_default() {
+        let p = plan(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]).expect("plan");
+        let http = Some(SignalExport {
+            protocol: OtlpProtocol::HttpProtobuf,
+        });
+        assert_eq!((p.traces, p.metrics), (http, http));
+    }
+
+    #[test]
+    fn signal_variables_beat_the_general_ones() {
+        let p = plan(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+        ])
+        .expect("plan");
+        assert_eq!(
+            p.traces,
+            Some(SignalExport {
+                protocol: OtlpProtocol::Grpc
+            })
+        );
+        assert_eq!(p.metrics, None, "no endpoint for metrics");
+    }
+
+    #[test]
+    fn exporters_can_be_switched_off() {
+        let p = plan(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_METRICS_EXPORTER", "none"),
+        ])
+        .expect("plan");
+        assert!(p.traces.is_some() && p.metrics.is_none());
+        let p = plan(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ])
+        .expect("plan");
+        assert_eq!(p, ExportPlan::default());
+    }
+
+    #[test]
+    fn unknown_protocols_and_exporters_are_refused() {
+        let e = plan(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ])
+        .expect_err("json is not built");
+        assert!(e.to_string().contains("http/json"), "{e}");
+        assert!(plan(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn traceparent_is_read_and_bad_ones_are_ignored() {
+        let cx = remote_parent(
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            None,
+        )
+        .expect("valid");
+        let sc = cx.span().span_context().clone();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_remote() && sc.is_sampled());
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-zzzz-01",
+            "garbage",
+        ] {
+            assert!(remote_parent(Some(bad), None).is_none(), "{bad:?}");
+        }
+        assert!(remote_parent(None, None).is_none());
+    }
+}
