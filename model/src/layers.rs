@@ -247,11 +247,13 @@ impl RopeTables {
     }
 }
 
+/// The attention block. Q, K and V are one matmul (`qkv_proj`: the three weights stacked
+/// row-wise at load, `[q + 2 kv, hidden]`), and so are the MLP's gate and up projections: at
+/// the few rows per step of batched decoding, one larger GEMM costs less than three small
+/// ones (one pass over the activations, one thread-pool hand-off).
 #[derive(Clone, Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv_proj: Linear,
     o_proj: Linear,
     heads: usize,
     kv_heads: usize,
@@ -260,15 +262,18 @@ struct Attention {
 
 #[derive(Clone, Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `[gate; up]`, `[2 * intermediate, hidden]`.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.intermediate;
+        let gate_up = self.gate_up_proj.forward(x)?;
         let gated =
-            (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+            (candle_nn::ops::silu(&gate_up.narrow(1, 0, f)?)? * gate_up.narrow(1, f, f)?)?;
         self.down_proj.forward(&gated)
     }
 }
@@ -329,19 +334,31 @@ impl DecoderLayer {
         let lin = |name: &str, o: usize, i: usize| {
             Linear::load(src, &format!("{p}.{name}.weight"), o, i, dtype, device)
         };
+        let weight = |name: &str, o: usize, i: usize| {
+            src.load(&format!("{p}.{name}.weight"), &[o, i], dtype, device)
+        };
+        let stacked = |parts: &[(&str, usize)]| -> Result<Linear> {
+            let ws = parts
+                .iter()
+                .map(|(name, o)| weight(name, *o, h))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Linear::from_weight(Tensor::cat(&ws, 0)?))
+        };
         let attn = Attention {
-            q_proj: lin("self_attn.q_proj", q, h)?,
-            k_proj: lin("self_attn.k_proj", kv, h)?,
-            v_proj: lin("self_attn.v_proj", kv, h)?,
+            qkv_proj: stacked(&[
+                ("self_attn.q_proj", q),
+                ("self_attn.k_proj", kv),
+                ("self_attn.v_proj", kv),
+            ])?,
             o_proj: lin("self_attn.o_proj", h, q)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         };
         let mlp = Mlp {
-            gate_proj: lin("mlp.gate_proj", f, h)?,
-            up_proj: lin("mlp.up_proj", f, h)?,
+            gate_up_proj: stacked(&[("mlp.gate_proj", f), ("mlp.up_proj", f)])?,
             down_proj: lin("mlp.down_proj", h, f)?,
+            intermediate: f,
         };
         Ok(Self {
             index,
@@ -380,9 +397,15 @@ impl DecoderLayer {
         let t = x.dim(0)?;
         let a = &self.attn;
         let h = self.input_norm.forward(x)?;
-        let q = a.q_proj.forward(&h)?.reshape((t, a.heads, a.head_dim))?;
-        let k = a.k_proj.forward(&h)?.reshape((t, a.kv_heads, a.head_dim))?;
-        let v = a.v_proj.forward(&h)?.reshape((t, a.kv_heads, a.head_dim))?;
+        let qkv = a.qkv_proj.forward(&h)?;
+        let (qs, kvs) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+        let q = qkv.narrow(1, 0, qs)?.reshape((t, a.heads, a.head_dim))?;
+        let k = qkv
+            .narrow(1, qs, kvs)?
+            .reshape((t, a.kv_heads, a.head_dim))?;
+        let v = qkv
+            .narrow(1, qs + kvs, kvs)?
+            .reshape((t, a.kv_heads, a.head_dim))?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let attn = kv.attend(self.index, &q, &k, &v.contiguous()?, ctx)?;
