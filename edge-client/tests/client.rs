@@ -542,16 +542,7 @@ fn nothing_above_debug_logs_private_text() {
                 name: "name".into(),
                 value: serde_json::json!(MARKER),
             }],
-            redactions: vec![],
-            prompt_tokens: 4,
-            shared_prefix_tokens: 0,
-            model: ModelInfo::from_edge(&tiny.bundle.model, tiny.bundle.pair_id()),
-            sent: SentTraffic::default(),
-            bytes_received: 0,
-            compression: None,
-            noise: None,
-            output: None,
-            finish_reason: None,
+            ..bare_record(&tiny, 4)
         });
         let generation = client.generate(req).expect("generate");
         let mut ws = fake.accept().await;
@@ -590,6 +581,28 @@ fn nothing_above_debug_logs_private_text() {
     assert!(!logs.contains(MARKER), "private text in the logs:\n{logs}");
 }
 
+/// A record with nothing filled in but the model and the prompt length.
+fn bare_record(tiny: &Tiny, prompt_tokens: usize) -> TransparencyRecord {
+    TransparencyRecord {
+        partner: None,
+        prompt_id: None,
+        system_prompt: None,
+        template: "t".into(),
+        user_prompt: "u".into(),
+        fields_used: vec![],
+        redactions: vec![],
+        prompt_tokens,
+        shared_prefix_tokens: 0,
+        model: ModelInfo::from_edge(&tiny.bundle.model, tiny.bundle.pair_id()),
+        sent: SentTraffic::default(),
+        bytes_received: 0,
+        compression: None,
+        noise: None,
+        output: None,
+        finish_reason: None,
+    }
+}
+
 /// Runs a 6-token prompt and 2 output tokens against the fake cloud with `noise`; answers
 /// the hidden frames received and the finished generation.
 async fn run_with_noise(
@@ -603,24 +616,7 @@ async fn run_with_noise(
     let client = EdgeClient::from_bundle(&tiny.bundle, cfg).expect("client");
     let mut req = GenerateRequest::new(prompt(6));
     req.max_tokens = 2;
-    req.record = Some(TransparencyRecord {
-        partner: None,
-        prompt_id: None,
-        system_prompt: None,
-        template: "t".into(),
-        user_prompt: "u".into(),
-        fields_used: vec![],
-        redactions: vec![],
-        prompt_tokens: 6,
-        shared_prefix_tokens: 0,
-        model: ModelInfo::from_edge(&tiny.bundle.model, tiny.bundle.pair_id()),
-        sent: SentTraffic::default(),
-        bytes_received: 0,
-        compression: None,
-        noise: None,
-        output: None,
-        finish_reason: None,
-    });
+    req.record = Some(bare_record(tiny, 6));
     let generation = client.generate(req).expect("generate");
     let mut ws = fake.accept().await;
     assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));

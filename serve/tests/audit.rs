@@ -150,46 +150,22 @@ fn the_command_prints_a_table_and_json() {
     let tmp = tempfile::tempdir().expect("tmp");
     tiny_model(tmp.path());
     let model = tmp.path().to_str().expect("utf8");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "audit-privacy",
-            "--model",
-            model,
-            "--edge-layers",
-            "1,2",
-            "--cost-only",
-        ])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = audit_cli(&["--model", model, "--edge-layers", "1,2", "--cost-only"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), 3, "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "audit-privacy",
-            "--model",
-            model,
-            "--noise",
-            "none",
-            "--gen-tokens",
-            "2",
-            "--random-sequences",
-            "2",
-            "--shortlist",
-            "8",
-            "--json",
-        ])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = audit_cli(&[
+        "--model",
+        model,
+        "--noise",
+        "none",
+        "--gen-tokens",
+        "2",
+        "--random-sequences",
+        "2",
+        "--shortlist",
+        "8",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["cells"].as_array().expect("cells").len(), 1);
     assert_eq!(
@@ -197,4 +173,19 @@ fn the_command_prints_a_table_and_json() {
         prompts::BUILTIN.len()
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("[audit"));
+}
+
+/// Runs `tandem audit-privacy ARGS` and answers its output; it must succeed.
+fn audit_cli(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .arg("audit-privacy")
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
