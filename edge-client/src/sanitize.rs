@@ -482,7 +482,7 @@ fn luhn_valid(digits: impl DoubleEndedIterator<Item = u8>) -> bool {
         }
         sum += d;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 #[cfg(test)]

@@ -282,7 +282,7 @@ impl Geometry {
                 return Err(AttnError::ZeroDimension { name });
             }
         }
-        if p.num_heads % p.num_kv_heads != 0 {
+        if !p.num_heads.is_multiple_of(p.num_kv_heads) {
             return Err(AttnError::HeadsNotDivisible {
                 num_heads: p.num_heads,
                 num_kv_heads: p.num_kv_heads,
@@ -295,7 +295,7 @@ impl Geometry {
             .checked_mul(p.head_dim)
             .ok_or_else(overflow)?;
         let block_len = slot_len.checked_mul(p.block_size).ok_or_else(overflow)?;
-        if q_len % row_len != 0 {
+        if !q_len.is_multiple_of(row_len) {
             return Err(AttnError::QueryShape {
                 len: q_len,
                 row_len,

@@ -288,7 +288,7 @@ impl BlockTable {
     }
 
     fn last_block_needs_copy(&self) -> bool {
-        let partial = self.len % self.pool.block_size != 0;
+        let partial = !self.len.is_multiple_of(self.pool.block_size);
         partial
             && self
                 .blocks
@@ -308,7 +308,7 @@ impl BlockTable {
             });
         }
         let mut copies = Vec::new();
-        if n > 0 && self.len % self.pool.block_size != 0 {
+        if n > 0 && !self.len.is_multiple_of(self.pool.block_size) {
             if let Some(last) = self.blocks.last_mut() {
                 if inner.refs[last.0 as usize] > 1 {
                     let fresh = inner

@@ -1,5 +1,7 @@
-//! What a load run does: [`LoadConfig`] and the two small distributions it is made of,
-//! [`Arrival`] (when devices start) and [`LengthDist`] (how many prompt or output tokens).
+//! What a load run does: [`LoadConfig`] and the small pieces it is made of: [`Arrival`]
+//! (when devices start), [`LengthDist`] (how many prompt or output tokens), [`Trace`] (lengths
+//! and think times replayed from a JSON file instead) and [`DeviceCompute`] (replayed or real
+//! edge compute).
 //!
 //! Both distributions are parsed once from their command-line spelling (`all`,
 //! `poisson:5`, `fixed:64`, `uniform:32-128`) into values that cannot be wrong (a rate that is
@@ -192,6 +194,107 @@ impl From<LengthDist> for String {
     }
 }
 
+/// How devices get the hidden states they send.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceCompute {
+    /// Once per distinct token history, shared by every device (see [`crate::replay`]).
+    #[default]
+    Replay,
+    /// Every device runs the edge layers itself, per token (`tandem_edge::EdgeSession`), as
+    /// a phone would: for small device counts.
+    Real,
+}
+
+impl FromStr for DeviceCompute {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "replay" => Ok(Self::Replay),
+            "real" => Ok(Self::Real),
+            other => Err(format!("device compute `{other}`: expected replay or real")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceCompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Replay => "replay",
+            Self::Real => "real",
+        })
+    }
+}
+
+/// One record of a trace file: the lengths of one generation and, optionally, the pause
+/// before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRecord {
+    pub prompt_tokens: u32,
+    /// The generation's `max_tokens`.
+    pub output_tokens: u32,
+    /// Pause of the device before this generation (after its previous one); `--think-ms`
+    /// when absent. Ignored for a device's first generation (its arrival decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub think_ms: Option<u64>,
+}
+
+/// Generation lengths (and think times) replayed from a JSON file: a list of
+/// [`TraceRecord`]s that the generations take in order, cycling when there are more
+/// generations than records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trace {
+    /// Where it was read from (for the report).
+    pub path: String,
+    /// At least one.
+    pub records: Vec<TraceRecord>,
+}
+
+impl Trace {
+    /// Reads and checks a trace file.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("trace {}: {e}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses the text of a trace file: a JSON array of
+    /// `{"prompt_tokens": N, "output_tokens": N, "think_ms": MS}` objects (`think_ms`
+    /// optional), counts at least 1.
+    pub fn parse(text: &str, path: &str) -> Result<Self, String> {
+        let records: Vec<TraceRecord> = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "trace {path}: {e} (expected a JSON array of \
+                 {{\"prompt_tokens\": N, \"output_tokens\": N, \"think_ms\": MS}} objects, \
+                 think_ms optional)"
+            )
+        })?;
+        if records.is_empty() {
+            return Err(format!("trace {path}: no records"));
+        }
+        for (i, r) in records.iter().enumerate() {
+            if r.prompt_tokens == 0 || r.output_tokens == 0 {
+                return Err(format!(
+                    "trace {path}: record {i}: prompt_tokens and output_tokens must be at least 1"
+                ));
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            records,
+        })
+    }
+
+    /// The record of a device's `generation`-th generation (0-based) among `devices`:
+    /// records are taken round by round, every device's first generation, then every
+    /// device's second, and so on (roughly the order they start in), cycling.
+    pub fn record(&self, device: usize, generation: usize, devices: usize) -> TraceRecord {
+        self.records[(generation * devices + device) % self.records.len()]
+    }
+}
+
 /// Parses a hidden-state dtype by its wire name (`f32`, `f16`, `bf16`, `int8`).
 pub fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
     HiddenDtype::ALL
@@ -199,6 +302,10 @@ pub fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
         .find(|d| d.as_str() == s)
         .ok_or_else(|| format!("dtype `{s}`: expected f32, f16, bf16 or int8"))
 }
+
+/// Default of `--max-reconnects`: with the backoff of [`crate::device::backoff`] the
+/// attempts span about 12 s, enough for a server restart on a small model.
+pub const DEFAULT_MAX_RECONNECTS: u32 = 6;
 
 /// One load run.
 #[derive(Clone, Debug)]
@@ -215,6 +322,9 @@ pub struct LoadConfig {
     pub output_tokens: LengthDist,
     /// Pause of a device between two of its generations.
     pub think: Duration,
+    /// Pause of a device before it sends each decode step's hidden state: a slow device, or
+    /// a session kept open while mostly idle (thousands of live sessions at a low token rate).
+    pub step_delay: Duration,
     pub generations_per_device: u32,
     /// Hard stop: generations still running then are cut and counted as such.
     pub duration: Duration,
@@ -229,12 +339,20 @@ pub struct LoadConfig {
     pub metrics_url: Option<String>,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
+    /// With a trace, generation lengths and think times come from it instead of
+    /// `prompt_tokens`, `output_tokens` and `think`.
+    pub trace: Option<Trace>,
+    pub device_compute: DeviceCompute,
+    /// Consecutive failed reconnection attempts after which a generation is given up (lost).
+    /// The count starts again once a connection makes progress (a new token or `Done`).
+    pub max_reconnects: u32,
 }
 
 impl LoadConfig {
     /// A run of `devices` devices against `server` with the defaults of the command line:
     /// everyone at once, 64 prompt tokens, 32 output tokens, one generation each, f32, a pool
-    /// of 8 prompts, seed 0, a 60 s limit, no progress line.
+    /// of 8 prompts, seed 0, a 60 s limit, replayed edge compute, up to
+    /// [`DEFAULT_MAX_RECONNECTS`] reconnections per outage, no progress line.
     pub fn new(server: impl Into<String>, edge: impl Into<PathBuf>, devices: usize) -> Self {
         Self {
             server: server.into(),
@@ -244,6 +362,7 @@ impl LoadConfig {
             prompt_tokens: LengthDist { min: 64, max: 64 },
             output_tokens: LengthDist { min: 32, max: 32 },
             think: Duration::ZERO,
+            step_delay: Duration::ZERO,
             generations_per_device: 1,
             duration: Duration::from_secs(60),
             dtype: HiddenDtype::F32,
@@ -251,6 +370,30 @@ impl LoadConfig {
             seed: 0,
             metrics_url: None,
             progress: false,
+            trace: None,
+            device_compute: DeviceCompute::Replay,
+            max_reconnects: DEFAULT_MAX_RECONNECTS,
+        }
+    }
+
+    /// The longest prompt a generation may have.
+    pub fn max_prompt_tokens(&self) -> u32 {
+        match &self.trace {
+            Some(t) => t.records.iter().map(|r| r.prompt_tokens).max().unwrap_or(1),
+            None => self.prompt_tokens.max(),
+        }
+    }
+
+    /// The longest prompt plus output of one generation.
+    pub fn max_sequence_tokens(&self) -> u64 {
+        match &self.trace {
+            Some(t) => t
+                .records
+                .iter()
+                .map(|r| u64::from(r.prompt_tokens) + u64::from(r.output_tokens))
+                .max()
+                .unwrap_or(0),
+            None => u64::from(self.prompt_tokens.max()) + u64::from(self.output_tokens.max()),
         }
     }
 
@@ -400,6 +543,53 @@ mod tests {
         let back: (Arrival, LengthDist) = serde_json::from_str(&json).expect("back");
         assert_eq!(back.1.to_string(), "uniform:1-9");
         assert!(serde_json::from_str::<LengthDist>(r#""fixed:0""#).is_err());
+    }
+
+    #[test]
+    fn traces_parse_cycle_and_refuse_bad_files() {
+        let t = Trace::parse(
+            r#"[{"prompt_tokens": 5, "output_tokens": 2},
+                {"prompt_tokens": 9, "output_tokens": 1, "think_ms": 250}]"#,
+            "t.json",
+        )
+        .expect("trace");
+        assert_eq!(t.records.len(), 2);
+        assert_eq!(t.records[1].think_ms, Some(250));
+        assert_eq!(t.records[0].think_ms, None);
+        // Round by round over 3 devices: (d0,g0)=0 (d1,g0)=1 (d2,g0)=0 (d0,g1)=1 ...
+        assert_eq!(t.record(0, 0, 3).prompt_tokens, 5);
+        assert_eq!(t.record(1, 0, 3).prompt_tokens, 9);
+        assert_eq!(t.record(2, 0, 3).prompt_tokens, 5);
+        assert_eq!(t.record(0, 1, 3).prompt_tokens, 9);
+        assert_eq!(t.record(1, 1, 3).prompt_tokens, 5);
+
+        let mut c = LoadConfig::new("ws://127.0.0.1:1/v1/edge/ws", "edge", 3);
+        c.trace = Some(t);
+        assert_eq!(c.max_prompt_tokens(), 9);
+        assert_eq!(c.max_sequence_tokens(), 10);
+
+        let err = |text: &str| Trace::parse(text, "bad.json").expect_err(text);
+        assert!(err("").contains("bad.json"));
+        assert!(err("{").contains("expected a JSON array"));
+        assert!(err(r#"{"prompt_tokens": 1, "output_tokens": 1}"#).contains("JSON array"));
+        assert!(err("[]").contains("no records"));
+        assert!(err(r#"[{"prompt_tokens": 1}]"#).contains("output_tokens"));
+        assert!(err(r#"[{"prompt_tokens": -1, "output_tokens": 1}]"#).contains("bad.json"));
+        assert!(err(r#"[{"prompt_tokens": 1, "output_tokens": 1, "x": 2}]"#).contains("x"));
+        let zero = err(r#"[{"prompt_tokens": 1, "output_tokens": 1},
+                           {"prompt_tokens": 0, "output_tokens": 1}]"#);
+        assert!(zero.contains("record 1"), "{zero}");
+        let missing =
+            Trace::load(std::path::Path::new("/nonexistent/trace.json")).expect_err("missing file");
+        assert!(missing.contains("/nonexistent/trace.json"), "{missing}");
+    }
+
+    #[test]
+    fn device_compute_parses() {
+        assert_eq!("real".parse(), Ok(DeviceCompute::Real));
+        assert_eq!("replay".parse(), Ok(DeviceCompute::Replay));
+        assert!("fake".parse::<DeviceCompute>().is_err());
+        assert_eq!(DeviceCompute::Real.to_string(), "real");
     }
 
     #[test]

@@ -1,41 +1,75 @@
-//! One simulated device's generation over the raw protocol (docs/protocol.md §6), timed.
+//! One simulated device's generation over the raw protocol (docs/protocol.md §6), timed,
+//! surviving dropped connections as a real device does.
 //!
 //! Connect, send `Open`, wait for `Opened`, send the prompt's `Hidden` frames, then answer
-//! each `Token` with the next step's frame from the [`Replay`] tree until `Done`. A token
-//! that looks final (the `max_tokens`-th, or an end-of-sequence id) is not answered at once:
+//! each `Token` with the next step's frame (from the [`Cursor`]) until `Done`. A token that
+//! looks final (the `max_tokens`-th, or an end-of-sequence id) is not answered at once:
 //! `Done` should follow it; if none comes within [`FINAL_TOKEN_GRACE`] its hidden state is
 //! sent anyway (as `tandem-edge` does).
 //!
-//! Unlike `tandem-edge`'s client this device does not reconnect or resume: a dropped
-//! connection or an `Error` frame ends the generation and is counted by its code. That is
-//! what a load test wants to see; resuming is left for later.
+//! # Resume and replay
+//! Every `Hidden` frame sent is kept (`Bytes`, shared with the replay tree: no copy), and
+//! every token id received. When the connection drops, a send fails, the server is silent
+//! for [`IDLE_TIMEOUT`], or it answers a `3xx` error (`shutting_down`, `unavailable`, …),
+//! the device reconnects after a [`backoff`] and:
+//! - sends `Resume` (session id, the latest resume token, the last token's sequence number);
+//!   on `Opened` it resends every kept `Hidden` from the `Opened`'s next sequence number:
+//!   a *resume* when the server kept the session, a *replay* when it says 0 (it lost the
+//!   state but kept the session's parameters, e.g. in Redis): then every frame goes back to
+//!   back and the server rebuilds its KV from them without sending the known tokens again;
+//! - if the server answers `unknown_session` (an in-memory store after a restart), it sends
+//!   a new `Open` and replays step by step: the prompt's frames, then for each token the
+//!   server sends again the kept frame that followed it the first time. Tokens it already
+//!   has are checked (same id, else `protocol_violation`) and not counted again; new ones
+//!   continue the generation. This is also counted as a replay (and as a *reopen*).
+//! - `moved` reconnects at once to the URL it names.
 //!
-//! Timings are taken on the device: TTFT from just before `Open` is written to the first
-//! `Token`; each gap between consecutive `Token`s; end to end from `Open` to `Done`; the
-//! TCP + WebSocket handshake before `Open` on its own. They include the device's own
-//! (replayed, usually cached) edge work, which is what a user would see minus the real edge
-//! compute time.
+//! `--max-reconnects` bounds the consecutive failed attempts of one outage; a connection
+//! that brings a new token or `Done` ends the outage. A generation that runs out of attempts
+//! fails with the last cause and is counted as *lost*. Refusals of the first `Open`
+//! (`overloaded`, `rate_limited`) are not retried: they are what a load test measures.
+//!
+//! # Timings
+//! Taken on the device: TTFT from just before the first `Open` is written to the first
+//! `Token`; each gap between two consecutive new tokens (so the gap spanning an outage holds
+//! the outage, the reconnection and any replay: what the user sees as a stall, and it counts
+//! in TPOT); end to end from the first `Open` to `Done`; the first TCP + WebSocket handshake
+//! on its own (later ones are inside the gaps). They include the device's edge work (replayed
+//! and usually cached, or real).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tandem_protocol::{DoneReason, ErrorCode, Frame, Open};
+use tandem_protocol::{DoneReason, ErrorCode, Frame, Open, ResumeToken, SessionId};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::compute::{Compute, Cursor};
 use crate::live::Live;
-use crate::replay::{Replay, Step};
+use crate::workload::PromptId;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Longest wait for the TCP + WebSocket handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A server silent this long while the device waits counts as a failure (`timeout`).
+/// A server silent this long while the device waits counts as a lost connection.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for `Done` after a token that looks final.
 pub const FINAL_TOKEN_GRACE: Duration = Duration::from_secs(2);
+/// First reconnection delay; it doubles per failed attempt up to [`BACKOFF_MAX`].
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// The delay before reconnection attempt `attempt` (0-based) of an outage:
+/// `min(BACKOFF_MAX, BACKOFF_INITIAL × 2^attempt)`, less up to a quarter at random (`jitter`
+/// in `[0, 1)`), so thousands of devices cut at once do not come back at once.
+pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let base = BACKOFF_INITIAL.as_secs_f64() * 2f64.powi(attempt.min(30) as i32);
+    let capped = base.min(BACKOFF_MAX.as_secs_f64());
+    Duration::from_secs_f64(capped * (1.0 - 0.25 * jitter.clamp(0.0, 1.0)))
+}
 
 /// Why a generation failed.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,9 +82,10 @@ pub enum Failure {
     Disconnected(String),
     /// The server said nothing for [`IDLE_TIMEOUT`].
     Timeout,
-    /// The server broke the protocol (a bad frame, an unexpected frame, a gap in tokens).
+    /// The server broke the protocol (a bad frame, an unexpected frame, a gap in tokens, a
+    /// replayed token that differs).
     Protocol(String),
-    /// The replayed edge compute failed.
+    /// The edge compute failed.
     Edge(String),
 }
 
@@ -96,18 +131,33 @@ pub enum Outcome {
 /// What one generation measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerationRecord {
+    /// Which device (in arrival order) and which of its generations (0-based).
+    pub device: usize,
+    pub generation: usize,
     pub prompt_tokens: u32,
     pub max_tokens: u32,
     pub outcome: Outcome,
-    /// `Token` frames received.
+    /// Distinct `Token` frames received (a token resent after a reconnection counts once).
     pub tokens_received: u32,
+    /// Their ids, in order.
+    pub tokens: Vec<u32>,
     pub ttft: Option<Duration>,
-    /// Between consecutive tokens.
+    /// Between consecutive new tokens (outages included).
     pub gaps: Vec<Duration>,
-    /// `Open` to `Done` (or to the failure).
+    /// First `Open` to `Done` (or to the failure).
     pub e2e: Duration,
-    /// The TCP + WebSocket handshake (before `Open`; not in the other times).
+    /// The first TCP + WebSocket handshake (before `Open`; not in the other times).
     pub connect: Option<Duration>,
+    /// Reconnection attempts after a lost connection.
+    pub reconnects: u32,
+    /// `Resume`s the server answered with the session's state kept.
+    pub resumes: u32,
+    /// Sessions rebuilt from the kept frames (`Resume` answered with 0, or a new `Open`).
+    pub replays: u32,
+    /// Of `replays`, those that needed a new `Open` (`unknown_session`).
+    pub reopens: u32,
+    /// Failed after every reconnection attempt (the failure is the last attempt's cause).
+    pub lost: bool,
 }
 
 /// What every device shares.
@@ -116,105 +166,306 @@ pub struct DeviceContext {
     pub server: String,
     /// The `Open` every generation sends, but for its `max_tokens`.
     pub open: Open,
-    pub replay: Arc<Replay>,
+    pub compute: Arc<Compute>,
     /// End-of-sequence ids: a token among them is expected to be the last.
     pub eos: Vec<u32>,
     pub live: Arc<Live>,
+    /// Consecutive failed reconnection attempts before a generation is given up.
+    pub max_reconnects: u32,
+    /// Pause before each decode step's hidden state is computed and sent (`--step-delay-ms`).
+    pub step_delay: Duration,
 }
 
-/// Runs one generation from the prompt at `root`.
-pub async fn generate(ctx: &DeviceContext, root: &Arc<Step>, max_tokens: u32) -> GenerationRecord {
+/// Which generation: the device, its index there, the prompt and `max_tokens`.
+#[derive(Clone, Copy, Debug)]
+pub struct Job {
+    pub device: usize,
+    pub generation: usize,
+    pub prompt: PromptId,
+    pub max_tokens: u32,
+}
+
+/// Runs one generation.
+pub async fn generate(ctx: &DeviceContext, job: Job) -> GenerationRecord {
     let mut run = Run {
         ctx,
-        max_tokens,
+        job,
         started: Instant::now(),
+        open_sent: false,
+        opened_once: false,
+        reopening: false,
         ttft: None,
         gaps: Vec::new(),
-        tokens: 0,
         last_token_at: None,
         e2e: Duration::ZERO,
         connect: None,
+        tokens: Vec::new(),
+        frames: Vec::new(),
+        prompt_frames: 0,
+        cursor: None,
+        session: None,
+        redirect: None,
+        progressed: false,
+        reconnects: 0,
+        resumes: 0,
+        replays: 0,
+        reopens: 0,
     };
-    let outcome = match run.drive(root).await {
-        Ok(done) => Outcome::Done {
-            reason: done.reason,
-            output_tokens: done.output_tokens,
-        },
-        Err(f) => Outcome::Failed(f),
+    let (outcome, lost) = match run.drive().await {
+        Ok(done) => (
+            Outcome::Done {
+                reason: done.reason,
+                output_tokens: done.output_tokens,
+            },
+            false,
+        ),
+        Err((f, lost)) => (Outcome::Failed(f), lost),
     };
+    if lost {
+        ctx.live.lost();
+    }
     GenerationRecord {
-        prompt_tokens: root.len() as u32,
-        max_tokens,
+        device: job.device,
+        generation: job.generation,
+        prompt_tokens: ctx.compute.prompt_len(job.prompt) as u32,
+        max_tokens: job.max_tokens,
         outcome,
-        tokens_received: run.tokens,
+        tokens_received: run.tokens.len() as u32,
+        tokens: run.tokens,
         ttft: run.ttft,
         gaps: run.gaps,
         e2e: run.e2e,
         connect: run.connect,
+        reconnects: run.reconnects,
+        resumes: run.resumes,
+        replays: run.replays,
+        reopens: run.reopens,
+        lost,
     }
+}
+
+/// Why a connection ended without `Done`.
+enum Stop {
+    /// Try again on a new connection.
+    Retry(Failure),
+    /// The server forgot the session: open a new one now and replay.
+    Reopen,
+    /// The generation cannot go on.
+    Fatal(Failure),
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Self {
+        Self::Fatal(f)
+    }
+}
+
+/// How the connection after `Opened` should start.
+enum Entry {
+    /// A new session: the server waits for the prompt.
+    Fresh,
+    /// The server has (or rebuilds) every token we hold and waits for the rest of our
+    /// frames, then for the last token's hidden state if we still owe it.
+    Resumed,
+    /// A new session for a generation that already has tokens: they come again.
+    Reopened,
 }
 
 /// The state of one generation in progress.
 struct Run<'a> {
     ctx: &'a DeviceContext,
-    max_tokens: u32,
+    job: Job,
+    /// Just before the first `Open`.
     started: Instant,
+    open_sent: bool,
+    opened_once: bool,
+    /// The server forgot the session: the next `Opened` starts a replay by new `Open`.
+    reopening: bool,
     ttft: Option<Duration>,
     gaps: Vec<Duration>,
-    tokens: u32,
     last_token_at: Option<Instant>,
     e2e: Duration,
     connect: Option<Duration>,
+    /// Token ids received; index = sequence number.
+    tokens: Vec<u32>,
+    /// Every `Hidden` frame produced; index = sequence number.
+    frames: Vec<Bytes>,
+    /// Frames the prompt took (`frames[prompt_frames + s]` answers token `s`).
+    prompt_frames: usize,
+    cursor: Option<Cursor>,
+    session: Option<(SessionId, ResumeToken)>,
+    /// Where a `moved` answer said the session lives.
+    redirect: Option<String>,
+    /// The current connection brought a new token or `Done` (ends an outage).
+    progressed: bool,
+    reconnects: u32,
+    resumes: u32,
+    replays: u32,
+    reopens: u32,
 }
 
 impl Run<'_> {
-    async fn drive(&mut self, root: &Arc<Step>) -> Result<tandem_protocol::Done, Failure> {
+    /// Connections until `Done`, a fatal failure, or the end of the reconnection budget
+    /// (`Err((failure, true))`: lost).
+    async fn drive(&mut self) -> Result<tandem_protocol::Done, (Failure, bool)> {
+        let mut failures: u32 = 0;
+        loop {
+            self.progressed = false;
+            let stop = match self.connection().await {
+                Ok(done) => {
+                    self.e2e = self.started.elapsed();
+                    return Ok(done);
+                }
+                Err(stop) => stop,
+            };
+            self.e2e = self.started.elapsed();
+            if self.progressed {
+                failures = 0;
+            }
+            let delay = match stop {
+                Stop::Fatal(f) => return Err((f, false)),
+                Stop::Reopen => {
+                    self.reopening = true;
+                    Duration::ZERO
+                }
+                Stop::Retry(f) => {
+                    if failures >= self.ctx.max_reconnects {
+                        return Err((f, true));
+                    }
+                    failures += 1;
+                    if self.redirect.is_some() {
+                        Duration::ZERO
+                    } else {
+                        backoff(failures - 1, rand::random::<f64>())
+                    }
+                }
+            };
+            tokio::time::sleep(delay).await;
+            self.reconnects += 1;
+            self.ctx.live.reconnect();
+        }
+    }
+
+    /// One connection: handshake, `Open` or `Resume`, then frames until `Done`.
+    async fn connection(&mut self) -> Result<tandem_protocol::Done, Stop> {
+        let url = self
+            .redirect
+            .take()
+            .unwrap_or_else(|| self.ctx.server.clone());
+        let began = Instant::now();
         let connect = tokio_tungstenite::connect_async_with_config(
-            self.ctx.server.as_str(),
+            url.as_str(),
             None,
             true, // no Nagle: frames are small and every one is waited for
         );
         let mut ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok((ws, _))) => {
-                self.connect = Some(self.started.elapsed());
-                ws
-            }
-            Ok(Err(e)) => {
-                self.e2e = self.started.elapsed();
-                return Err(Failure::Connect(e.to_string()));
-            }
-            Err(_) => {
-                self.e2e = self.started.elapsed();
-                return Err(Failure::Connect("timed out".into()));
-            }
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(e)) => return Err(Stop::Retry(Failure::Connect(e.to_string()))),
+            Err(_) => return Err(Stop::Retry(Failure::Connect("timed out".into()))),
         };
-        let result = self.session(&mut ws, root).await;
-        self.e2e = self.started.elapsed();
+        if self.connect.is_none() {
+            self.connect = Some(began.elapsed());
+        }
+        let result = self.session(&mut ws).await;
         let _ = ws.close(None).await;
         result
     }
 
-    async fn session(
-        &mut self,
-        ws: &mut Ws,
-        root: &Arc<Step>,
-    ) -> Result<tandem_protocol::Done, Failure> {
-        let open = Frame::Open(Open {
-            max_tokens: self.max_tokens,
-            ..self.ctx.open.clone()
-        })
-        .encode()
-        .map_err(|e| Failure::Protocol(format!("encoding Open: {e}")))?;
-        self.started = Instant::now();
-        send(ws, Bytes::from(open)).await?;
-        self.wait_opened(ws).await?;
-        for frame in root.frames() {
-            send(ws, frame.clone()).await?;
+    async fn session(&mut self, ws: &mut Ws) -> Result<tandem_protocol::Done, Stop> {
+        let resuming = self.session.is_some();
+        let first = match &self.session {
+            Some((session, token)) => Frame::Resume(tandem_protocol::Resume {
+                session: *session,
+                resume_token: token.clone(),
+                last_token_seq: (self.tokens.len() as u64).checked_sub(1),
+            }),
+            None => Frame::Open(Open {
+                max_tokens: self.job.max_tokens,
+                ..self.ctx.open.clone()
+            }),
+        };
+        let first = first
+            .encode()
+            .map_err(|e| Failure::Protocol(format!("encoding the first frame: {e}")))?;
+        if !self.open_sent {
+            self.started = Instant::now();
+            self.open_sent = true;
         }
+        send(ws, Bytes::from(first)).await?;
+        let opened = self.wait_opened(ws, resuming).await?;
+        self.opened_once = true;
 
-        let mut at = root.clone();
+        let entry = if resuming {
+            if opened.session != self.session_id() {
+                return Err(Stop::Fatal(Failure::Protocol(format!(
+                    "resumed session {} but the server answered for {}",
+                    self.session_id(),
+                    opened.session
+                ))));
+            }
+            let next = opened.next_hidden_seq;
+            if next > self.frames.len() as u64 {
+                return Err(Stop::Fatal(Failure::Protocol(format!(
+                    "the server wants hidden frames from {next}, but only {} were sent",
+                    self.frames.len()
+                ))));
+            }
+            if next == 0 && !self.frames.is_empty() {
+                self.replays += 1;
+                self.ctx.live.replay();
+            } else {
+                self.resumes += 1;
+                self.ctx.live.resume();
+            }
+            self.session = Some((opened.session, opened.resume_token));
+            for frame in self.frames[next as usize..].iter().cloned() {
+                send(ws, frame).await?;
+            }
+            Entry::Resumed
+        } else {
+            self.session = Some((opened.session, opened.resume_token));
+            if self.cursor.is_none() {
+                let (cursor, frames) = self
+                    .ctx
+                    .compute
+                    .start(self.job.prompt)
+                    .await
+                    .map_err(|e| Failure::Edge(format!("{e:#}")))?;
+                self.cursor = Some(cursor);
+                self.prompt_frames = frames.len();
+                self.frames = frames;
+            }
+            let reopened = std::mem::take(&mut self.reopening);
+            if reopened {
+                self.replays += 1;
+                self.reopens += 1;
+                self.ctx.live.replay();
+            }
+            for frame in self.frames[..self.prompt_frames].iter().cloned() {
+                send(ws, frame).await?;
+            }
+            if reopened && !self.tokens.is_empty() {
+                Entry::Reopened
+            } else {
+                Entry::Fresh
+            }
+        };
+        // Frames sent on this connection so far: the next one to send is `frames[sent]`.
+        let mut sent = match entry {
+            Entry::Resumed => self.frames.len(),
+            Entry::Fresh | Entry::Reopened => self.prompt_frames,
+        };
         // A final-looking token whose hidden state has not been sent.
         let mut held: Option<u32> = None;
+        if matches!(entry, Entry::Resumed) && self.unanswered() {
+            // The server waits for the hidden state of our last token.
+            let last = self.tokens[self.tokens.len() - 1];
+            if self.looks_final(last) {
+                held = Some(last);
+            } else {
+                self.answer(ws, last, &mut sent).await?;
+            }
+        }
         loop {
             let wait = if held.is_some() {
                 FINAL_TOKEN_GRACE
@@ -226,110 +477,182 @@ impl Run<'_> {
                 Err(_) => match held.take() {
                     // No `Done` after all: the server wants this token's hidden state.
                     Some(token) => {
-                        at = self.answer(ws, &at, token).await?;
+                        self.answer(ws, token, &mut sent).await?;
                         continue;
                     }
-                    None => return Err(Failure::Timeout),
+                    None => return Err(Stop::Retry(Failure::Timeout)),
                 },
             };
             match frame {
                 Frame::Token(t) => {
-                    if t.seq != u64::from(self.tokens) || held.is_some() {
-                        return Err(Failure::Protocol(format!(
-                            "token {} arrived after {} tokens{}",
+                    let have = self.tokens.len() as u64;
+                    if t.seq > have || held.is_some() {
+                        return Err(Stop::Fatal(Failure::Protocol(format!(
+                            "token {} arrived after {have} tokens{}",
                             t.seq,
-                            self.tokens,
                             if held.is_some() {
                                 " before the last one's hidden state was sent"
                             } else {
                                 ""
                             }
-                        )));
+                        ))));
                     }
-                    self.on_token();
-                    if self.tokens >= self.max_tokens || self.ctx.eos.contains(&t.token_id) {
+                    let s = t.seq as usize;
+                    if t.seq < have {
+                        // Sent again by a reopened session: must be the same token.
+                        if self.tokens[s] != t.token_id {
+                            return Err(Stop::Fatal(Failure::Protocol(format!(
+                                "token {} came back as id {} after a replay, was {}",
+                                t.seq, t.token_id, self.tokens[s]
+                            ))));
+                        }
+                    } else {
+                        self.on_token(t.token_id);
+                    }
+                    let index = self.prompt_frames + s;
+                    if index < self.frames.len() {
+                        // Answered before the connection dropped: send the same frame again.
+                        if index == sent {
+                            send(ws, self.frames[index].clone()).await?;
+                            sent += 1;
+                        }
+                    } else if self.looks_final(t.token_id) {
                         held = Some(t.token_id);
                     } else {
-                        at = self.answer(ws, &at, t.token_id).await?;
+                        self.answer(ws, t.token_id, &mut sent).await?;
                     }
                 }
-                Frame::Done(d) => return Ok(d),
-                Frame::Error(e) => {
-                    return Err(Failure::Server {
+                Frame::Done(d) => {
+                    self.progressed = true;
+                    return Ok(d);
+                }
+                Frame::Error(e) if e.code.is_retryable() => {
+                    if e.code == ErrorCode::Moved && e.message.starts_with("ws") {
+                        self.redirect = Some(e.message.clone());
+                    }
+                    return Err(Stop::Retry(Failure::Server {
                         code: e.code,
                         message: e.message,
-                    })
+                    }));
+                }
+                Frame::Error(e) => {
+                    return Err(Stop::Fatal(Failure::Server {
+                        code: e.code,
+                        message: e.message,
+                    }))
                 }
                 Frame::Ping { nonce } => send_frame(ws, &Frame::Pong { nonce }).await?,
                 Frame::Pong { .. } => {}
                 other => {
-                    return Err(Failure::Protocol(format!(
+                    return Err(Stop::Fatal(Failure::Protocol(format!(
                         "unexpected {:?} frame",
                         other.frame_type()
-                    )))
+                    ))))
                 }
             }
         }
     }
 
-    async fn wait_opened(&mut self, ws: &mut Ws) -> Result<(), Failure> {
+    fn session_id(&self) -> SessionId {
+        self.session
+            .as_ref()
+            .map_or(SessionId(u64::MAX), |(id, _)| *id)
+    }
+
+    /// Whether the last token received still waits for its hidden state.
+    fn unanswered(&self) -> bool {
+        !self.tokens.is_empty() && self.frames.len() - self.prompt_frames < self.tokens.len()
+    }
+
+    fn looks_final(&self, token: u32) -> bool {
+        self.tokens.len() as u32 >= self.job.max_tokens || self.ctx.eos.contains(&token)
+    }
+
+    /// Waits for `Opened` after `Open` (`resuming: false`) or `Resume`.
+    async fn wait_opened(
+        &mut self,
+        ws: &mut Ws,
+        resuming: bool,
+    ) -> Result<tandem_protocol::Opened, Stop> {
         loop {
             let frame = tokio::time::timeout(IDLE_TIMEOUT, recv(ws))
                 .await
-                .map_err(|_| Failure::Timeout)??;
+                .map_err(|_| Stop::Retry(Failure::Timeout))??;
             match frame {
-                Frame::Opened(_) => return Ok(()),
+                Frame::Opened(o) => return Ok(o),
+                Frame::Error(e) if resuming && e.code == ErrorCode::UnknownSession => {
+                    // The server lost the session (restarted, in-memory store).
+                    self.session = None;
+                    return Err(Stop::Reopen);
+                }
                 Frame::Error(e) => {
-                    return Err(Failure::Server {
+                    let failure = Failure::Server {
                         code: e.code,
-                        message: e.message,
-                    })
+                        message: e.message.clone(),
+                    };
+                    // Refusals of a brand-new generation are what the test measures.
+                    let first_open = !self.opened_once && self.tokens.is_empty() && !resuming;
+                    let refused = matches!(e.code, ErrorCode::Overloaded | ErrorCode::RateLimited);
+                    if !e.code.is_retryable() || (first_open && refused) {
+                        return Err(Stop::Fatal(failure));
+                    }
+                    if e.code == ErrorCode::Moved && e.message.starts_with("ws") {
+                        self.redirect = Some(e.message);
+                    }
+                    return Err(Stop::Retry(failure));
                 }
                 Frame::Ping { nonce } => send_frame(ws, &Frame::Pong { nonce }).await?,
                 Frame::Pong { .. } => {}
                 other => {
-                    return Err(Failure::Protocol(format!(
+                    return Err(Stop::Fatal(Failure::Protocol(format!(
                         "{:?} frame before Opened",
                         other.frame_type()
-                    )))
+                    ))))
                 }
             }
         }
     }
 
-    fn on_token(&mut self) {
+    fn on_token(&mut self, token: u32) {
         let now = Instant::now();
         match self.last_token_at {
             None => self.ttft = Some(now - self.started),
             Some(prev) => self.gaps.push(now - prev),
         }
         self.last_token_at = Some(now);
-        self.tokens += 1;
+        self.tokens.push(token);
+        self.progressed = true;
         self.ctx.live.token();
     }
 
-    /// Sends the hidden state of `token`, the next step after `at`.
-    async fn answer(&self, ws: &mut Ws, at: &Arc<Step>, token: u32) -> Result<Arc<Step>, Failure> {
-        let next = self
-            .ctx
-            .replay
-            .next(at, token)
+    /// Computes the hidden state of `token` (the newest one), keeps it and sends it, after
+    /// the step delay. (Frames sent again after a reconnection go at once.)
+    async fn answer(&mut self, ws: &mut Ws, token: u32, sent: &mut usize) -> Result<(), Stop> {
+        if !self.ctx.step_delay.is_zero() {
+            tokio::time::sleep(self.ctx.step_delay).await;
+        }
+        let cursor = self
+            .cursor
+            .as_mut()
+            .ok_or_else(|| Failure::Edge("no edge state".into()))?;
+        let frame = cursor
+            .next(token)
             .await
             .map_err(|e| Failure::Edge(format!("{e:#}")))?;
-        for frame in next.frames() {
-            send(ws, frame.clone()).await?;
-        }
-        Ok(next)
+        self.frames.push(frame.clone());
+        send(ws, frame).await?;
+        *sent = self.frames.len();
+        Ok(())
     }
 }
 
-async fn send(ws: &mut Ws, frame: Bytes) -> Result<(), Failure> {
+async fn send(ws: &mut Ws, frame: Bytes) -> Result<(), Stop> {
     ws.send(Message::Binary(frame))
         .await
-        .map_err(|e| Failure::Disconnected(format!("send failed: {e}")))
+        .map_err(|e| Stop::Retry(Failure::Disconnected(format!("send failed: {e}"))))
 }
 
-async fn send_frame(ws: &mut Ws, frame: &Frame) -> Result<(), Failure> {
+async fn send_frame(ws: &mut Ws, frame: &Frame) -> Result<(), Stop> {
     let bytes = frame
         .encode()
         .map_err(|e| Failure::Protocol(format!("encoding {:?}: {e}", frame.frame_type())))?;
@@ -337,22 +660,42 @@ async fn send_frame(ws: &mut Ws, frame: &Frame) -> Result<(), Failure> {
 }
 
 /// The next protocol frame.
-async fn recv(ws: &mut Ws) -> Result<Frame, Failure> {
+async fn recv(ws: &mut Ws) -> Result<Frame, Stop> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => {
-                return Frame::decode(&b).map_err(|e| Failure::Protocol(format!("bad frame: {e}")))
+                return Frame::decode(&b)
+                    .map_err(|e| Stop::Fatal(Failure::Protocol(format!("bad frame: {e}"))))
             }
             Some(Ok(Message::Text(_))) => {
-                return Err(Failure::Protocol("a text message".into()));
+                return Err(Stop::Fatal(Failure::Protocol("a text message".into())));
             }
             Some(Ok(Message::Close(_))) | None => {
-                return Err(Failure::Disconnected(
+                return Err(Stop::Retry(Failure::Disconnected(
                     "the server closed the connection".into(),
-                ))
+                )))
             }
-            Some(Err(e)) => return Err(Failure::Disconnected(e.to_string())),
+            Some(Err(e)) => return Err(Stop::Retry(Failure::Disconnected(e.to_string()))),
             Some(Ok(_)) => {} // WebSocket-level ping/pong
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_less_jitter() {
+        let ms = |a, j| backoff(a, j).as_millis();
+        assert_eq!(
+            (0..6).map(|a| ms(a, 0.0)).collect::<Vec<_>>(),
+            [250, 500, 1000, 2000, 4000, 4000]
+        );
+        assert_eq!(ms(100, 0.0), 4000);
+        // Jitter takes off at most a quarter.
+        assert_eq!(ms(0, 1.0), 187);
+        assert!((187..=250).contains(&ms(0, 0.5)));
+        assert_eq!(ms(3, 2.0), 1500); // clamped to 1
     }
 }

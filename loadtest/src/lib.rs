@@ -15,29 +15,40 @@
 //! goes on the wire is exactly what a real device would send; only the device-side compute
 //! time is missing from the latencies (it is usually a cache hit).
 //!
+//! With `--device-compute real` every device runs the edge layers itself instead
+//! ([`compute`]), for small device counts.
+//!
 //! # Layout
-//! - [`config`]: [`LoadConfig`], [`Arrival`], [`LengthDist`] and their parsing.
+//! - [`config`]: [`LoadConfig`], [`Arrival`], [`LengthDist`], [`Trace`], [`DeviceCompute`]
+//!   and their parsing.
 //! - [`workload`]: the prompt pool and every device's plan, drawn from the seed up front.
 //! - [`replay`]: the continuation tree of encoded `Hidden` frames.
-//! - [`device`]: one generation over the raw protocol, timed.
+//! - [`compute`]: replayed or real edge compute behind one cursor per generation.
+//! - [`device`]: one generation over the raw protocol, timed, with resume and replay after
+//!   a lost connection.
 //! - [`live`]: shared counters and the progress line.
 //! - [`scrape`]: fetching and diffing the server's `/metrics`.
 //! - [`report`]: nearest-rank percentiles and the JSON [`Report`].
-//! - `runner`: [`run`].
+//! - [`plot`]: the PNG of the latency distributions and throughput over time.
+//! - `runner`: [`run`], [`run_detailed`].
 //!
 //! This is a tool: errors are `anyhow` errors, and what fails during a run is counted in the
 //! report rather than returned. It only connects to the server URL and the metrics URL it is
 //! given.
 
+pub mod compute;
 pub mod config;
 pub mod device;
 pub mod live;
+pub mod plot;
 pub mod replay;
 pub mod report;
 mod runner;
 pub mod scrape;
 pub mod workload;
 
-pub use config::{parse_dtype, Arrival, LengthDist, LoadConfig, Rate};
+pub use config::{
+    parse_dtype, Arrival, DeviceCompute, LengthDist, LoadConfig, Rate, Trace, TraceRecord,
+};
 pub use report::{Percentiles, Report, StopReason};
-pub use runner::run;
+pub use runner::{run, run_detailed, RunOutput};

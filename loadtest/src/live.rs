@@ -25,6 +25,10 @@ pub struct Live {
     failed: AtomicU64,
     /// `Token` frames received.
     tokens: AtomicU64,
+    reconnects: AtomicU64,
+    resumes: AtomicU64,
+    replays: AtomicU64,
+    lost: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -35,6 +39,12 @@ pub struct Snapshot {
     pub completed: u64,
     pub failed: u64,
     pub tokens: u64,
+    /// Reconnection attempts, resumes with the state kept, sessions rebuilt by replay, and
+    /// generations lost after every attempt.
+    pub reconnects: u64,
+    pub resumes: u64,
+    pub replays: u64,
+    pub lost: u64,
 }
 
 impl Live {
@@ -53,6 +63,22 @@ impl Live {
         self.tokens.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn resume(&self) {
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replay(&self) {
+        self.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn lost(&self) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             active: self.active.load(Ordering::Relaxed),
@@ -60,15 +86,20 @@ impl Live {
             completed: self.completed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             tokens: self.tokens.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            resumes: self.resumes.load(Ordering::Relaxed),
+            replays: self.replays.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
         }
     }
 }
 
 /// The progress line for `now` (elapsed `t`), given the previous snapshot a second earlier.
+/// Reconnections, resumes, replays and lost generations are shown once there are any.
 pub fn progress_line(t: Duration, now: Snapshot, prev: Snapshot, dt: Duration) -> String {
     let secs = t.as_secs_f64().max(1e-9);
     let recent = now.tokens.saturating_sub(prev.tokens) as f64 / dt.as_secs_f64().max(1e-9);
-    format!(
+    let mut line = format!(
         "[{:>5.0}s] active {}  done {}  errors {}  output {:.1} tok/s (avg {:.1})",
         t.as_secs_f64(),
         now.active,
@@ -76,7 +107,14 @@ pub fn progress_line(t: Duration, now: Snapshot, prev: Snapshot, dt: Duration) -
         now.failed,
         recent,
         now.tokens as f64 / secs,
-    )
+    );
+    if now.reconnects > 0 || now.lost > 0 {
+        line.push_str(&format!(
+            "  reconnects {}  resumed {}  replayed {}  lost {}",
+            now.reconnects, now.resumes, now.replays, now.lost
+        ));
+    }
+    line
 }
 
 /// The counters at one second of the run.
@@ -170,7 +208,8 @@ mod tests {
                 started: 2,
                 completed: 1,
                 failed: 0,
-                tokens: 30
+                tokens: 30,
+                ..Snapshot::default()
             }
         );
         let prev = Snapshot {
@@ -181,6 +220,20 @@ mod tests {
         assert_eq!(
             line,
             "[    3s] active 1  done 1  errors 0  output 20.0 tok/s (avg 10.0)"
+        );
+        live.reconnect();
+        live.reconnect();
+        live.resume();
+        live.lost();
+        let line = progress_line(
+            Duration::from_secs(3),
+            live.snapshot(),
+            prev,
+            Duration::from_secs(1),
+        );
+        assert!(
+            line.ends_with("reconnects 2  resumed 1  replayed 0  lost 1"),
+            "{line}"
         );
     }
 

@@ -6,7 +6,10 @@
 //!     [--arrival all|poisson:RATE_PER_S] [--prompt-tokens fixed:N|uniform:A-B] \
 //!     [--output-tokens fixed:N|uniform:A-B] [--think-ms MS] [--generations-per-device G] \
 //!     [--duration-s S] [--dtype f32|f16|bf16|int8] [--prompt-pool P] [--seed S] \
-//!     [--report out.json] [--metrics-url http://HOST:PORT/metrics] [--quiet]
+//!     [--report out.json] [--metrics-url http://HOST:PORT/metrics] [--quiet] \
+//!     [--trace lengths.json] [--device-compute replay|real] [--max-reconnects N] \
+//!     [--plot out.png] [--plot-font FONT.ttf]
+//! tandem-loadtest tiny-model --out DIR [--seed S] [--edge-layers K] [--context N] [--force]
 //! ```
 
 use std::path::PathBuf;
@@ -15,7 +18,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tandem_loadtest::{parse_dtype, Arrival, LengthDist, LoadConfig};
+use tandem_loadtest::config::DEFAULT_MAX_RECONNECTS;
+use tandem_loadtest::{parse_dtype, Arrival, DeviceCompute, LengthDist, LoadConfig, Trace};
 use tandem_protocol::HiddenDtype;
 
 #[derive(Parser, Debug)]
@@ -32,7 +36,29 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Runs simulated devices against a server and writes a JSON report.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Writes a tiny random-weight model (DIR/hf) and its split (DIR/edge, DIR/cloud), for
+    /// load tests with many sessions: `tandem serve --cloud DIR/cloud`, `--edge DIR/edge`.
+    TinyModel(TinyModelArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TinyModelArgs {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Decoder layers on the edge (of 5).
+    #[arg(long, default_value_t = 2)]
+    edge_layers: usize,
+    /// The model's context (max_position_embeddings).
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Replace DIR/edge and DIR/cloud if they exist.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,6 +84,10 @@ struct RunArgs {
     /// Pause of a device between its generations, in milliseconds.
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
+    /// Pause of a device before it sends each decode step's hidden state, in milliseconds
+    /// (a slow device, or sessions kept open while mostly idle).
+    #[arg(long, default_value_t = 0)]
+    step_delay_ms: u64,
     /// Generations each device runs, one after the other.
     #[arg(long, default_value_t = 1)]
     generations_per_device: u32,
@@ -82,6 +112,25 @@ struct RunArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Generation lengths from a JSON file: an array of
+    /// {"prompt_tokens": N, "output_tokens": N, "think_ms": MS (optional)}, taken in order and
+    /// cycled (instead of --prompt-tokens and --output-tokens).
+    #[arg(long, conflicts_with_all = ["prompt_tokens", "output_tokens"])]
+    trace: Option<PathBuf>,
+    /// Hidden states replayed from a shared tree, or computed by every device itself.
+    #[arg(long, default_value = "replay")]
+    device_compute: DeviceCompute,
+    /// Consecutive failed reconnection attempts before a generation is given up as lost
+    /// (0: a dropped connection fails the generation).
+    #[arg(long, default_value_t = DEFAULT_MAX_RECONNECTS)]
+    max_reconnects: u32,
+    /// Also write a PNG: latency CDFs and throughput over time.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// TrueType font for the PNG's text (default: DejaVu Sans where installed; without
+    /// one the chart has no text).
+    #[arg(long, requires = "plot")]
+    plot_font: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -95,6 +144,7 @@ impl RunArgs {
             prompt_tokens: self.prompt_tokens,
             output_tokens: self.output_tokens,
             think: Duration::from_millis(self.think_ms),
+            step_delay: Duration::from_millis(self.step_delay_ms),
             generations_per_device: self.generations_per_device,
             duration: Duration::from_secs_f64(self.duration_s),
             dtype: self.dtype,
@@ -102,14 +152,23 @@ impl RunArgs {
             seed: self.seed,
             metrics_url: self.metrics_url,
             progress: !self.quiet,
+            trace: match &self.trace {
+                Some(path) => Some(Trace::load(path).map_err(anyhow::Error::msg)?),
+                None => None,
+            },
+            device_compute: self.device_compute,
+            max_reconnects: self.max_reconnects,
             ..LoadConfig::new(self.server, self.edge, self.devices)
         })
     }
 }
 
 fn main() -> ExitCode {
-    let Command::Run(args) = Cli::parse().command;
-    match run(args) {
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(*args),
+        Command::TinyModel(args) => tiny_model(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -120,13 +179,15 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let report_path = args.report.clone();
+    let plot = args.plot.clone().map(|p| (p, args.plot_font.clone()));
     let cfg = args.into_config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(tandem_loadtest::run(cfg))?;
-    let json = serde_json::to_string_pretty(&report)?;
+    let out = runtime.block_on(tandem_loadtest::run_detailed(cfg))?;
+    let report = &out.report;
+    let json = serde_json::to_string_pretty(report)?;
     match report_path {
         Some(path) => {
             std::fs::write(&path, json + "\n")
@@ -139,5 +200,65 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             println!("{json}");
         }
     }
+    if let Some((path, font)) = plot {
+        let text = tandem_loadtest::plot::write_png(report, &out.records, &path, font.as_deref())?;
+        if !text {
+            eprintln!(
+                "plot: no font found (give one with --plot-font FILE.ttf); drawn without text"
+            );
+        }
+        eprintln!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+fn tiny_model(args: TinyModelArgs) -> anyhow::Result<()> {
+    use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+    use tandem_model::testing;
+
+    let spec = testing::TinySpec {
+        seed: args.seed,
+        ..testing::specs()[2].clone()
+    };
+    anyhow::ensure!(
+        (1..spec.layers).contains(&args.edge_layers),
+        "--edge-layers must be between 1 and {}",
+        spec.layers - 1
+    );
+    anyhow::ensure!(args.context >= 16, "--context must be at least 16");
+    let hf = args.out.join("hf");
+    testing::write_hf(&hf, &spec)?;
+    testing::write_tokenizer(&hf)?;
+    // The spec's context is 512; a load test may want longer prompts.
+    let config_path = hf.join("config.json");
+    let mut config = testing::config_json(&spec);
+    config["max_position_embeddings"] = args.context.into();
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let ck = Checkpoint::open(&hf).with_context(|| format!("opening {}", hf.display()))?;
+    let opts = SplitOptions {
+        edge_layers: args.edge_layers,
+        dtype: ck.stored_dtype,
+        force: args.force,
+        progress: false,
+    };
+    let (edge, _cloud) = write_split(&ck, &args.out, &opts)?;
+    println!(
+        "tiny model `{}` (seed {}, {} layers, hidden {}, vocab {}, context {}): {}",
+        spec.name,
+        spec.seed,
+        spec.layers,
+        spec.hidden,
+        spec.vocab,
+        args.context,
+        hf.display()
+    );
+    println!(
+        "split after {} layers: {} and {} (pair {})",
+        args.edge_layers,
+        args.out.join("edge").display(),
+        args.out.join("cloud").display(),
+        edge.pair_id
+    );
     Ok(())
 }

@@ -219,29 +219,44 @@ impl Replay {
     ) -> anyhow::Result<Bytes> {
         let ctx = ForwardCtx::single(position, tokens.len());
         let hidden: Tensor = self.model.forward(tokens, &ctx, kv)?;
-        let values: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut payload = Vec::new();
-        f32_to_hidden(
+        encode_hidden(
+            &hidden,
             self.dtype,
-            tokens.len(),
             self.hidden_size,
-            &values,
-            &mut payload,
-        )?;
-        let frame = HiddenRef {
+            position,
             seq,
-            first_position: position as u32,
-            token_count: tokens.len() as u32,
             complete,
-            dtype: self.dtype,
-            payload: &payload,
-        }
-        .encode()?;
-        Ok(Bytes::from(frame))
+        )
     }
 
     fn add_compute(&self, started: Instant) {
         self.compute_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+}
+
+/// Encodes the edge output `hidden` (`[tokens, hidden_size]`, any float dtype) for tokens
+/// starting at `position` as the `Hidden` frame of sequence number `seq`.
+pub(crate) fn encode_hidden(
+    hidden: &Tensor,
+    dtype: HiddenDtype,
+    hidden_size: usize,
+    position: usize,
+    seq: u64,
+    complete: bool,
+) -> anyhow::Result<Bytes> {
+    let values: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let rows = values.len() / hidden_size.max(1);
+    let mut payload = Vec::new();
+    f32_to_hidden(dtype, rows, hidden_size, &values, &mut payload)?;
+    let frame = HiddenRef {
+        seq,
+        first_position: position as u32,
+        token_count: rows as u32,
+        complete,
+        dtype,
+        payload: &payload,
+    }
+    .encode()?;
+    Ok(Bytes::from(frame))
 }

@@ -16,6 +16,10 @@
 //!   over the run's wall time, from the first device's start to the end.
 //! - Errors are counted by name: the protocol's code name for `Error` frames
 //!   (`ErrorCode::as_str`), or a local name (see [`crate::device::Failure::name`]).
+//! - Reconnections: `resume` counts every reconnection attempt, resume and replay of the run
+//!   (cut generations included) and the generations lost after every attempt. A token resent
+//!   after a reconnection is counted once; the gap between two new tokens holds any outage
+//!   between them, so outages show in TPOT (and TTFT, E2E) as the user would feel them.
 //!
 //! Every float is rounded to 3 decimals (microseconds for milliseconds), so the JSON stays
 //! readable and parses back to the same value.
@@ -25,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Arrival, LengthDist};
+use crate::config::{Arrival, DeviceCompute, LengthDist};
 use crate::device::{GenerationRecord, Outcome};
 use crate::live::TimelineSample;
 use crate::replay::ReplayStats;
@@ -94,12 +98,52 @@ pub struct RunSettings {
     pub prompt_tokens: LengthDist,
     pub output_tokens: LengthDist,
     pub think_ms: u64,
+    /// `--step-delay-ms` (0 when absent from an older report).
+    #[serde(default)]
+    pub step_delay_ms: u64,
     pub generations_per_device: u32,
     pub duration_s: f64,
     pub dtype: String,
     pub prompt_pool: usize,
     pub seed: u64,
     pub metrics_url: Option<String>,
+    /// `--trace`: the file and its record count (then `prompt_tokens`, `output_tokens` and
+    /// `think_ms` are the fallbacks the records did not override).
+    pub trace: Option<String>,
+    pub trace_records: Option<usize>,
+    pub device_compute: DeviceCompute,
+    pub max_reconnects: u32,
+}
+
+/// Reconnections over the run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeCounts {
+    /// Reconnection attempts after a lost connection (successful or not).
+    pub reconnects: u64,
+    /// `Resume`s answered with the session's state kept.
+    pub resumes: u64,
+    /// Sessions rebuilt from the device's kept frames: `Resume` answered with next hidden
+    /// sequence number 0, or a new `Open` after `unknown_session` (`reopens`).
+    pub replays: u64,
+    pub reopens: u64,
+    /// Generations that failed after every reconnection attempt (in `counts.failed` too).
+    pub lost: u64,
+    /// Generations that needed at least one reconnection and completed.
+    pub recovered: u64,
+}
+
+/// Where the devices' hidden states came from and what that cost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EdgeCompute {
+    pub mode: DeviceCompute,
+    /// Prompts run through the edge (replay: once per pool prompt, before the run; real:
+    /// once per generation).
+    pub prompts: u64,
+    /// Decode rows asked for by devices and actually computed (equal in real mode).
+    pub rows_requested: u64,
+    pub rows_computed: u64,
+    /// Seconds spent in the edge layers, prompts included (real mode: summed over devices).
+    pub edge_compute_s: f64,
 }
 
 /// The model the devices ran (its edge part).
@@ -180,7 +224,8 @@ pub struct Report {
     pub throughput: Throughput,
     /// Milliseconds.
     pub latency_ms: Latency,
-    pub replay: ReplayStats,
+    pub resume: ResumeCounts,
+    pub edge: EdgeCompute,
     /// With `--metrics-url`: the server's counters over the run and its gauges at the end.
     pub server_metrics: Option<ServerMetrics>,
     /// The live counters once a second.
@@ -200,6 +245,10 @@ pub struct RunFacts {
     pub started: u64,
     /// Every `Token` received (the live counter).
     pub tokens: u64,
+    /// Reconnections, resumes and replays (the live counters; `lost` and `recovered` come
+    /// from the records).
+    pub resume: ResumeCounts,
+    pub device_compute: DeviceCompute,
     pub replay: ReplayStats,
     pub server_metrics: Option<ServerMetrics>,
 }
@@ -221,8 +270,19 @@ impl Report {
             (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
         let mut connect = Vec::new();
+        let mut resume = ResumeCounts {
+            lost: 0,
+            recovered: 0,
+            ..facts.resume
+        };
         for r in records {
             connect.extend(r.connect.map(ms));
+            if r.lost {
+                resume.lost += 1;
+            }
+            if r.reconnects > 0 && matches!(r.outcome, Outcome::Done { .. }) {
+                resume.recovered += 1;
+            }
             match &r.outcome {
                 Outcome::Done {
                     reason,
@@ -268,9 +328,13 @@ impl Report {
                 tpot: Percentiles::of(tpot),
                 e2e: Percentiles::of(e2e),
             },
-            replay: ReplayStats {
+            resume,
+            edge: EdgeCompute {
+                mode: facts.device_compute,
+                prompts: facts.replay.prompts,
+                rows_requested: facts.replay.rows_requested,
+                rows_computed: facts.replay.rows_computed,
                 edge_compute_s: round3(facts.replay.edge_compute_s),
-                ..facts.replay
             },
             server_metrics: facts.server_metrics,
             timeline: facts.timeline,
@@ -291,7 +355,8 @@ impl Report {
             "{} devices, {:.1}s ({:?}): {} completed, {} failed, {} cut by the deadline, {} not started\n\
              output: {} tokens, {:.1} tok/s\n\
              connect {}\nTTFT  {}\nTPOT  {}\nE2E   {}\n\
-             edge rows: {} requested, {} computed\n",
+             edge ({}): {} rows requested, {} computed, {:.3}s\n\
+             reconnects {}, resumed {}, replayed {} ({} reopened), recovered {}, lost {}\n",
             c.devices,
             self.wall_s,
             self.stopped_by,
@@ -305,8 +370,16 @@ impl Report {
             fmt(&self.latency_ms.ttft),
             fmt(&self.latency_ms.tpot),
             fmt(&self.latency_ms.e2e),
-            self.replay.rows_requested,
-            self.replay.rows_computed,
+            self.edge.mode,
+            self.edge.rows_requested,
+            self.edge.rows_computed,
+            self.edge.edge_compute_s,
+            self.resume.reconnects,
+            self.resume.resumes,
+            self.resume.replays,
+            self.resume.reopens,
+            self.resume.recovered,
+            self.resume.lost,
         );
         for (name, n) in &self.errors {
             s.push_str(&format!("error {name}: {n}\n"));
@@ -358,14 +431,22 @@ mod tests {
 
     fn record(outcome: Outcome, tokens: u32, gaps_ms: &[u64]) -> GenerationRecord {
         GenerationRecord {
+            device: 0,
+            generation: 0,
             prompt_tokens: 8,
             max_tokens: 4,
             outcome,
             tokens_received: tokens,
+            tokens: (0..tokens).collect(),
             ttft: (tokens > 0).then(|| Duration::from_millis(100)),
             gaps: gaps_ms.iter().map(|&g| Duration::from_millis(g)).collect(),
             e2e: Duration::from_millis(100 + gaps_ms.iter().sum::<u64>()),
             connect: Some(Duration::from_millis(2)),
+            reconnects: 0,
+            resumes: 0,
+            replays: 0,
+            reopens: 0,
+            lost: false,
         }
     }
 
@@ -393,7 +474,18 @@ mod tests {
                 0,
                 &[],
             ),
-            record(Outcome::Failed(Failure::Timeout), 1, &[]),
+            GenerationRecord {
+                reconnects: 6,
+                lost: true,
+                ..record(Outcome::Failed(Failure::Timeout), 1, &[])
+            },
+            GenerationRecord {
+                reconnects: 2,
+                resumes: 1,
+                replays: 1,
+                reopens: 1,
+                ..record(done(4), 4, &[10, 900, 10])
+            },
         ];
         let settings = RunSettings {
             server: "ws://127.0.0.1:9/v1/edge/ws".into(),
@@ -403,12 +495,17 @@ mod tests {
             prompt_tokens: "fixed:8".parse().expect("p"),
             output_tokens: "uniform:2-4".parse().expect("o"),
             think_ms: 0,
+            step_delay_ms: 0,
             generations_per_device: 2,
             duration_s: 60.0,
             dtype: HiddenDtype::F16.as_str().into(),
             prompt_pool: 8,
             seed: 1,
             metrics_url: None,
+            trace: None,
+            trace_records: None,
+            device_compute: DeviceCompute::Replay,
+            max_reconnects: 6,
         };
         let facts = RunFacts {
             settings,
@@ -429,9 +526,18 @@ mod tests {
                 output_tokens_per_s: 6.993,
             }],
             devices: 3,
-            planned: 6,
-            started: 6,
-            tokens: 12,
+            planned: 7,
+            started: 7,
+            tokens: 16,
+            resume: ResumeCounts {
+                reconnects: 8,
+                resumes: 1,
+                replays: 1,
+                reopens: 1,
+                lost: 99, // ignored: counted from the records
+                recovered: 99,
+            },
+            device_compute: DeviceCompute::Replay,
             replay: ReplayStats {
                 prompts: 8,
                 rows_requested: 7,
@@ -450,29 +556,46 @@ mod tests {
     #[test]
     fn aggregates_records() {
         let r = sample_report();
-        assert_eq!(r.counts.completed, 3);
+        assert_eq!(r.counts.completed, 4);
         assert_eq!(r.counts.failed, 2);
         assert_eq!(r.counts.cut_by_deadline, 1);
         assert_eq!(r.counts.not_started, 0);
-        assert_eq!(r.finish_reasons["length"], 2);
+        assert_eq!(r.finish_reasons["length"], 3);
         assert_eq!(r.finish_reasons["eos"], 1);
         assert_eq!(r.errors["overloaded"], 1);
         assert_eq!(r.errors["timeout"], 1);
         assert!(r.error_examples["overloaded"].contains("301"));
-        assert_eq!(r.throughput.output_tokens, 12);
-        assert_eq!(r.throughput.output_tokens_done, 10);
-        assert_eq!(r.throughput.output_tokens_received_done, 10);
-        assert_eq!(r.throughput.output_tokens_per_s, 6.0);
-        assert_eq!(r.throughput.completed_per_s, 1.5);
+        assert_eq!(r.throughput.output_tokens, 16);
+        assert_eq!(r.throughput.output_tokens_done, 14);
+        assert_eq!(r.throughput.output_tokens_received_done, 14);
+        assert_eq!(r.throughput.output_tokens_per_s, 8.0);
+        assert_eq!(r.throughput.completed_per_s, 2.0);
         let ttft = r.latency_ms.ttft.as_ref().expect("ttft");
-        assert_eq!((ttft.count, ttft.p50), (3, 100.0));
+        assert_eq!((ttft.count, ttft.p50), (4, 100.0));
+        // Every gap of the completed generations, the one across an outage included.
         let tpot = r.latency_ms.tpot.as_ref().expect("tpot");
-        assert_eq!(tpot.count, 7); // every gap of the completed generations
-        assert_eq!((tpot.p50, tpot.max), (20.0, 31.0));
+        assert_eq!(tpot.count, 10);
+        assert_eq!((tpot.p50, tpot.max), (12.0, 900.0));
         let e2e = r.latency_ms.e2e.as_ref().expect("e2e");
-        assert_eq!((e2e.p50, e2e.max), (160.0, 163.0));
-        assert_eq!(r.replay.edge_compute_s, 0.012);
-        assert!(r.summary().contains("error overloaded: 1"));
+        assert_eq!((e2e.p50, e2e.max), (160.0, 1020.0));
+        assert_eq!(r.edge.edge_compute_s, 0.012);
+        assert_eq!(r.edge.mode, DeviceCompute::Replay);
+        // Attempts, resumes and replays from the live counters; lost and recovered from the
+        // records.
+        assert_eq!(
+            r.resume,
+            ResumeCounts {
+                reconnects: 8,
+                resumes: 1,
+                replays: 1,
+                reopens: 1,
+                lost: 1,
+                recovered: 1,
+            }
+        );
+        let summary = r.summary();
+        assert!(summary.contains("error overloaded: 1"), "{summary}");
+        assert!(summary.contains("recovered 1, lost 1"), "{summary}");
     }
 
     #[test]
@@ -485,7 +608,10 @@ mod tests {
         assert_eq!(v["settings"]["arrival"], "poisson:2.5");
         assert_eq!(v["settings"]["output_tokens"], "uniform:2-4");
         assert_eq!(v["stopped_by"], "deadline");
-        assert_eq!(v["latency_ms"]["tpot"]["p99"], 31.0);
+        assert_eq!(v["latency_ms"]["tpot"]["p99"], 900.0);
+        assert_eq!(v["resume"]["lost"], 1);
+        assert_eq!(v["edge"]["mode"], "replay");
+        assert_eq!(v["settings"]["max_reconnects"], 6);
         assert_eq!(
             v["server_metrics"]["counters_delta"]["tandem_tokens_out_total"],
             10.0

@@ -1,7 +1,8 @@
 //! [`run`]: a whole load run, from loading the edge checkpoint to the report.
 //!
-//! Order: load the edge model; draw the workload; run the edge over every prompt of the
-//! pool (before the clock starts); scrape the server's metrics; start one task per device
+//! Order: load the edge model; draw the workload; with replayed compute, run the edge over
+//! every prompt of the workload (before the clock starts; with real compute each generation
+//! runs its own); scrape the server's metrics; start one task per device
 //! (each waits for its arrival offset, then runs its generations one after the other, with
 //! the think time between them); wait until every device is done or the deadline passes,
 //! then abort what still runs; scrape again; build the report.
@@ -19,18 +20,32 @@ use tandem_protocol::{ManifestId, Open, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::config::LoadConfig;
-use crate::device::{self, DeviceContext, GenerationRecord, Outcome};
+use crate::compute::Compute;
+use crate::config::{DeviceCompute, LoadConfig};
+use crate::device::{self, DeviceContext, GenerationRecord, Job, Outcome};
 use crate::live::{self, Live};
-use crate::replay::{Replay, Step};
-use crate::report::{ModelSummary, Report, RunFacts, RunSettings, StopReason};
+use crate::replay::Replay;
+use crate::report::{ModelSummary, Report, ResumeCounts, RunFacts, RunSettings, StopReason};
 use crate::scrape::{self, Exposition, ServerMetrics};
 use crate::workload::{DevicePlan, Vocabulary, Workload};
+
+/// A run's report and the records it was built from (every ended generation, with its
+/// token ids: what the tests compare and what the PNG's distributions are drawn from).
+#[derive(Debug)]
+pub struct RunOutput {
+    pub report: Report,
+    pub records: Vec<GenerationRecord>,
+}
 
 /// Runs the load described by `cfg` and reports on it. Fails only when the run cannot start
 /// (bad settings, an unreadable checkpoint, an unreachable `--metrics-url`); what goes wrong
 /// during the run is counted in the report.
 pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
+    Ok(run_detailed(cfg).await?.report)
+}
+
+/// [`run`], keeping the records.
+pub async fn run_detailed(cfg: LoadConfig) -> anyhow::Result<RunOutput> {
     cfg.check().map_err(anyhow::Error::msg)?;
     let edge_dir = cfg.edge.clone();
     let bundle = tokio::task::spawn_blocking(move || EdgeBundle::load(&edge_dir))
@@ -38,12 +53,10 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
         .with_context(|| format!("loading the edge checkpoint {}", cfg.edge.display()))?;
     let model_cfg = bundle.model.config().clone();
     let context = model_cfg.max_position_embeddings;
-    let longest = cfg.prompt_tokens.max() as usize + cfg.output_tokens.max() as usize;
+    let longest = cfg.max_sequence_tokens();
     anyhow::ensure!(
-        longest <= context,
-        "prompts of up to {} tokens plus up to {} output tokens exceed the model's context of {context}",
-        cfg.prompt_tokens.max(),
-        cfg.output_tokens.max(),
+        longest <= context as u64,
+        "a prompt plus its output tokens reaches {longest} tokens, beyond the model's context of {context}",
     );
 
     let workload = Workload::draw(
@@ -53,18 +66,26 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
             excluded: model_cfg.eos_token_ids.clone(),
         },
     );
-    let replay = Arc::new(Replay::new(bundle.model.clone(), cfg.dtype));
-    let roots = {
-        let (replay, prompts) = (replay.clone(), workload.prompts.clone());
-        tokio::task::spawn_blocking(move || {
-            prompts
-                .iter()
-                .map(|p| replay.prompt(p))
-                .collect::<anyhow::Result<Vec<_>>>()
-        })
-        .await?
-        .context("running the edge over the prompts")?
-    };
+    let compute = Arc::new(match cfg.device_compute {
+        DeviceCompute::Replay => {
+            let replay = Arc::new(Replay::new(bundle.model.clone(), cfg.dtype));
+            let roots = {
+                let (replay, prompts) = (replay.clone(), workload.prompts.clone());
+                tokio::task::spawn_blocking(move || {
+                    prompts
+                        .iter()
+                        .map(|p| replay.prompt(p))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+                .await?
+                .context("running the edge over the prompts")?
+            };
+            Compute::replay(replay, roots)
+        }
+        DeviceCompute::Real => {
+            Compute::real(bundle.model.clone(), cfg.dtype, workload.prompts.clone())
+        }
+    });
 
     let before = match &cfg.metrics_url {
         Some(url) => Some(Exposition::parse(
@@ -89,11 +110,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
             prompt_id: None,
             traceparent: None,
         },
-        replay: replay.clone(),
+        compute: compute.clone(),
         eos: model_cfg.eos_token_ids.clone(),
         live: live.clone(),
+        max_reconnects: cfg.max_reconnects,
+        step_delay: cfg.step_delay,
     });
-    let driven = drive(&cfg, &workload, ctx, Arc::new(roots), &live).await;
+    let driven = drive(&cfg, &workload, ctx, &live).await;
 
     let server_metrics = match (&cfg.metrics_url, &before) {
         (Some(url), Some(before)) => Some(match scrape::fetch(url).await {
@@ -121,10 +144,23 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
         planned: workload.generations() as u64,
         started: snapshot.started,
         tokens: snapshot.tokens,
-        replay: replay.stats(),
+        resume: ResumeCounts {
+            reconnects: snapshot.reconnects,
+            resumes: snapshot.resumes,
+            replays: snapshot.replays,
+            reopens: driven.records.iter().map(|r| u64::from(r.reopens)).sum(),
+            ..ResumeCounts::default()
+        },
+        device_compute: compute.mode(),
+        replay: compute.stats(),
         server_metrics,
     };
-    Ok(Report::build(facts, &driven.records))
+    let mut records = driven.records;
+    records.sort_by_key(|r| (r.device, r.generation));
+    Ok(RunOutput {
+        report: Report::build(facts, &records),
+        records,
+    })
 }
 
 /// What [`drive`] saw.
@@ -140,7 +176,6 @@ async fn drive(
     cfg: &LoadConfig,
     workload: &Workload,
     ctx: Arc<DeviceContext>,
-    roots: Arc<Vec<Arc<Step>>>,
     live: &Arc<Live>,
 ) -> Driven {
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -152,13 +187,12 @@ async fn drive(
     };
     let sampler = tokio::spawn(live::sample(live.clone(), start, how, stopped));
     let mut devices = JoinSet::new();
-    for plan in &workload.devices {
+    for (index, plan) in workload.devices.iter().enumerate() {
         devices.spawn(device_loop(
             ctx.clone(),
-            roots.clone(),
+            index,
             plan.clone(),
             start,
-            cfg.think,
             tx.clone(),
         ));
     }
@@ -185,22 +219,28 @@ async fn drive(
     }
 }
 
-/// One device: wait for its arrival, then its generations in turn.
+/// One device: wait for its arrival, then its generations in turn (each after its think
+/// time).
 async fn device_loop(
     ctx: Arc<DeviceContext>,
-    roots: Arc<Vec<Arc<Step>>>,
+    device: usize,
     plan: DevicePlan,
     start: Instant,
-    think: Duration,
     records: mpsc::UnboundedSender<GenerationRecord>,
 ) {
     tokio::time::sleep_until(tokio::time::Instant::from_std(start + plan.start)).await;
-    for (i, g) in plan.generations.iter().enumerate() {
-        if i > 0 && !think.is_zero() {
-            tokio::time::sleep(think).await;
+    for (generation, g) in plan.generations.iter().enumerate() {
+        if !g.think.is_zero() {
+            tokio::time::sleep(g.think).await;
         }
         ctx.live.generation_started();
-        let record = device::generate(&ctx, &roots[g.prompt.0], g.max_tokens).await;
+        let job = Job {
+            device,
+            generation,
+            prompt: g.prompt,
+            max_tokens: g.max_tokens,
+        };
+        let record = device::generate(&ctx, job).await;
         ctx.live
             .generation_ended(matches!(record.outcome, Outcome::Done { .. }));
         let _ = records.send(record);
@@ -216,12 +256,17 @@ fn settings(cfg: &LoadConfig) -> RunSettings {
         prompt_tokens: cfg.prompt_tokens,
         output_tokens: cfg.output_tokens,
         think_ms: cfg.think.as_millis() as u64,
+        step_delay_ms: cfg.step_delay.as_millis() as u64,
         generations_per_device: cfg.generations_per_device,
         duration_s: cfg.duration.as_secs_f64(),
         dtype: cfg.dtype.as_str().to_owned(),
         prompt_pool: cfg.prompt_pool,
         seed: cfg.seed,
         metrics_url: cfg.metrics_url.clone(),
+        trace: cfg.trace.as_ref().map(|t| t.path.clone()),
+        trace_records: cfg.trace.as_ref().map(|t| t.records.len()),
+        device_compute: cfg.device_compute,
+        max_reconnects: cfg.max_reconnects,
     }
 }
 

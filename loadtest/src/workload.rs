@@ -6,11 +6,15 @@
 //! e.g. the arrival process does not change the prompts.
 //!
 //! Prompts are random token ids (never an end-of-sequence id), one length drawn per pool
-//! entry. A small pool is the point: devices given the same prompt, with greedy sampling,
+//! entry. With a trace (`--trace`) the lengths come from its records instead: the pool's
+//! prompts are drawn at the trace's longest prompt, and a generation takes the first
+//! `prompt_tokens` tokens of a pool prompt; every distinct (pool prompt, length) pair used is
+//! one entry of [`Workload::prompts`]. A small pool is the point: devices given the same prompt, with greedy sampling,
 //! receive the same tokens, so the replayed edge compute ([`crate::replay`]) is shared
 //! between them. The server sees identical prompts too (its prefix sharing may adopt their
 //! KV); a larger `--prompt-pool` makes the prompts more varied and that sharing rarer.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -28,6 +32,8 @@ pub struct GenerationPlan {
     pub prompt: PromptId,
     /// The `Open`'s `max_tokens`.
     pub max_tokens: u32,
+    /// Pause before it (zero for a device's first generation).
+    pub think: Duration,
 }
 
 /// What one device does: wait `start`, then run `generations` one after the other.
@@ -59,34 +65,77 @@ impl Workload {
         let stream =
             |n: u64| StdRng::seed_from_u64(cfg.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let (mut prompt_rng, mut arrival_rng, mut gen_rng) = (stream(1), stream(2), stream(3));
+        let random_prompt = |rng: &mut StdRng, len: usize| -> Vec<u32> {
+            (0..len)
+                .map(|_| loop {
+                    let t = rng.random_range(0..vocab.size);
+                    if !vocab.excluded.contains(&t) {
+                        break t;
+                    }
+                })
+                .collect()
+        };
+        let starts = cfg.arrival.offsets(cfg.devices, &mut arrival_rng);
+        let per_device = cfg.generations_per_device as usize;
 
-        let prompts = (0..cfg.prompt_pool)
-            .map(|_| {
-                let len = cfg.prompt_tokens.sample(&mut prompt_rng) as usize;
-                (0..len)
-                    .map(|_| loop {
-                        let t = prompt_rng.random_range(0..vocab.size);
-                        if !vocab.excluded.contains(&t) {
-                            break t;
-                        }
-                    })
-                    .collect()
-            })
+        let Some(trace) = &cfg.trace else {
+            let prompts = (0..cfg.prompt_pool)
+                .map(|_| {
+                    let len = cfg.prompt_tokens.sample(&mut prompt_rng) as usize;
+                    random_prompt(&mut prompt_rng, len)
+                })
+                .collect();
+            let devices = starts
+                .into_iter()
+                .map(|start| DevicePlan {
+                    start,
+                    generations: (0..per_device)
+                        .map(|j| GenerationPlan {
+                            prompt: PromptId(gen_rng.random_range(0..cfg.prompt_pool)),
+                            max_tokens: cfg.output_tokens.sample(&mut gen_rng),
+                            think: if j == 0 { Duration::ZERO } else { cfg.think },
+                        })
+                        .collect(),
+                })
+                .collect();
+            return Self { prompts, devices };
+        };
+
+        let longest = cfg.max_prompt_tokens() as usize;
+        let pool: Vec<Vec<u32>> = (0..cfg.prompt_pool)
+            .map(|_| random_prompt(&mut prompt_rng, longest))
             .collect();
-        let devices = cfg
-            .arrival
-            .offsets(cfg.devices, &mut arrival_rng)
+        let mut prompts: Vec<Vec<u32>> = Vec::new();
+        let mut ids: HashMap<(usize, usize), PromptId> = HashMap::new();
+        let mut devices: Vec<DevicePlan> = starts
             .into_iter()
             .map(|start| DevicePlan {
                 start,
-                generations: (0..cfg.generations_per_device)
-                    .map(|_| GenerationPlan {
-                        prompt: PromptId(gen_rng.random_range(0..cfg.prompt_pool)),
-                        max_tokens: cfg.output_tokens.sample(&mut gen_rng),
-                    })
-                    .collect(),
+                generations: Vec::with_capacity(per_device),
             })
             .collect();
+        // Round by round, as the trace's records are taken (see `Trace::record`).
+        for j in 0..per_device {
+            for (d, device) in devices.iter_mut().enumerate() {
+                let r = trace.record(d, j, cfg.devices);
+                let entry = gen_rng.random_range(0..cfg.prompt_pool);
+                let len = r.prompt_tokens as usize;
+                let prompt = *ids.entry((entry, len)).or_insert_with(|| {
+                    prompts.push(pool[entry][..len].to_vec());
+                    PromptId(prompts.len() - 1)
+                });
+                let think = match (j, r.think_ms) {
+                    (0, _) => Duration::ZERO,
+                    (_, Some(ms)) => Duration::from_millis(ms),
+                    (_, None) => cfg.think,
+                };
+                device.generations.push(GenerationPlan {
+                    prompt,
+                    max_tokens: r.output_tokens,
+                    think,
+                });
+            }
+        }
         Self { prompts, devices }
     }
 
@@ -99,7 +148,7 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Arrival, LengthDist};
+    use crate::config::{Arrival, LengthDist, Trace};
 
     fn cfg() -> LoadConfig {
         let mut c = LoadConfig::new("ws://127.0.0.1:1/v1/edge/ws", "edge", 50);
@@ -156,5 +205,55 @@ mod tests {
         };
         assert_eq!(gens(&a), gens(&b));
         assert!(b.devices.iter().any(|d| !d.start.is_zero()));
+    }
+
+    #[test]
+    fn think_time_comes_before_every_generation_but_the_first() {
+        let mut c = cfg();
+        c.think = Duration::from_millis(70);
+        let w = Workload::draw(&c, &vocab());
+        for d in &w.devices {
+            let thinks: Vec<u128> = d.generations.iter().map(|g| g.think.as_millis()).collect();
+            assert_eq!(thinks, [0, 70, 70]);
+        }
+    }
+
+    #[test]
+    fn a_trace_sets_lengths_and_think_times_in_order() {
+        let mut c = cfg();
+        c.devices = 4;
+        c.prompt_pool = 2;
+        c.think = Duration::from_millis(5);
+        c.trace = Some(
+            Trace::parse(
+                r#"[{"prompt_tokens": 3, "output_tokens": 7, "think_ms": 100},
+                    {"prompt_tokens": 6, "output_tokens": 1},
+                    {"prompt_tokens": 3, "output_tokens": 2}]"#,
+                "t",
+            )
+            .expect("trace"),
+        );
+        let w = Workload::draw(&c, &vocab());
+        // Record (generation j * 4 devices + device d) % 3.
+        for (d, device) in w.devices.iter().enumerate() {
+            for (j, g) in device.generations.iter().enumerate() {
+                let want = [(3, 7, 100), (6, 1, 5), (3, 2, 5)][(j * 4 + d) % 3];
+                assert_eq!(w.prompts[g.prompt.0].len(), want.0, "d{d} g{j}");
+                assert_eq!(g.max_tokens, want.1, "d{d} g{j}");
+                let think = if j == 0 { 0 } else { want.2 };
+                assert_eq!(g.think.as_millis(), think, "d{d} g{j}");
+            }
+        }
+        // A length-3 prompt is the start of a length-6 one from the same pool entry, and no
+        // (entry, length) pair is stored twice.
+        assert!(w.prompts.len() <= 2 * 2, "{}", w.prompts.len());
+        let mut seen = w.prompts.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), w.prompts.len());
+        for p in &w.prompts {
+            assert!(p.iter().all(|&t| t < 10 && t != 2 && t != 3));
+        }
+        assert_eq!(w, Workload::draw(&c, &vocab()));
     }
 }

@@ -6,7 +6,11 @@
 //! round-trips through JSON; a server with room for few sessions shows up as `overloaded`
 //! errors; the deadline cuts a run and counts what never started; the replayed hidden
 //! states are bit-for-bit those of a real device, and each row is computed once however
-//! many devices ask for it.
+//! many devices ask for it; real per-device compute sends the same frames and gets the same
+//! outputs as replay; connections cut by a proxy resume, and a server stopped and started
+//! again on the same port (sessions lost) is replayed, both with every device's tokens equal
+//! to an uninterrupted run's; a trace sets the lengths; the PNG decodes; `tiny-model` writes
+//! a split a server and the load test run on.
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
@@ -17,8 +21,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use tandem_edge::{EdgeBundle, EdgeSession};
+use tandem_loadtest::compute::Compute;
+use tandem_loadtest::device::{GenerationRecord, Outcome};
 use tandem_loadtest::replay::Replay;
-use tandem_loadtest::{LengthDist, LoadConfig, Report, StopReason};
+use tandem_loadtest::workload::PromptId;
+use tandem_loadtest::{DeviceCompute, LengthDist, LoadConfig, Report, StopReason, Trace};
 use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_protocol::{f32_to_hidden, HiddenDtype, HiddenRef};
 use tandem_serve::server::{self, ServerConfig, ServerHandle};
@@ -136,9 +143,13 @@ async fn two_hundred_devices_at_once() {
     assert!(e2e.p50 >= ttft.p50);
 
     // 200 devices on 8 prompts: the edge rows are shared.
-    assert_eq!(report.replay.prompts, 8);
-    assert_eq!(report.replay.rows_requested, t.output_tokens - 200);
-    assert!(report.replay.rows_computed <= 8 * 3, "{:?}", report.replay);
+    assert_eq!(report.edge.mode, DeviceCompute::Replay);
+    assert_eq!(report.edge.prompts, 8);
+    assert_eq!(report.edge.rows_requested, t.output_tokens - 200);
+    assert!(report.edge.rows_computed <= 8 * 3, "{:?}", report.edge);
+    // Nothing dropped.
+    assert_eq!(report.resume.reconnects, 0);
+    assert_eq!(report.resume.lost, 0);
 
     let json = serde_json::to_string_pretty(&report).expect("json");
     let back: Report = serde_json::from_str(&json).expect("parse");
@@ -266,4 +277,363 @@ async fn replay_sends_what_a_device_would_and_computes_each_row_once() {
     let stats = replay.stats();
     assert_eq!(stats.rows_computed, 5);
     assert_eq!(stats.rows_requested, 5 + 50);
+}
+
+/// Token ids of every generation, by (device, generation); panics on a failed one.
+fn outputs(records: &[GenerationRecord]) -> Vec<((usize, usize), Vec<u32>)> {
+    records
+        .iter()
+        .map(|r| {
+            assert!(
+                matches!(r.outcome, Outcome::Done { .. }),
+                "device {} generation {}: {:?}",
+                r.device,
+                r.generation,
+                r.outcome
+            );
+            ((r.device, r.generation), r.tokens.clone())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_compute_sends_the_frames_replay_sends() {
+    let fx = fixture();
+    let bundle = EdgeBundle::load(&fx.split_dir).expect("edge");
+    let dtype = HiddenDtype::Bf16;
+    // A prompt longer than one chunk (256 tokens), to compare chunked prompts too.
+    let prompts: Vec<Vec<u32>> = vec![(0..300).map(|i| 4 + (i * 7) % 250).collect()];
+    let replay = Arc::new(Replay::new(bundle.model.clone(), dtype));
+    let roots = vec![replay.prompt(&prompts[0]).expect("root")];
+    let replayed = Compute::replay(replay, roots);
+    let real = Compute::real(bundle.model.clone(), dtype, prompts);
+    let (mut a, frames_a) = replayed.start(PromptId(0)).await.expect("replay start");
+    let (mut b, frames_b) = real.start(PromptId(0)).await.expect("real start");
+    assert_eq!(frames_a.len(), 2);
+    assert_eq!(frames_a, frames_b, "prompt frames");
+    for t in [17u32, 5, 5, 260] {
+        let (fa, fb) = (
+            a.next(t).await.expect("replay"),
+            b.next(t).await.expect("real"),
+        );
+        assert_eq!(fa, fb, "token {t}");
+    }
+    let stats = real.stats();
+    assert_eq!((stats.prompts, stats.rows_computed), (1, 4));
+    assert!(stats.edge_compute_s > 0.0);
+
+    // Through a server: same outputs, every row computed by its device.
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 4);
+    cfg.generations_per_device = 2;
+    cfg.output_tokens = LengthDist::fixed(6).expect("6");
+    let replay_run = tandem_loadtest::run_detailed(cfg.clone())
+        .await
+        .expect("replay run");
+    cfg.device_compute = DeviceCompute::Real;
+    let real_run = tandem_loadtest::run_detailed(cfg).await.expect("real run");
+    assert_eq!(outputs(&real_run.records), outputs(&replay_run.records));
+    let edge = &real_run.report.edge;
+    assert_eq!(edge.mode, DeviceCompute::Real);
+    assert_eq!(edge.prompts, 8, "one prompt per generation");
+    assert_eq!(edge.rows_requested, edge.rows_computed);
+    assert_eq!(
+        edge.rows_computed,
+        real_run.report.throughput.output_tokens - 8,
+        "{edge:?}"
+    );
+    assert!(edge.edge_compute_s > 0.0);
+    srv.shutdown().await;
+}
+
+/// A TCP proxy to `upstream` that closes every connection once `cut_after` bytes went from
+/// the server to the device. Returns its address and the number of connections it cut.
+async fn cutting_proxy(
+    upstream: std::net::SocketAddr,
+    cut_after: usize,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    let cuts = Arc::new(AtomicU64::new(0));
+    let counter = cuts.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let cuts = counter.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                };
+                let down = async move {
+                    // The HTTP upgrade answer passes whole; the count starts after it.
+                    let (mut head, mut headers_done, mut left) = (Vec::new(), false, cut_after);
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let mut data = &buf[..n];
+                        if !headers_done {
+                            head.extend_from_slice(data);
+                            let end = head.windows(4).position(|w| w == b"\r\n\r\n");
+                            // Bytes of this read that belong to the headers.
+                            let in_headers = match end {
+                                Some(end) => end + 4 - (head.len() - n),
+                                None => n,
+                            };
+                            if cw.write_all(&data[..in_headers]).await.is_err() {
+                                return;
+                            }
+                            data = &data[in_headers..];
+                            headers_done = end.is_some();
+                        }
+                        let pass = data.len().min(left);
+                        if cw.write_all(&data[..pass]).await.is_err() {
+                            return;
+                        }
+                        left -= pass;
+                        if left == 0 {
+                            cuts.fetch_add(1, Ordering::Relaxed);
+                            return; // both halves drop: the connection closes mid-stream
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    (addr, cuts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_resume_without_losing_or_repeating_tokens() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 6);
+    cfg.generations_per_device = 2;
+    cfg.output_tokens = LengthDist::fixed(12).expect("12");
+    let reference = tandem_loadtest::run_detailed(cfg.clone())
+        .await
+        .expect("uninterrupted run");
+    assert_eq!(reference.report.resume.reconnects, 0);
+
+    // Opened is 54 bytes on the wire and a Token about 20: each connection carries a few
+    // tokens, then is cut.
+    let (proxy, cuts) = cutting_proxy(srv.addr(), 120).await;
+    cfg.server = format!("ws://{proxy}/v1/edge/ws");
+    let cut = tandem_loadtest::run_detailed(cfg).await.expect("cut run");
+    let report = &cut.report;
+    eprintln!("{}", report.summary());
+    assert!(
+        cuts.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the proxy cut nothing"
+    );
+    assert_eq!(report.counts.completed, 12, "{:?}", report.error_examples);
+    assert_eq!(report.counts.failed, 0);
+    assert_eq!(report.resume.lost, 0);
+    assert!(report.resume.reconnects >= 1, "{:?}", report.resume);
+    assert!(report.resume.resumes >= 1, "{:?}", report.resume);
+    assert!(report.resume.recovered >= 1, "{:?}", report.resume);
+    // The same tokens as without the cuts, each counted once.
+    assert_eq!(outputs(&cut.records), outputs(&reference.records));
+    let t = &report.throughput;
+    assert_eq!(t.output_tokens, t.output_tokens_done);
+    assert_eq!(t.output_tokens, reference.report.throughput.output_tokens);
+    // One TPOT sample per gap between new tokens, outages included.
+    let tpot = report.latency_ms.tpot.as_ref().expect("tpot");
+    assert_eq!(tpot.count as u64, t.output_tokens - 12);
+    srv.shutdown().await;
+}
+
+/// Polls the server's `/metrics` until a session is active and tokens have gone out since
+/// `before`.
+async fn wait_for_running_sessions(
+    metrics_url: &str,
+    before: &tandem_loadtest::scrape::Exposition,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = tandem_loadtest::scrape::fetch(metrics_url).await {
+            let m = tandem_loadtest::scrape::Exposition::parse(&text).since(before);
+            let active = m.gauges.get("tandem_sessions_active").copied();
+            let out = m.counters_delta.get("tandem_tokens_out_total").copied();
+            if active.unwrap_or(0.0) >= 1.0 && out.unwrap_or(0.0) >= 3.0 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no session ever ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_gets_its_sessions_replayed() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let addr = srv.addr();
+    let mut cfg = fx.load(&srv, 4);
+    cfg.generations_per_device = 2;
+    cfg.think = Duration::from_millis(50);
+    cfg.output_tokens = LengthDist::fixed(200).expect("200");
+    cfg.max_reconnects = 8;
+    let reference = tandem_loadtest::run_detailed(cfg.clone())
+        .await
+        .expect("uninterrupted run");
+    let reference_tokens = reference.report.throughput.output_tokens;
+    assert!(reference_tokens > 50, "{}", reference.report.summary());
+
+    // The same load; mid-run the server stops (sessions still running get shutting_down or
+    // a closed connection) and another one starts on the same port with an empty in-memory
+    // store, so every resume meets unknown_session and replays.
+    let metrics_url = format!("{}/metrics", srv.http_url());
+    let before = tandem_loadtest::scrape::Exposition::parse(
+        &tandem_loadtest::scrape::fetch(&metrics_url)
+            .await
+            .expect("scrape"),
+    );
+    let run = tokio::spawn(tandem_loadtest::run_detailed(cfg));
+    wait_for_running_sessions(&metrics_url, &before).await;
+    srv.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let srv = server::start(ServerConfig {
+        listen: addr,
+        ..fx.server_config()
+    })
+    .await
+    .expect("restart on the same port");
+    let restarted = run.await.expect("join").expect("run");
+    let report = &restarted.report;
+    eprintln!("{}", report.summary());
+    assert_eq!(report.counts.failed, 0, "{:?}", report.error_examples);
+    assert_eq!(report.counts.completed, 8);
+    assert_eq!(report.resume.lost, 0);
+    assert!(report.resume.reconnects >= 1, "{:?}", report.resume);
+    assert!(report.resume.replays >= 1, "{:?}", report.resume);
+    assert!(report.resume.reopens >= 1, "{:?}", report.resume);
+    assert_eq!(outputs(&restarted.records), outputs(&reference.records));
+    assert_eq!(report.throughput.output_tokens, reference_tokens);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_sets_lengths_and_the_png_decodes() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 10);
+    cfg.generations_per_device = 2;
+    cfg.trace = Some(
+        Trace::parse(
+            r#"[{"prompt_tokens": 5, "output_tokens": 3},
+                {"prompt_tokens": 11, "output_tokens": 2, "think_ms": 30}]"#,
+            "inline",
+        )
+        .expect("trace"),
+    );
+    let out = tandem_loadtest::run_detailed(cfg).await.expect("run");
+    let report = &out.report;
+    assert!(report.errors.is_empty(), "{:?}", report.error_examples);
+    assert_eq!(report.settings.trace_records, Some(2));
+    // Record (generation × 10 + device) % 2: devices of even index take record 0 first.
+    for r in &out.records {
+        let want = if (r.generation * 10 + r.device) % 2 == 0 {
+            (5, 3)
+        } else {
+            (11, 2)
+        };
+        assert_eq!((r.prompt_tokens, r.max_tokens), want, "{r:?}");
+        assert!(r.tokens_received <= want.1);
+    }
+    assert_eq!(report.throughput.prompt_tokens_done, 10 * 5 + 10 * 11);
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let png_path = tmp.path().join("run.png");
+    let text =
+        tandem_loadtest::plot::write_png(report, &out.records, &png_path, None).expect("png");
+    let font_installed = std::path::Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .exists()
+        || std::path::Path::new("/usr/share/fonts/TTF/DejaVuSans.ttf").exists()
+        || std::path::Path::new("/usr/share/fonts/dejavu/DejaVuSans.ttf").exists();
+    assert_eq!(text, font_installed);
+    let bytes = std::fs::read(&png_path).expect("read png");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let (w, h, rgb) = tandem_loadtest::plot::decode_png(&bytes).expect("decode");
+    assert_eq!(
+        (w, h),
+        (tandem_loadtest::plot::WIDTH, tandem_loadtest::plot::HEIGHT)
+    );
+    // Lines were drawn: a good share of the pixels is not white, and some are the
+    // throughput panel's orange.
+    let pixels: Vec<&[u8]> = rgb.chunks_exact(3).collect();
+    let ink = pixels.iter().filter(|p| *p != &[255, 255, 255]).count();
+    assert!(ink > pixels.len() / 200, "{ink} of {}", pixels.len());
+    assert!(pixels.iter().any(|p| *p == [230, 120, 0]));
+    // An explicit font that is not there is an error naming the flag.
+    let missing = tandem_loadtest::plot::write_png(
+        report,
+        &out.records,
+        &png_path,
+        Some(std::path::Path::new("/nonexistent/font.ttf")),
+    )
+    .expect_err("no such font");
+    assert!(
+        format!("{missing:#}").contains("--plot-font"),
+        "{missing:#}"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_writes_a_split_that_serves_long_prompts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("tiny");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-loadtest"))
+        .args(["tiny-model", "--seed", "5", "--context", "1024", "--out"])
+        .arg(&dir)
+        .status()
+        .expect("run tiny-model");
+    assert!(status.success());
+    for part in ["edge", "cloud"] {
+        assert!(dir.join(part).join("manifest.json").is_file(), "{part}");
+    }
+    // Again without --force: refused, the split is kept.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-loadtest"))
+        .args(["tiny-model", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run tiny-model");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let srv = server::start(ServerConfig {
+        cloud: dir.join("cloud"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        kv_cache_gib: 0.05,
+        drain_timeout_ms: 100,
+        ..ServerConfig::default()
+    })
+    .await
+    .expect("start on the tiny model");
+    // 600-token prompts: past the generator's usual 512 context, in three chunks.
+    let mut cfg = LoadConfig::new(srv.ws_url(), dir.join("edge"), 3);
+    cfg.prompt_tokens = LengthDist::fixed(600).expect("600");
+    cfg.output_tokens = LengthDist::fixed(4).expect("4");
+    let report = tandem_loadtest::run(cfg).await.expect("run");
+    assert!(report.errors.is_empty(), "{:?}", report.error_examples);
+    assert_eq!(report.counts.completed, 3);
+    assert_eq!(report.model.max_position_embeddings, 1024);
+    assert_eq!(report.throughput.prompt_tokens_done, 3 * 600);
+    srv.shutdown().await;
 }

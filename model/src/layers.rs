@@ -11,10 +11,14 @@
 //! compute dtype) plus whatever the `KvView` spends on attention. Nothing here allocates per
 //! layer beyond the activations themselves.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::LlamaConfig;
+use crate::cpu;
 use crate::error::{ModelError, Result};
+use crate::gemm::PackedMatrix;
 use crate::weights::TensorSource;
 
 /// One sequence's rows inside a varlen batch.
@@ -150,10 +154,23 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((kv_heads * n_rep, len, d))?)
 }
 
-/// A dense projection without bias. A newtype so that quantized matmuls can be added as
-/// another representation later without touching the layer code.
+/// A dense projection without bias, `y = x · Wᵀ` with `W` `[out, in]`.
+///
+/// On the CPU in f32 the weight is packed once at load for [`PackedMatrix`] (the model's
+/// own kernel: several times candle's matmul at the few rows of batched decoding, and a
+/// row's result does not depend on the other rows of the batch); any other device or dtype
+/// keeps the weight as a tensor for candle's matmul.
 #[derive(Clone, Debug)]
-pub struct Linear(candle_nn::Linear);
+pub struct Linear(LinearRepr);
+
+#[derive(Clone, Debug)]
+enum LinearRepr {
+    Packed {
+        w: Arc<PackedMatrix>,
+        device: Device,
+    },
+    Candle(candle_nn::Linear),
+}
 
 impl Linear {
     pub(crate) fn load(
@@ -164,26 +181,74 @@ impl Linear {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let w = src.load(name, &[out_dim, in_dim], dtype, device)?;
-        Ok(Self(candle_nn::Linear::new(w, None)))
+        Self::from_weight(src.load(name, &[out_dim, in_dim], dtype, device)?)
     }
 
-    pub(crate) fn from_weight(w: Tensor) -> Self {
-        Self(candle_nn::Linear::new(w, None))
+    pub(crate) fn from_weight(w: Tensor) -> Result<Self> {
+        if w.device().is_cpu() && w.dtype() == DType::F32 {
+            let (n, k) = w.dims2()?;
+            let data = w.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Self(LinearRepr::Packed {
+                w: Arc::new(PackedMatrix::pack(&data, n, k)),
+                device: w.device().clone(),
+            }));
+        }
+        Ok(Self(LinearRepr::Candle(candle_nn::Linear::new(w, None))))
     }
 
+    /// The weight's dtype (the dtype of the activations this projection takes).
+    pub fn dtype(&self) -> DType {
+        match &self.0 {
+            LinearRepr::Packed { .. } => DType::F32,
+            LinearRepr::Candle(l) => l.weight().dtype(),
+        }
+    }
+
+    /// The packed weight, when this projection runs on the model's CPU kernel.
+    fn packed(&self) -> Option<&PackedMatrix> {
+        match &self.0 {
+            LinearRepr::Packed { w, .. } => Some(w),
+            LinearRepr::Candle(_) => None,
+        }
+    }
+
+    /// `x` is `[..., in]`; the result is `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(x)?)
+        let (w, device) = match &self.0 {
+            LinearRepr::Candle(l) => return Ok(l.forward(x)?),
+            LinearRepr::Packed { w, device } => (w, device),
+        };
+        let (n, k) = (w.n(), w.k());
+        let dims = x.dims();
+        if x.dtype() != DType::F32 || dims.last() != Some(&k) {
+            return Err(ModelError::Input(format!(
+                "a [{n}, {k}] f32 projection got a {:?} input of shape {dims:?}",
+                x.dtype()
+            )));
+        }
+        let out = cpu::with_f32(x, |x| matmul(w, x))?;
+        let mut shape = dims.to_vec();
+        shape[dims.len() - 1] = n;
+        Ok(Tensor::from_vec(out, shape, device)?)
     }
+}
 
-    pub fn weight(&self) -> &Tensor {
-        self.0.weight()
-    }
+/// `x · Wᵀ` for rows `x` (`[m, k]`, flat) into a new `[m, n]`.
+fn matmul(w: &PackedMatrix, x: &[f32]) -> Vec<f32> {
+    let m = x.len() / w.k();
+    let mut out = vec![0f32; m * w.n()];
+    w.matmul(x, m, &mut out);
+    out
 }
 
 /// RMSNorm with a learned scale.
 #[derive(Clone, Debug)]
-pub struct RmsNorm(candle_nn::RmsNorm);
+pub struct RmsNorm {
+    norm: candle_nn::RmsNorm,
+    /// The scale as f32 on the CPU, for the fused CPU path.
+    cpu: Option<Arc<[f32]>>,
+    eps: f32,
+}
 
 impl RmsNorm {
     pub(crate) fn load(
@@ -194,11 +259,20 @@ impl RmsNorm {
         device: &Device,
     ) -> Result<Self> {
         let w = src.load(name, &[cfg.hidden_size], dtype, device)?;
-        Ok(Self(candle_nn::RmsNorm::new(w, cfg.rms_norm_eps)))
+        let cpu = if device.is_cpu() && dtype == DType::F32 {
+            Some(w.to_vec1::<f32>()?.into())
+        } else {
+            None
+        };
+        Ok(Self {
+            norm: candle_nn::RmsNorm::new(w, cfg.rms_norm_eps),
+            cpu,
+            eps: cfg.rms_norm_eps as f32,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(x)?)
+        Ok(self.norm.forward(x)?)
     }
 }
 
@@ -214,6 +288,8 @@ pub struct Rotary {
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    /// `cos` and `sin` as f32 slices, for the fused CPU path.
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Rotary {
@@ -232,10 +308,16 @@ impl Rotary {
         let pos =
             Tensor::from_slice(positions, (t, 1), self.inv_freq.device())?.to_dtype(DType::F32)?;
         let angles = pos.matmul(&self.inv_freq)?;
-        Ok(RopeTables {
-            cos: angles.cos()?.to_dtype(self.dtype)?,
-            sin: angles.sin()?.to_dtype(self.dtype)?,
-        })
+        let (cos, sin) = (
+            angles.cos()?.to_dtype(self.dtype)?,
+            angles.sin()?.to_dtype(self.dtype)?,
+        );
+        let cpu = if cos.device().is_cpu() && self.dtype == DType::F32 {
+            Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(RopeTables { cos, sin, cpu })
     }
 }
 
@@ -342,7 +424,7 @@ impl DecoderLayer {
                 .iter()
                 .map(|(name, o)| weight(name, *o, h))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Linear::from_weight(Tensor::cat(&ws, 0)?))
+            Linear::from_weight(Tensor::cat(&ws, 0)?)
         };
         let attn = Attention {
             qkv_proj: stacked(&[
@@ -394,6 +476,11 @@ impl DecoderLayer {
         ctx: &ForwardCtx,
         kv: &mut dyn KvView,
     ) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && x.device().is_cpu() {
+            if let Some(parts) = self.cpu_parts(rope) {
+                return self.forward_cpu(x, parts, ctx, kv);
+            }
+        }
         let t = x.dim(0)?;
         let a = &self.attn;
         let h = self.input_norm.forward(x)?;
@@ -412,6 +499,69 @@ impl DecoderLayer {
         let x = (a.o_proj.forward(&attn)? + x)?;
         let m = self.mlp.forward(&self.post_attn_norm.forward(&x)?)?;
         Ok((m + x)?)
+    }
+}
+
+/// What the fused CPU path needs: present when the layer was loaded on the CPU in f32.
+#[derive(Clone, Copy)]
+struct CpuParts<'a> {
+    input_norm: &'a [f32],
+    post_attn_norm: &'a [f32],
+    eps: f32,
+    qkv: &'a PackedMatrix,
+    o: &'a PackedMatrix,
+    gate_up: &'a PackedMatrix,
+    down: &'a PackedMatrix,
+    cos: &'a [f32],
+    sin: &'a [f32],
+}
+
+impl DecoderLayer {
+    fn cpu_parts<'a>(&'a self, rope: &'a RopeTables) -> Option<CpuParts<'a>> {
+        let (cos, sin) = rope.cpu.as_ref()?;
+        Some(CpuParts {
+            input_norm: self.input_norm.cpu.as_deref()?,
+            post_attn_norm: self.post_attn_norm.cpu.as_deref()?,
+            eps: self.input_norm.eps,
+            qkv: self.attn.qkv_proj.packed()?,
+            o: self.attn.o_proj.packed()?,
+            gate_up: self.mlp.gate_up_proj.packed()?,
+            down: self.mlp.down_proj.packed()?,
+            cos,
+            sin,
+        })
+    }
+
+    /// [`Self::forward`] on the CPU in f32: the same computation, with the steps between the
+    /// matmuls fused into single passes ([`crate::cpu`]).
+    fn forward_cpu(
+        &self,
+        x: &Tensor,
+        p: CpuParts<'_>,
+        ctx: &ForwardCtx,
+        kv: &mut dyn KvView,
+    ) -> Result<Tensor> {
+        let (t, hidden) = x.dims2()?;
+        let a = &self.attn;
+        let device = x.device();
+        let mut resid = cpu::with_f32(x, <[f32]>::to_vec)?;
+        let h = cpu::rms_norm(&resid, p.input_norm, p.eps);
+        let qkv = matmul(p.qkv, &h);
+        let shape = cpu::QkvShape {
+            heads: a.heads,
+            kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+        };
+        let (q, k, v) = cpu::split_rope(&qkv, shape, p.cos, p.sin);
+        let q = Tensor::from_vec(q, (t, a.heads, a.head_dim), device)?;
+        let k = Tensor::from_vec(k, (t, a.kv_heads, a.head_dim), device)?;
+        let v = Tensor::from_vec(v, (t, a.kv_heads, a.head_dim), device)?;
+        let attn = kv.attend(self.index, &q, &k, &v, ctx)?;
+        let o = cpu::with_f32(&attn, |attn| matmul(p.o, attn))?;
+        let h = cpu::add_rms_norm(&mut resid, &o, p.post_attn_norm, p.eps);
+        let gated = cpu::silu_mul(&matmul(p.gate_up, &h), self.mlp.intermediate);
+        cpu::add_assign(&mut resid, &matmul(p.down, &gated));
+        Ok(Tensor::from_vec(resid, (t, hidden), device)?)
     }
 }
 

@@ -28,7 +28,9 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+mod cpu;
 pub mod error;
+pub mod gemm;
 pub mod kv;
 pub mod layers;
 pub mod manifest;
@@ -36,6 +38,8 @@ pub mod pipeline;
 pub mod privacy;
 pub mod sampling;
 pub mod split;
+mod team;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

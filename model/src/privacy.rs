@@ -247,7 +247,7 @@ impl RowNoiser {
 
     /// Clips and noises every row of `values` (`[rows, cols]` row-major).
     pub fn apply(&mut self, values: &mut [f32], cols: usize) -> Result<()> {
-        if cols == 0 || values.len() % cols != 0 {
+        if cols == 0 || !values.len().is_multiple_of(cols) {
             return Err(ModelError::Input(format!(
                 "{} values do not form rows of {cols}",
                 values.len()

@@ -188,7 +188,7 @@ impl CloudModel {
             split,
             layers,
             norm: RmsNorm::load(src, FINAL_NORM, cfg, opts.dtype, opts.device)?,
-            lm_head: Linear::from_weight(head),
+            lm_head: Linear::from_weight(head)?,
         })
     }
 
@@ -202,7 +202,7 @@ impl CloudModel {
 
     /// Hidden-state dtype this part expects.
     pub fn dtype(&self) -> DType {
-        self.lm_head.weight().dtype()
+        self.lm_head.dtype()
     }
 
     /// Runs the cloud layers over layer-`k` hidden states `[tokens, hidden]` and returns the

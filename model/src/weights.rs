@@ -375,7 +375,7 @@ pub fn write_safetensors(
         offset += bytes;
     }
     let mut text = serde_json::Value::Object(header).to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let io = |e| ModelError::io(path, e);

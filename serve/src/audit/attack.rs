@@ -302,7 +302,7 @@ impl RidgeDecoder {
     pub fn fit(rows: &[f32], tokens: &[u32], embed: &Tensor, lambda: f64) -> Result<Self> {
         let dev = Device::Cpu;
         let n = tokens.len();
-        if n == 0 || rows.len() % n != 0 {
+        if n == 0 || !rows.len().is_multiple_of(n) {
             bail!("{} values for {n} training tokens", rows.len());
         }
         let d = rows.len() / n;

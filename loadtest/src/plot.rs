@@ -1,0 +1,418 @@
+//! The run's PNG (`--plot PATH`): four panels, 1200 × 900 pixels.
+//!
+//! - Top left, top right, bottom left: the distributions of TTFT, TPOT and end-to-end time
+//!   of the completed generations, as CDFs (x: milliseconds, y: share of samples at or below
+//!   it, in %), with the p50 and p99 marked by vertical lines.
+//! - Bottom right: throughput over time from the report's timeline: output tokens per second
+//!   during each second (left axis) and generations in progress (right axis).
+//!
+//! Drawn with plotters' bitmap backend into a buffer and written by the small PNG encoder
+//! below (zlib stored blocks: larger files, no image crate; the same approach as the
+//! privacy audit's chart in `tandem-serve`). Text needs a TrueType font, read at run time
+//! from `--plot-font` or the usual DejaVu paths (plotters' font-kit, which pulls in
+//! fontconfig, stays off). A `--plot-font` that cannot be read is an error; when none is
+//! given and no DejaVu font is installed, the chart is drawn without any text (axes and
+//! lines only) and the command says so on stderr.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::device::{GenerationRecord, Outcome};
+use crate::report::Report;
+
+pub const WIDTH: u32 = 1200;
+pub const HEIGHT: u32 = 900;
+
+/// Fonts tried when none is given.
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+/// Most points drawn per CDF (samples are thinned evenly beyond that).
+const MAX_CDF_POINTS: usize = 2_000;
+
+/// Registers a font for plotters. `Ok(false)`: none found among the defaults.
+fn load_font(font: Option<&Path>) -> Result<bool> {
+    let register = |bytes: Vec<u8>| {
+        // plotters keeps fonts for the life of the process.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+    };
+    if let Some(p) = font {
+        let bytes = std::fs::read(p)
+            .with_context(|| format!("--plot-font {}: cannot read", p.display()))?;
+        anyhow::ensure!(
+            register(bytes),
+            "--plot-font {}: not a TrueType/OpenType font",
+            p.display()
+        );
+        return Ok(true);
+    }
+    Ok(FONT_PATHS
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .any(register))
+}
+
+/// A CDF in percent over sorted samples, thinned to at most [`MAX_CDF_POINTS`] points.
+pub fn cdf(mut samples: Vec<f64>) -> Vec<(f64, f64)> {
+    samples.retain(|v| v.is_finite());
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    let step = n.div_ceil(MAX_CDF_POINTS).max(1);
+    let mut out: Vec<(f64, f64)> = (0..n)
+        .step_by(step)
+        .map(|i| (samples[i], 100.0 * (i + 1) as f64 / n as f64))
+        .collect();
+    if let Some(&last) = samples.last() {
+        if out.last().map(|p| p.1) != Some(100.0) {
+            out.push((last, 100.0));
+        }
+    }
+    out
+}
+
+/// Writes the chart of a run to `path`. Answers whether text (titles, labels, legends) was
+/// drawn.
+pub fn write_png(
+    report: &Report,
+    records: &[GenerationRecord],
+    path: &Path,
+    font: Option<&Path>,
+) -> Result<bool> {
+    let text = load_font(font)?;
+    let done: Vec<&GenerationRecord> = records
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Done { .. }))
+        .collect();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let ttft: Vec<f64> = done.iter().filter_map(|r| r.ttft.map(ms)).collect();
+    let tpot: Vec<f64> = done
+        .iter()
+        .flat_map(|r| r.gaps.iter().copied().map(ms))
+        .collect();
+    let e2e: Vec<f64> = done.iter().map(|r| ms(r.e2e)).collect();
+
+    let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+        let panels = root.split_evenly((2, 2));
+        let cdfs = [
+            ("time to first token", ttft),
+            ("time per output token (gaps between tokens)", tpot),
+            ("end to end", e2e),
+        ];
+        for (area, (title, samples)) in panels.iter().zip(cdfs) {
+            draw_cdf(area, title, samples, text)?;
+        }
+        draw_timeline(&panels[3], report, text)?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    let png = encode_png(WIDTH, HEIGHT, &buf);
+    std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
+    Ok(text)
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("drawing the chart: {e}")
+}
+
+fn draw_cdf(area: &Area<'_>, title: &str, samples: Vec<f64>, text: bool) -> Result<()> {
+    let n = samples.len();
+    let points = cdf(samples);
+    let x_max = points.last().map_or(1.0, |p| p.0).max(1e-3) * 1.05;
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(16);
+    if text {
+        builder
+            .caption(format!("{title} (n={n})"), ("sans-serif", 18))
+            .x_label_area_size(40)
+            .y_label_area_size(50);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(0f64..x_max, 0f64..101f64)
+        .map_err(err)?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("milliseconds")
+            .y_desc("% of samples at or below")
+            .y_labels(11);
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(err)?;
+    let color = RGBColor(31, 119, 180);
+    for (p, mark) in [(50.0, RGBColor(120, 120, 120)), (99.0, RGBColor(200, 0, 0))] {
+        if let Some(&(x, _)) = points.iter().find(|q| q.1 >= p) {
+            let line = chart
+                .draw_series(LineSeries::new(
+                    [(x, 0.0), (x, 100.0)],
+                    mark.stroke_width(1),
+                ))
+                .map_err(err)?;
+            if text {
+                line.label(format!("p{p:.0} {x:.1} ms"))
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], mark));
+            }
+        }
+    }
+    let stairs: Vec<(f64, f64)> = std::iter::once((0.0, 0.0))
+        .chain(points.iter().copied())
+        .collect();
+    chart
+        .draw_series(LineSeries::new(stairs, color.stroke_width(2)))
+        .map_err(err)?;
+    if text && n > 0 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+fn draw_timeline(area: &Area<'_>, report: &Report, text: bool) -> Result<()> {
+    let t = &report.timeline;
+    let t_max = t.last().map_or(1.0, |s| s.t_s).max(1.0);
+    let rate_max = t
+        .iter()
+        .map(|s| s.output_tokens_per_s)
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.1;
+    let active_max = t.iter().map(|s| s.active).max().unwrap_or(0).max(1) as f64 * 1.1;
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(16);
+    if text {
+        builder
+            .caption("throughput over time", ("sans-serif", 18))
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .right_y_label_area_size(60);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(0f64..t_max, 0f64..rate_max)
+        .map_err(err)?
+        .set_secondary_coord(0f64..t_max, 0f64..active_max);
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("seconds since the start")
+            .y_desc("output tokens per second");
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(err)?;
+    let mut secondary = chart.configure_secondary_axes();
+    if text {
+        secondary.y_desc("generations in progress");
+    } else {
+        secondary.x_labels(0).y_labels(0);
+    }
+    secondary.draw().map_err(err)?;
+    let (rate_color, active_color) = (RGBColor(31, 119, 180), RGBColor(230, 120, 0));
+    let rate = chart
+        .draw_series(LineSeries::new(
+            t.iter().map(|s| (s.t_s, s.output_tokens_per_s)),
+            rate_color.stroke_width(2),
+        ))
+        .map_err(err)?;
+    if text {
+        rate.label("output tok/s (left)")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], rate_color));
+    }
+    let active = chart
+        .draw_secondary_series(LineSeries::new(
+            t.iter().map(|s| (s.t_s, s.active as f64)),
+            active_color.stroke_width(2),
+        ))
+        .map_err(err)?;
+    if text {
+        active
+            .label("in progress (right)")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], active_color));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A PNG of `rgb` (8-bit RGB, row-major), zlib with stored (uncompressed) blocks.
+pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(rgb.len() + height as usize);
+    for row in rgb.chunks_exact(width as usize * 3) {
+        raw.push(0); // filter: none
+        raw.extend_from_slice(row);
+    }
+    let mut z = vec![0x78, 0x01];
+    let mut blocks = raw.chunks(65_535).peekable();
+    while let Some(block) = blocks.next() {
+        z.push(u8::from(blocks.peek().is_none()));
+        let len = block.len() as u16;
+        z.extend_from_slice(&len.to_le_bytes());
+        z.extend_from_slice(&(!len).to_le_bytes());
+        z.extend_from_slice(block);
+    }
+    z.extend_from_slice(&adler32(&raw).to_be_bytes());
+    let mut ihdr = Vec::with_capacity(13);
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, adaptive, no interlace
+    let mut png = PNG_SIGNATURE.to_vec();
+    for (kind, data) in [(b"IHDR", &ihdr[..]), (b"IDAT", &z[..]), (b"IEND", &[][..])] {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = png.len();
+        png.extend_from_slice(kind);
+        png.extend_from_slice(data);
+        let crc = crc32(&png[start..]);
+        png.extend_from_slice(&crc.to_be_bytes());
+    }
+    png
+}
+
+const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+
+/// Reads back a PNG as [`encode_png`] writes it (RGB, one IDAT of stored deflate blocks,
+/// no filters), checking every CRC and the Adler-32: `(width, height, rgb)`. For tests and
+/// checks of written charts; not a general PNG decoder.
+pub fn decode_png(png: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
+    anyhow::ensure!(png.starts_with(PNG_SIGNATURE), "no PNG signature");
+    let mut at = 8;
+    let (mut size, mut idat) = (None, Vec::new());
+    loop {
+        let len_bytes: [u8; 4] = png
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .context("truncated chunk")?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        let chunk = png.get(at + 4..at + 8 + len).context("truncated chunk")?;
+        let crc: [u8; 4] = png
+            .get(at + 8 + len..at + 12 + len)
+            .and_then(|b| b.try_into().ok())
+            .context("truncated CRC")?;
+        anyhow::ensure!(crc32(chunk) == u32::from_be_bytes(crc), "bad CRC");
+        let (kind, data) = chunk.split_at(4);
+        match kind {
+            b"IHDR" => {
+                anyhow::ensure!(data.len() == 13 && data[8..10] == [8, 2], "not 8-bit RGB");
+                let w = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                let h = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+                size = Some((w, h));
+            }
+            b"IDAT" => idat.extend_from_slice(data),
+            b"IEND" => break,
+            _ => {}
+        }
+        at += 12 + len;
+    }
+    let (w, h) = size.context("no IHDR")?;
+    anyhow::ensure!(idat.len() >= 6 && idat[0] == 0x78, "not zlib");
+    let mut raw = Vec::new();
+    let mut p = 2;
+    loop {
+        let header = *idat.get(p).context("truncated deflate")?;
+        anyhow::ensure!(header & 0b110 == 0, "not a stored block");
+        let len = u16::from_le_bytes([idat[p + 1], idat[p + 2]]) as usize;
+        raw.extend_from_slice(idat.get(p + 5..p + 5 + len).context("truncated block")?);
+        p += 5 + len;
+        if header & 1 == 1 {
+            break;
+        }
+    }
+    let adler: [u8; 4] = idat
+        .get(p..p + 4)
+        .and_then(|b| b.try_into().ok())
+        .context("no Adler-32")?;
+    anyhow::ensure!(adler32(&raw) == u32::from_be_bytes(adler), "bad Adler-32");
+    let row = w as usize * 3 + 1;
+    anyhow::ensure!(raw.len() == row * h as usize, "wrong data length");
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for r in raw.chunks_exact(row) {
+        anyhow::ensure!(r[0] == 0, "filtered row");
+        rgb.extend_from_slice(&r[1..]);
+    }
+    Ok((w, h, rgb))
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in data.chunks(5552) {
+        for &x in chunk {
+            a += u32::from(x);
+            b += a;
+        }
+        a %= 65_521;
+        b %= 65_521;
+    }
+    (b << 16) | a
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_match_known_values() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+    }
+
+    #[test]
+    fn png_round_trips() {
+        let rgb: Vec<u8> = (0..3 * 300 * 100).map(|i| (i % 251) as u8).collect();
+        let png = encode_png(300, 100, &rgb);
+        let (w, h, back) = decode_png(&png).expect("decode");
+        assert_eq!((w, h), (300, 100));
+        assert_eq!(back, rgb);
+        let mut bad = png.clone();
+        bad[40] ^= 1;
+        assert!(decode_png(&bad).is_err());
+        assert!(decode_png(b"GIF89a").is_err());
+    }
+
+    #[test]
+    fn cdfs_end_at_100_and_thin_long_inputs() {
+        assert!(cdf(Vec::new()).is_empty());
+        assert_eq!(
+            cdf(vec![3.0, 1.0, 2.0, 4.0]),
+            [(1.0, 25.0), (2.0, 50.0), (3.0, 75.0), (4.0, 100.0)]
+        );
+        let long = cdf((0..10_001).map(f64::from).collect());
+        assert!(long.len() <= MAX_CDF_POINTS + 1, "{}", long.len());
+        assert_eq!(long.last(), Some(&(10_000.0, 100.0)));
+        assert!(long
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    }
+}
