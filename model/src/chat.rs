@@ -347,7 +347,11 @@ fn strftime(unix_secs: i64, format: &str) -> String {
     let t = civil(unix_secs);
     let month_name = MONTHS[(t.month - 1) as usize];
     let weekday_name = WEEKDAYS[t.weekday];
-    let hour12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
+    let hour12 = if t.hour.is_multiple_of(12) {
+        12
+    } else {
+        t.hour % 12
+    };
     let mut out = String::with_capacity(format.len() + 16);
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
