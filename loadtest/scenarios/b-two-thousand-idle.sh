@@ -46,6 +46,9 @@ log "$devices devices, poisson:$rate arrivals, ${step_delay} ms per step, ${thin
     --duration-s "$duration" --prompt-pool 64 --metrics-url "$METRICS_URL" --quiet \
     --report "$OUT/b.json" --plot "$OUT/b.png"
 scrape "$OUT/metrics-after.txt"
+# The server's user + system CPU seconds over its life: per output token, an upper bound on
+# what the transport and scheduler cost per session step (the tiny model's compute is in it).
+server_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$SERVER_PID/stat")
 stop_rss
 stop_server
 
@@ -55,6 +58,7 @@ stop_server
     awk 'NR > 1 { if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2; last = $2 }
          END { printf "server RSS: min %.1f MiB, max %.1f MiB, last %.1f MiB (%d samples)\n", min / 1024, max / 1024, last / 1024, NR - 1 }' "$OUT/rss.txt"
     grep -E '^tandem_(kv_blocks_(used|free)|sessions_active)' "$OUT/metrics-after.txt" || true
+    jq -r --arg cpu "$server_cpu" '"server CPU: \($cpu) s for \(.throughput.output_tokens) output tokens = \(($cpu | tonumber) * 1000 / .throughput.output_tokens | . * 1000 | round / 1000) ms per token"' "$OUT/b.json"
     errors=$(jq '.counts.failed' "$OUT/b.json")
     [ "$errors" = 0 ] && echo "OK: no errors" || echo "FAIL: $errors failed generations"
 } | tee "$OUT/summary.txt"
