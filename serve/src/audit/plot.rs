@@ -201,7 +201,7 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
     ihdr.extend_from_slice(&width.to_be_bytes());
     ihdr.extend_from_slice(&height.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, adaptive, no interlace
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut png = PNG_SIGNATURE.to_vec();
     for (kind, data) in [(b"IHDR", &ihdr[..]), (b"IDAT", &z[..]), (b"IEND", &[][..])] {
         png.extend_from_slice(&(data.len() as u32).to_be_bytes());
         let start = png.len();
@@ -211,6 +211,70 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
         png.extend_from_slice(&crc.to_be_bytes());
     }
     png
+}
+
+const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+
+/// Reads back a PNG as [`encode_png`] writes it (RGB, one IDAT of stored deflate blocks,
+/// no filters), checking every CRC and the Adler-32: `(width, height, rgb)`. For tests and
+/// checks of written charts; not a general PNG decoder.
+pub fn decode_png(png: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
+    anyhow::ensure!(png.starts_with(PNG_SIGNATURE), "no PNG signature");
+    let mut at = 8;
+    let (mut size, mut idat) = (None, Vec::new());
+    loop {
+        let len_bytes: [u8; 4] = png
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .context("truncated chunk")?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        let chunk = png.get(at + 4..at + 8 + len).context("truncated chunk")?;
+        let crc: [u8; 4] = png
+            .get(at + 8 + len..at + 12 + len)
+            .and_then(|b| b.try_into().ok())
+            .context("truncated CRC")?;
+        anyhow::ensure!(crc32(chunk) == u32::from_be_bytes(crc), "bad CRC");
+        let (kind, data) = chunk.split_at(4);
+        match kind {
+            b"IHDR" => {
+                anyhow::ensure!(data.len() == 13 && data[8..10] == [8, 2], "not 8-bit RGB");
+                let w = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                let h = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+                size = Some((w, h));
+            }
+            b"IDAT" => idat.extend_from_slice(data),
+            b"IEND" => break,
+            _ => {}
+        }
+        at += 12 + len;
+    }
+    let (w, h) = size.context("no IHDR")?;
+    anyhow::ensure!(idat.len() >= 6 && idat[0] == 0x78, "not zlib");
+    let mut raw = Vec::new();
+    let mut p = 2;
+    loop {
+        let header = *idat.get(p).context("truncated deflate")?;
+        anyhow::ensure!(header & 0b110 == 0, "not a stored block");
+        let len = u16::from_le_bytes([idat[p + 1], idat[p + 2]]) as usize;
+        raw.extend_from_slice(idat.get(p + 5..p + 5 + len).context("truncated block")?);
+        p += 5 + len;
+        if header & 1 == 1 {
+            break;
+        }
+    }
+    let adler: [u8; 4] = idat
+        .get(p..p + 4)
+        .and_then(|b| b.try_into().ok())
+        .context("no Adler-32")?;
+    anyhow::ensure!(adler32(&raw) == u32::from_be_bytes(adler), "bad Adler-32");
+    let row = w as usize * 3 + 1;
+    anyhow::ensure!(raw.len() == row * h as usize, "wrong data length");
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for r in raw.chunks_exact(row) {
+        anyhow::ensure!(r[0] == 0, "filtered row");
+        rgb.extend_from_slice(&r[1..]);
+    }
+    Ok((w, h, rgb))
 }
 
 fn adler32(data: &[u8]) -> u32 {
@@ -249,6 +313,19 @@ mod tests {
     fn checksums_match_known_values() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+    }
+
+    #[test]
+    fn png_round_trips() {
+        let rgb: Vec<u8> = (0..3 * 300 * 100).map(|i| (i % 251) as u8).collect();
+        let png = encode_png(300, 100, &rgb);
+        let (w, h, back) = decode_png(&png).expect("decode");
+        assert_eq!((w, h), (300, 100));
+        assert_eq!(back, rgb);
+        let mut bad = png.clone();
+        bad[40] ^= 1;
+        assert!(decode_png(&bad).is_err());
+        assert!(decode_png(b"GIF89a").is_err());
     }
 
     #[test]
