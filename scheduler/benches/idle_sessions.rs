@@ -39,6 +39,7 @@ fn scheduler(idle: u64) -> Scheduler {
         max_sessions: sessions as usize,
         max_queued_tokens: 1 << 20,
         max_context: 4096,
+        prefill_slack: None,
     };
     // Room for every session's prompt and 1,000 decode positions each.
     let blocks = sessions as usize * (PROMPT + 1000).div_ceil(BLOCK);

@@ -36,6 +36,16 @@ pub struct SchedulerConfig {
     pub max_queued_tokens: usize,
     /// Positions per session: the model's context length.
     pub max_context: usize,
+    /// Stall-free batching under [`Policy::DecodeFirst`]: a step that carries `d` decodes
+    /// takes at most `max(1, floor(slack * (d + overhead_rows)))` prompt positions, so the
+    /// prompt chunk lengthens a decode-only step by about `slack` (e.g. 0.25: a quarter) and
+    /// the decoders' time per output token stays within `1 + slack` of their decode-only one
+    /// while long prompts arrive. `overhead_rows` is the step's fixed cost expressed in rows,
+    /// which the engine measures ([`crate::Scheduler::set_overhead_rows`]). The bound assumes
+    /// a prompt position costs no more than a decode row (it skips the LM head). `None`: no
+    /// cap beyond `max_batch_tokens` (prompts go as fast as the budget allows, and decodes
+    /// stall for a whole chunk). Steps without decodes are never capped.
+    pub prefill_slack: Option<f64>,
 }
 
 /// Why the scheduler refused a request. A refused request changes nothing.

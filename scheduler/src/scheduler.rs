@@ -85,6 +85,8 @@ pub struct Scheduler {
     pub(crate) queued: usize,
     pub(crate) fresh: usize,
     pub(crate) totals: Totals,
+    /// The step's fixed cost in rows, for the prefill cap ([`SchedulerConfig::prefill_slack`]).
+    pub(crate) overhead_rows: f64,
 }
 
 impl Scheduler {
@@ -104,6 +106,27 @@ impl Scheduler {
             queued: 0,
             fresh: 0,
             totals: Totals::default(),
+            overhead_rows: 0.0,
+        }
+    }
+
+    /// Sets the step's fixed cost, in rows: a step computing `n` rows takes about
+    /// `(overhead_rows + n)` times the cost of one row. The engine measures it from its step
+    /// times; it sizes the prompt chunk that rides along with decodes
+    /// ([`SchedulerConfig::prefill_slack`]). Negative or non-finite values are taken as 0.
+    pub fn set_overhead_rows(&mut self, rows: f64) {
+        self.overhead_rows = if rows.is_finite() { rows.max(0.0) } else { 0.0 };
+    }
+
+    /// The most prompt positions a step with `decodes` decodes may take under
+    /// [`SchedulerConfig::prefill_slack`] (`usize::MAX`: no cap).
+    pub fn prefill_cap(&self, decodes: usize) -> usize {
+        match self.cfg.prefill_slack {
+            Some(slack) if decodes > 0 && slack.is_finite() => {
+                let cap = (slack.max(0.0) * (decodes as f64 + self.overhead_rows)).floor();
+                (cap as usize).max(1)
+            }
+            _ => usize::MAX,
         }
     }
 

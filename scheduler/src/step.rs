@@ -38,7 +38,8 @@ impl Scheduler {
     /// first, by admission order, and each item takes `min(remaining, budget left)` positions,
     /// so a long prompt is split into chunks over several steps. The batch stops growing at
     /// `max_batch_tokens` positions or `max_batch_seqs` items.
-    /// - [`Policy::DecodeFirst`]: all decodes, then prefill chunks.
+    /// - [`Policy::DecodeFirst`]: all decodes, then prefill chunks, at most
+    ///   [`Scheduler::prefill_cap`] positions of them when the batch has decodes.
     /// - [`Policy::PrefillFirst`]: prefill chunks only if any session has a prefill pending;
     ///   decodes only when there is none, or when no prefill could get KV blocks (otherwise
     ///   older decoding sessions holding the blocks and a newer prompt would wait on each other
@@ -71,6 +72,8 @@ impl Scheduler {
         match self.cfg.policy {
             Policy::DecodeFirst => {
                 self.fill(&mut step, &decodes);
+                let cap = self.prefill_cap(step.batch.items.len());
+                step.budget = step.budget.min(cap);
                 self.fill(&mut step, &prefills);
             }
             Policy::PrefillFirst => {

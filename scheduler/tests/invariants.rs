@@ -69,6 +69,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                     max_sessions: sessions,
                     max_queued_tokens: queued,
                     max_context: context,
+                    prefill_slack: None,
                 },
                 blocks,
                 block_size,

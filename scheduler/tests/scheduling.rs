@@ -18,6 +18,7 @@ fn config(policy: Policy, tokens: usize, seqs: usize) -> SchedulerConfig {
         max_sessions: 16,
         max_queued_tokens: 10_000,
         max_context: 1_000,
+        prefill_slack: None,
     }
 }
 
@@ -292,6 +293,7 @@ fn admission_errors_change_nothing() {
         max_sessions: 2,
         max_queued_tokens: 20,
         max_context: 30,
+        prefill_slack: None,
         ..config(Policy::DecodeFirst, 8, 8)
     };
     // 7 blocks of 4: 28 positions at most per session.
@@ -449,4 +451,81 @@ fn a_prefix_that_is_the_whole_input_keeps_its_last_position_to_compute() {
     let b = step(&mut s);
     assert_eq!(b.items, vec![item(B, 4, 4, true)]);
     assert_eq!(s.stats().prefix_hit_tokens, 4);
+}
+
+#[test]
+fn prefill_slack_caps_the_chunk_that_rides_with_decodes() {
+    // Budget 64 would take the whole 20-position prompt at once; slack 0.5 with two decodes
+    // and an overhead of 4 rows allows floor(0.5 * (2 + 4)) = 3 positions per step.
+    let mut s = Scheduler::new(
+        SchedulerConfig {
+            prefill_slack: Some(0.5),
+            ..config(Policy::DecodeFirst, 64, 8)
+        },
+        BlockPool::new(64, 4),
+    );
+    for id in [A, B, C] {
+        s.add(id).expect("admitted");
+    }
+    s.push(A, 3, true).expect("prompt");
+    s.push(B, 2, true).expect("prompt");
+    let first = step(&mut s);
+    assert_eq!(
+        first.items,
+        vec![item(A, 0, 3, true), item(B, 0, 2, true)],
+        "no decodes in the batch: prompts are not capped"
+    );
+    s.set_overhead_rows(4.0);
+    assert_eq!(s.prefill_cap(2), 3);
+    assert_eq!(
+        s.prefill_cap(0),
+        usize::MAX,
+        "steps without decodes are free"
+    );
+    s.push(C, 20, true).expect("prompt");
+    s.push(A, 1, true).expect("decode");
+    s.push(B, 1, true).expect("decode");
+    let b = step(&mut s);
+    assert_eq!(
+        b.items,
+        vec![
+            item(A, 3, 1, true),
+            item(B, 2, 1, true),
+            item(C, 0, 3, false)
+        ]
+    );
+    // The decoders are now waiting for their devices: the prompt runs alone, uncapped.
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(C, 3, 17, true)]);
+}
+
+#[test]
+fn prefill_cap_always_lets_a_prompt_progress() {
+    let mut s = Scheduler::new(
+        SchedulerConfig {
+            prefill_slack: Some(0.01),
+            ..config(Policy::DecodeFirst, 64, 8)
+        },
+        BlockPool::new(64, 4),
+    );
+    assert_eq!(
+        s.prefill_cap(1),
+        1,
+        "a tiny slack still allows one position"
+    );
+    s.set_overhead_rows(f64::NAN);
+    assert_eq!(s.prefill_cap(3), 1, "a NaN overhead counts as none");
+    s.set_overhead_rows(1000.0);
+    assert_eq!(s.prefill_cap(3), 10);
+    let off = Scheduler::new(config(Policy::DecodeFirst, 64, 8), BlockPool::new(64, 4));
+    assert_eq!(off.prefill_cap(5), usize::MAX, "no slack: no cap");
+    let pf = Scheduler::new(
+        SchedulerConfig {
+            prefill_slack: Some(0.5),
+            ..config(Policy::PrefillFirst, 64, 8)
+        },
+        BlockPool::new(64, 4),
+    );
+    // The cap is computed but prefill-first never applies it (it never mixes the two).
+    assert_eq!(pf.prefill_cap(2), 1);
 }

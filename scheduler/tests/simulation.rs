@@ -46,6 +46,7 @@ fn simulate(policy: Policy) -> u64 {
         max_sessions: 12,
         max_queued_tokens: 10_000,
         max_context: 128,
+        prefill_slack: None,
     };
     let mut s = Scheduler::new(cfg, BlockPool::new(BLOCKS, BLOCK_SIZE));
     let mut devices: BTreeMap<SeqId, Device> = BTreeMap::new();

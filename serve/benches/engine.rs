@@ -59,11 +59,13 @@ fn engine(dir: &std::path::Path) -> Engine {
                 max_sessions: 1024,
                 max_queued_tokens: 1 << 20,
                 max_context: 2048,
+                prefill_slack: None,
             },
             block_size: 16,
             kv_blocks: 8192,
             kv_dtype: KvDtype::F32,
             prefix_sharing: true,
+            decode_wait: std::time::Duration::ZERO,
         },
     )
 }

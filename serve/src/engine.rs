@@ -7,6 +7,16 @@
 //! ready the thread blocks on its command channel; it never waits for a slow device, because a
 //! session waiting for its device's next hidden state is simply not in the batch.
 //!
+//! Two things keep decodes flowing while prompts arrive (stall-free batching):
+//! - **Decode-maximal batches.** After a step, the engine waits up to
+//!   [`EngineConfig::decode_wait`] for the devices it just sent a token to, but only for those
+//!   whose last answer came back within that time (a device with think time is never waited
+//!   for): without it a prompt chunk that is ready first would run alone, and every decoder
+//!   whose input arrived a millisecond later would wait a whole step.
+//! - **A capped chunk next to decodes** ([`SchedulerConfig::prefill_slack`]): the engine fits
+//!   its step time against the rows computed (`crate::pacing`) and tells the scheduler the
+//!   step's fixed cost in rows, from which the scheduler sizes the chunk.
+//!
 //! Callers talk to it through [`Engine`]: `open_session`, `push_hidden` (validated in the
 //! caller's thread: shape, finiteness), the session's own event channel (`Token`, `Done`,
 //! `Error`), and `close`. Every hidden state a session sent is kept until it closes, so the
@@ -15,7 +25,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use crate::pacing::StepCostFit;
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use tandem_kvcache::{BlockHash, BlockPool, BlockTable, KvDtype, KvLayout, KvStorage, PagedKv};
@@ -38,7 +50,14 @@ pub struct EngineConfig {
     /// Share the KV of full blocks whose incoming hidden states are byte-identical between
     /// sessions (a common system prompt sent as its own chunk), through a hash chain.
     pub prefix_sharing: bool,
+    /// The longest the engine waits, after a step, for the next inputs of devices that
+    /// answered within this time before (decode-maximal batches). Zero: never wait.
+    pub decode_wait: Duration,
 }
+
+/// The default [`EngineConfig::decode_wait`]: long enough for a device on a local network to
+/// answer, short against a CPU step.
+pub const DEFAULT_DECODE_WAIT: Duration = Duration::from_millis(5);
 
 /// One generation's parameters.
 #[derive(Clone, Debug)]
@@ -141,7 +160,7 @@ enum Command {
         reply: Sender<EngineStats>,
     },
     /// Holds the loop as a step that never ends would (for the readiness tests).
-    Stall(std::time::Duration),
+    Stall(Duration),
 }
 
 /// Counters of the engine since it started.
@@ -154,6 +173,10 @@ pub struct EngineStats {
     pub tokens_sampled: u64,
     /// Positions of the cloud's layers computed (prefill and decode, recomputation included).
     pub positions_computed: u64,
+    /// Seconds spent waiting for expected decode inputs ([`EngineConfig::decode_wait`]).
+    pub decode_wait_s: f64,
+    /// The step's fixed cost in rows as last measured (0 until measured).
+    pub overhead_rows: f64,
 }
 
 /// Handle to a running engine thread. Dropping it stops the thread.
@@ -318,7 +341,7 @@ impl Engine {
     /// Holds the engine loop for `d`, as a step that does not end would: for tests of the
     /// readiness check only.
     #[doc(hidden)]
-    pub fn stall_for_tests(&self, d: std::time::Duration) {
+    pub fn stall_for_tests(&self, d: Duration) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Command::Stall(d));
         }
@@ -371,6 +394,10 @@ struct SessionState<'t> {
     last_hash: Option<BlockHash>,
     /// The generation span steps link to.
     trace: Option<opentelemetry::trace::SpanContext>,
+    /// When the last token went out, until the device's next input arrives.
+    token_sent_at: Option<Instant>,
+    /// How long the device took to answer its last token.
+    reply_latency: Option<Duration>,
 }
 
 struct Loop<'t> {
@@ -385,6 +412,12 @@ struct Loop<'t> {
     block_size: usize,
     prefix_sharing: bool,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Sessions that were just sent a token and answered fast last time, with the time until
+    /// which the engine waits for them. Small: only prompt devices are here.
+    expecting: HashMap<SeqId, Instant>,
+    decode_wait: Duration,
+    decode_wait_s: f64,
+    cost: StepCostFit,
 }
 
 fn run(
@@ -418,11 +451,16 @@ fn run(
         block_size: cfg.block_size,
         prefix_sharing: cfg.prefix_sharing,
         metrics,
+        expecting: HashMap::new(),
+        decode_wait: cfg.decode_wait,
+        decode_wait_s: 0.0,
+        cost: StepCostFit::new(0.98),
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
             lp.handle(cmd);
         }
+        lp.wait_for_expected(&rx);
         let batch = lp.sched.schedule();
         if batch.is_empty() {
             match rx.recv() {
@@ -436,6 +474,26 @@ fn run(
 }
 
 impl<'t> Loop<'t> {
+    /// Handles commands until every expected device has answered or the last of their
+    /// deadlines passes, then forgets them (they are waited for once per token).
+    fn wait_for_expected(&mut self, rx: &Receiver<Command>) {
+        let Some(&deadline) = self.expecting.values().max() else {
+            return;
+        };
+        let started = Instant::now();
+        while !self.expecting.is_empty() {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match rx.recv_timeout(left) {
+                Ok(cmd) => self.handle(cmd),
+                Err(_) => break, // timed out, or the engine is closing: run what is ready
+            }
+        }
+        self.expecting.clear();
+        self.decode_wait_s += started.elapsed().as_secs_f64();
+    }
+
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Stall(d) => {
@@ -474,6 +532,8 @@ impl<'t> Loop<'t> {
                             hashed_blocks: 0,
                             last_hash: None,
                             trace: params.trace,
+                            token_sent_at: None,
+                            reply_latency: None,
                         },
                     );
                 }
@@ -495,6 +555,14 @@ impl<'t> Loop<'t> {
                         .map(|()| s.hidden.extend_from_slice(&data))
                         .map_err(EngineError::from),
                 };
+                if r.is_ok() {
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        if let Some(t) = s.token_sent_at.take() {
+                            s.reply_latency = Some(t.elapsed());
+                        }
+                    }
+                    self.expecting.remove(&id);
+                }
                 if r.is_ok() && self.prefix_sharing {
                     self.hash_new_blocks(id);
                 }
@@ -515,9 +583,12 @@ impl<'t> Loop<'t> {
                     busy_s: self.busy_s,
                     tokens_sampled: self.tokens_sampled,
                     positions_computed: self.positions_computed,
+                    decode_wait_s: self.decode_wait_s,
+                    overhead_rows: self.cost.overhead_rows().unwrap_or(0.0),
                 });
             }
             Command::Close { id, ack } => {
+                self.expecting.remove(&id);
                 let r = match self.sessions.remove(&id) {
                     None => Err(EngineError::UnknownSession(id.0)),
                     Some(s) => {
@@ -562,7 +633,7 @@ impl<'t> Loop<'t> {
 
     /// Runs one batch; a failure fails the batch's sessions, not the engine.
     fn step(&mut self, batch: Batch) {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // A root span per step, linked to the generations it computed (a step serves many
         // traces at once, so it is no one's child).
         let span = tracing::info_span!(
@@ -586,7 +657,12 @@ impl<'t> Loop<'t> {
                 .store(crate::store::now_ms().max(1), Ordering::Relaxed);
         }
         let result = self.forward_and_sample(&batch);
-        self.busy_s += started.elapsed().as_secs_f64();
+        let took = started.elapsed();
+        self.busy_s += took.as_secs_f64();
+        self.cost.observe(batch.num_tokens(), took.as_secs_f64());
+        if let Some(rows) = self.cost.overhead_rows() {
+            self.sched.set_overhead_rows(rows);
+        }
         if let Some(m) = &self.metrics {
             m.step_started_ms.store(0, Ordering::Relaxed);
             m.step_duration_seconds.observe_duration(started.elapsed());
@@ -612,6 +688,30 @@ impl<'t> Loop<'t> {
         self.sched.update(&batch, &outcome);
         for id in &outcome.finished {
             let _ = self.sched.remove(*id);
+        }
+        self.expect_answers(&batch);
+    }
+
+    /// Notes the time each sampled session was sent its token, and expects back within
+    /// `decode_wait` those whose devices answered that fast last time.
+    fn expect_answers(&mut self, batch: &Batch) {
+        let now = Instant::now();
+        for item in batch.items.iter().filter(|i| i.sample) {
+            let Some(s) = self.sessions.get_mut(&item.id) else {
+                continue;
+            };
+            if s.finished {
+                continue;
+            }
+            s.token_sent_at = Some(now);
+            match s.reply_latency {
+                Some(lat) if !self.decode_wait.is_zero() && lat <= self.decode_wait => {
+                    // Twice the last answer time, plus scheduling jitter, within the cap.
+                    let wait = (lat * 2 + Duration::from_micros(500)).min(self.decode_wait);
+                    self.expecting.insert(item.id, now + wait);
+                }
+                _ => {}
+            }
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`server`]: `tandem serve`, the WebSocket front end devices connect to; it also serves
 //!   the REST routes.
 //! - [`rest`]: the REST API (tenants, API keys, the error shape, OpenAPI).
+//! - `pacing`: the engine's fit of its step cost (sizes the prompt chunk next to decodes).
 //! - [`metrics`] and [`telemetry`]: `/metrics`, logs, and OTLP traces and metrics.
 //!
 //! `main.rs` holds the CLI.
@@ -18,6 +19,7 @@ pub mod audit;
 pub mod bench;
 pub mod engine;
 pub mod metrics;
+mod pacing;
 pub mod rest;
 pub mod server;
 pub mod store;

@@ -85,6 +85,15 @@ struct ServeArgs {
     /// decode-first or prefill-first.
     #[arg(long, env = "TANDEM_POLICY")]
     policy: Option<tandem_serve::server::PolicyName>,
+    /// decode-first: a step with d decodes takes at most slack x (d + the step's fixed cost
+    /// in rows) prompt positions, so prompts lengthen decode steps by about this fraction
+    /// (default 0.25; `inf` lifts the cap).
+    #[arg(long, env = "TANDEM_PREFILL_SLACK")]
+    prefill_slack: Option<f64>,
+    /// After a step, wait up to this long for devices that answered that fast before, so
+    /// their decodes share the next step (default 5; 0: never wait).
+    #[arg(long, env = "TANDEM_DECODE_WAIT_MS")]
+    decode_wait_ms: Option<f64>,
     #[arg(long, env = "TANDEM_PREFIX_SHARING")]
     prefix_sharing: Option<bool>,
     #[arg(long, env = "TANDEM_MAX_SESSIONS")]
@@ -163,6 +172,9 @@ struct BenchArgs {
     policy: String,
     #[arg(long, default_value_t = 256)]
     max_batch_tokens: usize,
+    /// As `tandem serve --prefill-slack` (`inf`: no cap).
+    #[arg(long, default_value_t = 0.25)]
+    prefill_slack: f64,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// KV cache size in GiB (f32 storage).
@@ -433,11 +445,13 @@ fn bench(a: BenchArgs) -> Result<()> {
             max_sessions: 4096,
             max_queued_tokens: 1 << 20,
             max_context: c.max_position_embeddings,
+            prefill_slack: Some(a.prefill_slack),
         },
         block_size: a.block_size,
         kv_blocks,
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
+        decode_wait: tandem_serve::engine::DEFAULT_DECODE_WAIT,
     };
     let plan = tandem_serve::bench::BenchPlan {
         sessions: a.sessions,
@@ -474,6 +488,8 @@ impl ServeArgs {
             max_batch_tokens,
             max_batch_seqs,
             policy,
+            prefill_slack,
+            decode_wait_ms,
             prefix_sharing,
             max_sessions,
             max_queued_tokens,

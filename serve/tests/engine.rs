@@ -48,11 +48,13 @@ fn config(policy: Policy, kv_blocks: usize, block_size: usize) -> EngineConfig {
             max_sessions: 64,
             max_queued_tokens: 4096,
             max_context: 512,
+            prefill_slack: None,
         },
         block_size,
         kv_blocks,
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
+        decode_wait: std::time::Duration::ZERO,
     }
 }
 
@@ -189,13 +191,18 @@ fn check_against_solo(
     block_size: usize,
     chunk: usize,
 ) -> tandem_serve::engine::EngineStats {
+    check_config_against_solo(config(policy, kv_blocks, block_size), chunk)
+}
+
+fn check_config_against_solo(cfg: EngineConfig, chunk: usize) -> tandem_serve::engine::EngineStats {
+    let (policy, kv_blocks) = (cfg.scheduler.policy, cfg.kv_blocks);
     let dir = model_dir();
     let reference = load(dir.path());
     let spec = &common::specs()[2];
     let prompts = prompts(spec.vocab);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| solo(&reference, p)).collect();
     let m = load(dir.path());
-    let engine = Engine::start(m.cloud, m.tokenizer, config(policy, kv_blocks, block_size));
+    let engine = Engine::start(m.cloud, m.tokenizer, cfg);
     let devices = drive(&engine, &m.edge, &prompts, chunk);
     for (i, (d, want)) in devices.iter().zip(&expected).enumerate() {
         let (reason, ids) = d.done.clone().expect("done");
@@ -219,6 +226,92 @@ fn batched_engine_equals_solo_generate() {
         assert_eq!(stats.tokens_sampled, 12 * MAX_TOKENS as u64);
     }
     check_against_solo(Policy::PrefillFirst, 512, 16, 7);
+}
+
+#[test]
+fn stall_free_batching_keeps_outputs_exact() {
+    // A tiny slack cuts prompts into chunks of a few positions next to the decodes, and the
+    // engine waits for the devices that answer fast: outputs stay those of solo runs.
+    let mut cfg = config(Policy::DecodeFirst, 512, 16);
+    cfg.scheduler.prefill_slack = Some(0.1);
+    cfg.decode_wait = Duration::from_millis(5);
+    let stats = check_config_against_solo(cfg, 64);
+    assert_eq!(stats.tokens_sampled, 12 * MAX_TOKENS as u64);
+    let mut uncapped = config(Policy::DecodeFirst, 512, 16);
+    uncapped.decode_wait = Duration::from_millis(5);
+    let plain = check_config_against_solo(uncapped, 64);
+    assert!(
+        stats.scheduler.steps > plain.scheduler.steps,
+        "capped chunks take more steps: {} vs {}",
+        stats.scheduler.steps,
+        plain.scheduler.steps
+    );
+}
+
+/// One decoding session A whose device answers each token after `answer_after`, and a
+/// 20-position prompt B that becomes ready right after A's second token, 100 ms before A's
+/// next input. Returns the steps the engine took for B's prompt and A's third decode.
+fn steps_for_a_prompt_arriving_between_decodes(
+    decode_wait: Duration,
+    answer_after: Duration,
+) -> u64 {
+    let dir = model_dir();
+    let m = load(dir.path());
+    let h = m.cloud.config().hidden_size;
+    let mut cfg = config(Policy::DecodeFirst, 128, 16);
+    cfg.decode_wait = decode_wait;
+    let engine = Engine::start(m.cloud, m.tokenizer, cfg);
+    let token = |s: &tandem_serve::engine::Session| match s
+        .events
+        .recv_timeout(Duration::from_secs(30))
+        .expect("event")
+    {
+        Event::Token { id, .. } => id,
+        other => panic!("expected a token, got {other:?}"),
+    };
+    let a = engine.open_session(params()).expect("open a");
+    engine
+        .push_hidden(a.id, vec![0.25; 3 * h], 3, true)
+        .expect("a's prompt");
+    token(&a);
+    std::thread::sleep(answer_after);
+    engine
+        .push_hidden(a.id, vec![0.5; h], 1, true)
+        .expect("a's 2nd");
+    token(&a);
+    let before = engine.stats().expect("stats").scheduler.steps;
+    let b = engine.open_session(params()).expect("open b");
+    engine
+        .push_hidden(b.id, vec![0.75; 20 * h], 20, true)
+        .expect("b's prompt");
+    std::thread::sleep(Duration::from_millis(100));
+    engine
+        .push_hidden(a.id, vec![0.5; h], 1, true)
+        .expect("a's 3rd");
+    token(&a);
+    token(&b);
+    engine.stats().expect("stats").scheduler.steps - before
+}
+
+#[test]
+fn the_engine_waits_for_fast_devices_but_not_for_slow_ones() {
+    // A answered in 300 ms, within the 2 s cap: the engine holds B's prompt until A's input
+    // comes (100 ms later) and runs both in one step.
+    let waited = steps_for_a_prompt_arriving_between_decodes(
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+    );
+    assert_eq!(waited, 1, "B's prompt should have shared A's decode step");
+    // Without the wait, B's prompt runs alone as soon as it is ready.
+    let eager =
+        steps_for_a_prompt_arriving_between_decodes(Duration::ZERO, Duration::from_millis(300));
+    assert_eq!(eager, 2);
+    // A device slower than the cap (think time) is never waited for.
+    let slow = steps_for_a_prompt_arriving_between_decodes(
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+    );
+    assert_eq!(slow, 2);
 }
 
 #[test]

@@ -71,6 +71,13 @@ pub struct ServerConfig {
     /// Sessions per engine step.
     pub max_batch_seqs: usize,
     pub policy: PolicyName,
+    /// Under decode-first, a step with `d` decodes takes at most
+    /// `slack * (d + the step's fixed cost in rows)` prompt positions, so prompts lengthen the
+    /// decoders' steps by about this fraction. `inf` lifts the cap.
+    pub prefill_slack: f64,
+    /// Milliseconds the engine waits after a step for devices that answered that fast before,
+    /// so their decodes share the next step. 0: never wait.
+    pub decode_wait_ms: f64,
     /// Share the KV of identical prompt prefixes between sessions.
     pub prefix_sharing: bool,
     /// Live engine sessions; more get `overloaded`.
@@ -170,6 +177,8 @@ impl Default for ServerConfig {
             max_batch_tokens: 256,
             max_batch_seqs: 64,
             policy: PolicyName::DecodeFirst,
+            prefill_slack: 0.25,
+            decode_wait_ms: 5.0,
             prefix_sharing: true,
             max_sessions: 1024,
             max_queued_tokens: 64 * 1024,
@@ -226,6 +235,16 @@ impl ServerConfig {
         }
         anyhow::ensure!(self.max_tokens_cap > 0, "max_tokens_cap must be > 0");
         anyhow::ensure!(
+            self.prefill_slack > 0.0,
+            "prefill_slack must be > 0 (inf lifts the cap), got {}",
+            self.prefill_slack
+        );
+        anyhow::ensure!(
+            self.decode_wait_ms.is_finite() && (0.0..=10_000.0).contains(&self.decode_wait_ms),
+            "decode_wait_ms must be within 0..=10000, got {}",
+            self.decode_wait_ms
+        );
+        anyhow::ensure!(
             self.max_frames_per_second > 0,
             "max_frames_per_second must be > 0"
         );
@@ -279,5 +298,50 @@ impl ServerConfig {
 
     pub(crate) fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cloud() -> ServerConfig {
+        ServerConfig {
+            cloud: PathBuf::from("cloud"),
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn pacing_settings_are_checked() {
+        assert!(with_cloud().check().is_ok(), "the defaults pass");
+        for slack in [0.0, -1.0, f64::NAN] {
+            let c = ServerConfig {
+                prefill_slack: slack,
+                ..with_cloud()
+            };
+            let e = c.check().expect_err("bad slack").to_string();
+            assert!(e.contains("prefill_slack"), "{e}");
+        }
+        let lifted = ServerConfig {
+            prefill_slack: f64::INFINITY,
+            ..with_cloud()
+        };
+        assert!(lifted.check().is_ok(), "inf lifts the cap");
+        for wait in [-1.0, f64::INFINITY, 10_001.0] {
+            let c = ServerConfig {
+                decode_wait_ms: wait,
+                ..with_cloud()
+            };
+            let e = c.check().expect_err("bad wait").to_string();
+            assert!(e.contains("decode_wait_ms"), "{e}");
+        }
+    }
+
+    #[test]
+    fn pacing_settings_read_from_toml() {
+        let c: ServerConfig =
+            toml::from_str("prefill_slack = 0.5\ndecode_wait_ms = 0.0\n").expect("toml");
+        assert_eq!((c.prefill_slack, c.decode_wait_ms), (0.5, 0.0));
     }
 }

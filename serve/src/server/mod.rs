@@ -550,6 +550,7 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
             max_sessions: cfg.max_sessions,
             max_queued_tokens: cfg.max_queued_tokens,
             max_context: c.max_position_embeddings,
+            prefill_slack: Some(cfg.prefill_slack),
         },
         block_size: cfg.block_size,
         kv_blocks: cfg
@@ -557,5 +558,6 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
             .unwrap_or_else(|| layout.blocks_for_budget(bytes).max(1)),
         kv_dtype: KvDtype::F32,
         prefix_sharing: cfg.prefix_sharing,
+        decode_wait: Duration::from_secs_f64(cfg.decode_wait_ms / 1000.0),
     }
 }
