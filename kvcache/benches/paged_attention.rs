@@ -2,7 +2,8 @@
 //! 32 query heads over 8 kv heads, head_dim 128, blocks of 16 positions, 512 cached positions
 //! per session, physical blocks shuffled).
 //!
-//! Figures are ratios within one run: the kernel on the global rayon pool against the same
+//! Figures are ratios within one run: the kernel on the global team (the matmul threads,
+//! one per core) against the same
 //! kernel on one thread (parallel speedup), and against gathering each session's K/V into a
 //! contiguous cache first and attending there (what reading blocks in place saves). Say which
 //! machine produced the numbers when quoting them.
@@ -10,7 +11,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use std::hint::black_box;
-use tandem_kvcache::attention::{paged_attention, KvElem, PagedAttnParams, SeqAttn};
+use tandem_kvcache::attention::{
+    paged_attention, paged_attention_on, KvElem, PagedAttnParams, SeqAttn,
+};
+use tandem_model::team::Team;
 
 const SESSIONS: usize = 64;
 const CONTEXT: usize = 512;
@@ -75,6 +79,12 @@ impl<T: KvElem> Decode<T> {
         paged_attention(&self.q, &seqs, &self.k, &self.v, &PARAMS, out).expect("valid batch");
     }
 
+    fn paged_on(&self, team: &Team, out: &mut [f32]) {
+        let seqs = self.seqs();
+        paged_attention_on(team, &self.q, &seqs, &self.k, &self.v, &PARAMS, out)
+            .expect("valid batch");
+    }
+
     /// Copies every session's blocks into a contiguous cache (session-major, so each table is
     /// `i * n .. (i + 1) * n`), then attends there.
     fn gathered(&self, out: &mut [f32], k: &mut Vec<T>, v: &mut Vec<T>) {
@@ -108,21 +118,18 @@ fn bench_storage<T: KvElem>(c: &mut Criterion, name: &str, convert: impl Fn(f32)
     let batch = Decode::new(convert);
     let mut out = vec![0.0f32; batch.q.len()];
     let (mut k, mut v) = (Vec::new(), Vec::new());
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("pool");
+    let one = Team::with_threads(1);
     let bytes = 2 * batch.k.len() * std::mem::size_of::<T>();
     let mut group = c.benchmark_group(format!("decode64x{CONTEXT}/{name}"));
     group.throughput(Throughput::Bytes(bytes as u64));
     group.sample_size(20);
-    let threads = rayon::current_num_threads();
+    let threads = Team::global().threads();
     group.bench_function(
         BenchmarkId::new("paged", format!("{threads}threads")),
         |b| b.iter(|| batch.paged(black_box(&mut out))),
     );
     group.bench_function(BenchmarkId::new("paged", "1thread"), |b| {
-        b.iter(|| one.install(|| batch.paged(black_box(&mut out))))
+        b.iter(|| batch.paged_on(&one, black_box(&mut out)))
     });
     group.bench_function(
         BenchmarkId::new("gather_then_attend", format!("{threads}threads")),

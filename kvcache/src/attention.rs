@@ -28,9 +28,11 @@
 //! heads that share a kv head are computed together, so each key and value row is loaded (and,
 //! for half-precision storage, converted) once per group rather than once per head. Their
 //! outputs are one contiguous slice of `out`, so the tasks own disjoint `&mut` slices and need
-//! no synchronisation. Tasks are spread with rayon; each output element is produced by exactly
-//! one task, always visiting the keys in the same order, so the result is bit-identical
-//! whatever the thread count or schedule.
+//! no synchronisation. The tasks, in row order, are cut into contiguous parts that the
+//! model's fork-join [`Team`] (the matmul threads) claims one at a time; each output element is
+//! produced by exactly one task, always visiting the keys in the same order, so the result is
+//! bit-identical whatever the thread count or schedule. Running on the team rather than a
+//! separate pool keeps one set of threads hot across a layer's matmuls and attention.
 //!
 //! # Costs
 //!
@@ -39,9 +41,9 @@
 //! running max and sum per head, the output rescaled once per block), so no score vector longer
 //! than one block is ever held. `f32` storage is read in place; `f16`/`bf16` blocks are widened
 //! one block and kv head at a time. Rows of a prefill chunk each walk their own keys (keys are
-//! not tiled across rows). Memory: one scratch buffer per rayon job (`group * block_size +
-//! 2 * block_size * head_dim + 2 * group` floats) and one `Vec` of per-sequence output slices
-//! per call.
+//! not tiled across rows). Memory: one scratch buffer per part (`group * block_size +
+//! 2 * block_size * head_dim + 2 * group` floats, at most [`PARTS_PER_THREAD`] parts per
+//! thread) and one `Vec` of per-sequence task offsets per call.
 //!
 //! The inner loops are plain slice code written to auto-vectorise (4-wide SSE2 on the default
 //! x86-64 target; wider when the workspace is built for a newer CPU). Rust never fuses a
@@ -49,8 +51,12 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use rayon::prelude::*;
+use tandem_model::team::Team;
 use thiserror::Error;
+
+/// Parts per team thread in one call: enough that a thread finishing early finds more (rows
+/// differ in context length), few enough that each part's scratch is paid for.
+const PARTS_PER_THREAD: usize = 8;
 
 /// An element type of the K/V cache, read as `f32` by the kernel.
 pub trait KvElem: Copy + Send + Sync {
@@ -228,6 +234,19 @@ pub fn paged_attention<T: KvElem>(
     params: &PagedAttnParams,
     out: &mut [f32],
 ) -> Result<(), AttnError> {
+    paged_attention_on(Team::global(), q, seqs, k_cache, v_cache, params, out)
+}
+
+/// [`paged_attention`] on the threads of `team` (tests compare thread counts with it).
+pub fn paged_attention_on<T: KvElem>(
+    team: &Team,
+    q: &[f32],
+    seqs: &[SeqAttn<'_>],
+    k_cache: &[T],
+    v_cache: &[T],
+    params: &PagedAttnParams,
+    out: &mut [f32],
+) -> Result<(), AttnError> {
     let geo = Geometry::check(params, q.len(), out.len(), k_cache.len(), v_cache.len())?;
     let order = check_sequences(seqs, &geo)?;
     let cache = Cache {
@@ -235,13 +254,67 @@ pub fn paged_attention<T: KvElem>(
         v: v_cache,
         geo,
     };
-    split_rows(out, seqs, &order, geo.row_len)
-        .into_par_iter()
-        .for_each(|(seq, out_rows)| {
-            let q_rows = &q[seq.q_start * geo.row_len..][..out_rows.len()];
-            attend_sequence(&cache, seq, q_rows, out_rows, params.scale);
-        });
+    // Task `t` of the `i`-th sequence in `order` is global task `starts[i] + t`: its row
+    // `t / num_kv_heads`, kv head `t % num_kv_heads`.
+    let mut starts = Vec::with_capacity(order.len() + 1);
+    let mut total = 0;
+    for &i in &order {
+        starts.push(total);
+        total += seqs[i].q_len * geo.num_kv_heads;
+    }
+    starts.push(total);
+    if total == 0 {
+        return Ok(());
+    }
+    let parts = total.min(PARTS_PER_THREAD * team.threads());
+    let group_len = geo.group * geo.head_dim;
+    let out_at = OutPtr(out.as_mut_ptr());
+    team.run(parts, &|part| {
+        let (lo, hi) = (part * total / parts, (part + 1) * total / parts);
+        let mut scratch = Scratch::new(&geo);
+        // The sequence holding task `lo`: starts are strictly increasing (no empty sequence
+        // is in `order`), and `starts[0] = 0 <= lo < total`.
+        let mut i = starts.partition_point(|&x| x <= lo) - 1;
+        let mut t = lo;
+        while t < hi {
+            let seq = &seqs[order[i]];
+            let end = starts[i + 1].min(hi);
+            let first_pos = seq.context_len - seq.q_len;
+            for u in t..end {
+                let local = u - starts[i];
+                let (row, kv_head) = (local / geo.num_kv_heads, local % geo.num_kv_heads);
+                let at = (seq.q_start + row) * geo.row_len + kv_head * group_len;
+                // SAFETY: `check_sequences` proved the sequences' rows disjoint and inside
+                // `out`; within a row each kv head owns its own `group_len` floats; and each
+                // task belongs to exactly one part. So no two writers share an element, and
+                // `out` is borrowed mutably for the whole call.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(out_at.get().add(at), group_len) };
+                let task = Task {
+                    kv_head,
+                    keys: first_pos + row + 1,
+                    q: &q[at..][..group_len],
+                    scale: params.scale,
+                };
+                attend_group(&cache, seq.block_table, &task, out, &mut scratch);
+            }
+            t = end;
+            i += 1;
+        }
+    });
     Ok(())
+}
+
+/// `out`'s base pointer, shared with the team's threads, which write disjoint tasks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: see the write in `paged_attention_on`: every element has exactly one writer.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// Validated shapes of one call, with the strides the kernel needs.
@@ -398,30 +471,6 @@ fn check_sequence(seq: usize, s: &SeqAttn<'_>, geo: &Geometry) -> Result<(), Att
     Ok(())
 }
 
-/// Carves `out` into each sequence's rows. `order` lists non-empty, validated, disjoint
-/// sequences by ascending `q_start`, so the splits never run out of range.
-fn split_rows<'o, 's>(
-    out: &'o mut [f32],
-    seqs: &'s [SeqAttn<'s>],
-    order: &[usize],
-    row_len: usize,
-) -> Vec<(&'s SeqAttn<'s>, &'o mut [f32])> {
-    let mut parts = Vec::with_capacity(order.len());
-    let mut rest = out;
-    let mut cursor = 0;
-    for &i in order {
-        let seq = &seqs[i];
-        let tail = std::mem::take(&mut rest)
-            .split_at_mut((seq.q_start - cursor) * row_len)
-            .1;
-        let (mine, tail) = tail.split_at_mut(seq.q_len * row_len);
-        parts.push((seq, mine));
-        rest = tail;
-        cursor = seq.q_start + seq.q_len;
-    }
-    parts
-}
-
 /// One layer's caches with the validated geometry.
 struct Cache<'c, T> {
     k: &'c [T],
@@ -429,7 +478,7 @@ struct Cache<'c, T> {
     geo: Geometry,
 }
 
-/// Per-job working memory, reused across the tasks a rayon job runs.
+/// Per-part working memory, reused across the tasks of a part.
 struct Scratch {
     /// Scores of the current block, `[group, block_size]`; turned into weights in place.
     scores: Vec<f32>,
@@ -460,35 +509,6 @@ impl Scratch {
             v_rows: vec![0.0; geo.block_size * geo.head_dim],
         }
     }
-}
-
-/// Computes every (row, kv head) task of one sequence, in parallel.
-fn attend_sequence<T: KvElem>(
-    cache: &Cache<'_, T>,
-    seq: &SeqAttn<'_>,
-    q_rows: &[f32],
-    out_rows: &mut [f32],
-    scale: f32,
-) {
-    let geo = &cache.geo;
-    let group_len = geo.group * geo.head_dim;
-    let first_pos = seq.context_len - seq.q_len;
-    out_rows
-        .par_chunks_exact_mut(group_len)
-        .zip(q_rows.par_chunks_exact(group_len))
-        .enumerate()
-        .for_each_init(
-            || Scratch::new(geo),
-            |scratch, (task, (out, q))| {
-                let task = Task {
-                    kv_head: task % geo.num_kv_heads,
-                    keys: first_pos + task / geo.num_kv_heads + 1,
-                    q,
-                    scale,
-                };
-                attend_group(cache, seq.block_table, &task, out, scratch);
-            },
-        );
 }
 
 /// One query row's heads that share a kv head.

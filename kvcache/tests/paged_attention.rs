@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use tandem_kvcache::attention::{
-    paged_attention, AttnError, KvElem, KvSide, PagedAttnParams, SeqAttn,
+    paged_attention, paged_attention_on, AttnError, KvElem, KvSide, PagedAttnParams, SeqAttn,
 };
 
 /// Written into `out` before a call, to see which rows the kernel touched.
@@ -153,6 +153,21 @@ impl Batch {
 
     fn run_f32(&self) -> Vec<f32> {
         self.run(|x| x).expect("valid batch")
+    }
+
+    fn run_f32_on(&self, team: &tandem_model::team::Team) -> Vec<f32> {
+        let mut out = vec![SENTINEL; self.q.len()];
+        paged_attention_on(
+            team,
+            &self.q,
+            &self.seq_attn(),
+            &self.k,
+            &self.v,
+            &self.params,
+            &mut out,
+        )
+        .expect("valid batch");
+        out
     }
 
     /// The batch with its caches rounded through `T`, so a reference sees the stored values.
@@ -414,13 +429,9 @@ fn empty_sequences_and_batches_write_nothing() {
     assert_eq!(none.run_f32(), vec![SENTINEL; 16]);
 }
 
-/// Runs the kernel inside a rayon pool of `threads` threads.
+/// Runs the kernel on a team of `threads` threads.
 fn run_in_pool(batch: &Batch, threads: usize) -> Vec<f32> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("thread pool");
-    pool.install(|| batch.run_f32())
+    batch.run_f32_on(&tandem_model::team::Team::with_threads(threads))
 }
 
 #[test]

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Scenario (c): long prompts arriving while many devices decode, once under each batching
-# policy (`tandem serve --policy decode-first`, then `--policy prefill-first`). DECODERS
+# policy: `decode-first` (stall-free: the prompt chunk next to decodes is capped by
+# --prefill-slack, default 0.25), `decode-first-uncapped` (`--prefill-slack inf`: chunks
+# as large as --max-batch-tokens), and `prefill-first`. DECODERS
 # devices decode short-prompt generations back to back; meanwhile PREFILLERS devices arrive
 # as a Poisson process and send one LONG-token prompt each. The figure to read is the
 # decoders' TPOT p99 under each policy, against their TPOT p50 with no long prompts (the
-# baseline run).
+# baseline run); the price is the long prompts' TTFT, also summarized.
 #
 # Usage: c-mixed-prompts.sh [--quick] [OUT_DIR]   (default target/scenarios/c-mixed-prompts)
 # Env: SPLIT (default the demo split; a tiny model's split works for smoke tests),
 #      DECODERS (32), PREFILLERS (24), LONG (512), LONG_RATE (arrivals/s, 1), SHORT (32),
-#      OUTPUT (64), DURATION_S (60), TANDEM_BIN, LOADTEST_BIN, QUICK=1 (4 + 3 devices, ~10 s).
+#      OUTPUT (64), DURATION_S (60), RUNS (the policies, default all three), TANDEM_BIN, LOADTEST_BIN, QUICK=1 (4 + 3 devices, ~10 s).
 # Writes: baseline.json/png (decoders alone), then per policy P: P-decode.json/png (the
 #      decoders), P-prefill.json/png (the long prompts), P.server.{out,err}; summary.txt.
 set -euo pipefail
@@ -48,8 +50,18 @@ decoders baseline
 summarize "baseline (decode only)" "$OUT/baseline.json" | tee -a "$OUT/summary.txt"
 stop_server
 
-for policy in decode-first prefill-first; do
-    start_server "$policy" --cloud "$split/cloud" --policy "$policy"
+# flags LABEL: the server flags of each run.
+flags() {
+    case "$1" in
+        decode-first) echo "--policy decode-first" ;;
+        decode-first-uncapped) echo "--policy decode-first --prefill-slack inf" ;;
+        prefill-first) echo "--policy prefill-first" ;;
+    esac
+}
+runs=${RUNS:-decode-first decode-first-uncapped prefill-first}
+for policy in $runs; do
+    # shellcheck disable=SC2046
+    start_server "$policy" --cloud "$split/cloud" $(flags "$policy")
     log "$policy: $decoders decoders + $prefillers long prompts of $long tokens"
     decoders "$policy-decode" &
     dec=$!
@@ -64,9 +76,12 @@ for policy in decode-first prefill-first; do
 done
 
 base=$(jq '.latency_ms.tpot.p50' "$OUT/baseline.json")
-for policy in decode-first prefill-first; do
+for policy in $runs; do
     jq -r --arg p "$policy" --argjson base "$base" \
-        '"\($p): decoders TPOT p99 \(.latency_ms.tpot.p99) ms = \((.latency_ms.tpot.p99 / $base * 100 | round) / 100)x decode-only TPOT p50 (\($base) ms)"' \
+        '"\($p): decoders TPOT p99 \(.latency_ms.tpot.p99) ms = \((.latency_ms.tpot.p99 / $base * 100 | round) / 100)x decode-only TPOT p50 (\($base) ms), p50 \(.latency_ms.tpot.p50) ms, \(.throughput.output_tokens_per_s | round) tok/s"' \
         "$OUT/$policy-decode.json" | tee -a "$OUT/summary.txt"
+    jq -r --arg p "$policy" \
+        '"\($p): long prompts completed \(.counts.completed), TTFT p50 \(.latency_ms.ttft.p50) ms, p99 \(.latency_ms.ttft.p99) ms"' \
+        "$OUT/$policy-prefill.json" | tee -a "$OUT/summary.txt"
 done
 echo "reports, PNGs and summary in $OUT"

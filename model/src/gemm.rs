@@ -27,6 +27,10 @@ const MR: usize = 12;
 /// Panels per unit of work handed to a thread: small enough that the threads finish
 /// together, large enough that claiming parts costs nothing.
 const PANELS_PER_PART: usize = 4;
+/// At most this many parts per thread: each thread then streams long runs of consecutive
+/// panels, which the hardware prefetchers follow (one panel per part measured 30% slower at
+/// 64 rows), while a thread that falls behind still leaves parts to the others.
+const PARTS_PER_THREAD: usize = 2;
 
 /// A `[n, k]` weight (row `c` is output column `c`) in panels of [`NR`] columns.
 #[derive(Clone)]
@@ -98,10 +102,12 @@ impl PackedMatrix {
             unsafe { self.run_panels(isa, x, m, 0..panels, out_ptr.get()) };
             return;
         }
-        let parts = panels.div_ceil(PANELS_PER_PART);
-        Team::global().run(parts, &|part| {
-            let first = part * PANELS_PER_PART;
-            let range = first..(first + PANELS_PER_PART).min(panels);
+        let team = Team::global();
+        let parts = panels
+            .div_ceil(PANELS_PER_PART)
+            .min(PARTS_PER_THREAD * team.threads());
+        team.run(parts, &|part| {
+            let range = part * panels / parts..(part + 1) * panels / parts;
             // SAFETY: the parts' panel ranges are disjoint, so are the columns they write.
             unsafe { self.run_panels(isa, x, m, range, out_ptr.get()) }
         });

@@ -38,7 +38,7 @@ pub mod pipeline;
 pub mod privacy;
 pub mod sampling;
 pub mod split;
-mod team;
+pub mod team;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

@@ -51,10 +51,17 @@ impl Sampler {
                 ..
             } => (repetition_penalty, Some((temperature, top_k, top_p, min_p))),
         };
-        let mut logits = logits.to_vec();
-        if penalty != 1.0 {
-            apply_repetition_penalty(&mut logits, history, penalty);
-        }
+        // A copy only when the penalty changes the logits (a decode step of 64 sessions would
+        // otherwise copy 64 vocabulary-sized rows for greedy sampling).
+        let penalized;
+        let logits = if penalty != 1.0 {
+            let mut l = logits.to_vec();
+            apply_repetition_penalty(&mut l, history, penalty);
+            penalized = l;
+            &penalized[..]
+        } else {
+            logits
+        };
         match random {
             None => Ok(argmax(&logits)),
             Some((temperature, top_k, top_p, min_p)) => {

@@ -58,6 +58,8 @@ struct Slot {
     done: AtomicUsize,
     /// Set by the helper before it parks, cleared when it wakes.
     parked: AtomicBool,
+    /// Set when the team is dropped: the helper ends at its next post.
+    stop: AtomicBool,
     /// The call: written by the caller before `posted` is bumped, read by the helper after.
     job: UnsafeCell<Option<Job>>,
 }
@@ -71,9 +73,10 @@ unsafe impl Send for Slot {}
 struct Helper {
     slot: Arc<Slot>,
     thread: Thread,
+    handle: Option<std::thread::JoinHandle<()>>,
 }
 
-pub(crate) struct Team {
+pub struct Team {
     helpers: Vec<Helper>,
     busy: Mutex<()>,
 }
@@ -81,7 +84,7 @@ pub(crate) struct Team {
 impl Team {
     /// The process's team: one helper per available core beyond the first, or
     /// `TANDEM_MATMUL_THREADS - 1` helpers when that variable is set to a positive number.
-    pub(crate) fn global() -> &'static Team {
+    pub fn global() -> &'static Team {
         static TEAM: OnceLock<Team> = OnceLock::new();
         TEAM.get_or_init(|| {
             let threads = std::env::var("TANDEM_MATMUL_THREADS")
@@ -93,6 +96,12 @@ impl Team {
         })
     }
 
+    /// A team of its own with `threads` threads in all (the caller and `threads - 1`
+    /// helpers, at least 0), for callers that must control the thread count (tests).
+    pub fn with_threads(threads: usize) -> Self {
+        Self::new(threads.saturating_sub(1))
+    }
+
     fn new(helpers: usize) -> Self {
         let helpers = (0..helpers)
             .map(|i| {
@@ -100,6 +109,7 @@ impl Team {
                     posted: AtomicUsize::new(0),
                     done: AtomicUsize::new(0),
                     parked: AtomicBool::new(false),
+                    stop: AtomicBool::new(false),
                     job: UnsafeCell::new(None),
                 });
                 let theirs = Arc::clone(&slot);
@@ -110,6 +120,7 @@ impl Team {
                 Helper {
                     slot,
                     thread: handle.thread().clone(),
+                    handle: Some(handle),
                 }
             })
             .collect();
@@ -119,10 +130,15 @@ impl Team {
         }
     }
 
+    /// Threads that run a call's parts: the caller and the helpers.
+    pub fn threads(&self) -> usize {
+        self.helpers.len() + 1
+    }
+
     /// Runs `f(0)`, …, `f(parts - 1)`, each once, on the caller and the helpers, and returns
     /// when all are done. When the helpers are busy with another caller's call, this caller
     /// runs every part itself.
-    pub(crate) fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    pub fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         let guard = match self.busy.try_lock() {
             Ok(guard) if parts > 1 && !self.helpers.is_empty() => guard,
             _ => {
@@ -187,6 +203,22 @@ impl Team {
     }
 }
 
+impl Drop for Team {
+    /// Ends the helpers (a team of one's own, as in tests; the global team lives forever).
+    fn drop(&mut self) {
+        for h in &mut self.helpers {
+            h.slot.stop.store(true, Ordering::SeqCst);
+            h.slot.posted.fetch_add(1, Ordering::SeqCst);
+            h.thread.unpark();
+            // No call is in flight (`run` borrows the team), so the helper is idle and
+            // returns at once.
+            if let Some(t) = h.handle.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
 struct SendPtr<T>(*mut T);
 impl<T> Clone for SendPtr<T> {
     fn clone(&self) -> Self {
@@ -232,6 +264,9 @@ fn helper_loop(slot: &Slot) {
             slot.parked.store(false, Ordering::SeqCst);
             since = Instant::now();
         };
+        if slot.stop.load(Ordering::Acquire) {
+            return;
+        }
         // SAFETY: published by the caller's store of `posted`, which we acquired.
         let job = unsafe { *slot.job.get() };
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -307,5 +342,24 @@ mod tests {
         for c in callers {
             assert_eq!(c.join().expect("test setup"), 1500);
         }
+    }
+
+    #[test]
+    fn dropping_a_team_ends_its_helpers() {
+        // `drop` joins the helpers: a helper that did not end would hang this test.
+        for i in 0..20 {
+            let team = Team::with_threads(3);
+            assert_eq!(team.threads(), 3);
+            if i % 2 == 0 {
+                std::thread::sleep(SPIN * 3); // parked helpers, then spinning ones
+            }
+            let sum = AtomicU64::new(0);
+            team.run(6, &|p| {
+                sum.fetch_add(p as u64, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 15);
+            drop(team);
+        }
+        assert_eq!(Team::with_threads(0).threads(), 1, "the caller always runs");
     }
 }

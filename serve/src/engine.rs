@@ -765,11 +765,16 @@ impl<'t> Loop<'t> {
             .index_select(&idx, 0)
             .map_err(|e| EngineError::Model(e.to_string()))?;
         let logits = self.cloud.logits(&picked).map_err(model_err)?;
-        let logits: Vec<Vec<f32>> = logits
-            .to_dtype(DType::F32)
-            .and_then(|l| l.to_vec2())
+        let vocab = logits
+            .dim(1)
             .map_err(|e| EngineError::Model(e.to_string()))?;
-        for ((_, id), row) in sample_rows.iter().zip(&logits) {
+        // One flat copy (not a `Vec` per row).
+        let logits: Vec<f32> = logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.flatten_all())
+            .and_then(|l| l.to_vec1())
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        for ((_, id), row) in sample_rows.iter().zip(logits.chunks_exact(vocab.max(1))) {
             if let Some(s) = self.sessions.get_mut(id) {
                 if s.deliver(row)? {
                     finished.push(*id);
