@@ -44,7 +44,9 @@ pub struct SchedulerConfig {
     /// which the engine measures ([`crate::Scheduler::set_overhead_rows`]). The bound assumes
     /// a prompt position costs no more than a decode row (it skips the LM head). `None`: no
     /// cap beyond `max_batch_tokens` (prompts go as fast as the budget allows, and decodes
-    /// stall for a whole chunk). Steps without decodes are never capped.
+    /// stall for a whole chunk). `d` is the larger of the step's decodes and the recent decodes
+    /// per step ([`crate::Scheduler::prefill_cap`]), so only when no session has decoded
+    /// lately are prompts uncapped.
     pub prefill_slack: Option<f64>,
 }
 

@@ -87,6 +87,10 @@ pub struct Scheduler {
     pub(crate) totals: Totals,
     /// The step's fixed cost in rows, for the prefill cap ([`SchedulerConfig::prefill_slack`]).
     pub(crate) overhead_rows: f64,
+    /// Decodes per step lately: the last step's count, or more recent peaks fading by 20% a
+    /// step. A step whose decoders are all still at their devices is capped as if they
+    /// were there (they will wait for it).
+    pub(crate) recent_decodes: f64,
 }
 
 impl Scheduler {
@@ -107,6 +111,7 @@ impl Scheduler {
             fresh: 0,
             totals: Totals::default(),
             overhead_rows: 0.0,
+            recent_decodes: 0.0,
         }
     }
 
@@ -119,11 +124,15 @@ impl Scheduler {
     }
 
     /// The most prompt positions a step with `decodes` decodes may take under
-    /// [`SchedulerConfig::prefill_slack`] (`usize::MAX`: no cap).
+    /// [`SchedulerConfig::prefill_slack`] (`usize::MAX`: no cap). The decoders counted are
+    /// the larger of `decodes` and the recent decodes per step, so a step taken while every
+    /// decoder's next input is still on its way is capped too; with no decoder lately (under
+    /// half a decode per step) it is not.
     pub fn prefill_cap(&self, decodes: usize) -> usize {
+        let decoders = (decodes as f64).max(self.recent_decodes);
         match self.cfg.prefill_slack {
-            Some(slack) if decodes > 0 && slack.is_finite() => {
-                let cap = (slack.max(0.0) * (decodes as f64 + self.overhead_rows)).floor();
+            Some(slack) if decoders >= 0.5 && slack.is_finite() => {
+                let cap = (slack.max(0.0) * (decoders + self.overhead_rows)).floor();
                 (cap as usize).max(1)
             }
             _ => usize::MAX,

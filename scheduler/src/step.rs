@@ -39,7 +39,8 @@ impl Scheduler {
     /// so a long prompt is split into chunks over several steps. The batch stops growing at
     /// `max_batch_tokens` positions or `max_batch_seqs` items.
     /// - [`Policy::DecodeFirst`]: all decodes, then prefill chunks, at most
-    ///   [`Scheduler::prefill_cap`] positions of them when the batch has decodes.
+    ///   [`Scheduler::prefill_cap`] positions of them when sessions decode; under that cap
+    ///   the prompts with the fewest positions left go first.
     /// - [`Policy::PrefillFirst`]: prefill chunks only if any session has a prefill pending;
     ///   decodes only when there is none, or when no prefill could get KV blocks (otherwise
     ///   older decoding sessions holding the blocks and a newer prompt would wait on each other
@@ -63,7 +64,7 @@ impl Scheduler {
     /// the item shrinks to the positions that fit, or is skipped this step.
     pub fn schedule(&mut self) -> Batch {
         self.adopt_prefixes();
-        let (decodes, prefills) = self.candidates();
+        let (decodes, mut prefills) = self.candidates();
         let mut step = Step {
             batch: Batch::default(),
             budget: self.cfg.max_batch_tokens,
@@ -72,8 +73,17 @@ impl Scheduler {
         match self.cfg.policy {
             Policy::DecodeFirst => {
                 self.fill(&mut step, &decodes);
-                let cap = self.prefill_cap(step.batch.items.len());
+                let d = step.batch.items.len();
+                self.recent_decodes = (d as f64).max(self.recent_decodes * 0.8);
+                let cap = self.prefill_cap(d);
                 step.budget = step.budget.min(cap);
+                if cap != usize::MAX {
+                    // Under the cap, prompts share a thin stream of positions: the shortest
+                    // remaining goes first (stable, so oldest first among equals), or one long
+                    // document would hold every short chat turn for many steps.
+                    let remaining = |id: &SeqId| self.sessions.get(id).map_or(0, |s| s.remaining());
+                    prefills.sort_by_key(remaining);
+                }
                 self.fill(&mut step, &prefills);
             }
             Policy::PrefillFirst => {

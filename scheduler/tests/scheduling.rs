@@ -494,9 +494,16 @@ fn prefill_slack_caps_the_chunk_that_rides_with_decodes() {
             item(C, 0, 3, false)
         ]
     );
-    // The decoders are now waiting for their devices: the prompt runs alone, uncapped.
-    let b = step(&mut s);
-    assert_eq!(b.items, vec![item(C, 3, 17, true)]);
+    // The decoders are now at their devices: the prompt runs alone, still capped as if they
+    // were here (floor(0.5 * (2 * 0.8^k + 4)) = 2), until no decode has been seen for long
+    // enough that the recent decodes per step fall under a half (2 * 0.8^7 < 0.5).
+    let mut chunks = Vec::new();
+    while progress(&s, C).computed < 20 {
+        let b = step(&mut s);
+        assert_eq!(b.items.len(), 1, "{b:?}");
+        chunks.push(b.items[0].len);
+    }
+    assert_eq!(chunks, vec![2, 2, 2, 2, 2, 2, 5]);
 }
 
 #[test]
@@ -528,4 +535,43 @@ fn prefill_cap_always_lets_a_prompt_progress() {
     );
     // The cap is computed but prefill-first never applies it (it never mixes the two).
     assert_eq!(pf.prefill_cap(2), 1);
+}
+
+#[test]
+fn under_the_cap_the_shortest_prompt_goes_first() {
+    let mut s = Scheduler::new(
+        SchedulerConfig {
+            prefill_slack: Some(1.0),
+            ..config(Policy::DecodeFirst, 64, 8)
+        },
+        BlockPool::new(64, 4),
+    );
+    for id in [A, B, C] {
+        s.add(id).expect("admitted");
+    }
+    s.push(A, 2, true).expect("prompt");
+    step(&mut s);
+    // A decodes; B (older) has 20 positions to go, C (newer) 3. The cap is 1 * (1 + 4) = 5.
+    s.set_overhead_rows(4.0);
+    s.push(B, 20, true).expect("long prompt");
+    s.push(C, 3, true).expect("short prompt");
+    s.push(A, 1, true).expect("decode");
+    let b = step(&mut s);
+    assert_eq!(
+        b.items,
+        vec![
+            item(A, 2, 1, true),
+            item(C, 0, 3, true),
+            item(B, 0, 2, false)
+        ]
+    );
+    // Without the cap the order is by admission.
+    let mut fcfs = sched(Policy::DecodeFirst, 64, 64, 4);
+    for id in [A, B, C] {
+        fcfs.add(id).expect("admitted");
+    }
+    fcfs.push(B, 20, true).expect("long prompt");
+    fcfs.push(C, 3, true).expect("short prompt");
+    let b = step(&mut fcfs);
+    assert_eq!(b.items, vec![item(B, 0, 20, true), item(C, 0, 3, true)]);
 }

@@ -663,6 +663,14 @@ impl<'t> Loop<'t> {
         if let Some(rows) = self.cost.overhead_rows() {
             self.sched.set_overhead_rows(rows);
         }
+        tracing::debug!(
+            rows = batch.num_tokens(),
+            decodes = batch.items.iter().filter(|i| i.len == 1).count(),
+            seqs = batch.items.len(),
+            ms = took.as_secs_f64() * 1e3,
+            overhead_rows = self.cost.overhead_rows().unwrap_or(0.0),
+            "engine step"
+        );
         if let Some(m) = &self.metrics {
             m.step_started_ms.store(0, Ordering::Relaxed);
             m.step_duration_seconds.observe_duration(started.elapsed());
