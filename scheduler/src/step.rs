@@ -40,7 +40,8 @@ impl Scheduler {
     /// `max_batch_tokens` positions or `max_batch_seqs` items.
     /// - [`Policy::DecodeFirst`]: all decodes, then prefill chunks, at most
     ///   [`Scheduler::prefill_cap`] positions of them when sessions decode; under that cap
-    ///   the prompts with the fewest positions left go first.
+    ///   the oldest prompt gets a quarter of it and the prompts with the fewest positions
+    ///   left the rest.
     /// - [`Policy::PrefillFirst`]: prefill chunks only if any session has a prefill pending;
     ///   decodes only when there is none, or when no prefill could get KV blocks (otherwise
     ///   older decoding sessions holding the blocks and a newer prompt would wait on each other
@@ -77,12 +78,24 @@ impl Scheduler {
                 self.recent_decodes = (d as f64).max(self.recent_decodes * 0.8);
                 let cap = self.prefill_cap(d);
                 step.budget = step.budget.min(cap);
-                if cap != usize::MAX {
-                    // Under the cap, prompts share a thin stream of positions: the shortest
-                    // remaining goes first (stable, so oldest first among equals), or one long
-                    // document would hold every short chat turn for many steps.
+                if cap != usize::MAX && !prefills.is_empty() {
+                    // Under the cap, prompts share a thin stream of positions. The prompts
+                    // with the fewest positions left go first (stable: oldest first among
+                    // equals), or one long document would hold every short chat turn for
+                    // many steps; but the oldest prompt always gets at least a quarter of the
+                    // stream (and whatever the others leave), so nothing starves.
+                    let oldest = prefills.remove(0);
                     let remaining = |id: &SeqId| self.sessions.get(id).map_or(0, |s| s.remaining());
                     prefills.sort_by_key(remaining);
+                    let others: usize = prefills.iter().map(remaining).sum();
+                    let budget = step.budget;
+                    let share = (cap / 4)
+                        .max(1)
+                        .max(budget.saturating_sub(others))
+                        .min(budget);
+                    step.budget = share;
+                    self.fill(&mut step, &[oldest]);
+                    step.budget += budget - share;
                 }
                 self.fill(&mut step, &prefills);
             }

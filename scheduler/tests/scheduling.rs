@@ -551,7 +551,8 @@ fn under_the_cap_the_shortest_prompt_goes_first() {
     }
     s.push(A, 2, true).expect("prompt");
     step(&mut s);
-    // A decodes; B (older) has 20 positions to go, C (newer) 3. The cap is 1 * (1 + 4) = 5.
+    // A decodes; B (older) has 20 positions to go, C (newer) 3. The cap is 1 * (1 + 4) = 5:
+    // C needs 3, so B, the oldest, gets the other 2 (at least a quarter: 1).
     s.set_overhead_rows(4.0);
     s.push(B, 20, true).expect("long prompt");
     s.push(C, 3, true).expect("short prompt");
@@ -561,8 +562,8 @@ fn under_the_cap_the_shortest_prompt_goes_first() {
         b.items,
         vec![
             item(A, 2, 1, true),
-            item(C, 0, 3, true),
-            item(B, 0, 2, false)
+            item(B, 0, 2, false),
+            item(C, 0, 3, true)
         ]
     );
     // Without the cap the order is by admission.
