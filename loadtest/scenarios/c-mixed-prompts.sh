@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scenario (c): long prompts arriving while many devices decode, once under each batching
 # policy: `decode-first` (stall-free: the prompt chunk next to decodes is capped by
-# --prefill-slack, default 0.25), `decode-first-uncapped` (`--prefill-slack inf`: chunks
+# --prefill-slack, default 0.5, or SLACK), `decode-first-uncapped` (`--prefill-slack inf`: chunks
 # as large as --max-batch-tokens), and `prefill-first`. DECODERS
 # devices decode short-prompt generations back to back; meanwhile PREFILLERS devices arrive
 # as a Poisson process and send one LONG-token prompt each. The figure to read is the
@@ -53,7 +53,7 @@ stop_server
 # flags LABEL: the server flags of each run.
 flags() {
     case "$1" in
-        decode-first) echo "--policy decode-first" ;;
+        decode-first) echo "--policy decode-first ${SLACK:+--prefill-slack $SLACK}" ;;
         decode-first-uncapped) echo "--policy decode-first --prefill-slack inf" ;;
         prefill-first) echo "--policy prefill-first" ;;
     esac

@@ -8,9 +8,17 @@
 # them, on the same server. PERF=1 also records the server with `perf` during each run with
 # idle sessions (perf-N.data; `perf report --sort dso,symbol`).
 #
+# The server's KV pool is sized to hold every session at its longest (KV_BLOCKS, default
+# IDLE + DECODERS x blocks(16 + OUTPUT) + 64, block size 16): a session waiting for its
+# device keeps its blocks, and the scheduler only preempts sessions admitted after the one
+# asking (or finished ones), so with the server's default 1 GiB (1,506 blocks on the demo
+# model) the first 1,506 idle sessions would fill the pool and the rest, and the decoders
+# admitted after them, would never get a block.
+#
 # Usage: e-idle-overhead.sh [--quick] [OUT_DIR]   (default target/scenarios/e-idle-overhead)
 # Env: SPLIT (default models/demo-split-k1), DECODERS, IDLE, OUTPUT (64), PAIRS,
-#      IDLE_STEP_MS, TANDEM_BIN, LOADTEST_BIN, QUICK=1 (tiny counts: a smoke test).
+#      IDLE_STEP_MS, KV_BLOCKS, TANDEM_BIN, LOADTEST_BIN, QUICK=1 (tiny counts: a smoke
+#      test).
 # Writes: alone-N.json, with-idle-N.json, idle-N.json, summary.tsv, summary.txt.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -30,17 +38,25 @@ if [ "$QUICK" = 1 ]; then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-start_server e --cloud "$split/cloud" --max-sessions $((idle + decoders + 64)) ${SERVE_FLAGS:-}
+# blocks N: KV blocks of 16 positions for N positions.
+blocks() { echo $(( ($1 + 15) / 16 )); }
+kv_blocks=${KV_BLOCKS:-$(( idle * $(blocks 4) + decoders * $(blocks $((16 + output))) + 64 ))}
+
+start_server e --cloud "$split/cloud" --max-sessions $((idle + decoders + 64)) \
+    --kv-blocks "$kv_blocks" ${SERVE_FLAGS:-}
 
 # cpu_s: the server's user + system CPU seconds so far.
 cpu_s() {
     awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$SERVER_PID/stat"
 }
 
-# active: the server's live sessions (0 when the scrape fails).
-active() {
-    curl -fsS "$METRICS_URL" 2>/dev/null | awk '/^tandem_sessions_active/ { s += $2 } END { print s + 0 }'
+# metric NAME: the sum of the server's samples of NAME (0 when the scrape fails).
+metric() {
+    curl -fsS "$METRICS_URL" 2>/dev/null | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { print s + 0 }'
 }
+
+# active: the server's live sessions.
+active() { metric tandem_sessions_active; }
 
 # decode NAME: the decoders' run; appends a line to summary.tsv.
 decode() {
@@ -75,7 +91,7 @@ for i in $(seq 1 "$pairs"); do
         [ "$(active)" -ge "$idle" ] && break
         sleep 0.5
     done
-    log "pair $i: $(active) live sessions; $decoders decoding devices with them"
+    log "pair $i: $(active) live sessions, KV blocks $(metric tandem_kv_blocks_used) used, $(metric tandem_kv_blocks_free) free; $decoders decoding devices with them"
     perf_pid=""
     if [ "${PERF:-0}" = 1 ]; then
         perf record -g -p "$SERVER_PID" -o "$OUT/perf-$i.data" 2>/dev/null &

@@ -18,6 +18,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::HiddenDtype;
 
+use crate::device::DEFAULT_SILENCE_TIMEOUT;
+
 /// When devices start their first generation.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -346,13 +348,17 @@ pub struct LoadConfig {
     /// Consecutive failed reconnection attempts after which a generation is given up (lost).
     /// The count starts again once a connection makes progress (a new token or `Done`).
     pub max_reconnects: u32,
+    /// Longest wait for a frame the server owes before the connection counts as lost (the
+    /// device's own step delay and think time never count: see [`crate::device`]).
+    pub silence_timeout: Duration,
 }
 
 impl LoadConfig {
     /// A run of `devices` devices against `server` with the defaults of the command line:
     /// everyone at once, 64 prompt tokens, 32 output tokens, one generation each, f32, a pool
     /// of 8 prompts, seed 0, a 60 s limit, replayed edge compute, up to
-    /// [`DEFAULT_MAX_RECONNECTS`] reconnections per outage, no progress line.
+    /// [`DEFAULT_MAX_RECONNECTS`] reconnections per outage, a silence timeout of
+    /// [`DEFAULT_SILENCE_TIMEOUT`], no progress line.
     pub fn new(server: impl Into<String>, edge: impl Into<PathBuf>, devices: usize) -> Self {
         Self {
             server: server.into(),
@@ -373,6 +379,7 @@ impl LoadConfig {
             trace: None,
             device_compute: DeviceCompute::Replay,
             max_reconnects: DEFAULT_MAX_RECONNECTS,
+            silence_timeout: DEFAULT_SILENCE_TIMEOUT,
         }
     }
 
@@ -417,6 +424,9 @@ impl LoadConfig {
         }
         if self.duration.is_zero() {
             return Err("--duration-s must be positive".into());
+        }
+        if self.silence_timeout.is_zero() {
+            return Err("--silence-timeout-s must be positive".into());
         }
         if let Some(url) = &self.metrics_url {
             if !url.starts_with("http://") {
@@ -613,6 +623,7 @@ mod tests {
         assert!(bad(|c| c.generations_per_device = 0));
         assert!(bad(|c| c.prompt_pool = 0));
         assert!(bad(|c| c.duration = Duration::ZERO));
+        assert!(bad(|c| c.silence_timeout = Duration::ZERO));
         assert!(bad(|c| c.metrics_url = Some("ws://x/metrics".into())));
     }
 }

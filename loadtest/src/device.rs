@@ -10,8 +10,8 @@
 //! # Resume and replay
 //! Every `Hidden` frame sent is kept (`Bytes`, shared with the replay tree: no copy), and
 //! every token id received. When the connection drops, a send fails, the server is silent
-//! for [`IDLE_TIMEOUT`], or it answers a `3xx` error (`shutting_down`, `unavailable`, …),
-//! the device reconnects after a [`backoff`] and:
+//! for the silence timeout (see below), or it answers a `3xx` error (`shutting_down`,
+//! `unavailable`, …), the device reconnects after a [`backoff`] and:
 //! - sends `Resume` (session id, the latest resume token, the last token's sequence number);
 //!   on `Opened` it resends every kept `Hidden` from the `Opened`'s next sequence number:
 //!   a *resume* when the server kept the session, a *replay* when it says 0 (it lost the
@@ -28,6 +28,14 @@
 //! that brings a new token or `Done` ends the outage. A generation that runs out of attempts
 //! fails with the last cause and is counted as *lost*. Refusals of the first `Open`
 //! (`overloaded`, `rate_limited`) are not retried: they are what a load test measures.
+//!
+//! # Silence
+//! The silence timeout (`--silence-timeout-s`, [`DEFAULT_SILENCE_TIMEOUT`]) bounds only the
+//! waits for the server: for `Opened`, and for the next frame while the server owes a token
+//! or `Done`. What the device itself takes when it is its turn to send (the step delay, the
+//! edge compute, the think time between generations, the reconnection backoff) is never
+//! counted, so a session kept open by a device that sends one step every ten minutes is not
+//! silence, however short the timeout.
 //!
 //! # Timings
 //! Taken on the device: TTFT from just before the first `Open` is written to the first
@@ -54,8 +62,9 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Longest wait for the TCP + WebSocket handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A server silent this long while the device waits counts as a lost connection.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of the silence timeout: a server silent this long while the device waits for it
+/// counts as a lost connection (see the module doc, *Silence*).
+pub const DEFAULT_SILENCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for `Done` after a token that looks final.
 pub const FINAL_TOKEN_GRACE: Duration = Duration::from_secs(2);
 /// First reconnection delay; it doubles per failed attempt up to [`BACKOFF_MAX`].
@@ -80,8 +89,8 @@ pub enum Failure {
     Connect(String),
     /// The connection closed (or a send failed) before `Done`.
     Disconnected(String),
-    /// The server said nothing for [`IDLE_TIMEOUT`].
-    Timeout,
+    /// The server said nothing for this long (the silence timeout) while the device waited.
+    Timeout(Duration),
     /// The server broke the protocol (a bad frame, an unexpected frame, a gap in tokens, a
     /// replayed token that differs).
     Protocol(String),
@@ -98,7 +107,7 @@ impl Failure {
             Self::Server { code, .. } => code.as_str(),
             Self::Connect(_) => "connect_failed",
             Self::Disconnected(_) => "disconnected",
-            Self::Timeout => "timeout",
+            Self::Timeout(_) => "timeout",
             Self::Protocol(_) => "protocol_violation",
             Self::Edge(_) => "edge_compute",
         }
@@ -108,7 +117,7 @@ impl Failure {
     pub fn detail(&self) -> String {
         match self {
             Self::Server { code, message } => format!("{code} ({}): {message}", code.as_u16()),
-            Self::Timeout => format!("no frame for {}s", IDLE_TIMEOUT.as_secs()),
+            Self::Timeout(after) => format!("no frame for {}s", after.as_secs_f64()),
             Self::Connect(m) | Self::Disconnected(m) | Self::Protocol(m) | Self::Edge(m) => {
                 m.clone()
             }
@@ -173,7 +182,10 @@ pub struct DeviceContext {
     /// Consecutive failed reconnection attempts before a generation is given up.
     pub max_reconnects: u32,
     /// Pause before each decode step's hidden state is computed and sent (`--step-delay-ms`).
+    /// The device's own time: not counted by `silence_timeout`.
     pub step_delay: Duration,
+    /// Longest wait for a frame the server owes (`--silence-timeout-s`).
+    pub silence_timeout: Duration,
 }
 
 /// Which generation: the device, its index there, the prompt and `max_tokens`.
@@ -467,10 +479,12 @@ impl Run<'_> {
             }
         }
         loop {
+            // The server's turn: the device sends nothing until a frame comes (an answer to
+            // the last token, when it was held, goes after the grace).
             let wait = if held.is_some() {
                 FINAL_TOKEN_GRACE
             } else {
-                IDLE_TIMEOUT
+                self.ctx.silence_timeout
             };
             let frame = match tokio::time::timeout(wait, recv(ws)).await {
                 Ok(frame) => frame?,
@@ -480,7 +494,7 @@ impl Run<'_> {
                         self.answer(ws, token, &mut sent).await?;
                         continue;
                     }
-                    None => return Err(Stop::Retry(Failure::Timeout)),
+                    None => return Err(Stop::Retry(Failure::Timeout(wait))),
                 },
             };
             match frame {
@@ -575,9 +589,10 @@ impl Run<'_> {
         resuming: bool,
     ) -> Result<tandem_protocol::Opened, Stop> {
         loop {
-            let frame = tokio::time::timeout(IDLE_TIMEOUT, recv(ws))
+            let limit = self.ctx.silence_timeout;
+            let frame = tokio::time::timeout(limit, recv(ws))
                 .await
-                .map_err(|_| Stop::Retry(Failure::Timeout))??;
+                .map_err(|_| Stop::Retry(Failure::Timeout(limit)))??;
             match frame {
                 Frame::Opened(o) => return Ok(o),
                 Frame::Error(e) if resuming && e.code == ErrorCode::UnknownSession => {

@@ -30,7 +30,7 @@
 //! - [`scrape`]: fetching and diffing the server's `/metrics`.
 //! - [`report`]: nearest-rank percentiles and the JSON [`Report`].
 //! - [`plot`]: the PNG of the latency distributions and throughput over time.
-//! - `runner`: [`run`], [`run_detailed`].
+//! - `runner`: [`run`], [`run_detailed`], [`run_until`].
 //!
 //! This is a tool: errors are `anyhow` errors, and what fails during a run is counted in the
 //! report rather than returned. It only connects to the server URL and the metrics URL it is
@@ -51,4 +51,4 @@ pub use config::{
     parse_dtype, Arrival, DeviceCompute, LengthDist, LoadConfig, Rate, Trace, TraceRecord,
 };
 pub use report::{Percentiles, Report, StopReason};
-pub use runner::{run, run_detailed, RunOutput};
+pub use runner::{run, run_detailed, run_until, RunOutput};

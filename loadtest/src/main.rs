@@ -8,10 +8,14 @@
 //!     [--duration-s S] [--dtype f32|f16|bf16|int8] [--prompt-pool P] [--seed S] \
 //!     [--report out.json] [--metrics-url http://HOST:PORT/metrics] [--quiet] \
 //!     [--trace lengths.json] [--device-compute replay|real] [--max-reconnects N] \
-//!     [--plot out.png] [--plot-font FONT.ttf]
+//!     [--silence-timeout-s S] [--plot out.png] [--plot-font FONT.ttf]
 //! tandem-loadtest tiny-model --out DIR [--seed S] [--edge-layers K] [--context N] [--force]
 //! ```
+//!
+//! `SIGINT` or `SIGTERM` stops a run early: what still runs is cut, and the report is
+//! written as at the deadline (`stopped_by: interrupted`).
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tandem_loadtest::config::DEFAULT_MAX_RECONNECTS;
+use tandem_loadtest::device::DEFAULT_SILENCE_TIMEOUT;
 use tandem_loadtest::{parse_dtype, Arrival, DeviceCompute, LengthDist, LoadConfig, Trace};
 use tandem_protocol::HiddenDtype;
 
@@ -124,6 +129,11 @@ struct RunArgs {
     /// (0: a dropped connection fails the generation).
     #[arg(long, default_value_t = DEFAULT_MAX_RECONNECTS)]
     max_reconnects: u32,
+    /// Seconds the server may stay silent while a device waits for it (for `Opened`, a token
+    /// or `Done`) before the connection counts as lost. The device's own pauses
+    /// (--step-delay-ms, --think-ms) never count.
+    #[arg(long, default_value_t = DEFAULT_SILENCE_TIMEOUT.as_secs_f64())]
+    silence_timeout_s: f64,
     /// Also write a PNG: latency CDFs and throughput over time.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -138,6 +148,10 @@ impl RunArgs {
         anyhow::ensure!(
             self.duration_s.is_finite() && self.duration_s > 0.0,
             "--duration-s must be a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.silence_timeout_s.is_finite() && self.silence_timeout_s > 0.0,
+            "--silence-timeout-s must be a positive number of seconds"
         );
         Ok(LoadConfig {
             arrival: self.arrival,
@@ -158,6 +172,7 @@ impl RunArgs {
             },
             device_compute: self.device_compute,
             max_reconnects: self.max_reconnects,
+            silence_timeout: Duration::from_secs_f64(self.silence_timeout_s),
             ..LoadConfig::new(self.server, self.edge, self.devices)
         })
     }
@@ -185,7 +200,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let out = runtime.block_on(tandem_loadtest::run_detailed(cfg))?;
+    let out = runtime.block_on(async {
+        let stop = interrupted().context("listening for SIGINT and SIGTERM")?;
+        tandem_loadtest::run_until(cfg, stop).await
+    })?;
     let report = &out.report;
     let json = serde_json::to_string_pretty(report)?;
     match report_path {
@@ -210,6 +228,29 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("plot: {}", path.display());
     }
     Ok(())
+}
+
+/// Completes on the first `SIGINT` or `SIGTERM`. Registering the handlers here also undoes
+/// the `SIGINT` that a shell script's `tandem-loadtest run … &` starts with ignored, so the
+/// scenarios' `kill -INT` stops a background run instead of leaving it to its deadline.
+#[cfg(unix)]
+fn interrupted() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn interrupted() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn tiny_model(args: TinyModelArgs) -> anyhow::Result<()> {

@@ -7,11 +7,11 @@
 //!   during each second (left axis) and generations in progress (right axis).
 //!
 //! Drawn with plotters' bitmap backend into a buffer and written by the privacy audit's small
-//! PNG encoder in `tandem-serve` (zlib stored blocks: larger files, no image crate). Text needs a TrueType font, read at run time
-//! from `--plot-font` or the usual DejaVu paths (plotters' font-kit, which pulls in
-//! fontconfig, stays off). A `--plot-font` that cannot be read is an error; when none is
-//! given and no DejaVu font is installed, the chart is drawn without any text (axes and
-//! lines only) and the command says so on stderr.
+//! PNG encoder in `tandem-serve` (deflated with `miniz_oxide`; no image crate). Text needs a
+//! TrueType font, read at run time from `--plot-font` or the usual DejaVu paths (plotters'
+//! font-kit, which pulls in fontconfig, stays off). A `--plot-font` that cannot be read is an
+//! error; when none is given and no DejaVu font is installed, the chart is drawn without any
+//! text (axes and lines only) and the command says so on stderr.
 
 use std::path::Path;
 

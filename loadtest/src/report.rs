@@ -113,6 +113,13 @@ pub struct RunSettings {
     pub trace_records: Option<usize>,
     pub device_compute: DeviceCompute,
     pub max_reconnects: u32,
+    /// `--silence-timeout-s` (60 when absent from an older report).
+    #[serde(default = "default_silence_timeout_s")]
+    pub silence_timeout_s: f64,
+}
+
+fn default_silence_timeout_s() -> f64 {
+    crate::device::DEFAULT_SILENCE_TIMEOUT.as_secs_f64()
 }
 
 /// Reconnections over the run.
@@ -163,6 +170,9 @@ pub enum StopReason {
     AllFinished,
     /// `--duration-s` passed first.
     Deadline,
+    /// Stopped early (`SIGINT` or `SIGTERM` to the command, or the stop future given to
+    /// [`crate::run_until`]); what still ran is counted as at the deadline.
+    Interrupted,
 }
 
 /// Generations by fate.
@@ -175,9 +185,9 @@ pub struct Counts {
     pub completed: u64,
     /// Ended with an error.
     pub failed: u64,
-    /// Still running at the deadline.
+    /// Still running at the deadline (or when the run was interrupted).
     pub cut_by_deadline: u64,
-    /// Never started (the deadline came first).
+    /// Never started (the deadline or the interrupt came first).
     pub not_started: u64,
 }
 
@@ -477,7 +487,11 @@ mod tests {
             GenerationRecord {
                 reconnects: 6,
                 lost: true,
-                ..record(Outcome::Failed(Failure::Timeout), 1, &[])
+                ..record(
+                    Outcome::Failed(Failure::Timeout(Duration::from_secs(60))),
+                    1,
+                    &[],
+                )
             },
             GenerationRecord {
                 reconnects: 2,
@@ -506,6 +520,7 @@ mod tests {
             trace_records: None,
             device_compute: DeviceCompute::Replay,
             max_reconnects: 6,
+            silence_timeout_s: 60.0,
         };
         let facts = RunFacts {
             settings,

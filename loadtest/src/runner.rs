@@ -4,12 +4,14 @@
 //! every prompt of the workload (before the clock starts; with real compute each generation
 //! runs its own); scrape the server's metrics; start one task per device
 //! (each waits for its arrival offset, then runs its generations one after the other, with
-//! the think time between them); wait until every device is done or the deadline passes,
-//! then abort what still runs; scrape again; build the report.
+//! the think time between them); wait until every device is done, the deadline passes or
+//! the run is stopped ([`run_until`]), then abort what still runs; scrape again; build the
+//! report.
 //!
 //! Records of ended generations come back over a channel as they end, so a hard stop loses
 //! only the generations still in flight (counted as cut by the deadline).
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +48,16 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
 
 /// [`run`], keeping the records.
 pub async fn run_detailed(cfg: LoadConfig) -> anyhow::Result<RunOutput> {
+    run_until(cfg, std::future::pending()).await
+}
+
+/// [`run_detailed`], stopped early when `stop` completes (the command passes `SIGINT` and
+/// `SIGTERM`): generations still running are aborted, their connections close, and the report
+/// counts them as at the deadline, with [`StopReason::Interrupted`].
+pub async fn run_until(
+    cfg: LoadConfig,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<RunOutput> {
     cfg.check().map_err(anyhow::Error::msg)?;
     let edge_dir = cfg.edge.clone();
     let bundle = tokio::task::spawn_blocking(move || EdgeBundle::load(&edge_dir))
@@ -115,8 +127,9 @@ pub async fn run_detailed(cfg: LoadConfig) -> anyhow::Result<RunOutput> {
         live: live.clone(),
         max_reconnects: cfg.max_reconnects,
         step_delay: cfg.step_delay,
+        silence_timeout: cfg.silence_timeout,
     });
-    let driven = drive(&cfg, &workload, ctx, &live).await;
+    let driven = drive(&cfg, &workload, ctx, &live, stop).await;
 
     let server_metrics = match (&cfg.metrics_url, &before) {
         (Some(url), Some(before)) => Some(match scrape::fetch(url).await {
@@ -171,12 +184,13 @@ struct Driven {
     timeline: Vec<live::TimelineSample>,
 }
 
-/// Starts the devices and waits for them or the deadline.
+/// Starts the devices and waits for them, the deadline or `stop`.
 async fn drive(
     cfg: &LoadConfig,
     workload: &Workload,
     ctx: Arc<DeviceContext>,
     live: &Arc<Live>,
+    stop: impl Future<Output = ()>,
 ) -> Driven {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let start = Instant::now();
@@ -199,9 +213,12 @@ async fn drive(
     drop(tx);
     let deadline = tokio::time::Instant::from_std(start + cfg.duration);
     let all_done = async { while devices.join_next().await.is_some() {} };
-    let stopped_by = match tokio::time::timeout_at(deadline, all_done).await {
-        Ok(()) => StopReason::AllFinished,
-        Err(_) => StopReason::Deadline,
+    let stopped_by = tokio::select! {
+        finished = tokio::time::timeout_at(deadline, all_done) => match finished {
+            Ok(()) => StopReason::AllFinished,
+            Err(_) => StopReason::Deadline,
+        },
+        () = stop => StopReason::Interrupted,
     };
     let wall = start.elapsed();
     devices.shutdown().await;
@@ -257,6 +274,7 @@ fn settings(cfg: &LoadConfig) -> RunSettings {
         output_tokens: cfg.output_tokens,
         think_ms: cfg.think.as_millis() as u64,
         step_delay_ms: cfg.step_delay.as_millis() as u64,
+        silence_timeout_s: cfg.silence_timeout.as_secs_f64(),
         generations_per_device: cfg.generations_per_device,
         duration_s: cfg.duration.as_secs_f64(),
         dtype: cfg.dtype.as_str().to_owned(),

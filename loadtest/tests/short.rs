@@ -9,8 +9,11 @@
 //! many devices ask for it; real per-device compute sends the same frames and gets the same
 //! outputs as replay; connections cut by a proxy resume, and a server stopped and started
 //! again on the same port (sessions lost) is replayed, both with every device's tokens equal
-//! to an uninterrupted run's; a trace sets the lengths; the PNG decodes; `tiny-model` writes
-//! a split a server and the load test run on.
+//! to an uninterrupted run's; a device that idles between its steps far longer than the
+//! silence timeout is not taken for a silent server, while a server that really goes silent
+//! (a proxy that stops passing its bytes) trips it; a stop future ends a run early; a trace
+//! sets the lengths; the PNG decodes; `tiny-model` writes a split a server and the load test
+//! run on.
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
@@ -346,11 +349,32 @@ async fn real_compute_sends_the_frames_replay_sends() {
     srv.shutdown().await;
 }
 
+/// What [`limiting_proxy`] does to a connection once its byte limit is reached.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AtLimit {
+    /// Close it.
+    Cut,
+    /// Keep it open and pass the device's bytes on, but drop every further byte from the
+    /// server: to the device, a server gone silent.
+    Mute,
+}
+
 /// A TCP proxy to `upstream` that closes every connection once `cut_after` bytes went from
 /// the server to the device. Returns its address and the number of connections it cut.
 async fn cutting_proxy(
     upstream: std::net::SocketAddr,
     cut_after: usize,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    limiting_proxy(upstream, cut_after, AtLimit::Cut).await
+}
+
+/// A TCP proxy to `upstream` that passes `limit` bytes from the server to the device on each
+/// connection (after the HTTP upgrade answer), then does `at_limit`. Returns its address and
+/// the number of connections that reached the limit.
+async fn limiting_proxy(
+    upstream: std::net::SocketAddr,
+    limit: usize,
+    at_limit: AtLimit,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -375,13 +399,17 @@ async fn cutting_proxy(
                 };
                 let down = async move {
                     // The HTTP upgrade answer passes whole; the count starts after it.
-                    let (mut head, mut headers_done, mut left) = (Vec::new(), false, cut_after);
+                    let (mut head, mut headers_done, mut left) = (Vec::new(), false, limit);
+                    let mut limited = false;
                     let mut buf = vec![0u8; 4096];
                     loop {
                         let n = match sr.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
+                        if limited {
+                            continue; // muted: the server's bytes go nowhere
+                        }
                         let mut data = &buf[..n];
                         if !headers_done {
                             head.extend_from_slice(data);
@@ -402,9 +430,13 @@ async fn cutting_proxy(
                             return;
                         }
                         left -= pass;
-                        if left == 0 {
+                        if left == 0 && headers_done {
                             cuts.fetch_add(1, Ordering::Relaxed);
-                            return; // both halves drop: the connection closes mid-stream
+                            match at_limit {
+                                // Both halves drop: the connection closes mid-stream.
+                                AtLimit::Cut => return,
+                                AtLimit::Mute => limited = true,
+                            }
                         }
                     }
                 };
@@ -455,6 +487,72 @@ async fn cut_connections_resume_without_losing_or_repeating_tokens() {
     // One TPOT sample per gap between new tokens, outages included.
     let tpot = report.latency_ms.tpot.as_ref().expect("tpot");
     assert_eq!(tpot.count as u64, t.output_tokens - 12);
+    srv.shutdown().await;
+}
+
+/// A device's own pauses are not the server's silence: with a step delay three times the
+/// silence timeout and no reconnection allowed, every generation still completes on its
+/// first connection (and the server keeps the idle sessions open meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_delay_longer_than_the_silence_timeout_is_not_silence() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 4);
+    cfg.output_tokens = LengthDist::fixed(3).expect("3");
+    cfg.silence_timeout = Duration::from_millis(100);
+    cfg.step_delay = Duration::from_millis(300);
+    cfg.think = Duration::from_millis(300);
+    cfg.generations_per_device = 2;
+    cfg.max_reconnects = 0;
+    let report = tandem_loadtest::run(cfg).await.expect("run");
+    eprintln!("{}", report.summary());
+    assert!(report.errors.is_empty(), "{:?}", report.error_examples);
+    assert_eq!(report.counts.completed, 8);
+    assert_eq!(report.resume.reconnects, 0, "{:?}", report.resume);
+    assert_eq!(report.settings.silence_timeout_s, 0.1);
+    srv.shutdown().await;
+}
+
+/// The silence timeout still catches a server that stops talking: behind a proxy that passes
+/// `Opened` (54 bytes on the wire) and then drops the server's bytes without closing, every
+/// generation fails with `timeout` and, with no reconnection allowed, is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_trips_the_silence_timeout() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let (proxy, muted) = limiting_proxy(srv.addr(), 54, AtLimit::Mute).await;
+    let mut cfg = fx.load(&srv, 3);
+    cfg.server = format!("ws://{proxy}/v1/edge/ws");
+    cfg.silence_timeout = Duration::from_millis(200);
+    cfg.max_reconnects = 0;
+    let report = tandem_loadtest::run(cfg).await.expect("run");
+    assert_eq!(report.stopped_by, StopReason::AllFinished);
+    assert_eq!(muted.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(report.counts.failed, 3, "{}", report.summary());
+    assert_eq!(
+        report.errors.get("timeout"),
+        Some(&3),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(report.resume.lost, 3);
+    assert_eq!(report.error_examples["timeout"], "no frame for 0.2s");
+    srv.shutdown().await;
+}
+
+/// `run_until`'s stop future ends a run before its deadline, as `SIGINT` does the command's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_future_interrupts_the_run() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 5);
+    // One arrival per 1,000 s on average, and a deadline far away: only the stop ends it.
+    cfg.arrival = "poisson:0.001".parse().expect("arrival");
+    cfg.duration = Duration::from_secs(3_600);
+    let stop = tokio::time::sleep(Duration::from_millis(200));
+    let out = tandem_loadtest::run_until(cfg, stop).await.expect("run");
+    assert_eq!(out.report.stopped_by, StopReason::Interrupted);
+    assert_eq!(out.report.counts.not_started, 5);
     srv.shutdown().await;
 }
 

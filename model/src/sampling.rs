@@ -63,9 +63,9 @@ impl Sampler {
             logits
         };
         match random {
-            None => Ok(argmax(&logits)),
+            None => Ok(argmax(logits)),
             Some((temperature, top_k, top_p, min_p)) => {
-                Ok(self.draw(&logits, temperature, (top_k, top_p, min_p)))
+                Ok(self.draw(logits, temperature, (top_k, top_p, min_p)))
             }
         }
     }

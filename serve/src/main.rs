@@ -87,7 +87,7 @@ struct ServeArgs {
     policy: Option<tandem_serve::server::PolicyName>,
     /// decode-first: a step with d decodes takes at most slack x (d + the step's fixed cost
     /// in rows) prompt positions, so prompts lengthen decode steps by about this fraction
-    /// (default 0.25; `inf` lifts the cap).
+    /// (default 0.5; `inf` lifts the cap).
     #[arg(long, env = "TANDEM_PREFILL_SLACK")]
     prefill_slack: Option<f64>,
     /// After a step, wait up to this long for devices that answered that fast before, so
@@ -173,7 +173,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     max_batch_tokens: usize,
     /// As `tandem serve --prefill-slack` (`inf`: no cap).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.5)]
     prefill_slack: f64,
     #[arg(long, default_value_t = 16)]
     block_size: usize,

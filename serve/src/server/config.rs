@@ -177,7 +177,7 @@ impl Default for ServerConfig {
             max_batch_tokens: 256,
             max_batch_seqs: 64,
             policy: PolicyName::DecodeFirst,
-            prefill_slack: 0.25,
+            prefill_slack: 0.5,
             decode_wait_ms: 5.0,
             prefix_sharing: true,
             max_sessions: 1024,
