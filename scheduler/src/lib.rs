@@ -49,3 +49,4 @@ pub use batch::{Batch, BatchItem, StepOutcome};
 pub use config::{Policy, SchedError, SchedulerConfig, SeqId};
 pub use scheduler::{SchedStats, Scheduler};
 pub use session::{SeqProgress, SeqState};
+pub use step::IDLE_STEPS_BEFORE_EVICTION;

@@ -156,8 +156,9 @@ impl Scheduler {
         let order = self.next_order;
         self.next_order += 1;
         self.order.insert(order, id);
-        self.sessions
-            .insert(id, Session::new(order, self.pool.new_table()));
+        let mut s = Session::new(order, self.pool.new_table());
+        s.last_step = self.totals.steps;
+        self.sessions.insert(id, s);
         Ok(())
     }
 
@@ -213,6 +214,7 @@ impl Scheduler {
                 s.complete_upto = len;
             }
             s.parked = false;
+            s.dormant = false;
             self.pending.insert((s.order, id));
         }
         Ok(())

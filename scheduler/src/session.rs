@@ -59,6 +59,11 @@ pub(crate) struct Session {
     pub(crate) hashes: Vec<BlockHash>,
     /// The table is empty and hashes are known: `schedule` tries to adopt shared blocks.
     pub(crate) try_adopt: bool,
+    /// The scheduler's step count when this session was admitted or last given an item.
+    pub(crate) last_step: u64,
+    /// Preempted while it waited for its device: not recomputed until its device sends more
+    /// (which clears this), so that the blocks it gave up serve the session that needed them.
+    pub(crate) dormant: bool,
 }
 
 impl Session {
@@ -75,6 +80,8 @@ impl Session {
             parked: false,
             hashes: Vec::new(),
             try_adopt: false,
+            last_step: 0,
+            dormant: false,
         }
     }
 
@@ -90,7 +97,7 @@ impl Session {
 
     /// Whether `schedule` may give this session an item.
     pub(crate) fn is_schedulable(&self) -> bool {
-        !self.parked && !self.running && self.received > self.computed
+        !self.parked && !self.dormant && !self.running && self.received > self.computed
     }
 
     /// Whether an item ending at `end` must produce a token.
@@ -105,7 +112,7 @@ impl Session {
     pub(crate) fn state(&self) -> SeqState {
         if self.running {
             SeqState::Running
-        } else if !self.parked && self.received > self.computed {
+        } else if !self.parked && !self.dormant && self.received > self.computed {
             SeqState::Ready
         } else {
             SeqState::WaitingForInput

@@ -20,6 +20,11 @@ use crate::batch::{Batch, BatchItem};
 use crate::config::{Policy, SeqId};
 use crate::scheduler::Scheduler;
 
+/// Steps a session must go without an item (waiting for its device) before rule 3 of the
+/// preemption rule may take its blocks for another session (a few seconds of a busy CPU
+/// engine; decoding sessions are scheduled every step or two and never qualify).
+pub const IDLE_STEPS_BEFORE_EVICTION: u64 = 64;
+
 /// The batch being built.
 struct Step {
     batch: Batch,
@@ -57,7 +62,12 @@ impl Scheduler {
     /// 2. failing that, the most recently admitted *parked* session (its generation finished
     ///    and no input arrived since) that holds blocks, whatever its age: it is not
     ///    generating, and without this a pool filled by finished sessions that the engine keeps
-    ///    for a next turn would block every other session.
+    ///    for a next turn would block every other session;
+    /// 3. failing that, the session that has waited for its device the longest, once it has
+    ///    had no item for [`IDLE_STEPS_BEFORE_EVICTION`] steps, whatever its age: without this,
+    ///    sessions whose devices think for minutes fill the pool and every session admitted
+    ///    after them waits forever. Such a victim is *dormant*: it is recomputed only when its
+    ///    device sends more, not at once (which would take the blocks straight back).
     ///
     /// The victim's table is emptied and its `computed` mark set to 0 (its received, complete
     /// and sampled marks stay, so it will not produce a token twice); it is listed in
@@ -171,6 +181,7 @@ impl Scheduler {
             let end = start + len;
             let sample = s.samples_at(end);
             s.running = true;
+            s.last_step = self.totals.steps;
             let recomputed = s.high_water.min(end).saturating_sub(start);
             self.totals.recomputed_tokens += recomputed as u64;
             self.totals.scheduled_tokens += len as u64;
@@ -195,10 +206,10 @@ impl Scheduler {
             .get(&id)
             .is_some_and(|s| s.table.blocks_needed(want) > self.pool.num_free())
         {
-            let Some(victim) = self.pick_victim(order) else {
+            let Some((victim, idle)) = self.pick_victim(order) else {
                 break;
             };
-            self.preempt(victim, step);
+            self.preempt(victim, idle, step);
         }
         let free = self.pool.num_free();
         let Some(s) = self.sessions.get_mut(&id) else {
@@ -218,8 +229,9 @@ impl Scheduler {
         }
     }
 
-    /// The victim for a session admitted as `requester`, by the rule in `schedule`'s docs.
-    fn pick_victim(&self, requester: u64) -> Option<SeqId> {
+    /// The victim for a session admitted as `requester`, by the rule in `schedule`'s docs, and
+    /// whether rule 3 chose it (it then goes dormant).
+    fn pick_victim(&self, requester: u64) -> Option<(SeqId, bool)> {
         let evictable = |id: &SeqId| {
             self.sessions
                 .get(id)
@@ -239,12 +251,31 @@ impl Scheduler {
                     .map(|(_, id)| *id)
                     .find(|id| evictable(id) && self.sessions.get(id).is_some_and(|s| s.parked))
             })
+            .map(|id| (id, false))
+            .or_else(|| {
+                // Rule 3: the session idle at its device the longest, once idle long enough.
+                let now = self.totals.steps;
+                self.sessions
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.order != requester
+                            && !s.running
+                            && s.holds_blocks()
+                            && s.remaining() == 0
+                            && now.saturating_sub(s.last_step) >= IDLE_STEPS_BEFORE_EVICTION
+                    })
+                    .min_by_key(|(id, s)| (s.last_step, **id))
+                    .map(|(id, _)| (*id, true))
+            })
     }
 
-    fn preempt(&mut self, id: SeqId, step: &mut Step) {
+    fn preempt(&mut self, id: SeqId, dormant: bool, step: &mut Step) {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
+        // Taken for being idle at its device: it waits for its device again, not for a
+        // recomputation.
+        s.dormant = dormant;
         self.queued += s.drop_kv();
         self.pending.insert((s.order, id));
         self.totals.preemptions += 1;

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use tandem_kvcache::BlockPool;
 use tandem_scheduler::{
     Batch, Policy, SchedError, Scheduler, SchedulerConfig, SeqId, SeqProgress, SeqState,
-    StepOutcome,
+    StepOutcome, IDLE_STEPS_BEFORE_EVICTION,
 };
 
 #[derive(Clone, Debug)]
@@ -88,6 +88,8 @@ struct Shadow {
     complete: usize,
     sampled: usize,
     parked: bool,
+    /// Non-empty steps scheduled before this session's admission or its last item.
+    last_step: u64,
 }
 
 impl Shadow {
@@ -107,6 +109,8 @@ struct Harness {
     setup: Setup,
     shadow: BTreeMap<SeqId, Shadow>,
     next_order: u64,
+    /// Non-empty steps so far (the scheduler's step count).
+    steps: u64,
 }
 
 impl Harness {
@@ -117,6 +121,7 @@ impl Harness {
             setup,
             shadow: BTreeMap::new(),
             next_order: 0,
+            steps: 0,
         }
     }
 
@@ -195,6 +200,7 @@ impl Harness {
                         complete: 0,
                         sampled: 0,
                         parked: false,
+                        last_step: self.steps,
                     };
                     self.next_order += 1;
                     self.shadow.insert(id, w);
@@ -224,6 +230,9 @@ impl Harness {
             .collect();
         let batch = self.s.schedule();
         self.check_batch(&batch, &before)?;
+        if !batch.is_empty() {
+            self.steps += 1;
+        }
         self.check_global()?;
         let finished: Vec<SeqId> = self
             .shadow
@@ -297,11 +306,22 @@ impl Harness {
             prop_assert_eq!(self.s.table(it.id).expect("live").len(), it.end());
             oldest_item = oldest_item.min(w.order);
         }
+        let now = self.steps;
+        for it in &batch.items {
+            self.shadow.get_mut(&it.id).expect("live").last_step = now;
+        }
         for v in &batch.preempted {
             let w = self.shadow.get_mut(v).expect("preempted a live session");
             prop_assert!(w.computed > 0, "a victim held KV");
-            // Never in favour of a newer session, unless the victim is parked.
-            prop_assert!(w.parked || w.order > oldest_item, "victim {:?} rule", v);
+            // Never in favour of a newer session, unless the victim is parked or has waited
+            // for its device (nothing left to compute) for long enough.
+            let idle = before[v].received == before[v].computed
+                && now - w.last_step >= IDLE_STEPS_BEFORE_EVICTION;
+            prop_assert!(
+                w.parked || w.order > oldest_item || idle,
+                "victim {:?} rule",
+                v
+            );
             w.computed = 0;
             prop_assert!(self.s.table(*v).expect("live").blocks().is_empty());
         }

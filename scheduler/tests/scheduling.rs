@@ -576,3 +576,52 @@ fn under_the_cap_the_shortest_prompt_goes_first() {
     let b = step(&mut fcfs);
     assert_eq!(b.items, vec![item(B, 0, 20, true), item(C, 0, 3, true)]);
 }
+
+#[test]
+fn a_session_idle_at_its_device_yields_its_blocks_after_a_while_and_waits_for_its_device() {
+    const I: SeqId = SeqId(1);
+    const N: SeqId = SeqId(2);
+    // Two blocks of 128: I (oldest) and A each hold one; N, the newest, needs one.
+    let mut s = Scheduler::new(config(Policy::DecodeFirst, 128, 8), BlockPool::new(2, 128));
+    s.add(I).expect("admitted");
+    s.push(I, 4, true).expect("prompt");
+    assert_eq!(step(&mut s).items, vec![item(I, 0, 4, true)]);
+    s.add(A).expect("admitted");
+    s.push(A, 1, true).expect("prompt");
+    step(&mut s);
+    s.add(N).expect("admitted");
+    s.push(N, 4, true).expect("prompt");
+    let mut steps = 2u64;
+    let started = loop {
+        s.push(A, 1, true).expect("decode");
+        let b = step(&mut s);
+        steps += 1;
+        if let Some(n) = b.items.iter().find(|i| i.id == N) {
+            assert_eq!(n, &item(N, 0, 4, true));
+            assert_eq!(
+                b.preempted,
+                vec![I],
+                "I, idle the longest, gave up its block"
+            );
+            break steps;
+        }
+        assert!(b.preempted.is_empty(), "step {steps}: {b:?}");
+        assert!(steps < 200, "N never got a block");
+    };
+    // I was last given an item at step 0; it qualifies after IDLE_STEPS_BEFORE_EVICTION.
+    assert_eq!(started, tandem_scheduler::IDLE_STEPS_BEFORE_EVICTION + 1);
+    // I is not recomputed while it waits for its device...
+    assert_eq!(progress(&s, I).computed, 0);
+    assert_eq!(s.state(I), Some(SeqState::WaitingForInput));
+    for _ in 0..3 {
+        s.push(A, 1, true).expect("decode");
+        assert!(step(&mut s).items.iter().all(|i| i.id != I));
+    }
+    // ...and when it sends more, it is recomputed (taking N's block: N is newer) and its new
+    // input sampled once.
+    s.push(I, 1, true).expect("I's device is back");
+    assert_eq!(s.state(I), Some(SeqState::Ready));
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(I, 0, 5, true)]);
+    assert_eq!(b.preempted, vec![N]);
+}
