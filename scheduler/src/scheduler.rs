@@ -91,6 +91,10 @@ pub struct Scheduler {
     /// step. A step whose decoders are all still at their devices is capped as if they
     /// were there (they will wait for it).
     pub(crate) recent_decodes: f64,
+    /// Calls of `schedule` so far: the clock that idle sessions age by.
+    pub(crate) ticks: u64,
+    /// The last `schedule` had work but placed none of it (KV blocks ran out).
+    pub(crate) blocked: bool,
 }
 
 impl Scheduler {
@@ -112,7 +116,17 @@ impl Scheduler {
             totals: Totals::default(),
             overhead_rows: 0.0,
             recent_decodes: 0.0,
+            ticks: 0,
+            blocked: false,
         }
+    }
+
+    /// Whether the last [`Scheduler::schedule`] found work but could place none of it for want
+    /// of KV blocks. The engine then calls `schedule` again after a short wait rather than
+    /// sleeping until new input: each call ages the sessions idle at their devices, until
+    /// preemption rule 3 frees their blocks.
+    pub fn blocked(&self) -> bool {
+        self.blocked
     }
 
     /// Sets the step's fixed cost, in rows: a step computing `n` rows takes about
@@ -157,7 +171,7 @@ impl Scheduler {
         self.next_order += 1;
         self.order.insert(order, id);
         let mut s = Session::new(order, self.pool.new_table());
-        s.last_step = self.totals.steps;
+        s.last_step = self.ticks;
         self.sessions.insert(id, s);
         Ok(())
     }

@@ -59,7 +59,8 @@ pub(crate) struct Session {
     pub(crate) hashes: Vec<BlockHash>,
     /// The table is empty and hashes are known: `schedule` tries to adopt shared blocks.
     pub(crate) try_adopt: bool,
-    /// The scheduler's step count when this session was admitted or last given an item.
+    /// The scheduler's tick (calls of `schedule`) when this session was admitted or last given
+    /// an item.
     pub(crate) last_step: u64,
     /// Preempted while it waited for its device: not recomputed until its device sends more
     /// (which clears this), so that the blocks it gave up serve the session that needed them.

@@ -20,9 +20,10 @@ use crate::batch::{Batch, BatchItem};
 use crate::config::{Policy, SeqId};
 use crate::scheduler::Scheduler;
 
-/// Steps a session must go without an item (waiting for its device) before rule 3 of the
-/// preemption rule may take its blocks for another session (a few seconds of a busy CPU
-/// engine; decoding sessions are scheduled every step or two and never qualify).
+/// Calls of `schedule` a session must go without an item (waiting for its device) before
+/// rule 3 of the preemption rule may take its blocks for another session. The engine calls
+/// `schedule` once per step, and every 20 ms while work is blocked on KV blocks, so this is a
+/// few seconds at most; decoding sessions get an item every call or two and never qualify.
 pub const IDLE_STEPS_BEFORE_EVICTION: u64 = 64;
 
 /// The batch being built.
@@ -64,7 +65,7 @@ impl Scheduler {
     ///    generating, and without this a pool filled by finished sessions that the engine keeps
     ///    for a next turn would block every other session;
     /// 3. failing that, the session that has waited for its device the longest, once it has
-    ///    had no item for [`IDLE_STEPS_BEFORE_EVICTION`] steps, whatever its age: without this,
+    ///    had no item for [`IDLE_STEPS_BEFORE_EVICTION`] calls, whatever its age: without this,
     ///    sessions whose devices think for minutes fill the pool and every session admitted
     ///    after them waits forever. Such a victim is *dormant*: it is recomputed only when its
     ///    device sends more, not at once (which would take the blocks straight back).
@@ -74,8 +75,10 @@ impl Scheduler {
     /// `Batch::preempted` and becomes ready again from the next step. If no victim is left,
     /// the item shrinks to the positions that fit, or is skipped this step.
     pub fn schedule(&mut self) -> Batch {
+        self.ticks += 1;
         self.adopt_prefixes();
         let (decodes, mut prefills) = self.candidates();
+        let had_work = !(decodes.is_empty() && prefills.is_empty());
         let mut step = Step {
             batch: Batch::default(),
             budget: self.cfg.max_batch_tokens,
@@ -116,6 +119,7 @@ impl Scheduler {
                 }
             }
         }
+        self.blocked = had_work && step.batch.is_empty();
         if !step.batch.is_empty() {
             self.totals.steps += 1;
             let used = self.pool.num_used();
@@ -181,7 +185,7 @@ impl Scheduler {
             let end = start + len;
             let sample = s.samples_at(end);
             s.running = true;
-            s.last_step = self.totals.steps;
+            s.last_step = self.ticks;
             let recomputed = s.high_water.min(end).saturating_sub(start);
             self.totals.recomputed_tokens += recomputed as u64;
             self.totals.scheduled_tokens += len as u64;
@@ -254,7 +258,7 @@ impl Scheduler {
             .map(|id| (id, false))
             .or_else(|| {
                 // Rule 3: the session idle at its device the longest, once idle long enough.
-                let now = self.totals.steps;
+                let now = self.ticks;
                 self.sessions
                     .iter()
                     .filter(|(_, s)| {

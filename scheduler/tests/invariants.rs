@@ -88,7 +88,7 @@ struct Shadow {
     complete: usize,
     sampled: usize,
     parked: bool,
-    /// Non-empty steps scheduled before this session's admission or its last item.
+    /// The tick of this session's admission or its last item.
     last_step: u64,
 }
 
@@ -109,8 +109,8 @@ struct Harness {
     setup: Setup,
     shadow: BTreeMap<SeqId, Shadow>,
     next_order: u64,
-    /// Non-empty steps so far (the scheduler's step count).
-    steps: u64,
+    /// Calls of `schedule` so far (the scheduler's clock).
+    ticks: u64,
 }
 
 impl Harness {
@@ -121,7 +121,7 @@ impl Harness {
             setup,
             shadow: BTreeMap::new(),
             next_order: 0,
-            steps: 0,
+            ticks: 0,
         }
     }
 
@@ -200,7 +200,7 @@ impl Harness {
                         complete: 0,
                         sampled: 0,
                         parked: false,
-                        last_step: self.steps,
+                        last_step: self.ticks,
                     };
                     self.next_order += 1;
                     self.shadow.insert(id, w);
@@ -228,11 +228,9 @@ impl Harness {
             .keys()
             .map(|&id| (id, self.s.progress(id).expect("live")))
             .collect();
+        self.ticks += 1;
         let batch = self.s.schedule();
         self.check_batch(&batch, &before)?;
-        if !batch.is_empty() {
-            self.steps += 1;
-        }
         self.check_global()?;
         let finished: Vec<SeqId> = self
             .shadow
@@ -306,7 +304,7 @@ impl Harness {
             prop_assert_eq!(self.s.table(it.id).expect("live").len(), it.end());
             oldest_item = oldest_item.min(w.order);
         }
-        let now = self.steps;
+        let now = self.ticks;
         for it in &batch.items {
             self.shadow.get_mut(&it.id).expect("live").last_step = now;
         }

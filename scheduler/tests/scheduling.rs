@@ -625,3 +625,34 @@ fn a_session_idle_at_its_device_yields_its_blocks_after_a_while_and_waits_for_it
     assert_eq!(b.items, vec![item(I, 0, 5, true)]);
     assert_eq!(b.preempted, vec![N]);
 }
+
+#[test]
+fn blocked_work_ages_idle_sessions_without_any_step() {
+    const I: SeqId = SeqId(1);
+    const N: SeqId = SeqId(2);
+    // One block: I holds it and waits for its device; nothing else runs.
+    let mut s = Scheduler::new(config(Policy::DecodeFirst, 64, 8), BlockPool::new(1, 64));
+    s.add(I).expect("admitted");
+    s.push(I, 4, true).expect("prompt");
+    step(&mut s);
+    assert!(!s.blocked());
+    s.add(N).expect("admitted");
+    s.push(N, 4, true).expect("prompt");
+    let mut calls = 0u64;
+    let b = loop {
+        let b = step(&mut s);
+        calls += 1;
+        if !b.is_empty() {
+            break b;
+        }
+        assert!(s.blocked(), "N's prompt waits for a block");
+        assert!(calls < 200, "N never got a block");
+    };
+    assert_eq!(b.items, vec![item(N, 0, 4, true)]);
+    assert_eq!(b.preempted, vec![I]);
+    assert_eq!(calls, tandem_scheduler::IDLE_STEPS_BEFORE_EVICTION);
+    assert!(!s.blocked());
+    // With nothing to do the scheduler is not blocked.
+    assert!(step(&mut s).is_empty());
+    assert!(!s.blocked());
+}

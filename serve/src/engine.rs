@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub decode_wait: Duration,
 }
 
+/// How often the engine schedules again while work waits for KV blocks.
+const BLOCKED_POLL: Duration = Duration::from_millis(20);
+
 /// The default [`EngineConfig::decode_wait`]: long enough for a device on a local network to
 /// answer, short against a CPU step.
 pub const DEFAULT_DECODE_WAIT: Duration = Duration::from_millis(5);
@@ -463,6 +466,16 @@ fn run(
         lp.wait_for_expected(&rx);
         let batch = lp.sched.schedule();
         if batch.is_empty() {
+            if lp.sched.blocked() {
+                // Work waits for KV blocks held by sessions idle at their devices: schedule
+                // again soon, so they age and yield them (preemption rule 3).
+                match rx.recv_timeout(BLOCKED_POLL) {
+                    Ok(cmd) => lp.handle(cmd),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                }
+                continue;
+            }
             match rx.recv() {
                 Ok(cmd) => lp.handle(cmd),
                 Err(_) => return,
