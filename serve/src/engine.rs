@@ -4,8 +4,9 @@
 //! The loop reads like vLLM's `step()`: drain commands → `schedule()` → copy-on-write copies →
 //! one forward pass over the varlen batch (layers `[k, n)` through [`PagedKv`]) → final norm
 //! and LM head on the rows that sample only → sample → `update()` → deliver. When nothing is
-//! ready the thread blocks on its command channel; it never waits for a slow device, because a
-//! session waiting for its device's next hidden state is simply not in the batch.
+//! ready the thread blocks on its command channel (or, while work waits for KV blocks, wakes
+//! every 20 ms so idle sessions age and yield them); it never waits for a slow device, because
+//! a session waiting for its device's next hidden state is simply not in the batch.
 //!
 //! Two things keep decodes flowing while prompts arrive (stall-free batching):
 //! - **Decode-maximal batches.** After a step, the engine waits up to
@@ -678,7 +679,7 @@ impl<'t> Loop<'t> {
         }
         tracing::debug!(
             rows = batch.num_tokens(),
-            decodes = batch.items.iter().filter(|i| i.len == 1).count(),
+            one_row_items = batch.items.iter().filter(|i| i.len == 1).count(),
             seqs = batch.items.len(),
             ms = took.as_secs_f64() * 1e3,
             overhead_rows = self.cost.overhead_rows().unwrap_or(0.0),
