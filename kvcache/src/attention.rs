@@ -567,6 +567,12 @@ fn attend_group<T: KvElem>(
     s: &mut Scratch,
 ) {
     let geo = &cache.geo;
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(geo.head_dim) {
+        // SAFETY: `usable` checked that the CPU has AVX-512F.
+        unsafe { avx512::attend_group(cache, block_table, task, out, s) };
+        return;
+    }
     out.fill(0.0);
     s.running.max.fill(f32::NEG_INFINITY);
     s.running.sum.fill(0.0);
@@ -687,4 +693,308 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let quad: [f32; 4] =
         std::array::from_fn(|i| (acc[i] + acc[i + 4]) + (acc[i + 8] + acc[i + 12]));
     (quad[0] + quad[1]) + (quad[2] + quad[3]) + tail
+}
+
+/// The same computation with AVX-512 on whole 16-float vectors, for head sizes that are a
+/// multiple of 16 (64 and 128 in every Llama-family model): the dot products, the value
+/// sums and the softmax's `exp` (a polynomial, [`exp`]) run 16 lanes at a time with fused
+/// multiply-adds instead of the portable code's 4-wide loops and one libm `expf` per score.
+///
+/// The result differs from the portable path in the last bits (fused rounding, another
+/// order of additions, another `exp`), but not between calls: the path is chosen per process
+/// from the CPU, every task visits its keys and lanes in a fixed order, and so a row's
+/// output is still bit-identical whatever batch, part or thread computes it.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{block_rows, Cache, KvElem, Rows, Running, Scratch, Task};
+    use std::arch::x86_64::*;
+
+    /// Floats per vector.
+    const W: usize = 16;
+
+    /// Whether this path runs for heads of `head_dim` on this CPU.
+    pub(super) fn usable(head_dim: usize) -> bool {
+        head_dim.is_multiple_of(W) && std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// [`super::attend_group`] on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and `head_dim` must be a multiple of 16 ([`usable`]).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend_group<T: KvElem>(
+        cache: &Cache<'_, T>,
+        block_table: &[u32],
+        task: &Task<'_>,
+        out: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let geo = &cache.geo;
+        debug_assert!(geo.head_dim.is_multiple_of(W));
+        debug_assert_eq!(out.len(), geo.group * geo.head_dim);
+        out.fill(0.0);
+        s.running.max.fill(f32::NEG_INFINITY);
+        s.running.sum.fill(0.0);
+        let blocks = task.keys.div_ceil(geo.block_size);
+        for (b, &block) in block_table[..blocks].iter().enumerate() {
+            let slots = geo.block_size.min(task.keys - b * geo.block_size);
+            let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
+            let keys = block_rows(&cache.k[base..], geo, slots, &mut s.k_rows);
+            score_block(
+                &keys,
+                geo.head_dim,
+                geo.block_size,
+                slots,
+                task,
+                &mut s.scores,
+            );
+            softmax_block(
+                geo.head_dim,
+                geo.block_size,
+                slots,
+                out,
+                &mut s.scores,
+                &mut s.running,
+            );
+            let values = block_rows(&cache.v[base..], geo, slots, &mut s.v_rows);
+            accumulate_values(&values, geo.head_dim, geo.block_size, slots, out, &s.scores);
+        }
+        for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(&s.running.sum) {
+            let inv = _mm512_set1_ps(1.0 / sum);
+            for v in head_out.chunks_exact_mut(W) {
+                // SAFETY: `v` is 16 floats.
+                unsafe {
+                    _mm512_storeu_ps(
+                        v.as_mut_ptr(),
+                        _mm512_mul_ps(_mm512_loadu_ps(v.as_ptr()), inv),
+                    )
+                };
+            }
+        }
+    }
+
+    /// `scores[g * block_size + j]` = scaled `q_g · k_j`, for the `slots` keys of one block.
+    #[target_feature(enable = "avx512f")]
+    fn score_block(
+        keys: &Rows<'_>,
+        hd: usize,
+        block_size: usize,
+        slots: usize,
+        task: &Task<'_>,
+        scores: &mut [f32],
+    ) {
+        for j in 0..slots {
+            let key = keys.row(j, hd);
+            for (g, q) in task.q.chunks_exact(hd).enumerate() {
+                scores[g * block_size + j] = dot(q, key) * task.scale;
+            }
+        }
+    }
+
+    /// `a · b` for equal lengths that are a multiple of 16: two accumulators (even and odd
+    /// vectors), then one horizontal sum.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        debug_assert!(a.len() == b.len() && a.len().is_multiple_of(W));
+        let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let n = a.len().min(b.len()) / W;
+        // SAFETY: every offset below is `< n * 16 <= len` of both slices.
+        unsafe {
+            let mut i = 0;
+            while i + 1 < n {
+                even = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pa.add(i * W)),
+                    _mm512_loadu_ps(pb.add(i * W)),
+                    even,
+                );
+                odd = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pa.add((i + 1) * W)),
+                    _mm512_loadu_ps(pb.add((i + 1) * W)),
+                    odd,
+                );
+                i += 2;
+            }
+            if i < n {
+                even = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pa.add(i * W)),
+                    _mm512_loadu_ps(pb.add(i * W)),
+                    even,
+                );
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(even, odd))
+    }
+
+    /// The lanes `0..n` of a vector (`n <= 16`).
+    fn lanes(n: usize) -> __mmask16 {
+        (((1u32 << n) - 1) & 0xffff) as __mmask16
+    }
+
+    /// As [`super::rescale`]: folds the block's scores into each head's running max and sum,
+    /// rescales the partial outputs, and leaves the weights `exp(score - max)` in `scores`.
+    #[target_feature(enable = "avx512f")]
+    fn softmax_block(
+        hd: usize,
+        block_size: usize,
+        slots: usize,
+        out: &mut [f32],
+        scores: &mut [f32],
+        run: &mut Running,
+    ) {
+        let heads = scores.chunks_exact_mut(block_size);
+        let outs = out.chunks_exact_mut(hd);
+        for (((scores, head_out), max), sum) in heads.zip(outs).zip(&mut run.max).zip(&mut run.sum)
+        {
+            let scores = &mut scores[..slots];
+            let mut block_max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for chunk in scores.chunks(W) {
+                let m = lanes(chunk.len());
+                // SAFETY: the mask covers exactly the chunk's floats.
+                let v = unsafe { _mm512_mask_loadu_ps(block_max, m, chunk.as_ptr()) };
+                block_max = _mm512_max_ps(block_max, v);
+            }
+            let new_max = max.max(_mm512_reduce_max_ps(block_max));
+            // exp(-inf - finite) is 0, which also clears the zero-initialised state on block 0.
+            let alpha = (*max - new_max).exp();
+            if alpha != 1.0 {
+                *sum *= alpha;
+                let a = _mm512_set1_ps(alpha);
+                for v in head_out.chunks_exact_mut(W) {
+                    // SAFETY: `v` is 16 floats.
+                    unsafe {
+                        _mm512_storeu_ps(
+                            v.as_mut_ptr(),
+                            _mm512_mul_ps(_mm512_loadu_ps(v.as_ptr()), a),
+                        )
+                    };
+                }
+            }
+            *max = new_max;
+            let shift = _mm512_set1_ps(new_max);
+            let mut total = _mm512_setzero_ps();
+            for chunk in scores.chunks_mut(W) {
+                let m = lanes(chunk.len());
+                // SAFETY: the mask covers exactly the chunk's floats.
+                unsafe {
+                    let x = _mm512_maskz_loadu_ps(m, chunk.as_ptr());
+                    let e = _mm512_maskz_mov_ps(m, exp(_mm512_sub_ps(x, shift)));
+                    _mm512_mask_storeu_ps(chunk.as_mut_ptr(), m, e);
+                    total = _mm512_add_ps(total, e);
+                }
+            }
+            *sum += _mm512_reduce_add_ps(total);
+        }
+    }
+
+    /// Adds `weight_j * value_j` over the block's slots to each head's partial output, one
+    /// 16-float column at a time with two accumulators (even and odd slots).
+    #[target_feature(enable = "avx512f")]
+    fn accumulate_values(
+        values: &Rows<'_>,
+        hd: usize,
+        block_size: usize,
+        slots: usize,
+        out: &mut [f32],
+        scores: &[f32],
+    ) {
+        debug_assert!(slots >= 1 && (slots - 1) * values.stride + hd <= values.data.len());
+        let vp = values.data.as_ptr();
+        let stride = values.stride;
+        for (head_out, w) in out
+            .chunks_exact_mut(hd)
+            .zip(scores.chunks_exact(block_size))
+        {
+            let w = &w[..slots];
+            for c in (0..hd).step_by(W) {
+                // SAFETY: rows `j < slots` of `values` have `hd` floats at `j * stride`
+                // (`Rows` over a block), and `c + 16 <= hd`; `head_out` is `hd` floats.
+                unsafe {
+                    let o = head_out.as_mut_ptr().add(c);
+                    let mut even = _mm512_loadu_ps(o);
+                    let mut odd = _mm512_setzero_ps();
+                    let mut j = 0;
+                    while j + 1 < slots {
+                        let a = _mm512_loadu_ps(vp.add(j * stride + c));
+                        let b = _mm512_loadu_ps(vp.add((j + 1) * stride + c));
+                        even = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), a, even);
+                        odd = _mm512_fmadd_ps(_mm512_set1_ps(w[j + 1]), b, odd);
+                        j += 2;
+                    }
+                    if j < slots {
+                        let a = _mm512_loadu_ps(vp.add(j * stride + c));
+                        even = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), a, even);
+                    }
+                    _mm512_storeu_ps(o, _mm512_add_ps(even, odd));
+                }
+            }
+        }
+    }
+
+    /// `e^x` per lane, for the softmax's `x <= 0`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`,
+    /// `e^r` by a degree-7 polynomial (Cephes' `expf` coefficients, about 1 ulp), scaled by
+    /// `2^n`. Below about -87 the result underflows to 0 or a subnormal, as `expf`'s does;
+    /// `e^0` is exactly 1.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln 2 in two parts, so that `n * LN2_HI` is exact and `r` keeps its low bits.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        // e^r = 1 + r + r² p(r)
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        _mm512_scalef_ps(y, n)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn exp_is_within_two_ulp_of_f64_over_the_softmax_range() {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                return;
+            }
+            let mut worst = 0f64;
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let xs: [f32; 16] = std::array::from_fn(|i| x - i as f32 * 1.37e-3);
+                let mut got = [0f32; 16];
+                // SAFETY: AVX-512F is present; both arrays are 16 floats.
+                unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_loadu_ps(xs.as_ptr()))) };
+                for (&g, &x) in got.iter().zip(&xs) {
+                    let want = f64::from(x).exp();
+                    let ulp = f64::from(f32::EPSILON) * want;
+                    worst = worst.max((f64::from(g) - want).abs() / ulp);
+                }
+                x += 0.0173;
+            }
+            assert!(worst <= 2.0, "worst error {worst} ulp");
+            let mut got = [0f32; 16];
+            let edge: [f32; 16] =
+                std::array::from_fn(|i| [0.0, -0.0, -200.0, f32::NEG_INFINITY][i % 4]);
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_loadu_ps(edge.as_ptr()))) };
+            for (i, &g) in got.iter().enumerate() {
+                let want = if i % 4 < 2 { 1.0 } else { 0.0 };
+                assert_eq!(g, want, "exp({})", edge[i]);
+            }
+        }
+    }
 }

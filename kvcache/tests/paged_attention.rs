@@ -256,7 +256,7 @@ fn shape_strategy() -> impl Strategy<Value = Shape> {
         prop::sample::select(vec![1usize, 2, 16]),
         1usize..=2,
         prop::sample::select(vec![1usize, 2, 4]),
-        prop::sample::select(vec![1usize, 5, 8, 19]),
+        prop::sample::select(vec![1usize, 5, 8, 16, 19, 32]),
         prop::collection::vec(seq, 1..=5),
         0usize..4,
         any::<u64>(),

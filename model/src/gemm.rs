@@ -13,7 +13,8 @@
 //! therefore bit-identical whether it is computed alone or inside a batch of 64 — batched
 //! decoding returns exactly what each sequence would get by itself.
 //!
-//! Threads ([`Team`]) split the panels (output columns) between them; rows are never split,
+//! Threads ([`Team`]) split the panels (output columns) between them ([`Stripes`]); rows are
+//! never split,
 //! so the sum order does not depend on the thread count either.
 
 use std::sync::OnceLock;
@@ -24,13 +25,6 @@ use crate::team::Team;
 pub const NR: usize = 32;
 /// Rows per register block of the AVX-512 kernel (`2 × MR` accumulators of 32).
 const MR: usize = 12;
-/// Panels per unit of work handed to a thread: small enough that the threads finish
-/// together, large enough that claiming parts costs nothing.
-const PANELS_PER_PART: usize = 4;
-/// At most this many parts per thread: each thread then streams long runs of consecutive
-/// panels, which the hardware prefetchers follow (one panel per part measured 30% slower at
-/// 64 rows), while a thread that falls behind still leaves parts to the others.
-const PARTS_PER_THREAD: usize = 2;
 
 /// A `[n, k]` weight (row `c` is output column `c`) in panels of [`NR`] columns.
 #[derive(Clone)]
@@ -103,21 +97,26 @@ impl PackedMatrix {
             return;
         }
         let team = Team::global();
-        let parts = panels
-            .div_ceil(PANELS_PER_PART)
-            .min(PARTS_PER_THREAD * team.threads());
-        team.run(parts, &|part| {
-            let range = part * panels / parts..(part + 1) * panels / parts;
-            // SAFETY: the parts' panel ranges are disjoint, so are the columns they write.
-            unsafe { self.run_panels(isa, x, m, range, out_ptr.get()) }
+        let threads = team.threads().min(panels);
+        let stripes = Stripes::new(panels, threads);
+        team.run(threads, &|own| {
+            // SAFETY (both loops): every panel is claimed exactly once, so each column of
+            // `out` has one writer.
+            while let Some(p) = stripes.front(own) {
+                unsafe { self.run_panel(isa, x, m, p, p + 1, out_ptr.get()) };
+            }
+            for other in (1..threads).map(|d| (own + d) % threads) {
+                while let Some(p) = stripes.back(other) {
+                    unsafe { self.run_panel(isa, x, m, p, p.wrapping_sub(1), out_ptr.get()) };
+                }
+            }
         });
     }
 
     /// Computes the columns of `panels` for all `m` rows into `out` (`[m, n]`).
     ///
     /// # Safety
-    /// `out` must point to `m * n` writable floats, and no other thread may write the
-    /// columns of these panels meanwhile.
+    /// As [`Self::run_panel`], for every panel of the range.
     unsafe fn run_panels(
         &self,
         isa: Isa,
@@ -126,23 +125,108 @@ impl PackedMatrix {
         panels: std::ops::Range<usize>,
         out: *mut f32,
     ) {
-        let (n, k) = (self.n, self.k);
         for p in panels {
-            let data = Line::floats(&self.data);
-            let panel = &data[p * k * NR..][..k * NR];
-            // The first block of rows pulls the next panel towards the cache while it works:
-            // the weights do not fit in the cache between steps, and without this the first
-            // pass over every panel waits on memory.
-            let next = data.get((p + 1) * k * NR..(p + 2) * k * NR);
-            let cols = (n - p * NR).min(NR);
-            for (b, (r, rows)) in row_blocks(m).enumerate() {
-                let a = &x[r * k..(r + rows) * k];
-                // SAFETY: rows `r..r + rows`, columns of panel `p`: inside `out`, and ours.
-                let prefetch = if b == 0 { next } else { None };
-                unsafe {
-                    let c = out.add(r * n + p * NR);
-                    kernel(isa, a, rows, k, panel, prefetch, c, n, cols);
-                }
+            // SAFETY: the caller's promise.
+            unsafe { self.run_panel(isa, x, m, p, p + 1, out) };
+        }
+    }
+
+    /// Computes the columns of panel `p` for all `m` rows into `out` (`[m, n]`), pulling
+    /// panel `next` (if there is one) towards the cache meanwhile.
+    ///
+    /// # Safety
+    /// `out` must point to `m * n` writable floats, and no other thread may write the
+    /// columns of panel `p` meanwhile.
+    unsafe fn run_panel(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        p: usize,
+        next: usize,
+        out: *mut f32,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let data = Line::floats(&self.data);
+        let panel = &data[p * k * NR..][..k * NR];
+        // The first block of rows pulls the next panel towards the cache while it works: the
+        // weights do not fit in the cache between steps, and without this the first pass
+        // over every panel waits on memory.
+        let next = next
+            .checked_mul(k * NR)
+            .and_then(|at| data.get(at..at + k * NR));
+        let cols = (n - p * NR).min(NR);
+        for (b, (r, rows)) in row_blocks(m).enumerate() {
+            let a = &x[r * k..(r + rows) * k];
+            let prefetch = if b == 0 { next } else { None };
+            // SAFETY: rows `r..r + rows`, columns of panel `p`: inside `out`, and ours.
+            unsafe {
+                let c = out.add(r * n + p * NR);
+                kernel(isa, a, rows, k, panel, prefetch, c, n, cols);
+            }
+        }
+    }
+}
+
+/// Work sharing for one matmul: the panels cut into one contiguous stripe per thread. Each
+/// thread takes the panels of its own stripe from the front, in order, and when that is
+/// empty takes the others' from the back. So every thread streams long runs of consecutive
+/// panels (which the hardware prefetchers follow), and yet a thread that runs late (woken
+/// late, or sharing its core) leaves its unclaimed panels to the others one at a time,
+/// instead of whole parts: the threads finish within one panel of each other.
+struct Stripes {
+    /// Per stripe, the unclaimed panels `front..back` as `front | back << 32`.
+    left: Vec<Padded>,
+}
+
+/// One stripe's state, alone on its cache line (the threads update theirs at every panel).
+#[repr(align(64))]
+struct Padded(std::sync::atomic::AtomicU64);
+
+impl Stripes {
+    fn new(panels: usize, stripes: usize) -> Self {
+        assert!(u32::try_from(panels).is_ok(), "{panels} panels");
+        let stripes = stripes.max(1);
+        let left = (0..stripes)
+            .map(|s| {
+                let (lo, hi) = (s * panels / stripes, (s + 1) * panels / stripes);
+                Padded(std::sync::atomic::AtomicU64::new(
+                    lo as u64 | (hi as u64) << 32,
+                ))
+            })
+            .collect();
+        Self { left }
+    }
+
+    /// Claims the first unclaimed panel of stripe `s`.
+    fn front(&self, s: usize) -> Option<usize> {
+        self.claim(s, |lo, hi| (lo, lo + 1, hi))
+    }
+
+    /// Claims the last unclaimed panel of stripe `s`.
+    fn back(&self, s: usize) -> Option<usize> {
+        self.claim(s, |lo, hi| (hi - 1, lo, hi - 1))
+    }
+
+    /// `take(front, back)` gives (the panel claimed, the new front, the new back).
+    fn claim(&self, s: usize, take: impl Fn(u64, u64) -> (u64, u64, u64)) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        let cell = &self.left[s].0;
+        let mut cur = cell.load(Ordering::Relaxed);
+        loop {
+            let (lo, hi) = (cur & 0xffff_ffff, cur >> 32);
+            if lo >= hi {
+                return None;
+            }
+            let (panel, lo, hi) = take(lo, hi);
+            match cell.compare_exchange_weak(
+                cur,
+                lo | hi << 32,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(panel as usize),
+                Err(now) => cur = now,
             }
         }
     }
@@ -445,6 +529,38 @@ mod tests {
                     "{isa:?}: row {r} alone differs from the same row in a batch of {m}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn stripes_hand_out_every_panel_once_to_owners_and_thieves() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        for (panels, stripes) in [(0, 2), (1, 2), (5, 3), (96, 2), (1536, 4)] {
+            let s = Stripes::new(panels, stripes);
+            let hits: Vec<AtomicU32> = (0..panels).map(|_| AtomicU32::new(0)).collect();
+            std::thread::scope(|scope| {
+                for own in 0..stripes {
+                    let (s, hits) = (&s, &hits);
+                    scope.spawn(move || {
+                        let mut last = None;
+                        while let Some(p) = s.front(own) {
+                            assert!(last.is_none_or(|l| p == l + 1), "the owner goes in order");
+                            last = Some(p);
+                            hits[p].fetch_add(1, Ordering::Relaxed);
+                        }
+                        for other in (1..stripes).map(|d| (own + d) % stripes) {
+                            while let Some(p) = s.back(other) {
+                                hits[p].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let counts: Vec<u32> = hits.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+            assert!(
+                counts.iter().all(|&c| c == 1),
+                "{panels} panels, {stripes} stripes: {counts:?}"
+            );
         }
     }
 

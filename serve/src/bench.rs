@@ -93,6 +93,10 @@ fn edge_rows(
         .to_vec1()?)
 }
 
+/// How long a round of answers waits for the devices that have not got their token yet
+/// (a session preempted for KV space may be a step or more behind the others).
+const ROUND_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn params(gen_tokens: usize) -> Result<SessionParams> {
     Ok(SessionParams {
         sampling: SamplingParams::default().validate()?,
@@ -124,11 +128,17 @@ fn decode_run(
         engine.push_hidden(s.id, h, prompt.len(), true)?;
         devices.push((s, kv, prompt.len(), false, 0usize));
     }
-    // Poll every device and send all the answers together, so that they reach the engine
-    // between two of its steps (as concurrent devices would), not one device at a time.
+    // Answer in rounds, as devices that each take the same time would: wait until every
+    // device still generating has its next token (or `ROUND_WAIT` has passed since the
+    // round's first one), then compute all the answers and send them together, so that they
+    // reach the engine between two of its steps. Answering as tokens trickle in made the
+    // engine run steps of 1–3 rows between full ones (the stragglers of the last step),
+    // each costing a pass over all the weights; that measured the driver, not the engine.
     let mut remaining = n;
     let mut decode_start = None;
     let mut mid_decode = None;
+    let mut pending: Vec<(usize, u32)> = Vec::new();
+    let mut round_since: Option<Instant> = None;
     while remaining > 0 {
         if decode_start.is_none() && devices.iter().all(|d| d.4 > 0 || d.3) {
             decode_start = Some(engine.stats()?);
@@ -137,16 +147,15 @@ fn decode_run(
         if mid_decode.is_none() && devices.iter().all(|d| 2 * d.4 >= plan.gen_tokens || d.3) {
             mid_decode = Some(engine.stats()?.scheduler);
         }
-        let mut answers = Vec::new();
-        for (s, kv, pos, done, got) in devices.iter_mut().filter(|d| !d.3) {
+        for (i, (s, _, _, done, got)) in devices.iter_mut().enumerate().filter(|d| !d.1 .3) {
             while let Ok(ev) = s.events.try_recv() {
                 match ev {
                     Event::Token { id, .. } => {
                         *got += 1;
                         // The last token needs no reply; the engine then says Done.
                         if *got < plan.gen_tokens {
-                            answers.push((s.id, edge_rows(edge, kv, *pos, &[id])?));
-                            *pos += 1;
+                            pending.push((i, id));
+                            round_since.get_or_insert_with(Instant::now);
                         }
                     }
                     Event::Done { .. } => {
@@ -157,9 +166,24 @@ fn decode_run(
                 }
             }
         }
-        if answers.is_empty() {
-            std::thread::sleep(std::time::Duration::from_micros(200));
+        // Devices the round still waits for: generating, and with no token in hand.
+        let waiting = devices
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| !d.3 && d.4 < plan.gen_tokens && !pending.iter().any(|p| p.0 == *i))
+            .count();
+        let round_over = round_since.is_some_and(|t| waiting == 0 || t.elapsed() >= ROUND_WAIT);
+        if !round_over {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            continue;
         }
+        let mut answers = Vec::with_capacity(pending.len());
+        for (i, id) in pending.drain(..) {
+            let (s, kv, pos, ..) = &mut devices[i];
+            answers.push((s.id, edge_rows(edge, kv, *pos, &[id])?));
+            *pos += 1;
+        }
+        round_since = None;
         for (id, h) in answers {
             engine.push_hidden_nowait(id, h, 1, true)?;
         }
@@ -583,6 +607,7 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
         "num_layers": n,
         "policy": format!("{:?}", cfg.scheduler.policy),
         "max_batch_tokens": cfg.scheduler.max_batch_tokens,
+        "decode_wait_ms": cfg.decode_wait.as_secs_f64() * 1000.0,
         "kv_blocks": cfg.kv_blocks,
         "block_size": cfg.block_size,
         "prompt_tokens": plan.prompt_tokens,

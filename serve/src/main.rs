@@ -175,6 +175,11 @@ struct BenchArgs {
     /// As `tandem serve --prefill-slack` (`inf`: no cap).
     #[arg(long, default_value_t = 0.5)]
     prefill_slack: f64,
+    /// As `tandem serve --decode-wait-ms`. The simulated devices answer each token in
+    /// rounds (all of them, then all the answers at once), so a wait longer than a round
+    /// (e.g. 200) makes every decode step carry every session: the cloud step alone.
+    #[arg(long, default_value_t = 5.0)]
+    decode_wait_ms: f64,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// KV cache size in GiB (f32 storage).
@@ -451,7 +456,14 @@ fn bench(a: BenchArgs) -> Result<()> {
         kv_blocks,
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
-        decode_wait: tandem_serve::engine::DEFAULT_DECODE_WAIT,
+        decode_wait: {
+            anyhow::ensure!(
+                a.decode_wait_ms.is_finite() && (0.0..=10_000.0).contains(&a.decode_wait_ms),
+                "--decode-wait-ms must be within 0..=10000, got {}",
+                a.decode_wait_ms
+            );
+            std::time::Duration::from_secs_f64(a.decode_wait_ms / 1000.0)
+        },
     };
     let plan = tandem_serve::bench::BenchPlan {
         sessions: a.sessions,
