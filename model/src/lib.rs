@@ -37,6 +37,7 @@ pub mod manifest;
 pub mod pipeline;
 pub mod privacy;
 pub mod sampling;
+pub mod simd;
 pub mod split;
 pub mod team;
 pub mod testing;
