@@ -6,6 +6,8 @@
 # Env: SPLIT (split dir with edge/ and cloud/, default models/demo-split-k1, made from the
 #      demo GGUF when missing), COUNTS ("1 4 16 64"), PROMPT (64), OUTPUT (128),
 #      GENERATIONS (3 per device), DTYPE (f32), SERVE_FLAGS (extra `tandem serve` flags),
+#      POOL (distinct prompts, default one per device; fewer means the load generator
+#      computes fewer edge rows itself, since equal prompts replay one greedy continuation),
 #      TANDEM_BIN, LOADTEST_BIN, QUICK=1 (2 counts, short outputs: a smoke test).
 # Writes: a-N.json and a-N.png per count, a.server.{out,err}, summary.txt, summary.tsv.
 set -euo pipefail
@@ -34,7 +36,7 @@ for n in $counts; do
     log "$n decoding devices"
     "$LOADTEST_BIN" run --server "$WS_URL" --edge "$split/edge" --devices "$n" \
         --arrival all --prompt-tokens "fixed:$prompt" --output-tokens "fixed:$output" \
-        --generations-per-device "$generations" --prompt-pool "$n" --dtype "${DTYPE:-f32}" \
+        --generations-per-device "$generations" --prompt-pool "${POOL:-$n}" --dtype "${DTYPE:-f32}" \
         --duration-s "$duration" --metrics-url "$METRICS_URL" --quiet \
         --report "$OUT/a-$n.json" --plot "$OUT/a-$n.png"
     summarize "a $n devices" "$OUT/a-$n.json" | tee -a "$OUT/summary.txt"

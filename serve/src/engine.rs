@@ -10,10 +10,11 @@
 //!
 //! Two things keep decodes flowing while prompts arrive (stall-free batching):
 //! - **Decode-maximal batches.** After a step, the engine waits up to
-//!   [`EngineConfig::decode_wait`] for the devices it just sent a token to, but only for those
-//!   whose last answer came back within that time (a device with think time is never waited
-//!   for): without it a prompt chunk that is ready first would run alone, and every decoder
-//!   whose input arrived a millisecond later would wait a whole step.
+//!   [`EngineConfig::decode_wait`], or the step's fitted fixed cost when that is longer (at
+//!   most 100 ms), for the devices it just sent a token to, but only for those whose last
+//!   answer came back within that time (a device with think time is never waited for):
+//!   without it a prompt chunk or a few rows that are ready first would run alone, and every
+//!   decoder whose input arrived a millisecond later would wait a whole step.
 //! - **A capped chunk next to decodes** ([`SchedulerConfig::prefill_slack`]): the engine fits
 //!   its step time against the rows computed (`crate::pacing`) and tells the scheduler the
 //!   step's fixed cost in rows, from which the scheduler sizes the chunk.
@@ -52,8 +53,40 @@ pub struct EngineConfig {
     /// sessions (a common system prompt sent as its own chunk), through a hash chain.
     pub prefix_sharing: bool,
     /// The longest the engine waits, after a step, for the next inputs of devices that
-    /// answered within this time before (decode-maximal batches). Zero: never wait.
+    /// answered within this time before (decode-maximal batches), unless the step's fitted
+    /// fixed cost is longer: then up to that, at most 100 ms (see `wait_cap`). Zero: never
+    /// wait.
     pub decode_wait: Duration,
+}
+
+/// The most a step's fitted fixed cost adds to [`EngineConfig::decode_wait`] (see
+/// [`wait_cap`]): about a CPU step's fixed cost on a small model; a longer wait would cost
+/// the waiting rows more time than it saves.
+const MAX_FIXED_COST_WAIT: Duration = Duration::from_millis(100);
+
+/// How long, at most, the engine waits for the devices it just sent a token to: the
+/// configured `decode_wait`, or the step's fixed cost `a` from the fitted step time `a +
+/// r · rows` when that is longer (up to [`MAX_FIXED_COST_WAIT`]); zero when `decode_wait` is
+/// zero (waiting switched off).
+///
+/// Why the fixed cost: a step started without a device's row occupies the engine for at
+/// least `a`, so that row waits about as long anyway, and then costs another step's `a` of
+/// its own. Waiting up to `a` for devices that answered within `a` last time therefore
+/// costs the rows already present at most one fixed cost, and saves a whole step for the
+/// others. On a CPU the fixed cost (streaming every weight once) is tens of milliseconds,
+/// and devices whose answers take a few milliseconds (their edge layer, the network) were
+/// otherwise never waited for: their rows trickled in and the engine ran steps of 1–5 rows.
+fn wait_cap(decode_wait: Duration, fit: Option<(f64, f64)>) -> Duration {
+    if decode_wait.is_zero() {
+        return Duration::ZERO;
+    }
+    let fixed = fit
+        .map(|(a, _)| a)
+        .filter(|a| a.is_finite() && *a > 0.0)
+        .map_or(Duration::ZERO, |a| {
+            Duration::from_secs_f64(a.min(MAX_FIXED_COST_WAIT.as_secs_f64()))
+        });
+    decode_wait.max(fixed)
 }
 
 /// How often the engine schedules again while work waits for KV blocks.
@@ -715,9 +748,10 @@ impl<'t> Loop<'t> {
     }
 
     /// Notes the time each sampled session was sent its token, and expects back within
-    /// `decode_wait` those whose devices answered that fast last time.
+    /// [`wait_cap`] those whose devices answered that fast last time.
     fn expect_answers(&mut self, batch: &Batch) {
         let now = Instant::now();
+        let cap = wait_cap(self.decode_wait, self.cost.line());
         for item in batch.items.iter().filter(|i| i.sample) {
             let Some(s) = self.sessions.get_mut(&item.id) else {
                 continue;
@@ -727,9 +761,9 @@ impl<'t> Loop<'t> {
             }
             s.token_sent_at = Some(now);
             match s.reply_latency {
-                Some(lat) if !self.decode_wait.is_zero() && lat <= self.decode_wait => {
+                Some(lat) if !cap.is_zero() && lat <= cap => {
                     // Twice the last answer time, plus scheduling jitter, within the cap.
-                    let wait = (lat * 2 + Duration::from_micros(500)).min(self.decode_wait);
+                    let wait = (lat * 2 + Duration::from_micros(500)).min(cap);
                     self.expecting.insert(item.id, now + wait);
                 }
                 _ => {}
@@ -867,5 +901,31 @@ impl SessionState<'_> {
             text: self.stop.text().to_string(),
         });
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_cap_is_the_configured_wait_or_the_fixed_cost_when_longer() {
+        let ms = Duration::from_millis;
+        // Zero switches waiting off, whatever the fit.
+        assert_eq!(
+            wait_cap(Duration::ZERO, Some((0.050, 0.002))),
+            Duration::ZERO
+        );
+        // No fit yet, or a fixed cost below the configured wait: the configured wait.
+        assert_eq!(wait_cap(ms(5), None), ms(5));
+        assert_eq!(wait_cap(ms(5), Some((0.001, 0.002))), ms(5));
+        // A CPU step's fixed cost of 40 ms: wait up to that.
+        assert_eq!(wait_cap(ms(5), Some((0.040, 0.002))), ms(40));
+        // Capped at 100 ms, and nonsense fits are ignored.
+        assert_eq!(wait_cap(ms(5), Some((3.0, 0.002))), MAX_FIXED_COST_WAIT);
+        assert_eq!(wait_cap(ms(5), Some((f64::NAN, 0.002))), ms(5));
+        assert_eq!(wait_cap(ms(5), Some((-0.2, 0.002))), ms(5));
+        // A configured wait above the cap stays as configured.
+        assert_eq!(wait_cap(ms(300), Some((0.040, 0.002))), ms(300));
     }
 }
