@@ -91,7 +91,8 @@ struct ServeArgs {
     #[arg(long, env = "TANDEM_PREFILL_SLACK")]
     prefill_slack: Option<f64>,
     /// After a step, wait up to this long for devices that answered that fast before, so
-    /// their decodes share the next step (default 5; 0: never wait).
+    /// their decodes share the next step, or up to a step's fitted fixed cost when that is
+    /// longer (at most 100 ms) (default 5; 0: never wait).
     #[arg(long, env = "TANDEM_DECODE_WAIT_MS")]
     decode_wait_ms: Option<f64>,
     #[arg(long, env = "TANDEM_PREFIX_SHARING")]

@@ -76,7 +76,8 @@ pub struct ServerConfig {
     /// decoders' steps by about this fraction. `inf` lifts the cap.
     pub prefill_slack: f64,
     /// Milliseconds the engine waits after a step for devices that answered that fast before,
-    /// so their decodes share the next step. 0: never wait.
+    /// so their decodes share the next step; when a step's fitted fixed cost is longer, the
+    /// engine waits up to that instead (at most 100 ms). 0: never wait.
     pub decode_wait_ms: f64,
     /// Share the KV of identical prompt prefixes between sessions.
     pub prefix_sharing: bool,
