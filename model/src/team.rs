@@ -8,7 +8,8 @@
 //! throughput with hand-off costs on top (measured: a matmul split in two ran slower than on
 //! one thread). Here a call is cut into more parts than threads and every participant —
 //! the caller first — claims parts from one counter until none are left, so a helper that
-//! wakes late simply takes fewer; each helper spins for a short while after its last part
+//! wakes late simply takes fewer (and one that wakes after every part is taken is let off:
+//! the caller does not wait for its wake-up); each helper spins for a short while after its last part
 //! (a forward pass calls again within microseconds) before it parks, and nothing is queued.
 //!
 //! One call at a time uses the helpers; a call that finds them busy (two engines in one
@@ -56,6 +57,10 @@ struct Slot {
     posted: AtomicUsize,
     /// Set to `posted` by the helper when that part is done.
     done: AtomicUsize,
+    /// The last ticket resolved: claimed by the helper (which then runs the job) or cancelled
+    /// by the caller (who found every part taken before the helper woke up). Each ticket
+    /// goes from `ticket - 1` to `ticket` by one compare-exchange, so exactly one side wins.
+    claimed: AtomicUsize,
     /// Set by the helper before it parks, cleared when it wakes.
     parked: AtomicBool,
     /// Set when the team is dropped: the helper ends at its next post.
@@ -64,8 +69,9 @@ struct Slot {
     job: UnsafeCell<Option<Job>>,
 }
 
-// SAFETY: `job` is written only while the helper is idle (`done == posted`), and published
-// to it by the release store of `posted`; see `Team::run`.
+// SAFETY: `job` is written only while the helper does not read it: every earlier ticket was
+// either run to `done` or cancelled (and a cancelled ticket's job is never read), and the new
+// job is published to the helper by the release store of `posted`; see `Team::run`.
 unsafe impl Sync for Slot {}
 // SAFETY: as above; the job pointer is only dereferenced while the caller keeps it alive.
 unsafe impl Send for Slot {}
@@ -108,6 +114,7 @@ impl Team {
                 let slot = Arc::new(Slot {
                     posted: AtomicUsize::new(0),
                     done: AtomicUsize::new(0),
+                    claimed: AtomicUsize::new(0),
                     parked: AtomicBool::new(false),
                     stop: AtomicBool::new(false),
                     job: UnsafeCell::new(None),
@@ -160,8 +167,8 @@ impl Team {
         for h in &self.helpers[..handed] {
             let slot = &h.slot;
             let ticket = slot.posted.load(Ordering::Relaxed) + 1;
-            // SAFETY: the helper is idle (`done == posted`, and we hold `busy`), so it does
-            // not read `job` until the store below publishes the new value.
+            // SAFETY: the helper does not read `job` now (its last ticket is done or was
+            // cancelled, and we hold `busy`), nor before the store below publishes it.
             unsafe { *slot.job.get() = Some(job) };
             // SeqCst, as `parked` below: with the helper's store of `parked` and load of
             // `posted`, at least one side sees the other (otherwise a post can be missed by
@@ -175,6 +182,16 @@ impl Team {
         unsafe { job.drain() };
         for h in &self.helpers[..handed] {
             let want = h.slot.posted.load(Ordering::Relaxed);
+            // A helper that has not claimed the call yet (still waking up) is let off: every
+            // part is taken, and waiting for it would put its wake-up on the critical path.
+            let cancelled = h
+                .slot
+                .claimed
+                .compare_exchange(want - 1, want, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if cancelled {
+                continue;
+            }
             while h.slot.done.load(Ordering::Acquire) != want {
                 std::hint::spin_loop();
             }
@@ -267,6 +284,15 @@ fn helper_loop(slot: &Slot) {
         if slot.stop.load(Ordering::Acquire) {
             return;
         }
+        seen = ticket;
+        // Claim the call, unless the caller finished every part and cancelled it first.
+        if slot
+            .claimed
+            .compare_exchange(ticket - 1, ticket, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            continue;
+        }
         // SAFETY: published by the caller's store of `posted`, which we acquired.
         let job = unsafe { *slot.job.get() };
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -279,7 +305,6 @@ fn helper_loop(slot: &Slot) {
             // The caller would wait forever for this part; there is no sound way back.
             std::process::abort();
         }
-        seen = ticket;
         slot.done.store(ticket, Ordering::Release);
     }
 }
@@ -342,6 +367,33 @@ mod tests {
         for c in callers {
             assert_eq!(c.join().expect("test setup"), 1500);
         }
+    }
+
+    #[test]
+    fn calls_that_finish_before_a_helper_wakes_run_every_part_once() {
+        // Between calls the helper parks; the caller often takes every part before it wakes
+        // and lets it off. Tiny calls make that the common case, longer ones the rare case;
+        // either way every part runs once, and the next call works.
+        let team = Team::new(1);
+        let calls = AtomicU64::new(0);
+        for i in 0..300u64 {
+            if i % 10 == 0 {
+                std::thread::sleep(SPIN * 2);
+            }
+            let hits: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+            team.run(3, &|p| {
+                if i % 7 == 0 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                hits[p].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "call {i}"
+            );
+            calls.fetch_add(1, Ordering::Relaxed);
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 300);
     }
 
     #[test]
