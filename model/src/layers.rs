@@ -235,10 +235,7 @@ impl Linear {
 
 /// `x · Wᵀ` for rows `x` (`[m, k]`, flat) into a new `[m, n]`.
 fn matmul(w: &PackedMatrix, x: &[f32]) -> Vec<f32> {
-    let m = x.len() / w.k();
-    let mut out = vec![0f32; m * w.n()];
-    w.matmul(x, m, &mut out);
-    out
+    w.matmul_to_vec(x, x.len() / w.k())
 }
 
 /// RMSNorm with a learned scale.
