@@ -566,13 +566,77 @@ fn attend_group<T: KvElem>(
     out: &mut [f32],
     s: &mut Scratch,
 ) {
-    let geo = &cache.geo;
     #[cfg(target_arch = "x86_64")]
-    if avx512::usable(geo.head_dim) {
-        // SAFETY: `usable` checked that the CPU has AVX-512F.
-        unsafe { avx512::attend_group(cache, block_table, task, out, s) };
-        return;
+    if avx512::usable(cache.geo.head_dim) {
+        return walk_blocks::<T, avx512::Avx512>(cache, block_table, task, out, s);
     }
+    walk_blocks::<T, Portable>(cache, block_table, task, out, s)
+}
+
+/// The per-block steps of [`attend_group`] in one flavour (portable, or AVX-512).
+trait BlockSteps {
+    /// `scores[g * block_size + j]` = the scaled score of head `g` against key `j`.
+    fn score(keys: &Rows<'_>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]);
+    /// Folds the block's scores into the running max and sum, rescales the partial outputs,
+    /// and turns the scores into weights `exp(score - max)`.
+    fn softmax(
+        geo: &Geometry,
+        slots: usize,
+        out: &mut [f32],
+        scores: &mut [f32],
+        run: &mut Running,
+    );
+    /// Adds `weight * value` for every slot of the block to each head's partial output.
+    fn accumulate(values: &Rows<'_>, geo: &Geometry, slots: usize, out: &mut [f32], scores: &[f32]);
+    /// Divides each head's output by its sum of weights.
+    fn normalise(geo: &Geometry, out: &mut [f32], sums: &[f32]);
+}
+
+/// The plain slice code below, for any CPU and head size.
+struct Portable;
+
+impl BlockSteps for Portable {
+    fn score(keys: &Rows<'_>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]) {
+        score_block(keys, geo, slots, task, scores);
+    }
+
+    fn softmax(
+        geo: &Geometry,
+        slots: usize,
+        out: &mut [f32],
+        scores: &mut [f32],
+        run: &mut Running,
+    ) {
+        rescale(geo, slots, out, scores, run);
+    }
+
+    fn accumulate(
+        values: &Rows<'_>,
+        geo: &Geometry,
+        slots: usize,
+        out: &mut [f32],
+        scores: &[f32],
+    ) {
+        accumulate_values(values, geo, slots, out, scores);
+    }
+
+    fn normalise(geo: &Geometry, out: &mut [f32], sums: &[f32]) {
+        for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(sums) {
+            let inv = 1.0 / sum;
+            head_out.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+/// The walk over the row's blocks that both flavours share.
+fn walk_blocks<T: KvElem, S: BlockSteps>(
+    cache: &Cache<'_, T>,
+    block_table: &[u32],
+    task: &Task<'_>,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
+    let geo = &cache.geo;
     out.fill(0.0);
     s.running.max.fill(f32::NEG_INFINITY);
     s.running.sum.fill(0.0);
@@ -581,15 +645,12 @@ fn attend_group<T: KvElem>(
         let slots = geo.block_size.min(task.keys - b * geo.block_size);
         let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
         let keys = block_rows(&cache.k[base..], geo, slots, &mut s.k_rows);
-        score_block(&keys, geo, slots, task, &mut s.scores);
-        rescale(geo, slots, out, &mut s.scores, &mut s.running);
+        S::score(&keys, geo, slots, task, &mut s.scores);
+        S::softmax(geo, slots, out, &mut s.scores, &mut s.running);
         let values = block_rows(&cache.v[base..], geo, slots, &mut s.v_rows);
-        accumulate_values(&values, geo, slots, out, &s.scores);
+        S::accumulate(&values, geo, slots, out, &s.scores);
     }
-    for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(&s.running.sum) {
-        let inv = 1.0 / sum;
-        head_out.iter_mut().for_each(|x| *x *= inv);
-    }
+    S::normalise(geo, out, &s.running.sum);
 }
 
 /// Fills `scores[g * block_size + j]` with the scaled score of head `g` against key `j`.
@@ -706,7 +767,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// output is still bit-identical whatever batch, part or thread computes it.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{block_rows, Cache, KvElem, Rows, Running, Scratch, Task};
+    use super::{BlockSteps, Geometry, Rows, Running, Task};
     use std::arch::x86_64::*;
     use tandem_model::simd::exp;
 
@@ -718,49 +779,51 @@ mod avx512 {
         head_dim.is_multiple_of(W) && std::arch::is_x86_feature_detected!("avx512f")
     }
 
-    /// [`super::attend_group`] on AVX-512.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F and `head_dim` must be a multiple of 16 ([`usable`]).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attend_group<T: KvElem>(
-        cache: &Cache<'_, T>,
-        block_table: &[u32],
-        task: &Task<'_>,
-        out: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        let geo = &cache.geo;
-        debug_assert!(geo.head_dim.is_multiple_of(W));
-        debug_assert_eq!(out.len(), geo.group * geo.head_dim);
-        out.fill(0.0);
-        s.running.max.fill(f32::NEG_INFINITY);
-        s.running.sum.fill(0.0);
-        let blocks = task.keys.div_ceil(geo.block_size);
-        for (b, &block) in block_table[..blocks].iter().enumerate() {
-            let slots = geo.block_size.min(task.keys - b * geo.block_size);
-            let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
-            let keys = block_rows(&cache.k[base..], geo, slots, &mut s.k_rows);
-            score_block(
-                &keys,
-                geo.head_dim,
-                geo.block_size,
-                slots,
-                task,
-                &mut s.scores,
-            );
-            softmax_block(
-                geo.head_dim,
-                geo.block_size,
-                slots,
-                out,
-                &mut s.scores,
-                &mut s.running,
-            );
-            let values = block_rows(&cache.v[base..], geo, slots, &mut s.v_rows);
-            accumulate_values(&values, geo.head_dim, geo.block_size, slots, out, &s.scores);
+    /// The AVX-512 flavour of the per-block steps; used only once [`usable`] said yes.
+    pub(super) struct Avx512;
+
+    // SAFETY (every call below): `Avx512` is chosen only after `usable` checked that the CPU
+    // has AVX-512F and that `head_dim` is a multiple of 16.
+    impl BlockSteps for Avx512 {
+        fn score(
+            keys: &Rows<'_>,
+            geo: &Geometry,
+            slots: usize,
+            task: &Task<'_>,
+            scores: &mut [f32],
+        ) {
+            unsafe { score_block(keys, geo.head_dim, geo.block_size, slots, task, scores) }
         }
-        for (head_out, &sum) in out.chunks_exact_mut(geo.head_dim).zip(&s.running.sum) {
+
+        fn softmax(
+            geo: &Geometry,
+            slots: usize,
+            out: &mut [f32],
+            scores: &mut [f32],
+            run: &mut Running,
+        ) {
+            unsafe { softmax_block(geo.head_dim, geo.block_size, slots, out, scores, run) }
+        }
+
+        fn accumulate(
+            values: &Rows<'_>,
+            geo: &Geometry,
+            slots: usize,
+            out: &mut [f32],
+            scores: &[f32],
+        ) {
+            unsafe { accumulate_values(values, geo.head_dim, geo.block_size, slots, out, scores) }
+        }
+
+        fn normalise(geo: &Geometry, out: &mut [f32], sums: &[f32]) {
+            unsafe { normalise(geo.head_dim, out, sums) }
+        }
+    }
+
+    /// Divides each head's output (`hd` floats) by its sum.
+    #[target_feature(enable = "avx512f")]
+    fn normalise(hd: usize, out: &mut [f32], sums: &[f32]) {
+        for (head_out, &sum) in out.chunks_exact_mut(hd).zip(sums) {
             let inv = _mm512_set1_ps(1.0 / sum);
             for v in head_out.chunks_exact_mut(W) {
                 // SAFETY: `v` is 16 floats.
