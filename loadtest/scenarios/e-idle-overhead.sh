@@ -5,7 +5,9 @@
 # live but idle). Alternated PAIRS (2) times. Per run: the decoders' output tok/s and the
 # server's CPU seconds per output token (utime + stime from /proc), so the overhead of the
 # idle sessions (scheduler, transport, the store) shows as a ratio against the run without
-# them, on the same server. PERF=1 also records the server with `perf` during each run with
+# them, on the same server; and, within each run, the serving overhead the server reports
+# itself (the load generator's `server_metrics.overhead`: engine bookkeeping + I/O threads'
+# CPU against the engine's forward time; ms of bookkeeping per step). PERF=1 also records the server with `perf` during each run with
 # idle sessions (perf-N.data; `perf report --sort dso,symbol`).
 #
 # The server's KV pool is sized to hold every session at its longest (KV_BLOCKS, default
@@ -64,19 +66,24 @@ decode() {
     before=$(cpu_s)
     "$LOADTEST_BIN" run --server "$WS_URL" --edge "$split/edge" --devices "$decoders" \
         --arrival all --prompt-tokens fixed:16 --output-tokens "fixed:$output" \
-        --prompt-pool "$decoders" --duration-s 600 --quiet --report "$OUT/$name.json"
+        --prompt-pool "$decoders" --duration-s 600 --metrics-url "$METRICS_URL" --quiet \
+        --report "$OUT/$name.json"
     after=$(cpu_s)
     tokens=$(jq '.throughput.output_tokens' "$OUT/$name.json")
     jq -r --arg name "$name" --arg cpu "$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')" \
         --arg live "$(active)" '
         [$name, .counts.completed, .counts.failed, .throughput.output_tokens_per_s,
          .latency_ms.tpot.p50, .latency_ms.tpot.p99, $cpu,
-         (($cpu | tonumber) * 1000 / .throughput.output_tokens), $live] | @tsv' \
+         (($cpu | tonumber) * 1000 / .throughput.output_tokens), $live,
+         ((.server_metrics.overhead.overhead_share // 0) * 100),
+         (.server_metrics.overhead.bookkeeping_ms_per_step // 0),
+         (.server_metrics.overhead.cpu_s.io // 0),
+         (.server_metrics.overhead.forward_s // 0)] | @tsv' \
         "$OUT/$name.json" >>"$OUT/summary.tsv"
     [ "$tokens" != 0 ] || { echo "$name: no tokens" >&2; exit 1; }
 }
 
-printf 'run\tcompleted\tfailed\tout_tok_s\ttpot_p50_ms\ttpot_p99_ms\tserver_cpu_s\tcpu_ms_per_token\tlive_sessions_after\n' >"$OUT/summary.tsv"
+printf 'run\tcompleted\tfailed\tout_tok_s\ttpot_p50_ms\ttpot_p99_ms\tserver_cpu_s\tcpu_ms_per_token\tlive_sessions_after\toverhead_pct\tbookkeeping_ms_per_step\tio_cpu_s\tforward_s\n' >"$OUT/summary.tsv"
 for i in $(seq 1 "$pairs"); do
     log "pair $i: $decoders decoding devices alone"
     decode "alone-$i"
@@ -111,8 +118,10 @@ stop_server
 
 {
     column -t "$OUT/summary.tsv"
-    awk -F'\t' 'NR > 1 && $1 ~ /^alone/ { a += $4; ca += $8; n++ }
-                NR > 1 && $1 ~ /^with-idle/ { w += $4; cw += $8; m++ }
-                END { if (n && m) printf "mean out tok/s: alone %.1f, with idle sessions %.1f (ratio %.3f); CPU ms per token: alone %.2f, with idle %.2f (ratio %.3f)\n", a / n, w / m, (w / m) / (a / n), ca / n, cw / m, (cw / m) / (ca / n) }' "$OUT/summary.tsv"
+    awk -F'\t' 'NR > 1 && $1 ~ /^alone/ { a += $4; ca += $8; oa += $10; ba += $11; n++ }
+                NR > 1 && $1 ~ /^with-idle/ { w += $4; cw += $8; ow += $10; bw += $11; m++ }
+                END { if (n && m) {
+                    printf "mean out tok/s: alone %.1f, with idle sessions %.1f (ratio %.3f); CPU ms per token: alone %.2f, with idle %.2f (ratio %.3f)\n", a / n, w / m, (w / m) / (a / n), ca / n, cw / m, (cw / m) / (ca / n)
+                    printf "serving overhead (engine bookkeeping + io CPU) / forward: alone %.2f%%, with idle sessions %.2f%%; bookkeeping per step: alone %.3f ms, with idle %.3f ms\n", oa / n, ow / m, ba / n, bw / m } }' "$OUT/summary.tsv"
 } | tee "$OUT/summary.txt"
 echo "reports and summary in $OUT"

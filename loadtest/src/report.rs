@@ -391,6 +391,17 @@ impl Report {
             self.resume.recovered,
             self.resume.lost,
         );
+        if let Some(o) = self.server_metrics.as_ref().and_then(|m| m.overhead.as_ref()) {
+            s.push_str(&format!(
+                "server: {:.0} steps, forward {:.2}s, bookkeeping {:.3}s ({:.3} ms/step), io CPU {:.2}s: overhead {:.2}% of forward\n",
+                o.steps,
+                o.forward_s,
+                o.bookkeeping_s,
+                o.bookkeeping_ms_per_step,
+                o.cpu_s.get("io").copied().unwrap_or(0.0),
+                o.overhead_share * 100.0,
+            ));
+        }
         for (name, n) in &self.errors {
             s.push_str(&format!("error {name}: {n}\n"));
         }
@@ -563,6 +574,7 @@ mod tests {
                 counters_delta: [("tandem_tokens_out_total".to_owned(), 10.0)].into(),
                 gauges: [("tandem_sessions_active".to_owned(), 0.0)].into(),
                 error: None,
+                overhead: None,
             }),
         };
         Report::build(facts, &records)

@@ -6,7 +6,8 @@
 //! non-comment line is `name{labels} value [timestamp]`. Only `tandem_*` samples are kept.
 //!
 //! The report keeps, per sample (name with its labels), the change of every `*_total`
-//! counter over the run and the final value of every gauge.
+//! counter over the run and the final value of every gauge, and, when the server exports its
+//! engine phases and thread CPU times, the serving overhead they imply ([`ServerOverhead`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +29,61 @@ pub struct ServerMetrics {
     pub gauges: BTreeMap<String, f64>,
     /// Set when the scrape after the run failed (the maps are then empty).
     pub error: Option<String>,
+    /// The serving overhead over the run, when the server exports what it needs.
+    #[serde(default)]
+    pub overhead: Option<ServerOverhead>,
+}
+
+/// Where the server's time went over the run, from `tandem_engine_seconds_total` (engine
+/// thread, wall clock, by phase) and `tandem_thread_cpu_seconds_total` (CPU, by thread
+/// group). The overhead is what serving adds to the model's compute: the engine thread's
+/// bookkeeping (commands, scheduling, outcomes) plus the CPU of the I/O threads (sockets,
+/// frames, session tasks), against the engine's forward time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerOverhead {
+    pub steps: f64,
+    pub forward_s: f64,
+    pub bookkeeping_s: f64,
+    pub decode_wait_s: f64,
+    /// CPU seconds by thread group (`engine`, `matmul`, `io`, `other`).
+    pub cpu_s: BTreeMap<String, f64>,
+    /// `(bookkeeping_s + cpu_s["io"]) / forward_s`.
+    pub overhead_share: f64,
+    /// `bookkeeping_s / steps`, in milliseconds.
+    pub bookkeeping_ms_per_step: f64,
+}
+
+impl ServerOverhead {
+    /// Derived from counter deltas; `None` without an engine forward time to compare with.
+    pub fn from_deltas(d: &BTreeMap<String, f64>) -> Option<Self> {
+        let get = |k: &str| d.get(k).copied();
+        let phase = |p: &str| get(&format!("tandem_engine_seconds_total{{phase=\"{p}\"}}"));
+        let forward_s = phase("forward").filter(|&f| f > 0.0)?;
+        let bookkeeping_s = phase("bookkeeping").unwrap_or(0.0);
+        let prefix = "tandem_thread_cpu_seconds_total{threads=\"";
+        let cpu_s: BTreeMap<String, f64> = d
+            .iter()
+            .filter_map(|(k, &v)| {
+                let group = k.strip_prefix(prefix)?.strip_suffix("\"}")?;
+                Some((group.to_owned(), v))
+            })
+            .collect();
+        let io = cpu_s.get("io").copied().unwrap_or(0.0);
+        let steps = get("tandem_engine_steps_total").unwrap_or(0.0);
+        Some(Self {
+            steps,
+            forward_s,
+            bookkeeping_s,
+            decode_wait_s: phase("decode_wait").unwrap_or(0.0),
+            cpu_s,
+            overhead_share: (bookkeeping_s + io) / forward_s,
+            bookkeeping_ms_per_step: if steps > 0.0 {
+                bookkeeping_s * 1e3 / steps
+            } else {
+                0.0
+            },
+        })
+    }
 }
 
 /// One parsed exposition.
@@ -88,6 +144,7 @@ impl Exposition {
                 m.gauges.insert(sample.clone(), after);
             }
         }
+        m.overhead = ServerOverhead::from_deltas(&m.counters_delta);
         m
     }
 }
@@ -243,6 +300,49 @@ garbage line
         assert_eq!(m.gauges["tandem_sessions_active"], 0.0);
         assert_eq!(m.gauges["tandem_kv_blocks_used"], 12.0);
         assert_eq!(m.gauges.len(), 2);
+    }
+
+    #[test]
+    fn overhead_from_engine_phases_and_thread_groups() {
+        let before = "\
+# TYPE tandem_engine_seconds_total counter
+tandem_engine_seconds_total{phase=\"forward\"} 10
+tandem_engine_seconds_total{phase=\"bookkeeping\"} 1
+tandem_engine_seconds_total{phase=\"decode_wait\"} 2
+# TYPE tandem_engine_steps_total counter
+tandem_engine_steps_total 100
+# TYPE tandem_thread_cpu_seconds_total counter
+tandem_thread_cpu_seconds_total{threads=\"io\"} 3
+tandem_thread_cpu_seconds_total{threads=\"matmul\"} 9
+";
+        let after = "\
+# TYPE tandem_engine_seconds_total counter
+tandem_engine_seconds_total{phase=\"forward\"} 30
+tandem_engine_seconds_total{phase=\"bookkeeping\"} 1.2
+tandem_engine_seconds_total{phase=\"decode_wait\"} 2.5
+# TYPE tandem_engine_steps_total counter
+tandem_engine_steps_total 300
+# TYPE tandem_thread_cpu_seconds_total counter
+tandem_thread_cpu_seconds_total{threads=\"io\"} 3.4
+tandem_thread_cpu_seconds_total{threads=\"matmul\"} 25
+";
+        let m = Exposition::parse(after).since(&Exposition::parse(before));
+        let o = m.overhead.expect("derived");
+        assert!((o.forward_s - 20.0).abs() < 1e-9);
+        assert!((o.bookkeeping_s - 0.2).abs() < 1e-9);
+        assert!((o.decode_wait_s - 0.5).abs() < 1e-9);
+        assert!((o.cpu_s["io"] - 0.4).abs() < 1e-9);
+        assert!((o.cpu_s["matmul"] - 16.0).abs() < 1e-9);
+        // (0.2 + 0.4) / 20
+        assert!((o.overhead_share - 0.03).abs() < 1e-9, "{}", o.overhead_share);
+        assert!((o.bookkeeping_ms_per_step - 1.0).abs() < 1e-9);
+        // A server without the engine counters (an older build) has no overhead.
+        assert_eq!(
+            Exposition::parse(AFTER)
+                .since(&Exposition::parse(BEFORE))
+                .overhead,
+            None
+        );
     }
 
     #[test]

@@ -212,6 +212,12 @@ pub struct EngineStats {
     pub positions_computed: u64,
     /// Seconds spent waiting for expected decode inputs ([`EngineConfig::decode_wait`]).
     pub decode_wait_s: f64,
+    /// Seconds of the engine thread's own bookkeeping: handling commands (taking in hidden
+    /// states, opening and closing sessions), choosing each step and recording its outcome.
+    /// With the transport's threads, this is the serving overhead around `busy_s`.
+    pub bookkeeping_s: f64,
+    /// Engine steps run.
+    pub steps: u64,
     /// The step's fixed cost in rows as last measured (0 until measured).
     pub overhead_rows: f64,
 }
@@ -454,6 +460,8 @@ struct Loop<'t> {
     expecting: HashMap<SeqId, Instant>,
     decode_wait: Duration,
     decode_wait_s: f64,
+    bookkeeping_s: f64,
+    steps: u64,
     cost: StepCostFit,
 }
 
@@ -491,6 +499,8 @@ fn run(
         expecting: HashMap::new(),
         decode_wait: cfg.decode_wait,
         decode_wait_s: 0.0,
+        bookkeeping_s: 0.0,
+        steps: 0,
         cost: StepCostFit::new(0.98),
     };
     loop {
@@ -498,7 +508,9 @@ fn run(
             lp.handle(cmd);
         }
         lp.wait_for_expected(&rx);
+        let chosen = Instant::now();
         let batch = lp.sched.schedule();
+        lp.bookkeeping_s += chosen.elapsed().as_secs_f64();
         if batch.is_empty() {
             if lp.sched.blocked() {
                 // Work waits for KV blocks held by sessions idle at their devices: schedule
@@ -541,18 +553,32 @@ impl<'t> Loop<'t> {
         self.decode_wait_s += started.elapsed().as_secs_f64();
     }
 
+    /// Handles one command; its time counts as bookkeeping (a stall's sleep does not).
     fn handle(&mut self, cmd: Command) {
+        if let Command::Stall(d) = cmd {
+            self.stall(d);
+            return;
+        }
+        let started = Instant::now();
+        self.handle_timed(cmd);
+        self.bookkeeping_s += started.elapsed().as_secs_f64();
+    }
+
+    /// Sleeps `d` as if a step took that long (tests of `/readyz`'s wedge check).
+    fn stall(&self, d: Duration) {
+        if let Some(m) = &self.metrics {
+            m.step_started_ms
+                .store(crate::store::now_ms().max(1), Ordering::Relaxed);
+        }
+        std::thread::sleep(d);
+        if let Some(m) = &self.metrics {
+            m.step_started_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn handle_timed(&mut self, cmd: Command) {
         match cmd {
-            Command::Stall(d) => {
-                if let Some(m) = &self.metrics {
-                    m.step_started_ms
-                        .store(crate::store::now_ms().max(1), Ordering::Relaxed);
-                }
-                std::thread::sleep(d);
-                if let Some(m) = &self.metrics {
-                    m.step_started_ms.store(0, Ordering::Relaxed);
-                }
-            }
+            Command::Stall(d) => self.stall(d),
             Command::Open {
                 id,
                 params,
@@ -631,6 +657,8 @@ impl<'t> Loop<'t> {
                     tokens_sampled: self.tokens_sampled,
                     positions_computed: self.positions_computed,
                     decode_wait_s: self.decode_wait_s,
+                    bookkeeping_s: self.bookkeeping_s,
+                    steps: self.steps,
                     overhead_rows: self.cost.overhead_rows().unwrap_or(0.0),
                 });
             }
@@ -704,8 +732,10 @@ impl<'t> Loop<'t> {
                 .store(crate::store::now_ms().max(1), Ordering::Relaxed);
         }
         let result = self.forward_and_sample(&batch);
-        let took = started.elapsed();
+        let forwarded = Instant::now();
+        let took = forwarded - started;
         self.busy_s += took.as_secs_f64();
+        self.steps += 1;
         self.cost.observe(batch.num_tokens(), took.as_secs_f64());
         if let Some(rows) = self.cost.overhead_rows() {
             self.sched.set_overhead_rows(rows);
@@ -745,6 +775,7 @@ impl<'t> Loop<'t> {
             let _ = self.sched.remove(*id);
         }
         self.expect_answers(&batch);
+        self.bookkeeping_s += forwarded.elapsed().as_secs_f64();
     }
 
     /// Notes the time each sampled session was sent its token, and expects back within

@@ -550,6 +550,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     let cfg = a.into_config()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name("tandem-io")
         .build()
         .context("starting the tokio runtime")?;
     let mut telemetry = {

@@ -11,7 +11,13 @@
 //! - Per Redis call (both stores): latency and errors ([`redis`], process-wide: one process
 //!   has one set of Redis clients whatever the number of servers in it).
 //! - At scrape time, from the engine's own counters: live sessions, sessions waiting for
-//!   their device, queued positions, KV blocks used/free/shared, preemptions.
+//!   their device, queued positions, KV blocks used/free/shared, preemptions, steps, and the
+//!   engine thread's seconds by phase (`forward`: the model and sampling; `bookkeeping`:
+//!   commands, choosing steps, recording outcomes; `decode_wait`: waiting for expected
+//!   devices).
+//! - At scrape time, from `/proc` ([`crate::threads`]): the process's CPU seconds by thread
+//!   group (`engine`, `matmul`, `io`, `other`). With the engine's phases these give the
+//!   serving overhead (transport + scheduling) against the step's compute in one run.
 //!
 //! # Rules
 //! Names carry their unit (`_seconds`, `_tokens`, `_total`, `_bytes`); histograms have
@@ -336,6 +342,24 @@ pub struct Snapshot {
     pub kv_blocks_free: u64,
     pub kv_blocks_shared: u64,
     pub preemptions_total: u64,
+    pub engine_steps_total: u64,
+    /// Engine thread seconds in forward passes and sampling.
+    pub engine_forward_s: f64,
+    /// Engine thread seconds in commands, scheduling and outcomes.
+    pub engine_bookkeeping_s: f64,
+    /// Engine thread seconds waiting for expected devices.
+    pub engine_decode_wait_s: f64,
+}
+
+impl Snapshot {
+    /// The engine's seconds by phase, as labelled in the exposition.
+    fn engine_phases(&self) -> [(&'static str, f64); 3] {
+        [
+            ("forward", self.engine_forward_s),
+            ("bookkeeping", self.engine_bookkeeping_s),
+            ("decode_wait", self.engine_decode_wait_s),
+        ]
+    }
 }
 
 /// A metric's name (with its unit), help text and OpenTelemetry unit.
@@ -403,6 +427,23 @@ const PREEMPTIONS: Described = described(
     "Sessions whose KV was dropped to make room (recomputed later).",
     "{preemption}",
 );
+const STEPS: Described = described(
+    "tandem_engine_steps_total",
+    "Engine steps (forward passes) run.",
+    "{step}",
+);
+const ENGINE_SECONDS: Described = described(
+    "tandem_engine_seconds_total",
+    "Engine thread seconds by phase: forward (model and sampling), bookkeeping (commands, \
+     scheduling, outcomes), decode_wait (waiting for expected devices).",
+    "s",
+);
+const THREAD_CPU: Described = described(
+    "tandem_thread_cpu_seconds_total",
+    "CPU seconds of this process's live threads by group: engine, matmul (its compute \
+     team), io (sockets and session tasks), other.",
+    "s",
+);
 const TOKENS_IN: Described = described(
     "tandem_tokens_in_total",
     "Hidden-state positions received from devices.",
@@ -447,6 +488,21 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
 fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
     head(out, name, kind, help);
     let _ = writeln!(out, "{name} {v}");
+}
+
+/// A counter family of seconds, one sample per label value.
+fn seconds(out: &mut String, d: Described, label: &str, values: &[(&str, f64)]) {
+    head(out, d.name, "counter", d.help);
+    for (value, secs) in values {
+        let _ = writeln!(out, "{}{{{label}=\"{value}\"}} {secs:.6}", d.name);
+    }
+}
+
+/// The process's CPU seconds by thread group (empty where `/proc` cannot be read).
+fn thread_cpu() -> Vec<(&'static str, f64)> {
+    crate::threads::cpu_seconds_by_group()
+        .map(|v| crate::threads::GROUPS.into_iter().zip(v).collect())
+        .unwrap_or_default()
 }
 
 impl Metrics {
@@ -519,11 +575,17 @@ impl Metrics {
         }
         let counters = [
             (PREEMPTIONS, snap.preemptions_total),
+            (STEPS, snap.engine_steps_total),
             (TOKENS_IN, self.tokens_in_total.get()),
             (TOKENS_OUT, self.tokens_out_total.get()),
         ];
         for (d, v) in counters {
             scalar(&mut o, d.name, "counter", d.help, v);
+        }
+        seconds(&mut o, ENGINE_SECONDS, "phase", &snap.engine_phases());
+        let threads = thread_cpu();
+        if !threads.is_empty() {
+            seconds(&mut o, THREAD_CPU, "threads", &threads);
         }
         for (d, h) in self.histograms() {
             head(&mut o, d.name, "histogram", d.help);
@@ -575,8 +637,34 @@ impl Metrics {
         // The callbacks hold the metrics (not the server): the final export, after the
         // server stopped, still reports every counter.
         type Read = Box<dyn Fn(&Metrics) -> u64 + Send + Sync>;
-        let counters: [(Described, Read); 3] = [
+        let engine_snapshot = snapshot.clone();
+        let _ = meter
+            .f64_observable_counter(ENGINE_SECONDS.name)
+            .with_description(ENGINE_SECONDS.help)
+            .with_unit(ENGINE_SECONDS.unit)
+            .with_callback(move |o| {
+                for (phase, secs) in engine_snapshot().engine_phases() {
+                    o.observe(secs, &[opentelemetry::KeyValue::new("phase", phase)]);
+                }
+            })
+            .build();
+        let _ = meter
+            .f64_observable_counter(THREAD_CPU.name)
+            .with_description(THREAD_CPU.help)
+            .with_unit(THREAD_CPU.unit)
+            .with_callback(|o| {
+                for (group, secs) in thread_cpu() {
+                    o.observe(secs, &[opentelemetry::KeyValue::new("threads", group)]);
+                }
+            })
+            .build();
+        let steps_snapshot = snapshot.clone();
+        let counters: [(Described, Read); 4] = [
             (PREEMPTIONS, Box::new(move |_| snapshot().preemptions_total)),
+            (
+                STEPS,
+                Box::new(move |_| steps_snapshot().engine_steps_total),
+            ),
             (TOKENS_IN, Box::new(|m| m.tokens_in_total.get())),
             (TOKENS_OUT, Box::new(|m| m.tokens_out_total.get())),
         ];
@@ -658,6 +746,8 @@ mod tests {
             "tandem_batch_tokens",
             "tandem_redis_duration_seconds",
             "tandem_prompts_submitted_total",
+            "tandem_engine_seconds_total",
+            "tandem_engine_steps_total",
         ] {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),

@@ -247,6 +247,18 @@ async fn metrics_parse_cover_the_dashboard_and_move() {
     assert!(delta("tandem_step_duration_seconds_count") >= out_tokens);
     assert!(delta("tandem_batch_tokens_sum") >= 12.0 + out_tokens - 1.0);
     assert_eq!(delta("tandem_errors_total{code=\"unauthorized\"}"), 1.0);
+    // The engine's phases and steps, and (on Linux) the threads' CPU time.
+    assert_eq!(
+        delta("tandem_engine_steps_total"),
+        delta("tandem_step_duration_seconds_count")
+    );
+    assert!(delta("tandem_engine_seconds_total{phase=\"forward\"}") > 0.0);
+    assert!(delta("tandem_engine_seconds_total{phase=\"bookkeeping\"}") > 0.0);
+    if cfg!(target_os = "linux") {
+        // This test's runtime workers have tokio's default name: the `io` group.
+        assert!(delta("tandem_thread_cpu_seconds_total{threads=\"io\"}") > 0.0, "{after:?}");
+        assert!(delta("tandem_thread_cpu_seconds_total{threads=\"engine\"}") > 0.0);
+    }
     // Histogram buckets are cumulative and end at the count.
     assert_eq!(
         get(&after, "tandem_ttft_seconds_bucket{le=\"+Inf\"}"),
@@ -265,7 +277,7 @@ async fn metrics_parse_cover_the_dashboard_and_move() {
             .filter_map(|p| p.split_once('='))
         {
             assert!(
-                ["le", "code", "direction", "tenant"].contains(&key),
+                ["le", "code", "direction", "tenant", "phase", "threads"].contains(&key),
                 "unexpected label {key} in {series}"
             );
         }

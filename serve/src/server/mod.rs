@@ -383,6 +383,10 @@ async fn current_snapshot(shared: &Arc<Shared>) -> crate::metrics::Snapshot {
                 kv_blocks_free: s.free_blocks as u64,
                 kv_blocks_shared: s.shared_blocks as u64,
                 preemptions_total: s.preemptions,
+                engine_steps_total: st.steps,
+                engine_forward_s: st.busy_s,
+                engine_bookkeeping_s: st.bookkeeping_s,
+                engine_decode_wait_s: st.decode_wait_s,
             };
             *shared
                 .last_snapshot
