@@ -7,8 +7,9 @@
 # idle sessions (scheduler, transport, the store) shows as a ratio against the run without
 # them, on the same server; and, within each run, the serving overhead the server reports
 # itself (the load generator's `server_metrics.overhead`: engine bookkeeping + I/O threads'
-# CPU against the engine's forward time; ms of bookkeeping per step). PERF=1 also records the server with `perf` during each run with
-# idle sessions (perf-N.data; `perf report --sort dso,symbol`).
+# CPU against the engine's forward time; ms of bookkeeping per step). PERF=1 also records
+# the server with `perf` during each run with idle sessions (perf-N.data; `perf report
+# --sort dso,symbol`).
 #
 # The server's KV pool is sized to hold every session at its longest (KV_BLOCKS, default
 # IDLE + DECODERS x blocks(16 + OUTPUT) + 64, block size 16): a session waiting for its
