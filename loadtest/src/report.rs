@@ -391,7 +391,11 @@ impl Report {
             self.resume.recovered,
             self.resume.lost,
         );
-        if let Some(o) = self.server_metrics.as_ref().and_then(|m| m.overhead.as_ref()) {
+        if let Some(o) = self
+            .server_metrics
+            .as_ref()
+            .and_then(|m| m.overhead.as_ref())
+        {
             s.push_str(&format!(
                 "server: {:.0} steps, forward {:.2}s, bookkeeping {:.3}s ({:.3} ms/step), io CPU {:.2}s: overhead {:.2}% of forward\n",
                 o.steps,

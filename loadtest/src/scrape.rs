@@ -334,7 +334,11 @@ tandem_thread_cpu_seconds_total{threads=\"matmul\"} 25
         assert!((o.cpu_s["io"] - 0.4).abs() < 1e-9);
         assert!((o.cpu_s["matmul"] - 16.0).abs() < 1e-9);
         // (0.2 + 0.4) / 20
-        assert!((o.overhead_share - 0.03).abs() < 1e-9, "{}", o.overhead_share);
+        assert!(
+            (o.overhead_share - 0.03).abs() < 1e-9,
+            "{}",
+            o.overhead_share
+        );
         assert!((o.bookkeeping_ms_per_step - 1.0).abs() < 1e-9);
         // A server without the engine counters (an older build) has no overhead.
         assert_eq!(

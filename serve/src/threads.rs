@@ -16,9 +16,13 @@
 //!
 //! CPU time comes from `/proc/self/task/*/schedstat` (nanoseconds on a CPU), or from the
 //! `utime + stime` of `/proc/self/task/*/stat` (clock ticks) where schedstat is missing.
-//! Threads that have exited no longer count: the groups above live as long as the server.
+//! Threads come and go (the runtime's blocking pool lets idle threads exit), so each read
+//! remembers the threads it saw: a thread that has exited keeps counting with the time the
+//! last read saw, and the totals never go down.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{LazyLock, Mutex};
 
 /// The thread groups, in exposition order.
 pub const GROUPS: [&str; 4] = ["engine", "matmul", "io", "other"];
@@ -69,34 +73,76 @@ fn task_seconds(dir: &Path) -> Option<f64> {
     stat_seconds(&std::fs::read_to_string(dir.join("stat")).ok()?, USER_HZ)
 }
 
-/// This process's live threads: name and CPU seconds so far; `None` where
+/// This process's live threads: id, name and CPU seconds so far; `None` where
 /// `/proc/self/task` cannot be read (not Linux).
-fn threads() -> Option<Vec<(String, f64)>> {
+fn threads() -> Option<Vec<(u64, String, f64)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         let dir = entry.path();
         // A thread may exit between the listing and the reads: skip it.
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
         if let Some(secs) = task_seconds(&dir) {
-            out.push((comm.trim_end().to_owned(), secs));
+            out.push((tid, comm.trim_end().to_owned(), secs));
         }
     }
     Some(out)
 }
 
-/// CPU seconds used so far by this process's live threads, per group of [`GROUPS`]; `None`
-/// where `/proc/self/task` cannot be read (not Linux).
-pub fn cpu_seconds_by_group() -> Option<[f64; 4]> {
-    let mut out = [0.0; 4];
-    for (comm, secs) in threads()? {
-        let g = group_of(&comm);
-        if let Some(i) = GROUPS.iter().position(|&x| x == g) {
-            out[i] += secs;
+/// Threads seen by earlier reads: their group and CPU seconds then, and the seconds of
+/// those that have exited since, per group. Exited threads' time stays in the totals, so
+/// they never go down (a thread's time after the last read before it exited is lost).
+#[derive(Default)]
+struct Seen {
+    live: HashMap<u64, (usize, f64)>,
+    retired: [f64; 4],
+}
+
+/// One read: every thread of `now` (tid, group index, seconds) is recorded, threads of the
+/// last read that are gone (or whose tid now holds a thread with less time: reused) retire
+/// with their last seconds; returns the totals per group.
+fn account(seen: &mut Seen, now: &[(u64, usize, f64)]) -> [f64; 4] {
+    let mut next = HashMap::with_capacity(now.len());
+    for &(tid, group, secs) in now {
+        if let Some(&(g, last)) = seen.live.get(&tid) {
+            if g != group || secs < last {
+                seen.retired[g] += last;
+            }
         }
+        seen.live.remove(&tid);
+        next.insert(tid, (group, secs));
     }
-    Some(out)
+    for (_, (g, last)) in seen.live.drain() {
+        seen.retired[g] += last;
+    }
+    seen.live = next;
+    let mut out = seen.retired;
+    for &(_, group, secs) in now {
+        out[group] += secs;
+    }
+    out
+}
+
+/// CPU seconds used so far by this process's threads, per group of [`GROUPS`], exited
+/// threads included as of the last read that saw them (reads are serialized); `None` where
+/// `/proc/self/task` cannot be read (not Linux).
+pub fn cpu_seconds_by_group() -> Option<[f64; 4]> {
+    static SEEN: LazyLock<Mutex<Seen>> = LazyLock::new(Mutex::default);
+    let now: Vec<(u64, usize, f64)> = threads()?
+        .into_iter()
+        .filter_map(|(tid, comm, secs)| {
+            let g = group_of(&comm);
+            Some((tid, GROUPS.iter().position(|&x| x == g)?, secs))
+        })
+        .collect();
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Some(account(&mut seen, &now))
 }
 
 #[cfg(test)]
@@ -157,12 +203,37 @@ mod tests {
         t.join().expect("join");
         let spun = listed
             .iter()
-            .find(|(name, _)| name == "tandem-matmul-Z")
-            .map(|&(_, secs)| secs)
+            .find(|(_, name, _)| name == "tandem-matmul-Z")
+            .map(|&(_, _, secs)| secs)
             .expect("the spinning thread is listed");
         assert!(spun >= 0.05, "{spun} s");
         assert_eq!(group_of("tandem-matmul-Z"), "matmul");
         assert!(by_group.iter().all(|&s| s >= 0.0) && by_group[1] >= 0.05);
+    }
+
+    #[test]
+    fn exited_and_reused_threads_keep_their_time() {
+        let mut seen = Seen::default();
+        // Two io threads and a matmul thread.
+        assert_eq!(
+            account(&mut seen, &[(1, 2, 1.0), (2, 2, 2.0), (3, 1, 5.0)]),
+            [0.0, 5.0, 3.0, 0.0]
+        );
+        // Thread 2 exits; thread 1 runs on.
+        assert_eq!(
+            account(&mut seen, &[(1, 2, 1.5), (3, 1, 6.0)]),
+            [0.0, 6.0, 3.5, 0.0]
+        );
+        // Thread 1's id is reused by a new thread with less time, in another group.
+        assert_eq!(
+            account(&mut seen, &[(1, 3, 0.25), (3, 1, 6.0)]),
+            [0.0, 6.0, 3.5, 0.25]
+        );
+        // Same group, less time: also a new thread.
+        assert_eq!(
+            account(&mut seen, &[(1, 3, 0.1), (3, 1, 6.0)]),
+            [0.0, 6.0, 3.5, 0.35]
+        );
     }
 
     /// This thread's CPU seconds, from the same files.

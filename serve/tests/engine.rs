@@ -315,6 +315,13 @@ fn the_engine_waits_for_fast_devices_but_not_for_slow_ones() {
     let eager =
         steps_for_a_prompt_arriving_between_decodes(Duration::ZERO, Duration::from_millis(300));
     assert_eq!(eager, 2);
+    // A device that answered in 20 ms is waited for up to the cap, though its next answer
+    // takes 100 ms (five times its last).
+    let slower_than_last = steps_for_a_prompt_arriving_between_decodes(
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+    );
+    assert_eq!(slower_than_last, 1);
     // A device slower than the cap (think time) is never waited for.
     let slow = steps_for_a_prompt_arriving_between_decodes(
         Duration::from_millis(50),

@@ -256,7 +256,10 @@ async fn metrics_parse_cover_the_dashboard_and_move() {
     assert!(delta("tandem_engine_seconds_total{phase=\"bookkeeping\"}") > 0.0);
     if cfg!(target_os = "linux") {
         // This test's runtime workers have tokio's default name: the `io` group.
-        assert!(delta("tandem_thread_cpu_seconds_total{threads=\"io\"}") > 0.0, "{after:?}");
+        assert!(
+            delta("tandem_thread_cpu_seconds_total{threads=\"io\"}") > 0.0,
+            "{after:?}"
+        );
         assert!(delta("tandem_thread_cpu_seconds_total{threads=\"engine\"}") > 0.0);
     }
     // Histogram buckets are cumulative and end at the count.
