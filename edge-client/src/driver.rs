@@ -20,6 +20,7 @@ use tandem_protocol::{
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -243,7 +244,14 @@ impl Driver {
                 Stop::Fatal(ClientError::Request("no server URL to connect to".into()))
             })?,
         };
-        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let connect = tokio_tungstenite::connect_async_with_config(
+            url.as_str(),
+            Some(
+                WebSocketConfig::default()
+                    .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES),
+            ),
+            true, // no Nagle: every frame is waited for
+        );
         let mut ws = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
             Ok(Ok((ws, _))) => ws,
             Ok(Err(e)) => return Err(Stop::Retry(format!("connect to {url}: {e}"))),

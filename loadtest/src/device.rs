@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tandem_protocol::{DoneReason, ErrorCode, Frame, Open, ResumeToken, SessionId};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -367,7 +368,10 @@ impl Run<'_> {
         let began = Instant::now();
         let connect = tokio_tungstenite::connect_async_with_config(
             url.as_str(),
-            None,
+            Some(
+                WebSocketConfig::default()
+                    .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES),
+            ),
             true, // no Nagle: frames are small and every one is waited for
         );
         let mut ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {

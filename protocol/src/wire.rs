@@ -59,6 +59,16 @@ pub const VERSION: u8 = 1;
 /// Magic, version and frame type.
 pub const HEADER_LEN: usize = 4;
 
+/// The WebSocket read buffer each end should use, in bytes.
+///
+/// tungstenite's default is 128 KiB, and every read first zero-fills the buffer's free
+/// space up to that size: a 2.3 KB decode `Hidden` frame cost a 128 KiB memset, and page
+/// faults whenever the buffer was reallocated (the frame just read still held the old one).
+/// On the server that was half of the I/O threads' CPU at 64 decoding devices. A frame
+/// larger than this still arrives whole (the buffer grows to the frame's length); it only
+/// takes more read calls.
+pub const WS_READ_BUFFER_BYTES: usize = 16 << 10;
+
 /// Longest model-pair manifest id, in bytes.
 pub const MAX_MANIFEST_ID_LEN: usize = 64;
 /// Most stop strings in one `Open`.

@@ -95,6 +95,10 @@ struct ServeArgs {
     /// longer (at most 100 ms) (default 5; 0: never wait).
     #[arg(long, env = "TANDEM_DECODE_WAIT_MS")]
     decode_wait_ms: Option<f64>,
+    /// Worker threads for connections, REST and the store (default: a quarter of the CPUs,
+    /// at least 1; the engine's own threads take every core).
+    #[arg(long, env = "TANDEM_IO_THREADS")]
+    io_threads: Option<usize>,
     #[arg(long, env = "TANDEM_PREFIX_SHARING")]
     prefix_sharing: Option<bool>,
     #[arg(long, env = "TANDEM_MAX_SESSIONS")]
@@ -533,6 +537,9 @@ impl ServeArgs {
         if self.kv_blocks.is_some() {
             c.kv_blocks = self.kv_blocks;
         }
+        if self.io_threads.is_some() {
+            c.io_threads = self.io_threads;
+        }
         if self.advertise_url.is_some() {
             c.advertise_url = self.advertise_url;
         }
@@ -548,7 +555,12 @@ impl ServeArgs {
 
 fn serve(a: ServeArgs) -> Result<()> {
     let cfg = a.into_config()?;
+    cfg.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            cfg.io_threads
+                .unwrap_or_else(tandem_serve::server::default_io_threads),
+        )
         .enable_all()
         .thread_name("tandem-io")
         .build()

@@ -124,6 +124,19 @@ pub struct ServerConfig {
     /// device that resumes in the wrong place (`moved`). `None`: `ws://{bound address}/v1/edge/ws`,
     /// right on one host; behind a cluster network set it (e.g. from the pod IP).
     pub advertise_url: Option<String>,
+    /// Worker threads of the async runtime that runs the connections, REST and the store
+    /// (`tandem serve` only; tests bring their own runtime). `None`: [`default_io_threads`].
+    pub io_threads: Option<usize>,
+}
+
+/// The async runtime's workers when `io_threads` is not set: a quarter of the CPUs, at least
+/// one. The engine's matmul team already takes every core, and the runtime's work is short
+/// bursts after each step (64 tokens out, 64 hidden states in); every extra worker adds
+/// wake-ups and sleeps to each burst. On the 2-core machine one worker instead of two cut
+/// the I/O threads' CPU at 64 decoding devices by about 10% (`docs/performance.md`).
+pub fn default_io_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 4).max(1)
 }
 
 /// The provider system prompt when none is configured.
@@ -199,6 +212,7 @@ impl Default for ServerConfig {
             device_requests_per_minute: 120,
             engine_stall_ms: 30_000,
             advertise_url: None,
+            io_threads: None,
         }
     }
 }
@@ -222,6 +236,7 @@ impl ServerConfig {
             "kv_cache_gib must be > 0"
         );
         anyhow::ensure!(self.kv_blocks != Some(0), "kv_blocks must be > 0");
+        anyhow::ensure!(self.io_threads != Some(0), "io_threads must be > 0");
         for (name, v) in [
             ("block_size", self.block_size),
             ("max_batch_tokens", self.max_batch_tokens),
@@ -344,5 +359,21 @@ mod tests {
         let c: ServerConfig =
             toml::from_str("prefill_slack = 0.5\ndecode_wait_ms = 0.0\n").expect("toml");
         assert_eq!((c.prefill_slack, c.decode_wait_ms), (0.5, 0.0));
+    }
+
+    #[test]
+    fn io_threads_are_read_from_toml_and_zero_is_refused() {
+        let c: ServerConfig = toml::from_str("io_threads = 3\n").expect("toml");
+        assert_eq!(c.io_threads, Some(3));
+        assert_eq!(ServerConfig::default().io_threads, None);
+        let zero = ServerConfig {
+            io_threads: Some(0),
+            ..with_cloud()
+        };
+        let e = zero.check().expect_err("zero workers").to_string();
+        assert!(e.contains("io_threads"), "{e}");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = default_io_threads();
+        assert!(auto >= 1 && auto <= cpus.max(1), "{auto} of {cpus} CPUs");
     }
 }

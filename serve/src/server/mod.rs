@@ -54,7 +54,7 @@ use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantSto
 use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 
-pub use config::{PolicyName, ServerConfig};
+pub use config::{default_io_threads, PolicyName, ServerConfig};
 
 /// The WebSocket route.
 pub const WS_PATH: &str = "/v1/edge/ws";
@@ -475,6 +475,7 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> 
     let transport_max = shared.cfg.max_frame_bytes.saturating_mul(2).max(64 << 10);
     ws.max_message_size(transport_max)
         .max_frame_size(transport_max)
+        .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| ws::serve_connection(shared, socket))
 }
 
