@@ -555,6 +555,8 @@ impl ServeArgs {
 
 fn serve(a: ServeArgs) -> Result<()> {
     let cfg = a.into_config()?;
+    // Checked here as well as in `server::start`: the runtime below is built from the config,
+    // and tokio panics on zero workers where `check` gives a clear error.
     cfg.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
