@@ -13,7 +13,7 @@
 //! order), so this path and the candle path agree to the last bit on everything except the
 //! matmuls and, on AVX-512, SiLU's `exp` (a vector polynomial within 2 ulp of libm's).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::error::{ModelError, Result};
 use crate::team::Team;
@@ -25,9 +25,19 @@ const FLOATS_PER_PART: usize = 1 << 13;
 
 /// Calls `f` with the contents of a contiguous f32 CPU tensor.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.dtype() != DType::F32 {
+    with_slice(t, f)
+}
+
+/// Calls `f` with the contents of a contiguous CPU tensor of element type `T` (a view is
+/// copied to a contiguous tensor first).
+pub(crate) fn with_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    if t.dtype() != T::DTYPE {
         return Err(ModelError::Input(format!(
-            "the CPU f32 path got a {:?} tensor",
+            "the CPU {:?} path got a {:?} tensor",
+            T::DTYPE,
             t.dtype()
         )));
     }
@@ -39,9 +49,9 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
         drop(storage);
-        return with_f32(&t.contiguous()?, f);
+        return with_slice(&t.contiguous()?, f);
     };
-    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+    Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }
 
 /// Runs `f(row_in, row_out)` over matching rows of `input` (`width_in` floats each) and
@@ -240,7 +250,7 @@ pub(crate) fn split_rope(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn random(len: usize, rng: &mut StdRng) -> Vec<f32> {

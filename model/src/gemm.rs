@@ -203,7 +203,7 @@ impl PackedMatrix {
 /// panels (which the hardware prefetchers follow), and yet a thread that runs late (woken
 /// late, or sharing its core) leaves its unclaimed panels to the others one at a time,
 /// instead of whole parts: the threads finish within one panel of each other.
-struct Stripes {
+pub(crate) struct Stripes {
     /// Per stripe, the unclaimed panels `front..back` as `front | back << 32`.
     left: Vec<Padded>,
 }
@@ -213,7 +213,7 @@ struct Stripes {
 struct Padded(std::sync::atomic::AtomicU64);
 
 impl Stripes {
-    fn new(panels: usize, stripes: usize) -> Self {
+    pub(crate) fn new(panels: usize, stripes: usize) -> Self {
         assert!(u32::try_from(panels).is_ok(), "{panels} panels");
         let stripes = stripes.max(1);
         let left = (0..stripes)
@@ -228,12 +228,12 @@ impl Stripes {
     }
 
     /// Claims the first unclaimed panel of stripe `s`.
-    fn front(&self, s: usize) -> Option<usize> {
+    pub(crate) fn front(&self, s: usize) -> Option<usize> {
         self.claim(s, |lo, hi| (lo, lo + 1, hi))
     }
 
     /// Claims the last unclaimed panel of stripe `s`.
-    fn back(&self, s: usize) -> Option<usize> {
+    pub(crate) fn back(&self, s: usize) -> Option<usize> {
         self.claim(s, |lo, hi| (hi - 1, lo, hi - 1))
     }
 
@@ -283,7 +283,7 @@ impl Line {
 /// The row blocks of `m` rows, `(first row, rows)`, as even as possible (64 rows: 11, 11,
 /// 11, 11, 10, 10 rather than five of 12 and one of 4): a block of few rows leaves the FMA
 /// units waiting on latency.
-fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
     let blocks = m.div_ceil(MR);
     (0..blocks).map(move |b| {
         let (base, extra) = (m / blocks, m % blocks);
@@ -310,14 +310,14 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only to hand disjoint output columns to the scoped worker threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method, so that closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

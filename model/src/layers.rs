@@ -19,6 +19,7 @@ use crate::config::LlamaConfig;
 use crate::cpu;
 use crate::error::{ModelError, Result};
 use crate::gemm::PackedMatrix;
+use crate::gemm_bf16::{Bf16Kernel, PackedBf16};
 use crate::weights::TensorSource;
 
 /// One sequence's rows inside a varlen batch.
@@ -154,21 +155,71 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((kv_heads * n_rep, len, d))?)
 }
 
+/// The dtype activations flow in between the layers for weights of `dtype` on `device`:
+/// on the CPU, bf16 weights run on the model's bf16 kernels ([`crate::gemm_bf16`]) with f32
+/// activations, norms, residuals and attention (each matmul rounds its input rows to bf16);
+/// anything else computes in the weights' dtype.
+pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// A weight packed for one of the model's CPU kernels.
+#[derive(Debug)]
+pub(crate) enum Packed {
+    F32(PackedMatrix),
+    Bf16(PackedBf16),
+}
+
+impl Packed {
+    pub(crate) fn n(&self) -> usize {
+        match self {
+            Self::F32(w) => w.n(),
+            Self::Bf16(w) => w.n(),
+        }
+    }
+
+    pub(crate) fn k(&self) -> usize {
+        match self {
+            Self::F32(w) => w.k(),
+            Self::Bf16(w) => w.k(),
+        }
+    }
+
+    /// Bytes of the packed weight.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Self::F32(w) => w.n().div_ceil(crate::gemm::NR) * crate::gemm::NR * w.k() * 4,
+            Self::Bf16(w) => w.bytes(),
+        }
+    }
+
+    /// `x · Wᵀ` for rows `x` (`[m, k]`, flat, f32) into a new `[m, n]`.
+    pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        let m = x.len() / self.k().max(1);
+        match self {
+            Self::F32(w) => w.matmul_to_vec(x, m),
+            Self::Bf16(w) => w.matmul_to_vec(x, m),
+        }
+    }
+}
+
 /// A dense projection without bias, `y = x · Wᵀ` with `W` `[out, in]`.
 ///
-/// On the CPU in f32 the weight is packed once at load for [`PackedMatrix`] (the model's
-/// own kernel: several times candle's matmul at the few rows of batched decoding, and a
-/// row's result does not depend on the other rows of the batch); any other device or dtype
-/// keeps the weight as a tensor for candle's matmul.
+/// On the CPU in f32 or bf16 the weight is packed once at load for the model's own kernels
+/// ([`PackedMatrix`], [`PackedBf16`]: several times candle's matmul at the few rows of
+/// batched decoding, and a row's result does not depend on the other rows of the batch);
+/// they take and return f32 activations. Any other device or dtype keeps the weight as a
+/// tensor for candle's matmul.
 #[derive(Clone, Debug)]
 pub struct Linear(LinearRepr);
 
 #[derive(Clone, Debug)]
 enum LinearRepr {
-    Packed {
-        w: Arc<PackedMatrix>,
-        device: Device,
-    },
+    Packed { w: Arc<Packed>, device: Device },
     Candle(candle_nn::Linear),
 }
 
@@ -185,18 +236,25 @@ impl Linear {
     }
 
     pub(crate) fn from_weight(w: Tensor) -> Result<Self> {
-        if w.device().is_cpu() && w.dtype() == DType::F32 {
-            let (n, k) = w.dims2()?;
-            let data = w.flatten_all()?.to_vec1::<f32>()?;
-            return Ok(Self(LinearRepr::Packed {
-                w: Arc::new(PackedMatrix::pack(&data, n, k)),
-                device: w.device().clone(),
-            }));
+        if !w.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16) {
+            return Ok(Self(LinearRepr::Candle(candle_nn::Linear::new(w, None))));
         }
-        Ok(Self(LinearRepr::Candle(candle_nn::Linear::new(w, None))))
+        let (n, k) = w.dims2()?;
+        let packed = if w.dtype() == DType::F32 {
+            cpu::with_f32(&w, |data| Packed::F32(PackedMatrix::pack(data, n, k)))?
+        } else {
+            // Refuse at load, not at the first step, when TANDEM_BF16_KERNEL names a kernel
+            // this CPU lacks.
+            Bf16Kernel::selected().map_err(ModelError::Input)?;
+            cpu::with_slice::<half::bf16, _>(&w, |data| Packed::Bf16(PackedBf16::pack(data, n, k)))?
+        };
+        Ok(Self(LinearRepr::Packed {
+            w: Arc::new(packed),
+            device: w.device().clone(),
+        }))
     }
 
-    /// The weight's dtype (the dtype of the activations this projection takes).
+    /// The dtype of the activations this projection takes (f32 for the packed kernels).
     pub fn dtype(&self) -> DType {
         match &self.0 {
             LinearRepr::Packed { .. } => DType::F32,
@@ -204,8 +262,16 @@ impl Linear {
         }
     }
 
-    /// The packed weight, when this projection runs on the model's CPU kernel.
-    fn packed(&self) -> Option<&PackedMatrix> {
+    /// Bytes of this projection's weight as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.0 {
+            LinearRepr::Packed { w, .. } => w.bytes(),
+            LinearRepr::Candle(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
+        }
+    }
+
+    /// The packed weight, when this projection runs on one of the model's CPU kernels.
+    fn packed(&self) -> Option<&Packed> {
         match &self.0 {
             LinearRepr::Packed { w, .. } => Some(w),
             LinearRepr::Candle(_) => None,
@@ -222,20 +288,15 @@ impl Linear {
         let dims = x.dims();
         if x.dtype() != DType::F32 || dims.last() != Some(&k) {
             return Err(ModelError::Input(format!(
-                "a [{n}, {k}] f32 projection got a {:?} input of shape {dims:?}",
+                "a [{n}, {k}] projection got a {:?} input of shape {dims:?} (it takes f32)",
                 x.dtype()
             )));
         }
-        let out = cpu::with_f32(x, |x| matmul(w, x))?;
+        let out = cpu::with_f32(x, |x| w.matmul(x))?;
         let mut shape = dims.to_vec();
         shape[dims.len() - 1] = n;
         Ok(Tensor::from_vec(out, shape, device)?)
     }
-}
-
-/// `x · Wᵀ` for rows `x` (`[m, k]`, flat) into a new `[m, n]`.
-fn matmul(w: &PackedMatrix, x: &[f32]) -> Vec<f32> {
-    w.matmul_to_vec(x, x.len() / w.k())
 }
 
 /// RMSNorm with a learned scale.
@@ -255,6 +316,9 @@ impl RmsNorm {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        // Norm weights are tiny: with bf16 weights on the CPU they are kept in f32, the
+        // activations' dtype.
+        let dtype = activation_dtype(dtype, device);
         let w = src.load(name, &[cfg.hidden_size], dtype, device)?;
         let cpu = if device.is_cpu() && dtype == DType::F32 {
             Some(w.to_vec1::<f32>()?.into())
@@ -295,7 +359,7 @@ impl Rotary {
         let n = inv.len();
         Ok(Self {
             inv_freq: Tensor::from_vec(inv, (1, n), device)?,
-            dtype,
+            dtype: activation_dtype(dtype, device),
         })
     }
 
@@ -465,6 +529,20 @@ impl DecoderLayer {
         self.index
     }
 
+    /// Bytes of this layer's projection weights as held in memory (norms excluded: a few
+    /// KB).
+    pub fn weight_bytes(&self) -> usize {
+        [
+            &self.attn.qkv_proj,
+            &self.attn.o_proj,
+            &self.mlp.gate_up_proj,
+            &self.mlp.down_proj,
+        ]
+        .iter()
+        .map(|l| l.weight_bytes())
+        .sum()
+    }
+
     /// Runs the layer over `x` (`[tokens, hidden]`).
     pub fn forward(
         &self,
@@ -505,10 +583,10 @@ struct CpuParts<'a> {
     input_norm: &'a [f32],
     post_attn_norm: &'a [f32],
     eps: f32,
-    qkv: &'a PackedMatrix,
-    o: &'a PackedMatrix,
-    gate_up: &'a PackedMatrix,
-    down: &'a PackedMatrix,
+    qkv: &'a Packed,
+    o: &'a Packed,
+    gate_up: &'a Packed,
+    down: &'a Packed,
     cos: &'a [f32],
     sin: &'a [f32],
 }
@@ -543,7 +621,7 @@ impl DecoderLayer {
         let device = x.device();
         let mut resid = cpu::with_f32(x, <[f32]>::to_vec)?;
         let h = cpu::rms_norm(&resid, p.input_norm, p.eps);
-        let qkv = matmul(p.qkv, &h);
+        let qkv = p.qkv.matmul(&h);
         let shape = cpu::QkvShape {
             heads: a.heads,
             kv_heads: a.kv_heads,
@@ -554,10 +632,10 @@ impl DecoderLayer {
         let k = Tensor::from_vec(k, (t, a.kv_heads, a.head_dim), device)?;
         let v = Tensor::from_vec(v, (t, a.kv_heads, a.head_dim), device)?;
         let attn = kv.attend(self.index, &q, &k, &v, ctx)?;
-        let o = cpu::with_f32(&attn, |attn| matmul(p.o, attn))?;
+        let o = cpu::with_f32(&attn, |attn| p.o.matmul(attn))?;
         let h = cpu::add_rms_norm(&mut resid, &o, p.post_attn_norm, p.eps);
-        let gated = cpu::silu_mul(&matmul(p.gate_up, &h), self.mlp.intermediate);
-        cpu::add_assign(&mut resid, &matmul(p.down, &gated));
+        let gated = cpu::silu_mul(&p.gate_up.matmul(&h), self.mlp.intermediate);
+        cpu::add_assign(&mut resid, &p.down.matmul(&gated));
         Ok(Tensor::from_vec(resid, (t, hidden), device)?)
     }
 }
@@ -584,6 +662,20 @@ impl LayerStack {
                 .collect::<Result<Vec<_>>>()?,
             rotary: Rotary::new(cfg, dtype, device)?,
         })
+    }
+
+    /// Number of layers.
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Bytes of the layers' projection weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers.iter().map(DecoderLayer::weight_bytes).sum()
     }
 
     /// Runs every layer over `x` (`[tokens, hidden]`); the rotary tables are built once.

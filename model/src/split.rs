@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{ForwardCtx, KvView, LayerStack, Linear, RmsNorm};
+use crate::layers::{activation_dtype, ForwardCtx, KvView, LayerStack, Linear, RmsNorm};
 use crate::weights::TensorSource;
 
 /// Name of the embedding matrix.
@@ -89,7 +89,10 @@ fn check_hidden(hidden: &Tensor, ctx: &ForwardCtx, cfg: &LlamaConfig) -> Result<
 pub struct EdgeModel {
     cfg: LlamaConfig,
     split: SplitPoint,
+    /// `[vocab, hidden]` in the weights' dtype (rows are converted when looked up).
     embed: Tensor,
+    /// The dtype of the hidden states the layers compute in and this part produces.
+    act: DType,
     layers: LayerStack,
 }
 
@@ -112,6 +115,7 @@ impl EdgeModel {
             cfg: cfg.clone(),
             split,
             embed,
+            act: activation_dtype(opts.dtype, opts.device),
             layers: LayerStack::load(src, cfg, split.edge_range(), opts.dtype, opts.device)?,
         })
     }
@@ -126,7 +130,7 @@ impl EdgeModel {
 
     /// Hidden-state dtype this part produces.
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.act
     }
 
     /// Embeds `tokens` and runs the edge layers: returns layer-`k` hidden states
@@ -146,7 +150,7 @@ impl EdgeModel {
             )));
         }
         let ids = Tensor::from_slice(tokens, tokens.len(), self.embed.device())?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let x = self.embed.index_select(&ids, 0)?.to_dtype(self.act)?;
         self.layers.forward(x, ctx, kv)
     }
 }
@@ -159,6 +163,8 @@ pub struct CloudModel {
     layers: LayerStack,
     norm: RmsNorm,
     lm_head: Linear,
+    /// The dtype the weights were loaded in.
+    weights: DType,
 }
 
 impl CloudModel {
@@ -189,6 +195,7 @@ impl CloudModel {
             layers,
             norm: RmsNorm::load(src, FINAL_NORM, cfg, opts.dtype, opts.device)?,
             lm_head: Linear::from_weight(head)?,
+            weights: opts.dtype,
         })
     }
 
@@ -203,6 +210,26 @@ impl CloudModel {
     /// Hidden-state dtype this part expects.
     pub fn dtype(&self) -> DType {
         self.lm_head.dtype()
+    }
+
+    /// Bytes of the weights one decode step reads: every layer's projections and the LM head.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers.weight_bytes() + self.lm_head.weight_bytes()
+    }
+
+    /// Multiply-adds per row through the layers' projections and the LM head (a decode
+    /// step of `s` sessions does `2 s` times this many FLOPs in its matmuls).
+    pub fn matmul_params(&self) -> usize {
+        let c = &self.cfg;
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let layer = h * (c.q_size() + 2 * c.kv_size()) + c.q_size() * h + 3 * h * f;
+        self.layers.len() * layer + c.vocab_size * h
+    }
+
+    /// The dtype the weights were loaded in (bf16 weights compute with f32 hidden states on
+    /// the CPU: [`crate::layers::activation_dtype`]).
+    pub fn weight_dtype(&self) -> DType {
+        self.weights
     }
 
     /// Runs the cloud layers over layer-`k` hidden states `[tokens, hidden]` and returns the

@@ -281,6 +281,13 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 /// Writes `tokenizer.json` (byte-level BPE: 4 special tokens then the 256 bytes, a few merges)
 /// and `tokenizer_config.json` (ChatML template) into `dir`. Needs a vocabulary of >= 264.
 pub fn write_tokenizer(dir: &Path) -> Result<()> {
+    write_tokenizer_sized(dir, 0)
+}
+
+/// [`write_tokenizer`] with the vocabulary padded to `vocab` entries (when larger) by
+/// three-letter ASCII tokens, so that every id a model of that vocabulary samples decodes
+/// to text (random-weight models at real shapes sample all over their vocabulary).
+pub fn write_tokenizer_sized(dir: &Path, vocab_size: usize) -> Result<()> {
     let chars = byte_chars();
     let mut vocab = serde_json::Map::new();
     for (i, s) in SPECIALS.iter().enumerate() {
@@ -292,6 +299,18 @@ pub fn write_tokenizer(dir: &Path) -> Result<()> {
     let merges = [("h", "e"), ("l", "l"), ("he", "ll")];
     for (i, (a, b)) in merges.iter().enumerate() {
         vocab.insert(format!("{a}{b}"), (SPECIALS.len() + 256 + i).into());
+    }
+    let letters: Vec<char> = ('a'..='z').chain('A'..='Z').collect();
+    let mut extra = (0..).map(|i: usize| {
+        let l = letters.len();
+        [i / (l * l) % l, i / l % l, i % l]
+            .iter()
+            .map(|&j| letters[j])
+            .collect::<String>()
+    });
+    while vocab.len() < vocab_size.min(letters.len().pow(3)) {
+        let id = vocab.len();
+        vocab.insert(extra.next().unwrap_or_default(), id.into());
     }
     let added: Vec<serde_json::Value> = SPECIALS
         .iter()

@@ -266,7 +266,9 @@ fn bf16_split_tracks_f32_closely() {
         },
     )
     .expect("bf16");
-    assert_eq!(bf16.edge.dtype(), DType::BF16);
+    // bf16 weights on the CPU: the hidden states stay f32 (the matmuls round their inputs).
+    assert_eq!(bf16.edge.dtype(), DType::F32);
+    assert_eq!(bf16.cloud.weight_dtype(), DType::BF16);
     let prompt = common::prompt(spec, 7);
     let la = Split::new(&f32_split).step(&prompt, 0);
     let lb = Split::new(&bf16).step(&prompt, 0);
@@ -281,4 +283,49 @@ fn bf16_split_tracks_f32_closely() {
     println!("bf16 vs f32: max |logit diff| {d:.3e} (max |logit| {scale:.2})");
     assert!(d > 0.0, "bf16 should not be bit-identical to f32");
     assert!(d < 0.1 * scale.max(1.0), "bf16 drifted too far: {d}");
+}
+
+fn load_bf16(path: &std::path::Path, k: usize) -> LocalSplit {
+    LocalSplit::load(
+        path,
+        &LocalSplitOptions {
+            edge_layers: Some(k),
+            dtype: Some(DType::BF16),
+            device: Device::Cpu,
+        },
+    )
+    .expect("bf16 split")
+}
+
+/// In bf16 the edge and the cloud run the same kernels and hand over f32 hidden states
+/// unchanged, so where the model is cut cannot change a bit: every split point gives the
+/// logits of every other, bit for bit, over a prompt and 32 greedy steps.
+#[test]
+fn bf16_split_is_the_same_model_at_every_split_point() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for spec in common::specs() {
+        let dir = tmp.path().join(spec.name);
+        common::write_hf(&dir, &spec);
+        let n = spec.layers;
+        let whole_ish = load_bf16(&dir, n - 1);
+        for k in 1..n - 1 {
+            let split = load_bf16(&dir, k);
+            let (mut a, mut b) = (Split::new(&whole_ish), Split::new(&split));
+            let prompt = common::prompt(&spec, 7);
+            let (mut la, mut lb) = (a.step(&prompt, 0), b.step(&prompt, 0));
+            for pos in prompt.len()..prompt.len() + STEPS {
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.to_vec1::<f32>()
+                        .expect("v")
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                assert_eq!(bits(&la), bits(&lb), "{} k={k}: position {pos}", spec.name);
+                let t = argmax(&la.to_vec1::<f32>().expect("v"));
+                la = a.step(&[t], pos);
+                lb = b.step(&[t], pos);
+            }
+        }
+    }
 }

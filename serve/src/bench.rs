@@ -52,6 +52,8 @@ pub struct BenchPlan {
     /// Prefix run (0 sessions: skipped).
     pub prefix_sessions: usize,
     pub prefix_tokens: usize,
+    /// Measure the machine's limits and report each figure as a fraction of its roofline.
+    pub roofline: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -534,11 +536,28 @@ fn prefix_pass(
 }
 
 /// Runs the plan; returns a JSON report.
+/// A memory figure of this process from `/proc/self/status` (`VmRSS`, `VmHWM`), in MiB.
+pub fn memory_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<serde_json::Value> {
     let k = model.edge.split().edge_layers();
     let n = model.edge.split().num_layers();
     let edge = model.edge;
     let cloud = model.cloud;
+    let rss_loaded_mib = memory_mib("VmRSS");
+    let limits = plan.roofline.then(|| {
+        let l = crate::roofline::measure(cloud.weight_dtype() == candle_core::DType::BF16);
+        eprintln!(
+            "roofline: read bandwidth {:.1} GB/s, {} matmul peak {:.0} GFLOP/s (weights in cache)",
+            l.read_bandwidth_gb_per_s, l.kernel_dtype, l.matmul_peak_gflop_per_s
+        );
+        l
+    });
     let engine = Engine::start(cloud.clone(), model.tokenizer.clone(), cfg.clone());
     let prefill = prefill_run(&engine, &edge, plan)?;
     eprintln!("prefill: {:.0} tokens/s", prefill.prefill_tokens_per_s);
@@ -601,7 +620,49 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
         .find(|f| f.sessions == 1)
         .map(|f| f.decode_tokens_per_s);
     let most = decode.last().map(|f| (f.sessions, f.decode_tokens_per_s));
+    let roofline = limits.map(|l| {
+        let (bytes, params) = (cloud.weight_bytes(), cloud.matmul_params());
+        let frac = |rows, tps| crate::roofline::fraction(&l, bytes, params, rows, tps);
+        let decode: Vec<_> = decode
+            .iter()
+            .map(|f| frac(f.sessions, f.decode_tokens_per_s))
+            .collect();
+        for f in &decode {
+            eprintln!(
+                "{:>4} sessions: {:.1} tokens/s is {:.0}% of the {}-bound {:.1}",
+                f.rows,
+                f.tokens_per_s,
+                100.0 * f.fraction_of_bound,
+                f.bound_by,
+                f.bound_tokens_per_s
+            );
+        }
+        let rows = plan.prefill_tokens.min(cfg.scheduler.max_batch_tokens);
+        let prefill = frac(rows, prefill.prefill_tokens_per_s);
+        eprintln!(
+            "prefill ({rows}-row steps): {:.0} tokens/s is {:.0}% of the {}-bound {:.0}",
+            prefill.tokens_per_s,
+            100.0 * prefill.fraction_of_bound,
+            prefill.bound_by,
+            prefill.bound_tokens_per_s
+        );
+        serde_json::json!({
+            "limits": l,
+            "weight_bytes_per_step": bytes,
+            "matmul_params_per_row": params,
+            "decode": decode,
+            "prefill": prefill,
+        })
+    });
     Ok(serde_json::json!({
+        "dtype": tandem_model::weights::dtype_user_name(cloud.weight_dtype()),
+        "bf16_kernel": (cloud.weight_dtype() == candle_core::DType::BF16)
+            .then(|| tandem_model::gemm_bf16::Bf16Kernel::selected().ok().map(|k| k.name()))
+            .flatten(),
+        "cloud_weight_bytes": cloud.weight_bytes(),
+        "rss_after_load_mib": rss_loaded_mib,
+        "rss_peak_mib": memory_mib("VmHWM"),
+        "roofline": roofline,
         "machine": format!("{} CPU threads", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         "edge_layers": k,
         "num_layers": n,

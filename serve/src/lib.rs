@@ -21,6 +21,7 @@ pub mod engine;
 pub mod metrics;
 mod pacing;
 pub mod rest;
+pub mod roofline;
 pub mod server;
 pub mod store;
 pub mod telemetry;

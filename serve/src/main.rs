@@ -47,6 +47,24 @@ enum Command {
     /// Play the server as an attacker: how much of a prompt the hidden states give away at
     /// each split depth, wire encoding and noise level, beside the quality cost.
     AuditPrivacy(Box<tandem_serve::audit::AuditArgs>),
+    /// Write a random-weight bf16 checkpoint with the exact shapes of a real Llama model
+    /// (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b), to measure the engine at real scale.
+    RandomModel(RandomModelArgs),
+}
+
+#[derive(Args, Debug)]
+struct RandomModelArgs {
+    /// llama-3.2-1b, llama-3.2-3b or llama-3.1-8b.
+    #[arg(long)]
+    shape: String,
+    /// Output directory (an HF model directory: config.json, model.safetensors, tokenizer).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Replace an existing checkpoint in the output directory.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Every setting is also read from the environment and from `--config FILE` (TOML, the same
@@ -71,6 +89,10 @@ struct ServeArgs {
     /// This replica's name (a random suffix is added).
     #[arg(long, env = "TANDEM_REPLICA_ID")]
     replica_id: Option<String>,
+    /// Weight dtype: auto (bf16 where the CPU has AMX or AVX512-BF16, else f32), f32
+    /// [default], bf16 or f16; the KV cache follows it.
+    #[arg(long, env = "TANDEM_DTYPE")]
+    dtype: Option<tandem_model::weights::DtypeName>,
     /// KV cache size as a block count (overrides --kv-cache-gib).
     #[arg(long, env = "TANDEM_KV_BLOCKS")]
     kv_blocks: Option<usize>,
@@ -187,9 +209,17 @@ struct BenchArgs {
     decode_wait_ms: f64,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// KV cache size in GiB (f32 storage).
+    /// KV cache size in GiB (in the KV dtype, which follows --dtype).
     #[arg(long, default_value_t = 2.0)]
     kv_cache_gib: f64,
+    /// Weight dtype: auto (bf16 where the CPU has AMX or AVX512-BF16, else f32), f32, bf16
+    /// or f16; the KV cache follows it.
+    #[arg(long, default_value = "f32")]
+    dtype: tandem_model::weights::DtypeName,
+    /// Also measure the machine's memory bandwidth and the kernel's peak, and report each
+    /// figure as a fraction of its roofline.
+    #[arg(long)]
+    roofline: bool,
     /// Mixed run: sessions decoding while prompts arrive (0 skips the run).
     #[arg(long, default_value_t = 16)]
     mixed_decoders: usize,
@@ -287,6 +317,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(*a),
         Command::AuditPrivacy(a) => tandem_serve::audit::run_cli(*a),
+        Command::RandomModel(a) => random_model(a),
         Command::Admin(a) => match tandem_serve::admin_cli::run(a) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -336,6 +367,36 @@ fn split(a: SplitArgs) -> Result<()> {
         );
     }
     eprintln!("  pair id {}", edge.pair_id);
+    Ok(())
+}
+
+fn random_model(a: RandomModelArgs) -> Result<()> {
+    use tandem_model::random_model::{write, RealShape};
+    let shape = RealShape::named(&a.shape)?;
+    anyhow::ensure!(
+        a.force || !a.out.join("model.safetensors").exists(),
+        "{} already holds a checkpoint (--force replaces it)",
+        a.out.display()
+    );
+    let started = Instant::now();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("writing {}", shape.name));
+    let bytes = write(&a.out, shape, a.seed, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{}: {:.2} B parameters, {:.2} GiB of bf16 in {} ({:.1}s)",
+        shape.name,
+        shape.parameters() as f64 / 1e9,
+        bytes as f64 / (1u64 << 30) as f64,
+        a.out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -419,22 +480,26 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    use tandem_kvcache::{KvDtype, KvLayout};
+    use tandem_kvcache::KvLayout;
     use tandem_scheduler::{Policy, SchedulerConfig};
     let policy = match a.policy.as_str() {
         "decode-first" => Policy::DecodeFirst,
         "prefill-first" => Policy::PrefillFirst,
         other => anyhow::bail!("unknown policy `{other}` (decode-first or prefill-first)"),
     };
+    let dtype = a.dtype.resolve();
+    let load_started = Instant::now();
     let model = LocalSplit::load(
         &a.model,
         &LocalSplitOptions {
             edge_layers: Some(a.edge_layers),
-            dtype: Some(candle_core::DType::F32),
+            dtype: Some(dtype),
             device: Device::Cpu,
         },
     )
     .with_context(|| format!("loading {}", a.model.display()))?;
+    let load_s = load_started.elapsed().as_secs_f64();
+    let kv_dtype = tandem_serve::server::kv_dtype_for(dtype);
     let c = model.cloud.config();
     let range = model.cloud.split().cloud_range();
     let layout = KvLayout {
@@ -444,7 +509,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         block_size: a.block_size,
         kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim,
-        dtype: KvDtype::F32,
+        dtype: kv_dtype,
     };
     let kv_blocks = layout.blocks_for_budget((a.kv_cache_gib * (1u64 << 30) as f64) as usize);
     let cfg = tandem_serve::engine::EngineConfig {
@@ -459,7 +524,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         },
         block_size: a.block_size,
         kv_blocks,
-        kv_dtype: KvDtype::F32,
+        kv_dtype,
         prefix_sharing: true,
         decode_wait: {
             anyhow::ensure!(
@@ -480,7 +545,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         mixed_prompt_tokens: a.mixed_prompt_tokens,
         prefix_sessions: a.prefix_sessions,
         prefix_tokens: a.prefix_tokens,
+        roofline: a.roofline,
     };
+    eprintln!(
+        "loaded {} as {} in {load_s:.1}s ({:.0} MiB of cloud weights, resident {:.0} MiB)",
+        a.model.display(),
+        dtype_user_name(dtype),
+        model.cloud.weight_bytes() as f64 / (1u64 << 20) as f64,
+        tandem_serve::bench::memory_mib("VmRSS").unwrap_or(0.0)
+    );
     let report = tandem_serve::bench::run(model, cfg, &plan)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -500,6 +573,7 @@ impl ServeArgs {
             cloud,
             listen,
             redis_key_prefix,
+            dtype,
             kv_cache_gib,
             block_size,
             max_batch_tokens,

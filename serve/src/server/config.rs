@@ -60,7 +60,11 @@ pub struct ServerConfig {
     pub replica_id: Option<String>,
     /// Prefix of every Redis key.
     pub redis_key_prefix: String,
-    /// KV cache size in GiB (f32 storage), allocated at start.
+    /// The weights' dtype: `f32` (the default), `bf16` (the bf16 kernels: AMX or
+    /// AVX512-BF16 where the CPU has them), `f16`, or `auto` (bf16 where the CPU has bf16
+    /// units, else f32). The KV cache is stored in the same dtype.
+    pub dtype: tandem_model::weights::DtypeName,
+    /// KV cache size in GiB (in the KV dtype), allocated at start.
     pub kv_cache_gib: f64,
     /// KV cache size as a block count; overrides `kv_cache_gib` when set.
     pub kv_blocks: Option<usize>,
@@ -185,6 +189,7 @@ impl Default for ServerConfig {
             redis: None,
             replica_id: None,
             redis_key_prefix: "tandem".to_owned(),
+            dtype: tandem_model::weights::DtypeName::F32,
             kv_cache_gib: 1.0,
             kv_blocks: None,
             block_size: 16,

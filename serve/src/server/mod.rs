@@ -192,9 +192,11 @@ impl ServerHandle {
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     cfg.check()?;
     let cloud_dir = cloud_dir(&cfg.cloud);
-    let (served, model, tokenizer) = tokio::task::spawn_blocking(move || load_cloud(&cloud_dir))
-        .await
-        .context("loading the cloud model")??;
+    let dtype = cfg.dtype.resolve();
+    let (served, model, tokenizer) =
+        tokio::task::spawn_blocking(move || load_cloud(&cloud_dir, dtype))
+            .await
+            .context("loading the cloud model")??;
     let engine_cfg = engine_config(&cfg, &model);
     let expiry = SessionExpiry::default();
     let store_cfg = match &cfg.redis {
@@ -511,7 +513,7 @@ type Loaded = (
     Option<tandem_model::tokenizer::TextTokenizer>,
 );
 
-fn load_cloud(dir: &Path) -> anyhow::Result<Loaded> {
+fn load_cloud(dir: &Path, dtype: DType) -> anyhow::Result<Loaded> {
     let ck = Checkpoint::open_part(dir, Part::Cloud)
         .with_context(|| format!("opening the cloud checkpoint {}", dir.display()))?;
     let manifest = ck
@@ -519,12 +521,23 @@ fn load_cloud(dir: &Path) -> anyhow::Result<Loaded> {
         .clone()
         .context("the cloud checkpoint has no manifest")?;
     let split = SplitPoint::new(manifest.edge_layers, manifest.num_layers)?;
-    // The engine computes in f32 on the CPU whatever the stored dtype.
+    // The weights are converted to the configured dtype whatever the stored one (bf16 and
+    // f32 run on the model's own CPU kernels, with f32 activations).
     let opts = LoadOptions {
-        dtype: DType::F32,
+        dtype,
         device: &Device::Cpu,
     };
+    let started = std::time::Instant::now();
     let model = CloudModel::load(ck.tensors.as_ref(), &ck.config, split, opts)?;
+    tracing::info!(
+        dtype = tandem_model::weights::dtype_user_name(dtype),
+        bf16_kernel = (dtype == DType::BF16)
+            .then(|| tandem_model::gemm_bf16::Bf16Kernel::selected().ok())
+            .flatten()
+            .map(|k| k.name()),
+        load_s = started.elapsed().as_secs_f64(),
+        "cloud model loaded"
+    );
     let served = Served {
         pair_id: manifest.pair_id.clone(),
         split: u32::try_from(manifest.edge_layers)?,
@@ -532,6 +545,16 @@ fn load_cloud(dir: &Path) -> anyhow::Result<Loaded> {
         max_context: ck.config.max_position_embeddings,
     };
     Ok((served, model, ck.tokenizer))
+}
+
+/// The KV cache's dtype for weights of `dtype`: the same (bf16 keys and values halve the
+/// cache's memory and the attention's reads; scores and sums stay f32).
+pub fn kv_dtype_for(dtype: DType) -> KvDtype {
+    match dtype {
+        DType::BF16 => KvDtype::BF16,
+        DType::F16 => KvDtype::F16,
+        _ => KvDtype::F32,
+    }
 }
 
 fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
@@ -544,7 +567,7 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
         block_size: cfg.block_size,
         kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim,
-        dtype: KvDtype::F32,
+        dtype: kv_dtype_for(model.weight_dtype()),
     };
     let bytes = (cfg.kv_cache_gib * (1u64 << 30) as f64) as usize;
     EngineConfig {
@@ -561,7 +584,7 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
         kv_blocks: cfg
             .kv_blocks
             .unwrap_or_else(|| layout.blocks_for_budget(bytes).max(1)),
-        kv_dtype: KvDtype::F32,
+        kv_dtype: layout.dtype,
         prefix_sharing: cfg.prefix_sharing,
         decode_wait: Duration::from_secs_f64(cfg.decode_wait_ms / 1000.0),
     }
