@@ -370,6 +370,45 @@ async fn stream_and_whole_answer_agree_with_the_client_library() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_a_stream_cancels_it_and_the_record_stays() {
+    let live = Live::tiny().await;
+    let ep = live.endpoint(|_| {}).await;
+    let body = json!({"model": ep.model_id(), "temperature": 0, "max_tokens": 400,
+                      "messages": [{"role": "user", "content": "go on"}]});
+    // Precondition: left alone, this generation runs to its token limit.
+    let whole = post(ep.addr(), CHAT, &body).await.json();
+    assert_eq!(
+        whole["usage"]["completion_tokens"], 400,
+        "{}",
+        whole["usage"]
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (id, first) = openai_support::stream_then_leave(ep.addr(), CHAT, &streamed).await;
+    assert!(
+        first.starts_with(b"data: "),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    let path = format!("/v1/tandem/transparency/{id}");
+    let mut entry = None;
+    for _ in 0..200 {
+        let r = http(ep.addr(), "GET", &path, &[], None).await;
+        if r.status == 200 {
+            entry = Some(r.json());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let entry = entry.expect("the record of the abandoned stream");
+    assert_eq!(entry["finish_reason"], "cancelled");
+    let generated = entry["usage"]["completion_tokens"].as_u64().expect("count");
+    assert!(generated < 400, "cancelled after {generated} tokens");
+    ep.shutdown().await;
+}
+
+#[tokio::test]
 async fn completions_tokenize_the_raw_prompt_and_stream() {
     let live = Live::tiny().await;
     let ep = live.endpoint(|_| {}).await;

@@ -6,8 +6,8 @@
 //! refusal (overloaded, out of range, unreachable) is an HTTP error with its status, not a
 //! stream that fails. After that, a failure mid-stream is one `data: {"error": …}` event
 //! (which the OpenAI SDKs raise as `APIError`) and the stream ends without `[DONE]`. A client
-//! that goes away drops the stream, and the job drops the generation, which cancels it on
-//! the cloud.
+//! that goes away drops the stream; the job then cancels the generation on the cloud and
+//! still stores its record (finish reason `cancelled`).
 //!
 //! The stream's deltas are the cloud's text deltas as they arrive, so their concatenation is
 //! the whole answer's `content`. Usage is the device's count: the prompt's tokens as
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use hyper::body::Bytes;
 use hyper::Response;
 use serde_json::json;
-use tandem_protocol::ErrorCode;
+use tandem_protocol::{DoneReason, ErrorCode};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::api::{
@@ -165,8 +165,18 @@ impl Job {
     }
 
     async fn pump(mut self, tx: mpsc::Sender<Bytes>) {
-        // `Err`: the client went away; dropping the generation cancels it.
-        let _ = self.pump_inner(&tx).await;
+        if self.pump_inner(&tx).await.is_ok() {
+            return;
+        }
+        // The client went away: stop the generation, and keep its record all the same (hidden
+        // states did leave the device).
+        tracing::info!("openai: the client left a stream; cancelling");
+        self.generation.cancel();
+        while let Some(event) = self.generation.next().await {
+            if let Event::Done(f) = event {
+                self.store(&f);
+            }
+        }
     }
 
     async fn pump_inner(&mut self, tx: &mpsc::Sender<Bytes>) -> Result<(), Gone> {
@@ -270,7 +280,10 @@ impl Job {
             "created": self.created,
             "model": self.svc.model_id,
             "user": self.user,
-            "finish_reason": finish_reason(f.reason),
+            "finish_reason": match f.reason {
+                DoneReason::Cancelled => "cancelled",
+                reason => finish_reason(reason),
+            },
             "usage": self.usage(f),
             "record": f.record,
         });

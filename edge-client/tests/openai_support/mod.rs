@@ -144,6 +144,43 @@ pub async fn http(
     }
 }
 
+/// Starts a streamed `POST`, reads its transparency id and the first piece of the body,
+/// then closes the connection.
+pub async fn stream_then_leave(addr: SocketAddr, path: &str, body: &Value) -> (String, Vec<u8>) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("json"),
+        )))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("send");
+    let id = res
+        .headers()
+        .get("x-tandem-transparency-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("record id")
+        .to_owned();
+    let mut body = res.into_body();
+    let first = loop {
+        match body.frame().await.expect("a frame").expect("body") {
+            f if f.is_data() => break f.into_data().expect("data").to_vec(),
+            _ => {}
+        }
+    };
+    drop(body);
+    drop(sender);
+    conn.abort();
+    (id, first)
+}
+
 /// `POST` of a JSON body.
 pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
     http(addr, "POST", path, &[], Some(body)).await
