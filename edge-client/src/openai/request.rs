@@ -477,3 +477,94 @@ impl Params {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn chat(extra: Value) -> Result<ValidRequest, ApiError> {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        parse(Route::Chat, body, "m")
+    }
+
+    #[test]
+    fn openai_defaults_and_precedence() -> Result<(), ApiError> {
+        let r = chat(json!({}))?;
+        assert_eq!(r.sampling.temperature, 1.0, "OpenAI's default temperature");
+        assert_eq!(
+            (r.max_tokens, r.stream, r.include_usage),
+            (None, false, false)
+        );
+        let r = chat(
+            json!({"max_tokens": 9, "max_completion_tokens": 5, "seed": -1,
+                            "temperature": 0, "top_p": 0.5, "stop": "END"}),
+        )?;
+        assert_eq!(r.max_tokens, Some(5), "max_completion_tokens wins");
+        assert_eq!(r.sampling.seed, u64::MAX, "int64 seeds map one to one");
+        assert_eq!((r.sampling.temperature, r.sampling.top_p), (0.0, Some(0.5)));
+        assert_eq!(r.stop, ["END"]);
+        // null is absent, as in OpenAI's API; ignored parameters are accepted.
+        let r = chat(json!({"n": null, "tools": null, "store": true, "metadata": {"a": "b"}}))?;
+        assert!(r.user.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn absent_seeds_are_drawn_and_given_seeds_kept() -> Result<(), ApiError> {
+        let seeds: Vec<u64> = (0..4)
+            .map(|_| chat(json!({})).map(|r| r.sampling.seed))
+            .collect::<Result<_, _>>()?;
+        assert!(seeds.windows(2).any(|w| w[0] != w[1]), "{seeds:?}");
+        assert_eq!(chat(json!({"seed": 42}))?.sampling.seed, 42);
+        Ok(())
+    }
+
+    #[test]
+    fn text_parts_join_and_roles_map() -> Result<(), ApiError> {
+        let r = chat(json!({"messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c", "name": "bot"},
+        ]}))?;
+        let Input::Chat(turns) = r.input else {
+            panic!("chat input");
+        };
+        let got: Vec<(Role, &str)> = turns.iter().map(|t| (t.role, t.content.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Role::System, "be brief"),
+                (Role::User, "ab"),
+                (Role::Assistant, "c")
+            ]
+        );
+        let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
+        let e = chat(image).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        Ok(())
+    }
+
+    #[test]
+    fn completions_take_one_string_prompt() {
+        let parse_prompt = |p: Value| {
+            parse(Route::Completions, json!({"model": "m", "prompt": p}), "m").map(|r| r.input)
+        };
+        assert!(matches!(parse_prompt(json!(["x"])), Ok(Input::Text(t)) if t == "x"));
+        for bad in [json!(["x", "y"]), json!([1, 2]), json!(3)] {
+            let e = parse_prompt(bad).expect_err("refused");
+            assert_eq!(e.param.as_deref(), Some("prompt"));
+        }
+        let e = parse(
+            Route::Completions,
+            json!({"model": "m", "prompt": "x", "echo": true}),
+            "m",
+        )
+        .expect_err("echo");
+        assert_eq!(e.param.as_deref(), Some("echo"));
+    }
+}
