@@ -9,6 +9,10 @@
 # - Swagger UI's assets (scripts/fetch-swagger-ui.sh, from npm) are built into the server
 #   for /docs; without them /docs answers 503 and its test checks that, unless
 #   TANDEM_REQUIRE_SWAGGER_UI=1.
+# - The OpenAI SDK test (edge-client/tests/openai_sdk.rs) drives tandem-edge's OpenAI endpoint
+#   with the official `openai` Python package, which scripts/openai-sdk.sh installs (PyPI,
+#   pinned) into target/openai-venv; without it (or the demo model) the test skips loudly,
+#   unless TANDEM_REQUIRE_OPENAI=1.
 # - scripts/schemathesis.sh fuzzes the live REST API against its OpenAPI document (needs the
 #   demo model and PyPI; skips otherwise unless TANDEM_REQUIRE_SCHEMATHESIS=1).
 # - The bf16 model tests run once more per other bf16 kernel (TANDEM_BF16_KERNEL=avx512bf16,
@@ -21,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh || echo "test.sh: continuing without redis-server (its tests will skip)" >&2
 scripts/fetch-swagger-ui.sh || echo "test.sh: continuing without Swagger UI (/docs answers 503)" >&2
+scripts/openai-sdk.sh
 cargo test --workspace "$@"
 # The bf16 model tests again on each other bf16 kernel this CPU has (the first run used the
 # best one): TANDEM_BF16_KERNEL forces a kernel, and refuses one the CPU lacks.

@@ -5,6 +5,9 @@
 //! as it arrives, and prints the transparency record (`--show-transparency`) or one JSON
 //! object (`--json`).
 //!
+//! `tandem-edge serve-openai` answers OpenAI API requests on the device's loopback (see
+//! [`crate::openai`]), with the same model and wire options.
+//!
 //! `tandem-edge inbox` lists the prompts partners sent to the user and answers or declines
 //! them (see [`InboxArgs`] for who decides what); each answer streams like `run`'s output.
 //! Both take the same model and wire options ([`ModelArgs`]).
@@ -14,6 +17,7 @@
 //! [`inbox()`]).
 
 mod inbox;
+mod serve_openai;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -26,6 +30,7 @@ use tandem_model::privacy::{DpConfig, GaussianMechanism};
 use tandem_protocol::{DoneReason, HiddenDtype, SamplingParams};
 
 pub use self::inbox::{inbox, Console, InboxArgs, InboxReport};
+pub use self::serve_openai::{serve_openai, ServeOpenAiArgs};
 use crate::client::{ClientConfig, EdgeClient, Event, Finished, GenerateRequest, Generation};
 use crate::prompt::{assemble, Profile, PromptTemplate};
 use crate::sanitize::Sanitizer;
@@ -50,6 +55,9 @@ pub enum Command {
     Run(RunArgs),
     /// List the prompts partners sent to this user, and answer or decline them.
     Inbox(InboxArgs),
+    /// Answer OpenAI API requests (chat completions, completions, models) on this device's
+    /// loopback, with split inference underneath.
+    ServeOpenai(ServeOpenAiArgs),
 }
 
 /// Element type of the hidden states on the wire.
@@ -215,6 +223,14 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args, &mut stdout, &mut stderr)
                 .await
                 .map(|_| ExitCode::SUCCESS),
+            Command::ServeOpenai(args) => {
+                let ctrl_c = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                serve_openai(args, &mut stdout, &mut stderr, ctrl_c)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
             Command::Inbox(args) => {
                 // Ask only a person: with stdin not a terminal, nobody is there to answer.
                 let mut stdin = std::io::BufReader::new(std::io::stdin());

@@ -18,7 +18,9 @@
 //!
 //! Costs: the kept frames are the whole session's hidden states on the wire (prompt tokens
 //! plus output tokens, times hidden size, times the wire dtype's size). The edge layers run
-//! on the driver task itself (one small forward per token).
+//! on tokio's blocking pool, one step at a time (a prompt chunk, or one token), never on an
+//! async worker: a current-thread runtime keeps its timers while a long prompt is computed,
+//! and the connection keeps answering the cloud's `Ping`s.
 //!
 //! Privacy: the client logs session ids, sequence numbers, counts and error codes; never
 //! prompt text, token text, profile values or activations (those stay in the events and the

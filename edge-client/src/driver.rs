@@ -6,17 +6,20 @@
 //! wait for a frame or for the caller's cancel. The outer loop reconnects, so the prompt
 //! chunks and decode steps never need to know about connections: they append to `sent`,
 //! and the flush step sends from where the current connection stands.
+//!
+//! The edge layers never run on this task: each step goes to the blocking pool
+//! ([`EdgeCompute`]), and while it runs the task keeps reading the connection (answering
+//! `Ping`, taking an `Error` or a `Done`), so neither the runtime nor the cloud waits on a
+//! long prompt.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tandem_model::privacy::RowNoiser;
 use tandem_model::EdgeModel;
 use tandem_protocol::{
-    f32_to_hidden, DoneReason, ErrorCode, Frame, HiddenDtype, HiddenRef, ManifestId, Open,
-    ResumeToken, SessionId,
+    DoneReason, ErrorCode, Frame, HiddenDtype, ManifestId, Open, ResumeToken, SessionId,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +30,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::client::{
     ClientConfig, ClientError, Event, Finished, GenerateRequest, Timings, Usage, WireStats,
 };
+use crate::compute::{Computed, EdgeCompute, Step};
 use crate::transparency::{Compression, NoiseRecord};
 use crate::transport::Jitter;
 use crate::EdgeSession;
@@ -75,7 +79,8 @@ pub(crate) struct Driver {
     redirect: Option<String>,
     cancel_sent: bool,
 
-    edge: EdgeSession,
+    /// The edge layers and the encoding; `None` only while a step runs on the blocking pool.
+    edge: Option<EdgeCompute>,
     hidden_size: usize,
     /// Layers the edge runs (`k`).
     split: usize,
@@ -106,8 +111,6 @@ pub(crate) struct Driver {
     edge_decode_steps: u64,
     /// Time spent in the edge layers for the prompt.
     edge_prompt: Duration,
-    /// Clips and noises each row before it is encoded, when the device asked for noise.
-    noiser: Option<RowNoiser>,
 }
 
 impl Driver {
@@ -132,7 +135,9 @@ impl Driver {
             };
             r.noise = cfg.noise.as_ref().map(NoiseRecord::from_mechanism);
         }
+        // Clips and noises each row before it is encoded, when the device asked for noise.
         let noiser = cfg.noise.map(|m| RowNoiser::new(m, cfg.noise_seed));
+        let edge = EdgeCompute::new(EdgeSession::new(model), noiser, cfg.dtype);
         Self {
             manifest,
             cfg,
@@ -141,7 +146,7 @@ impl Driver {
             cancel_rx,
             cancel_requested: false,
             cancel_sent: false,
-            edge: EdgeSession::new(model),
+            edge: Some(edge),
             hidden_size,
             split,
             eos,
@@ -162,7 +167,6 @@ impl Driver {
             edge_decode: Duration::ZERO,
             edge_decode_steps: 0,
             edge_prompt: Duration::ZERO,
-            noiser,
         }
     }
 
@@ -379,9 +383,11 @@ impl Driver {
             }
             if !self.cancel_requested {
                 if self.prompt_fed < self.req.prompt.len() {
-                    self.push_prompt_chunk()?;
-                    let seq = self.sent.len() - 1;
-                    self.flush(&mut ws, seq).await?;
+                    self.push_prompt_chunk(&mut ws).await?;
+                    if self.done.is_none() {
+                        let seq = self.sent.len() - 1;
+                        self.flush(&mut ws, seq).await?;
+                    }
                     continue;
                 }
                 if self.owes_hidden() {
@@ -406,9 +412,10 @@ impl Driver {
                             continue;
                         }
                     }
-                    self.push_decode_hidden()?;
-                    let seq = self.sent.len() - 1;
-                    self.flush(&mut ws, seq).await?;
+                    if self.push_decode_hidden(&mut ws).await? {
+                        let seq = self.sent.len() - 1;
+                        self.flush(&mut ws, seq).await?;
+                    }
                     continue;
                 }
             }
@@ -576,7 +583,7 @@ impl Driver {
 
     /// Runs the edge over the next prompt chunk and keeps its frame. The shared system prefix
     /// is a chunk (or chunks) of its own.
-    fn push_prompt_chunk(&mut self) -> Result<(), Stop> {
+    async fn push_prompt_chunk(&mut self, ws: &mut Ws) -> Result<(), Stop> {
         let len = self.req.prompt.len();
         let start = self.prompt_fed;
         let boundary = if start < self.req.system_prefix_len {
@@ -585,76 +592,78 @@ impl Driver {
             len
         };
         let end = boundary.min(start + self.cfg.prompt_chunk_tokens);
-        let ids = self.req.prompt[start..end].to_vec();
-        let frame = self.encode_hidden(&ids, start, end == len)?;
+        let step = Step {
+            ids: self.req.prompt[start..end].to_vec(),
+            seq: self.sent.len() as u64,
+            complete: end == len,
+        };
+        let (computed, interrupted) = self.compute(ws, step).await?;
+        self.edge_prompt += computed.elapsed;
         self.stats.prompt_frames += 1;
-        self.stats.prompt_bytes += frame.len() as u64;
-        self.sent.push(frame);
+        self.stats.prompt_bytes += computed.frame.len() as u64;
+        self.sent.push(computed.frame);
         self.prompt_fed = end;
         if end == len {
             self.prompt_frames = self.sent.len();
         }
-        Ok(())
+        interrupted.map_or(Ok(()), Err)
     }
 
-    /// Runs the edge over the last token and keeps its frame.
-    fn push_decode_hidden(&mut self) -> Result<(), Stop> {
+    /// Runs the edge over the last token and keeps its frame; `false` when the generation
+    /// ended (a `Done` came) while it ran, and there is nothing to send.
+    async fn push_decode_hidden(&mut self, ws: &mut Ws) -> Result<bool, Stop> {
         let token = *self.tokens.last().ok_or_else(|| {
             Stop::Fatal(ClientError::Protocol("no token to continue from".into()))
         })?;
-        let position = self.edge.position();
-        let frame = self.encode_hidden(&[token], position, true)?;
+        let step = Step {
+            ids: vec![token],
+            seq: self.sent.len() as u64,
+            complete: true,
+        };
+        let (computed, interrupted) = self.compute(ws, step).await?;
+        if self.done.is_some() {
+            return interrupted.map_or(Ok(false), Err);
+        }
+        self.edge_decode += computed.elapsed;
+        self.edge_decode_steps += 1;
         self.stats.decode_frames += 1;
-        self.stats.decode_bytes += frame.len() as u64;
-        self.sent.push(frame);
-        Ok(())
+        self.stats.decode_bytes += computed.frame.len() as u64;
+        self.sent.push(computed.frame);
+        interrupted.map_or(Ok(true), Err)
     }
 
-    fn encode_hidden(
-        &mut self,
-        ids: &[u32],
-        position: usize,
-        complete: bool,
-    ) -> Result<Bytes, Stop> {
-        debug_assert_eq!(position, self.edge.position());
-        let edge_started = Instant::now();
-        let hidden = self.edge.feed(ids)?;
-        if ids.len() == 1 && !self.tokens.is_empty() {
-            self.edge_decode += edge_started.elapsed();
-            self.edge_decode_steps += 1;
-        } else {
-            self.edge_prompt += edge_started.elapsed();
-        }
-        let mut values: Vec<f32> = hidden
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .map_err(tandem_model::ModelError::from)?;
-        if let Some(noiser) = self.noiser.as_mut() {
-            // Before compression: the noise is part of what the wire dtype then rounds.
-            noiser.apply(&mut values, self.hidden_size)?;
-            if let Some(n) = self.req.record.as_mut().and_then(|r| r.noise.as_mut()) {
+    /// Runs `step` on the blocking pool and, meanwhile, handles what arrives on `ws` (a
+    /// `Ping` is answered, a `Done` or an `Error` is taken). The step's frame comes back even
+    /// when the connection failed meanwhile (the second value): the caller keeps it, since
+    /// the edge's cache has consumed its tokens, and a later connection sends it.
+    async fn compute(&mut self, ws: &mut Ws, step: Step) -> Result<(Computed, Option<Stop>), Stop> {
+        let edge = self.edge.take().ok_or(Stop::Fatal(ClientError::TaskGone))?;
+        let mut task = edge.spawn(step);
+        let mut interrupted: Option<Stop> = None;
+        let joined = loop {
+            if interrupted.is_some() {
+                break (&mut task).await;
+            }
+            let msg = tokio::select! {
+                joined = &mut task => break joined,
+                msg = ws.next() => msg,
+            };
+            let handled = match self.classify(msg) {
+                Ok(Some(frame)) => self.handle(ws, frame).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            interrupted = handled.err();
+        };
+        // A panic in the edge layers loses the session's cache: nothing can continue.
+        let (edge, result) = joined.map_err(|_| Stop::Fatal(ClientError::TaskGone))?;
+        if let (Some(r), Some(noiser)) = (self.req.record.as_mut(), edge.noiser()) {
+            if let Some(n) = r.noise.as_mut() {
                 n.update(noiser);
             }
         }
-        let mut payload = Vec::new();
-        f32_to_hidden(
-            self.cfg.dtype,
-            ids.len(),
-            self.hidden_size,
-            &values,
-            &mut payload,
-        )?;
-        let frame = HiddenRef {
-            seq: self.sent.len() as u64,
-            first_position: position as u32,
-            token_count: ids.len() as u32,
-            complete,
-            dtype: self.cfg.dtype,
-            payload: &payload,
-        }
-        .encode()?;
-        Ok(Bytes::from(frame))
+        self.edge = Some(edge);
+        Ok((result?, interrupted))
     }
 
     fn local_done(&self, reason: DoneReason) -> tandem_protocol::Done {

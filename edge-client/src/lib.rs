@@ -29,19 +29,32 @@
 //! - [`inbox`]: the inbox REST calls, auto-accept, and answering an accepted prompt; the
 //!   small HTTP/1.1 client under it lives in the private `http` module.
 //! - [`transparency`]: the record shown to the user.
+//! - [`conversation`]: assembling a whole conversation (several messages) by the same rules.
+//! - [`openai`]: the OpenAI-compatible endpoint on the device's loopback
+//!   ([`openai::serve`]), for apps that already speak to a model through an OpenAI SDK.
 //! - `cli` (feature `cli`, on by default): the `tandem-edge` command.
 //!
+//! # Threads
+//! The edge layers never run on an async worker: each step of a generation (a prompt chunk
+//! or one token) runs on tokio's blocking pool (the private `compute` module), as does
+//! prompt assembly in the endpoint, so an app's runtime (even a current-thread one) keeps
+//! its timers and its connections while a long prompt is computed.
+//!
 //! The crate stays light on purpose: tokio, a WebSocket client and hyper's HTTP/1.1 client
-//! core, no HTTP server, no TLS, no Redis, no scheduler. Nothing here logs above debug level with prompt text, profile values,
+//! and server cores (the server for the loopback endpoint only), no web framework, no TLS, no
+//! Redis, no scheduler. Nothing here logs above debug level with prompt text, profile values,
 //! output text or activations.
 
 pub mod bundle;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
+mod compute;
+pub mod conversation;
 mod driver;
 mod http;
 pub mod inbox;
+pub mod openai;
 pub mod prompt;
 pub mod sanitize;
 pub mod transparency;
@@ -55,10 +68,12 @@ pub use client::{
     ClientConfig, ClientError, EdgeClient, Event, Finished, GenerateRequest, Generation, Timings,
     Usage, WireStats,
 };
+pub use conversation::{assemble_conversation, AssembledConversation, Role, Turn};
 pub use inbox::{
     Accepted, ApiCode, AutoAccept, Decision, DeviceToken, Inbox, InboxClient, InboxConfig,
     InboxError, InboxItem, ItemStatus, PartnerPrompt, PromptContext, PromptId, Ticket,
 };
+pub use openai::{OpenAiConfig, OpenAiError, OpenAiHandle};
 pub use prompt::{
     assemble, AssembledPrompt, FieldUse, Profile, ProfileSettings, PromptError, PromptTemplate,
 };

@@ -667,7 +667,10 @@ pub fn assemble(
 /// A third party's template must not be able to write chat structure of its own (close the
 /// user turn and open one posing as the provider's system prompt), nor can a profile value:
 /// the user turn may not tokenize to any special (control) token.
-fn reject_control_tokens(text: &str, tokenizer: &TextTokenizer) -> Result<(), PromptError> {
+pub(crate) fn reject_control_tokens(
+    text: &str,
+    tokenizer: &TextTokenizer,
+) -> Result<(), PromptError> {
     let ids = tokenizer.encode(text, false)?;
     let added = tokenizer.inner().get_added_tokens_decoder();
     match ids
@@ -683,7 +686,7 @@ fn reject_control_tokens(text: &str, tokenizer: &TextTokenizer) -> Result<(), Pr
 /// prompt only: the longest common prefix with the tokens of the system-only rendering, cut
 /// first to the text the full prompt starts with. 0 when the template cannot render a system
 /// message alone (some require a user turn): sharing is lost, correctness is not.
-fn shared_prefix_len(
+pub(crate) fn shared_prefix_len(
     system: &str,
     chat: &ChatTemplate,
     tokenizer: &TextTokenizer,

@@ -175,6 +175,17 @@ impl TransparencyRecord {
         template: &PromptTemplate,
         prompt: &AssembledPrompt,
     ) -> Self {
+        Self::from_parts(model, system_prompt, template.source().to_owned(), prompt)
+    }
+
+    /// A record for a prompt assembled from `template` as written (for a conversation of
+    /// several templates: all of them, labelled; see `conversation`).
+    pub fn from_parts(
+        model: ModelInfo,
+        system_prompt: Option<&str>,
+        template: String,
+        prompt: &AssembledPrompt,
+    ) -> Self {
         let sent = SentTraffic {
             hidden_size: model.hidden_size,
             ..SentTraffic::default()
@@ -183,7 +194,7 @@ impl TransparencyRecord {
             partner: None,
             prompt_id: None,
             system_prompt: system_prompt.map(str::to_owned),
-            template: template.source().to_owned(),
+            template,
             user_prompt: prompt.user_prompt.clone(),
             fields_used: prompt.fields_used.clone(),
             redactions: prompt.redactions.clone(),
