@@ -32,7 +32,8 @@ fi
 
 step "4/5 starting tandem serve (in-memory session store)"
 log=$(mktemp)
-target/release/tandem serve --cloud "$split/cloud" --listen 127.0.0.1:0 >"$log" 2>"$log.err" &
+# --dtype auto: bf16 weights and KV on the AMX / AVX512-BF16 kernels where the CPU has them.
+target/release/tandem serve --cloud "$split/cloud" --listen 127.0.0.1:0 --dtype auto >"$log" 2>"$log.err" &
 server=$!
 cleanup() {
     kill -INT "$server" 2>/dev/null || true
