@@ -248,7 +248,8 @@ struct SplitArgs {
     /// Output directory; edge/ and cloud/ are created inside it.
     #[arg(long)]
     out: PathBuf,
-    /// Weight dtype of the parts: f32, f16 or bf16 (default: the source's; f32 for GGUF).
+    /// Weight dtype of the parts: auto (bf16 where the CPU has AMX or AVX512-BF16, else
+    /// f32), f32, f16 or bf16 (default: the source's; f32 for GGUF).
     #[arg(long)]
     dtype: Option<String>,
     /// Replace existing parts in the output directory.
@@ -295,7 +296,9 @@ struct GenerateArgs {
     /// Stop when the output contains this text (repeatable); the text is not shown.
     #[arg(long = "stop")]
     stop: Vec<String>,
-    /// Compute dtype: f32, f16 or bf16 (default: the checkpoint's; f32 for GGUF).
+    /// Weight dtype: auto (bf16 where the CPU has AMX or AVX512-BF16, else f32), f32, f16 or
+    /// bf16 (default: the checkpoint's; f32 for GGUF). bf16 runs on the bf16 kernels with f32
+    /// activations.
     #[arg(long)]
     dtype: Option<String>,
     /// Print one JSON object instead of streaming text.
