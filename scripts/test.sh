@@ -32,7 +32,7 @@ cargo test --workspace "$@"
 for kernel in avx512bf16 portable; do
     if [[ "$kernel" == portable ]] || grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
         echo "== bf16 model tests on the $kernel kernel" >&2
-        TANDEM_BF16_KERNEL=$kernel cargo test -p tandem-model --test split_equals_whole -- bf16
+        TANDEM_BF16_KERNEL=$kernel cargo test --workspace --test split_equals_whole -- bf16
     fi
 done
 echo "== schemathesis against a live server" >&2
