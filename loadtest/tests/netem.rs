@@ -8,7 +8,8 @@
 //! at least 0.85 s (1 s nominal) and at most 5 s; a client closing makes the upstream see end
 //! of stream and the other way round; a receiver that stops reading stops the sender
 //! (bounded buffering) without losing a byte once it reads again; shutdown closes the
-//! listener and the open connections.
+//! listener and the open connections; a WebSocket upgrade and binary frames up to 100 kB go
+//! through unchanged, each paying at least the round trip (and the uplink's rate).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -348,4 +349,58 @@ async fn shutdown_closes_listener_and_connections() {
         TcpStream::connect(addr).await.is_err(),
         "the listener still accepts"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carries_a_websocket_unchanged() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // A WebSocket echo server.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind ws");
+    let server = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.expect("upgrade");
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_binary() && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = proxy_to(
+        server,
+        LinkConditions {
+            rtt: ms(40),
+            jitter: ms(5),
+            uplink: Rate::from_mbit(5.0).expect("rate"),
+            downlink: Rate::from_mbit(50.0).expect("rate"),
+        },
+    )
+    .await;
+    let url = format!("ws://{}/", proxy.local_addr());
+    let t0 = Instant::now();
+    let (mut ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("upgrade in time")
+        .expect("upgrade");
+    // The upgrade is one request and its answer: one round trip.
+    assert!(t0.elapsed() >= ms(30), "upgrade took {:?}", t0.elapsed());
+    for size in [1usize, 1000, 100_000] {
+        let frame: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+        let t0 = Instant::now();
+        ws.send(Message::binary(frame.clone())).await.expect("send");
+        let back = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("no error");
+        assert_eq!(back.into_data().as_ref(), frame.as_slice());
+        // Round trip (30 ms at least) plus 100 kB at 5 Mbit/s up (160 ms) for the big one.
+        let floor = if size == 100_000 { ms(180) } else { ms(30) };
+        assert!(t0.elapsed() >= floor, "{size} bytes: {:?}", t0.elapsed());
+    }
 }
