@@ -30,6 +30,8 @@
 //! - [`scrape`]: fetching and diffing the server's `/metrics`.
 //! - [`report`]: nearest-rank percentiles and the JSON [`Report`].
 //! - [`plot`]: the PNG of the latency distributions and throughput over time.
+//! - [`netem`]: a TCP proxy that adds round trips, jitter and rate caps (issue 22), behind
+//!   `tandem-loadtest proxy`.
 //! - `runner`: [`run`], [`run_detailed`], [`run_until`].
 //!
 //! This is a tool: errors are `anyhow` errors, and what fails during a run is counted in the
@@ -40,6 +42,7 @@ pub mod compute;
 pub mod config;
 pub mod device;
 pub mod live;
+pub mod netem;
 pub mod plot;
 pub mod replay;
 pub mod report;

@@ -10,6 +10,8 @@
 //!     [--trace lengths.json] [--device-compute replay|real] [--max-reconnects N] \
 //!     [--silence-timeout-s S] [--plot out.png] [--plot-font FONT.ttf]
 //! tandem-loadtest tiny-model --out DIR [--seed S] [--edge-layers K] [--context N] [--force]
+//! tandem-loadtest proxy --listen HOST:PORT --upstream HOST:PORT [--rtt-ms MS] [--jitter-ms MS] \
+//!     [--uplink-mbit R] [--downlink-mbit R] [--seed S]
 //! ```
 //!
 //! `SIGINT` or `SIGTERM` stops a run early: what still runs is cut, and the report is
@@ -45,6 +47,34 @@ enum Command {
     /// Writes a tiny random-weight model (DIR/hf) and its split (DIR/edge, DIR/cloud), for
     /// load tests with many sessions: `tandem serve --cloud DIR/cloud`, `--edge DIR/edge`.
     TinyModel(TinyModelArgs),
+    /// Relays TCP connections to an upstream with a round trip, jitter and rate caps added
+    /// (`tandem_loadtest::netem`), until SIGINT or SIGTERM.
+    Proxy(ProxyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ProxyArgs {
+    /// Address to listen on (port 0: any free port; the line printed says which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Where connections go: HOST:PORT.
+    #[arg(long)]
+    upstream: String,
+    /// Round trip added, in milliseconds: each direction is delayed by half of it.
+    #[arg(long, default_value_t = 0)]
+    rtt_ms: u64,
+    /// Jitter on each direction's delay, in milliseconds: a uniform draw from ±this per chunk.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Client-to-upstream rate cap per connection, in Mbit/s (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    uplink_mbit: f64,
+    /// Upstream-to-client rate cap per connection, in Mbit/s (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    downlink_mbit: f64,
+    /// Seed of the jitter draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -182,6 +212,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run(*args),
         Command::TinyModel(args) => tiny_model(args),
+        Command::Proxy(args) => proxy(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,6 +281,44 @@ fn interrupted() -> std::io::Result<impl Future<Output = ()>> {
 fn interrupted() -> std::io::Result<impl Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use tandem_loadtest::netem::{self, LinkConditions, ProxyConfig, Rate};
+
+    let conditions = LinkConditions {
+        rtt: Duration::from_millis(args.rtt_ms),
+        jitter: Duration::from_millis(args.jitter_ms),
+        uplink: Rate::from_mbit(args.uplink_mbit).context("--uplink-mbit")?,
+        downlink: Rate::from_mbit(args.downlink_mbit).context("--downlink-mbit")?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let stop = interrupted().context("listening for SIGINT and SIGTERM")?;
+        let listener = tokio::net::TcpListener::bind(args.listen.as_str())
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let config = ProxyConfig {
+            upstream: args.upstream.clone(),
+            conditions,
+            seed: args.seed,
+        };
+        let handle = netem::spawn(listener, config)?;
+        // Scripts read the address from this line.
+        println!(
+            "proxy listening on {} -> {} ({conditions})",
+            handle.local_addr(),
+            args.upstream
+        );
+        std::io::stdout().flush()?;
+        stop.await;
+        handle.shutdown().await;
+        Ok(())
     })
 }
 
