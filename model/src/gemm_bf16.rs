@@ -581,7 +581,7 @@ mod amx {
         cols: usize,
     ) {
         debug_assert!(a.len() >= m.div_ceil(TILE_ROWS) * TILE_ROWS * kp);
-        debug_assert!(panel.len() == kp * NR && kp % KSTEP == 0);
+        debug_assert!(panel.len() == kp * NR && kp.is_multiple_of(KSTEP));
         let mut acc = Acc([[0f32; NR]; 2 * TILE_ROWS]);
         let lda = kp * 2;
         let mut r = 0;
