@@ -36,6 +36,7 @@ fn run(ck: &Checkpoint, settings: &AuditSettings) -> AuditReport {
         generic: &generic[..400.min(generic.len())],
         excluded,
         bos: tok.bos_token().map(|b| b.id),
+        earlier: &[],
     };
     audit(ck, &inputs, settings, &mut |_| {}).expect("audit")
 }
