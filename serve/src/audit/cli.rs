@@ -45,10 +45,14 @@ pub struct AuditArgs {
     /// Skip the exhaustive attack (whole-vocabulary search per position).
     #[arg(long)]
     pub no_exhaustive: bool,
-    /// Candidates per position the exhaustive attack tries on noisy cells: a number or `all`
-    /// (noise-free cells stop at the exact match instead).
-    #[arg(long, default_value = "1024", value_parser = parse_budget)]
+    /// Candidates per position the exhaustive attack tries at most on noise-free cells, which
+    /// stop at the exact match: a number or `all`.
+    #[arg(long, default_value = "all", value_parser = parse_budget)]
     pub exhaustive_budget: Budget,
+    /// Candidates per position the exhaustive attack tries on noisy cells (the nearest wins):
+    /// a number or `all`.
+    #[arg(long, default_value = "1024", value_parser = parse_budget)]
+    pub exhaustive_noisy_budget: Budget,
     /// The exhaustive attack's exact-match tolerance, relative to a row's norm (float
     /// round-off; the wire's rounding bound is added per row).
     #[arg(long, default_value_t = 1e-3)]
@@ -87,6 +91,15 @@ pub struct AuditArgs {
 pub enum Budget {
     All,
     Candidates(usize),
+}
+
+impl Budget {
+    fn limit(self) -> Option<usize> {
+        match self {
+            Self::All => None,
+            Self::Candidates(n) => Some(n),
+        }
+    }
 }
 
 fn parse_budget(s: &str) -> std::result::Result<Budget, String> {
@@ -131,10 +144,8 @@ pub fn run_cli(a: AuditArgs) -> Result<()> {
         clip: a.dp_clip,
         shortlist: a.shortlist,
         exhaustive: (!a.no_exhaustive).then_some(ExhaustiveSettings {
-            noisy_budget: match a.exhaustive_budget {
-                Budget::All => None,
-                Budget::Candidates(n) => Some(n),
-            },
+            budget: a.exhaustive_budget.limit(),
+            noisy_budget: a.exhaustive_noisy_budget.limit(),
             match_tolerance: a.match_tolerance,
         }),
         output_pairs: a.output_pairs.iter().copied().filter(|&n| n > 0).collect(),

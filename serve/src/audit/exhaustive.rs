@@ -8,9 +8,10 @@
 //! every non-special vocabulary token is a candidate for the position. Candidates are pushed
 //! through the edge layers in batches that share the prefix (one batched forward of one-token
 //! sequences per batch), clipped as the device clips, and compared with the received row in
-//! L2. The candidates are visited in a *guided order*: by the better of each token's two
-//! cheap ranks (cosine with the raw embedding, cosine of the learned decoder's output), ties
-//! by the cosine rank, i.e. first the shortlist attack's candidates, then everything else.
+//! L2. The candidates are visited in a *guided order*: by the best of each token's cheap
+//! ranks (cosine with the raw embedding, and the hints the caller gives: in the audit, the
+//! cosine of the learned decoder's output and of the output-pairs decoder's), ties by the
+//! embedding-cosine rank, i.e. first the shortlist attack's candidates, then everything else.
 //! The order is a permutation of the whole vocabulary: it changes when the search finds the
 //! token, never whether it can.
 //!
@@ -42,7 +43,7 @@ use candle_core::{Device, Tensor};
 use tandem_model::EdgeModel;
 use tandem_protocol::HiddenDtype;
 
-use super::attack::{candidate_distances, AttackerView, CandidateKv, EmbeddingIndex, RidgeDecoder};
+use super::attack::{candidate_distances, AttackerView, CandidateKv, EmbeddingIndex};
 
 /// When the search may stop before the end of its order (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -87,22 +88,23 @@ const MAX_BATCH: usize = 1024;
 
 impl Exhaustive<'_> {
     /// Recovers the tokens of `received` (`[n, d]`, flat); position 0 is `known_first` when
-    /// given. `learned` contributes the second half of the guided order.
+    /// given. `hints` are more per-position token scores (`[n][V]`, higher is likelier: the
+    /// learned decoders' cosines) that join the embedding cosine in the guided order.
     pub fn invert(
         &self,
         received: &[f32],
         known_first: Option<u32>,
-        learned: Option<&RidgeDecoder>,
+        hints: &[Vec<Vec<f32>>],
     ) -> Result<Vec<PositionOutcome>> {
         let d = self.edge.config().hidden_size;
         ensure!(received.len() % d == 0, "received rows are not [n, {d}]");
         let n = received.len() / d;
         let rows = Tensor::from_slice(received, (n, d), &Device::Cpu)?;
         let cos = self.index.cosine(&rows)?;
-        let learned_scores = match learned {
-            Some(dec) => Some(dec.scores(&rows, self.index)?),
-            None => None,
-        };
+        ensure!(
+            hints.iter().all(|h| h.len() == n),
+            "a hint without one score row per position"
+        );
         let mut kv = CandidateKv::new(self.edge.config().num_hidden_layers);
         let mut out = Vec::with_capacity(n);
         for (i, target) in received.chunks_exact(d).enumerate() {
@@ -115,11 +117,9 @@ impl Exhaustive<'_> {
                     runner_up: f64::INFINITY,
                 },
                 _ => {
-                    let order = guided_order(
-                        &cos[i],
-                        learned_scores.as_ref().map(|s| s[i].as_slice()),
-                        self.index.excluded(),
-                    );
+                    let mut sources = vec![cos[i].as_slice()];
+                    sources.extend(hints.iter().map(|h| h[i].as_slice()));
+                    let order = guided_order(&sources, self.index.excluded());
                     self.search(&mut kv, i, &order, target)?
                 }
             };
@@ -186,23 +186,30 @@ impl Exhaustive<'_> {
     }
 }
 
-/// Every token not in `excluded`, best first by `min(cosine rank, learned rank)`, ties by
-/// the cosine rank (then the id, so the order is total and reproducible).
-pub fn guided_order(cos: &[f32], learned: Option<&[f32]>, excluded: &[u32]) -> Vec<u32> {
-    let v = cos.len();
+/// Every token not in `excluded`, best first by its best rank over the score `sources`
+/// (each `[V]`, higher is better; rows of another length are ignored), ties by the rank in
+/// the first source, then the id, so the order is total and reproducible.
+pub fn guided_order(sources: &[&[f32]], excluded: &[u32]) -> Vec<u32> {
+    let Some(first) = sources.first() else {
+        return Vec::new();
+    };
+    let v = first.len();
     let mut skip = vec![false; v];
     for &t in excluded {
         if let Some(s) = skip.get_mut(t as usize) {
             *s = true;
         }
     }
-    let rank_c = ranks(cos);
-    let rank_l = learned.filter(|l| l.len() == v).map(ranks);
+    let all: Vec<Vec<u32>> = sources
+        .iter()
+        .filter(|s| s.len() == v)
+        .map(|s| ranks(s))
+        .collect();
     let mut order: Vec<u32> = (0..v as u32).filter(|&t| !skip[t as usize]).collect();
     order.sort_unstable_by_key(|&t| {
-        let rc = rank_c[t as usize];
-        let best = rank_l.as_ref().map_or(rc, |rl| rc.min(rl[t as usize]));
-        (best, rc, t)
+        let t_ = t as usize;
+        let best = all.iter().map(|r| r[t_]).min().unwrap_or(0);
+        (best, all[0][t_], t)
     });
     order
 }
@@ -265,13 +272,14 @@ mod tests {
     fn guided_order_is_a_permutation_led_by_both_ranks() {
         let cos = [0.9, 0.1, 0.5, 0.7, 0.3, -0.2];
         let learned = [0.0, 0.95, 0.1, 0.2, 0.3, 0.4];
-        let order = guided_order(&cos, Some(&learned), &[5]);
+        let order = guided_order(&[&cos, &learned], &[5]);
         // Rank 0 of each source first (cosine's winner breaks the tie), then rank 1 of each.
         assert_eq!(&order[..4], &[0, 1, 3, 2]);
         let mut sorted = order.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, vec![0, 1, 2, 3, 4], "every non-excluded token once");
-        assert_eq!(guided_order(&cos, None, &[]), vec![0, 3, 2, 4, 1, 5]);
+        assert_eq!(guided_order(&[&cos], &[]), vec![0, 3, 2, 4, 1, 5]);
+        assert!(guided_order(&[], &[]).is_empty());
     }
 
     #[test]

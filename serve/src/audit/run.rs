@@ -113,8 +113,10 @@ impl Default for AuditSettings {
 /// How the exhaustive attack searches (see [`super::exhaustive`]).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct ExhaustiveSettings {
-    /// Candidates per position on noisy cells (`None`: every non-special token). Noise-free
-    /// cells (no noise, or clipping only) stop at the exact match instead.
+    /// Candidates per position on noise-free cells (no noise, or clipping only), which stop
+    /// at the exact match before it (`None`: every non-special token).
+    pub budget: Option<usize>,
+    /// Candidates per position on noisy cells (`None`: every non-special token).
     pub noisy_budget: Option<usize>,
     /// Round-off tolerance of the exact match, relative to the row's norm.
     pub match_tolerance: f64,
@@ -123,6 +125,7 @@ pub struct ExhaustiveSettings {
 impl Default for ExhaustiveSettings {
     fn default() -> Self {
         Self {
+            budget: None,
             noisy_budget: Some(1024),
             match_tolerance: 1e-3,
         }
@@ -537,7 +540,11 @@ fn run_cell(
         } else {
             StopRule::Nearest
         },
-        budget: if noise_free { None } else { ex.noisy_budget },
+        budget: if noise_free {
+            ex.budget
+        } else {
+            ex.noisy_budget
+        },
     });
     let released_pairs = PairSet {
         rows: release(&depth.pairs.rows, d, noiser(u64::MAX - 1).as_mut(), wire)?,
@@ -648,7 +655,13 @@ fn score_prompt(
     }
     if let Some(ex) = &att.exhaustive {
         let started = std::time::Instant::now();
-        let outcomes = ex.invert(prompt_rows, known, Some(&att.decoder))?;
+        // The guided order's hints: the learned decoder's and the output-pairs decoder's.
+        let rows = Tensor::from_slice(prompt_rows, (p.ids.len(), d), &Device::Cpu)?;
+        let mut hints = vec![att.decoder.scores(&rows, depth.index)?];
+        if let Some(a) = att.pairs.last() {
+            hints.push(a.linear.scores(&rows, depth.head_index)?);
+        }
+        let outcomes = ex.invert(prompt_rows, known, &hints)?;
         tally.exhaustive.seconds += started.elapsed().as_secs_f64();
         let cfg = depth.edge.config();
         let vocab = cfg.vocab_size - depth.index.excluded().len();
