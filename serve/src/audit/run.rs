@@ -327,26 +327,7 @@ pub fn audit(
         dtype: DType::F32,
         device: &device,
     };
-    let mut report = AuditReport {
-        model: ck.path.display().to_string(),
-        settings: settings.clone(),
-        prompts: inputs
-            .prompts
-            .iter()
-            .map(|p| PromptSummary {
-                name: p.name.clone(),
-                tokens: p.scored().len(),
-                sensitive_tokens: p.scored().filter(|&i| p.sensitive[i]).count(),
-            })
-            .collect(),
-        costs: settings
-            .edge_layers
-            .iter()
-            .map(|&k| edge_cost(cfg, k, settings.context))
-            .collect(),
-        clip_by_depth: Vec::new(),
-        cells: Vec::new(),
-    };
+    let mut report = empty_report(ck, inputs, settings);
     let train_seqs = training_sequences(
         inputs.generic,
         inputs.bos,
@@ -359,29 +340,8 @@ pub fn audit(
         progress(&format!("k={k}: loading the edge and cloud parts"));
         let edge = EdgeModel::load(ck.tensors.as_ref(), cfg, split, lo)?;
         let cloud = CloudModel::load(ck.tensors.as_ref(), cfg, split, lo)?;
-        let pair_set = match settings.output_pairs.iter().max() {
-            Some(&most) if most > 0 && !inputs.earlier.is_empty() => {
-                if generations.is_none() {
-                    let each = most.div_ceil(inputs.earlier.len());
-                    progress(&format!(
-                        "sampling {each} output tokens after each of {} earlier requests",
-                        inputs.earlier.len()
-                    ));
-                    let seed = mix(settings.seed, &[0x0A7F]);
-                    let g = pairs::generate(
-                        &edge,
-                        &cloud,
-                        inputs.earlier,
-                        each,
-                        &inputs.excluded,
-                        seed,
-                    )?;
-                    generations = Some(g);
-                }
-                PairSet::collect(&edge, generations.as_deref().unwrap_or_default())?
-            }
-            _ => PairSet::default(),
-        };
+        let parts = (&edge, &cloud);
+        let pair_set = output_pairs(parts, inputs, settings, &mut generations, progress)?;
         // Training rows (BOS rows left out: they are known and atypically long).
         let mut train_rows = Vec::new();
         let mut train_tokens = Vec::new();
@@ -430,6 +390,61 @@ pub fn audit(
         }
     }
     Ok(report)
+}
+
+/// The report before any cell: the prompts' sizes and the edge's costs.
+fn empty_report(
+    ck: &Checkpoint,
+    inputs: &AuditInputs<'_>,
+    settings: &AuditSettings,
+) -> AuditReport {
+    AuditReport {
+        model: ck.path.display().to_string(),
+        settings: settings.clone(),
+        prompts: inputs
+            .prompts
+            .iter()
+            .map(|p| PromptSummary {
+                name: p.name.clone(),
+                tokens: p.scored().len(),
+                sensitive_tokens: p.scored().filter(|&i| p.sensitive[i]).count(),
+            })
+            .collect(),
+        costs: settings
+            .edge_layers
+            .iter()
+            .map(|&k| edge_cost(&ck.config, k, settings.context))
+            .collect(),
+        clip_by_depth: Vec::new(),
+        cells: Vec::new(),
+    }
+}
+
+/// The noise-free output pairs at this depth: the earlier generations are sampled on the
+/// first call (the split is exact, so they do not depend on the depth) and kept in
+/// `generations`. Empty when the attack is off or there are no earlier requests.
+fn output_pairs(
+    (edge, cloud): (&EdgeModel, &CloudModel),
+    inputs: &AuditInputs<'_>,
+    settings: &AuditSettings,
+    generations: &mut Option<Vec<Generation>>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PairSet> {
+    let most = settings.output_pairs.iter().copied().max().unwrap_or(0);
+    if most == 0 || inputs.earlier.is_empty() {
+        return Ok(PairSet::default());
+    }
+    if generations.is_none() {
+        let each = most.div_ceil(inputs.earlier.len());
+        progress(&format!(
+            "sampling {each} output tokens after each of {} earlier requests",
+            inputs.earlier.len()
+        ));
+        let seed = mix(settings.seed, &[0x0A7F]);
+        let g = pairs::generate(edge, cloud, inputs.earlier, each, &inputs.excluded, seed)?;
+        *generations = Some(g);
+    }
+    PairSet::collect(edge, generations.as_deref().unwrap_or_default())
 }
 
 /// One cell's results in one line (no prompt text).
@@ -491,6 +506,28 @@ struct Attackers<'a> {
     pairs: Vec<PairsAttack>,
 }
 
+/// The exhaustive attack of a cell: the exact-match stop where the rows carry no noise.
+fn exhaustive_attack<'a>(
+    depth: &Depth<'a>,
+    ex: ExhaustiveSettings,
+    view: AttackerView,
+    noise_free: bool,
+) -> Exhaustive<'a> {
+    let (stop, budget) = if noise_free {
+        let relative = ex.match_tolerance;
+        (StopRule::ExactMatch { relative }, ex.budget)
+    } else {
+        (StopRule::Nearest, ex.noisy_budget)
+    };
+    Exhaustive {
+        edge: depth.edge,
+        index: depth.index,
+        view,
+        stop,
+        budget,
+    }
+}
+
 /// One wire encoding and noise level at one depth: train the learned attacker on rows
 /// released the same way, then score every prompt.
 fn run_cell(
@@ -529,23 +566,9 @@ fn run_cell(
         wire,
     };
     let noise_free = mech.is_none_or(|m| m.sigma() == 0.0);
-    let exhaustive = settings.exhaustive.map(|ex| Exhaustive {
-        edge: depth.edge,
-        index: depth.index,
-        view,
-        stop: if noise_free {
-            StopRule::ExactMatch {
-                relative: ex.match_tolerance,
-            }
-        } else {
-            StopRule::Nearest
-        },
-        budget: if noise_free {
-            ex.budget
-        } else {
-            ex.noisy_budget
-        },
-    });
+    let exhaustive = settings
+        .exhaustive
+        .map(|ex| exhaustive_attack(depth, ex, view, noise_free));
     let released_pairs = PairSet {
         rows: release(&depth.pairs.rows, d, noiser(u64::MAX - 1).as_mut(), wire)?,
         tokens: depth.pairs.tokens.clone(),
