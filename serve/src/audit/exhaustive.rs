@@ -97,7 +97,10 @@ impl Exhaustive<'_> {
         hints: &[Vec<Vec<f32>>],
     ) -> Result<Vec<PositionOutcome>> {
         let d = self.edge.config().hidden_size;
-        ensure!(received.len().is_multiple_of(d), "received rows are not [n, {d}]");
+        ensure!(
+            received.len().is_multiple_of(d),
+            "received rows are not [n, {d}]"
+        );
         let n = received.len() / d;
         let rows = Tensor::from_slice(received, (n, d), &Device::Cpu)?;
         let cos = self.index.cosine(&rows)?;
