@@ -12,7 +12,8 @@
 //! united with the top `M` by the learned decoder below. Only the shortlist goes through the
 //! exact edge forward, batched as `M` one-token sequences that all attend to the prefix's
 //! cached K/V ([`CandidateKv`]). A token outside the shortlist cannot be recovered, so the
-//! figure is a lower bound on what an attacker with more compute gets.
+//! figure is a lower bound on what an attacker with more compute gets;
+//! [`super::exhaustive`] is that attacker.
 //!
 //! # Learned inversion ([`RidgeDecoder`])
 //! A linear map from a received row (plus a constant) into the embedding space, fitted by
@@ -29,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use tandem_model::layers::{causal_attention, ForwardCtx, KvView};
 use tandem_model::EdgeModel;
+use tandem_protocol::HiddenDtype;
 
 /// Rows `[n, d]` as one flat row-major vector.
 pub type Rows = Vec<f32>;
@@ -42,6 +44,11 @@ pub struct EmbeddingIndex {
 }
 
 impl EmbeddingIndex {
+    /// Token ids never guessed.
+    pub fn excluded(&self) -> &[u32] {
+        &self.excluded
+    }
+
     pub fn new(embed: &Tensor, excluded: Vec<u32>) -> Result<Self> {
         let e = embed.to_dtype(DType::F32)?;
         let norms = (e.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?;
@@ -107,6 +114,14 @@ impl CandidateKv {
             layers: vec![None; num_layers],
             candidates: false,
         }
+    }
+
+    /// Appends `token` at `position` to the recovered prefix.
+    pub fn extend(&mut self, edge: &EdgeModel, token: u32, position: usize) -> Result<()> {
+        self.candidates = false;
+        edge.forward(&[token], &ForwardCtx::single(position, 1), self)
+            .context("extending the recovered prefix")?;
+        Ok(())
     }
 
     fn prefix(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
@@ -195,6 +210,8 @@ pub fn edge_rows(edge: &EdgeModel, tokens: &[u32]) -> Result<Rows> {
 pub struct AttackerView {
     /// The device's clip bound, when it clips.
     pub clip: Option<f32>,
+    /// The wire encoding the rows travelled in.
+    pub wire: HiddenDtype,
 }
 
 /// Nearest-neighbour inversion with a shortlist (see the module doc).
@@ -242,11 +259,7 @@ impl NearestNeighbour<'_> {
                     self.best_candidate(&mut kv, i, &cands, &received[i * d..(i + 1) * d])?
                 }
             };
-            // Extend the recovered prefix's cache with the pick.
-            kv.candidates = false;
-            self.edge
-                .forward(&[pick], &ForwardCtx::single(i, 1), &mut kv)
-                .context("extending the recovered prefix")?;
+            kv.extend(self.edge, pick, i)?;
             out.push(pick);
         }
         Ok(out)
@@ -259,34 +272,50 @@ impl NearestNeighbour<'_> {
         cands: &[u32],
         target: &[f32],
     ) -> Result<u32> {
-        if cands.is_empty() {
-            bail!("empty shortlist");
-        }
-        let d = target.len();
-        kv.candidates = true;
-        let spans: Vec<(usize, usize)> = cands.iter().map(|_| (position, 1)).collect();
-        let h = self
-            .edge
-            .forward(cands, &ForwardCtx::varlen(&spans), kv)
-            .context("candidate forward")?;
-        kv.candidates = false;
-        let mut rows: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut best = (f64::INFINITY, cands[0]);
-        for (row, &t) in rows.chunks_exact_mut(d).zip(cands) {
-            if let Some(c) = self.view.clip {
-                tandem_model::privacy::clip_row(row, c);
-            }
-            let dist: f64 = row
-                .iter()
-                .zip(target)
-                .map(|(a, b)| f64::from(a - b).powi(2))
-                .sum();
+        let dists = candidate_distances(self.edge, kv, position, cands, target, self.view.clip)?;
+        let mut best = (f64::INFINITY, *cands.first().context("empty shortlist")?);
+        for (&dist, &t) in dists.iter().zip(cands) {
             if dist < best.0 {
                 best = (dist, t);
             }
         }
         Ok(best.1)
     }
+}
+
+/// Squared L2 distances between `target` and the rows of `cands`, each pushed through the
+/// edge layers at `position` after the prefix cached in `kv` (one batched forward of
+/// one-token sequences) and clipped to `clip` as the device clips.
+pub fn candidate_distances(
+    edge: &EdgeModel,
+    kv: &mut CandidateKv,
+    position: usize,
+    cands: &[u32],
+    target: &[f32],
+    clip: Option<f32>,
+) -> Result<Vec<f64>> {
+    if cands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let d = target.len();
+    kv.candidates = true;
+    let spans: Vec<(usize, usize)> = cands.iter().map(|_| (position, 1)).collect();
+    let h = edge.forward(cands, &ForwardCtx::varlen(&spans), kv);
+    kv.candidates = false;
+    let h = h.context("candidate forward")?;
+    let mut rows: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(rows
+        .chunks_exact_mut(d)
+        .map(|row| {
+            if let Some(c) = clip {
+                tandem_model::privacy::clip_row(row, c);
+            }
+            row.iter()
+                .zip(target)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum()
+        })
+        .collect())
 }
 
 /// A ridge-regression map from rows into the embedding space (see the module doc).

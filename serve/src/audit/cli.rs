@@ -9,8 +9,9 @@ use tandem_model::checkpoint::{is_split_dir, Checkpoint};
 use tandem_protocol::HiddenDtype;
 
 use super::cost;
+use super::prompts::EARLIER_REQUESTS;
 use super::prompts::{self, GENERIC_TEXT};
-use super::run::{audit, AuditInputs, AuditReport, AuditSettings, NoiseLevel};
+use super::run::{audit, AuditInputs, AuditReport, AuditSettings, ExhaustiveSettings, NoiseLevel};
 
 /// Flags of `tandem audit-privacy`.
 #[derive(Args, Debug)]
@@ -41,6 +42,25 @@ pub struct AuditArgs {
     /// nearest-neighbour attack.
     #[arg(long, default_value_t = 64)]
     pub shortlist: usize,
+    /// Skip the exhaustive attack (whole-vocabulary search per position).
+    #[arg(long)]
+    pub no_exhaustive: bool,
+    /// Candidates per position the exhaustive attack tries at most on noise-free cells, which
+    /// stop at the exact match: a number or `all`.
+    #[arg(long, default_value = "all", value_parser = parse_budget)]
+    pub exhaustive_budget: Budget,
+    /// Candidates per position the exhaustive attack tries on noisy cells (the nearest wins):
+    /// a number or `all`.
+    #[arg(long, default_value = "1024", value_parser = parse_budget)]
+    pub exhaustive_noisy_budget: Budget,
+    /// The exhaustive attack's exact-match tolerance, relative to a row's norm (float
+    /// round-off; the wire's rounding bound is added per row).
+    #[arg(long, default_value_t = 1e-3)]
+    pub match_tolerance: f64,
+    /// Numbers of (output token, row) pairs the output-pairs attacker learns from,
+    /// comma-separated (`0`: skip it).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+    pub output_pairs: Vec<usize>,
     /// Teacher-forced output steps compared for utility.
     #[arg(long, default_value_t = 16)]
     pub gen_tokens: usize,
@@ -64,6 +84,32 @@ pub struct AuditArgs {
     /// TrueType font for the PNG's text [default: DejaVu Sans where installed].
     #[arg(long)]
     pub plot_font: Option<PathBuf>,
+}
+
+/// A number of candidates, or every one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    All,
+    Candidates(usize),
+}
+
+impl Budget {
+    fn limit(self) -> Option<usize> {
+        match self {
+            Self::All => None,
+            Self::Candidates(n) => Some(n),
+        }
+    }
+}
+
+fn parse_budget(s: &str) -> std::result::Result<Budget, String> {
+    match s.trim() {
+        "all" => Ok(Budget::All),
+        n => match n.parse::<usize>() {
+            Ok(v) if v > 0 => Ok(Budget::Candidates(v)),
+            _ => Err(format!("budget `{n}`: a positive number or `all`")),
+        },
+    }
 }
 
 fn parse_wire(s: &str) -> Result<HiddenDtype> {
@@ -97,6 +143,12 @@ pub fn run_cli(a: AuditArgs) -> Result<()> {
         delta: a.dp_delta,
         clip: a.dp_clip,
         shortlist: a.shortlist,
+        exhaustive: (!a.no_exhaustive).then_some(ExhaustiveSettings {
+            budget: a.exhaustive_budget.limit(),
+            noisy_budget: a.exhaustive_noisy_budget.limit(),
+            match_tolerance: a.match_tolerance,
+        }),
+        output_pairs: a.output_pairs.iter().copied().filter(|&n| n > 0).collect(),
         gen_tokens: a.gen_tokens,
         random_sequences: a.random_sequences,
         context: a.context,
@@ -128,11 +180,17 @@ pub fn run_cli(a: AuditArgs) -> Result<()> {
     let excluded: Vec<u32> = (0..ck.config.vocab_size as u32)
         .filter(|&t| tok.is_special(t))
         .collect();
+    let bos = tok.bos_token().map(|b| b.id);
+    let earlier = EARLIER_REQUESTS
+        .iter()
+        .map(|text| Ok(bos.into_iter().chain(tok.encode(text, false)?).collect()))
+        .collect::<Result<Vec<Vec<u32>>>>()?;
     let inputs = AuditInputs {
         prompts: &prompts,
         generic: &generic,
         excluded,
-        bos: tok.bos_token().map(|b| b.id),
+        bos,
+        earlier: &earlier,
     };
     let started = std::time::Instant::now();
     let report = audit(&ck, &inputs, &settings, &mut |line| {
@@ -193,7 +251,62 @@ pub fn render(r: &AuditReport) -> String {
             c.payload_bytes_per_token
         ));
     }
+    s.push_str(&render_strong(r));
     s.push_str("\nEdge memory and compute per split depth\n");
     s.push_str(&cost::render(&r.costs));
+    s
+}
+
+/// The exhaustive and output-pairs attacks' tables (empty when neither ran).
+fn render_strong(r: &AuditReport) -> String {
+    let mut s = String::new();
+    if r.cells.iter().any(|c| c.exhaustive.is_some()) {
+        s.push_str("\nExhaustive attack (every token per position, guided order)\n");
+        s.push_str("k | wire | noise | rec | sens | stop | budget | candidates/pos (max) | matched | exhausted | max match dist | min runner-up | TFLOP | seconds\n");
+        s.push_str("--|------|-------|-----|------|------|--------|----------------------|---------|-----------|----------------|---------------|-------|--------\n");
+        for c in &r.cells {
+            let Some(e) = &c.exhaustive else { continue };
+            s.push_str(&format!(
+                "{} | {} | {} | {:.1}% | {:.1}% | {} | {} | {:.0} ({}) | {}/{} | {} | {:.2e} | {} | {:.2} | {:.1}\n",
+                c.edge_layers,
+                c.wire,
+                c.noise,
+                100.0 * e.recovery,
+                100.0 * e.sensitive_recovery,
+                e.stop,
+                e.budget.map_or("all".to_owned(), |b| b.to_string()),
+                e.mean_candidates,
+                e.max_candidates,
+                e.matched,
+                e.positions,
+                e.exhausted,
+                e.max_match_distance,
+                e.min_runner_up.map_or("-".to_owned(), |m| format!("{m:.2e}")),
+                e.tflops,
+                e.seconds
+            ));
+        }
+    }
+    if r.cells.iter().any(|c| !c.output_pairs.is_empty()) {
+        s.push_str("\nOutput-pairs attacker (learns from earlier outputs' token/row pairs only)\n");
+        s.push_str("k | wire | noise | pairs | distinct tokens | centroid | centroid sens | linear | linear sens\n");
+        s.push_str("--|------|-------|-------|-----------------|----------|---------------|--------|------------\n");
+        for c in &r.cells {
+            for p in &c.output_pairs {
+                s.push_str(&format!(
+                    "{} | {} | {} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}%\n",
+                    c.edge_layers,
+                    c.wire,
+                    c.noise,
+                    p.pairs,
+                    p.distinct_tokens,
+                    100.0 * p.centroid_recovery,
+                    100.0 * p.centroid_sensitive_recovery,
+                    100.0 * p.linear_recovery,
+                    100.0 * p.linear_sensitive_recovery
+                ));
+            }
+        }
+    }
     s
 }

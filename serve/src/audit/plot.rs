@@ -1,5 +1,5 @@
 //! The audit's PNG: two panels over the noise levels, one line per split depth (and wire
-//! encoding when there are several): on the left the share of sensitive tokens the stronger
+//! encoding when there are several): on the left the share of sensitive tokens the strongest
 //! attack recovers, with the 10% line; on the right greedy agreement with the noise-free run.
 //!
 //! Drawn with plotters' bitmap backend into a buffer and written by the small PNG encoder
@@ -74,9 +74,7 @@ fn series(report: &AuditReport, metric: impl Fn(&super::run::Cell) -> f64) -> Ve
 pub fn write_png(report: &AuditReport, path: &Path, font: Option<&Path>) -> Result<bool> {
     let text = load_font(font);
     let labels: Vec<String> = report.settings.noise.iter().map(|l| l.label()).collect();
-    let recovery = series(report, |c| {
-        100.0 * c.nn_sensitive_recovery.max(c.learned_sensitive_recovery)
-    });
+    let recovery = series(report, |c| 100.0 * c.best_sensitive_recovery());
     let agreement = series(report, |c| 100.0 * c.greedy_agreement);
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {

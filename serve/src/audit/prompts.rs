@@ -76,6 +76,28 @@ into French and keep the tone friendly. A modern kitchen often has an oven, a fr
 dishwasher and plenty of cupboards. The team will present the new design to the customer \
 on Thursday and collect feedback afterwards.";
 
+/// Requests the device answered before the audited prompts: the output-pairs attacker
+/// ([`super::pairs`]) learns from the rows of the tokens generated after them. Generic on
+/// purpose: no names, addresses or numbers of the audited prompts.
+pub const EARLIER_REQUESTS: &[&str] = &[
+    "Write a short story about a lighthouse keeper and a storm.",
+    "Give me five tips for keeping houseplants alive in winter.",
+    "Explain how a bicycle gear system works.",
+    "Draft a polite e-mail asking a colleague to review a document.",
+    "What should I pack for a weekend hiking trip in the mountains?",
+    "Summarise the plot of a classic detective novel in a few sentences.",
+    "Describe a healthy breakfast and why it is good for you.",
+    "Write a product description for a waterproof backpack.",
+    "How do I prepare for a job interview at a software company?",
+    "Tell me about the history of the printing press.",
+    "Write a friendly reminder to a neighbour about a community meeting.",
+    "List the steps to bake a simple chocolate cake.",
+    "Explain what a mortgage is to someone buying their first home.",
+    "Compose a short thank-you note for a birthday present.",
+    "What are good ways to learn a new language as an adult?",
+    "Describe a day at the seaside for a children's book.",
+];
+
 /// One tokenized prompt with its sensitive positions.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditPrompt {

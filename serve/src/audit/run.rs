@@ -15,7 +15,10 @@ use tandem_protocol::{f32_to_hidden, hidden_to_f32, HiddenDtype};
 
 use super::attack::{edge_rows, AttackerView, EmbeddingIndex, NearestNeighbour, RidgeDecoder};
 use super::cost::{edge_cost, EdgeCost};
+use super::exhaustive::{Exhaustive, StopRule};
+use super::pairs::{self, Generation, PairSet, PairsAttack, PairsRecovery};
 use super::prompts::AuditPrompt;
+use super::score::{ratio, ExhaustiveSummary, Tally};
 
 /// One noise setting of the audit.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -69,6 +72,10 @@ pub struct AuditSettings {
     pub clip: Option<f32>,
     /// Shortlist size per source for the nearest-neighbour attack.
     pub shortlist: usize,
+    /// The exhaustive attack; `None` skips it.
+    pub exhaustive: Option<ExhaustiveSettings>,
+    /// Numbers of output pairs the output-pairs attacker fits on (empty: skipped).
+    pub output_pairs: Vec<usize>,
     /// Teacher-forced steps compared for utility (the first is the prompt's next token).
     pub gen_tokens: usize,
     /// Random-token training sequences for the learned attack (besides the generic text).
@@ -91,12 +98,36 @@ impl Default for AuditSettings {
             delta: 1e-5,
             clip: None,
             shortlist: 64,
+            exhaustive: Some(ExhaustiveSettings::default()),
+            output_pairs: vec![256, 1024, 4096],
             gen_tokens: 16,
             random_sequences: 24,
             train_seq_len: 48,
             ridge: 1e-3,
             context: 512,
             seed: 0,
+        }
+    }
+}
+
+/// How the exhaustive attack searches (see [`super::exhaustive`]).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ExhaustiveSettings {
+    /// Candidates per position on noise-free cells (no noise, or clipping only), which stop
+    /// at the exact match before it (`None`: every non-special token).
+    pub budget: Option<usize>,
+    /// Candidates per position on noisy cells (`None`: every non-special token).
+    pub noisy_budget: Option<usize>,
+    /// Round-off tolerance of the exact match, relative to the row's norm.
+    pub match_tolerance: f64,
+}
+
+impl Default for ExhaustiveSettings {
+    fn default() -> Self {
+        Self {
+            budget: None,
+            noisy_budget: Some(1024),
+            match_tolerance: 1e-3,
         }
     }
 }
@@ -126,11 +157,33 @@ pub struct Cell {
     pub nn_sensitive_recovery: f64,
     pub learned_recovery: f64,
     pub learned_sensitive_recovery: f64,
+    /// The exhaustive attack (when run).
+    pub exhaustive: Option<ExhaustiveSummary>,
+    /// The output-pairs attacker, one entry per number of pairs.
+    pub output_pairs: Vec<PairsRecovery>,
     pub greedy_agreement: f64,
     pub max_logit_drift: f64,
     /// Hidden-state payload per token on the wire (a one-token frame adds 28 bytes).
     pub payload_bytes_per_token: usize,
     pub seconds: f64,
+}
+
+impl Cell {
+    /// The best sensitive-token recovery of all the attacks run.
+    pub fn best_sensitive_recovery(&self) -> f64 {
+        let strong = self
+            .exhaustive
+            .as_ref()
+            .map_or(0.0, |e| e.sensitive_recovery);
+        let pairs = self.output_pairs.iter().fold(0.0, |m: f64, p| {
+            m.max(p.centroid_sensitive_recovery)
+                .max(p.linear_sensitive_recovery)
+        });
+        self.nn_sensitive_recovery
+            .max(self.learned_sensitive_recovery)
+            .max(strong)
+            .max(pairs)
+    }
 }
 
 /// Everything the audit found.
@@ -246,6 +299,9 @@ pub struct AuditInputs<'a> {
     /// Token ids never guessed and never used for training (special tokens).
     pub excluded: Vec<u32>,
     pub bos: Option<u32>,
+    /// Earlier requests of the same device (tokenized, BOS first when there is one): the
+    /// output-pairs attacker learns from the outputs generated after them.
+    pub earlier: &'a [Vec<u32>],
 }
 
 /// Runs the audit. `progress` receives one line per step of the work (no prompt text).
@@ -263,30 +319,15 @@ pub fn audit(
         .load(EMBED, &[vocab, d], DType::F32, &device)
         .context("loading the embedding matrix")?;
     let index = EmbeddingIndex::new(&embed, inputs.excluded.clone())?;
+    // The output-pairs attacker's target space: the LM head the server runs anyway.
+    let head = pairs::lm_head(ck).context("loading the LM head")?;
+    let head_index = EmbeddingIndex::new(&head, inputs.excluded.clone())?;
+    let mut generations: Option<Vec<Generation>> = None;
     let lo = LoadOptions {
         dtype: DType::F32,
         device: &device,
     };
-    let mut report = AuditReport {
-        model: ck.path.display().to_string(),
-        settings: settings.clone(),
-        prompts: inputs
-            .prompts
-            .iter()
-            .map(|p| PromptSummary {
-                name: p.name.clone(),
-                tokens: p.scored().len(),
-                sensitive_tokens: p.scored().filter(|&i| p.sensitive[i]).count(),
-            })
-            .collect(),
-        costs: settings
-            .edge_layers
-            .iter()
-            .map(|&k| edge_cost(cfg, k, settings.context))
-            .collect(),
-        clip_by_depth: Vec::new(),
-        cells: Vec::new(),
-    };
+    let mut report = empty_report(ck, inputs, settings);
     let train_seqs = training_sequences(
         inputs.generic,
         inputs.bos,
@@ -299,6 +340,8 @@ pub fn audit(
         progress(&format!("k={k}: loading the edge and cloud parts"));
         let edge = EdgeModel::load(ck.tensors.as_ref(), cfg, split, lo)?;
         let cloud = CloudModel::load(ck.tensors.as_ref(), cfg, split, lo)?;
+        let parts = (&edge, &cloud);
+        let pair_set = output_pairs(parts, inputs, settings, &mut generations, progress)?;
         // Training rows (BOS rows left out: they are known and atypically long).
         let mut train_rows = Vec::new();
         let mut train_tokens = Vec::new();
@@ -333,28 +376,109 @@ pub fn audit(
             train_tokens: &train_tokens,
             refs: &refs,
             clip,
+            pairs: &pair_set,
+            head: &head,
+            head_index: &head_index,
         };
         for (wi, &wire) in settings.wire.iter().enumerate() {
             for (li, level) in settings.noise.iter().enumerate() {
                 let coord = [ki as u64, wi as u64, li as u64];
                 let cell = run_cell(&depth, inputs, settings, wire, *level, coord)?;
-                progress(&format!(
-                    "k={k} wire={} noise={}: nn {:.1}% (sensitive {:.1}%), learned {:.1}%, \
-                     agreement {:.1}%, drift {:.3} in {:.1}s",
-                    cell.wire,
-                    cell.noise,
-                    100.0 * cell.nn_recovery,
-                    100.0 * cell.nn_sensitive_recovery,
-                    100.0 * cell.learned_recovery,
-                    100.0 * cell.greedy_agreement,
-                    cell.max_logit_drift,
-                    cell.seconds
-                ));
+                progress(&progress_line(&cell));
                 report.cells.push(cell);
             }
         }
     }
     Ok(report)
+}
+
+/// The report before any cell: the prompts' sizes and the edge's costs.
+fn empty_report(
+    ck: &Checkpoint,
+    inputs: &AuditInputs<'_>,
+    settings: &AuditSettings,
+) -> AuditReport {
+    AuditReport {
+        model: ck.path.display().to_string(),
+        settings: settings.clone(),
+        prompts: inputs
+            .prompts
+            .iter()
+            .map(|p| PromptSummary {
+                name: p.name.clone(),
+                tokens: p.scored().len(),
+                sensitive_tokens: p.scored().filter(|&i| p.sensitive[i]).count(),
+            })
+            .collect(),
+        costs: settings
+            .edge_layers
+            .iter()
+            .map(|&k| edge_cost(&ck.config, k, settings.context))
+            .collect(),
+        clip_by_depth: Vec::new(),
+        cells: Vec::new(),
+    }
+}
+
+/// The noise-free output pairs at this depth: the earlier generations are sampled on the
+/// first call (the split is exact, so they do not depend on the depth) and kept in
+/// `generations`. Empty when the attack is off or there are no earlier requests.
+fn output_pairs(
+    (edge, cloud): (&EdgeModel, &CloudModel),
+    inputs: &AuditInputs<'_>,
+    settings: &AuditSettings,
+    generations: &mut Option<Vec<Generation>>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PairSet> {
+    let most = settings.output_pairs.iter().copied().max().unwrap_or(0);
+    if most == 0 || inputs.earlier.is_empty() {
+        return Ok(PairSet::default());
+    }
+    if generations.is_none() {
+        let each = most.div_ceil(inputs.earlier.len());
+        progress(&format!(
+            "sampling {each} output tokens after each of {} earlier requests",
+            inputs.earlier.len()
+        ));
+        let seed = mix(settings.seed, &[0x0A7F]);
+        let g = pairs::generate(edge, cloud, inputs.earlier, each, &inputs.excluded, seed)?;
+        *generations = Some(g);
+    }
+    PairSet::collect(edge, generations.as_deref().unwrap_or_default())
+}
+
+/// One cell's results in one line (no prompt text).
+fn progress_line(cell: &Cell) -> String {
+    let ex = cell.exhaustive.as_ref().map_or(String::new(), |e| {
+        format!(
+            ", exhaustive {:.1}% (sensitive {:.1}%, {:.0} candidates/position, {:.1}s)",
+            100.0 * e.recovery,
+            100.0 * e.sensitive_recovery,
+            e.mean_candidates,
+            e.seconds
+        )
+    });
+    let pairs = cell.output_pairs.last().map_or(String::new(), |p| {
+        format!(
+            ", {} pairs: centroid {:.1}% linear {:.1}%",
+            p.pairs,
+            100.0 * p.centroid_recovery,
+            100.0 * p.linear_recovery
+        )
+    });
+    format!(
+        "k={} wire={} noise={}: nn {:.1}% (sensitive {:.1}%), learned {:.1}%{ex}{pairs}, \
+         agreement {:.1}%, drift {:.3} in {:.1}s",
+        cell.edge_layers,
+        cell.wire,
+        cell.noise,
+        100.0 * cell.nn_recovery,
+        100.0 * cell.nn_sensitive_recovery,
+        100.0 * cell.learned_recovery,
+        100.0 * cell.greedy_agreement,
+        cell.max_logit_drift,
+        cell.seconds
+    )
 }
 
 /// What one split depth shares between its cells.
@@ -368,6 +492,40 @@ struct Depth<'a> {
     train_tokens: &'a [u32],
     refs: &'a [Reference],
     clip: f32,
+    /// Noise-free output pairs of earlier generations (empty: no pairs attack).
+    pairs: &'a PairSet,
+    head: &'a Tensor,
+    head_index: &'a EmbeddingIndex,
+}
+
+/// The attackers of one cell.
+struct Attackers<'a> {
+    nn: NearestNeighbour<'a>,
+    decoder: RidgeDecoder,
+    exhaustive: Option<Exhaustive<'a>>,
+    pairs: Vec<PairsAttack>,
+}
+
+/// The exhaustive attack of a cell: the exact-match stop where the rows carry no noise.
+fn exhaustive_attack<'a>(
+    depth: &Depth<'a>,
+    ex: ExhaustiveSettings,
+    view: AttackerView,
+    noise_free: bool,
+) -> Exhaustive<'a> {
+    let (stop, budget) = if noise_free {
+        let relative = ex.match_tolerance;
+        (StopRule::ExactMatch { relative }, ex.budget)
+    } else {
+        (StopRule::Nearest, ex.noisy_budget)
+    };
+    Exhaustive {
+        edge: depth.edge,
+        index: depth.index,
+        view,
+        stop,
+        budget,
+    }
 }
 
 /// One wire encoding and noise level at one depth: train the learned attacker on rows
@@ -403,19 +561,58 @@ fn run_cell(
         depth.embed,
         settings.ridge,
     )?;
-    let nn = NearestNeighbour {
-        edge: depth.edge,
-        index: depth.index,
-        shortlist: settings.shortlist,
-        view: AttackerView {
-            clip: mech.map(|m| m.clip()),
+    let view = AttackerView {
+        clip: mech.map(|m| m.clip()),
+        wire,
+    };
+    let noise_free = mech.is_none_or(|m| m.sigma() == 0.0);
+    let exhaustive = settings
+        .exhaustive
+        .map(|ex| exhaustive_attack(depth, ex, view, noise_free));
+    let released_pairs = PairSet {
+        rows: release(&depth.pairs.rows, d, noiser(u64::MAX - 1).as_mut(), wire)?,
+        tokens: depth.pairs.tokens.clone(),
+    };
+    let pairs = if released_pairs.tokens.is_empty() {
+        Vec::new()
+    } else {
+        settings
+            .output_pairs
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| PairsAttack::fit(&released_pairs, n, d, depth.head, settings.ridge))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let attackers = Attackers {
+        nn: NearestNeighbour {
+            edge: depth.edge,
+            index: depth.index,
+            shortlist: settings.shortlist,
+            view,
         },
+        decoder,
+        exhaustive,
+        pairs,
     };
     let mut tally = Tally::default();
     for (pi, (p, r)) in inputs.prompts.iter().zip(depth.refs).enumerate() {
         let received = release(&r.rows, d, noiser(pi as u64).as_mut(), wire)?;
-        score_prompt(depth, &nn, &decoder, p, r, &received, &mut tally)?;
+        score_prompt(depth, &attackers, p, r, &received, &mut tally)?;
     }
+    let exhaustive = attackers.exhaustive.as_ref().map(|ex| {
+        let stop = match ex.stop {
+            StopRule::ExactMatch { .. } => "exact_match",
+            StopRule::Nearest => "nearest",
+        };
+        tally
+            .exhaustive
+            .summary(tally.tokens, tally.sensitive, stop, ex.budget)
+    });
+    let pair_sizes: Vec<(usize, usize)> = attackers
+        .pairs
+        .iter()
+        .map(|a| (a.pairs, a.centroid.len()))
+        .collect();
     let avg_rows = tally.rows / inputs.prompts.len().max(1);
     let composed = mech.map(|m| m.compose(avg_rows));
     Ok(Cell {
@@ -434,6 +631,8 @@ fn run_cell(
         nn_sensitive_recovery: ratio(tally.nn_sensitive, tally.sensitive),
         learned_recovery: ratio(tally.learned, tally.tokens),
         learned_sensitive_recovery: ratio(tally.learned_sensitive, tally.sensitive),
+        exhaustive,
+        output_pairs: tally.pairs_recovery(&pair_sizes),
         greedy_agreement: ratio(tally.agree, tally.steps),
         max_logit_drift: tally.drift,
         payload_bytes_per_token: wire.payload_len(1, d).unwrap_or(0),
@@ -441,11 +640,10 @@ fn run_cell(
     })
 }
 
-/// Utility and both attacks on one prompt's released rows.
+/// Utility and every attack on one prompt's released rows.
 fn score_prompt(
     depth: &Depth<'_>,
-    nn: &NearestNeighbour<'_>,
-    decoder: &RidgeDecoder,
+    att: &Attackers<'_>,
     p: &AuditPrompt,
     r: &Reference,
     received: &[f32],
@@ -469,8 +667,8 @@ fn score_prompt(
     // Attacks on the prompt's rows.
     let prompt_rows = &received[..p.ids.len() * d];
     let known = p.starts_with_bos.then(|| p.ids[0]);
-    let nn_guess = nn.invert(prompt_rows, known, Some(decoder))?;
-    let learned_guess = decoder.decode(prompt_rows, d, depth.index)?;
+    let nn_guess = att.nn.invert(prompt_rows, known, Some(&att.decoder))?;
+    let learned_guess = att.decoder.decode(prompt_rows, d, depth.index)?;
     for i in p.scored() {
         tally.count(
             p.sensitive[i],
@@ -478,43 +676,36 @@ fn score_prompt(
             learned_guess[i] == p.ids[i],
         );
     }
-    tally.rows += p.ids.len();
-    Ok(())
-}
-
-#[derive(Default)]
-struct Tally {
-    tokens: usize,
-    sensitive: usize,
-    nn: usize,
-    nn_sensitive: usize,
-    learned: usize,
-    learned_sensitive: usize,
-    steps: usize,
-    agree: usize,
-    drift: f64,
-    rows: usize,
-}
-
-impl Tally {
-    fn count(&mut self, sensitive: bool, nn: bool, learned: bool) {
-        self.tokens += 1;
-        self.nn += usize::from(nn);
-        self.learned += usize::from(learned);
-        if sensitive {
-            self.sensitive += 1;
-            self.nn_sensitive += usize::from(nn);
-            self.learned_sensitive += usize::from(learned);
+    if let Some(ex) = &att.exhaustive {
+        let started = std::time::Instant::now();
+        // The guided order's hints: the learned decoder's and the output-pairs decoder's.
+        let rows = Tensor::from_slice(prompt_rows, (p.ids.len(), d), &Device::Cpu)?;
+        let mut hints = vec![att.decoder.scores(&rows, depth.index)?];
+        if let Some(a) = att.pairs.last() {
+            hints.push(a.linear.scores(&rows, depth.head_index)?);
+        }
+        let outcomes = ex.invert(prompt_rows, known, &hints)?;
+        tally.exhaustive.seconds += started.elapsed().as_secs_f64();
+        let cfg = depth.edge.config();
+        let vocab = cfg.vocab_size - depth.index.excluded().len();
+        let limit = ex.budget.map_or(vocab, |b| b.min(vocab));
+        for i in p.scored() {
+            let flops = edge_cost(cfg, depth.k, i + 1).flops_per_token as f64;
+            let o = &outcomes[i];
+            tally
+                .exhaustive
+                .count(o, o.token == p.ids[i], p.sensitive[i], limit, flops);
         }
     }
-}
-
-fn ratio(a: usize, b: usize) -> f64 {
-    if b == 0 {
-        0.0
-    } else {
-        a as f64 / b as f64
+    for (ai, a) in att.pairs.iter().enumerate() {
+        let (centroid, linear) = a.decode(prompt_rows, d, depth.head_index)?;
+        for i in p.scored() {
+            let (s, want) = (p.sensitive[i], p.ids[i]);
+            tally.count_pairs(ai, s, centroid[i] == want, linear[i] == want);
+        }
     }
+    tally.rows += p.ids.len();
+    Ok(())
 }
 
 fn median_norm(rows: &[f32], d: usize) -> f32 {
