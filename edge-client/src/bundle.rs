@@ -31,6 +31,13 @@ impl EdgeBundle {
     /// Loads `dir`, which is either an `edge/` part or a split directory holding `edge/`.
     /// The weights keep their stored dtype and run on the CPU.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_as(dir, None)
+    }
+
+    /// [`Self::load`] with the weights converted to `dtype` (`None`: as stored). bf16 runs on
+    /// the model's bf16 kernels (AMX or AVX512-BF16 where the CPU has them) with f32 hidden
+    /// states, so the wire format (`--dtype`) is unaffected.
+    pub fn load_as(dir: &Path, dtype: Option<candle_core::DType>) -> Result<Self, ModelError> {
         let part_dir = if dir.join("edge").join(MANIFEST_FILE).is_file() {
             dir.join("edge")
         } else {
@@ -43,7 +50,7 @@ impl EdgeBundle {
             .ok_or_else(|| ModelError::Input(format!("{} has no manifest", part_dir.display())))?;
         let split = SplitPoint::new(manifest.edge_layers, ck.config.num_hidden_layers)?;
         let opts = LoadOptions {
-            dtype: ck.stored_dtype,
+            dtype: dtype.unwrap_or(ck.stored_dtype),
             device: &Device::Cpu,
         };
         let model = EdgeModel::load(ck.tensors.as_ref(), &ck.config, split, opts)?;

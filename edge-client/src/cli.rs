@@ -93,6 +93,10 @@ pub struct ModelArgs {
     /// Element type of the hidden states on the wire.
     #[arg(long, value_enum, default_value_t = WireDtype::F32)]
     pub dtype: WireDtype,
+    /// The edge weights' dtype on this device: auto (bf16 where the CPU has AMX or
+    /// AVX512-BF16, else f32), f32, bf16 or f16 (default: as stored in the checkpoint).
+    #[arg(long)]
+    pub compute_dtype: Option<tandem_model::weights::DtypeName>,
     /// Most prompt tokens per hidden-state message.
     #[arg(long, default_value_t = 256)]
     pub chunk_tokens: usize,
@@ -111,7 +115,8 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the checkpoint, which must carry a tokenizer.
     pub fn load(&self) -> anyhow::Result<EdgeBundle> {
-        let bundle = EdgeBundle::load(&self.edge)
+        let dtype = self.compute_dtype.map(|d| d.resolve());
+        let bundle = EdgeBundle::load_as(&self.edge, dtype)
             .with_context(|| format!("cannot load the edge checkpoint {}", self.edge.display()))?;
         if bundle.tokenizer.is_none() {
             bail!("the edge checkpoint has no tokenizer.json");
