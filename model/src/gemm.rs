@@ -413,7 +413,7 @@ unsafe fn portable(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::NR;
     use std::arch::x86_64::*;
 
@@ -454,6 +454,27 @@ mod avx512 {
                     hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
                 }
             }
+            store_block(&lo, &hi, c, ldc, cols);
+        }
+    }
+
+    /// Stores `R` rows of 32 accumulated columns (`lo`: 0–15, `hi`: 16–31) at `c` (row
+    /// stride `ldc`), the first `cols` of each: the tail of every 32-column register block,
+    /// f32 and bf16 kernels alike.
+    ///
+    /// # Safety
+    /// `c` must address `R` rows of `cols ≤ 32` writable floats at stride `ldc`; the CPU must
+    /// have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store_block<const R: usize>(
+        lo: &[__m512; R],
+        hi: &[__m512; R],
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        // SAFETY: the caller's promise about `c`.
+        unsafe {
             if cols == NR {
                 for r in 0..R {
                     _mm512_storeu_ps(c.add(r * ldc), lo[r]);

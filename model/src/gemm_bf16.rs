@@ -464,7 +464,6 @@ unsafe fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
-    use super::NR;
     use std::arch::x86_64::*;
 
     /// `R` rows × 32 columns in `2 R` zmm accumulators over the whole `k`: per pair row, two
@@ -498,24 +497,8 @@ mod avx512bf16 {
                     hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
                 }
             }
-            if cols == NR {
-                for r in 0..R {
-                    _mm512_storeu_ps(c.add(r * ldc), lo[r]);
-                    _mm512_storeu_ps(c.add(r * ldc + 16), hi[r]);
-                }
-            } else {
-                let m0 = mask(cols.min(16));
-                let m1 = mask(cols.saturating_sub(16));
-                for r in 0..R {
-                    _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo[r]);
-                    _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi[r]);
-                }
-            }
+            crate::gemm::avx512::store_block(&lo, &hi, c, ldc, cols);
         }
-    }
-
-    fn mask(n: usize) -> __mmask16 {
-        ((1u32 << n) - 1) as __mmask16
     }
 }
 
