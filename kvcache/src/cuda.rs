@@ -1,49 +1,76 @@
 //! The paged cache on a CUDA device, behind the `cuda` feature: the same [`KvView`] interface
-//! as [`crate::PagedKv`], backed by `candle-flash-attn`'s paged varlen kernel.
+//! as [`crate::PagedKv`], backed by this crate's own kernels (`cuda/paged_attention.cu`,
+//! compiled to PTX by `build.rs` for `CUDA_COMPUTE_CAP`, loaded once per device).
 //!
-//! **Status: written against candle-flash-attn 0.11's API and never compiled or run here**
-//! (the machines this crate is built on have no CUDA toolkit; CPU builds do not compile this
-//! file). Treat it as the interface and the plan, to be proved on a GPU before use.
+//! **Status:** compiled in CI on machines without a GPU; checked against the CPU engine on a
+//! GPU only by `scripts/gpu-check.sh`, when a GPU machine is lent (see `docs/performance.md`).
 //!
 //! Layout: per layer, K and V are one device tensor each, `[num_blocks * block_size,
-//! kv_heads * head_dim]` (a view of `[num_blocks, block_size, kv_heads, head_dim]`, the shape
-//! the kernel reads) in f16 or bf16 (flash-attention has no f32 path). `block_size` must be a
-//! multiple of 32 (the kernel's requirement).
+//! kv_heads * head_dim]`, in bf16 or f32 (the CPU cache's layout: slot
+//! `block * block_size + pos % block_size` holds position `pos`).
 //!
-//! Per layer and step: (1) the batch's new keys and values are scattered into their slots
-//! (`slot = block * block_size + pos % block_size`) with one `scatter_set` each; (2) one call
-//! of `flash_attn_varlen_paged_windowed` over the whole varlen batch, causal (window
-//! `(None, Some(0))`, aligned bottom-right so a chunk sees every cached position before it),
-//! with `seqlens_q` the cumulative query lengths, `seqlens_k` the cumulative context lengths
-//! and the block tables padded to the longest one. Nothing is gathered per sequence.
+//! Per layer and step: (1) one launch of `write_kv` stores the batch's new keys and values in
+//! their slots; (2) one launch of `paged_attention` over the whole varlen batch, causal: query
+//! row `r` of a sequence at position `p` sees that sequence's keys `0..=p` through its block
+//! table (prefill chunks and decode rows in the same launch). Nothing is gathered.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
 use tandem_model::{ForwardCtx, KvView, ModelError};
 
 use crate::block::BlockTable;
-use crate::storage::KvLayout;
+use crate::block::CopyOp;
+use crate::storage::{KvDtype, KvLayout};
+
+/// The kernels, as PTX for the compute capability the build named.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+const MODULE: &str = "tandem_paged_attention";
+/// One warp per query head of a group; a block holds at most 32 warps.
+const MAX_GROUP: usize = 32;
+/// The kernel keeps `head_dim / 32` elements per lane, at most 8.
+const MAX_HEAD_DIM: usize = 256;
+
+fn cache_err(msg: impl Into<String>) -> ModelError {
+    ModelError::Cache(msg.into())
+}
+
+fn cuda_err(e: candle_core::Error) -> ModelError {
+    ModelError::Cache(format!("CUDA: {e}"))
+}
 
 /// K/V blocks of every cloud layer on one CUDA device.
 #[derive(Debug)]
 pub struct CudaKvStorage {
     layout: KvLayout,
     dtype: DType,
+    device: CudaDevice,
     k: Vec<Tensor>,
     v: Vec<Tensor>,
 }
 
 impl CudaKvStorage {
-    /// Allocates `layout.num_blocks` blocks per layer on `device` in `dtype` (f16 or bf16).
-    pub fn new(layout: KvLayout, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        if !matches!(dtype, DType::F16 | DType::BF16) {
-            return Err(ModelError::Cache(format!(
-                "the CUDA paged cache holds f16 or bf16, not {dtype:?}"
+    /// Allocates `layout.num_blocks` blocks per layer on `device` in `layout.dtype` (bf16 or
+    /// f32; the kernel has no f16 instance).
+    pub fn new(layout: KvLayout, device: &Device) -> Result<Self, ModelError> {
+        let Device::Cuda(cuda) = device else {
+            return Err(cache_err(format!(
+                "the CUDA cache needs a CUDA device, not {device:?}"
             )));
-        }
-        if layout.block_size % 32 != 0 {
-            return Err(ModelError::Cache(format!(
-                "the CUDA paged kernel needs a block size that is a multiple of 32, not {}",
-                layout.block_size
+        };
+        let dtype = match layout.dtype {
+            KvDtype::BF16 => DType::BF16,
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => {
+                return Err(cache_err("the CUDA paged cache holds bf16 or f32, not f16"));
+            }
+        };
+        if layout.head_dim > MAX_HEAD_DIM || layout.head_dim == 0 {
+            return Err(cache_err(format!(
+                "the CUDA paged kernel takes head_dim 1..={MAX_HEAD_DIM}, not {}",
+                layout.head_dim
             )));
         }
         let shape = (
@@ -56,9 +83,13 @@ impl CudaKvStorage {
             k.push(Tensor::zeros(shape, dtype, device)?);
             v.push(Tensor::zeros(shape, dtype, device)?);
         }
+        // Load the module now, so a PTX the driver refuses fails at start, not at a step.
+        cuda.get_or_load_custom_func(kernel_name("write_kv", dtype), MODULE, PTX)
+            .map_err(cuda_err)?;
         Ok(Self {
             layout,
             dtype,
+            device: cuda.clone(),
             k,
             v,
         })
@@ -68,14 +99,36 @@ impl CudaKvStorage {
         &self.layout
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of device memory the blocks take.
+    pub fn bytes(&self) -> usize {
+        2 * self.layout.num_layers
+            * self.layout.num_blocks
+            * self.layout.block_size
+            * self.layout.row()
+            * self.layout.dtype.size_in_bytes()
+    }
+
     /// Copy-on-write: copies the first `len` slots of block `src` into block `dst`, every layer.
-    pub fn copy_block(&mut self, src: u32, dst: u32, len: usize) -> Result<(), ModelError> {
+    pub fn copy(&mut self, op: CopyOp) -> Result<(), ModelError> {
         let bs = self.layout.block_size;
         for t in self.k.iter().chain(self.v.iter()) {
-            let rows = t.narrow(0, src as usize * bs, len)?.contiguous()?;
-            t.slice_set(&rows, 0, dst as usize * bs)?;
+            let rows = t.narrow(0, op.src.0 as usize * bs, op.len)?.contiguous()?;
+            t.slice_set(&rows, 0, op.dst.0 as usize * bs)?;
         }
         Ok(())
+    }
+}
+
+fn kernel_name(base: &str, dtype: DType) -> &'static str {
+    match (base, dtype) {
+        ("write_kv", DType::BF16) => "write_kv_bf16",
+        ("write_kv", _) => "write_kv_f32",
+        (_, DType::BF16) => "paged_attention_bf16",
+        _ => "paged_attention_f32",
     }
 }
 
@@ -97,6 +150,74 @@ impl<'a> CudaPagedKv<'a> {
     }
 }
 
+/// The batch's index arrays, on the host.
+struct Indices {
+    slots: Vec<i64>,
+    row_seq: Vec<i32>,
+    row_pos: Vec<i32>,
+    tables: Vec<i32>,
+    max_blocks: usize,
+}
+
+impl CudaPagedKv<'_> {
+    fn indices(&self, ctx: &ForwardCtx) -> Result<Indices, ModelError> {
+        let spans = ctx.seqs();
+        if spans.len() != self.tables.len() {
+            return Err(cache_err(format!(
+                "{} sequences in the batch but {} block tables",
+                spans.len(),
+                self.tables.len()
+            )));
+        }
+        let bs = self.storage.layout.block_size;
+        let blocks = self.storage.layout.num_blocks;
+        let rows = ctx.num_tokens();
+        let mut ix = Indices {
+            slots: Vec::with_capacity(rows),
+            row_seq: Vec::with_capacity(rows),
+            row_pos: Vec::with_capacity(rows),
+            tables: Vec::new(),
+            max_blocks: self.tables.iter().map(Vec::len).max().unwrap_or(0).max(1),
+        };
+        for (seq, (span, table)) in spans.iter().zip(&self.tables).enumerate() {
+            if let Some(b) = table.iter().find(|&&b| b as usize >= blocks) {
+                return Err(cache_err(format!("block {b} is outside the cache")));
+            }
+            for j in 0..span.len {
+                let pos = span.past + j;
+                let block = table
+                    .get(pos / bs)
+                    .copied()
+                    .ok_or_else(|| cache_err(format!("position {pos} has no block reserved")))?;
+                ix.slots.push(block as i64 * bs as i64 + (pos % bs) as i64);
+                ix.row_seq.push(seq as i32);
+                ix.row_pos
+                    .push(i32::try_from(pos).map_err(|_| cache_err("position overflow"))?);
+            }
+            ix.tables.extend(table.iter().map(|&b| b as i32));
+            ix.tables
+                .extend(std::iter::repeat_n(0, ix.max_blocks - table.len()));
+        }
+        Ok(ix)
+    }
+}
+
+/// The device buffer under a contiguous CUDA tensor, from its first element.
+fn with_slice<T: CudaDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>) -> Result<R, ModelError>,
+) -> Result<R, ModelError> {
+    let (storage, layout): (_, &Layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        return Err(cache_err("the CUDA paged kernel needs contiguous tensors"));
+    }
+    let Storage::Cuda(s) = &*storage else {
+        return Err(cache_err("a tensor of the CUDA step is not on the GPU"));
+    };
+    let slice: &CudaSlice<T> = s.as_cuda_slice::<T>().map_err(cuda_err)?;
+    f(&slice.slice(layout.start_offset()..))
+}
+
 impl KvView for CudaPagedKv<'_> {
     fn attend(
         &mut self,
@@ -108,81 +229,135 @@ impl KvView for CudaPagedKv<'_> {
     ) -> Result<Tensor, ModelError> {
         let (rows, heads, head_dim) = q.dims3()?;
         let (_, kv_heads, _) = k.dims3()?;
-        let spans = ctx.seqs();
-        if spans.len() != self.tables.len() {
-            return Err(ModelError::Cache(format!(
-                "{} sequences in the batch but {} block tables",
-                spans.len(),
-                self.tables.len()
+        let layout = &self.storage.layout;
+        if kv_heads != layout.kv_heads || head_dim != layout.head_dim || rows != ctx.num_tokens() {
+            return Err(cache_err(format!(
+                "q {:?} / k {:?} do not fit the cache ({} kv heads of {}) and {} batch rows",
+                q.dims(),
+                k.dims(),
+                layout.kv_heads,
+                layout.head_dim,
+                ctx.num_tokens()
+            )));
+        }
+        if kv_heads == 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP {
+            return Err(cache_err(format!(
+                "{heads} query heads over {kv_heads} kv heads: the CUDA kernel takes groups of 1..={MAX_GROUP}"
             )));
         }
         let l = layer
-            .checked_sub(self.storage.layout.first_layer)
+            .checked_sub(layout.first_layer)
             .filter(|l| *l < self.storage.k.len())
-            .ok_or_else(|| ModelError::Cache(format!("layer {layer} is not in this cache")))?;
-        let bs = self.storage.layout.block_size;
-        let row = kv_heads * head_dim;
-        let device = q.device();
-
-        // (1) Scatter the new keys and values into their slots.
-        let mut slots = Vec::with_capacity(rows * row);
-        for (span, table) in spans.iter().zip(&self.tables) {
-            for j in 0..span.len {
-                let pos = span.past + j;
-                let block = table.get(pos / bs).copied().ok_or_else(|| {
-                    ModelError::Cache(format!("position {pos} has no block reserved"))
-                })?;
-                let slot = block as i64 * bs as i64 + (pos % bs) as i64;
-                slots.extend(std::iter::repeat_n(slot, row));
-            }
+            .ok_or_else(|| cache_err(format!("layer {layer} is not in this cache")))?;
+        if rows == 0 {
+            return Ok(Tensor::zeros((0, heads * head_dim), q.dtype(), q.device())?);
         }
-        let index = Tensor::from_vec(slots, (rows, row), device)?;
+        let ix = self.indices(ctx)?;
         let dtype = self.storage.dtype;
+        let row = kv_heads * head_dim;
         let kr = k.to_dtype(dtype)?.reshape((rows, row))?.contiguous()?;
         let vr = v.to_dtype(dtype)?.reshape((rows, row))?.contiguous()?;
-        self.storage.k[l].scatter_set(&index, &kr, 0)?;
-        self.storage.v[l].scatter_set(&index, &vr, 0)?;
+        let qc = q.to_dtype(dtype)?.contiguous()?;
+        let out = Tensor::zeros((rows, heads * head_dim), dtype, q.device())?;
+        match dtype {
+            DType::BF16 => self.launch::<half::bf16>(l, &ix, &kr, &vr, &qc, &out, heads)?,
+            _ => self.launch::<f32>(l, &ix, &kr, &vr, &qc, &out, heads)?,
+        }
+        Ok(out.to_dtype(q.dtype())?)
+    }
+}
 
-        // (2) One paged varlen flash-attention call over the batch.
-        let mut cu_q = vec![0u32];
-        let mut cu_k = vec![0u32];
-        let (mut max_q, mut max_k, mut max_blocks) = (0usize, 0usize, 0usize);
-        for (span, table) in spans.iter().zip(&self.tables) {
-            let ctx_len = span.past + span.len;
-            cu_q.push(cu_q[cu_q.len() - 1] + span.len as u32);
-            cu_k.push(cu_k[cu_k.len() - 1] + ctx_len as u32);
-            max_q = max_q.max(span.len);
-            max_k = max_k.max(ctx_len);
-            max_blocks = max_blocks.max(table.len());
-        }
-        let mut padded = Vec::with_capacity(spans.len() * max_blocks);
-        for table in &self.tables {
-            padded.extend_from_slice(table);
-            padded.extend(std::iter::repeat_n(0u32, max_blocks - table.len()));
-        }
-        let n = spans.len();
-        let block_table = Tensor::from_vec(padded, (n, max_blocks), device)?;
-        let seqlens_q = Tensor::from_vec(cu_q, n + 1, device)?;
-        let seqlens_k = Tensor::from_vec(cu_k, n + 1, device)?;
-        let blocks = self.storage.layout.num_blocks;
-        let kc = self.storage.k[l].reshape((blocks, bs, kv_heads, head_dim))?;
-        let vc = self.storage.v[l].reshape((blocks, bs, kv_heads, head_dim))?;
-        let out = candle_flash_attn::flash_attn_varlen_paged_windowed(
-            &q.to_dtype(dtype)?.contiguous()?,
-            &kc,
-            &vc,
-            &seqlens_q,
-            &seqlens_k,
-            &block_table,
-            None,
-            max_q,
-            max_k,
-            1.0 / (head_dim as f32).sqrt(),
-            None,
-            Some(0),
-            bs,
-            None,
-        )?;
-        Ok(out.reshape((rows, heads * head_dim))?.to_dtype(q.dtype())?)
+impl CudaPagedKv<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        l: usize,
+        ix: &Indices,
+        k_new: &Tensor,
+        v_new: &Tensor,
+        q: &Tensor,
+        out: &Tensor,
+        heads: usize,
+    ) -> Result<(), ModelError> {
+        let s = &*self.storage;
+        let dev = &s.device;
+        let lay = &s.layout;
+        let rows = ix.slots.len();
+        let row = lay.kv_heads * lay.head_dim;
+        let to_i32 = |n: usize| i32::try_from(n).map_err(|_| cache_err("size overflow"));
+        let slots = dev.clone_htod(&ix.slots).map_err(cuda_err)?;
+        let row_seq = dev.clone_htod(&ix.row_seq).map_err(cuda_err)?;
+        let row_pos = dev.clone_htod(&ix.row_pos).map_err(cuda_err)?;
+        let tables = dev.clone_htod(&ix.tables).map_err(cuda_err)?;
+        let (row_elems, max_blocks, block_size) = (
+            to_i32(row)?,
+            to_i32(ix.max_blocks)?,
+            to_i32(lay.block_size)?,
+        );
+        let (heads_i, kv_heads, head_dim) =
+            (to_i32(heads)?, to_i32(lay.kv_heads)?, to_i32(lay.head_dim)?);
+        let scale = 1.0f32 / (lay.head_dim as f32).sqrt();
+        let grid_rows = u32::try_from(rows).map_err(|_| cache_err("too many rows"))?;
+
+        with_slice::<T, _>(&s.k[l], |kc| {
+            with_slice::<T, _>(&s.v[l], |vc| {
+                with_slice::<T, _>(k_new, |kn| {
+                    with_slice::<T, _>(v_new, |vn| {
+                        let f = dev
+                            .get_or_load_custom_func(kernel_name("write_kv", s.dtype), MODULE, PTX)
+                            .map_err(cuda_err)?;
+                        let mut b = f.builder();
+                        b.arg(kn)
+                            .arg(vn)
+                            .arg(&slots)
+                            .arg(kc)
+                            .arg(vc)
+                            .arg(&row_elems);
+                        let cfg = LaunchConfig {
+                            grid_dim: (grid_rows, 1, 1),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        // SAFETY: the kernel reads `rows` rows of `row_elems` from k_new/v_new
+                        // (both `[rows, row]`, contiguous) and `rows` slots, each checked above
+                        // to lie in a block of this cache, and writes only those slots.
+                        unsafe { b.launch(cfg) }.w().map_err(cuda_err)?;
+                        Ok(())
+                    })
+                })?;
+                with_slice::<T, _>(q, |qv| {
+                    with_slice::<T, _>(out, |ov| {
+                        let f = dev
+                            .get_or_load_custom_func(kernel_name("attention", s.dtype), MODULE, PTX)
+                            .map_err(cuda_err)?;
+                        let mut b = f.builder();
+                        b.arg(ov)
+                            .arg(qv)
+                            .arg(kc)
+                            .arg(vc)
+                            .arg(&row_seq)
+                            .arg(&row_pos);
+                        b.arg(&tables)
+                            .arg(&max_blocks)
+                            .arg(&block_size)
+                            .arg(&heads_i);
+                        b.arg(&kv_heads).arg(&head_dim).arg(&scale);
+                        let group = (heads / lay.kv_heads) as u32;
+                        let cfg = LaunchConfig {
+                            grid_dim: (grid_rows, lay.kv_heads as u32, 1),
+                            block_dim: (32 * group, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        // SAFETY: q and out are `[rows, heads * head_dim]`; every row's
+                        // sequence index and position come from `indices`, which checked that
+                        // each position up to the row's own has a block of this cache in the
+                        // sequence's (padded) table; head_dim <= 256 and group <= 32 were
+                        // checked, the kernel's limits.
+                        unsafe { b.launch(cfg) }.w().map_err(cuda_err)?;
+                        Ok(())
+                    })
+                })
+            })
+        })
     }
 }

@@ -29,6 +29,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod cpu;
+pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod gemm_bf16;

@@ -38,7 +38,22 @@ pub struct LocalSplitOptions {
     pub edge_layers: Option<usize>,
     /// Compute dtype; `None` keeps the stored dtype (f32 for GGUF).
     pub dtype: Option<DType>,
+    /// Where the cloud part computes. The edge part always runs on the CPU, as on a user's
+    /// device.
     pub device: Device,
+}
+
+impl LocalSplitOptions {
+    /// The edge's load options (the CPU) and the cloud's (`self.device`), both in `dtype`.
+    fn load_options(&self, dtype: DType) -> (LoadOptions<'_>, LoadOptions<'_>) {
+        const CPU: &Device = &Device::Cpu;
+        let edge = LoadOptions { dtype, device: CPU };
+        let cloud = LoadOptions {
+            dtype,
+            device: &self.device,
+        };
+        (edge, cloud)
+    }
 }
 
 impl LocalSplit {
@@ -62,11 +77,9 @@ impl LocalSplit {
             }
             let k = edge_ck.manifest.as_ref().map_or(0, |m| m.edge_layers);
             let split = SplitPoint::new(k, edge_ck.config.num_hidden_layers)?;
-            let lo = LoadOptions {
-                dtype: opts.dtype.unwrap_or(edge_ck.stored_dtype),
-                device: &opts.device,
-            };
-            let edge = EdgeModel::load(edge_ck.tensors.as_ref(), &edge_ck.config, split, lo)?;
+            let dtype = opts.dtype.unwrap_or(edge_ck.stored_dtype);
+            let (on_cpu, lo) = opts.load_options(dtype);
+            let edge = EdgeModel::load(edge_ck.tensors.as_ref(), &edge_ck.config, split, on_cpu)?;
             let cloud = CloudModel::load(cloud_ck.tensors.as_ref(), &cloud_ck.config, split, lo)?;
             return Ok(Self {
                 edge,
@@ -80,12 +93,9 @@ impl LocalSplit {
             ModelError::Split("--edge-layers is required for a whole model".into())
         })?;
         let split = SplitPoint::new(k, ck.config.num_hidden_layers)?;
-        let lo = LoadOptions {
-            dtype: opts.dtype.unwrap_or(ck.stored_dtype),
-            device: &opts.device,
-        };
+        let (on_cpu, lo) = opts.load_options(opts.dtype.unwrap_or(ck.stored_dtype));
         Ok(Self {
-            edge: EdgeModel::load(ck.tensors.as_ref(), &ck.config, split, lo)?,
+            edge: EdgeModel::load(ck.tensors.as_ref(), &ck.config, split, on_cpu)?,
             cloud: CloudModel::load(ck.tensors.as_ref(), &ck.config, split, lo)?,
             tokenizer: ck.tokenizer,
             chat_template: ck.chat_template,

@@ -35,7 +35,7 @@ pub struct RealShape {
 }
 
 /// The shapes this module writes (from the models' published `config.json`).
-pub const SHAPES: [RealShape; 3] = [
+pub const SHAPES: [RealShape; 4] = [
     RealShape {
         name: "llama-3.2-1b",
         hidden: 2048,
@@ -69,10 +69,23 @@ pub const SHAPES: [RealShape; 3] = [
         tied: false,
         rope_factor: 8.0,
     },
+    // Not a published model: Llama's layout at a size that loads in a second, for checking
+    // one device against another (`tandem device-check`, scripts/gpu-check.sh).
+    RealShape {
+        name: "tiny",
+        hidden: 512,
+        intermediate: 1408,
+        layers: 4,
+        heads: 8,
+        kv_heads: 2,
+        vocab: 4096,
+        tied: false,
+        rope_factor: 8.0,
+    },
 ];
 
 impl RealShape {
-    /// A shape by name (`llama-3.2-1b`, `llama-3.2-3b`, `llama-3.1-8b`).
+    /// A shape by name (`llama-3.2-1b`, `llama-3.2-3b`, `llama-3.1-8b`, `tiny`).
     pub fn named(name: &str) -> Result<&'static RealShape> {
         SHAPES.iter().find(|s| s.name == name).ok_or_else(|| {
             ModelError::Input(format!(

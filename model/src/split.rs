@@ -165,6 +165,8 @@ pub struct CloudModel {
     lm_head: Linear,
     /// The dtype the weights were loaded in.
     weights: DType,
+    /// Where the weights live and the layers compute.
+    device: Device,
 }
 
 impl CloudModel {
@@ -196,6 +198,7 @@ impl CloudModel {
             norm: RmsNorm::load(src, FINAL_NORM, cfg, opts.dtype, opts.device)?,
             lm_head: Linear::from_weight(head)?,
             weights: opts.dtype,
+            device: opts.device.clone(),
         })
     }
 
@@ -226,6 +229,12 @@ impl CloudModel {
         self.layers.len() * layer + c.vocab_size * h
     }
 
+    /// The device the weights were loaded on: the layers compute there, and
+    /// [`Self::forward_layers`] moves its input there.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The dtype the weights were loaded in (bf16 weights compute with f32 hidden states on
     /// the CPU: [`crate::layers::activation_dtype`]).
     pub fn weight_dtype(&self) -> DType {
@@ -254,7 +263,8 @@ impl CloudModel {
         kv: &mut dyn KvView,
     ) -> Result<Tensor> {
         check_hidden(hidden, ctx, &self.cfg)?;
-        self.layers.forward(hidden.to_dtype(self.dtype())?, ctx, kv)
+        let x = hidden.to_device(&self.device)?.to_dtype(self.dtype())?;
+        self.layers.forward(x, ctx, kv)
     }
 
     /// Final norm and LM head over rows `[rows, hidden]`: f32 logits `[rows, vocab]`.

@@ -366,6 +366,15 @@ pub enum DtypeName {
 }
 
 impl DtypeName {
+    /// The dtype for weights computed on `device`: as [`Self::resolve`], except that `auto`
+    /// is bf16 on a GPU.
+    pub fn resolve_on(self, device: crate::device::DeviceName) -> DType {
+        match self {
+            Self::Auto => device.auto_dtype(),
+            other => other.resolve(),
+        }
+    }
+
     pub fn resolve(self) -> DType {
         match self {
             Self::Auto => auto_dtype(),

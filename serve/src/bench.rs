@@ -83,7 +83,7 @@ pub struct PrefillFigure {
     pub prefill_tokens_per_s: f64,
 }
 
-fn edge_rows(
+pub(crate) fn edge_rows(
     edge: &EdgeModel,
     kv: &mut ContiguousKv,
     pos: usize,
@@ -283,21 +283,21 @@ pub struct MixedFigure {
     pub p99_over_decode_only_p50: f64,
 }
 
-/// A decoding device of the mixed and prefix runs.
-struct Device {
+/// A decoding device of the mixed and prefix runs (and of `tandem device-check`).
+pub(crate) struct BenchDevice {
     session: crate::engine::Session,
     kv: ContiguousKv,
     pos: usize,
-    output: Vec<u32>,
+    pub(crate) output: Vec<u32>,
     last: Option<Instant>,
-    done: bool,
+    pub(crate) done: bool,
     /// Do not answer tokens (the session then waits, holding its KV).
     hold: bool,
 }
 
-impl Device {
+impl BenchDevice {
     /// Opens a session and sends `chunks` of the prompt (the last one complete).
-    fn start(
+    pub(crate) fn start(
         engine: &Engine,
         edge: &EdgeModel,
         chunks: &[&[u32]],
@@ -334,7 +334,7 @@ impl Device {
 
     /// Handles what arrived; answers each token with its hidden state (unless holding). Returns the gaps
     /// between consecutive tokens seen now, in seconds.
-    fn poll(
+    pub(crate) fn poll(
         &mut self,
         engine: &Engine,
         edge: &EdgeModel,
@@ -365,7 +365,7 @@ impl Device {
     }
 }
 
-fn prompt_ids(vocab: usize, seed: usize, len: usize) -> Vec<u32> {
+pub(crate) fn prompt_ids(vocab: usize, seed: usize, len: usize) -> Vec<u32> {
     (0..len)
         .map(|j| ((seed * 7919 + j * 104_729 + seed * j) % (vocab - 1)) as u32 + 1)
         .collect()
@@ -382,7 +382,7 @@ fn mixed_run(
     let mut decoders = Vec::new();
     for i in 0..plan.mixed_decoders {
         let p = prompt_ids(vocab, i + 1, 16);
-        decoders.push(Device::start(engine, edge, &[&p], 100_000)?);
+        decoders.push(BenchDevice::start(engine, edge, &[&p], 100_000)?);
     }
     // Decode only until every decoder produced 8 gaps' worth of tokens.
     let mut base = Vec::new();
@@ -499,7 +499,7 @@ fn prefix_pass(
     let mut devices = Vec::new();
     for i in 0..plan.prefix_sessions {
         let user = prompt_ids(vocab, 5000 + i, 20);
-        let mut d = Device::start(engine, edge, &[&system, &user], 4)?;
+        let mut d = BenchDevice::start(engine, edge, &[&system, &user], 4)?;
         d.hold = true;
         devices.push(d);
     }

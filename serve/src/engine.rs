@@ -443,11 +443,62 @@ struct SessionState<'t> {
     reply_latency: Option<Duration>,
 }
 
+/// The paged KV blocks, where the cloud model computes.
+pub(crate) enum Cache {
+    Cpu(KvStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(tandem_kvcache::cuda::CudaKvStorage),
+}
+
+impl Cache {
+    /// The cache for `layout` on `device` (the model's).
+    pub(crate) fn new(layout: KvLayout, device: &Device) -> Result<Self, EngineError> {
+        match device {
+            Device::Cpu => Ok(Self::Cpu(KvStorage::new(layout))),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => tandem_kvcache::cuda::CudaKvStorage::new(layout, device)
+                .map(Self::Cuda)
+                .map_err(|e| EngineError::Model(e.to_string())),
+            #[allow(unreachable_patterns)]
+            other => Err(EngineError::Model(format!(
+                "no paged KV cache for the device {other:?} in this build"
+            ))),
+        }
+    }
+
+    fn copy(&mut self, op: tandem_kvcache::CopyOp) -> Result<(), EngineError> {
+        match self {
+            Self::Cpu(s) => s.copy(op),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(s) => s.copy(op).map_err(|e| EngineError::Model(e.to_string()))?,
+        }
+        Ok(())
+    }
+
+    pub(crate) fn forward(
+        &mut self,
+        cloud: &CloudModel,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        tables: &[&BlockTable],
+    ) -> Result<Tensor, tandem_model::ModelError> {
+        match self {
+            Self::Cpu(s) => cloud.forward_layers(x, ctx, &mut PagedKv::new(s, tables)),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(s) => cloud.forward_layers(
+                x,
+                ctx,
+                &mut tandem_kvcache::cuda::CudaPagedKv::new(s, tables),
+            ),
+        }
+    }
+}
+
 struct Loop<'t> {
     cloud: CloudModel,
     tokenizer: Option<&'t TextTokenizer>,
     sched: Scheduler,
-    storage: KvStorage,
+    storage: Cache,
     sessions: HashMap<SeqId, SessionState<'t>>,
     busy_s: f64,
     tokens_sampled: u64,
@@ -483,12 +534,20 @@ fn run(
         head_dim: ccfg.head_dim,
         dtype: cfg.kv_dtype,
     };
+    let storage = match Cache::new(layout, cloud.device()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Every request then answers `EngineError::Stopped`.
+            tracing::error!(error = %e, "the engine could not allocate its KV cache; stopping");
+            return;
+        }
+    };
     let pool = BlockPool::new(cfg.kv_blocks, cfg.block_size);
     let mut lp = Loop {
         cloud,
         tokenizer: tokenizer.as_ref(),
         sched: Scheduler::new(cfg.scheduler.clone(), pool),
-        storage: KvStorage::new(layout),
+        storage,
         sessions: HashMap::new(),
         busy_s: 0.0,
         tokens_sampled: 0,
@@ -808,7 +867,7 @@ impl<'t> Loop<'t> {
     fn forward_and_sample(&mut self, batch: &Batch) -> Result<StepOutcome, EngineError> {
         let model_err = |e: tandem_model::ModelError| EngineError::Model(e.to_string());
         for op in &batch.copies {
-            self.storage.copy(*op);
+            self.storage.copy(*op)?;
         }
         let h = self.cloud.config().hidden_size;
         let mut rows = Vec::with_capacity(batch.num_tokens() * h);
@@ -838,18 +897,16 @@ impl<'t> Loop<'t> {
                     .ok_or(EngineError::UnknownSession(i.id.0))
             })
             .collect::<Result<_, _>>()?;
-        let out = {
-            let mut kv = PagedKv::new(&mut self.storage, &tables);
-            self.cloud
-                .forward_layers(&x, &ctx, &mut kv)
-                .map_err(model_err)?
-        };
+        let out = self
+            .storage
+            .forward(&self.cloud, &x, &ctx, &tables)
+            .map_err(model_err)?;
         let mut finished = Vec::new();
         if sample_rows.is_empty() {
             return Ok(StepOutcome { finished });
         }
         let idx: Vec<u32> = sample_rows.iter().map(|&(r, _)| r).collect();
-        let idx = Tensor::from_vec(idx, sample_rows.len(), &Device::Cpu)
+        let idx = Tensor::from_vec(idx, sample_rows.len(), out.device())
             .map_err(|e| EngineError::Model(e.to_string()))?;
         let picked = out
             .index_select(&idx, 0)

@@ -17,6 +17,7 @@
 pub mod admin_cli;
 pub mod audit;
 pub mod bench;
+pub mod devcheck;
 pub mod engine;
 pub mod metrics;
 mod pacing;

@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_model::pipeline::{GenerateRequest, LocalSplit, LocalSplitOptions};
@@ -48,13 +47,42 @@ enum Command {
     /// each split depth, wire encoding and noise level, beside the quality cost.
     AuditPrivacy(Box<tandem_serve::audit::AuditArgs>),
     /// Write a random-weight bf16 checkpoint with the exact shapes of a real Llama model
-    /// (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b), to measure the engine at real scale.
+    /// (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b), to measure the engine at real scale, or
+    /// a tiny one (`tiny`) for device checks.
     RandomModel(RandomModelArgs),
+    /// Check the cloud part on an accelerator (--device cuda) against the CPU on one model:
+    /// logits, greedy tokens, batched against solo, and the engine end to end (JSON on
+    /// stdout; exit status 1 when a check fails).
+    DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeviceCheckArgs {
+    /// A whole model (HF directory or .gguf) or a split directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    edge_layers: Option<usize>,
+    /// The device to check: cuda[:N] (cpu checks the CPU against itself).
+    #[arg(long, default_value = "cuda")]
+    device: tandem_model::device::DeviceName,
+    /// The device's dtype: f32 (logits must agree within --tolerance) or bf16 (agreement
+    /// reported, at least --min-agreement of the greedy tokens).
+    #[arg(long, default_value = "f32")]
+    dtype: tandem_model::weights::DtypeName,
+    #[arg(long, default_value_t = 8)]
+    sessions: usize,
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    tolerance: f32,
+    #[arg(long, default_value_t = 0.9)]
+    min_agreement: f64,
 }
 
 #[derive(Args, Debug)]
 struct RandomModelArgs {
-    /// llama-3.2-1b, llama-3.2-3b or llama-3.1-8b.
+    /// llama-3.2-1b, llama-3.2-3b, llama-3.1-8b or tiny.
     #[arg(long)]
     shape: String,
     /// Output directory (an HF model directory: config.json, model.safetensors, tokenizer).
@@ -93,6 +121,10 @@ struct ServeArgs {
     /// [default], bf16 or f16; the KV cache follows it.
     #[arg(long, env = "TANDEM_DTYPE")]
     dtype: Option<tandem_model::weights::DtypeName>,
+    /// Where the cloud layers and KV cache run: cpu [default] or cuda[:N] (a build with
+    /// `--features cuda`; `--dtype auto` is bf16 there).
+    #[arg(long, env = "TANDEM_DEVICE")]
+    device: Option<tandem_model::device::DeviceName>,
     /// KV cache size as a block count (overrides --kv-cache-gib).
     #[arg(long, env = "TANDEM_KV_BLOCKS")]
     kv_blocks: Option<usize>,
@@ -216,6 +248,10 @@ struct BenchArgs {
     /// or f16; the KV cache follows it.
     #[arg(long, default_value = "f32")]
     dtype: tandem_model::weights::DtypeName,
+    /// Where the cloud layers and KV cache run: cpu or cuda[:N] (a build with
+    /// `--features cuda`; `--dtype auto` is bf16 there). The edge layers stay on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: tandem_model::device::DeviceName,
     /// Also measure the machine's memory bandwidth and the kernel's peak, and report each
     /// figure as a fraction of its roofline.
     #[arg(long)]
@@ -301,6 +337,10 @@ struct GenerateArgs {
     /// activations.
     #[arg(long)]
     dtype: Option<String>,
+    /// Where the cloud layers run: cpu [default] or cuda[:N] (a build with `--features
+    /// cuda`; `--dtype auto` is bf16 there). The edge layers stay on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: tandem_model::device::DeviceName,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -321,6 +361,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve(*a),
         Command::AuditPrivacy(a) => tandem_serve::audit::run_cli(*a),
         Command::RandomModel(a) => random_model(a),
+        Command::DeviceCheck(a) => device_check(a),
         Command::Admin(a) => match tandem_serve::admin_cli::run(a) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -373,6 +414,27 @@ fn split(a: SplitArgs) -> Result<()> {
     Ok(())
 }
 
+fn device_check(a: DeviceCheckArgs) -> Result<()> {
+    anyhow::ensure!(
+        (1..=64).contains(&a.sessions) && (1..=1024).contains(&a.steps),
+        "--sessions must be 1..=64 and --steps 1..=1024"
+    );
+    let plan = tandem_serve::devcheck::CheckPlan {
+        device: a.device,
+        dtype: a.dtype.resolve_on(a.device),
+        sessions: a.sessions,
+        steps: a.steps,
+        tolerance: a.tolerance,
+        min_agreement: a.min_agreement,
+    };
+    let report = tandem_serve::devcheck::run(&a.model, a.edge_layers, &plan)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if report["passed"] != serde_json::Value::Bool(true) {
+        anyhow::bail!("the device check failed (see the report above)");
+    }
+    Ok(())
+}
+
 fn random_model(a: RandomModelArgs) -> Result<()> {
     use tandem_model::random_model::{write, RealShape};
     let shape = RealShape::named(&a.shape)?;
@@ -413,7 +475,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         repetition_penalty: a.repetition_penalty,
     }
     .validate()?;
-    let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let dtype = match a.dtype.as_deref() {
+        Some(d) if d.eq_ignore_ascii_case("auto") => Some(a.device.auto_dtype()),
+        Some(d) => Some(parse_dtype(d)?),
+        None => None,
+    };
     let load_started = Instant::now();
     let edge_layers = if tandem_model::checkpoint::is_split_dir(&a.model) {
         a.edge_layers
@@ -425,7 +491,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         &LocalSplitOptions {
             edge_layers,
             dtype,
-            device: Device::Cpu,
+            device: a.device.open()?,
         },
     )
     .with_context(|| format!("loading {}", a.model.display()))?;
@@ -490,14 +556,14 @@ fn bench(a: BenchArgs) -> Result<()> {
         "prefill-first" => Policy::PrefillFirst,
         other => anyhow::bail!("unknown policy `{other}` (decode-first or prefill-first)"),
     };
-    let dtype = a.dtype.resolve();
+    let dtype = a.dtype.resolve_on(a.device);
     let load_started = Instant::now();
     let model = LocalSplit::load(
         &a.model,
         &LocalSplitOptions {
             edge_layers: Some(a.edge_layers),
             dtype: Some(dtype),
-            device: Device::Cpu,
+            device: a.device.open()?,
         },
     )
     .with_context(|| format!("loading {}", a.model.display()))?;
@@ -577,6 +643,7 @@ impl ServeArgs {
             listen,
             redis_key_prefix,
             dtype,
+            device,
             kv_cache_gib,
             block_size,
             max_batch_tokens,

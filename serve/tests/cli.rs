@@ -221,3 +221,69 @@ fn demo_model_split_on_disk_equals_in_memory() {
     assert_eq!(whole["prompt_ids"], parts["prompt_ids"]);
     assert_eq!(whole["output_ids"], parts["output_ids"]);
 }
+
+/// `tandem random-model --shape tiny` then `tandem device-check` with the CPU as the device:
+/// the check's own machinery (reference recording, batched and solo replays through the
+/// paged cache, the engine end to end) runs and passes against itself, in f32 and in bf16.
+/// On a GPU machine scripts/gpu-check.sh runs the same command with `--device cuda`.
+#[test]
+fn device_check_on_the_cpu_passes_against_itself() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny");
+    let m = model.to_str().expect("utf8");
+    ok(&tandem(&["random-model", "--shape", "tiny", "--out", m]));
+    let base = [
+        "device-check",
+        "--model",
+        m,
+        "--edge-layers",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let f32 = json(&tandem(
+        &[&base[..], &["--sessions", "3", "--steps", "6"]].concat(),
+    ));
+    assert_eq!(f32["passed"], true, "{f32}");
+    assert_eq!(f32["device_vs_cpu"]["max_abs_logit_diff"], 0.0, "{f32}");
+    assert_eq!(f32["device_vs_cpu"]["greedy_steps_compared"], 3 * 7);
+    assert_eq!(f32["engine_vs_cpu_solo"]["identical"], 3);
+    let bf16 = json(&tandem(
+        &[
+            &base[..],
+            &["--dtype", "bf16", "--sessions", "2", "--steps", "4"],
+        ]
+        .concat(),
+    ));
+    assert_eq!(bf16["dtype"], "bf16");
+    // bf16 weights differ from the f32 reference, but not by much on a random model.
+    let diff = bf16["device_vs_cpu"]["max_abs_logit_diff"]
+        .as_f64()
+        .expect("diff");
+    assert!(diff > 0.0 && diff < 0.5, "{bf16}");
+    assert_eq!(bf16["batched_vs_solo_on_device"]["greedy_disagreements"], 0);
+}
+
+/// A build without the `cuda` feature names the feature when asked for a GPU, and fails.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_in_a_cpu_build_is_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny");
+    tiny_model(&model);
+    let m = model.to_str().expect("utf8");
+    for args in [
+        &["device-check", "--model", m, "--edge-layers", "1"][..],
+        &[
+            "generate", "--model", m, "--prompt", "x", "--device", "cuda:1",
+        ][..],
+        &["bench", "--model", m, "--device", "cuda"][..],
+    ] {
+        let out = tandem(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--features cuda"), "{args:?}: {err}");
+    }
+    let out = tandem(&["generate", "--model", m, "--prompt", "x", "--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device"));
+}

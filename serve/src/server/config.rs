@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// AVX512-BF16 where the CPU has them), `f16`, or `auto` (bf16 where the CPU has bf16
     /// units, else f32). The KV cache is stored in the same dtype.
     pub dtype: tandem_model::weights::DtypeName,
+    /// Where the cloud layers and the KV cache live: `cpu` (the default) or `cuda[:N]` (a
+    /// build with the `cuda` feature; bf16 or f32 weights, `auto` is bf16 there).
+    pub device: tandem_model::device::DeviceName,
     /// KV cache size in GiB (in the KV dtype), allocated at start.
     pub kv_cache_gib: f64,
     /// KV cache size as a block count; overrides `kv_cache_gib` when set.
@@ -190,6 +193,7 @@ impl Default for ServerConfig {
             replica_id: None,
             redis_key_prefix: "tandem".to_owned(),
             dtype: tandem_model::weights::DtypeName::F32,
+            device: tandem_model::device::DeviceName::Cpu,
             kv_cache_gib: 1.0,
             kv_blocks: None,
             block_size: 16,
@@ -241,6 +245,11 @@ impl ServerConfig {
             "kv_cache_gib must be > 0"
         );
         anyhow::ensure!(self.kv_blocks != Some(0), "kv_blocks must be > 0");
+        anyhow::ensure!(
+            !(self.device.is_cuda()
+                && self.dtype.resolve_on(self.device) == candle_core::DType::F16),
+            "on a CUDA device the weights and KV cache are bf16 or f32, not f16"
+        );
         anyhow::ensure!(self.io_threads != Some(0), "io_threads must be > 0");
         for (name, v) in [
             ("block_size", self.block_size),

@@ -36,7 +36,7 @@ use axum::extract::{State, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use dashmap::DashMap;
 use tandem_kvcache::{KvDtype, KvLayout};
 use tandem_model::checkpoint::Checkpoint;
@@ -192,9 +192,10 @@ impl ServerHandle {
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     cfg.check()?;
     let cloud_dir = cloud_dir(&cfg.cloud);
-    let dtype = cfg.dtype.resolve();
+    let dtype = cfg.dtype.resolve_on(cfg.device);
+    let device = cfg.device;
     let (served, model, tokenizer) =
-        tokio::task::spawn_blocking(move || load_cloud(&cloud_dir, dtype))
+        tokio::task::spawn_blocking(move || load_cloud(&cloud_dir, dtype, device))
             .await
             .context("loading the cloud model")??;
     let engine_cfg = engine_config(&cfg, &model);
@@ -513,7 +514,11 @@ type Loaded = (
     Option<tandem_model::tokenizer::TextTokenizer>,
 );
 
-fn load_cloud(dir: &Path, dtype: DType) -> anyhow::Result<Loaded> {
+fn load_cloud(
+    dir: &Path,
+    dtype: DType,
+    name: tandem_model::device::DeviceName,
+) -> anyhow::Result<Loaded> {
     let ck = Checkpoint::open_part(dir, Part::Cloud)
         .with_context(|| format!("opening the cloud checkpoint {}", dir.display()))?;
     let manifest = ck
@@ -523,13 +528,15 @@ fn load_cloud(dir: &Path, dtype: DType) -> anyhow::Result<Loaded> {
     let split = SplitPoint::new(manifest.edge_layers, manifest.num_layers)?;
     // The weights are converted to the configured dtype whatever the stored one (bf16 and
     // f32 run on the model's own CPU kernels, with f32 activations).
+    let device = name.open()?;
     let opts = LoadOptions {
         dtype,
-        device: &Device::Cpu,
+        device: &device,
     };
     let started = std::time::Instant::now();
     let model = CloudModel::load(ck.tensors.as_ref(), &ck.config, split, opts)?;
     tracing::info!(
+        device = %name,
         dtype = tandem_model::weights::dtype_user_name(dtype),
         bf16_kernel = (dtype == DType::BF16)
             .then(|| tandem_model::gemm_bf16::Bf16Kernel::selected().ok())
