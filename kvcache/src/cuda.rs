@@ -137,6 +137,19 @@ fn kernel_name(base: &str, dtype: DType) -> &'static str {
 pub struct CudaPagedKv<'a> {
     storage: &'a mut CudaKvStorage,
     tables: Vec<Vec<u32>>,
+    /// The batch's index arrays on the device, uploaded at the first layer and shared by all.
+    uploaded: Option<DeviceIndices>,
+}
+
+/// [`Indices`] on the device.
+#[derive(Debug)]
+struct DeviceIndices {
+    slots: CudaSlice<i64>,
+    row_seq: CudaSlice<i32>,
+    row_pos: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    rows: usize,
+    max_blocks: usize,
 }
 
 impl<'a> CudaPagedKv<'a> {
@@ -146,7 +159,11 @@ impl<'a> CudaPagedKv<'a> {
             .iter()
             .map(|t| t.blocks().iter().map(|b| b.0).collect())
             .collect();
-        Self { storage, tables }
+        Self {
+            storage,
+            tables,
+            uploaded: None,
+        }
     }
 }
 
@@ -252,112 +269,109 @@ impl KvView for CudaPagedKv<'_> {
         if rows == 0 {
             return Ok(Tensor::zeros((0, heads * head_dim), q.dtype(), q.device())?);
         }
-        let ix = self.indices(ctx)?;
+        if self.uploaded.as_ref().is_none_or(|u| u.rows != rows) {
+            let ix = self.indices(ctx)?;
+            let dev = &self.storage.device;
+            self.uploaded = Some(DeviceIndices {
+                slots: dev.clone_htod(&ix.slots).map_err(cuda_err)?,
+                row_seq: dev.clone_htod(&ix.row_seq).map_err(cuda_err)?,
+                row_pos: dev.clone_htod(&ix.row_pos).map_err(cuda_err)?,
+                tables: dev.clone_htod(&ix.tables).map_err(cuda_err)?,
+                rows,
+                max_blocks: ix.max_blocks,
+            });
+        }
         let dtype = self.storage.dtype;
         let row = kv_heads * head_dim;
         let kr = k.to_dtype(dtype)?.reshape((rows, row))?.contiguous()?;
         let vr = v.to_dtype(dtype)?.reshape((rows, row))?.contiguous()?;
         let qc = q.to_dtype(dtype)?.contiguous()?;
         let out = Tensor::zeros((rows, heads * head_dim), dtype, q.device())?;
+        let ix = self.uploaded.as_ref().expect("uploaded above");
         match dtype {
-            DType::BF16 => self.launch::<half::bf16>(l, &ix, &kr, &vr, &qc, &out, heads)?,
-            _ => self.launch::<f32>(l, &ix, &kr, &vr, &qc, &out, heads)?,
+            DType::BF16 => launch::<half::bf16>(self.storage, l, ix, &kr, &vr, &qc, &out, heads)?,
+            _ => launch::<f32>(self.storage, l, ix, &kr, &vr, &qc, &out, heads)?,
         }
         Ok(out.to_dtype(q.dtype())?)
     }
 }
 
-impl CudaPagedKv<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr>(
-        &self,
-        l: usize,
-        ix: &Indices,
-        k_new: &Tensor,
-        v_new: &Tensor,
-        q: &Tensor,
-        out: &Tensor,
-        heads: usize,
-    ) -> Result<(), ModelError> {
-        let s = &*self.storage;
-        let dev = &s.device;
-        let lay = &s.layout;
-        let rows = ix.slots.len();
-        let row = lay.kv_heads * lay.head_dim;
-        let to_i32 = |n: usize| i32::try_from(n).map_err(|_| cache_err("size overflow"));
-        let slots = dev.clone_htod(&ix.slots).map_err(cuda_err)?;
-        let row_seq = dev.clone_htod(&ix.row_seq).map_err(cuda_err)?;
-        let row_pos = dev.clone_htod(&ix.row_pos).map_err(cuda_err)?;
-        let tables = dev.clone_htod(&ix.tables).map_err(cuda_err)?;
-        let (row_elems, max_blocks, block_size) = (
-            to_i32(row)?,
-            to_i32(ix.max_blocks)?,
-            to_i32(lay.block_size)?,
-        );
-        let (heads_i, kv_heads, head_dim) =
-            (to_i32(heads)?, to_i32(lay.kv_heads)?, to_i32(lay.head_dim)?);
-        let scale = 1.0f32 / (lay.head_dim as f32).sqrt();
-        let grid_rows = u32::try_from(rows).map_err(|_| cache_err("too many rows"))?;
+/// Stores layer `l`'s new keys and values, then attends every query row of the batch.
+#[allow(clippy::too_many_arguments)]
+fn launch<T: CudaDType + DeviceRepr>(
+    s: &CudaKvStorage,
+    l: usize,
+    ix: &DeviceIndices,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    q: &Tensor,
+    out: &Tensor,
+    heads: usize,
+) -> Result<(), ModelError> {
+    let dev = &s.device;
+    let lay = &s.layout;
+    let rows = ix.rows;
+    let row = lay.kv_heads * lay.head_dim;
+    let to_i32 = |n: usize| i32::try_from(n).map_err(|_| cache_err("size overflow"));
+    let (slots, row_seq, row_pos, tables) = (&ix.slots, &ix.row_seq, &ix.row_pos, &ix.tables);
+    let (row_elems, max_blocks, block_size) = (
+        to_i32(row)?,
+        to_i32(ix.max_blocks)?,
+        to_i32(lay.block_size)?,
+    );
+    let (heads_i, kv_heads, head_dim) =
+        (to_i32(heads)?, to_i32(lay.kv_heads)?, to_i32(lay.head_dim)?);
+    let scale = 1.0f32 / (lay.head_dim as f32).sqrt();
+    let grid_rows = u32::try_from(rows).map_err(|_| cache_err("too many rows"))?;
 
-        with_slice::<T, _>(&s.k[l], |kc| {
-            with_slice::<T, _>(&s.v[l], |vc| {
-                with_slice::<T, _>(k_new, |kn| {
-                    with_slice::<T, _>(v_new, |vn| {
-                        let f = dev
-                            .get_or_load_custom_func(kernel_name("write_kv", s.dtype), MODULE, PTX)
-                            .map_err(cuda_err)?;
-                        let mut b = f.builder();
-                        b.arg(kn)
-                            .arg(vn)
-                            .arg(&slots)
-                            .arg(kc)
-                            .arg(vc)
-                            .arg(&row_elems);
-                        let cfg = LaunchConfig {
-                            grid_dim: (grid_rows, 1, 1),
-                            block_dim: (128, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        // SAFETY: the kernel reads `rows` rows of `row_elems` from k_new/v_new
-                        // (both `[rows, row]`, contiguous) and `rows` slots, each checked above
-                        // to lie in a block of this cache, and writes only those slots.
-                        unsafe { b.launch(cfg) }.w().map_err(cuda_err)?;
-                        Ok(())
-                    })
-                })?;
-                with_slice::<T, _>(q, |qv| {
-                    with_slice::<T, _>(out, |ov| {
-                        let f = dev
-                            .get_or_load_custom_func(kernel_name("attention", s.dtype), MODULE, PTX)
-                            .map_err(cuda_err)?;
-                        let mut b = f.builder();
-                        b.arg(ov)
-                            .arg(qv)
-                            .arg(kc)
-                            .arg(vc)
-                            .arg(&row_seq)
-                            .arg(&row_pos);
-                        b.arg(&tables)
-                            .arg(&max_blocks)
-                            .arg(&block_size)
-                            .arg(&heads_i);
-                        b.arg(&kv_heads).arg(&head_dim).arg(&scale);
-                        let group = (heads / lay.kv_heads) as u32;
-                        let cfg = LaunchConfig {
-                            grid_dim: (grid_rows, lay.kv_heads as u32, 1),
-                            block_dim: (32 * group, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        // SAFETY: q and out are `[rows, heads * head_dim]`; every row's
-                        // sequence index and position come from `indices`, which checked that
-                        // each position up to the row's own has a block of this cache in the
-                        // sequence's (padded) table; head_dim <= 256 and group <= 32 were
-                        // checked, the kernel's limits.
-                        unsafe { b.launch(cfg) }.w().map_err(cuda_err)?;
-                        Ok(())
-                    })
+    with_slice::<T, _>(&s.k[l], |kc| {
+        with_slice::<T, _>(&s.v[l], |vc| {
+            with_slice::<T, _>(k_new, |kn| {
+                with_slice::<T, _>(v_new, |vn| {
+                    let f = dev
+                        .get_or_load_custom_func(kernel_name("write_kv", s.dtype), MODULE, PTX)
+                        .map_err(cuda_err)?;
+                    let mut b = f.builder();
+                    b.arg(kn).arg(vn).arg(slots).arg(kc).arg(vc).arg(&row_elems);
+                    let cfg = LaunchConfig {
+                        grid_dim: (grid_rows, 1, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the kernel reads `rows` rows of `row_elems` from k_new/v_new
+                    // (both `[rows, row]`, contiguous) and `rows` slots, each checked above
+                    // to lie in a block of this cache, and writes only those slots.
+                    unsafe { b.launch(cfg) }.w().map_err(cuda_err)?;
+                    Ok(())
+                })
+            })?;
+            with_slice::<T, _>(q, |qv| {
+                with_slice::<T, _>(out, |ov| {
+                    let f = dev
+                        .get_or_load_custom_func(kernel_name("attention", s.dtype), MODULE, PTX)
+                        .map_err(cuda_err)?;
+                    let mut b = f.builder();
+                    b.arg(ov).arg(qv).arg(kc).arg(vc).arg(row_seq).arg(row_pos);
+                    b.arg(tables)
+                        .arg(&max_blocks)
+                        .arg(&block_size)
+                        .arg(&heads_i);
+                    b.arg(&kv_heads).arg(&head_dim).arg(&scale);
+                    let group = (heads / lay.kv_heads) as u32;
+                    let cfg = LaunchConfig {
+                        grid_dim: (grid_rows, lay.kv_heads as u32, 1),
+                        block_dim: (32 * group, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: q and out are `[rows, heads * head_dim]`; every row's
+                    // sequence index and position come from `indices`, which checked that
+                    // each position up to the row's own has a block of this cache in the
+                    // sequence's (padded) table; head_dim <= 256 and group <= 32 were
+                    // checked, the kernel's limits.
+                    unsafe { b.launch(cfg) }.w().map_err(cuda_err)?;
+                    Ok(())
                 })
             })
         })
-    }
+    })
 }

@@ -12,9 +12,9 @@
 //! - [`paged`]: [`PagedKv`], which plugs storage and kernel into the model's layer code
 //!   through `tandem_model::KvView`.
 //!
-//! - `cuda` (feature `cuda`, not compiled by CPU builds): `CudaPagedKv`, the same interface
-//!   backed by candle-flash-attn's paged varlen kernel. Written but never compiled or run: no
-//!   machine this project builds on has a CUDA toolkit yet.
+//! - `cuda` (feature `cuda`): `CudaKvStorage` and `CudaPagedKv`, the same interface on a GPU,
+//!   backed by this crate's own kernels (`cuda/paged_attention.cu`). CI compiles it without a
+//!   GPU (scripts/build-cuda.sh); `tandem device-check` checks it against the CPU on a GPU.
 //!
 //! The scheduler and engine that drive this crate live in their own crates.
 

@@ -660,6 +660,8 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
             .then(|| tandem_model::gemm_bf16::Bf16Kernel::selected().ok().map(|k| k.name()))
             .flatten(),
         "cloud_weight_bytes": cloud.weight_bytes(),
+        "matmul_params_per_row": cloud.matmul_params(),
+        "device": format!("{:?}", cloud.device().location()),
         "rss_after_load_mib": rss_loaded_mib,
         "rss_peak_mib": memory_mib("VmHWM"),
         "roofline": roofline,
