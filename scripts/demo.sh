@@ -21,6 +21,9 @@ step "1/5 demo model"
 scripts/fetch-demo-model.sh
 
 step "2/5 building tandem and tandem-edge (release; the first build takes several minutes)"
+# Swagger UI's assets are built into the server for its /docs page (npm registry, pinned);
+# without npm the server still builds and /docs says how to add them.
+scripts/fetch-swagger-ui.sh || echo "demo: continuing without Swagger UI (/docs answers 503)" >&2
 cargo build --release -q -p tandem-serve -p tandem-edge --bins
 
 if [ ! -f "$split/cloud/manifest.json" ] || [ ! -f "$split/edge/manifest.json" ]; then

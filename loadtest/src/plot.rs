@@ -6,12 +6,11 @@
 //! - Bottom right: throughput over time from the report's timeline: output tokens per second
 //!   during each second (left axis) and generations in progress (right axis).
 //!
-//! Drawn with plotters' bitmap backend into a buffer and written by the privacy audit's small
-//! PNG encoder in `tandem-serve` (deflated with `miniz_oxide`; no image crate). Text needs a
-//! TrueType font, read at run time from `--plot-font` or the usual DejaVu paths (plotters'
-//! font-kit, which pulls in fontconfig, stays off). A `--plot-font` that cannot be read is an
-//! error; when none is given and no DejaVu font is installed, the chart is drawn without any
-//! text (axes and lines only) and the command says so on stderr.
+//! Drawn with plotters' bitmap backend into a buffer and written as PNG by `tandem-report`
+//! (the `png` crate), which also loads the font: `--plot-font` or the usual DejaVu paths. A
+//! `--plot-font` that cannot be read is an error; when none is given and no DejaVu font is
+//! installed, the chart is drawn without any text (axes and lines only) and the command says
+//! so on stderr.
 
 use std::path::Path;
 
@@ -19,8 +18,8 @@ use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-pub use tandem_serve::audit::plot::decode_png;
-use tandem_serve::audit::plot::encode_png;
+pub use tandem_report::charts::decode_png;
+use tandem_report::charts::{encode_png, load_font};
 
 use crate::device::{GenerationRecord, Outcome};
 use crate::report::Report;
@@ -28,39 +27,8 @@ use crate::report::Report;
 pub const WIDTH: u32 = 1200;
 pub const HEIGHT: u32 = 900;
 
-/// Fonts tried when none is given.
-const FONT_PATHS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/Library/Fonts/Arial.ttf",
-];
-
 /// Most points drawn per CDF (samples are thinned evenly beyond that).
 const MAX_CDF_POINTS: usize = 2_000;
-
-/// Registers a font for plotters. `Ok(false)`: none found among the defaults.
-fn load_font(font: Option<&Path>) -> Result<bool> {
-    let register = |bytes: Vec<u8>| {
-        // plotters keeps fonts for the life of the process.
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-    };
-    if let Some(p) = font {
-        let bytes = std::fs::read(p)
-            .with_context(|| format!("--plot-font {}: cannot read", p.display()))?;
-        anyhow::ensure!(
-            register(bytes),
-            "--plot-font {}: not a TrueType/OpenType font",
-            p.display()
-        );
-        return Ok(true);
-    }
-    Ok(FONT_PATHS
-        .iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .any(register))
-}
 
 /// A CDF in percent over sorted samples, thinned to at most [`MAX_CDF_POINTS`] points.
 pub fn cdf(mut samples: Vec<f64>) -> Vec<(f64, f64)> {
@@ -88,7 +56,7 @@ pub fn write_png(
     path: &Path,
     font: Option<&Path>,
 ) -> Result<bool> {
-    let text = load_font(font)?;
+    let text = load_font(font).context("--plot-font")?;
     let done: Vec<&GenerationRecord> = records
         .iter()
         .filter(|r| matches!(r.outcome, Outcome::Done { .. }))
@@ -117,7 +85,7 @@ pub fn write_png(
         draw_timeline(&panels[3], report, text)?;
         root.present().map_err(|e| anyhow!("{e}"))?;
     }
-    let png = encode_png(WIDTH, HEIGHT, &buf);
+    let png = encode_png(WIDTH, HEIGHT, &buf)?;
     std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
     Ok(text)
 }

@@ -2,9 +2,8 @@
 //!
 //! # Percentiles
 //! Nearest rank: the `p`-th percentile of `n` sorted samples is the sample of rank
-//! `ceil(p / 100 × n)` (1-based; rank 1 for `p = 0`). It is always one of the samples (no
-//! interpolation), so `p100` is the maximum and a percentile of one sample is that sample.
-//! A rank within 1e-9 of an integer counts as that integer (decimal `p` in binary floats).
+//! `ceil(p / 100 × n)` (1-based), read from an HDR histogram (`tandem_report::percentiles`,
+//! the same for `tandem bench`) to within 0.1%; the count, mean and max are exact.
 //!
 //! # What is counted where
 //! - Latencies (milliseconds) come from completed generations only (those that got `Done`):
@@ -35,17 +34,9 @@ use crate::live::TimelineSample;
 use crate::replay::ReplayStats;
 use crate::scrape::ServerMetrics;
 
-/// Nearest-rank percentile of sorted `samples` (see the module doc); `None` when empty.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let exact = p.clamp(0.0, 100.0) / 100.0 * sorted.len() as f64;
-    // `p` is decimal and binary floats are not: 99.9 / 100 × 1000 comes out a hair above
-    // 999. A rank within 1e-9 of an integer is that integer.
-    let rank = (exact - 1e-9).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
+/// Nearest-rank percentile of `samples`, within 0.1% (one HDR histogram for every report of
+/// the project: `tandem_report::percentiles`); `None` when empty.
+pub use tandem_report::percentiles::percentile;
 
 /// Summary of a latency distribution, in milliseconds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,17 +51,16 @@ pub struct Percentiles {
 
 impl Percentiles {
     /// The summary of `samples` (any order; NaNs are dropped); `None` when there are none.
-    pub fn of(mut samples: Vec<f64>) -> Option<Self> {
-        samples.retain(|v| !v.is_nan());
-        samples.sort_by(f64::total_cmp);
-        let at = |p| percentile(&samples, p).map(round3);
+    pub fn of(samples: Vec<f64>) -> Option<Self> {
+        let l = tandem_report::percentiles::Latencies::of(samples);
+        let at = |p| l.percentile_ms(p).map(round3);
         Some(Self {
-            count: samples.len(),
-            mean: round3(samples.iter().sum::<f64>() / samples.len().max(1) as f64),
+            count: l.count() as usize,
+            mean: round3(l.mean_ms()?),
             p50: at(50.0)?,
             p90: at(90.0)?,
             p99: at(99.0)?,
-            max: at(100.0)?,
+            max: round3(l.max_ms()?),
         })
     }
 }
@@ -419,30 +409,6 @@ mod tests {
 
     use super::*;
     use crate::device::Failure;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        // The textbook example: 15, 20, 35, 40, 50.
-        let v = [15.0, 20.0, 35.0, 40.0, 50.0];
-        assert_eq!(percentile(&v, 5.0), Some(15.0)); // rank ceil(0.25) = 1
-        assert_eq!(percentile(&v, 30.0), Some(20.0)); // rank ceil(1.5) = 2
-        assert_eq!(percentile(&v, 40.0), Some(20.0)); // rank 2 exactly
-        assert_eq!(percentile(&v, 50.0), Some(35.0)); // rank ceil(2.5) = 3
-        assert_eq!(percentile(&v, 100.0), Some(50.0));
-        assert_eq!(percentile(&v, 0.0), Some(15.0));
-        assert_eq!(percentile(&[], 50.0), None);
-        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
-
-        // 1..=100: the p-th percentile is p itself.
-        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
-        for p in [1.0, 50.0, 90.0, 99.0, 100.0] {
-            assert_eq!(percentile(&hundred, p), Some(p));
-        }
-        // 1..=1000: p99 is the 990th value, p99.9 the 999th.
-        let thousand: Vec<f64> = (1..=1000).map(f64::from).collect();
-        assert_eq!(percentile(&thousand, 99.0), Some(990.0));
-        assert_eq!(percentile(&thousand, 99.9), Some(999.0));
-    }
 
     #[test]
     fn summaries_sort_and_round() {

@@ -94,7 +94,7 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceName>(), Ok(DeviceName::Cuda(3)));
         assert_eq!(DeviceName::Cuda(3).to_string(), "cuda:3");
         for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
-            let err = bad.parse::<DeviceName>().unwrap_err();
+            let err = bad.parse::<DeviceName>().expect_err("refused");
             assert!(err.contains("unknown device"), "{bad}: {err}");
         }
     }
@@ -108,8 +108,8 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_says_how_to_build_it() {
-        let err = DeviceName::Cuda(0).open().unwrap_err().to_string();
+        let err = DeviceName::Cuda(0).open().expect_err("no cuda").to_string();
         assert!(err.contains("--features cuda"), "{err}");
-        assert!(DeviceName::Cpu.open().unwrap().is_cpu());
+        assert!(DeviceName::Cpu.open().expect("cpu").is_cpu());
     }
 }

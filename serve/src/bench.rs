@@ -251,14 +251,10 @@ fn prefill_run(engine: &Engine, edge: &EdgeModel, plan: &BenchPlan) -> Result<Pr
     })
 }
 
-/// Percentile `p` (0..=100) of `xs` by nearest rank; 0 for an empty set.
-fn percentile(xs: &mut [f64], p: f64) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * xs.len() as f64).ceil() as usize;
-    xs[rank.clamp(1, xs.len()) - 1]
+/// Percentile `p` (0..=100) of `xs` by nearest rank, within 0.1% (`tandem_report`); 0 for an
+/// empty set.
+fn percentile(xs: &[f64], p: f64) -> f64 {
+    tandem_report::percentiles::percentile(xs, p).unwrap_or(0.0)
 }
 
 #[derive(Debug, Serialize)]
@@ -441,15 +437,15 @@ fn mixed_run(
     for (s, _) in &prompts {
         engine.close(s.id)?;
     }
-    let mut base: Vec<f64> = base.into_iter().map(|g| g.1 * 1e3).collect();
-    let mut dur: Vec<f64> = during.into_iter().chain(tail).map(|g| g.1 * 1e3).collect();
-    let mut ttft: Vec<f64> = prompts
+    let base: Vec<f64> = base.into_iter().map(|g| g.1 * 1e3).collect();
+    let dur: Vec<f64> = during.into_iter().chain(tail).map(|g| g.1 * 1e3).collect();
+    let ttft: Vec<f64> = prompts
         .iter()
         .filter_map(|p| p.1)
         .map(|t| t * 1e3)
         .collect();
-    let b50 = percentile(&mut base, 50.0);
-    let d99 = percentile(&mut dur, 99.0);
+    let b50 = percentile(&base, 50.0);
+    let d99 = percentile(&dur, 99.0);
     Ok(MixedFigure {
         policy: format!("{:?}", cfg.scheduler.policy),
         max_batch_tokens: cfg.scheduler.max_batch_tokens,
@@ -457,13 +453,13 @@ fn mixed_run(
         prompts: plan.mixed_prompts,
         prompt_tokens: plan.mixed_prompt_tokens,
         decode_only_tpot_p50_ms: b50,
-        decode_only_tpot_p99_ms: percentile(&mut base, 99.0),
-        during_prefill_tpot_p50_ms: percentile(&mut dur, 50.0),
+        decode_only_tpot_p99_ms: percentile(&base, 99.0),
+        during_prefill_tpot_p50_ms: percentile(&dur, 50.0),
         during_prefill_tpot_p99_ms: d99,
-        during_prefill_tpot_max_ms: percentile(&mut dur, 100.0),
+        during_prefill_tpot_max_ms: percentile(&dur, 100.0),
         tpot_samples: dur.len(),
-        prompt_ttft_p50_ms: percentile(&mut ttft, 50.0),
-        prompt_ttft_max_ms: percentile(&mut ttft, 100.0),
+        prompt_ttft_p50_ms: percentile(&ttft, 50.0),
+        prompt_ttft_max_ms: percentile(&ttft, 100.0),
         p99_over_decode_only_p50: if b50 > 0.0 { d99 / b50 } else { 0.0 },
     })
 }
