@@ -45,6 +45,9 @@
 //! Redis, no scheduler. Nothing here logs above debug level with prompt text, profile values,
 //! output text or activations.
 
+// Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
+#![forbid(unsafe_code)]
+
 pub mod bundle;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -11,10 +11,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use std::hint::black_box;
+use tandem_kernels::team::Team;
 use tandem_kvcache::attention::{
     paged_attention, paged_attention_on, KvElem, PagedAttnParams, SeqAttn,
 };
-use tandem_model::team::Team;
 
 const SESSIONS: usize = 64;
 const CONTEXT: usize = 512;

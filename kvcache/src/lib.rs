@@ -18,9 +18,14 @@
 //!
 //! The scheduler and engine that drive this crate live in their own crates.
 
-pub mod attention;
+// Unsafe code lives in tandem-kernels; the exception here is launching our CUDA kernels
+// (FFI, `cuda.rs`).
+#![deny(unsafe_code)]
+
+pub use tandem_kernels::attention;
 pub mod block;
 #[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
 pub mod cuda;
 pub mod paged;
 pub mod storage;

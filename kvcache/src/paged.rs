@@ -12,9 +12,9 @@
 use candle_core::{DType, Tensor};
 use tandem_model::{ForwardCtx, KvView, ModelError};
 
-use crate::attention::{PagedAttnParams, SeqAttn};
 use crate::block::{BlockId, BlockTable};
 use crate::storage::KvStorage;
+use tandem_kernels::attention::{PagedAttnParams, SeqAttn};
 
 /// The storage and the block tables of one batch, in the batch's sequence order.
 #[derive(Debug)]

@@ -11,8 +11,8 @@
 
 use half::{bf16, f16};
 
-use crate::attention::{paged_attention, AttnError, KvElem, PagedAttnParams, SeqAttn};
 use crate::block::{BlockId, CopyOp};
+use tandem_kernels::attention::{paged_attention, AttnError, KvElem, PagedAttnParams, SeqAttn};
 
 /// Why the storage could not serve an attention call.
 #[derive(Debug, thiserror::Error)]

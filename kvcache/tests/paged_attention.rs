@@ -155,7 +155,7 @@ impl Batch {
         self.run(|x| x).expect("valid batch")
     }
 
-    fn run_f32_on(&self, team: &tandem_model::team::Team) -> Vec<f32> {
+    fn run_f32_on(&self, team: &tandem_kernels::team::Team) -> Vec<f32> {
         let mut out = vec![SENTINEL; self.q.len()];
         paged_attention_on(
             team,
@@ -431,7 +431,7 @@ fn empty_sequences_and_batches_write_nothing() {
 
 /// Runs the kernel on a team of `threads` threads.
 fn run_in_pool(batch: &Batch, threads: usize) -> Vec<f32> {
-    batch.run_f32_on(&tandem_model::team::Team::with_threads(threads))
+    batch.run_f32_on(&tandem_kernels::team::Team::with_threads(threads))
 }
 
 #[test]

@@ -38,6 +38,9 @@
 //! report rather than returned. It only connects to the server URL and the metrics URL it is
 //! given.
 
+// Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
+#![forbid(unsafe_code)]
+
 pub mod compute;
 pub mod config;
 pub mod device;

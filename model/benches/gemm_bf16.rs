@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tandem_model::gemm::PackedMatrix;
-use tandem_model::gemm_bf16::{Bf16Kernel, PackedBf16};
+use tandem_kernels::gemm::PackedMatrix;
+use tandem_kernels::gemm_bf16::{Bf16Kernel, PackedBf16};
 
 fn data(len: usize, seed: u32) -> Vec<f32> {
     (0..len)

@@ -18,9 +18,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::LlamaConfig;
 use crate::cpu;
 use crate::error::{ModelError, Result};
-use crate::gemm::PackedMatrix;
-use crate::gemm_bf16::{Bf16Kernel, PackedBf16};
 use crate::weights::TensorSource;
+use tandem_kernels::gemm::PackedMatrix;
+use tandem_kernels::gemm_bf16::{Bf16Kernel, PackedBf16};
 
 /// One sequence's rows inside a varlen batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +156,7 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// The dtype activations flow in between the layers for weights of `dtype` on `device`:
-/// on the CPU, bf16 weights run on the model's bf16 kernels ([`crate::gemm_bf16`]) with f32
+/// on the CPU, bf16 weights run on the model's bf16 kernels ([`tandem_kernels::gemm_bf16`]) with f32
 /// activations, norms, residuals and attention (each matmul rounds its input rows to bf16);
 /// anything else computes in the weights' dtype.
 pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
@@ -192,7 +192,9 @@ impl Packed {
     /// Bytes of the packed weight.
     pub(crate) fn bytes(&self) -> usize {
         match self {
-            Self::F32(w) => w.n().div_ceil(crate::gemm::NR) * crate::gemm::NR * w.k() * 4,
+            Self::F32(w) => {
+                w.n().div_ceil(tandem_kernels::gemm::NR) * tandem_kernels::gemm::NR * w.k() * 4
+            }
             Self::Bf16(w) => w.bytes(),
         }
     }

@@ -25,14 +25,16 @@
 //! - Hidden states travel as `[tokens, hidden]` (a flat, varlen layout: no batch padding).
 //! - Attention and softmax are computed in f32 whatever the weight dtype.
 
+// Unsafe code lives in tandem-kernels; the one exception here is mapping weight files
+// (`weights.rs`), a system call whose safety rests on the file not changing underneath.
+#![deny(unsafe_code)]
+
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod cpu;
 pub mod device;
 pub mod error;
-pub mod gemm;
-pub mod gemm_bf16;
 pub mod kv;
 pub mod layers;
 pub mod manifest;
@@ -40,9 +42,7 @@ pub mod pipeline;
 pub mod privacy;
 pub mod random_model;
 pub mod sampling;
-pub mod simd;
 pub mod split;
-pub mod team;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

@@ -201,7 +201,7 @@ fn random_bf16(name: &str, dims: &[usize], seed: u64) -> Vec<u8> {
             let mut rng = Rng::new(seed.wrapping_mul(1 << 20).wrapping_add(piece as u64));
             for v in out.chunks_exact_mut(2) {
                 let x = offset + scale * rng.unit();
-                v.copy_from_slice(&crate::gemm_bf16::bf16_bits(x).to_le_bytes());
+                v.copy_from_slice(&tandem_kernels::gemm_bf16::bf16_bits(x).to_le_bytes());
             }
         });
     bytes

@@ -61,6 +61,7 @@ impl SafetensorsSource {
             let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
             // SAFETY: the map is read-only and lives as long as `self`; like every mmap-based
             // loader we rely on nobody truncating a checkpoint while it is being served.
+            #[allow(unsafe_code)]
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
             let (header_len, meta) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Format {
@@ -404,7 +405,7 @@ impl std::str::FromStr for DtypeName {
 /// AVX512-BF16 (the model's bf16 kernels run there at twice the f32 path's speed or more,
 /// on half the memory), else f32 (bf16 would run on the portable kernel, slower than f32).
 pub fn auto_dtype() -> DType {
-    use crate::gemm_bf16::Bf16Kernel;
+    use tandem_kernels::gemm_bf16::Bf16Kernel;
     if Bf16Kernel::Amx.is_available() || Bf16Kernel::Avx512Bf16.is_available() {
         DType::BF16
     } else {

@@ -4,5 +4,8 @@
 //!   for every report);
 //! - [`charts`]: one font loader for plotters and PNG files through the `png` crate.
 
+// Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
+#![forbid(unsafe_code)]
+
 pub mod charts;
 pub mod percentiles;

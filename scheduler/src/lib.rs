@@ -39,6 +39,9 @@
 //! - `step` (private): `schedule()`: candidate order, the token budget, block reservation and
 //!   preemption.
 
+// Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
+#![forbid(unsafe_code)]
+
 pub mod batch;
 pub mod config;
 pub mod scheduler;

@@ -653,7 +653,7 @@ pub fn run(model: LocalSplit, cfg: EngineConfig, plan: &BenchPlan) -> Result<ser
     Ok(serde_json::json!({
         "dtype": tandem_model::weights::dtype_user_name(cloud.weight_dtype()),
         "bf16_kernel": (cloud.weight_dtype() == candle_core::DType::BF16)
-            .then(|| tandem_model::gemm_bf16::Bf16Kernel::selected().ok().map(|k| k.name()))
+            .then(|| tandem_kernels::gemm_bf16::Bf16Kernel::selected().ok().map(|k| k.name()))
             .flatten(),
         "cloud_weight_bytes": cloud.weight_bytes(),
         "matmul_params_per_row": cloud.matmul_params(),

@@ -14,6 +14,9 @@
 //!
 //! `main.rs` holds the CLI.
 
+// Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
+#![forbid(unsafe_code)]
+
 pub mod admin_cli;
 pub mod audit;
 pub mod bench;

@@ -15,9 +15,9 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tandem_model::gemm::PackedMatrix;
-use tandem_model::gemm_bf16::PackedBf16;
-use tandem_model::team::Team;
+use tandem_kernels::gemm::PackedMatrix;
+use tandem_kernels::gemm_bf16::PackedBf16;
+use tandem_kernels::team::Team;
 
 /// The machine's measured limits.
 #[derive(Clone, Copy, Debug, Serialize)]

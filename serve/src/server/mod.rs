@@ -539,7 +539,7 @@ fn load_cloud(
         device = %name,
         dtype = tandem_model::weights::dtype_user_name(dtype),
         bf16_kernel = (dtype == DType::BF16)
-            .then(|| tandem_model::gemm_bf16::Bf16Kernel::selected().ok())
+            .then(|| tandem_kernels::gemm_bf16::Bf16Kernel::selected().ok())
             .flatten()
             .map(|k| k.name()),
         load_s = started.elapsed().as_secs_f64(),

@@ -49,9 +49,9 @@
 //! x86-64 target; wider when the workspace is built for a newer CPU). Rust never fuses a
 //! multiply and an add on its own, so such a build changes speed, not results.
 
+use crate::team::Team;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use tandem_model::team::Team;
 use thiserror::Error;
 
 /// Parts per team thread in one call: enough that a thread finishing early finds more (rows
@@ -790,8 +790,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{BlockSteps, Geometry, Rows, Running, Task};
+    use crate::simd::exp;
     use std::arch::x86_64::*;
-    use tandem_model::simd::exp;
 
     /// Floats per vector.
     const W: usize = 16;
