@@ -92,9 +92,18 @@ impl ReconnectPolicy {
     /// The delay before retry number `attempt` (0-based) of an outage, with jitter from
     /// `rng`.
     pub(crate) fn delay(&self, attempt: u32, rng: &mut Jitter) -> Duration {
-        let base = self.initial_delay.as_secs_f64() * self.multiplier.max(1.0).powi(attempt as i32);
+        self.delay_at(attempt, rng.unit())
+    }
+
+    /// The delay before retry number `attempt` (0-based) of an outage, given a uniform draw
+    /// `unit` in `[0, 1)` for the jitter: `min(max_delay, initial_delay × multiplier^attempt)`
+    /// less `jitter × unit` of it. The one backoff of the project (the load generator's
+    /// simulated devices use it too).
+    pub fn delay_at(&self, attempt: u32, unit: f64) -> Duration {
+        let exponent = attempt.min(64) as i32;
+        let base = self.initial_delay.as_secs_f64() * self.multiplier.max(1.0).powi(exponent);
         let capped = base.min(self.max_delay.as_secs_f64());
-        let cut = self.jitter.clamp(0.0, 1.0) * rng.unit();
+        let cut = self.jitter.clamp(0.0, 1.0) * unit.clamp(0.0, 1.0);
         Duration::from_secs_f64((capped * (1.0 - cut)).max(0.0))
     }
 }

@@ -74,11 +74,17 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(4);
 
 /// The delay before reconnection attempt `attempt` (0-based) of an outage:
 /// `min(BACKOFF_MAX, BACKOFF_INITIAL × 2^attempt)`, less up to a quarter at random (`jitter`
-/// in `[0, 1)`), so thousands of devices cut at once do not come back at once.
+/// in `[0, 1)`), so thousands of devices cut at once do not come back at once. The device
+/// library's [`tandem_edge::ReconnectPolicy`] with these settings.
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let base = BACKOFF_INITIAL.as_secs_f64() * 2f64.powi(attempt.min(30) as i32);
-    let capped = base.min(BACKOFF_MAX.as_secs_f64());
-    Duration::from_secs_f64(capped * (1.0 - 0.25 * jitter.clamp(0.0, 1.0)))
+    let policy = tandem_edge::ReconnectPolicy {
+        initial_delay: BACKOFF_INITIAL,
+        max_delay: BACKOFF_MAX,
+        multiplier: 2.0,
+        jitter: 0.25,
+        ..tandem_edge::ReconnectPolicy::default()
+    };
+    policy.delay_at(attempt, jitter)
 }
 
 /// Why a generation failed.
