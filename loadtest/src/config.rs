@@ -18,7 +18,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::HiddenDtype;
 
-use crate::device::DEFAULT_SILENCE_TIMEOUT;
+use crate::timing::DEFAULT_SILENCE_TIMEOUT;
 
 /// When devices start their first generation.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -305,7 +305,7 @@ pub fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
         .ok_or_else(|| format!("dtype `{s}`: expected f32, f16, bf16 or int8"))
 }
 
-/// Default of `--max-reconnects`: with the backoff of [`crate::device::backoff`] the
+/// Default of `--max-reconnects`: with the backoff of [`crate::timing::backoff`] the
 /// attempts span about 12 s, enough for a server restart on a small model.
 pub const DEFAULT_MAX_RECONNECTS: u32 = 6;
 

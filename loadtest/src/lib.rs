@@ -51,6 +51,7 @@ pub mod replay;
 pub mod report;
 mod runner;
 pub mod scrape;
+pub mod timing;
 pub mod workload;
 
 pub use config::{

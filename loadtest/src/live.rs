@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::report::round3;
+use crate::timing::round3;
 
 /// Counters shared by every device task.
 #[derive(Debug, Default)]

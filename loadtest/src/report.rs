@@ -65,14 +65,7 @@ impl Percentiles {
     }
 }
 
-/// Rounds to 3 decimals.
-pub fn round3(v: f64) -> f64 {
-    if v.is_finite() {
-        (v * 1000.0).round() / 1000.0
-    } else {
-        0.0
-    }
-}
+pub use crate::timing::round3;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -109,7 +102,7 @@ pub struct RunSettings {
 }
 
 fn default_silence_timeout_s() -> f64 {
-    crate::device::DEFAULT_SILENCE_TIMEOUT.as_secs_f64()
+    crate::timing::DEFAULT_SILENCE_TIMEOUT.as_secs_f64()
 }
 
 /// Reconnections over the run.

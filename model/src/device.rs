@@ -4,6 +4,7 @@
 use candle_core::{DType, Device};
 
 use crate::error::{ModelError, Result};
+use crate::weights::DtypeName;
 
 /// A device as the user names it: `cpu`, `cuda` (GPU 0) or `cuda:N`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,6 +38,15 @@ impl DeviceName {
         match self {
             Self::Cpu => crate::weights::auto_dtype(),
             Self::Cuda(_) => DType::BF16,
+        }
+    }
+
+    /// The weights' dtype `name` means here: as [`DtypeName::resolve`], except that `auto`
+    /// is bf16 on a GPU.
+    pub fn resolve_dtype(self, name: DtypeName) -> DType {
+        match name {
+            DtypeName::Auto => self.auto_dtype(),
+            other => other.resolve(),
         }
     }
 

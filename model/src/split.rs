@@ -15,12 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::layers::{activation_dtype, ForwardCtx, KvView, LayerStack, Linear, RmsNorm};
 use crate::weights::TensorSource;
 
-/// Name of the embedding matrix.
-pub const EMBED: &str = "model.embed_tokens.weight";
-/// Name of the final norm.
-pub const FINAL_NORM: &str = "model.norm.weight";
-/// Name of the LM head.
-pub const LM_HEAD: &str = "lm_head.weight";
+pub use crate::weights::{EMBED, FINAL_NORM, LM_HEAD};
 
 /// Where the model is cut: the edge runs layers `[0, edge_layers)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -28,6 +28,13 @@ use safetensors::SafeTensors;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 
+/// Name of the embedding matrix.
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// Name of the final norm.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// Name of the LM head.
+pub const LM_HEAD: &str = "lm_head.weight";
+
 /// A read-only store of named tensors.
 pub trait TensorSource: Send + Sync {
     /// The file or directory the tensors come from (for messages).
@@ -111,7 +118,7 @@ impl SafetensorsSource {
     pub fn dtype_of_any(&self) -> Option<DType> {
         let entry = self
             .index
-            .get(crate::split::EMBED)
+            .get(EMBED)
             .or_else(|| self.index.values().next())?;
         st_dtype(entry.info.dtype)
     }
@@ -367,15 +374,6 @@ pub enum DtypeName {
 }
 
 impl DtypeName {
-    /// The dtype for weights computed on `device`: as [`Self::resolve`], except that `auto`
-    /// is bf16 on a GPU.
-    pub fn resolve_on(self, device: crate::device::DeviceName) -> DType {
-        match self {
-            Self::Auto => device.auto_dtype(),
-            other => other.resolve(),
-        }
-    }
-
     pub fn resolve(self) -> DType {
         match self {
             Self::Auto => auto_dtype(),

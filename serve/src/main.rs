@@ -421,7 +421,7 @@ fn device_check(a: DeviceCheckArgs) -> Result<()> {
     );
     let plan = tandem_serve::devcheck::CheckPlan {
         device: a.device,
-        dtype: a.dtype.resolve_on(a.device),
+        dtype: a.device.resolve_dtype(a.dtype),
         sessions: a.sessions,
         steps: a.steps,
         tolerance: a.tolerance,
@@ -556,7 +556,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         "prefill-first" => Policy::PrefillFirst,
         other => anyhow::bail!("unknown policy `{other}` (decode-first or prefill-first)"),
     };
-    let dtype = a.dtype.resolve_on(a.device);
+    let dtype = a.device.resolve_dtype(a.dtype);
     let load_started = Instant::now();
     let model = LocalSplit::load(
         &a.model,

@@ -247,7 +247,7 @@ impl ServerConfig {
         anyhow::ensure!(self.kv_blocks != Some(0), "kv_blocks must be > 0");
         anyhow::ensure!(
             !(self.device.is_cuda()
-                && self.dtype.resolve_on(self.device) == candle_core::DType::F16),
+                && self.device.resolve_dtype(self.dtype) == candle_core::DType::F16),
             "on a CUDA device the weights and KV cache are bf16 or f32, not f16"
         );
         anyhow::ensure!(self.io_threads != Some(0), "io_threads must be > 0");

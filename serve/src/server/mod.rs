@@ -192,7 +192,7 @@ impl ServerHandle {
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     cfg.check()?;
     let cloud_dir = cloud_dir(&cfg.cloud);
-    let dtype = cfg.dtype.resolve_on(cfg.device);
+    let dtype = cfg.device.resolve_dtype(cfg.dtype);
     let device = cfg.device;
     let (served, model, tokenizer) =
         tokio::task::spawn_blocking(move || load_cloud(&cloud_dir, dtype, device))
