@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the GPU path (`--features cuda`) on a machine without a GPU, as CI does, and lints it:
-#   scripts/build-cuda.sh        # → target/gpu/tandem.gz, ready for scripts/gpu-check.sh
+#   scripts/build-cuda.sh              # → target/gpu/tandem.gz, ready for scripts/gpu-check.sh
+#   scripts/build-cuda.sh --lint-only  # clippy only (type-checks, runs the nvcc build scripts;
+#                                      # no code generation): what CI runs, about half the time
 # The stripped binary is about 70 MB (candle's CUDA kernels are in it), more than the 64 MiB a
 # device call carries; gzipped it is about 20 MB, and gpu-check.sh unpacks it.
 # The toolkit comes from PyPI (scripts/install-cuda.sh). CUDA_COMPUTE_CAP (default 90) picks
@@ -11,6 +13,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-cuda.sh
 # shellcheck source=/dev/null
 source target/cuda-venv/env.sh
+if [[ "${1:-}" == --lint-only ]]; then
+    t0=$(date +%s)
+    cargo clippy --release --locked -p tandem-serve --features cuda -- -D warnings
+    echo "build-cuda: clippy --features cuda clean in $(($(date +%s) - t0))s (CUDA $(nvcc --version | grep -oE 'release [0-9.]+'), sm_${CUDA_COMPUTE_CAP})"
+    exit 0
+fi
 t0=$(date +%s)
 cargo build --release --locked -p tandem-serve --features cuda
 t1=$(date +%s)
