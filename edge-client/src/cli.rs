@@ -17,6 +17,7 @@
 //! [`inbox()`]).
 
 mod inbox;
+mod info;
 mod serve_openai;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -58,6 +59,9 @@ pub enum Command {
     /// Answer OpenAI API requests (chat completions, completions, models) on this device's
     /// loopback, with split inference underneath.
     ServeOpenai(ServeOpenAiArgs),
+    /// Load an edge checkpoint and report what it holds in memory (weights, embedding
+    /// format, resident memory), as JSON.
+    Info(info::InfoArgs),
 }
 
 /// Element type of the hidden states on the wire.
@@ -236,6 +240,10 @@ pub fn main() -> ExitCode {
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }
+            Command::Info(args) => info::info(&args).and_then(|v| {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+                Ok(ExitCode::SUCCESS)
+            }),
             Command::Inbox(args) => {
                 // Ask only a person: with stdin not a terminal, nobody is there to answer.
                 let mut stdin = std::io::BufReader::new(std::io::stdin());

@@ -11,6 +11,8 @@
 //! - [`ops`]: the fused passes of a decoder layer between its matmuls (RMSNorm with the
 //!   residual add, RoPE while splitting Q/K/V, SiLU times the gate).
 //! - [`attention`]: paged attention over K/V blocks in f32, f16 or bf16.
+//! - [`quant`]: int8 rows and 4-bit blocks for memory-light device parts, and the int8
+//!   matmul.
 //!
 //! Nothing here knows tensors, models or caches: inputs are slices and shapes. `tandem-model`
 //! and `tandem-kvcache` wrap them.
@@ -19,5 +21,6 @@ pub mod attention;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod ops;
+pub mod quant;
 pub mod simd;
 pub mod team;

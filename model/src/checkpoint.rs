@@ -15,10 +15,10 @@
 //! complete: an interrupted split never leaves a part that looks whole. Writing streams one
 //! tensor at a time, so memory stays at one tensor plus the mapped source.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
@@ -29,7 +29,11 @@ use crate::layers::layer_tensor_specs;
 use crate::manifest::{Manifest, Part, SourceModel, WeightsFile, MANIFEST_FILE, MANIFEST_FORMAT};
 use crate::split::{SplitPoint, EMBED, FINAL_NORM, LM_HEAD};
 use crate::tokenizer::TextTokenizer;
-use crate::weights::{dtype_names, write_safetensors, GgufSource, SafetensorsSource, TensorSource};
+use crate::weights::{
+    dtype_names, scale_name, start_safetensors_mixed, tensor_le_bytes, write_safetensors,
+    GgufSource, SafetensorsSource, StSpec, TensorSource,
+};
+use tandem_kernels::quant::{Int8Rows, Q4Blocks, Q4_BLOCK};
 
 /// What kind of checkpoint was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +104,14 @@ impl Checkpoint {
         let manifest = Manifest::read(dir)?;
         let mut ck = Self::open_hf_dir(dir, CheckpointKind::Part(part))?;
         manifest.check_part(part, &ck.config, dir)?;
-        let want = crate::weights::parse_dtype(&manifest.dtype)?;
+        let want = match manifest.edge_weights.as_deref() {
+            None => crate::weights::parse_dtype(&manifest.dtype)?,
+            Some(name) => match name.parse::<EdgeWeights>().map_err(ModelError::Input)? {
+                EdgeWeights::Bf16 => DType::BF16,
+                // Norms in f32, the rest int8 or 4-bit (checked as each tensor loads).
+                _ => DType::F32,
+            },
+        };
         if want != ck.stored_dtype {
             return Err(ModelError::Manifest {
                 path: dir.join(MANIFEST_FILE),
@@ -214,6 +225,94 @@ pub struct SplitOptions {
     pub progress: bool,
 }
 
+/// How `tandem split --edge-dtype` stores the edge part: a light edge for a device that cannot
+/// hold the weights in the split's dtype. The cloud part and the hidden states are unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EdgeWeights {
+    /// Like the cloud part ([`SplitOptions::dtype`]).
+    #[default]
+    AsSplit,
+    /// Every weight in bf16 (the device computes on its bf16 kernels, f32 activations).
+    Bf16,
+    /// Projections and the embedding table in int8, one absmax scale per row; norms in f32.
+    Int8,
+    /// Projections in int8 (per row) and the embedding table in 4-bit blocks of 32 values
+    /// with one scale each; norms in f32.
+    Q4Embed,
+}
+
+impl EdgeWeights {
+    /// The name `--edge-dtype` takes and the manifest records (`None` for [`Self::AsSplit`]).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Self::AsSplit => None,
+            Self::Bf16 => Some("bf16"),
+            Self::Int8 => Some("int8"),
+            Self::Q4Embed => Some("q4-embed"),
+        }
+    }
+}
+
+impl std::str::FromStr for EdgeWeights {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "int8" => Ok(Self::Int8),
+            "q4-embed" => Ok(Self::Q4Embed),
+            other => Err(format!(
+                "unknown edge dtype `{other}` (use bf16, int8 or q4-embed)"
+            )),
+        }
+    }
+}
+
+/// One tensor of a light edge as written: its safetensors entries (the values, and for a
+/// quantized tensor its scales) and how to make their bytes from the source tensor.
+fn light_entries(name: &str, shape: &[usize], edge: EdgeWeights) -> Vec<StSpec> {
+    let spec = |name: String, dtype: &'static str, elem: usize, shape: Vec<usize>| StSpec {
+        name,
+        dtype,
+        elem,
+        shape,
+    };
+    match (edge, shape) {
+        (EdgeWeights::Q4Embed, &[n, k]) if name == EMBED => vec![
+            spec(name.into(), "U8", 1, vec![n, k.div_ceil(2)]),
+            spec(scale_name(name), "F32", 4, vec![n, k.div_ceil(Q4_BLOCK)]),
+        ],
+        (EdgeWeights::Int8 | EdgeWeights::Q4Embed, &[n, k]) => vec![
+            spec(name.into(), "I8", 1, vec![n, k]),
+            spec(scale_name(name), "F32", 4, vec![n]),
+        ],
+        (EdgeWeights::Bf16, _) => vec![spec(name.into(), "BF16", 2, shape.to_vec())],
+        _ => vec![spec(name.into(), "F32", 4, shape.to_vec())],
+    }
+}
+
+/// The bytes of `light_entries`' entries for source tensor `t`, in order.
+fn light_bytes(t: &Tensor, entries: &[StSpec]) -> Result<Vec<Vec<u8>>> {
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    Ok(match entries[0].dtype {
+        "BF16" => vec![tensor_le_bytes(&t.to_dtype(DType::BF16)?)?],
+        "F32" => vec![tensor_le_bytes(&t.to_dtype(DType::F32)?)?],
+        kind => {
+            let (n, k) = t.dims2()?;
+            let w = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if kind == "I8" {
+                let q = Int8Rows::quantize(&w, n, k);
+                vec![
+                    q.values().iter().map(|&v| v as u8).collect(),
+                    f32_bytes(q.scales()),
+                ]
+            } else {
+                let q = Q4Blocks::quantize(&w, n, k);
+                vec![q.packed().to_vec(), f32_bytes(q.scales())]
+            }
+        }
+    })
+}
+
 /// The tensors of each part, by HF name and shape, and where each comes from in the source.
 pub fn part_tensor_specs(
     cfg: &LlamaConfig,
@@ -271,6 +370,16 @@ pub fn write_split(
     out: &Path,
     opts: &SplitOptions,
 ) -> Result<(Manifest, Manifest)> {
+    write_split_as(ck, out, opts, EdgeWeights::AsSplit)
+}
+
+/// [`write_split`] with the edge part stored as `edge` (a light edge, see [`EdgeWeights`]).
+pub fn write_split_as(
+    ck: &Checkpoint,
+    out: &Path,
+    opts: &SplitOptions,
+    edge: EdgeWeights,
+) -> Result<(Manifest, Manifest)> {
     if ck.manifest.is_some() {
         return Err(ModelError::Input(
             "cannot split a part of a split; split the whole model".into(),
@@ -325,30 +434,56 @@ pub fn write_split(
             &format!("writing {part}"),
             false,
         );
-        let names: Vec<(String, Vec<usize>)> = specs
-            .iter()
-            .map(|(n, _, s)| (n.clone(), s.clone()))
-            .collect();
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("tandem_part".to_string(), part.to_string());
-        let bytes = write_safetensors(
-            &tmp_dir.join(WEIGHTS_FILE),
-            &names,
-            opts.dtype,
-            &meta,
-            |i| {
-                let (_, src_name, shape) = &specs[i];
-                let t = ck.tensors.load(src_name, shape, opts.dtype, &Device::Cpu);
+        let light = part == Part::Edge && edge != EdgeWeights::AsSplit;
+        let (bytes, tensors) = if light {
+            let entries: Vec<Vec<StSpec>> = specs
+                .iter()
+                .map(|(n, _, s)| light_entries(n, s, edge))
+                .collect();
+            let flat: Vec<StSpec> = entries.iter().flatten().cloned().collect();
+            let path = tmp_dir.join(WEIGHTS_FILE);
+            let (mut w, total) = start_safetensors_mixed(&path, &flat, &meta)?;
+            for ((_, src_name, shape), entries) in specs.iter().zip(&entries) {
+                let t = ck.tensors.load(src_name, shape, DType::F32, &Device::Cpu)?;
+                for b in light_bytes(&t, entries)? {
+                    w.write_all(&b).map_err(|e| ModelError::io(&path, e))?;
+                }
                 pb.inc(1);
-                t
-            },
-        )?;
+            }
+            w.flush().map_err(|e| ModelError::io(&path, e))?;
+            (total, flat.len())
+        } else {
+            let names: Vec<(String, Vec<usize>)> = specs
+                .iter()
+                .map(|(n, _, s)| (n.clone(), s.clone()))
+                .collect();
+            let bytes = write_safetensors(
+                &tmp_dir.join(WEIGHTS_FILE),
+                &names,
+                opts.dtype,
+                &meta,
+                |i| {
+                    let (_, src_name, shape) = &specs[i];
+                    let t = ck.tensors.load(src_name, shape, opts.dtype, &Device::Cpu);
+                    pb.inc(1);
+                    t
+                },
+            )?;
+            (bytes, specs.len())
+        };
         pb.finish_and_clear();
 
         let cfg_path = tmp_dir.join("config.json");
+        let part_torch_dtype = match (light, edge) {
+            (true, EdgeWeights::Bf16) => "bfloat16",
+            (true, _) => "float32",
+            _ => torch_dtype,
+        };
         let cfg_text =
-            serde_json::to_string_pretty(&cfg.to_hf_json(torch_dtype)).unwrap_or_default();
+            serde_json::to_string_pretty(&cfg.to_hf_json(part_torch_dtype)).unwrap_or_default();
         std::fs::write(&cfg_path, cfg_text + "\n").map_err(|e| ModelError::io(&cfg_path, e))?;
         write_tokenizer_files(ck, &tmp_dir)?;
 
@@ -369,10 +504,15 @@ pub fn write_split(
             num_key_value_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             dtype: crate::weights::dtype_user_name(opts.dtype).into(),
+            edge_weights: if light {
+                edge.name().map(str::to_string)
+            } else {
+                None
+            },
             weights: WeightsFile {
                 file: WEIGHTS_FILE.into(),
                 bytes,
-                tensors: specs.len(),
+                tensors,
             },
             pair_id: String::new(),
         };

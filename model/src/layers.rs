@@ -18,9 +18,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::LlamaConfig;
 use crate::cpu;
 use crate::error::{ModelError, Result};
-use crate::weights::TensorSource;
+use crate::weights::{Quantized, TensorSource};
 use tandem_kernels::gemm::PackedMatrix;
 use tandem_kernels::gemm_bf16::{Bf16Kernel, PackedBf16};
+use tandem_kernels::quant::Int8Rows;
 
 /// One sequence's rows inside a varlen batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +173,8 @@ pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
 pub(crate) enum Packed {
     F32(PackedMatrix),
     Bf16(PackedBf16),
+    /// A light edge's projections (`tandem split --edge-dtype int8|q4-embed`).
+    Int8(Int8Rows),
 }
 
 impl Packed {
@@ -179,6 +182,7 @@ impl Packed {
         match self {
             Self::F32(w) => w.n(),
             Self::Bf16(w) => w.n(),
+            Self::Int8(w) => w.n(),
         }
     }
 
@@ -186,6 +190,7 @@ impl Packed {
         match self {
             Self::F32(w) => w.k(),
             Self::Bf16(w) => w.k(),
+            Self::Int8(w) => w.k(),
         }
     }
 
@@ -196,6 +201,7 @@ impl Packed {
                 w.n().div_ceil(tandem_kernels::gemm::NR) * tandem_kernels::gemm::NR * w.k() * 4
             }
             Self::Bf16(w) => w.bytes(),
+            Self::Int8(w) => w.bytes(),
         }
     }
 
@@ -205,8 +211,16 @@ impl Packed {
         match self {
             Self::F32(w) => w.matmul_to_vec(x, m),
             Self::Bf16(w) => w.matmul_to_vec(x, m),
+            Self::Int8(w) => w.matmul_to_vec(x, m),
         }
     }
+}
+
+fn not_a_projection(src: &dyn TensorSource, name: &str) -> ModelError {
+    ModelError::Input(format!(
+        "{}: `{name}` is stored in 4-bit blocks, which only the embedding table may be",
+        src.path().display()
+    ))
 }
 
 /// A dense projection without bias, `y = x · Wᵀ` with `W` `[out, in]`.
@@ -234,7 +248,68 @@ impl Linear {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        if let Some(q) = src.load_quantized(name, &[out_dim, in_dim])? {
+            return Self::from_quantized(src, name, q, device);
+        }
         Self::from_weight(src.load(name, &[out_dim, in_dim], dtype, device)?)
+    }
+
+    /// Several stored projections stacked by rows into one (`[q; k; v]`, `[gate; up]`), each
+    /// `[out, in_dim]`: int8 stays int8 (rows and their scales are concatenated), floats are
+    /// concatenated and packed.
+    pub(crate) fn load_stacked(
+        src: &dyn TensorSource,
+        parts: &[(String, usize)],
+        in_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut quantized = Vec::new();
+        for (name, out) in parts {
+            match src.load_quantized(name, &[*out, in_dim])? {
+                Some(Quantized::Int8(q)) => quantized.push(q),
+                Some(Quantized::Q4(_)) => return Err(not_a_projection(src, name)),
+                None => break,
+            }
+        }
+        if !quantized.is_empty() {
+            if quantized.len() != parts.len() {
+                return Err(ModelError::Input(format!(
+                    "{}: `{}` is int8 but the projections stacked with it are not",
+                    src.path().display(),
+                    parts[0].0
+                )));
+            }
+            let stacked = Int8Rows::concat(quantized).map_err(ModelError::Input)?;
+            return Ok(Self(LinearRepr::Packed {
+                w: Arc::new(Packed::Int8(stacked)),
+                device: device.clone(),
+            }));
+        }
+        let ws = parts
+            .iter()
+            .map(|(name, out)| src.load(name, &[*out, in_dim], dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_weight(Tensor::cat(&ws, 0)?)
+    }
+
+    fn from_quantized(
+        src: &dyn TensorSource,
+        name: &str,
+        q: Quantized,
+        device: &Device,
+    ) -> Result<Self> {
+        match q {
+            Quantized::Int8(w) if device.is_cpu() => Ok(Self(LinearRepr::Packed {
+                w: Arc::new(Packed::Int8(w)),
+                device: device.clone(),
+            })),
+            Quantized::Int8(_) => Err(ModelError::Input(format!(
+                "{}: `{name}` is int8, which runs on the CPU only",
+                src.path().display()
+            ))),
+            Quantized::Q4(_) => Err(not_a_projection(src, name)),
+        }
     }
 
     pub(crate) fn from_weight(w: Tensor) -> Result<Self> {
@@ -479,15 +554,12 @@ impl DecoderLayer {
         let lin = |name: &str, o: usize, i: usize| {
             Linear::load(src, &format!("{p}.{name}.weight"), o, i, dtype, device)
         };
-        let weight = |name: &str, o: usize, i: usize| {
-            src.load(&format!("{p}.{name}.weight"), &[o, i], dtype, device)
-        };
         let stacked = |parts: &[(&str, usize)]| -> Result<Linear> {
-            let ws = parts
+            let parts: Vec<(String, usize)> = parts
                 .iter()
-                .map(|(name, o)| weight(name, *o, h))
-                .collect::<Result<Vec<_>>>()?;
-            Linear::from_weight(Tensor::cat(&ws, 0)?)
+                .map(|(name, o)| (format!("{p}.{name}.weight"), *o))
+                .collect();
+            Linear::load_stacked(src, &parts, h, dtype, device)
         };
         let attn = Attention {
             qkv_proj: stacked(&[
@@ -664,6 +736,11 @@ impl LayerStack {
                 .collect::<Result<Vec<_>>>()?,
             rotary: Rotary::new(cfg, dtype, device)?,
         })
+    }
+
+    /// Where the layers compute.
+    pub fn device(&self) -> &Device {
+        self.rotary.inv_freq.device()
     }
 
     /// Number of layers.

@@ -75,6 +75,11 @@ pub struct Manifest {
     pub head_dim: usize,
     /// Weight and hidden-state dtype (`f32`, `f16`, `bf16`).
     pub dtype: String,
+    /// How a light edge stores its weights when not in `dtype` (`tandem split --edge-dtype`:
+    /// `bf16`, `int8`, `q4-embed`). Only the device reads it; not part of the pair id, since
+    /// the cloud sees the same hidden states either way (within the quantization's error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_weights: Option<String>,
     pub weights: WeightsFile,
     /// Hash of the fields both parts must share; equal for a matching edge and cloud.
     pub pair_id: String,

@@ -77,8 +77,10 @@ impl LocalSplit {
             }
             let k = edge_ck.manifest.as_ref().map_or(0, |m| m.edge_layers);
             let split = SplitPoint::new(k, edge_ck.config.num_hidden_layers)?;
-            let dtype = opts.dtype.unwrap_or(edge_ck.stored_dtype);
-            let (on_cpu, lo) = opts.load_options(dtype);
+            // Each part in its stored dtype unless told otherwise: a light edge
+            // (`--edge-dtype`) is stored differently from its cloud.
+            let (on_cpu, _) = opts.load_options(opts.dtype.unwrap_or(edge_ck.stored_dtype));
+            let (_, lo) = opts.load_options(opts.dtype.unwrap_or(cloud_ck.stored_dtype));
             let edge = EdgeModel::load(edge_ck.tensors.as_ref(), &edge_ck.config, split, on_cpu)?;
             let cloud = CloudModel::load(cloud_ck.tensors.as_ref(), &cloud_ck.config, split, lo)?;
             return Ok(Self {

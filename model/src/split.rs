@@ -13,7 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{activation_dtype, ForwardCtx, KvView, LayerStack, Linear, RmsNorm};
-use crate::weights::TensorSource;
+use crate::weights::{Quantized, TensorSource};
+use std::sync::Arc;
+use tandem_kernels::quant::{Int8Rows, Q4Blocks};
 
 pub use crate::weights::{EMBED, FINAL_NORM, LM_HEAD};
 
@@ -84,8 +86,8 @@ fn check_hidden(hidden: &Tensor, ctx: &ForwardCtx, cfg: &LlamaConfig) -> Result<
 pub struct EdgeModel {
     cfg: LlamaConfig,
     split: SplitPoint,
-    /// `[vocab, hidden]` in the weights' dtype (rows are converted when looked up).
-    embed: Tensor,
+    /// `[vocab, hidden]` (rows are converted when looked up).
+    embed: Embedding,
     /// The dtype of the hidden states the layers compute in and this part produces.
     act: DType,
     layers: LayerStack,
@@ -100,12 +102,12 @@ impl EdgeModel {
         opts: LoadOptions<'_>,
     ) -> Result<Self> {
         check_split(cfg, split)?;
-        let embed = src.load(
-            EMBED,
-            &[cfg.vocab_size, cfg.hidden_size],
-            opts.dtype,
-            opts.device,
-        )?;
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        let embed = match src.load_quantized(EMBED, &shape)? {
+            Some(Quantized::Int8(q)) => Embedding::Int8(Arc::new(q)),
+            Some(Quantized::Q4(q)) => Embedding::Q4(Arc::new(q)),
+            None => Embedding::Dense(src.load(EMBED, &shape, opts.dtype, opts.device)?),
+        };
         Ok(Self {
             cfg: cfg.clone(),
             split,
@@ -144,9 +146,61 @@ impl EdgeModel {
                 self.cfg.vocab_size
             )));
         }
-        let ids = Tensor::from_slice(tokens, tokens.len(), self.embed.device())?;
-        let x = self.embed.index_select(&ids, 0)?.to_dtype(self.act)?;
+        let x = self.embed.lookup(tokens, self.act, self.layers.device())?;
         self.layers.forward(x, ctx, kv)
+    }
+
+    /// Bytes of the weights held in memory: the embedding table and the layers'
+    /// projections (norms excluded: a few KB).
+    pub fn weight_bytes(&self) -> usize {
+        self.embed.bytes() + self.layers.weight_bytes()
+    }
+
+    /// How the embedding table is held: `f32`, `f16`, `bf16`, `int8` or `q4`.
+    pub fn embedding_format(&self) -> &'static str {
+        match &self.embed {
+            Embedding::Dense(t) => crate::weights::dtype_user_name(t.dtype()),
+            Embedding::Int8(_) => "int8",
+            Embedding::Q4(_) => "q4",
+        }
+    }
+}
+
+/// The embedding table as the device holds it: floats, or a light edge's int8 rows or 4-bit
+/// blocks, whose rows are dequantized when looked up (nothing needs the whole table in f32).
+#[derive(Clone, Debug)]
+enum Embedding {
+    Dense(Tensor),
+    Int8(Arc<Int8Rows>),
+    Q4(Arc<Q4Blocks>),
+}
+
+impl Embedding {
+    fn lookup(&self, tokens: &[u32], act: DType, device: &Device) -> Result<Tensor> {
+        let rows = |hidden: usize, row_into: &dyn Fn(usize, &mut [f32])| {
+            let mut out = vec![0f32; tokens.len() * hidden];
+            for (dst, &t) in out.chunks_exact_mut(hidden.max(1)).zip(tokens) {
+                row_into(t as usize, dst);
+            }
+            Tensor::from_vec(out, (tokens.len(), hidden), device)
+        };
+        let x = match self {
+            Self::Dense(table) => {
+                let ids = Tensor::from_slice(tokens, tokens.len(), table.device())?;
+                table.index_select(&ids, 0)?
+            }
+            Self::Int8(q) => rows(q.k(), &|r, dst| q.row_into(r, dst))?,
+            Self::Q4(q) => rows(q.k(), &|r, dst| q.row_into(r, dst))?,
+        };
+        Ok(x.to_dtype(act)?)
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Int8(q) => q.bytes(),
+            Self::Q4(q) => q.bytes(),
+        }
     }
 }
 

@@ -25,6 +25,8 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
+use tandem_kernels::quant::{Int8Rows, Q4Blocks};
+
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 
@@ -45,6 +47,26 @@ pub trait TensorSource: Send + Sync {
 
     /// Whether `name` (HF naming) is present.
     fn contains(&self, name: &str) -> bool;
+
+    /// Tensor `name` when it is stored quantized (a light edge written by `tandem split
+    /// --edge-dtype int8|q4-embed`), checked against its logical `shape`; `None` when it is
+    /// stored as floats (then [`Self::load`] reads it).
+    fn load_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<Quantized>> {
+        let _ = (name, shape);
+        Ok(None)
+    }
+}
+
+/// A quantized weight as stored in a light edge part. See [`tandem_kernels::quant`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Quantized {
+    Int8(Int8Rows),
+    Q4(Q4Blocks),
+}
+
+/// Name of the scales that go with quantized tensor `name`.
+pub fn scale_name(name: &str) -> String {
+    format!("{name}.scale")
 }
 
 struct StEntry {
@@ -190,6 +212,70 @@ impl TensorSource for SafetensorsSource {
 
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    fn load_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<Quantized>> {
+        use safetensors::Dtype as S;
+        let Some(entry) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let kind = entry.info.dtype;
+        if !matches!(kind, S::I8 | S::U8) {
+            return Ok(None);
+        }
+        let path = &self.files[entry.file].0;
+        let bad = |reason: String| ModelError::Format {
+            path: path.clone(),
+            format: "safetensors",
+            reason: format!("quantized tensor `{name}`: {reason}"),
+        };
+        let [n, k] = *shape else {
+            return Err(bad(format!(
+                "expected a matrix, the model wants shape {shape:?}"
+            )));
+        };
+        let bytes_of = |e: &StEntry| {
+            let (_, mmap, start) = &self.files[e.file];
+            let (a, b) = e.info.data_offsets;
+            &mmap[start + a..start + b]
+        };
+        let scale_entry = self
+            .index
+            .get(&scale_name(name))
+            .ok_or_else(|| bad("its `.scale` tensor is missing".into()))?;
+        if scale_entry.info.dtype != S::F32 {
+            return Err(bad(format!(
+                "scales stored as {:?}, not F32",
+                scale_entry.info.dtype
+            )));
+        }
+        let scales: Vec<f32> = bytes_of(scale_entry)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let data = bytes_of(entry);
+        let stored = entry.info.shape.clone();
+        let q = match kind {
+            S::I8 => {
+                if stored != [n, k] {
+                    return Err(bad(format!(
+                        "stored as {stored:?}, the model wants [{n}, {k}]"
+                    )));
+                }
+                let values = data.iter().map(|&b| b as i8).collect();
+                Quantized::Int8(Int8Rows::from_parts(values, scales, n, k).map_err(bad)?)
+            }
+            _ => {
+                if stored != [n, k.div_ceil(2)] {
+                    return Err(bad(format!(
+                        "stored as {stored:?}, a 4-bit [{n}, {k}] is [{n}, {}]",
+                        k.div_ceil(2)
+                    )));
+                }
+                Quantized::Q4(Q4Blocks::from_parts(data.to_vec(), scales, n, k).map_err(bad)?)
+            }
+        };
+        Ok(Some(q))
     }
 }
 
@@ -438,26 +524,30 @@ pub fn write_safetensors(
     Ok(total)
 }
 
-/// Creates a safetensors file and writes its header for `specs` (every tensor in `dtype`):
-/// the writer is positioned at the first tensor's data, which must follow in spec order.
-/// Returns the writer and the file's final size.
-pub fn start_safetensors(
+/// One tensor of a safetensors header: name, stored dtype (`F32`, `BF16`, `I8`, `U8`…), bytes
+/// per element and shape.
+#[derive(Clone, Debug)]
+pub struct StSpec {
+    pub name: String,
+    pub dtype: &'static str,
+    pub elem: usize,
+    pub shape: Vec<usize>,
+}
+
+/// [`start_safetensors`] for tensors of different dtypes.
+pub fn start_safetensors_mixed(
     path: &Path,
-    specs: &[(String, Vec<usize>)],
-    dtype: DType,
+    specs: &[StSpec],
     metadata: &HashMap<String, String>,
 ) -> Result<(std::io::BufWriter<File>, u64)> {
-    let (st_name, _) = dtype_names(dtype)
-        .ok_or_else(|| ModelError::Input(format!("cannot write dtype {dtype:?}")))?;
-    let elem = dtype.size_in_bytes();
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!(metadata));
     let mut offset = 0usize;
-    for (name, shape) in specs {
-        let bytes = shape.iter().product::<usize>() * elem;
+    for s in specs {
+        let bytes = s.shape.iter().product::<usize>() * s.elem;
         header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": st_name, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            s.name.clone(),
+            serde_json::json!({"dtype": s.dtype, "shape": s.shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }
@@ -472,6 +562,29 @@ pub fn start_safetensors(
         .map_err(io)?;
     w.write_all(&text).map_err(io)?;
     Ok((w, (8 + text.len() + offset) as u64))
+}
+
+/// Creates a safetensors file and writes its header for `specs` (every tensor in `dtype`):
+/// the writer is positioned at the first tensor's data, which must follow in spec order.
+/// Returns the writer and the file's final size.
+pub fn start_safetensors(
+    path: &Path,
+    specs: &[(String, Vec<usize>)],
+    dtype: DType,
+    metadata: &HashMap<String, String>,
+) -> Result<(std::io::BufWriter<File>, u64)> {
+    let (st_name, _) = dtype_names(dtype)
+        .ok_or_else(|| ModelError::Input(format!("cannot write dtype {dtype:?}")))?;
+    let specs: Vec<StSpec> = specs
+        .iter()
+        .map(|(name, shape)| StSpec {
+            name: name.clone(),
+            dtype: st_name,
+            elem: dtype.size_in_bytes(),
+            shape: shape.clone(),
+        })
+        .collect();
+    start_safetensors_mixed(path, &specs, metadata)
 }
 
 /// The little-endian bytes of a f32/f16/bf16 tensor, row-major.

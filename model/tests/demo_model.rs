@@ -212,3 +212,114 @@ fn demo_bf16_agrees_with_f32() {
         .expect("decode");
     assert!(text.contains("Paris"), "bf16 answer: {text:?}");
 }
+
+/// Light edges on the demo model at k = 1 (`tandem split --edge-dtype`): each variant
+/// teacher-forced along the f32 split's 32 greedy tokens of a chat prompt. Prints, per
+/// variant, the edge file size, the edge weights held in memory, greedy agreement and the
+/// largest logit drift (the closing note of issue 21 quotes these lines), and asserts the
+/// bounds below.
+#[test]
+fn demo_light_edges_agree_with_the_f32_split() {
+    use tandem_model::checkpoint::{write_split_as, EdgeWeights};
+    use tandem_model::kv::ContiguousKv;
+    use tandem_model::layers::ForwardCtx;
+    let Some(gguf) = common::demo_model() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ck = Checkpoint::open(&gguf).expect("open demo");
+    let opts = SplitOptions {
+        edge_layers: 1,
+        dtype: DType::F32,
+        force: false,
+        progress: false,
+    };
+    let load = |dir: &std::path::Path| {
+        LocalSplit::load(
+            dir,
+            &LocalSplitOptions {
+                edge_layers: None,
+                dtype: None,
+                device: Device::Cpu,
+            },
+        )
+        .expect("load split")
+    };
+    // Logits at every step when fed `inputs` one pass at a time (the prompt, then each token).
+    let forced = |m: &LocalSplit, prompt: &[u32], tokens: &[u32]| -> Vec<Vec<f32>> {
+        let n = m.edge.config().num_hidden_layers;
+        let (mut ekv, mut ckv) = (ContiguousKv::new(n, 1024), ContiguousKv::new(n, 1024));
+        let mut pos = 0;
+        let mut out = Vec::new();
+        let mut input = prompt.to_vec();
+        for next in std::iter::once(None)
+            .chain(tokens.iter().map(Some))
+            .take(tokens.len())
+        {
+            if let Some(&t) = next {
+                input = vec![t];
+            }
+            let ctx = ForwardCtx::single(pos, input.len());
+            let h = m.edge.forward(&input, &ctx, &mut ekv).expect("edge");
+            let l = m.cloud.forward(&h, &ctx, &mut ckv).expect("cloud");
+            out.push(
+                l.flatten_all()
+                    .expect("flat")
+                    .to_vec1::<f32>()
+                    .expect("logits"),
+            );
+            pos += input.len();
+        }
+        out
+    };
+    let base_dir = tmp.path().join("f32");
+    write_split_as(&ck, &base_dir, &opts, EdgeWeights::AsSplit).expect("split");
+    let base = load(&base_dir);
+    let prompt = base
+        .prompt_ids("What is the capital of France?", None, true)
+        .expect("prompt");
+    let (_, tokens) = common::run_greedy(&base, &prompt, 32);
+    let base_logits = forced(&base, &prompt, &tokens);
+    let size = |dir: &std::path::Path| {
+        std::fs::metadata(dir.join("edge/model.safetensors"))
+            .expect("edge file")
+            .len()
+    };
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    println!(
+        "f32: edge file {:.1} MiB, in memory {:.1} MiB",
+        mib(size(&base_dir) as f64),
+        mib(base.edge.weight_bytes() as f64)
+    );
+    std::fs::remove_dir_all(&base_dir).expect("clean");
+    // (variant, least greedy agreement of 32 steps, largest logit drift allowed)
+    for (edge, min_agree, max_drift) in [
+        (EdgeWeights::Bf16, 30, 1.5),
+        (EdgeWeights::Int8, 28, 3.0),
+        (EdgeWeights::Q4Embed, 24, 6.0),
+    ] {
+        let name = edge.name().expect("name");
+        let dir = tmp.path().join(name);
+        write_split_as(&ck, &dir, &opts, edge).expect("light split");
+        let m = load(&dir);
+        let logits = forced(&m, &prompt, &tokens);
+        let mut agree = 0;
+        let mut drift = 0f32;
+        for (a, b) in logits.iter().zip(&base_logits) {
+            agree += usize::from(argmax(a) == argmax(b));
+            drift = a
+                .iter()
+                .zip(b)
+                .fold(drift, |d, (x, y)| d.max((x - y).abs()));
+        }
+        println!(
+            "{name}: edge file {:.1} MiB, in memory {:.1} MiB, greedy agreement {agree}/32, \
+             max logit drift {drift:.3}",
+            mib(size(&dir) as f64),
+            mib(m.edge.weight_bytes() as f64)
+        );
+        assert!(agree >= min_agree, "{name}: greedy agreement {agree}/32");
+        assert!(drift < max_drift, "{name}: logit drift {drift}");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+}

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_model::checkpoint::{write_split_as, Checkpoint, EdgeWeights, SplitOptions};
 use tandem_model::pipeline::{GenerateRequest, LocalSplit, LocalSplitOptions};
 use tandem_model::weights::{dtype_user_name, parse_dtype};
 use tandem_protocol::SamplingParams;
@@ -90,6 +90,10 @@ struct RandomModelArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep only the first N decoder layers (the same shapes per layer): enough to measure an
+    /// edge part cut at k < N without writing the whole model.
+    #[arg(long)]
+    layers: Option<usize>,
     /// Replace an existing checkpoint in the output directory.
     #[arg(long)]
     force: bool,
@@ -288,6 +292,11 @@ struct SplitArgs {
     /// f32), f32, f16 or bf16 (default: the source's; f32 for GGUF).
     #[arg(long)]
     dtype: Option<String>,
+    /// A light edge part for devices: bf16, int8 (projections and embedding in int8, one
+    /// scale per row) or q4-embed (int8 projections, the embedding in 4-bit blocks of 32).
+    /// The cloud part is unchanged. Default: the edge like the cloud (--dtype).
+    #[arg(long)]
+    edge_dtype: Option<String>,
     /// Replace existing parts in the output directory.
     #[arg(long)]
     force: bool,
@@ -391,13 +400,21 @@ fn split(a: SplitArgs) -> Result<()> {
         force: a.force,
         progress: !a.quiet,
     };
-    let (edge, cloud) = write_split(&ck, &a.out, &opts)?;
+    let edge_weights = match &a.edge_dtype {
+        Some(d) => d.parse::<EdgeWeights>().map_err(anyhow::Error::msg)?,
+        None => EdgeWeights::AsSplit,
+    };
+    let (edge, cloud) = write_split_as(&ck, &a.out, &opts, edge_weights)?;
     eprintln!(
-        "split {} at layer {} of {} ({}) in {:.1}s",
+        "split {} at layer {} of {} ({}{}) in {:.1}s",
         a.model.display(),
         edge.edge_layers,
         edge.num_layers,
         dtype_user_name(dtype),
+        edge.edge_weights
+            .as_deref()
+            .map(|w| format!(", edge {w}"))
+            .unwrap_or_default(),
         started.elapsed().as_secs_f64()
     );
     for (m, dir) in [(&edge, "edge"), (&cloud, "cloud")] {
@@ -437,7 +454,17 @@ fn device_check(a: DeviceCheckArgs) -> Result<()> {
 
 fn random_model(a: RandomModelArgs) -> Result<()> {
     use tandem_model::random_model::{write, RealShape};
-    let shape = RealShape::named(&a.shape)?;
+    let mut shape = RealShape::named(&a.shape)?.clone();
+    if let Some(layers) = a.layers {
+        anyhow::ensure!(
+            (1..=shape.layers).contains(&layers),
+            "--layers must be 1..={} for {}",
+            shape.layers,
+            shape.name
+        );
+        shape.layers = layers;
+    }
+    let shape = &shape;
     anyhow::ensure!(
         a.force || !a.out.join("model.safetensors").exists(),
         "{} already holds a checkpoint (--force replaces it)",
