@@ -197,12 +197,19 @@ impl TandemEdge {
         listener: Option<Box<dyn TextListener>>,
     ) -> Result<Completion, EdgeError> {
         let req = self.request(&prompt, &options)?;
+        // The client spawns its driver on the current runtime: enter ours, since this
+        // is called from an app's thread.
+        let _entered = self.runtime.enter();
         let generation = self
             .client
             .generate(req)
             .map_err(|e| EdgeError::Generation(e.to_string()))?;
         let (_cancel, rx) = tokio::sync::watch::channel(false);
-        self.runtime.block_on(follow(generation, listener, rx))
+        // Follow on a runtime worker, so the listener never runs on the caller's thread.
+        let task = self.runtime.spawn(follow(generation, listener, rx));
+        self.runtime
+            .block_on(task)
+            .map_err(|e| EdgeError::Generation(format!("the generation task failed: {e}")))?
     }
 
     /// [`Self::generate`] in the background: returns at once with a handle.
@@ -213,6 +220,9 @@ impl TandemEdge {
         listener: Option<Box<dyn TextListener>>,
     ) -> Result<Arc<GenerationHandle>, EdgeError> {
         let req = self.request(&prompt, &options)?;
+        // The client spawns its driver on the current runtime: enter ours, since this
+        // is called from an app's thread.
+        let _entered = self.runtime.enter();
         let generation = self
             .client
             .generate(req)

@@ -75,6 +75,9 @@ except tandem.EdgeError.Generation:
 
 # A server that is not there fails with a clear error, not a hang.
 dead = tandem.TandemEdge.open_with(edge_dir, "ws://127.0.0.1:9/v1/edge/ws", 0)
+# A fresh object starts with an empty profile.
+assert dead.profile_fields() == [], dead.profile_fields()
+dead.set_profile_json(json.dumps({"city": "Paris"}))
 try:
     dead.generate(prompt, opts, None)
     raise AssertionError("generation against a closed port succeeded")
