@@ -208,7 +208,12 @@ impl Team {
             while h.slot.done.load(Ordering::Acquire) != want {
                 std::hint::spin_loop();
             }
-            let theirs = h.slot.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let theirs = h
+                .slot
+                .panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if first_panic.is_none() {
                 first_panic = theirs;
             }
@@ -441,10 +446,17 @@ mod tests {
             // Every part that started had ended (or panicked) before `run` returned: nothing
             // still runs on the borrowed closure, and nothing starts later. (Parts left
             // unclaimed when the caller's own part panicked may not run: the call failed.)
-            let (r, f) = (running.load(Ordering::SeqCst), finished.load(Ordering::SeqCst));
+            let (r, f) = (
+                running.load(Ordering::SeqCst),
+                finished.load(Ordering::SeqCst),
+            );
             assert_eq!(r, f + 1, "a part still ran after the call returned");
             std::thread::sleep(Duration::from_millis(5));
-            assert_eq!(running.load(Ordering::SeqCst), r, "a part started after the call");
+            assert_eq!(
+                running.load(Ordering::SeqCst),
+                r,
+                "a part started after the call"
+            );
         }
         // The helpers survived and serve the next call.
         let hits: Vec<AtomicU64> = (0..6).map(|_| AtomicU64::new(0)).collect();

@@ -23,6 +23,7 @@
 pub mod config;
 mod params;
 mod session;
+pub mod tls;
 mod ws;
 
 use std::net::SocketAddr;
@@ -127,14 +128,20 @@ impl ServerHandle {
         self.addr
     }
 
-    /// `http://{addr}`: the base of the REST routes.
-    pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
+    fn tls(&self) -> bool {
+        self.shared.cfg.tls_cert.is_some()
     }
 
-    /// `ws://{addr}/v1/edge/ws`.
+    /// `http://{addr}` (`https://` with TLS): the base of the REST routes.
+    pub fn http_url(&self) -> String {
+        let s = if self.tls() { "https" } else { "http" };
+        format!("{s}://{}", self.addr)
+    }
+
+    /// `ws://{addr}/v1/edge/ws` (`wss://` with TLS).
     pub fn ws_url(&self) -> String {
-        format!("ws://{}{WS_PATH}", self.addr)
+        let s = if self.tls() { "wss" } else { "ws" };
+        format!("{s}://{}{WS_PATH}", self.addr)
     }
 
     /// This process's replica id in the session store.
@@ -251,8 +258,19 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         .heartbeat(&replica, cfg.heartbeat_ttl())
         .await
         .context("first heartbeat")?;
+    let tls = match cfg.tls_files() {
+        Some(files) => Some(tls::server_config(&files)?),
+        None => None,
+    };
     let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "serving WITHOUT TLS on a non-loopback address: device tokens, hidden states and \
+             output text travel in clear; give --tls-cert/--tls-key, or terminate TLS in front"
+        );
+    }
     let engine = Arc::new(Engine::start_observed(
         model,
         tokenizer,
@@ -260,10 +278,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         Some(metrics.clone()),
     ));
     let (stop, _) = watch::channel(false);
-    let advertise_url = cfg
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("ws://{addr}{WS_PATH}"));
+    let advertise_url = cfg.advertise_url.clone().unwrap_or_else(|| {
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{addr}{WS_PATH}")
+    });
     let shared = Arc::new(Shared {
         cfg,
         served,
@@ -305,10 +323,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         let signal = async move {
             let _ = accept_rx.wait_for(|v| *v).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await
-        {
+        let served = match tls {
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
+            Some(cfg) => match tls::TlsListener::new(listener, cfg) {
+                Ok(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "listener failed");
         }
     });
