@@ -179,6 +179,10 @@ struct ServeArgs {
     drain_timeout_ms: Option<u64>,
     #[arg(long, env = "TANDEM_RESUME_GRACE_MS")]
     resume_grace_ms: Option<u64>,
+    /// Close a connected session that waits longer than this for its device (the prompt
+    /// after Opened, or the answer to a token), with `idle_timeout` (default 30000).
+    #[arg(long, env = "TANDEM_SESSION_IDLE_TIMEOUT_MS")]
+    session_idle_timeout_ms: Option<u64>,
     #[arg(long, env = "TANDEM_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
     /// The provider's admin key for /v1/admin/... (at least 16 characters; without one those
@@ -696,6 +700,7 @@ impl ServeArgs {
             heartbeat_ttl_ms,
             drain_timeout_ms,
             resume_grace_ms,
+            session_idle_timeout_ms,
             handshake_timeout_ms,
             system_prompt,
             partner_requests_per_minute,

@@ -645,3 +645,50 @@ async fn a_resume_at_another_replica_is_moved_to_the_live_owner() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A device that opens a session and goes quiet (before its prompt, or after a token) is
+/// closed with `idle_timeout`, and its slot goes to the next device; one that keeps
+/// answering, more slowly than the engine but inside the timeout, finishes unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_device_is_closed_and_its_slot_freed() {
+    let fx = fixture();
+    let server = server::start(ServerConfig {
+        max_sessions: 1,
+        session_idle_timeout_ms: 600,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let url = server.ws_url();
+
+    // Opens and never sends its prompt: the only slot is held, then freed.
+    let (mut quiet, _) = opened(&fx, &url).await;
+    expect_error(&mut quiet, ErrorCode::IdleTimeout).await;
+    let (tokens, done) = generate(&fx, &url, HiddenDtype::F32).await;
+    fx.check(&tokens, &done);
+
+    // Sends its prompt, takes two tokens, then stops answering.
+    let (mut stalled, _) = opened(&fx, &url).await;
+    let mut dev = fx.device(HiddenDtype::F32);
+    dev.send_prompt(&mut stalled).await;
+    assert!(dev.drive(&mut stalled, Some(2)).await.is_none());
+    expect_error(&mut stalled, ErrorCode::IdleTimeout).await;
+
+    // Answers every token after 200 ms (a slow phone): never idle long enough.
+    let (mut slow, _) = opened(&fx, &url).await;
+    let mut dev = fx.device(HiddenDtype::F32);
+    dev.send_prompt(&mut slow).await;
+    let done = loop {
+        match recv(&mut slow).await {
+            Some(Frame::Token(t)) => {
+                dev.tokens.push(t.token_id);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                dev.catch_up(&mut slow).await;
+            }
+            Some(Frame::Done(d)) => break d,
+            other => panic!("expected Token or Done, got {other:?}"),
+        }
+    };
+    fx.check(&dev.tokens, &done);
+    server.shutdown().await;
+}

@@ -186,6 +186,9 @@ error_codes! {
     /// `Open`'s prompt id is not a live ticket of an accepted partner prompt: unknown,
     /// already used, or its prompt expired or was cancelled.
     BadPromptTicket = 203, "bad_prompt_ticket";
+    /// The session waited for the device longer than the cloud allows (no `Hidden` answered
+    /// its last token, or no prompt came after `Opened`); it is closed and its slot freed.
+    IdleTimeout = 204, "idle_timeout";
     /// The device sends frames faster than it is allowed to.
     RateLimited = 300, "rate_limited";
     /// The cloud is at capacity and refused a new session (admission control).

@@ -109,6 +109,9 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// How long a session whose connection dropped keeps its KV, waiting for `Resume`.
     pub resume_grace_ms: u64,
+    /// A connected session that waits this long for its device (the prompt after `Opened`,
+    /// or the answer to its last token) is closed with `idle_timeout`, freeing its slot.
+    pub session_idle_timeout_ms: u64,
     /// How long a new connection may take to send `Open` or `Resume`.
     pub handshake_timeout_ms: u64,
     /// The provider's admin key for the `/v1/admin/...` routes (at least
@@ -218,6 +221,7 @@ impl Default for ServerConfig {
             heartbeat_ttl_ms: 10_000,
             drain_timeout_ms: 30_000,
             resume_grace_ms: 60_000,
+            session_idle_timeout_ms: 30_000,
             handshake_timeout_ms: 30_000,
             admin_key: None,
             device_token_key: None,
@@ -301,6 +305,10 @@ impl ServerConfig {
             "max_frames_per_second must be > 0"
         );
         anyhow::ensure!(
+            self.session_idle_timeout_ms >= 100,
+            "session_idle_timeout_ms must be >= 100"
+        );
+        anyhow::ensure!(
             self.heartbeat_ttl_ms >= 30,
             "heartbeat_ttl_ms must be >= 30"
         );
@@ -342,6 +350,10 @@ impl ServerConfig {
 
     pub(crate) fn resume_grace(&self) -> Duration {
         Duration::from_millis(self.resume_grace_ms)
+    }
+
+    pub(crate) fn session_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.session_idle_timeout_ms)
     }
 
     pub(crate) fn heartbeat_ttl(&self) -> Duration {

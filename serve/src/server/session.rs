@@ -181,6 +181,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         started: Instant::now(),
         first_token_at: None,
         last_token_at: None,
+        last_activity: Instant::now(),
         span: setup.span,
         generation: Some(setup.generation),
     };
@@ -215,6 +216,9 @@ struct Actor {
     started: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    /// The last time the device moved the session on (attached, sent a frame) or was sent a
+    /// token: the idle timeout counts from here.
+    last_activity: Instant,
     /// Held (not entered) for the actor's life; closing it exports it.
     #[allow(dead_code)]
     span: tracing::Span,
@@ -246,6 +250,7 @@ impl Actor {
         tracing::debug!(session = self.id, "session started");
         loop {
             let grace = self.grace;
+            let idle = self.idle_deadline();
             let flow = tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
@@ -265,6 +270,18 @@ impl Actor {
                     }
                     Flow::Exit
                 }
+                _ = sleep_until_opt(idle), if idle.is_some() => {
+                    tracing::info!(session = self.id, "the device went idle; closing");
+                    let e = error_frame(
+                        ErrorCode::IdleTimeout,
+                        None,
+                        format!(
+                            "no input from the device for {} ms",
+                            self.shared.cfg.session_idle_timeout_ms
+                        ),
+                    );
+                    self.fail(e).await
+                }
                 _ = stopped(&mut stop) => {
                     self.on_shutdown().await;
                     Flow::Exit
@@ -279,7 +296,23 @@ impl Actor {
         tracing::debug!(session = self.id, "session left the table");
     }
 
+    /// When the session gives up on its device: only while it is connected, running, and
+    /// owed nothing by the engine (every input fed has its token; none is queued), so time
+    /// the cloud itself takes never counts.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let waiting_on_device = self.conn.is_some()
+            && self.done.is_none()
+            && self.queue.is_empty()
+            && self.completes_fed <= self.tokens.len() as u64;
+        waiting_on_device.then(|| self.last_activity + self.shared.cfg.session_idle_timeout())
+    }
+
     async fn handle(&mut self, cmd: SessionCmd) -> Flow {
+        if let SessionCmd::Attach { .. } | SessionCmd::Hidden { .. } | SessionCmd::Cancel { .. } =
+            &cmd
+        {
+            self.last_activity = Instant::now();
+        }
         match cmd {
             SessionCmd::Attach {
                 conn,
@@ -525,6 +558,7 @@ impl Actor {
                 });
                 self.tokens.push((id, text));
                 let now = Instant::now();
+                self.last_activity = now;
                 let m = &self.shared.metrics;
                 m.tokens_out_total.inc();
                 match self.last_token_at.replace(now) {
