@@ -212,6 +212,17 @@ struct ServeArgs {
     /// another replica). Default: ws://LISTEN-ADDRESS/v1/edge/ws.
     #[arg(long, env = "TANDEM_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// Send partner webhooks over plain http:// too (default: https:// only).
+    #[arg(long, env = "TANDEM_WEBHOOK_ALLOW_HTTP")]
+    webhook_allow_http: bool,
+    /// A webhook target let through although internal: HOST[:PORT], IP[:PORT], [IPv6]:PORT
+    /// or CIDR (repeatable; comma-separated in the environment). Default: none.
+    #[arg(
+        long = "webhook-allow-host",
+        env = "TANDEM_WEBHOOK_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    webhook_allow_host: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -720,6 +731,8 @@ impl ServeArgs {
         if self.admin_key.is_some() {
             c.admin_key = self.admin_key;
         }
+        c.webhook_allow_http |= self.webhook_allow_http;
+        c.webhook_allow.extend(self.webhook_allow_host);
         Ok(c)
     }
 }

@@ -642,7 +642,13 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
     });
 
     let fx = fixture();
-    let srv = start(fx.config()).await;
+    // The receiver is on loopback: the operator lets exactly it through, over http.
+    let srv = start(ServerConfig {
+        webhook_allow_http: true,
+        webhook_allow: vec![hook_addr.to_string()],
+        ..fx.config()
+    })
+    .await;
     let addr = srv.addr();
     let (_t, key) = partner(addr, "Hooked", 5).await;
     let mut body = gift_prompt(&["hx", "hy"]);
@@ -654,8 +660,8 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
     let pid = r.json()["id"].as_str().expect("id").to_owned();
-    // https is refused (no TLS client).
-    body["webhook_url"] = json!("https://partner.example/hook");
+    // Another port of the same address is not on the allow-list.
+    body["webhook_url"] = json!(format!("http://{}:1/hook", hook_addr.ip()));
     Req::new("POST", "/v1/prompts")
         .bearer(&key)
         .json(&body)
@@ -710,4 +716,126 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
         .await
         .is_err());
     srv.shutdown().await;
+}
+
+/// A TCP listener on 127.0.0.1 that counts the connections it accepts.
+async fn counting_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = n.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = l.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (addr, n)
+}
+
+/// Issue 20, "a partner prompt with webhook_url http://127.0.0.1:PORT/… (also localhost,
+/// [::ffff:127.0.0.1], 2130706433; 169.254.169.254 accepted)": every such target is refused
+/// on submission with 422 `invalid` naming `webhook_url`, under the default settings and
+/// with plain http allowed, and a listening receiver that is not allow-listed gets nothing,
+/// also after the prompt's users all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_cannot_be_aimed_inside() {
+    let (hook, accepted) = counting_listener().await;
+    let p = hook.port();
+    let fx = fixture();
+    let default_srv = start(fx.config()).await;
+    // Plain http allowed and another loopback port allow-listed: still nothing of these.
+    let http_srv = start(ServerConfig {
+        webhook_allow_http: true,
+        webhook_allow: vec!["127.0.0.1:1".to_owned(), "hooks.internal".to_owned()],
+        ..fx.config()
+    })
+    .await;
+    let inside = [
+        format!("127.0.0.1:{p}/hook"),
+        format!("localhost:{p}/hook"),
+        format!("LocalHost.:{p}/hook"),
+        format!("[::ffff:127.0.0.1]:{p}/hook"),
+        format!("[::1]:{p}/hook"),
+        format!("2130706433:{p}/hook"),
+        format!("0x7f000001:{p}/hook"),
+        format!("0177.0.0.1:{p}/hook"),
+        format!("127.1:{p}/hook"),
+        format!("0.0.0.0:{p}/hook"),
+        "169.254.169.254/latest/meta-data/".to_owned(),
+        "[fd00::1]/hook".to_owned(),
+        "10.0.0.1/hook".to_owned(),
+        "192.168.0.1/hook".to_owned(),
+        "100.64.0.1/hook".to_owned(),
+    ];
+    for srv in [&default_srv, &http_srv] {
+        let addr = srv.addr();
+        let (_t, key) = partner(addr, "Aiming inside", 5).await;
+        let mut body = gift_prompt(&["w1"]);
+        for scheme in ["http", "https"] {
+            for target in &inside {
+                body["webhook_url"] = json!(format!("{scheme}://{target}"));
+                let msg = Req::new("POST", "/v1/prompts")
+                    .bearer(&key)
+                    .json(&body)
+                    .send(addr)
+                    .await
+                    .expect_error(422, "invalid");
+                assert!(msg.starts_with("webhook_url"), "{scheme}://{target}: {msg}");
+            }
+        }
+        // No list, no items: nothing was stored.
+        let list = Req::new("GET", "/v1/prompts").bearer(&key).send(addr).await;
+        assert_eq!(list.status, 200, "{}", list.text());
+        assert_eq!(list.json()["prompts"], json!([]), "{}", list.text());
+    }
+    // http:// without the setting, even to a public address; user info; other schemes.
+    let addr = default_srv.addr();
+    let (_t, key) = partner(addr, "Plain", 5).await;
+    let mut body = gift_prompt(&["w1"]);
+    for (url, says) in [
+        ("http://93.184.215.14/hook", "https://"),
+        ("ftp://93.184.215.14/hook", "https://"),
+        ("https://user:pw@93.184.215.14/hook", "user name"),
+    ] {
+        body["webhook_url"] = json!(url);
+        let msg = Req::new("POST", "/v1/prompts")
+            .bearer(&key)
+            .json(&body)
+            .send(addr)
+            .await
+            .expect_error(422, "invalid");
+        assert!(
+            msg.starts_with("webhook_url") && msg.contains(says),
+            "{url}: {msg}"
+        );
+    }
+    // A prompt whose webhook is on the allow-list of one port and whose users all answer:
+    // delivered to that port only, so the receiver on another port still gets nothing.
+    let addr = http_srv.addr();
+    let (_t, key) = partner(addr, "Listed", 5).await;
+    body["webhook_url"] = json!("http://127.0.0.1:1/hook");
+    body["audience"] = json!(["w2"]);
+    let r = Req::new("POST", "/v1/prompts")
+        .bearer(&key)
+        .json(&body)
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pid = r.json()["id"].as_str().expect("id").to_owned();
+    let w2 = device_token(addr, "w2").await;
+    let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
+        .bearer(token(&w2))
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the receiver that is not allow-listed got a connection"
+    );
+    default_srv.shutdown().await;
+    http_srv.shutdown().await;
 }

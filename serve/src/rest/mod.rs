@@ -31,6 +31,7 @@ pub mod prompts;
 pub mod store;
 pub mod tenants;
 pub mod webhook;
+pub mod webhook_target;
 
 use std::sync::Arc;
 
@@ -76,6 +77,8 @@ pub struct RestState {
     pub device_requests_per_minute: u32,
     /// Error answers by code and prompts by tenant are counted here.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where webhooks may go, and the sender.
+    pub webhooks: webhook::Webhooks,
 }
 
 impl std::fmt::Debug for RestState {

@@ -15,9 +15,18 @@
 //! both send it, barring the rare crash between claim and send, which loses it; or a claim
 //! window boundary, which duplicates it: partners dedupe by `prompt_id`). Three attempts
 //! (immediately, after 1 s, after 4 s), each bounded by the client's timeout; a 2xx answer
-//! ends it. Plain `http://` only: this server has no TLS client. Not built: a signature
-//! header, and completion by expiry alone (a prompt whose last users never answer is not
-//! announced when it expires).
+//! ends it; a target the guard refuses is not retried, and no redirect is followed.
+//!
+//! # Where it may go
+//! [`super::webhook_target`] checks the URL on submission and again on every delivery,
+//! against the addresses actually connected to: `https://` only unless the operator set
+//! `webhook_allow_http`, nothing internal unless the operator allow-listed it
+//! (`webhook_allow`). This build has no TLS client yet, so an `https://` target is accepted
+//! but not delivered (the delivery logs a warning); `http://` targets with
+//! `webhook_allow_http` are.
+//!
+//! Not built: a signature header, and completion by expiry alone (a prompt whose last users
+//! never answer is not announced when it expires).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,19 +35,52 @@ use serde_json::json;
 
 use super::prompts::{PromptStatus, StatusCounts};
 use super::store::prompts::{PromptId, PromptStore, RESULT_RETENTION_MS};
+use super::webhook_target::{system_resolver, Resolver, Target, TargetError, WebhookPolicy};
 use crate::store::now_ms;
+
+/// How long one delivery attempt may take (connect, send, read the answer).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the webhook sender needs: the prompts, the operator's target policy and the
+/// resolver (the system's; tests bring their own).
+#[derive(Clone)]
+pub struct Webhooks {
+    pub prompts: Arc<dyn PromptStore>,
+    pub policy: Arc<WebhookPolicy>,
+    pub resolver: Resolver,
+}
+
+impl Webhooks {
+    pub fn new(prompts: Arc<dyn PromptStore>, policy: WebhookPolicy) -> Self {
+        Self {
+            prompts,
+            policy: Arc::new(policy),
+            resolver: system_resolver(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Checks whether the prompt is complete and, if so, delivers its webhook (once), off the
 /// caller's path.
-pub(crate) fn check_later(prompts: Arc<dyn PromptStore>, id: PromptId) {
+pub(crate) fn check_later(hooks: &Webhooks, id: PromptId) {
+    let hooks = hooks.clone();
     tokio::spawn(async move {
-        if let Err(e) = check(&*prompts, &id).await {
+        if let Err(e) = check(&hooks, &id).await {
             tracing::warn!(prompt = %id, error = %e, "webhook");
         }
     });
 }
 
-async fn check(prompts: &dyn PromptStore, id: &PromptId) -> anyhow::Result<()> {
+async fn check(hooks: &Webhooks, id: &PromptId) -> anyhow::Result<()> {
+    let prompts = &*hooks.prompts;
     let Some(p) = prompts.get_prompt(id).await? else {
         return Ok(());
     };
@@ -76,18 +118,44 @@ async fn check(prompts: &dyn PromptStore, id: &PromptId) -> anyhow::Result<()> {
         "status": status,
         "counts": counts,
     });
-    let (addr, path) = crate::admin_cli::split_url(&url)?;
+    // Checked again under the policy of now (submission may be long ago).
+    let target = hooks.policy.parse(&url)?;
+    if target.is_https() {
+        anyhow::bail!("not delivered: https:// webhooks need a TLS client, which this build does not have yet");
+    }
+    let body = serde_json::to_vec(&body)?;
     let mut last = String::new();
     for (attempt, pause) in [0u64, 1, 4].into_iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(pause)).await;
-        match crate::admin_cli::exchange(&addr, None, "POST", &path, Some(&body)).await {
-            Ok(r) if (200..300).contains(&r.status) => {
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, send(hooks, &target, &body)).await {
+            Ok(Ok(status)) if (200..300).contains(&status) => {
                 tracing::info!(prompt = %id, attempt, "webhook delivered");
                 return Ok(());
             }
-            Ok(r) => last = format!("HTTP {}", r.status),
-            Err(e) => last = e.to_string(),
+            Ok(Ok(status)) => last = format!("HTTP {status}"),
+            Ok(Err(e)) if e.downcast_ref::<TargetError>().is_some() => {
+                anyhow::bail!("not delivered: {e}")
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs()),
         }
     }
     anyhow::bail!("not delivered after 3 attempts: {last}")
+}
+
+/// One attempt: connect to a checked address of the target, `POST` the body, and return
+/// the answer's status (a redirect is just a status that is not 2xx).
+async fn send(hooks: &Webhooks, target: &Target, body: &[u8]) -> anyhow::Result<u16> {
+    let stream = hooks.policy.connect(target, &hooks.resolver).await?;
+    let headers = [("Content-Type".to_owned(), "application/json".to_owned())];
+    let reply = crate::admin_cli::exchange_on(
+        stream,
+        &target.host_header(),
+        "POST",
+        &target.path_and_query(),
+        &headers,
+        body,
+    )
+    .await?;
+    Ok(reply.status)
 }

@@ -134,6 +134,12 @@ pub struct ServerConfig {
     /// Worker threads of the async runtime that runs the connections, REST and the store
     /// (`tandem serve` only; tests bring their own runtime). `None`: [`default_io_threads`].
     pub io_threads: Option<usize>,
+    /// Send partner webhooks over plain `http://` too (default: `https://` only).
+    pub webhook_allow_http: bool,
+    /// Webhook targets let through although internal: `HOST[:PORT]` (every address the name
+    /// resolves to), `IP[:PORT]`, `[IPv6]:PORT` or a CIDR. Empty by default: nothing
+    /// loopback, private, link-local or otherwise non-public is sent to.
+    pub webhook_allow: Vec<String>,
 }
 
 /// The async runtime's workers when `io_threads` is not set: a quarter of the CPUs, at least
@@ -222,6 +228,8 @@ impl Default for ServerConfig {
             engine_stall_ms: 30_000,
             advertise_url: None,
             io_threads: None,
+            webhook_allow_http: false,
+            webhook_allow: Vec::new(),
         }
     }
 }
@@ -311,7 +319,17 @@ impl ServerConfig {
             self.partner_requests_per_minute > 0 && self.device_requests_per_minute > 0,
             "partner_requests_per_minute and device_requests_per_minute must be > 0"
         );
+        self.webhook_policy()?;
         Ok(())
+    }
+
+    /// Where partner webhooks may go.
+    pub fn webhook_policy(&self) -> anyhow::Result<crate::rest::webhook_target::WebhookPolicy> {
+        crate::rest::webhook_target::WebhookPolicy::new(
+            self.webhook_allow_http,
+            &self.webhook_allow,
+        )
+        .map_err(anyhow::Error::msg)
     }
 
     pub(crate) fn drain_timeout(&self) -> Duration {
