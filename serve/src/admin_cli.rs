@@ -87,6 +87,8 @@ pub enum TenantCommand {
         #[command(flatten)]
         quotas: QuotaArgs,
     },
+    /// Replace the secret that signs a tenant's webhooks (the new one is printed once).
+    WebhookSecret { tenant_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,6 +131,11 @@ fn request(cmd: &AdminCommand) -> (&'static str, String, Option<Value>) {
                 "PUT",
                 format!("/v1/admin/tenants/{tenant_id}/quotas"),
                 Some(quotas.json()),
+            ),
+            TenantCommand::WebhookSecret { tenant_id } => (
+                "POST",
+                format!("/v1/admin/tenants/{tenant_id}/webhook-secret"),
+                None,
             ),
         },
         AdminCommand::Key(k) => match k {

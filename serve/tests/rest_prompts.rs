@@ -650,7 +650,50 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
     })
     .await;
     let addr = srv.addr();
-    let (_t, key) = partner(addr, "Hooked", 5).await;
+    let (tenant, key) = partner(addr, "Hooked", 5).await;
+    // The secret made with the tenant is replaced; the new one signs from now on.
+    let rotated = admin_post(
+        addr,
+        &format!("/v1/admin/tenants/{tenant}/webhook-secret"),
+        &json!({}),
+    )
+    .await;
+    let secret = rotated["webhook_secret"]
+        .as_str()
+        .expect("webhook_secret")
+        .to_owned();
+    assert!(secret.starts_with("whsec_"), "{rotated}");
+    // Shown with a new tenant once; never in a read; unknown tenants are 404.
+    let fresh = admin_post(
+        addr,
+        "/v1/admin/tenants",
+        &json!({"name": "Fresh", "quotas": {"prompts_per_minute": 1, "tokens_per_day": 1, "max_audience": 1}}),
+    )
+    .await;
+    assert!(
+        fresh["webhook_secret"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("whsec_")),
+        "{fresh}"
+    );
+    let read = Req::new(
+        "GET",
+        &format!("/v1/admin/tenants/{}", fresh["id"].as_str().expect("id")),
+    )
+    .bearer(ADMIN_KEY)
+    .send(addr)
+    .await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert!(
+        read.json().get("webhook_secret").is_none(),
+        "{}",
+        read.text()
+    );
+    Req::new("POST", "/v1/admin/tenants/0123456789abcdef/webhook-secret")
+        .bearer(ADMIN_KEY)
+        .send(addr)
+        .await
+        .expect_error(404, "not_found");
     let mut body = gift_prompt(&["hx", "hy"]);
     body["webhook_url"] = json!(format!("http://{hook_addr}/hooks/tandem?k=1"));
     let r = Req::new("POST", "/v1/prompts")
@@ -698,9 +741,21 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
         got.starts_with("POST /hooks/tandem?k=1 HTTP/1.1\r\n"),
         "{got}"
     );
-    let json_body: Value =
-        serde_json::from_str(got.split("\r\n\r\n").nth(1).expect("body")).expect("JSON body");
+    let raw_body = got.split("\r\n\r\n").nth(1).expect("body");
+    let json_body: Value = serde_json::from_str(raw_body).expect("JSON body");
     assert_eq!(json_body["event"], "prompt.completed");
+    // Signed with the tenant's secret: a receiver accepts it, and refuses a tampered body or
+    // another secret.
+    let header = got
+        .lines()
+        .find_map(|l| l.strip_prefix("Tandem-Signature: "))
+        .unwrap_or_else(|| panic!("no signature in {got}"));
+    check_signature(&secret, header, raw_body.as_bytes()).expect("valid signature");
+    let tampered = raw_body.replace("\"declined\":2", "\"declined\":3");
+    assert_ne!(tampered, raw_body);
+    assert!(check_signature(&secret, header, tampered.as_bytes()).is_err());
+    let other = tandem_serve::rest::webhook::generate_secret();
+    assert!(check_signature(&other, header, raw_body.as_bytes()).is_err());
     assert_eq!(json_body["prompt_id"], pid.as_str());
     assert_eq!(json_body["counts"]["declined"], 2);
     assert!(
@@ -838,4 +893,123 @@ async fn webhooks_cannot_be_aimed_inside() {
     );
     default_srv.shutdown().await;
     http_srv.shutdown().await;
+}
+
+/// A receiver's check of `Tandem-Signature: t=T,v1=HEX`, written here from the spec (HMAC-
+/// SHA256 over "T.BODY", keyed by the whole secret string) rather than with the server's
+/// code; the server's own `verify` must agree.
+fn check_signature(secret: &str, header: &str, body: &[u8]) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    let field = |name: &str| {
+        header
+            .split(',')
+            .find_map(|p| p.trim().strip_prefix(name))
+            .ok_or(format!("no {name} in {header}"))
+    };
+    let t: u64 = field("t=")?.parse().map_err(|_| "bad t".to_owned())?;
+    let v1 = field("v1=")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    if t.abs_diff(now) > 300 {
+        return Err(format!("stale t={t}"));
+    }
+    let mut key = [0u8; 64];
+    let k = secret.as_bytes();
+    if k.len() > 64 {
+        key[..32].copy_from_slice(&Sha256::digest(k));
+    } else {
+        key[..k.len()].copy_from_slice(k);
+    }
+    let pad = |b: u8| key.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+    let mut msg = format!("{t}.").into_bytes();
+    msg.extend_from_slice(body);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(&msg)
+        .finalize();
+    let mac = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    let ours = tandem_serve::rest::webhook::verify(secret, header, body, now, 300);
+    if hex::encode(mac) == v1 {
+        assert_eq!(ours, Ok(()), "the server's verify disagrees");
+        Ok(())
+    } else {
+        assert!(
+            ours.is_err(),
+            "the server's verify accepts what the spec refuses"
+        );
+        Err("signature mismatch".to_owned())
+    }
+}
+
+/// The webhook secret in both tenant stores: made with the tenant, kept by a "first need"
+/// set, replaced by a rotation, and per tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_secrets_are_kept_in_both_stores() {
+    use tandem_serve::rest::store::{
+        self as ts, Quotas, RedisTenantStoreConfig, TenantId, TenantRecord, TenantStoreConfig,
+    };
+    let redis = redis_server::RedisServer::start();
+    let mut configs = vec![TenantStoreConfig::Memory];
+    if let Some(r) = &redis {
+        configs.push(TenantStoreConfig::Redis(RedisTenantStoreConfig {
+            key_prefix: "whs".to_owned(),
+            ..RedisTenantStoreConfig::new(r.url())
+        }));
+    }
+    for cfg in configs {
+        let store = ts::open(&cfg).await.expect("open").tenants;
+        let record = |name: &str| TenantRecord {
+            id: TenantId::generate(),
+            name: name.to_owned(),
+            quotas: Quotas {
+                prompts_per_minute: 1,
+                tokens_per_day: 1,
+                max_audience: 1,
+            },
+            created_ms: 1,
+        };
+        let (a, b) = (record("a"), record("b"));
+        store.create_tenant(&a).await.expect("a");
+        store.create_tenant(&b).await.expect("b");
+        assert_eq!(store.webhook_secret(&a.id).await.expect("get"), None);
+        let first = tandem_serve::rest::webhook::tenant_secret(&*store, &a.id)
+            .await
+            .expect("made on first need");
+        // A second "first need" (another replica) keeps the first.
+        assert_eq!(
+            store
+                .set_webhook_secret(&a.id, "whsec_other", false)
+                .await
+                .expect("set"),
+            first
+        );
+        assert_eq!(
+            store.webhook_secret(&a.id).await.expect("get"),
+            Some(first.clone())
+        );
+        assert_eq!(store.webhook_secret(&b.id).await.expect("get"), None);
+        // A rotation replaces it.
+        assert_eq!(
+            store
+                .set_webhook_secret(&a.id, "whsec_new", true)
+                .await
+                .expect("set"),
+            "whsec_new"
+        );
+        assert_eq!(
+            store.webhook_secret(&a.id).await.expect("get").as_deref(),
+            Some("whsec_new")
+        );
+        let nobody = TenantId::generate();
+        assert!(store.webhook_secret(&nobody).await.is_err());
+        assert!(store
+            .set_webhook_secret(&nobody, "whsec_x", true)
+            .await
+            .is_err());
+    }
 }

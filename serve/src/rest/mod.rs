@@ -145,6 +145,11 @@ fn routes() -> Routes {
             "/v1/admin/tenants/{id}/quotas",
             tenants::set_quotas,
         )
+        .add(
+            Method::POST,
+            "/v1/admin/tenants/{id}/webhook-secret",
+            tenants::rotate_webhook_secret,
+        )
         .add(Method::GET, "/v1/me", tenants::me)
         .add(
             Method::POST,
@@ -304,6 +309,7 @@ Every error answers `{\"error\": {\"code\", \"message\"}}` with a stable `code`.
         tenants::list_keys,
         tenants::revoke_key,
         tenants::set_quotas,
+        tenants::rotate_webhook_secret,
         tenants::me,
         device::issue_device_token,
         device::revoke_device_token,

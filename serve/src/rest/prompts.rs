@@ -132,7 +132,10 @@ pub struct NewPrompt {
     pub expires_in_seconds: Option<u64>,
     /// Called with `POST` when every user of the audience has a final status (completed,
     /// failed, declined, cancelled): `{"event": "prompt.completed", "prompt_id", "status",
-    /// "counts"}`, no outputs. `https://` (`http://` only where the operator allows it), at
+    /// "counts"}`, no outputs, signed: `Tandem-Signature: t=<unix seconds>,v1=<hex
+    /// HMAC-SHA256 of "{t}.{body}" keyed by the tenant's webhook secret>` (the secret is in
+    /// the answer to `POST /v1/admin/tenants`; `docs/webhooks.md` shows how to check it).
+    /// `https://` (`http://` only where the operator allows it), at
     /// most 2048 characters, to a public address: loopback, private, link-local and other
     /// internal addresses (in any spelling) are refused with 422 `invalid` unless the
     /// operator allow-listed them.

@@ -233,8 +233,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
     };
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let webhooks =
-        crate::rest::webhook::Webhooks::new(stores.prompts.clone(), cfg.webhook_policy()?);
+    let webhooks = crate::rest::webhook::Webhooks::new(
+        stores.prompts.clone(),
+        stores.tenants.clone(),
+        cfg.webhook_policy()?,
+    );
     let rest = Arc::new(RestState {
         webhooks: webhooks.clone(),
         metrics: metrics.clone(),
