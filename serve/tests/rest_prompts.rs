@@ -1013,3 +1013,69 @@ async fn webhook_secrets_are_kept_in_both_stores() {
             .is_err());
     }
 }
+
+/// The target is checked again when the webhook is sent, under the sending replica's
+/// settings: a prompt accepted by a replica that allow-lists the receiver, and completed
+/// through one that does not, is not delivered; completed through the first, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_targets_are_checked_again_at_delivery() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let (hook, accepted) = counting_listener().await;
+    let fx = fixture();
+    let shared = ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "wd".to_owned(),
+        webhook_allow_http: true,
+        ..fx.config()
+    };
+    let lenient = start(ServerConfig {
+        webhook_allow: vec![hook.to_string()],
+        ..shared.clone()
+    })
+    .await;
+    let strict = start(shared).await;
+    let (_t, key) = partner(lenient.addr(), "Twice checked", 5).await;
+    let lenient_addr = lenient.addr();
+    let submit = |user: &'static str| {
+        let key = key.clone();
+        async move {
+            let mut body = gift_prompt(&[user]);
+            body["webhook_url"] = json!(format!("http://{hook}/hook"));
+            let r = Req::new("POST", "/v1/prompts")
+                .bearer(&key)
+                .json(&body)
+                .send(lenient_addr)
+                .await;
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let decline = |via: SocketAddr, pid: String, user: &'static str| async move {
+        let t = device_token(via, user).await;
+        let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
+            .bearer(token(&t))
+            .send(via)
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    };
+    // Completed through the strict replica: refused there, nothing arrives.
+    let refused = submit("d1").await;
+    decline(strict.addr(), refused, "d1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Completed through the lenient one: delivered.
+    let allowed = submit("d2").await;
+    decline(lenient.addr(), allowed, "d2").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the allowed webhook never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lenient.shutdown().await;
+    strict.shutdown().await;
+}
