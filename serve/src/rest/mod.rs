@@ -12,6 +12,7 @@
 //! - [`device`]: device tokens (HMAC-signed, expiring, revocable) and their admin routes.
 //! - [`prompts`]: the partner's `/v1/prompts` routes, quotas and rate limits.
 //! - [`inbox`]: the device's `/v1/edge/inbox` routes and prompt tickets.
+//! - [`webhook`]: the signed completion webhooks; [`webhook_target`]: where they may go.
 //! - [`store`]: [`store::TenantStore`] and [`store::PromptStore`], in memory or in Redis.
 //!
 //! # Invariants

@@ -14,7 +14,7 @@
 //! decline, a cancel), claimed once per prompt through the store (so two replicas do not
 //! both send it, barring the rare crash between claim and send, which loses it; or a claim
 //! window boundary, which duplicates it: partners dedupe by `prompt_id`). Three attempts
-//! (immediately, after 1 s, after 4 s), each bounded by the client's timeout; a 2xx answer
+//! (immediately, after 1 s, after 4 s), each bounded by [`ATTEMPT_TIMEOUT`]; a 2xx answer
 //! ends it; a target the guard refuses is not retried, and no redirect is followed.
 //!
 //! # Where it may go
