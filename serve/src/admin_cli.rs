@@ -87,6 +87,8 @@ pub enum TenantCommand {
         #[command(flatten)]
         quotas: QuotaArgs,
     },
+    /// Replace the secret that signs a tenant's webhooks (the new one is printed once).
+    WebhookSecret { tenant_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,6 +131,11 @@ fn request(cmd: &AdminCommand) -> (&'static str, String, Option<Value>) {
                 "PUT",
                 format!("/v1/admin/tenants/{tenant_id}/quotas"),
                 Some(quotas.json()),
+            ),
+            TenantCommand::WebhookSecret { tenant_id } => (
+                "POST",
+                format!("/v1/admin/tenants/{tenant_id}/webhook-secret"),
+                None,
             ),
         },
         AdminCommand::Key(k) => match k {
@@ -252,8 +259,32 @@ pub async fn exchange_bytes(
     body: &[u8],
     timeout: Duration,
 ) -> Result<Reply> {
+    let exchange = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        exchange_on(stream, addr, method, path, headers, body).await
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .with_context(|| format!("{addr} did not answer within {} s", timeout.as_secs()))?
+}
+
+/// [`exchange_bytes`] over a connected stream, with `host` as the `Host` header; not bounded
+/// in time (the caller bounds it).
+pub async fn exchange_on<S>(
+    mut stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Reply>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
          User-Agent: tandem\r\nContent-Length: {}\r\n",
         body.len()
     );
@@ -268,25 +299,17 @@ pub async fn exchange_bytes(
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        let mut raw = Vec::new();
-        (&mut stream)
-            .take(MAX_REPLY_BYTES as u64 + 1)
-            .read_to_end(&mut raw)
-            .await?;
-        if raw.len() > MAX_REPLY_BYTES {
-            bail!("the answer is over {MAX_REPLY_BYTES} bytes");
-        }
-        parse(&raw)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .with_context(|| format!("{addr} did not answer within {} s", timeout.as_secs()))?
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut raw = Vec::new();
+    (&mut stream)
+        .take(MAX_REPLY_BYTES as u64 + 1)
+        .read_to_end(&mut raw)
+        .await?;
+    if raw.len() > MAX_REPLY_BYTES {
+        bail!("the answer is over {MAX_REPLY_BYTES} bytes");
+    }
+    parse(&raw)
 }
 
 fn parse(raw: &[u8]) -> Result<Reply> {

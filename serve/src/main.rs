@@ -223,6 +223,20 @@ struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Send partner webhooks over plain http:// too (default: https:// only).
+    #[arg(long, env = "TANDEM_WEBHOOK_ALLOW_HTTP")]
+    webhook_allow_http: bool,
+    /// A webhook target let through although internal: HOST[:PORT], IP[:PORT], [IPv6]:PORT
+    /// or CIDR (repeatable; comma-separated in the environment). Default: none.
+    #[arg(
+        long = "webhook-allow-host",
+        env = "TANDEM_WEBHOOK_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    webhook_allow_host: Vec<String>,
+    /// A PEM bundle of CAs trusted for https:// webhooks besides the public web roots.
+    #[arg(long, env = "TANDEM_WEBHOOK_CA_CERT")]
+    webhook_ca_cert: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -735,6 +749,11 @@ impl ServeArgs {
         }
         if self.admin_key.is_some() {
             c.admin_key = self.admin_key;
+        }
+        c.webhook_allow_http |= self.webhook_allow_http;
+        c.webhook_allow.extend(self.webhook_allow_host);
+        if self.webhook_ca_cert.is_some() {
+            c.webhook_ca_cert = self.webhook_ca_cert;
         }
         Ok(c)
     }

@@ -642,9 +642,58 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
     });
 
     let fx = fixture();
-    let srv = start(fx.config()).await;
+    // The receiver is on loopback: the operator lets exactly it through, over http.
+    let srv = start(ServerConfig {
+        webhook_allow_http: true,
+        webhook_allow: vec![hook_addr.to_string()],
+        ..fx.config()
+    })
+    .await;
     let addr = srv.addr();
-    let (_t, key) = partner(addr, "Hooked", 5).await;
+    let (tenant, key) = partner(addr, "Hooked", 5).await;
+    // The secret made with the tenant is replaced; the new one signs from now on.
+    let rotated = admin_post(
+        addr,
+        &format!("/v1/admin/tenants/{tenant}/webhook-secret"),
+        &json!({}),
+    )
+    .await;
+    let secret = rotated["webhook_secret"]
+        .as_str()
+        .expect("webhook_secret")
+        .to_owned();
+    assert!(secret.starts_with("whsec_"), "{rotated}");
+    // Shown with a new tenant once; never in a read; unknown tenants are 404.
+    let fresh = admin_post(
+        addr,
+        "/v1/admin/tenants",
+        &json!({"name": "Fresh", "quotas": {"prompts_per_minute": 1, "tokens_per_day": 1, "max_audience": 1}}),
+    )
+    .await;
+    assert!(
+        fresh["webhook_secret"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("whsec_")),
+        "{fresh}"
+    );
+    let read = Req::new(
+        "GET",
+        &format!("/v1/admin/tenants/{}", fresh["id"].as_str().expect("id")),
+    )
+    .bearer(ADMIN_KEY)
+    .send(addr)
+    .await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert!(
+        read.json().get("webhook_secret").is_none(),
+        "{}",
+        read.text()
+    );
+    Req::new("POST", "/v1/admin/tenants/0123456789abcdef/webhook-secret")
+        .bearer(ADMIN_KEY)
+        .send(addr)
+        .await
+        .expect_error(404, "not_found");
     let mut body = gift_prompt(&["hx", "hy"]);
     body["webhook_url"] = json!(format!("http://{hook_addr}/hooks/tandem?k=1"));
     let r = Req::new("POST", "/v1/prompts")
@@ -654,8 +703,8 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
     let pid = r.json()["id"].as_str().expect("id").to_owned();
-    // https is refused (no TLS client).
-    body["webhook_url"] = json!("https://partner.example/hook");
+    // Another port of the same address is not on the allow-list.
+    body["webhook_url"] = json!(format!("http://{}:1/hook", hook_addr.ip()));
     Req::new("POST", "/v1/prompts")
         .bearer(&key)
         .json(&body)
@@ -692,9 +741,21 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
         got.starts_with("POST /hooks/tandem?k=1 HTTP/1.1\r\n"),
         "{got}"
     );
-    let json_body: Value =
-        serde_json::from_str(got.split("\r\n\r\n").nth(1).expect("body")).expect("JSON body");
+    let raw_body = got.split("\r\n\r\n").nth(1).expect("body");
+    let json_body: Value = serde_json::from_str(raw_body).expect("JSON body");
     assert_eq!(json_body["event"], "prompt.completed");
+    // Signed with the tenant's secret: a receiver accepts it, and refuses a tampered body or
+    // another secret.
+    let header = got
+        .lines()
+        .find_map(|l| l.strip_prefix("Tandem-Signature: "))
+        .unwrap_or_else(|| panic!("no signature in {got}"));
+    check_signature(&secret, header, raw_body.as_bytes()).expect("valid signature");
+    let tampered = raw_body.replace("\"declined\":2", "\"declined\":3");
+    assert_ne!(tampered, raw_body);
+    assert!(check_signature(&secret, header, tampered.as_bytes()).is_err());
+    let other = tandem_serve::rest::webhook::generate_secret();
+    assert!(check_signature(&other, header, raw_body.as_bytes()).is_err());
     assert_eq!(json_body["prompt_id"], pid.as_str());
     assert_eq!(json_body["counts"]["declined"], 2);
     assert!(
@@ -709,5 +770,453 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
     assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
         .await
         .is_err());
+    srv.shutdown().await;
+}
+
+/// A TCP listener on 127.0.0.1 that counts the connections it accepts.
+async fn counting_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = n.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = l.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (addr, n)
+}
+
+/// Issue 20, "a partner prompt with webhook_url http://127.0.0.1:PORT/… (also localhost,
+/// [::ffff:127.0.0.1], 2130706433; 169.254.169.254 accepted)": every such target is refused
+/// on submission with 422 `invalid` naming `webhook_url`, under the default settings and
+/// with plain http allowed, and a listening receiver that is not allow-listed gets nothing,
+/// also after the prompt's users all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_cannot_be_aimed_inside() {
+    let (hook, accepted) = counting_listener().await;
+    let p = hook.port();
+    let fx = fixture();
+    let default_srv = start(fx.config()).await;
+    // Plain http allowed and another loopback port allow-listed: still nothing of these.
+    let http_srv = start(ServerConfig {
+        webhook_allow_http: true,
+        webhook_allow: vec!["127.0.0.1:1".to_owned(), "hooks.internal".to_owned()],
+        ..fx.config()
+    })
+    .await;
+    let inside = [
+        format!("127.0.0.1:{p}/hook"),
+        format!("localhost:{p}/hook"),
+        format!("LocalHost.:{p}/hook"),
+        format!("[::ffff:127.0.0.1]:{p}/hook"),
+        format!("[::1]:{p}/hook"),
+        format!("2130706433:{p}/hook"),
+        format!("0x7f000001:{p}/hook"),
+        format!("0177.0.0.1:{p}/hook"),
+        format!("127.1:{p}/hook"),
+        format!("0.0.0.0:{p}/hook"),
+        "169.254.169.254/latest/meta-data/".to_owned(),
+        "[fd00::1]/hook".to_owned(),
+        "10.0.0.1/hook".to_owned(),
+        "192.168.0.1/hook".to_owned(),
+        "100.64.0.1/hook".to_owned(),
+    ];
+    for srv in [&default_srv, &http_srv] {
+        let addr = srv.addr();
+        let (_t, key) = partner(addr, "Aiming inside", 5).await;
+        let mut body = gift_prompt(&["w1"]);
+        for scheme in ["http", "https"] {
+            for target in &inside {
+                body["webhook_url"] = json!(format!("{scheme}://{target}"));
+                let msg = Req::new("POST", "/v1/prompts")
+                    .bearer(&key)
+                    .json(&body)
+                    .send(addr)
+                    .await
+                    .expect_error(422, "invalid");
+                assert!(msg.starts_with("webhook_url"), "{scheme}://{target}: {msg}");
+            }
+        }
+        // No list, no items: nothing was stored.
+        let list = Req::new("GET", "/v1/prompts").bearer(&key).send(addr).await;
+        assert_eq!(list.status, 200, "{}", list.text());
+        assert_eq!(list.json()["prompts"], json!([]), "{}", list.text());
+    }
+    // http:// without the setting, even to a public address; user info; other schemes.
+    let addr = default_srv.addr();
+    let (_t, key) = partner(addr, "Plain", 5).await;
+    let mut body = gift_prompt(&["w1"]);
+    for (url, says) in [
+        ("http://93.184.215.14/hook", "https://"),
+        ("ftp://93.184.215.14/hook", "https://"),
+        ("https://user:pw@93.184.215.14/hook", "user name"),
+    ] {
+        body["webhook_url"] = json!(url);
+        let msg = Req::new("POST", "/v1/prompts")
+            .bearer(&key)
+            .json(&body)
+            .send(addr)
+            .await
+            .expect_error(422, "invalid");
+        assert!(
+            msg.starts_with("webhook_url") && msg.contains(says),
+            "{url}: {msg}"
+        );
+    }
+    // A prompt whose webhook is on the allow-list of one port and whose users all answer:
+    // delivered to that port only, so the receiver on another port still gets nothing.
+    let addr = http_srv.addr();
+    let (_t, key) = partner(addr, "Listed", 5).await;
+    body["webhook_url"] = json!("http://127.0.0.1:1/hook");
+    body["audience"] = json!(["w2"]);
+    let r = Req::new("POST", "/v1/prompts")
+        .bearer(&key)
+        .json(&body)
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pid = r.json()["id"].as_str().expect("id").to_owned();
+    let w2 = device_token(addr, "w2").await;
+    let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
+        .bearer(token(&w2))
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the receiver that is not allow-listed got a connection"
+    );
+    default_srv.shutdown().await;
+    http_srv.shutdown().await;
+}
+
+/// A receiver's check of `Tandem-Signature: t=T,v1=HEX`, written here from the spec (HMAC-
+/// SHA256 over "T.BODY", keyed by the whole secret string) rather than with the server's
+/// code; the server's own `verify` must agree.
+fn check_signature(secret: &str, header: &str, body: &[u8]) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    let field = |name: &str| {
+        header
+            .split(',')
+            .find_map(|p| p.trim().strip_prefix(name))
+            .ok_or(format!("no {name} in {header}"))
+    };
+    let t: u64 = field("t=")?.parse().map_err(|_| "bad t".to_owned())?;
+    let v1 = field("v1=")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    if t.abs_diff(now) > 300 {
+        return Err(format!("stale t={t}"));
+    }
+    let mut key = [0u8; 64];
+    let k = secret.as_bytes();
+    if k.len() > 64 {
+        key[..32].copy_from_slice(&Sha256::digest(k));
+    } else {
+        key[..k.len()].copy_from_slice(k);
+    }
+    let pad = |b: u8| key.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+    let mut msg = format!("{t}.").into_bytes();
+    msg.extend_from_slice(body);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(&msg)
+        .finalize();
+    let mac = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    let ours = tandem_serve::rest::webhook::verify(secret, header, body, now, 300);
+    if hex::encode(mac) == v1 {
+        assert_eq!(ours, Ok(()), "the server's verify disagrees");
+        Ok(())
+    } else {
+        assert!(
+            ours.is_err(),
+            "the server's verify accepts what the spec refuses"
+        );
+        Err("signature mismatch".to_owned())
+    }
+}
+
+/// The webhook secret in both tenant stores: made with the tenant, kept by a "first need"
+/// set, replaced by a rotation, and per tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_secrets_are_kept_in_both_stores() {
+    use tandem_serve::rest::store::{
+        self as ts, Quotas, RedisTenantStoreConfig, TenantId, TenantRecord, TenantStoreConfig,
+    };
+    let redis = redis_server::RedisServer::start();
+    let mut configs = vec![TenantStoreConfig::Memory];
+    if let Some(r) = &redis {
+        configs.push(TenantStoreConfig::Redis(RedisTenantStoreConfig {
+            key_prefix: "whs".to_owned(),
+            ..RedisTenantStoreConfig::new(r.url())
+        }));
+    }
+    for cfg in configs {
+        let store = ts::open(&cfg).await.expect("open").tenants;
+        let record = |name: &str| TenantRecord {
+            id: TenantId::generate(),
+            name: name.to_owned(),
+            quotas: Quotas {
+                prompts_per_minute: 1,
+                tokens_per_day: 1,
+                max_audience: 1,
+            },
+            created_ms: 1,
+        };
+        let (a, b) = (record("a"), record("b"));
+        store.create_tenant(&a).await.expect("a");
+        store.create_tenant(&b).await.expect("b");
+        assert_eq!(store.webhook_secret(&a.id).await.expect("get"), None);
+        let first = tandem_serve::rest::webhook::tenant_secret(&*store, &a.id)
+            .await
+            .expect("made on first need");
+        // A second "first need" (another replica) keeps the first.
+        assert_eq!(
+            store
+                .set_webhook_secret(&a.id, "whsec_other", false)
+                .await
+                .expect("set"),
+            first
+        );
+        assert_eq!(
+            store.webhook_secret(&a.id).await.expect("get"),
+            Some(first.clone())
+        );
+        assert_eq!(store.webhook_secret(&b.id).await.expect("get"), None);
+        // A rotation replaces it.
+        assert_eq!(
+            store
+                .set_webhook_secret(&a.id, "whsec_new", true)
+                .await
+                .expect("set"),
+            "whsec_new"
+        );
+        assert_eq!(
+            store.webhook_secret(&a.id).await.expect("get").as_deref(),
+            Some("whsec_new")
+        );
+        let nobody = TenantId::generate();
+        assert!(store.webhook_secret(&nobody).await.is_err());
+        assert!(store
+            .set_webhook_secret(&nobody, "whsec_x", true)
+            .await
+            .is_err());
+    }
+}
+
+/// The target is checked again when the webhook is sent, under the sending replica's
+/// settings: a prompt accepted by a replica that allow-lists the receiver, and completed
+/// through one that does not, is not delivered; completed through the first, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_targets_are_checked_again_at_delivery() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let (hook, accepted) = counting_listener().await;
+    let fx = fixture();
+    let shared = ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "wd".to_owned(),
+        webhook_allow_http: true,
+        ..fx.config()
+    };
+    let lenient = start(ServerConfig {
+        webhook_allow: vec![hook.to_string()],
+        ..shared.clone()
+    })
+    .await;
+    let strict = start(shared).await;
+    let (_t, key) = partner(lenient.addr(), "Twice checked", 5).await;
+    let lenient_addr = lenient.addr();
+    let submit = |user: &'static str| {
+        let key = key.clone();
+        async move {
+            let mut body = gift_prompt(&[user]);
+            body["webhook_url"] = json!(format!("http://{hook}/hook"));
+            let r = Req::new("POST", "/v1/prompts")
+                .bearer(&key)
+                .json(&body)
+                .send(lenient_addr)
+                .await;
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let decline = |via: SocketAddr, pid: String, user: &'static str| async move {
+        let t = device_token(via, user).await;
+        let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
+            .bearer(token(&t))
+            .send(via)
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    };
+    // Completed through the strict replica: refused there, nothing arrives.
+    let refused = submit("d1").await;
+    decline(strict.addr(), refused, "d1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Completed through the lenient one: delivered.
+    let allowed = submit("d2").await;
+    decline(lenient.addr(), allowed, "d2").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the allowed webhook never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lenient.shutdown().await;
+    strict.shutdown().await;
+}
+
+/// An `https://` webhook arrives over TLS, signed, at a receiver whose certificate comes from
+/// a CA the operator named (`webhook_ca_cert`); a receiver whose certificate that CA did not
+/// sign gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_arrives_over_tls_and_signed() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, "Partner CA");
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca = p.self_signed(&ca_key).expect("ca");
+    let ca_path = tmp.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).expect("write ca");
+    // Two receivers: one with a certificate from that CA, one self-signed.
+    let receiver = |signed_by_ca: bool| {
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        let cert = if signed_by_ca {
+            params.signed_by(&key, &ca, &ca_key).expect("sign")
+        } else {
+            params.self_signed(&key).expect("self")
+        };
+        let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+        )
+        .expect("server config");
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
+    let mut addrs = Vec::new();
+    for good in [true, false] {
+        let acceptor = receiver(good);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        addrs.push(l.local_addr().expect("addr"));
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    continue; // the sender refused our certificate
+                };
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len = text[..i]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= i + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                let _ = s.shutdown().await;
+                let _ = tx.send((good, String::from_utf8_lossy(&got).into_owned()));
+            }
+        });
+    }
+
+    let fx = fixture();
+    let srv = start(ServerConfig {
+        webhook_allow: addrs.iter().map(|a| a.to_string()).collect(),
+        webhook_ca_cert: Some(ca_path),
+        ..fx.config()
+    })
+    .await;
+    let addr = srv.addr();
+    let (tenant, key) = partner(addr, "Secure", 5).await;
+    let rotated = admin_post(
+        addr,
+        &format!("/v1/admin/tenants/{tenant}/webhook-secret"),
+        &json!({}),
+    )
+    .await;
+    let secret = rotated["webhook_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    for (i, hook) in addrs.iter().enumerate() {
+        let user = format!("tls{i}");
+        let mut body = gift_prompt(&[&user]);
+        body["webhook_url"] = json!(format!("https://{hook}/hook"));
+        let r = Req::new("POST", "/v1/prompts")
+            .bearer(&key)
+            .json(&body)
+            .send(addr)
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let pid = r.json()["id"].as_str().expect("id").to_owned();
+        let t = device_token(addr, &user).await;
+        let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
+            .bearer(token(&t))
+            .send(addr)
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    let (good, got) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the https webhook never came")
+        .expect("request");
+    assert!(good, "delivered to the receiver the CA did not sign");
+    assert!(got.starts_with("POST /hook HTTP/1.1\r\n"), "{got}");
+    let raw_body = got.split("\r\n\r\n").nth(1).expect("body");
+    let header = got
+        .lines()
+        .find_map(|l| l.strip_prefix("Tandem-Signature: "))
+        .unwrap_or_else(|| panic!("no signature in {got}"));
+    check_signature(&secret, header, raw_body.as_bytes()).expect("valid signature");
+    // The self-signed receiver completed no handshake, so it never reports; give the
+    // sender's retries (1 s, 4 s) time to try and fail.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(6), rx.recv())
+            .await
+            .is_err(),
+        "a webhook reached the receiver with an untrusted certificate"
+    );
     srv.shutdown().await;
 }

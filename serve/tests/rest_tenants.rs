@@ -69,7 +69,15 @@ async fn create_tenant(addr: SocketAddr, name: &str) -> Value {
         .send(addr)
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
-    r.json()
+    // The webhook secret is in this answer only; the rest is what reads return.
+    let mut t = r.json();
+    let secret = t.as_object_mut().and_then(|o| o.remove("webhook_secret"));
+    assert!(
+        secret.is_some_and(|s| s.as_str().is_some_and(|s| s.starts_with("whsec_"))),
+        "{}",
+        r.text()
+    );
+    t
 }
 
 /// Issues a key; answers `(key_id, key)`.

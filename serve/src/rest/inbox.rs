@@ -275,7 +275,7 @@ pub async fn decline(
         .await?
         .map_err(refusal)?;
     tracing::info!(prompt = %p.id, user = %auth.user, "prompt declined");
-    super::webhook::check_later(state.prompts.clone(), p.id.clone());
+    super::webhook::check_later(&state.webhooks, p.id.clone());
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -12,6 +12,7 @@
 //! - [`device`]: device tokens (HMAC-signed, expiring, revocable) and their admin routes.
 //! - [`prompts`]: the partner's `/v1/prompts` routes, quotas and rate limits.
 //! - [`inbox`]: the device's `/v1/edge/inbox` routes and prompt tickets.
+//! - [`webhook`]: the signed completion webhooks; [`webhook_target`]: where they may go.
 //! - [`store`]: [`store::TenantStore`] and [`store::PromptStore`], in memory or in Redis.
 //!
 //! # Invariants
@@ -31,6 +32,7 @@ pub mod prompts;
 pub mod store;
 pub mod tenants;
 pub mod webhook;
+pub mod webhook_target;
 
 use std::sync::Arc;
 
@@ -76,6 +78,8 @@ pub struct RestState {
     pub device_requests_per_minute: u32,
     /// Error answers by code and prompts by tenant are counted here.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where webhooks may go, and the sender.
+    pub webhooks: webhook::Webhooks,
 }
 
 impl std::fmt::Debug for RestState {
@@ -141,6 +145,11 @@ fn routes() -> Routes {
             Method::PUT,
             "/v1/admin/tenants/{id}/quotas",
             tenants::set_quotas,
+        )
+        .add(
+            Method::POST,
+            "/v1/admin/tenants/{id}/webhook-secret",
+            tenants::rotate_webhook_secret,
         )
         .add(Method::GET, "/v1/me", tenants::me)
         .add(
@@ -301,6 +310,7 @@ Every error answers `{\"error\": {\"code\", \"message\"}}` with a stable `code`.
         tenants::list_keys,
         tenants::revoke_key,
         tenants::set_quotas,
+        tenants::rotate_webhook_secret,
         tenants::me,
         device::issue_device_token,
         device::revoke_device_token,

@@ -65,6 +65,12 @@ pub struct Tenant {
     /// When the tenant was created (RFC 3339, UTC).
     #[schema(format = DateTime)]
     pub created: String,
+    /// Only in the answer to `POST /v1/admin/tenants`: the secret that signs this tenant's
+    /// webhooks (`Tandem-Signature`, see `docs/webhooks.md`). Replace it with
+    /// `POST /v1/admin/tenants/{id}/webhook-secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "whsec_<64 hex digits>")]
+    pub webhook_secret: Option<String>,
 }
 
 impl From<TenantRecord> for Tenant {
@@ -74,8 +80,18 @@ impl From<TenantRecord> for Tenant {
             name: t.name,
             quotas: t.quotas,
             created: rfc3339_ms(t.created_ms),
+            webhook_secret: None,
         }
     }
+}
+
+/// `POST /v1/admin/tenants/{id}/webhook-secret`: the tenant's new webhook secret.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct WebhookSecret {
+    /// Signs every webhook delivered from now on (HMAC-SHA256 over `"{t}.{body}"`, in
+    /// `Tandem-Signature: t=<unix seconds>,v1=<hex>`); the former secret stops at once.
+    #[schema(example = "whsec_<64 hex digits>")]
+    pub webhook_secret: String,
 }
 
 /// `GET /v1/admin/tenants`: every tenant, oldest first.
@@ -159,8 +175,47 @@ pub async fn create_tenant(
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
     let record = body.validate(now_ms())?;
     state.store.create_tenant(&record).await?;
+    let secret = state
+        .store
+        .set_webhook_secret(&record.id, &super::webhook::generate_secret(), true)
+        .await?;
     tracing::info!(tenant = %record.id, "tenant created");
-    Ok((StatusCode::CREATED, Json(record.into())))
+    let mut tenant = Tenant::from(record);
+    tenant.webhook_secret = Some(secret);
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+/// Replace a tenant's webhook signing secret: deliveries from now on are signed with the
+/// new one, which this answer shows (the only time it is shown).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/tenants/{id}/webhook-secret",
+    tag = "admin",
+    params(("id" = String, Path, description = "The tenant's id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "The new secret.", body = WebhookSecret),
+        (status = 404, description = "`not_found`: no such tenant.", body = ErrorBody),
+    )
+)]
+pub async fn rotate_webhook_secret(
+    _: AdminAuth,
+    State(state): State<Arc<RestState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<(StatusCode, Json<WebhookSecret>), ApiError> {
+    let id = tenant_id(&id)?;
+    let secret = state
+        .store
+        .set_webhook_secret(&id, &super::webhook::generate_secret(), true)
+        .await
+        .map_err(not_found)?;
+    tracing::info!(tenant = %id, "webhook secret replaced");
+    Ok((
+        StatusCode::CREATED,
+        Json(WebhookSecret {
+            webhook_secret: secret,
+        }),
+    ))
 }
 
 /// List every tenant, oldest first.

@@ -142,6 +142,15 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Send partner webhooks over plain `http://` too (default: `https://` only).
+    pub webhook_allow_http: bool,
+    /// Webhook targets let through although internal: `HOST[:PORT]` (every address the name
+    /// resolves to), `IP[:PORT]`, `[IPv6]:PORT` or a CIDR. Empty by default: nothing
+    /// loopback, private, link-local or otherwise non-public is sent to.
+    pub webhook_allow: Vec<String>,
+    /// A PEM bundle of certificate authorities trusted for `https://` webhooks besides the
+    /// web's public roots (a private PKI). `None`: the public roots only.
+    pub webhook_ca_cert: Option<PathBuf>,
 }
 
 /// The async runtime's workers when `io_threads` is not set: a quarter of the CPUs, at least
@@ -233,6 +242,9 @@ impl Default for ServerConfig {
             io_threads: None,
             tls_cert: None,
             tls_key: None,
+            webhook_allow_http: false,
+            webhook_allow: Vec::new(),
+            webhook_ca_cert: None,
         }
     }
 }
@@ -341,7 +353,17 @@ impl ServerConfig {
             self.partner_requests_per_minute > 0 && self.device_requests_per_minute > 0,
             "partner_requests_per_minute and device_requests_per_minute must be > 0"
         );
+        self.webhook_policy()?;
         Ok(())
+    }
+
+    /// Where partner webhooks may go.
+    pub fn webhook_policy(&self) -> anyhow::Result<crate::rest::webhook_target::WebhookPolicy> {
+        crate::rest::webhook_target::WebhookPolicy::new(
+            self.webhook_allow_http,
+            &self.webhook_allow,
+        )
+        .map_err(anyhow::Error::msg)
     }
 
     pub(crate) fn drain_timeout(&self) -> Duration {

@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     pub(crate) last_snapshot: Arc<std::sync::Mutex<crate::metrics::Snapshot>>,
     /// Where generations tied to a partner prompt claim their ticket and leave their result.
     pub(crate) prompts: Arc<dyn crate::rest::store::PromptStore>,
+    /// Sends the partners' completion webhooks.
+    pub(crate) webhooks: crate::rest::webhook::Webhooks,
     pub(crate) params: params::OpenParams,
     pub(crate) replica: ReplicaId,
     /// Sessions held by this process, by wire session id.
@@ -238,7 +240,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
     };
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    let webhooks = crate::rest::webhook::Webhooks::new(
+        stores.prompts.clone(),
+        stores.tenants.clone(),
+        cfg.webhook_policy()?,
+        tls::client_config(cfg.webhook_ca_cert.as_deref())?,
+    );
     let rest = Arc::new(RestState {
+        webhooks: webhooks.clone(),
         metrics: metrics.clone(),
         store: stores.tenants,
         prompts: stores.prompts.clone(),
@@ -288,6 +297,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         engine,
         store,
         prompts: stores.prompts,
+        webhooks,
         advertise_url,
         metrics,
         last_snapshot: Arc::default(),

@@ -425,9 +425,7 @@ impl AssignmentRef {
                 .finish(&a.prompt, &a.user, result, now_ms())
                 .await
             {
-                Ok(true) => {
-                    crate::rest::webhook::check_later(shared.prompts.clone(), a.prompt.clone())
-                }
+                Ok(true) => crate::rest::webhook::check_later(&shared.webhooks, a.prompt.clone()),
                 Ok(false) => {
                     tracing::warn!(prompt = %a.prompt, "result not stored: the assignment was not running")
                 }

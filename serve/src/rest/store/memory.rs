@@ -21,6 +21,8 @@ struct Inner {
     /// name → id, for uniqueness.
     names: HashMap<String, TenantId>,
     keys: HashMap<KeyId, KeyRecord>,
+    /// Tenant → webhook signing secret.
+    webhook_secrets: HashMap<TenantId, String>,
     prompts: HashMap<PromptId, PromptRecord>,
     assignments: HashMap<(PromptId, UserId), Slot>,
     /// Hex sha256 of a live ticket → its assignment.
@@ -182,6 +184,39 @@ impl TenantStore for MemoryTenantStore {
                 }
                 _ => Err(TenantStoreError::UnknownKey(key.clone())),
             }
+        })
+    }
+
+    fn webhook_secret<'a>(&'a self, tenant: &'a TenantId) -> TenantFuture<'a, Option<String>> {
+        self.run(|s| {
+            if !s.tenants.contains_key(tenant) {
+                return Err(TenantStoreError::UnknownTenant(tenant.clone()));
+            }
+            Ok(s.webhook_secrets.get(tenant).cloned())
+        })
+    }
+
+    fn set_webhook_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        secret: &'a str,
+        replace: bool,
+    ) -> TenantFuture<'a, String> {
+        self.run(|s| {
+            if !s.tenants.contains_key(tenant) {
+                return Err(TenantStoreError::UnknownTenant(tenant.clone()));
+            }
+            let slot = s.webhook_secrets.entry(tenant.clone());
+            let held = match slot {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if replace {
+                        o.insert(secret.to_owned());
+                    }
+                    o.get().clone()
+                }
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(secret.to_owned()).clone(),
+            };
+            Ok(held)
         })
     }
 }

@@ -290,6 +290,20 @@ pub trait TenantStore: Send + Sync {
     /// Deletes the key. [`TenantStoreError::UnknownTenant`], or
     /// [`TenantStoreError::UnknownKey`] if the key does not exist or is another tenant's.
     fn revoke_key<'a>(&'a self, tenant: &'a TenantId, key: &'a KeyId) -> TenantFuture<'a, ()>;
+
+    /// The tenant's webhook signing secret, `None` if none was set.
+    /// [`TenantStoreError::UnknownTenant`].
+    fn webhook_secret<'a>(&'a self, tenant: &'a TenantId) -> TenantFuture<'a, Option<String>>;
+
+    /// Sets the tenant's webhook signing secret to `secret`: always when `replace`, else
+    /// only if it has none (two replicas creating one on first need agree on the first).
+    /// Returns the secret now in force. [`TenantStoreError::UnknownTenant`].
+    fn set_webhook_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        secret: &'a str,
+        replace: bool,
+    ) -> TenantFuture<'a, String>;
 }
 
 /// The default timeout of one Redis call.

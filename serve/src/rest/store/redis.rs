@@ -2,7 +2,8 @@
 //!
 //! # Keys (`{p}` is the server's `redis_key_prefix`, `tandem` by default)
 //! - `{p}:tenant:{id}`: a hash `name prompts_per_minute tokens_per_day max_audience
-//!   created_ms`.
+//!   created_ms`, and `webhook_secret` once the tenant has one (the webhook signing secret,
+//!   kept as is: the server needs it to sign).
 //! - `{p}:tenants`: a sorted set of tenant ids scored by `created_ms` (for listing).
 //! - `{p}:tenant-names`: a hash `name → id` (names are unique).
 //! - `{p}:apikey:{key_id}`: a hash `tenant hash created_ms`, where `hash` is the hex sha256
@@ -86,6 +87,13 @@ redis.call('HSET', KEYS[1], 'prompts_per_minute', ARGV[1], 'tokens_per_day', ARG
   'max_audience', ARGV[3])
 return 'ok'";
 
+/// KEYS: tenant. ARGV: secret, replace (`1`/`0`). Answers the secret in force.
+const LUA_SET_WEBHOOK_SECRET: &str =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 'unknown_tenant' end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'webhook_secret', ARGV[1])
+else redis.call('HSETNX', KEYS[1], 'webhook_secret', ARGV[1]) end
+return redis.call('HGET', KEYS[1], 'webhook_secret')";
+
 /// The Redis tenant store. Cheap to share: hold it in an `Arc`.
 pub struct RedisTenantStore {
     pub(super) conn: ConnectionManager,
@@ -97,6 +105,7 @@ pub struct RedisTenantStore {
     add_key: Script,
     revoke_key: Script,
     set_quotas: Script,
+    set_webhook_secret: Script,
 }
 
 impl std::fmt::Debug for RedisTenantStore {
@@ -123,6 +132,7 @@ impl RedisTenantStore {
             add_key: Script::new(LUA_ADD_KEY),
             revoke_key: Script::new(LUA_REVOKE_KEY),
             set_quotas: Script::new(LUA_SET_QUOTAS),
+            set_webhook_secret: Script::new(LUA_SET_WEBHOOK_SECRET),
         };
         let mut conn = store.conn.clone();
         store
@@ -370,6 +380,40 @@ impl TenantStore for RedisTenantStore {
                 "unknown_key" => Err(TenantStoreError::UnknownKey(key.clone())),
                 w => Err(unexpected(w)),
             }
+        })
+    }
+
+    fn webhook_secret<'a>(&'a self, tenant: &'a TenantId) -> TenantFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut cmd = ::redis::cmd("HMGET");
+            cmd.arg(self.tenant_key(tenant))
+                .arg("name")
+                .arg("webhook_secret");
+            let (name, secret): (Option<String>, Option<String>) =
+                self.bounded(cmd.query_async(&mut conn)).await?;
+            if name.is_none() {
+                return Err(TenantStoreError::UnknownTenant(tenant.clone()));
+            }
+            Ok(secret)
+        })
+    }
+
+    fn set_webhook_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        secret: &'a str,
+        replace: bool,
+    ) -> TenantFuture<'a, String> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut call = self.set_webhook_secret.key(self.tenant_key(tenant));
+            call.arg(secret).arg(if replace { "1" } else { "0" });
+            let word: String = self.bounded(call.invoke_async(&mut conn)).await?;
+            if word == "unknown_tenant" {
+                return Err(TenantStoreError::UnknownTenant(tenant.clone()));
+            }
+            Ok(word)
         })
     }
 }
