@@ -692,3 +692,37 @@ async fn an_idle_device_is_closed_and_its_slot_freed() {
     fx.check(&dev.tokens, &done);
     server.shutdown().await;
 }
+
+/// A message longer than the frame limit (plus the small slack that lets a frame just over
+/// it get `frame_too_large`) is refused by the WebSocket layer: the connection ends without
+/// the server decoding it, also before `Open`; the server keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_frame_limit_is_refused_before_it_is_decoded() {
+    let fx = fixture();
+    let limit = 64 << 10;
+    let server = server::start(ServerConfig {
+        max_frame_bytes: limit,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let url = server.ws_url();
+    // 1.5 times the limit: before this change the server buffered up to twice the limit and
+    // answered `frame_too_large`; now the message never reaches the decoder.
+    for opened_first in [false, true] {
+        let mut ws = if opened_first {
+            opened(&fx, &url).await.0
+        } else {
+            connect(&url).await
+        };
+        send_bytes(&mut ws, vec![0u8; limit + limit / 2]).await;
+        match recv(&mut ws).await {
+            None => {}
+            Some(Frame::Error(e)) => panic!("the oversized message was decoded: {e:?}"),
+            other => panic!("expected the connection to end, got {other:?}"),
+        }
+    }
+    let (tokens, done) = generate(&fx, &url, HiddenDtype::F32).await;
+    fx.check(&tokens, &done);
+    server.shutdown().await;
+}

@@ -508,10 +508,16 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
+/// Bytes over `max_frame_bytes` that the WebSocket layer still hands to the decoder (which
+/// answers them with `frame_too_large`); anything longer is dropped at its header.
+pub const FRAME_LIMIT_SLACK: usize = 4 << 10;
+
 async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
-    // Accept messages up to twice our limit so that a frame over the limit gets a
-    // `frame_too_large` answer; beyond that the WebSocket layer drops the connection.
-    let transport_max = shared.cfg.max_frame_bytes.saturating_mul(2).max(64 << 10);
+    // The WebSocket layer refuses a message whose declared length exceeds the frame limit
+    // (plus a little, so that a frame just over it still gets a typed `frame_too_large`)
+    // as soon as its header arrives, before buffering any of it: a client cannot make the
+    // server hold more than about one frame per connection.
+    let transport_max = shared.cfg.max_frame_bytes.saturating_add(FRAME_LIMIT_SLACK);
     ws.max_message_size(transport_max)
         .max_frame_size(transport_max)
         .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES)
