@@ -583,6 +583,7 @@ fn error_codes_are_stable() {
         (ErrorCode::Finished, 202, "finished"),
         (ErrorCode::BadPromptTicket, 203, "bad_prompt_ticket"),
         (ErrorCode::IdleTimeout, 204, "idle_timeout"),
+        (ErrorCode::SessionTakenOver, 205, "session_taken_over"),
         (ErrorCode::RateLimited, 300, "rate_limited"),
         (ErrorCode::Overloaded, 301, "overloaded"),
         (ErrorCode::Unavailable, 302, "unavailable"),

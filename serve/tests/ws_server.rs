@@ -451,7 +451,16 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
     forged[0] ^= 1;
     let mut ws = connect(&url).await;
     send(&mut ws, &resume(real.session, forged)).await;
-    expect_error(&mut ws, ErrorCode::BadResumeToken).await;
+    // A wrong token is answered exactly as an unknown session (no probing of ids).
+    let wrong = loop {
+        match recv(&mut ws).await {
+            Some(Frame::Error(e)) => break e,
+            Some(Frame::Pong { .. }) => continue,
+            other => panic!("expected an Error, got {other:?}"),
+        }
+    };
+    assert_eq!(wrong.code, ErrorCode::UnknownSession);
+    assert_eq!(wrong.message, "unknown or expired session");
     // A frame over the limit.
     let (mut ws, _) = opened(&fx, &url).await;
     let rows = (64 << 10) / (fx.hidden * 4) + 1;
@@ -724,5 +733,37 @@ async fn a_message_over_the_frame_limit_is_refused_before_it_is_decoded() {
     }
     let (tokens, done) = generate(&fx, &url, HiddenDtype::F32).await;
     fx.check(&tokens, &done);
+    server.shutdown().await;
+}
+
+/// A `Resume` of a session that still has a connection takes it over: the old connection is
+/// told why (`session_taken_over`) and closed; the new one gets `Opened` and the rest of the
+/// generation, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_a_second_connection_tells_the_first_why() {
+    let fx = fixture();
+    let server = server::start(fx.config()).await.expect("start");
+    let url = server.ws_url();
+    let (mut first, o) = opened(&fx, &url).await;
+    let mut dev = fx.device(HiddenDtype::F32);
+    dev.send_prompt(&mut first).await;
+    assert!(dev.drive(&mut first, Some(2)).await.is_none());
+    let mut second = connect(&url).await;
+    send(
+        &mut second,
+        &Frame::Resume(Resume {
+            session: o.session,
+            resume_token: o.resume_token.clone(),
+            last_token_seq: Some(1),
+        }),
+    )
+    .await;
+    let again = expect_opened(&mut second).await;
+    assert_eq!(again.session, o.session);
+    expect_error(&mut first, ErrorCode::SessionTakenOver).await;
+    // The new connection finishes the generation with the reference output.
+    dev.catch_up(&mut second).await;
+    let done = dev.drive(&mut second, None).await.expect("done");
+    fx.check(&dev.tokens, &done);
     server.shutdown().await;
 }

@@ -179,7 +179,9 @@ error_codes! {
     ContextLengthExceeded = 109, "context_length_exceeded";
     /// `Resume` names a session the cloud does not know (expired or never existed).
     UnknownSession = 200, "unknown_session";
-    /// `Resume`'s token does not match the session's.
+    /// `Resume`'s token does not match the session's. Not sent by `tandem serve`, which
+    /// answers a wrong token as it answers an unknown session (`unknown_session`), so that
+    /// session ids cannot be probed.
     BadResumeToken = 201, "bad_resume_token";
     /// The session already finished; nothing more can be sent to it.
     Finished = 202, "finished";
@@ -189,6 +191,9 @@ error_codes! {
     /// The session waited for the device longer than the cloud allows (no `Hidden` answered
     /// its last token, or no prompt came after `Opened`); it is closed and its slot freed.
     IdleTimeout = 204, "idle_timeout";
+    /// Another connection resumed this session (with its resume token); this connection no
+    /// longer receives its frames.
+    SessionTakenOver = 205, "session_taken_over";
     /// The device sends frames faster than it is allowed to.
     RateLimited = 300, "rate_limited";
     /// The cloud is at capacity and refused a new session (admission control).

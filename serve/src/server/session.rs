@@ -394,6 +394,20 @@ impl Actor {
 
     fn attach(&mut self, conn: Conn, token: [u8; 32], last_token_seq: Option<u64>) {
         if let Some(old) = self.conn.take() {
+            // Tell the connection that loses the session why, before it closes.
+            tracing::info!(
+                session = self.id,
+                old = old.id,
+                new = conn.id,
+                "session taken over"
+            );
+            let e = error_frame(
+                ErrorCode::SessionTakenOver,
+                None,
+                "another connection resumed this session",
+            );
+            self.shared.metrics.errors_total.with(e.code.as_str()).inc();
+            old.send(&Frame::Error(e));
             old.close();
         }
         tracing::info!(

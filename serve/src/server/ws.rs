@@ -635,8 +635,13 @@ async fn resume_session(shared: &Arc<Shared>, r: &Resume) -> Result<SessionHandl
                 "unknown or expired session",
             ))
         }
+        // The same answer as an unknown session: a wrong token tells a prober nothing.
         Err(StoreError::BadResumeToken(_)) => {
-            return Err(err(ErrorCode::BadResumeToken, None, "wrong resume token"))
+            return Err(err(
+                ErrorCode::UnknownSession,
+                None,
+                "unknown or expired session",
+            ))
         }
         // Ended here recently: the actor still holds its tokens and `Done`.
         Err(StoreError::SessionClosed(_)) => {
