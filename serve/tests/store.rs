@@ -236,6 +236,31 @@ async fn resume_token_is_checked(kind: Kind) {
     );
 }
 
+async fn resume_tokens_rotate(kind: Kind) {
+    let Some(fx) = Fixture::new(kind) else { return };
+    let store = fx.replica().await;
+    let a = replica("a");
+    let (record, first) = open(&*store, &a).await;
+    let id = record.id;
+    let second = ResumeToken::generate();
+    store
+        .rotate_resume(id, &first, second.hash())
+        .await
+        .expect("rotate");
+    // The old token is refused from now on, the new one works.
+    let r = store.verify_resume(id, &first).await;
+    assert!(matches!(r, Err(StoreError::BadResumeToken(_))), "{r:?}");
+    store.verify_resume(id, &second).await.expect("new token");
+    // A second rotation with the old token (a racing resume) loses.
+    let third = ResumeToken::generate();
+    let r = store.rotate_resume(id, &first, third.hash()).await;
+    assert!(matches!(r, Err(StoreError::BadResumeToken(_))), "{r:?}");
+    store.verify_resume(id, &second).await.expect("unchanged");
+    let unknown = SessionId(id.0 + 1_000_000);
+    let r = store.rotate_resume(unknown, &second, third.hash()).await;
+    assert!(matches!(r, Err(StoreError::UnknownSession(_))), "{r:?}");
+}
+
 async fn only_the_owner_writes(kind: Kind) {
     let Some(fx) = Fixture::new(kind) else { return };
     let store = fx.replica().await;
@@ -462,6 +487,7 @@ conformance!(
     create_get_update_close,
     create_twice_is_refused,
     resume_token_is_checked,
+    resume_tokens_rotate,
     only_the_owner_writes,
     ids_are_unique_across_replicas,
     idle_sessions_expire,

@@ -761,6 +761,19 @@ async fn a_resume_from_a_second_connection_tells_the_first_why() {
     let again = expect_opened(&mut second).await;
     assert_eq!(again.session, o.session);
     expect_error(&mut first, ErrorCode::SessionTakenOver).await;
+    // The token rotated: the one used above is refused now, as an unknown session.
+    assert_ne!(again.resume_token, o.resume_token);
+    let mut third = connect(&url).await;
+    send(
+        &mut third,
+        &Frame::Resume(Resume {
+            session: o.session,
+            resume_token: o.resume_token.clone(),
+            last_token_seq: Some(1),
+        }),
+    )
+    .await;
+    expect_error(&mut third, ErrorCode::UnknownSession).await;
     // The new connection finishes the generation with the reference output.
     dev.catch_up(&mut second).await;
     let done = dev.drive(&mut second, None).await.expect("done");

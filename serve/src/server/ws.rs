@@ -302,10 +302,7 @@ impl Connection {
                 Err(e) => self.reject(e),
             },
             (Frame::Resume(r), None) => match resume_session(&self.shared, &r).await {
-                Ok(handle) => {
-                    self.attach(handle, r.resume_token.0, r.last_token_seq)
-                        .await
-                }
+                Ok((handle, token)) => self.attach(handle, token, r.last_token_seq).await,
                 Err(e) => self.reject(e),
             },
             (Frame::Cancel, Some(a)) => {
@@ -615,7 +612,13 @@ async fn open_session(
     }
 }
 
-async fn resume_session(shared: &Arc<Shared>, r: &Resume) -> Result<SessionHandle, ErrorFrame> {
+/// The session a `Resume` reattaches to, and the resume token the device holds from now on:
+/// a new one whenever the session goes on here (the old one stops working), the same one
+/// for a session that already ended (its `Done` is only resent).
+async fn resume_session(
+    shared: &Arc<Shared>,
+    r: &Resume,
+) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
     if shared.draining.load(Ordering::SeqCst) {
         return Err(err(
             ErrorCode::ShuttingDown,
@@ -645,13 +648,15 @@ async fn resume_session(shared: &Arc<Shared>, r: &Resume) -> Result<SessionHandl
         }
         // Ended here recently: the actor still holds its tokens and `Done`.
         Err(StoreError::SessionClosed(_)) => {
-            return local().ok_or_else(|| err(ErrorCode::Finished, None, "the session ended"))
+            return local()
+                .map(|h| (h, r.resume_token.0))
+                .ok_or_else(|| err(ErrorCode::Finished, None, "the session ended"))
         }
         Err(e) => return Err(store_error(&e)),
     }
     if let Some(handle) = local() {
         tracing::info!(session = id.0, "resume on the same replica");
-        return Ok(handle);
+        return Ok((handle, rotate(shared, r).await?));
     }
     match shared
         .store
@@ -709,7 +714,27 @@ async fn resume_session(shared: &Arc<Shared>, r: &Resume) -> Result<SessionHandl
             };
             let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
             tracing::info!(session = id.0, device_has, "replaying a session taken over");
-            spawn_session(shared, id.0, &open, device_has).await
+            // Rotated first: a session is not rebuilt for a device whose token lost the race.
+            let token = rotate(shared, r).await?;
+            Ok((spawn_session(shared, id.0, &open, device_has).await?, token))
         }
+    }
+}
+
+/// Replaces the session's resume token before the device is attached, and returns the new
+/// one (atomically: of two resumes racing with one token, the second gets
+/// `unknown_session`).
+async fn rotate(shared: &Arc<Shared>, r: &Resume) -> Result<[u8; 32], ErrorFrame> {
+    let next = ResumeToken::generate();
+    let id = store::SessionId(r.session.0);
+    let old = ResumeToken::from_bytes(r.resume_token.0);
+    match shared.store.rotate_resume(id, &old, next.hash()).await {
+        Ok(()) => Ok(*next.as_bytes()),
+        Err(StoreError::UnknownSession(_) | StoreError::BadResumeToken(_)) => Err(err(
+            ErrorCode::UnknownSession,
+            None,
+            "unknown or expired session",
+        )),
+        Err(e) => Err(store_error(&e)),
     }
 }

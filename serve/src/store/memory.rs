@@ -230,6 +230,22 @@ impl SessionStore for MemoryStore {
         Box::pin(async move { self.verify(id, token) })
     }
 
+    fn rotate_resume<'a>(
+        &'a self,
+        id: SessionId,
+        old: &'a ResumeToken,
+        new: ResumeTokenHash,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut entry = self.live(id).ok_or(StoreError::UnknownSession(id))?;
+            if !entry.resume.matches(old) {
+                return Err(StoreError::BadResumeToken(id));
+            }
+            entry.resume = new;
+            Ok(())
+        })
+    }
+
     fn heartbeat<'a>(&'a self, replica: &'a ReplicaId, ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.replicas.insert(replica.clone(), Instant::now() + ttl);

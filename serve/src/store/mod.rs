@@ -362,6 +362,17 @@ pub trait SessionStore: Send + Sync {
         token: &'a ResumeToken,
     ) -> StoreFuture<'a, SessionRecord>;
 
+    /// Replaces the session's resume token: `old` must be its current one (else
+    /// [`StoreError::UnknownSession`] or [`StoreError::BadResumeToken`], as
+    /// [`Self::verify_resume`]), and is refused from then on. Atomic: of two resumes with the
+    /// same token, one rotates and the other finds it wrong.
+    fn rotate_resume<'a>(
+        &'a self,
+        id: SessionId,
+        old: &'a ResumeToken,
+        new: ResumeTokenHash,
+    ) -> StoreFuture<'a, ()>;
+
     /// Marks `replica` alive for `ttl`.
     fn heartbeat<'a>(&'a self, replica: &'a ReplicaId, ttl: Duration) -> StoreFuture<'a, ()>;
 

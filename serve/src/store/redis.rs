@@ -115,6 +115,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local r = record(KEYS[1])
 return {'ok', replay, r[1], r[2], r[3], r[4], r[5], r[6], r[7]}";
 
+/// KEYS: session. ARGV: the current token's hash (hex), the new one's.
+const LUA_ROTATE: &str = "local cur = redis.call('HGET', KEYS[1], 'resume')
+if not cur then return 'unknown' end
+if cur ~= ARGV[1] then return 'bad' end
+redis.call('HSET', KEYS[1], 'resume', ARGV[2])
+return 'ok'";
+
 /// The Redis session store. Cheap to share: hold it in an `Arc`.
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -127,6 +134,7 @@ pub struct RedisStore {
     create: Script,
     update: Script,
     claim: Script,
+    rotate: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -156,6 +164,7 @@ impl RedisStore {
             create: Script::new(LUA_CREATE),
             update: lua(LUA_UPDATE),
             claim: lua(LUA_CLAIM),
+            rotate: Script::new(LUA_ROTATE),
         };
         let mut conn = store.conn.clone();
         store
@@ -360,6 +369,25 @@ impl SessionStore for RedisStore {
                 return Err(StoreError::SessionClosed(id));
             }
             Ok(record)
+        })
+    }
+
+    fn rotate_resume<'a>(
+        &'a self,
+        id: SessionId,
+        old: &'a ResumeToken,
+        new: ResumeTokenHash,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut call = self.rotate.key(self.session_key(id));
+            call.arg(old.hash().to_hex()).arg(new.to_hex());
+            let answer: String = self.bounded(call.invoke_async(&mut conn)).await?;
+            match answer.as_str() {
+                "ok" => Ok(()),
+                "unknown" => Err(StoreError::UnknownSession(id)),
+                _ => Err(StoreError::BadResumeToken(id)),
+            }
         })
     }
 
