@@ -64,6 +64,7 @@ impl Fixture {
         ServerConfig {
             cloud: self.split_dir.join("cloud"),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.05,
             drain_timeout_ms: 100,
             ..ServerConfig::default()
@@ -718,6 +719,7 @@ async fn tiny_model_writes_a_split_that_serves_long_prompts() {
     let srv = server::start(ServerConfig {
         cloud: dir.join("cloud"),
         listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
         kv_cache_gib: 0.05,
         drain_timeout_ms: 100,
         ..ServerConfig::default()
