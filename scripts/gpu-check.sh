@@ -18,6 +18,8 @@
 #   3. an 8B-shaped random bf16 checkpoint (`tandem random-model --shape llama-3.1-8b`);
 #   4. `tandem bench --device cuda` on it at 1, 16, 64 and 256 sessions, with a 2,048-token
 #      prefill; figures against the ceilings of step 1.
+# GPU_CHECK_PROFILE=1 skips the tiny-model checks and the plain bench and shows where an 8B
+# step's time goes instead (profile-*.log and .json in $OUT).
 # TANDEM_BIN names the binary (default target/gpu/tandem, or target/gpu/tandem.gz unpacked);
 # GPU_CHECK_SKIP_8B=1 stops after
 # step 2; WORK is where the models go (default a temporary directory); GPU_CHECK_DEVICE=cpu
@@ -50,11 +52,22 @@ dirs = sorted({d for r in roots if r and os.path.isdir(r) for d in glob.glob(os.
 print(":".join(dirs))
 EOF
 )
+# The driver's own library (libcuda.so.1) sits under /usr/local/nvidia there, a read-only mount.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+    [[ -d $d ]] && libs="${libs:+$libs:}$d"
+done
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 say "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-nproc
+nproc; grep -m1 'model name' /proc/cpuinfo || true
+# The devices' edge layers run on this machine's CPU in bf16 during the bench; without
+# AVX512-BF16 or AMX their portable loop is slow, so the bench then stops at 64 sessions.
+sessions=1,16,64,256
+if ! grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
+    echo "gpu-check: no AVX512-BF16/AMX on this CPU: bench sessions 1,16,64 only"
+    sessions=1,16,64
+fi
 missing=$(ldd "$bin" | grep 'not found' || true)
 if [[ -n "$missing" ]]; then
     echo "gpu-check: the binary misses libraries:"; echo "$missing"; exit 3
@@ -84,24 +97,52 @@ EOF
 )
 echo "$ceilings"
 
-say "tiny model: GPU against CPU"
-"$bin" random-model --shape tiny --out "$work/tiny" --force
-check_f32=$("$bin" device-check --model "$work/tiny" --edge-layers 1 --device "$device" --dtype f32 --sessions 8 --steps 32)
-rc_f32=$?
-echo "$check_f32"
-check_bf16=$("$bin" device-check --model "$work/tiny" --edge-layers 1 --device "$device" --dtype bf16 --sessions 8 --steps 32)
-rc_bf16=$?
-echo "$check_bf16"
+profile=${GPU_CHECK_PROFILE:-0}
+check_f32='{}' check_bf16='{}' rc_f32=0 rc_bf16=0
+if [[ $profile != 1 ]]; then
+    say "tiny model: GPU against CPU"
+    "$bin" random-model --shape tiny --out "$work/tiny" --force
+    check_f32=$("$bin" device-check --model "$work/tiny" --edge-layers 1 --device "$device" --dtype f32 --sessions 8 --steps 32)
+    rc_f32=$?
+    echo "$check_f32"
+    check_bf16=$("$bin" device-check --model "$work/tiny" --edge-layers 1 --device "$device" --dtype bf16 --sessions 8 --steps 32)
+    rc_bf16=$?
+    echo "$check_bf16"
+fi
 
 bench='{}'
 if [[ "${GPU_CHECK_SKIP_8B:-0}" != 1 && $rc_f32 -le 1 ]]; then
     say "8B-shaped bf16 checkpoint"
     "$bin" random-model --shape llama-3.1-8b --out "$work/8b" --force
+fi
+if [[ "${GPU_CHECK_SKIP_8B:-0}" != 1 && $rc_f32 -le 1 && $profile != 1 ]]; then
     say "tandem bench --device cuda on the 8B shape"
     bench=$("$bin" bench --model "$work/8b" --edge-layers 1 --device "$device" --dtype bf16 \
-        --sessions 1,16,64,256 --prompt-tokens 64 --gen-tokens 32 --prefill-tokens 2048 \
+        --sessions "$sessions" --prompt-tokens 64 --gen-tokens 32 --prefill-tokens 2048 \
         --kv-cache-gib 24 --mixed-decoders 0 --prefix-sessions 0 --decode-wait-ms 0) || bench='{}'
     echo "$bench"
+fi
+
+if [[ $profile == 1 && -d "$work/8b" ]]; then
+    # Where a step's time goes: per step, the layers (synchronised), the LM head and the
+    # logits' copy to the host, sampling and delivery (RUST_LOG=...=debug); at trace level
+    # also the attention calls alone (each synchronised, so that run is slower overall).
+    # Then the same bench with 2,048-token batches (chunked prefill in larger chunks).
+    prof=(bench --model "$work/8b" --edge-layers 1 --device "$device" --dtype bf16 \
+        --prompt-tokens 64 --gen-tokens 32 --kv-cache-gib 24 --mixed-decoders 0 \
+        --prefix-sessions 0 --decode-wait-ms 0)
+    say "profile: step phases at 1, 64 and 256 sessions"
+    RUST_LOG=tandem_serve::engine=debug "$bin" "${prof[@]}" --sessions 1,64,256 \
+        --prefill-tokens 2048 >"$out/profile-phases.json" 2>"$out/profile-phases.log"
+    grep 'engine step phases' "$out/profile-phases.log" | awk 'NR % 8 == 1' | cut -c1-400 | tail -40
+    say "profile: attention alone at 64 sessions"
+    RUST_LOG=tandem_serve::engine=trace "$bin" "${prof[@]}" --sessions 64 \
+        --prefill-tokens 256 >"$out/profile-attention.json" 2>"$out/profile-attention.log"
+    grep 'engine step phases' "$out/profile-attention.log" | tail -5 | cut -c1-400
+    say "profile: --max-batch-tokens 2048"
+    "$bin" "${prof[@]}" --sessions 1,64,256 --prefill-tokens 2048 --max-batch-tokens 2048 \
+        >"$out/profile-batch2048.json" 2>"$out/profile-batch2048.log"
+    grep -E 'prefill:|sessions:' "$out/profile-batch2048.log"
 fi
 
 say "summary"

@@ -94,6 +94,10 @@ pub struct ModelArgs {
     /// for every generation (not by `inbox --list`).
     #[arg(long = "server")]
     pub servers: Vec<String>,
+    /// A PEM file of certificate authorities to trust for wss:// besides the web's public
+    /// roots (a private CA).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
     /// Element type of the hidden states on the wire.
     #[arg(long, value_enum, default_value_t = WireDtype::F32)]
     pub dtype: WireDtype,
@@ -136,6 +140,9 @@ impl ModelArgs {
         let mut cfg = ClientConfig::new(ServerList::new(self.servers.clone()));
         cfg.dtype = self.dtype.into();
         cfg.prompt_chunk_tokens = self.chunk_tokens;
+        if let Some(path) = &self.ca_cert {
+            cfg.ca_certs = crate::tls::read_ca_file(path).map_err(anyhow::Error::msg)?;
+        }
         if let (Some(epsilon), Some(clip)) = (self.dp_epsilon, self.dp_clip) {
             let dp = DpConfig::new(epsilon, self.dp_delta, clip);
             cfg.noise = Some(GaussianMechanism::new(dp).context("--dp-epsilon/--dp-clip")?);

@@ -73,6 +73,9 @@ pub struct ClientConfig {
     /// the operating system. A fixed seed is for tests and audits only: whoever knows it can
     /// subtract the noise.
     pub noise_seed: Option<u64>,
+    /// Certificate authorities trusted for `wss://` besides the compiled-in web roots (a
+    /// private CA; [`crate::tls::read_ca_file`] reads a PEM bundle).
+    pub ca_certs: Vec<crate::tls::CertificateDer<'static>>,
 }
 
 impl ClientConfig {
@@ -88,6 +91,7 @@ impl ClientConfig {
             inbox: None,
             noise: None,
             noise_seed: None,
+            ca_certs: Vec::new(),
         }
     }
 }
@@ -242,6 +246,10 @@ pub enum ClientError {
         elapsed_s: f64,
         last: String,
     },
+    /// A connection failure that retrying cannot fix: TLS (an untrusted, expired or
+    /// wrongly named certificate), or an upgrade the server refused with a client error.
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
     /// The generation's task ended without reporting (a panic).
     #[error("the generation task stopped unexpectedly")]
     TaskGone,

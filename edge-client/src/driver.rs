@@ -78,6 +78,8 @@ pub(crate) struct Driver {
     /// Where a `moved` answer said the session lives: the next connection goes there.
     redirect: Option<String>,
     cancel_sent: bool,
+    /// TLS settings for `wss://`, built at the first such connection.
+    tls: Option<Arc<rustls::ClientConfig>>,
 
     /// The edge layers and the encoding; `None` only while a step runs on the blocking pool.
     edge: Option<EdgeCompute>,
@@ -162,6 +164,7 @@ impl Driver {
             stats: WireStats::default(),
             jitter: Jitter::new(),
             redirect: None,
+            tls: None,
             started: Instant::now(),
             first_token: None,
             edge_decode: Duration::ZERO,
@@ -248,17 +251,37 @@ impl Driver {
                 Stop::Fatal(ClientError::Request("no server URL to connect to".into()))
             })?,
         };
-        let connect = tokio_tungstenite::connect_async_with_config(
+        let connector = if url.starts_with("wss://") {
+            if self.tls.is_none() {
+                let cfg = crate::tls::client_config(&self.cfg.ca_certs).map_err(|reason| {
+                    Stop::Fatal(ClientError::Connect {
+                        url: url.clone(),
+                        reason,
+                    })
+                })?;
+                self.tls = Some(cfg);
+            }
+            self.tls.clone().map(tokio_tungstenite::Connector::Rustls)
+        } else {
+            None
+        };
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
             url.as_str(),
             Some(
                 WebSocketConfig::default()
                     .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES),
             ),
             true, // no Nagle: every frame is waited for
+            connector,
         );
         let mut ws = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
             Ok(Ok((ws, _))) => ws,
-            Ok(Err(e)) => return Err(Stop::Retry(format!("connect to {url}: {e}"))),
+            Ok(Err(e)) => {
+                if let Some(reason) = crate::tls::permanent_failure(&e) {
+                    return Err(Stop::Fatal(ClientError::Connect { url, reason }));
+                }
+                return Err(Stop::Retry(format!("connect to {url}: {e}")));
+            }
             Err(_) => return Err(Stop::Retry(format!("connect to {url}: timed out"))),
         };
         let first = match &self.session {

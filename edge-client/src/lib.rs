@@ -60,6 +60,7 @@ pub mod inbox;
 pub mod openai;
 pub mod prompt;
 pub mod sanitize;
+pub mod tls;
 pub mod transparency;
 pub mod transport;
 

@@ -13,9 +13,13 @@
 //! (a forward pass calls again within microseconds) before it parks, and nothing is queued.
 //!
 //! One call at a time uses the helpers; a call that finds them busy (two engines in one
-//! process, tests in parallel) runs all its parts on its own thread. Parts must not panic
-//! (a panic in a helper aborts the process rather than leave the caller waiting forever).
+//! process, tests in parallel) runs all its parts on its own thread.
+//!
+//! A part may panic: the call still waits for every helper that took the job before it
+//! unwinds (the job borrows the caller's stack), and then re-raises the first panic on the
+//! caller's thread. The helpers survive and serve the next call.
 
+use std::any::Any;
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -67,6 +71,9 @@ struct Slot {
     stop: AtomicBool,
     /// The call: written by the caller before `posted` is bumped, read by the helper after.
     job: UnsafeCell<Option<Job>>,
+    /// A panic raised by a part this helper ran, stored before `done` and taken by the
+    /// caller after it sees `done`.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 // SAFETY: `job` is written only while the helper does not read it: every earlier ticket was
@@ -118,6 +125,7 @@ impl Team {
                     parked: AtomicBool::new(false),
                     stop: AtomicBool::new(false),
                     job: UnsafeCell::new(None),
+                    panic: Mutex::new(None),
                 });
                 let theirs = Arc::clone(&slot);
                 let handle = std::thread::Builder::new()
@@ -178,8 +186,13 @@ impl Team {
                 h.thread.unpark();
             }
         }
-        // SAFETY: `f` and `next` live until the end of this function.
-        unsafe { job.drain() };
+        // A panic here must not unwind past the helpers that still use `f` and `next`: catch
+        // it, wait for them, then raise it again.
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: `f` and `next` live until the end of this function.
+            unsafe { job.drain() }
+        }));
+        let mut first_panic = mine.err();
         for h in &self.helpers[..handed] {
             let want = h.slot.posted.load(Ordering::Relaxed);
             // A helper that has not claimed the call yet (still waking up) is let off: every
@@ -195,8 +208,20 @@ impl Team {
             while h.slot.done.load(Ordering::Acquire) != want {
                 std::hint::spin_loop();
             }
+            let theirs = h
+                .slot
+                .panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if first_panic.is_none() {
+                first_panic = theirs;
+            }
         }
         drop(guard);
+        if let Some(payload) = first_panic {
+            std::panic::resume_unwind(payload);
+        }
     }
 
     /// `f(i, chunk)` for each consecutive `chunk`-long piece of `data` (the last may be
@@ -301,9 +326,9 @@ fn helper_loop(slot: &Slot) {
                 unsafe { job.drain() }
             }
         }));
-        if ran.is_err() {
-            // The caller would wait forever for this part; there is no sound way back.
-            std::process::abort();
+        if let Err(payload) = ran {
+            // The caller re-raises it once every helper is done with the job.
+            *slot.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(payload);
         }
         slot.done.store(ticket, Ordering::Release);
     }
@@ -394,6 +419,51 @@ mod tests {
             calls.fetch_add(1, Ordering::Relaxed);
         }
         assert_eq!(calls.load(Ordering::Relaxed), 300);
+    }
+
+    #[test]
+    fn a_panicking_part_reaches_the_caller_after_every_helper_is_done() {
+        let team = Team::new(2);
+        for bad in [0usize, 3, 7] {
+            let running = AtomicU64::new(0);
+            let finished = AtomicU64::new(0);
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                team.run(8, &|p| {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(300));
+                    if p == bad {
+                        panic!("part {p} failed");
+                    }
+                    finished.fetch_add(1, Ordering::SeqCst);
+                });
+            }));
+            let payload = caught.expect_err("the panic reaches the caller");
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(msg, format!("part {bad} failed"));
+            // Every part that started had ended (or panicked) before `run` returned: nothing
+            // still runs on the borrowed closure, and nothing starts later. (Parts left
+            // unclaimed when the caller's own part panicked may not run: the call failed.)
+            let (r, f) = (
+                running.load(Ordering::SeqCst),
+                finished.load(Ordering::SeqCst),
+            );
+            assert_eq!(r, f + 1, "a part still ran after the call returned");
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(
+                running.load(Ordering::SeqCst),
+                r,
+                "a part started after the call"
+            );
+        }
+        // The helpers survived and serve the next call.
+        let hits: Vec<AtomicU64> = (0..6).map(|_| AtomicU64::new(0)).collect();
+        team.run(6, &|p| {
+            hits[p].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     #[test]

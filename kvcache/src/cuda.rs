@@ -14,6 +14,7 @@
 //! row `r` of a sequence at position `p` sees that sequence's keys `0..=p` through its block
 //! table (prefill chunks and decode rows in the same launch). Nothing is gathered.
 
+use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -139,6 +140,9 @@ pub struct CudaPagedKv<'a> {
     tables: Vec<Vec<u32>>,
     /// The batch's index arrays on the device, uploaded at the first layer and shared by all.
     uploaded: Option<DeviceIndices>,
+    /// When set ([`Self::timed`]), the seconds spent in [`KvView::attend`], measured with
+    /// the device synchronised before and after each call (a diagnosis, not for serving).
+    attend_s: Option<f64>,
 }
 
 /// [`Indices`] on the device.
@@ -163,7 +167,21 @@ impl<'a> CudaPagedKv<'a> {
             storage,
             tables,
             uploaded: None,
+            attend_s: None,
         }
+    }
+
+    /// As [`Self::new`], timing every [`KvView::attend`] call ([`Self::attend_seconds`]).
+    pub fn timed(storage: &'a mut CudaKvStorage, tables: &[&BlockTable]) -> Self {
+        Self {
+            attend_s: Some(0.0),
+            ..Self::new(storage, tables)
+        }
+    }
+
+    /// Seconds spent in `attend` (K/V stores and attention, synchronised), when timed.
+    pub fn attend_seconds(&self) -> Option<f64> {
+        self.attend_s
     }
 }
 
@@ -281,6 +299,13 @@ impl KvView for CudaPagedKv<'_> {
                 max_blocks: ix.max_blocks,
             });
         }
+        let started = match self.attend_s {
+            Some(_) => {
+                self.storage.device.synchronize().map_err(cuda_err)?;
+                Some(std::time::Instant::now())
+            }
+            None => None,
+        };
         let dtype = self.storage.dtype;
         let row = kv_heads * head_dim;
         let kr = k.to_dtype(dtype)?.reshape((rows, row))?.contiguous()?;
@@ -292,7 +317,12 @@ impl KvView for CudaPagedKv<'_> {
             DType::BF16 => launch::<half::bf16>(self.storage, l, ix, &kr, &vr, &qc, &out, heads)?,
             _ => launch::<f32>(self.storage, l, ix, &kr, &vr, &qc, &out, heads)?,
         }
-        Ok(out.to_dtype(q.dtype())?)
+        let out = out.to_dtype(q.dtype())?;
+        if let (Some(t0), Some(total)) = (started, self.attend_s.as_mut()) {
+            self.storage.device.synchronize().map_err(cuda_err)?;
+            *total += t0.elapsed().as_secs_f64();
+        }
+        Ok(out)
     }
 }
 

@@ -482,14 +482,37 @@ impl Cache {
         ctx: &ForwardCtx,
         tables: &[&BlockTable],
     ) -> Result<Tensor, tandem_model::ModelError> {
+        self.forward_timed(cloud, x, ctx, tables, false)
+            .map(|(t, _)| t)
+    }
+
+    /// [`Self::forward`]; with `time_attention` on a GPU, also the seconds its attention
+    /// calls took (each synchronised: a diagnosis that slows the step).
+    fn forward_timed(
+        &mut self,
+        cloud: &CloudModel,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        tables: &[&BlockTable],
+        time_attention: bool,
+    ) -> Result<(Tensor, Option<f64>), tandem_model::ModelError> {
+        let _ = time_attention;
         match self {
-            Self::Cpu(s) => cloud.forward_layers(x, ctx, &mut PagedKv::new(s, tables)),
+            Self::Cpu(s) => Ok((
+                cloud.forward_layers(x, ctx, &mut PagedKv::new(s, tables))?,
+                None,
+            )),
             #[cfg(feature = "cuda")]
-            Self::Cuda(s) => cloud.forward_layers(
-                x,
-                ctx,
-                &mut tandem_kvcache::cuda::CudaPagedKv::new(s, tables),
-            ),
+            Self::Cuda(s) => {
+                use tandem_kvcache::cuda::CudaPagedKv;
+                let mut kv = if time_attention {
+                    CudaPagedKv::timed(s, tables)
+                } else {
+                    CudaPagedKv::new(s, tables)
+                };
+                let out = cloud.forward_layers(x, ctx, &mut kv)?;
+                Ok((out, kv.attend_seconds()))
+            }
         }
     }
 }
@@ -897,10 +920,19 @@ impl<'t> Loop<'t> {
                     .ok_or(EngineError::UnknownSession(i.id.0))
             })
             .collect::<Result<_, _>>()?;
-        let out = self
+        // Phase times for `RUST_LOG=tandem_serve::engine=debug`: only then is the device
+        // synchronised after the layers (on a GPU the launches are asynchronous).
+        let phases = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+        // Attention timed on its own too at trace level (each call synchronised).
+        let time_attention = tracing::enabled!(tracing::Level::TRACE);
+        let (out, attention_s) = self
             .storage
-            .forward(&self.cloud, &x, &ctx, &tables)
+            .forward_timed(&self.cloud, &x, &ctx, &tables, time_attention)
             .map_err(model_err)?;
+        let layers_done = phases.map(|t0| {
+            let _ = out.device().synchronize();
+            (t0, Instant::now())
+        });
         let mut finished = Vec::new();
         if sample_rows.is_empty() {
             return Ok(StepOutcome { finished });
@@ -921,12 +953,25 @@ impl<'t> Loop<'t> {
             .and_then(|l| l.flatten_all())
             .and_then(|l| l.to_vec1())
             .map_err(|e| EngineError::Model(e.to_string()))?;
+        let logits_done = Instant::now();
         for ((_, id), row) in sample_rows.iter().zip(logits.chunks_exact(vocab.max(1))) {
             if let Some(s) = self.sessions.get_mut(id) {
                 if s.deliver(row)? {
                     finished.push(*id);
                 }
             }
+        }
+        if let Some((t0, t1)) = layers_done {
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            tracing::debug!(
+                rows = ctx.num_tokens(),
+                sampled = sample_rows.len(),
+                layers_ms = ms(t0, t1),
+                attention_ms = attention_s.unwrap_or(f64::NAN) * 1e3,
+                head_and_copy_ms = ms(t1, logits_done),
+                sample_and_deliver_ms = ms(logits_done, Instant::now()),
+                "engine step phases"
+            );
         }
         Ok(StepOutcome { finished })
     }

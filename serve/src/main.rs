@@ -217,6 +217,13 @@ struct ServeArgs {
     /// another replica). Default: ws://LISTEN-ADDRESS/v1/edge/ws.
     #[arg(long, env = "TANDEM_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// PEM certificate chain: serve TLS (wss://, https://) on --listen. Re-read when the file
+    /// changes (no restart for a renewal). Needs --tls-key.
+    #[arg(long, env = "TANDEM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -719,6 +726,10 @@ impl ServeArgs {
         }
         if self.advertise_url.is_some() {
             c.advertise_url = self.advertise_url;
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert;
+            c.tls_key = self.tls_key;
         }
         if self.replica_id.is_some() {
             c.replica_id = self.replica_id;

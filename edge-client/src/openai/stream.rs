@@ -324,6 +324,7 @@ pub(crate) fn client_error(e: ClientError) -> ApiError {
         ClientError::Unreachable { .. } => {
             ApiError::server(503, "cloud_unreachable", e.to_string())
         }
+        ClientError::Connect { .. } => ApiError::server(502, "cloud_connect_failed", e.to_string()),
         ClientError::Protocol(_) | ClientError::Wire(_) => {
             ApiError::server(502, "cloud_protocol_error", e.to_string())
         }

@@ -138,6 +138,11 @@ pub struct ServerConfig {
     /// Worker threads of the async runtime that runs the connections, REST and the store
     /// (`tandem serve` only; tests bring their own runtime). `None`: [`default_io_threads`].
     pub io_threads: Option<usize>,
+    /// PEM certificate chain for TLS on the listener (`wss://`, `https://`); needs `tls_key`.
+    /// Re-read when the file changes. `None` with `tls_key` `None`: plain TCP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The async runtime's workers when `io_threads` is not set: a quarter of the CPUs, at least
@@ -279,11 +284,24 @@ impl Default for ServerConfig {
             engine_stall_ms: 30_000,
             advertise_url: None,
             io_threads: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// The certificate files, when TLS is configured.
+    pub fn tls_files(&self) -> Option<super::tls::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// Reads a TOML file; fields it leaves out keep their defaults.
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -314,6 +332,10 @@ impl ServerConfig {
                 "admin_listen must differ from listen ({admin})"
             );
         }
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)"
+        );
         for (name, v) in [
             ("block_size", self.block_size),
             ("max_batch_tokens", self.max_batch_tokens),

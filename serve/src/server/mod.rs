@@ -13,6 +13,8 @@
 //! (`admin_listen`, loopback by default) serves `/metrics` and `/readyz` without credentials,
 //! `/healthz`, and the `/v1/admin/...` routes ([`crate::rest::operator_router`], which still
 //! need the admin key). It stays up through the drain, so probes see `/readyz` turn 503.
+//! It speaks plain HTTP even when the public listener has TLS (`tandem admin`, probes and
+//! scrapes reach it on loopback or the pod network).
 //! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
 //! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
 //!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
@@ -32,6 +34,7 @@
 pub mod config;
 mod params;
 mod session;
+pub mod tls;
 mod ws;
 
 use std::net::SocketAddr;
@@ -144,9 +147,8 @@ impl ServerHandle {
         self.addr
     }
 
-    /// `http://{addr}`: the base of the REST routes.
-    pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
+    fn tls(&self) -> bool {
+        self.shared.cfg.tls_cert.is_some()
     }
 
     /// The operator listener's bound address (`/metrics`, `/readyz`, `/v1/admin/...`);
@@ -160,9 +162,16 @@ impl ServerHandle {
         self.admin_addr.map(|a| format!("http://{a}"))
     }
 
-    /// `ws://{addr}/v1/edge/ws`.
+    /// `http://{addr}` (`https://` with TLS): the base of the REST routes.
+    pub fn http_url(&self) -> String {
+        let s = if self.tls() { "https" } else { "http" };
+        format!("{s}://{}", self.addr)
+    }
+
+    /// `ws://{addr}/v1/edge/ws` (`wss://` with TLS).
     pub fn ws_url(&self) -> String {
-        format!("ws://{}{WS_PATH}", self.addr)
+        let s = if self.tls() { "wss" } else { "ws" };
+        format!("{s}://{}{WS_PATH}", self.addr)
     }
 
     /// This process's replica id in the session store.
@@ -288,6 +297,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         .heartbeat(&replica, cfg.heartbeat_ttl())
         .await
         .context("first heartbeat")?;
+    let tls = match cfg.tls_files() {
+        Some(files) => Some(tls::server_config(&files)?),
+        None => None,
+    };
     let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let admin_listener = match cfg.admin_listen.addr() {
@@ -305,6 +318,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
              credentials; keep this port off the internet"
         );
     }
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "serving WITHOUT TLS on a non-loopback address: device tokens, hidden states and \
+             output text travel in clear; give --tls-cert/--tls-key, or terminate TLS in front"
+        );
+    }
     let engine = Arc::new(Engine::start_observed(
         model,
         tokenizer,
@@ -312,10 +332,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         Some(metrics.clone()),
     ));
     let (stop, _) = watch::channel(false);
-    let advertise_url = cfg
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("ws://{addr}{WS_PATH}"));
+    let advertise_url = cfg.advertise_url.clone().unwrap_or_else(|| {
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{addr}{WS_PATH}")
+    });
     let shared = Arc::new(Shared {
         cfg,
         served,
@@ -357,12 +377,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         tokio::spawn(serve_until(
             l,
             admin_app(shared.clone(), rest.clone()),
+            None,
             admin_rx,
             "the operator listener",
         ))
     });
     let app = app(shared.clone(), rest);
-    let serve = tokio::spawn(serve_until(listener, app, accept_rx, "the listener"));
+    let serve = tokio::spawn(serve_until(listener, app, tls, accept_rx, "the listener"));
     tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
     Ok(ServerHandle {
         addr,
@@ -401,20 +422,29 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// Serves `app` on `listener` until `stop` turns `true`.
+/// Serves `app` on `listener` (over TLS with `tls`) until `stop` turns `true`.
 async fn serve_until(
     listener: tokio::net::TcpListener,
     app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
     what: &'static str,
 ) {
     let signal = async move {
         let _ = stop.wait_for(|v| *v).await;
     };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await
-    {
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signal)
+                .await
+        }
+        Some(cfg) => match tls::TlsListener::new(listener, cfg) {
+            Ok(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "{what} failed");
     }
 }

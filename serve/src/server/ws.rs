@@ -15,8 +15,10 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{SplitSink, StreamExt};
 use futures_util::SinkExt;
 use tandem_protocol::wire::{
-    peek_frame_type, ErrorCode, ErrorFrame, Frame, FrameType, HiddenRef, Limits, Open, Resume,
+    peek_frame_type, ErrorCode, ErrorFrame, Frame, FrameType, HiddenRef, Limits, ManifestId, Open,
+    Resume,
 };
+use tandem_protocol::OpenError;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
@@ -340,36 +342,23 @@ impl Connection {
     }
 }
 
-/// What an `Open` asks for, checked against what this cloud serves.
+/// What an `Open` asks for, checked against what this cloud serves ([`Open::check`]).
 fn session_params(shared: &Shared, open: &Open) -> Result<SessionParams, ErrorFrame> {
     let s = &shared.served;
-    if open.manifest.as_bytes() != s.pair_id.as_bytes() {
-        return Err(err(
-            ErrorCode::ManifestMismatch,
-            None,
-            "this cloud serves another model pair",
-        ));
-    }
-    if open.split != s.split || open.hidden_size as usize != s.hidden_size {
-        let msg = format!(
-            "this cloud serves split {} with hidden size {}",
-            s.split, s.hidden_size
-        );
-        return Err(err(ErrorCode::ManifestMismatch, None, &msg));
-    }
-    let sampling = open
-        .sampling
-        .validate()
-        .map_err(|e| err(ErrorCode::BadSamplingParams, None, &e.to_string()))?;
-    let cap = shared.cfg.max_tokens_cap;
-    if open.max_tokens == 0 || open.max_tokens > cap {
-        let msg = format!("max tokens must be in 1..={cap}");
-        return Err(err(ErrorCode::BadSamplingParams, None, &msg));
-    }
+    let refuse = |e: OpenError| err(e.error_code(), None, &e.to_string());
+    let served = tandem_protocol::Served {
+        // A pair id the wire cannot carry matches no device.
+        manifest: ManifestId::try_from(s.pair_id.as_str())
+            .map_err(|_| refuse(OpenError::ManifestMismatch))?,
+        split: s.split,
+        hidden_size: u32::try_from(s.hidden_size).unwrap_or(u32::MAX),
+        max_tokens_cap: shared.cfg.max_tokens_cap,
+    };
+    let valid = open.check(&served).map_err(refuse)?;
     Ok(SessionParams {
-        sampling,
-        max_tokens: open.max_tokens as usize,
-        stop_strings: open.stop.clone(),
+        sampling: valid.sampling,
+        max_tokens: valid.max_tokens as usize,
+        stop_strings: valid.stop,
         eos_ids: None,
         trace: None,
     })

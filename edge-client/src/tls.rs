@@ -1,0 +1,96 @@
+//! TLS for the device's connection to the cloud (`wss://`).
+//!
+//! rustls with the ring provider. The device trusts the platform's web roots (Mozilla's set,
+//! compiled in: a phone app cannot count on a system store it can read) plus any private CA
+//! the app or the user names ([`ClientConfig::ca_certs`](crate::client::ClientConfig::ca_certs),
+//! `tandem-edge --ca-cert FILE`). Certificate and protocol failures are final: a wrong CA, an
+//! expired certificate or a wrong host name will not fix itself, so the client reports it at
+//! once instead of retrying.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_tungstenite::tungstenite;
+
+pub use rustls::pki_types::CertificateDer;
+
+/// Reads every PEM certificate in `path` (a CA bundle).
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("reading the CA certificate {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("parsing the CA certificate {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (BEGIN CERTIFICATE)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The rustls client settings: web roots plus `extra` CAs.
+pub fn client_config(
+    extra: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for ca in extra {
+        roots
+            .add(ca.clone())
+            .map_err(|e| format!("a CA certificate was refused: {e}"))?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS protocol versions: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// When connecting failed for a reason that retrying cannot fix (TLS: an untrusted or
+/// expired certificate, a wrong host name, no common protocol; HTTP: the upgrade answered
+/// with a client error such as 404), what to tell the user.
+pub(crate) fn permanent_failure(e: &tungstenite::Error) -> Option<String> {
+    use tungstenite::Error;
+    match e {
+        Error::Tls(t) => Some(format!("TLS: {t}")),
+        Error::Io(io) => {
+            let inner = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+            Some(format!("TLS: {inner}"))
+        }
+        Error::Http(resp) => {
+            let status = resp.status();
+            // 408 and 429 are worth another try; other client errors are the URL's fault.
+            (status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429).then(
+                || {
+                    format!(
+                        "the server answered the WebSocket upgrade with HTTP {status} \
+                         (is the URL's path /v1/edge/ws?)"
+                    )
+                },
+            )
+        }
+        Error::Url(u) => Some(format!("bad server URL: {u}")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_without_certificates_is_refused_with_its_name() {
+        let tmp = std::env::temp_dir().join(format!("tandem-ca-{}.pem", std::process::id()));
+        std::fs::write(&tmp, "hello").expect("write");
+        let err = read_ca_file(&tmp).expect_err("no cert");
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let _ = std::fs::remove_file(&tmp);
+        let err = read_ca_file(Path::new("/nonexistent/ca.pem")).expect_err("missing");
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+}
