@@ -721,3 +721,44 @@ async fn without_an_admin_key_the_public_listener_has_no_metrics_and_off_means_o
     );
     off.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_listener_reports_the_drain() {
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        drain_timeout_ms: 5_000,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let ops = admin(&srv);
+    // A generation that cannot end while the engine is held: the drain waits for it.
+    let client = EdgeClient::from_bundle(&fx.bundle, ClientConfig::new(srv.ws_url().as_str()))
+        .expect("client");
+    let mut req = GenerateRequest::new((1..=12).collect());
+    req.max_tokens = 200;
+    let mut generation = client.generate(req).expect("generate");
+    loop {
+        match generation.next().await.expect("an event") {
+            tandem_edge::Event::Token { .. } => break,
+            tandem_edge::Event::Done(_) => panic!("done before the drain"),
+            tandem_edge::Event::Error(e) => panic!("generation failed: {e}"),
+            _ => {}
+        }
+    }
+    srv.stall_engine_for_tests(Duration::from_millis(3_000));
+    let drain = tokio::spawn(srv.shutdown());
+    // The public listener stops accepting at once; the operator one answers through the drain.
+    let mut last = Req::new("GET", "/readyz").send(ops).await;
+    for _ in 0..100 {
+        if last.status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = Req::new("GET", "/readyz").send(ops).await;
+    }
+    let msg = last.expect_error(503, "unavailable");
+    assert!(msg.contains("draining"), "{msg}");
+    drop(generation);
+    drain.await.expect("shutdown");
+}
