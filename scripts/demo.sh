@@ -36,7 +36,7 @@ fi
 step "4/5 starting tandem serve (in-memory session store)"
 log=$(mktemp)
 # --dtype auto: bf16 weights and KV on the AMX / AVX512-BF16 kernels where the CPU has them.
-target/release/tandem serve --cloud "$split/cloud" --listen 127.0.0.1:0 --dtype auto >"$log" 2>"$log.err" &
+target/release/tandem serve --cloud "$split/cloud" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --dtype auto >"$log" 2>"$log.err" &
 server=$!
 cleanup() {
     kill -INT "$server" 2>/dev/null || true

@@ -48,7 +48,7 @@ fi
 admin_key="schemathesis-admin-key-$(date +%s%N)"
 log="$work/serve.log"
 TANDEM_ADMIN_KEY="$admin_key" "$tandem" serve --cloud "$work/split/cloud" --listen 127.0.0.1:0 \
-    --kv-cache-gib 0.05 \
+    --admin-listen 127.0.0.1:0 --kv-cache-gib 0.05 \
     --device-token-key "schemathesis-device-token-key-0123456789" \
     --partner-requests-per-minute 1000000 --device-requests-per-minute 1000000 \
     >"$log" 2>"$log.err" &
@@ -63,10 +63,12 @@ for _ in $(seq 1 600); do
 done
 [ -n "$addr" ] || { echo "schemathesis: the server did not start" >&2; exit 1; }
 base="http://$addr"
+ops=$(sed -n 's/^admin on \(http:\/\/[^ ]*\).*/\1/p' "$log" | head -n1)
+[ -n "$ops" ] || { echo "schemathesis: the server named no operator listener" >&2; exit 1; }
 echo "schemathesis: server at $base" >&2
 
 # Credentials for each security scheme, made through `tandem admin` (which this also tests).
-admin() { TANDEM_ADMIN_KEY="$admin_key" "$tandem" admin --url "$base" "$@"; }
+admin() { TANDEM_ADMIN_KEY="$admin_key" "$tandem" admin --admin-url "$ops" "$@"; }
 json_field() { python3 -c "import json,sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
 tenant=$(admin tenant create "Schemathesis $(date +%s%N)" --prompts-per-minute 100000 \
     --tokens-per-day 1000000000000 --max-audience 1000 | json_field id)

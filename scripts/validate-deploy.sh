@@ -252,8 +252,14 @@ tandem_job = jobs.get("tandem")
 if check(tandem_job is not None, "prometheus: no job `tandem`"):
     check(tandem_job.get("metrics_path", "/metrics") == "/metrics", "prometheus: tandem metrics_path")
     targets = [t for sc in tandem_job.get("static_configs", []) for t in sc.get("targets", [])]
-    check(sorted(targets) == sorted(f"{n}:8080" for n in tandem_services),
-          f"prometheus: tandem targets {targets} are not the compose replicas on :8080")
+    # /metrics lives on the operator listener: the port of TANDEM_ADMIN_LISTEN.
+    admin_ports = {str(services[n]["environment"].get("TANDEM_ADMIN_LISTEN", "")).rpartition(":")[2]
+                   for n in tandem_services}
+    check(len(admin_ports) == 1 and admin_ports != {""},
+          f"compose: the replicas' TANDEM_ADMIN_LISTEN ports {admin_ports} are not one port")
+    admin_port = next(iter(admin_ports))
+    check(sorted(targets) == sorted(f"{n}:{admin_port}" for n in tandem_services),
+          f"prometheus: tandem targets {targets} are not the compose replicas on :{admin_port}")
 for job in jobs.values():
     for sc in job.get("static_configs", []):
         for t in sc.get("targets", []):
@@ -397,6 +403,17 @@ if check(dep is not None, "k8s: no Deployment tandem"):
     c = next(c for c in pod["containers"] if c["name"] == "tandem")
     check(dep["spec"]["replicas"] == 2, "k8s: tandem should run 2 replicas")
     check(c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", "k8s: readiness must be /readyz")
+    # /readyz and /metrics are on the operator listener's port, which no Service exposes.
+    k8s_admin_port = env_cm.get("TANDEM_ADMIN_LISTEN", "").rpartition(":")[2]
+    by_name = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
+    ready_port = c.get("readinessProbe", {}).get("httpGet", {}).get("port")
+    check(str(by_name.get(ready_port, ready_port)) == k8s_admin_port,
+          f"k8s: readiness port {ready_port} is not TANDEM_ADMIN_LISTEN's port {k8s_admin_port!r}")
+    for s in by_kind.get("Service", {}).values():
+        for p in s["spec"].get("ports", []):
+            tp = p.get("targetPort")
+            check(str(by_name.get(tp, tp)) != k8s_admin_port,
+                  f"k8s: Service {s['metadata']['name']} exposes the operator port {tp}")
     check(c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", "k8s: liveness must be /healthz")
     check("startupProbe" in c, "k8s: no startupProbe")
     rid = next((e for e in c.get("env", []) if e["name"] == "TANDEM_REPLICA_ID"), {})
@@ -411,8 +428,9 @@ if check(dep is not None, "k8s: no Deployment tandem"):
           f"k8s: terminationGracePeriodSeconds {grace} < preStop {pre_s} + drain {drain_s} + {HANDOVER_S}")
     check(all(k in c.get("resources", {}) for k in ("requests", "limits")), "k8s: tandem lacks requests/limits")
     ann = dep["spec"]["template"]["metadata"].get("annotations", {})
-    check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/path") == "/metrics",
-          "k8s: scrape annotations")
+    check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/path") == "/metrics"
+          and ann.get("prometheus.io/port") == k8s_admin_port,
+          "k8s: scrape annotations (/metrics on TANDEM_ADMIN_LISTEN's port)")
     ok(f"k8s: probes, replica id, grace {grace}s >= preStop {pre_s}s + drain {drain_s:.0f}s + {HANDOVER_S}s")
 
 svc_names = set(by_kind.get("Service", {}))

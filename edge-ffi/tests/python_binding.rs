@@ -98,6 +98,7 @@ async fn the_python_binding_generates_what_the_rust_client_does() {
     let server = server::start(ServerConfig {
         cloud: split.join("cloud"),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
         kv_cache_gib: 0.02,
         ..ServerConfig::default()
     })

@@ -58,13 +58,15 @@ tiny_split() {
 
 SERVER_PID=""
 # start_server NAME [serve flags...]: starts `tandem serve` on LISTEN (default
-# 127.0.0.1:0), logs to $OUT/NAME.server.{out,err}; sets SERVER_PID, WS_URL, HTTP_URL,
-# METRICS_URL, SERVER_ADDR.
+# 127.0.0.1:0) with its operator listener on ADMIN_LISTEN (default 127.0.0.1:0), logs to
+# $OUT/NAME.server.{out,err}; sets SERVER_PID, WS_URL, HTTP_URL, ADMIN_URL, METRICS_URL
+# (on the operator listener), SERVER_ADDR.
 start_server() {
     local name=$1
     shift
     local out="$OUT/$name.server.out" err="$OUT/$name.server.err"
-    "$TANDEM_BIN" serve --listen "${LISTEN:-127.0.0.1:0}" "$@" >"$out" 2>"$err" &
+    "$TANDEM_BIN" serve --listen "${LISTEN:-127.0.0.1:0}" \
+        --admin-listen "${ADMIN_LISTEN:-127.0.0.1:0}" "$@" >"$out" 2>"$err" &
     SERVER_PID=$!
     WS_URL=""
     for _ in $(seq 1 1200); do
@@ -81,7 +83,9 @@ start_server() {
     SERVER_ADDR=${WS_URL#ws://}
     SERVER_ADDR=${SERVER_ADDR%%/*}
     HTTP_URL="http://$SERVER_ADDR"
-    METRICS_URL="$HTTP_URL/metrics"
+    # The server prints both lines at once: `admin on http://HOST:PORT` follows.
+    ADMIN_URL=$(sed -n 's/^admin on \(http:\/\/[^ ]*\).*/\1/p' "$out" | head -n1)
+    METRICS_URL="$ADMIN_URL/metrics"
     log "server $SERVER_PID: $WS_URL"
 }
 

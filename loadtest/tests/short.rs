@@ -64,6 +64,7 @@ impl Fixture {
         ServerConfig {
             cloud: self.split_dir.join("cloud"),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.05,
             drain_timeout_ms: 100,
             ..ServerConfig::default()
@@ -84,7 +85,10 @@ async fn two_hundred_devices_at_once() {
     let fx = fixture();
     let srv = server::start(fx.server_config()).await.expect("start");
     let mut cfg = fx.load(&srv, 200);
-    cfg.metrics_url = Some(format!("{}/metrics", srv.http_url()));
+    cfg.metrics_url = Some(format!(
+        "{}/metrics",
+        srv.admin_url().expect("admin listener")
+    ));
     let started = Instant::now();
     let report = tandem_loadtest::run(cfg).await.expect("run");
     eprintln!("{}", report.summary());
@@ -598,7 +602,7 @@ async fn a_restarted_server_gets_its_sessions_replayed() {
     // The same load; mid-run the server stops (sessions still running get shutting_down or
     // a closed connection) and another one starts on the same port with an empty in-memory
     // store, so every resume meets unknown_session and replays.
-    let metrics_url = format!("{}/metrics", srv.http_url());
+    let metrics_url = format!("{}/metrics", srv.admin_url().expect("admin listener"));
     let before = tandem_loadtest::scrape::Exposition::parse(
         &tandem_loadtest::scrape::fetch(&metrics_url)
             .await
@@ -720,6 +724,7 @@ async fn tiny_model_writes_a_split_that_serves_long_prompts() {
     let srv = server::start(ServerConfig {
         cloud: dir.join("cloud"),
         listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
         kv_cache_gib: 0.05,
         drain_timeout_ms: 100,
         ..ServerConfig::default()

@@ -23,8 +23,14 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Args, Debug)]
 pub struct AdminArgs {
-    /// The server's base URL.
-    #[arg(long, env = "TANDEM_URL", default_value = "http://127.0.0.1:8080")]
+    /// The server's operator listener (`tandem serve --admin-listen`; the public listener
+    /// also serves the admin routes).
+    #[arg(
+        long = "admin-url",
+        visible_alias = "url",
+        env = "TANDEM_ADMIN_URL",
+        default_value = "http://127.0.0.1:9091"
+    )]
     pub url: String,
     /// The provider's admin key. Prefer the environment: flags show in `ps`.
     #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
@@ -174,11 +180,11 @@ fn request(cmd: &AdminCommand) -> (&'static str, String, Option<Value>) {
 /// `host:port` of an `http://host[:port][/]` URL.
 fn authority(url: &str) -> Result<String> {
     let Some(rest) = url.strip_prefix("http://") else {
-        bail!("--url must start with http:// (this client has no TLS): {url}");
+        bail!("--admin-url must start with http:// (this client has no TLS): {url}");
     };
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains('/') {
-        bail!("--url must be http://HOST[:PORT] with no path: {url}");
+        bail!("--admin-url must be http://HOST[:PORT] with no path: {url}");
     }
     Ok(if host.contains(':') {
         host.to_owned()

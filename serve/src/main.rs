@@ -113,6 +113,11 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "TANDEM_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// The operator listener: /metrics, /readyz, /healthz and /v1/admin/... (HOST:PORT, or
+    /// `off`) [default: 127.0.0.1:9091]. The public listener serves /metrics and /readyz only
+    /// with the admin key.
+    #[arg(long, env = "TANDEM_ADMIN_LISTEN")]
+    admin_listen: Option<tandem_serve::server::AdminListen>,
     /// Redis URL for sessions shared between replicas (default: in memory).
     #[arg(long, env = "TANDEM_REDIS_URL")]
     redis: Option<String>,
@@ -693,6 +698,7 @@ impl ServeArgs {
         set!(
             cloud,
             listen,
+            admin_listen,
             redis_key_prefix,
             dtype,
             device,
@@ -783,7 +789,13 @@ fn serve(a: ServeArgs) -> Result<()> {
         {
             // Scripts and tests read this line; logs go to stderr.
             let mut out = std::io::stdout().lock();
-            writeln!(out, "listening on {}", server.ws_url())?;
+            // One write, so a reader that takes the first line and closes the pipe finds
+            // both lines there already.
+            let mut lines = format!("listening on {}\n", server.ws_url());
+            if let Some(admin) = server.admin_url() {
+                lines.push_str(&format!("admin on {admin}\n"));
+            }
+            out.write_all(lines.as_bytes())?;
             out.flush()?;
         }
         shutdown_signal().await;

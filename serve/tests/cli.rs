@@ -287,3 +287,18 @@ fn cuda_in_a_cpu_build_is_a_clear_error() {
     let out = tandem(&["generate", "--model", m, "--prompt", "x", "--device", "tpu"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device"));
 }
+
+#[test]
+fn serve_and_admin_name_the_operator_listener() {
+    let serve = ok(&tandem(&["serve", "--help"]));
+    assert!(serve.contains("--admin-listen"), "{serve}");
+    assert!(serve.contains("127.0.0.1:9091"), "{serve}");
+    let admin = ok(&tandem(&["admin", "--help"]));
+    assert!(admin.contains("--admin-url"), "{admin}");
+    assert!(admin.contains("http://127.0.0.1:9091"), "{admin}");
+    // A bad address is refused before anything starts.
+    let bad = tandem(&["serve", "--cloud", "x", "--admin-listen", "localhost"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("admin_listen"), "{stderr}");
+}

@@ -74,6 +74,7 @@ impl Fixture {
         ServerConfig {
             cloud: self.split_dir().join("cloud"),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.02,
             ..ServerConfig::default()
         }
@@ -329,7 +330,14 @@ struct ServeProcess {
 impl ServeProcess {
     fn start(cloud: &Path, redis: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--kv-cache-gib", "0.02"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--kv-cache-gib", "0.02"])
             .arg("--cloud")
             .arg(cloud)
             .args(["--redis", redis])
@@ -504,6 +512,7 @@ async fn cli_on_the_demo_model_produces_text() {
     let cfg = ServerConfig {
         cloud: dir.path().join("cloud"),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
         kv_cache_gib: 0.1,
         ..ServerConfig::default()
     };

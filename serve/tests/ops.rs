@@ -7,7 +7,8 @@
 //! step histograms; an error answer moves `tandem_errors_total{code}`; a KV cache too small
 //! for three sessions at once moves `tandem_preemptions_total` while the outputs stay those
 //! of solo runs; `/readyz` turns 503 when Redis stops and back to 200 when it returns, and
-//! while the engine loop is stalled.
+//! while the engine loop is stalled. `/metrics` and `/readyz` live on the operator listener
+//! (with the admin routes): the public listener refuses them without the admin key.
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
@@ -48,6 +49,7 @@ impl Fixture {
         ServerConfig {
             cloud: self.split_dir.join("cloud"),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.01,
             drain_timeout_ms: 100,
             ..ServerConfig::default()
@@ -137,8 +139,13 @@ fn parse_exposition(text: &str) -> (Samples, BTreeMap<String, String>) {
     (samples, types)
 }
 
+/// The operator listener's address (every fixture server has one).
+fn admin(srv: &ServerHandle) -> std::net::SocketAddr {
+    srv.admin_addr().expect("the operator listener is on")
+}
+
 async fn scrape(srv: &ServerHandle) -> (Samples, BTreeMap<String, String>) {
-    let r = Req::new("GET", "/metrics").send(srv.addr()).await;
+    let r = Req::new("GET", "/metrics").send(admin(srv)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r
         .header("content-type")
@@ -331,7 +338,7 @@ async fn a_kv_cache_too_small_preempts_and_the_outputs_stay_the_same() {
 }
 
 async fn ready(srv: &ServerHandle) -> http::Reply {
-    Req::new("GET", "/readyz").send(srv.addr()).await
+    Req::new("GET", "/readyz").send(admin(srv)).await
 }
 
 /// Polls `/readyz` until it answers `status` (at most 15 s).
@@ -551,4 +558,207 @@ async fn draining_a_replica_moves_its_sessions_to_the_other_unchanged() {
         "drain figures: A's shutdown took {drain_s:.3} s; all 3 sessions finished on B {moved_s:.3} s after the drain began, 3 replays"
     );
     b.shutdown().await;
+}
+
+const OPS_ADMIN_KEY: &str = "ops-admin-key-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_surfaces_are_off_the_public_listener() {
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        admin_key: Some(tandem_serve::server::config::Secret::new(OPS_ADMIN_KEY)),
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let (public, ops) = (srv.addr(), admin(&srv));
+    assert_ne!(public, ops);
+    assert_eq!(srv.admin_url(), Some(format!("http://{ops}")));
+
+    // The admin routes work on the operator listener (with the admin key): a tenant, its key,
+    // and a prompt of it, so that /metrics holds a `tenant="…"` series.
+    let r = Req::new("GET", "/v1/admin/tenants").send(ops).await;
+    r.expect_error(401, "unauthorized");
+    let quotas =
+        serde_json::json!({"prompts_per_minute": 30, "tokens_per_day": 10000, "max_audience": 5});
+    let r = Req::new("POST", "/v1/admin/tenants")
+        .bearer(OPS_ADMIN_KEY)
+        .json(&serde_json::json!({"name": "Acme", "quotas": quotas}))
+        .send(ops)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let tenant = r.json()["id"].as_str().expect("id").to_owned();
+    let r = Req::new("POST", &format!("/v1/admin/tenants/{tenant}/keys"))
+        .bearer(OPS_ADMIN_KEY)
+        .json(&serde_json::json!({}))
+        .send(ops)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let key = r.json()["key"].as_str().expect("key").to_owned();
+    let listed = Req::new("GET", "/v1/admin/tenants")
+        .bearer(OPS_ADMIN_KEY)
+        .send(ops)
+        .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    assert!(listed.text().contains(&tenant), "{}", listed.text());
+    // The partner route is public only.
+    let prompt = serde_json::json!({
+        "template": "Suggest a gift for someone who likes {{interests}}.",
+        "audience": ["alice"],
+        "max_tokens": 4,
+        "expires_in_seconds": 600,
+    });
+    let r = Req::new("POST", "/v1/prompts")
+        .bearer(&key)
+        .json(&prompt)
+        .send(public)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    Req::new("POST", "/v1/prompts")
+        .bearer(&key)
+        .json(&prompt)
+        .send(ops)
+        .await
+        .expect_error(404, "not_found");
+    Req::new("GET", tandem_serve::server::WS_PATH)
+        .send(ops)
+        .await
+        .expect_error(404, "not_found");
+
+    // The operator listener: /metrics (with the tenant's series) and /readyz, no credentials.
+    let m = Req::new("GET", "/metrics").send(ops).await;
+    assert_eq!(m.status, 200, "{}", m.text());
+    assert!(
+        m.text().contains(&format!(
+            "tandem_prompts_submitted_total{{tenant=\"{tenant}\"}} 1"
+        )),
+        "{}",
+        m.text()
+    );
+    let r = Req::new("GET", "/readyz").send(ops).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ready");
+    assert_eq!(Req::new("GET", "/healthz").send(ops).await.status, 200);
+
+    // The public listener: /metrics and /readyz refused without the admin key, and the
+    // refusal holds nothing of the counters.
+    for path in ["/metrics", "/readyz"] {
+        for presented in [None, Some("not-the-admin-key-at-all"), Some(key.as_str())] {
+            let mut req = Req::new("GET", path);
+            if let Some(k) = presented {
+                req = req.bearer(k);
+            }
+            let r = req.send(public).await;
+            r.expect_error(401, "unauthorized");
+            let body = r.text();
+            assert!(
+                !body.contains("tenant") && !body.contains(&tenant) && !body.contains("tandem_"),
+                "{path}: {body}"
+            );
+        }
+    }
+    // With the admin key, the public listener answers them too.
+    let m = Req::new("GET", "/metrics")
+        .bearer(OPS_ADMIN_KEY)
+        .send(public)
+        .await;
+    assert_eq!(m.status, 200, "{}", m.text());
+    assert!(m.text().contains("tandem_prompts_submitted_total"));
+    let r = Req::new("GET", "/readyz")
+        .bearer(OPS_ADMIN_KEY)
+        .send(public)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Liveness stays public.
+    assert_eq!(Req::new("GET", "/healthz").send(public).await.status, 200);
+
+    // `tandem admin` reaches the operator listener.
+    let ops_url = srv.admin_url().expect("admin url");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["admin", "--admin-url", &ops_url, "tenant", "list"])
+            .env("TANDEM_ADMIN_KEY", OPS_ADMIN_KEY)
+            .output()
+            .expect("run tandem admin")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&tenant), "{stdout}");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_key_the_public_listener_has_no_metrics_and_off_means_off() {
+    let fx = fixture();
+    // No admin key: /metrics and /readyz are unknown routes on the public listener.
+    let srv = server::start(fx.config()).await.expect("start");
+    for path in ["/metrics", "/readyz"] {
+        Req::new("GET", path)
+            .send(srv.addr())
+            .await
+            .expect_error(404, "not_found");
+        assert_eq!(Req::new("GET", path).send(admin(&srv)).await.status, 200);
+    }
+    srv.shutdown().await;
+
+    let off = server::start(ServerConfig {
+        admin_listen: tandem_serve::server::AdminListen::Off,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    assert_eq!(off.admin_addr(), None);
+    assert_eq!(off.admin_url(), None);
+    assert_eq!(
+        Req::new("GET", "/healthz").send(off.addr()).await.status,
+        200
+    );
+    off.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_listener_reports_the_drain() {
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        drain_timeout_ms: 5_000,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let ops = admin(&srv);
+    // A generation that cannot end while the engine is held: the drain waits for it.
+    let client = EdgeClient::from_bundle(&fx.bundle, ClientConfig::new(srv.ws_url().as_str()))
+        .expect("client");
+    let mut req = GenerateRequest::new((1..=12).collect());
+    req.max_tokens = 200;
+    let mut generation = client.generate(req).expect("generate");
+    loop {
+        match generation.next().await.expect("an event") {
+            tandem_edge::Event::Token { .. } => break,
+            tandem_edge::Event::Done(_) => panic!("done before the drain"),
+            tandem_edge::Event::Error(e) => panic!("generation failed: {e}"),
+            _ => {}
+        }
+    }
+    srv.stall_engine_for_tests(Duration::from_millis(3_000));
+    let drain = tokio::spawn(srv.shutdown());
+    // The public listener stops accepting at once; the operator one answers through the drain.
+    let mut last = Req::new("GET", "/readyz").send(ops).await;
+    for _ in 0..100 {
+        if last.status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = Req::new("GET", "/readyz").send(ops).await;
+    }
+    let msg = last.expect_error(503, "unavailable");
+    assert!(msg.contains("draining"), "{msg}");
+    drop(generation);
+    drain.await.expect("shutdown");
 }

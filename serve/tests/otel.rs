@@ -137,21 +137,28 @@ struct Serve {
 impl Serve {
     fn start(cloud: &Path, otlp: SocketAddr, protocol: &str, redis: Option<&str>) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--kv-cache-gib", "0.02"])
-            .arg("--cloud")
-            .arg(cloud)
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-            .env("OTEL_SERVICE_NAME", "tandem-under-test")
-            .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
-            .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env_remove("OTEL_TRACES_EXPORTER")
-            .env_remove("OTEL_METRICS_EXPORTER")
-            .env_remove("OTEL_SDK_DISABLED")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--kv-cache-gib", "0.02"])
+        .arg("--cloud")
+        .arg(cloud)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        .env("OTEL_SERVICE_NAME", "tandem-under-test")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_TRACES_EXPORTER")
+        .env_remove("OTEL_METRICS_EXPORTER")
+        .env_remove("OTEL_SDK_DISABLED")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         if let Some(url) = redis {
             cmd.args(["--redis", url]);
         }

@@ -50,6 +50,7 @@ impl Fixture {
         ServerConfig {
             cloud: self.split_dir.join("cloud"),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.01,
             drain_timeout_ms: 100,
             admin_key: Some(Secret::new(ADMIN_KEY)),

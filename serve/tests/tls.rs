@@ -84,6 +84,7 @@ impl Fixture {
         server::start(ServerConfig {
             cloud: self.split.join("cloud"),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.02,
             tls_cert,
             tls_key,

@@ -108,6 +108,7 @@ impl Fixture {
         ServerConfig {
             cloud: self.split_dir.join("cloud"),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib: 0.01,
             drain_timeout_ms: 5_000,
             ..ServerConfig::default()

@@ -59,6 +59,7 @@ impl Live {
         let cfg = ServerConfig {
             cloud: split.join("cloud"),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
             kv_cache_gib,
             ..ServerConfig::default()
         };

@@ -90,17 +90,24 @@ impl std::fmt::Debug for RestState {
     }
 }
 
-/// A router that remembers the `(method, path)` of every route added to it.
+/// A router that remembers the `(method, path)` of every route added to it, and adds only
+/// the routes whose path `keep` accepts.
 struct Routes {
     router: Router<Arc<RestState>>,
     table: Vec<(Method, &'static str)>,
+    keep: fn(&str) -> bool,
 }
 
 impl Routes {
     fn new() -> Self {
+        Self::only(|_| true)
+    }
+
+    fn only(keep: fn(&str) -> bool) -> Self {
         Self {
             router: Router::new(),
             table: Vec::new(),
+            keep,
         }
     }
 
@@ -109,6 +116,9 @@ impl Routes {
         H: Handler<T, Arc<RestState>>,
         T: 'static,
     {
+        if !(self.keep)(path) {
+            return self;
+        }
         let filter = MethodFilter::try_from(method.clone())
             .unwrap_or_else(|_| panic!("no method filter for {method}"));
         self.router = self.router.route(path, on(filter, handler));
@@ -118,7 +128,11 @@ impl Routes {
 }
 
 fn routes() -> Routes {
-    Routes::new()
+    build_routes(Routes::new())
+}
+
+fn build_routes(routes: Routes) -> Routes {
+    routes
         .add(Method::GET, "/healthz", healthz)
         .add(Method::GET, OPENAPI_PATH, serve_openapi)
         .add(Method::GET, "/docs", docs::page)
@@ -185,11 +199,25 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
     routes().table
 }
 
+/// Whether the operator listener serves `path`: `/healthz` and the `/v1/admin/...` routes.
+pub fn is_operator_route(path: &str) -> bool {
+    path == "/healthz" || path.starts_with("/v1/admin/")
+}
+
 /// The REST routes, with the body limit and JSON answers for unknown routes and methods.
-/// Merge it into the server's router.
+/// Merge it into the public listener's router.
 pub fn router(state: Arc<RestState>) -> Router {
-    routes()
-        .router
+    finish(routes().router, state)
+}
+
+/// The REST routes of the operator listener ([`is_operator_route`]), with the same limits,
+/// fallbacks and authentication as on the public listener.
+pub fn operator_router(state: Arc<RestState>) -> Router {
+    finish(build_routes(Routes::only(is_operator_route)).router, state)
+}
+
+fn finish(routes: Router<Arc<RestState>>, state: Arc<RestState>) -> Router {
+    routes
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub cloud: PathBuf,
     /// Where to listen (`127.0.0.1:0` picks a free port).
     pub listen: SocketAddr,
+    /// The operator listener: `/metrics`, `/readyz`, `/healthz` and the `/v1/admin/...`
+    /// routes (default [`DEFAULT_ADMIN_LISTEN`], loopback; `off` turns it off). The public
+    /// listener serves `/metrics` and `/readyz` only to a caller with the admin key.
+    pub admin_listen: AdminListen,
     /// `redis://…` to share sessions between replicas; `None` keeps them in memory.
     pub redis: Option<String>,
     /// This process's replica name; `None` generates `tandem-XXXXXXXX`. A set id gets a random
@@ -173,6 +177,58 @@ pub const MAX_SYSTEM_PROMPT_BYTES: usize = 16 * 1024;
 /// The shortest admin key accepted.
 pub const MIN_ADMIN_KEY_LEN: usize = 16;
 
+/// Where the operator listener binds by default: loopback, so `/metrics`, `/readyz` and the
+/// admin routes are not on the internet unless the operator puts them there.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9091);
+
+/// The operator listener's address, or `off` (configuration and `--admin-listen` spell it
+/// `HOST:PORT` or `off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminListen {
+    /// No operator listener: `/metrics` and `/readyz` only behind the admin key on the
+    /// public listener.
+    Off,
+    /// Listen here (port 0 picks a free port).
+    On(SocketAddr),
+}
+
+impl AdminListen {
+    /// The address to bind, if any.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Self::Off => None,
+            Self::On(a) => Some(a),
+        }
+    }
+}
+
+impl Default for AdminListen {
+    fn default() -> Self {
+        Self::On(DEFAULT_ADMIN_LISTEN)
+    }
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("none") {
+            return Ok(Self::Off);
+        }
+        s.parse::<SocketAddr>().map(Self::On).map_err(|_| {
+            format!("admin_listen `{s}`: expected HOST:PORT (an IP address and a port) or `off`")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A configured secret: readable with [`Secret::expose`], redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -206,6 +262,7 @@ impl Default for ServerConfig {
         Self {
             cloud: PathBuf::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: AdminListen::default(),
             redis: None,
             replica_id: None,
             redis_key_prefix: "tandem".to_owned(),
@@ -285,6 +342,12 @@ impl ServerConfig {
             "on a CUDA device the weights and KV cache are bf16 or f32, not f16"
         );
         anyhow::ensure!(self.io_threads != Some(0), "io_threads must be > 0");
+        if let Some(admin) = self.admin_listen.addr() {
+            anyhow::ensure!(
+                admin.port() == 0 || admin != self.listen,
+                "admin_listen must differ from listen ({admin})"
+            );
+        }
         anyhow::ensure!(
             self.tls_cert.is_some() == self.tls_key.is_some(),
             "TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)"
@@ -429,6 +492,27 @@ mod tests {
         let c: ServerConfig =
             toml::from_str("prefill_slack = 0.5\ndecode_wait_ms = 0.0\n").expect("toml");
         assert_eq!((c.prefill_slack, c.decode_wait_ms), (0.5, 0.0));
+    }
+
+    #[test]
+    fn admin_listen_parses_addresses_and_off() {
+        assert_eq!(
+            ServerConfig::default().admin_listen.addr(),
+            Some(DEFAULT_ADMIN_LISTEN)
+        );
+        assert!(DEFAULT_ADMIN_LISTEN.ip().is_loopback());
+        let c: ServerConfig = toml::from_str("admin_listen = \"0.0.0.0:9191\"\n").expect("toml");
+        assert_eq!(
+            c.admin_listen,
+            AdminListen::On("0.0.0.0:9191".parse().expect("addr"))
+        );
+        let off: ServerConfig = toml::from_str("admin_listen = \"off\"\n").expect("toml");
+        assert_eq!(off.admin_listen, AdminListen::Off);
+        assert_eq!("none".parse::<AdminListen>(), Ok(AdminListen::Off));
+        let e = toml::from_str::<ServerConfig>("admin_listen = \"localhost\"\n")
+            .expect_err("not an address")
+            .to_string();
+        assert!(e.contains("admin_listen"), "{e}");
     }
 
     #[test]

@@ -2,8 +2,19 @@
 //!
 //! # Layout
 //! - this module: [`start`] (load the cloud model, open the session and tenant stores, bind,
-//!   spawn), [`ServerHandle`] (address, graceful [`ServerHandle::shutdown`]), the router (the
-//!   WebSocket route merged with [`crate::rest::router`]) and the replica heartbeat.
+//!   spawn), [`ServerHandle`] (addresses, graceful [`ServerHandle::shutdown`]), the two
+//!   routers and the replica heartbeat.
+//!
+//! # Two listeners
+//! The public listener (`listen`) serves the WebSocket route, the REST routes
+//! ([`crate::rest::router`]) and `/healthz`; there `/metrics` and `/readyz` answer only a
+//! caller with the admin key (401 without it; 404 when no admin key is configured), so the
+//! per-tenant counters are not readable from the internet. The operator listener
+//! (`admin_listen`, loopback by default) serves `/metrics` and `/readyz` without credentials,
+//! `/healthz`, and the `/v1/admin/...` routes ([`crate::rest::operator_router`], which still
+//! need the admin key). It stays up through the drain, so probes see `/readyz` turn 503.
+//! It speaks plain HTTP even when the public listener has TLS (`tandem admin`, probes and
+//! scrapes reach it on loopback or the pod network).
 //! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
 //! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
 //!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
@@ -33,8 +44,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{State, WebSocketUpgrade};
-use axum::response::Response;
+use axum::extract::{Request, State, WebSocketUpgrade};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use candle_core::DType;
@@ -49,13 +61,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::engine::{Engine, EngineConfig};
-use crate::rest::auth::AdminKey;
+use crate::rest::auth::{AdminAuth, AdminKey};
 use crate::rest::device::DeviceKey;
+use crate::rest::error::ApiError;
 use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantStoreConfig};
 use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 
-pub use config::{default_io_threads, PolicyName, ServerConfig};
+pub use config::{default_io_threads, AdminListen, PolicyName, ServerConfig};
 
 /// The WebSocket route.
 pub const WS_PATH: &str = "/v1/edge/ws";
@@ -101,11 +114,16 @@ pub(crate) struct Shared {
 /// until the runtime ends.
 pub struct ServerHandle {
     addr: SocketAddr,
+    /// The operator listener's bound address, when there is one.
+    admin_addr: Option<SocketAddr>,
     replica: String,
     shared: Arc<Shared>,
     /// Tells axum to stop accepting.
     accept_stop: watch::Sender<bool>,
     serve: JoinHandle<()>,
+    /// Tells the operator listener to stop (after the drain).
+    admin_stop: watch::Sender<bool>,
+    admin_serve: Option<JoinHandle<()>>,
     heartbeat: JoinHandle<()>,
 }
 
@@ -113,6 +131,7 @@ impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
             .field("addr", &self.addr)
+            .field("admin_addr", &self.admin_addr)
             .field("replica", &self.replica)
             .finish_non_exhaustive()
     }
@@ -132,6 +151,17 @@ impl ServerHandle {
 
     fn tls(&self) -> bool {
         self.shared.cfg.tls_cert.is_some()
+    }
+
+    /// The operator listener's bound address (`/metrics`, `/readyz`, `/v1/admin/...`);
+    /// `None` when `admin_listen` is `off`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// `http://{admin_addr}`: the base of the operator routes, when that listener is on.
+    pub fn admin_url(&self) -> Option<String> {
+        self.admin_addr.map(|a| format!("http://{a}"))
     }
 
     /// `http://{addr}` (`https://` with TLS): the base of the REST routes.
@@ -190,6 +220,15 @@ impl ServerHandle {
             .is_err()
         {
             tracing::warn!("the listener did not stop in time");
+        }
+        let _ = self.admin_stop.send(true);
+        if let Some(admin) = self.admin_serve {
+            if tokio::time::timeout(Duration::from_secs(2), admin)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the operator listener did not stop in time");
+            }
         }
         // The engine thread is joined when the last reference goes; do that off the runtime.
         let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
@@ -273,6 +312,21 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     };
     let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let admin_listener = match cfg.admin_listen.addr() {
+        None => None,
+        Some(a) => Some(bind(a).with_context(|| format!("binding the admin listener {a}"))?),
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    if let Some(a) = admin_addr.filter(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            admin_addr = %a,
+            "the operator listener is not on loopback: /metrics and /readyz there need no \
+             credentials; keep this port off the internet"
+        );
+    }
     if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -327,30 +381,25 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
             Duration::from_secs(5),
         ));
     }
-    let (accept_stop, mut accept_rx) = watch::channel(false);
-    let app = app(shared.clone(), rest);
-    let serve = tokio::spawn(async move {
-        let signal = async move {
-            let _ = accept_rx.wait_for(|v| *v).await;
-        };
-        let served = match tls {
-            None => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(signal)
-                    .await
-            }
-            Some(cfg) => match tls::TlsListener::new(listener, cfg) {
-                Ok(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-                Err(e) => Err(e),
-            },
-        };
-        if let Err(e) = served {
-            tracing::error!(error = %e, "listener failed");
-        }
+    let (accept_stop, accept_rx) = watch::channel(false);
+    let (admin_stop, admin_rx) = watch::channel(false);
+    let admin_serve = admin_listener.map(|l| {
+        tokio::spawn(serve_until(
+            l,
+            admin_app(shared.clone(), rest.clone()),
+            None,
+            admin_rx,
+            "the operator listener",
+        ))
     });
-    tracing::info!(%addr, replica = %replica, "serving");
+    let app = app(shared.clone(), rest);
+    let serve = tokio::spawn(serve_until(listener, app, tls, accept_rx, "the listener"));
+    tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
     Ok(ServerHandle {
         addr,
+        admin_addr,
+        admin_stop,
+        admin_serve,
         replica: replica.to_string(),
         shared,
         accept_stop,
@@ -383,15 +432,76 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// The WebSocket route and the REST routes (which include `/healthz` and the JSON
-/// fallbacks for unknown routes).
-fn app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
+/// Serves `app` on `listener` (over TLS with `tls`) until `stop` turns `true`.
+async fn serve_until(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) {
+    let signal = async move {
+        let _ = stop.wait_for(|v| *v).await;
+    };
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signal)
+                .await
+        }
+        Some(cfg) => match tls::TlsListener::new(listener, cfg) {
+            Ok(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
+        tracing::error!(error = %e, "{what} failed");
+    }
+}
+
+/// `/metrics` and `/readyz`, without authentication.
+fn operator_routes(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route(WS_PATH, get(ws_upgrade))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(shared)
+}
+
+/// The public listener: the WebSocket route, the REST routes (which include `/healthz` and
+/// the JSON fallbacks for unknown routes), and `/metrics` and `/readyz` for a caller with
+/// the admin key only.
+fn app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
+    let guarded = operator_routes(shared.clone()).layer(middleware::from_fn_with_state(
+        rest.clone(),
+        require_admin_key,
+    ));
+    Router::new()
+        .route(WS_PATH, get(ws_upgrade))
+        .with_state(shared)
+        .merge(guarded)
         .merge(crate::rest::router(rest))
+}
+
+/// The operator listener: `/metrics`, `/readyz`, `/healthz` and the admin routes.
+fn admin_app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
+    operator_routes(shared).merge(crate::rest::operator_router(rest))
+}
+
+/// Lets a request through only with the admin key: 401 with a wrong or missing one, 404
+/// (as for any unknown route) when no admin key is configured.
+async fn require_admin_key(
+    State(rest): State<Arc<RestState>>,
+    auth: Result<AdminAuth, ApiError>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if rest.admin_key.is_none() {
+        return ApiError::not_found("no such route").into_response();
+    }
+    match auth {
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// The engine's counters, or `None` if it does not answer within `wait`.
@@ -457,7 +567,6 @@ async fn refresh_snapshots(shared: std::sync::Weak<Shared>, every: Duration) {
 
 /// `GET /metrics`: the Prometheus text exposition.
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
-    use axum::response::IntoResponse;
     let snap = current_snapshot(&shared).await;
     (
         [(
@@ -473,7 +582,6 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
 /// answers and no step has run longer than `engine_stall_ms`, and the session store answers.
 /// Otherwise 503 (`unavailable`, with `Retry-After`) naming what is wrong.
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    use axum::response::IntoResponse;
     let mut problems: Vec<&str> = Vec::new();
     if shared.draining.load(Ordering::SeqCst) {
         problems.push("draining");
@@ -501,7 +609,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         )
             .into_response();
     }
-    crate::rest::error::ApiError::unavailable(
+    ApiError::unavailable(
         format!("not ready: {}", problems.join("; ")),
         Duration::from_secs(1),
     )
