@@ -606,39 +606,14 @@ async fn an_expired_device_token_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_fires_once_when_every_user_has_answered() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hook = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let hook_addr = hook.local_addr().expect("addr");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = hook.accept().await {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut got = Vec::new();
-            // Read the head and the declared body.
-            loop {
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got).to_string();
-                if let Some(i) = text.find("\r\n\r\n") {
-                    let len = text[..i]
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if got.len() >= i + 4 + len {
-                        break;
-                    }
-                }
-            }
-            let _ = s
-                .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                .await;
-            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+        while let Ok((s, _)) = hook.accept().await {
+            let _ = tx.send(answer_one_request(s).await);
         }
     });
 
@@ -1087,7 +1062,6 @@ async fn webhook_targets_are_checked_again_at_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_webhook_arrives_over_tls_and_signed() {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tmp = tempfile::tempdir().expect("tmp");
     let ca_key = KeyPair::generate().expect("key");
     let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -1130,34 +1104,10 @@ async fn an_https_webhook_arrives_over_tls_and_signed() {
         let tx = tx.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                let Ok(mut s) = acceptor.accept(s).await else {
+                let Ok(s) = acceptor.accept(s).await else {
                     continue; // the sender refused our certificate
                 };
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&got).to_string();
-                    if let Some(i) = text.find("\r\n\r\n") {
-                        let len = text[..i]
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if got.len() >= i + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                    .await;
-                let _ = s.shutdown().await;
-                let _ = tx.send((good, String::from_utf8_lossy(&got).into_owned()));
+                let _ = tx.send((good, answer_one_request(s).await));
             }
         });
     }
@@ -1220,4 +1170,38 @@ async fn an_https_webhook_arrives_over_tls_and_signed() {
         "a webhook reached the receiver with an untrusted certificate"
     );
     srv.shutdown().await;
+}
+
+/// A webhook receiver's side of one connection: reads the request head and its declared
+/// body, answers 204, and returns what it read.
+async fn answer_one_request<S>(mut s: S) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(i) = text.find("\r\n\r\n") {
+            let len = text[..i]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= i + 4 + len {
+                break;
+            }
+        }
+    }
+    let _ = s
+        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    let _ = s.shutdown().await;
+    String::from_utf8_lossy(&got).into_owned()
 }
