@@ -65,8 +65,10 @@ start_server() {
     local name=$1
     shift
     local out="$OUT/$name.server.out" err="$OUT/$name.server.err"
+    # Every simulated device connects from 127.0.0.1: lift the per-address connection cap.
     "$TANDEM_BIN" serve --listen "${LISTEN:-127.0.0.1:0}" \
-        --admin-listen "${ADMIN_LISTEN:-127.0.0.1:0}" "$@" >"$out" 2>"$err" &
+        --admin-listen "${ADMIN_LISTEN:-127.0.0.1:0}" --max-connections-per-ip 100000 \
+        "$@" >"$out" 2>"$err" &
     SERVER_PID=$!
     WS_URL=""
     for _ in $(seq 1 1200); do

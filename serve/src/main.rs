@@ -188,6 +188,13 @@ struct ServeArgs {
     /// after Opened, or the answer to a token), with `idle_timeout` (default 30000).
     #[arg(long, env = "TANDEM_SESSION_IDLE_TIMEOUT_MS")]
     session_idle_timeout_ms: Option<u64>,
+    /// Open connections from one address to the public listener; more are closed at once
+    /// (default 256).
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// Open connections to the public listener in all (default 16384).
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     #[arg(long, env = "TANDEM_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
     /// The provider's admin key for /v1/admin/... (at least 16 characters; without one those
@@ -721,6 +728,8 @@ impl ServeArgs {
             drain_timeout_ms,
             resume_grace_ms,
             session_idle_timeout_ms,
+            max_connections_per_ip,
+            max_connections,
             handshake_timeout_ms,
             system_prompt,
             partner_requests_per_minute,

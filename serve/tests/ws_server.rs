@@ -781,3 +781,64 @@ async fn a_resume_from_a_second_connection_tells_the_first_why() {
     fx.check(&dev.tokens, &done);
     server.shutdown().await;
 }
+
+/// Connect from `source` (any 127.x.y.z address reaches the loopback listener) and ask for
+/// `/healthz`; the status line, or `None` when the server closed without answering.
+async fn healthz_from(source: std::net::IpAddr, server: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(std::net::SocketAddr::new(source, 0))
+        .expect("bind source");
+    let mut s = sock.connect(server).await.expect("connect");
+    let _ = s
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// Issue 20's "150 silent TCP connections": one address may hold at most
+/// `max_connections_per_ip` connections; the next is closed at once, while another address
+/// still reaches `/healthz` and opens sessions; closing the idle ones gives the slots back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_connection() {
+    let fx = fixture();
+    let server = server::start(ServerConfig {
+        max_connections_per_ip: 5,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let addr = server.addr();
+    let attacker: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    let other: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Let the server accept them all before the next one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        healthz_from(attacker, addr).await,
+        None,
+        "a sixth was served"
+    );
+    let ok = healthz_from(other, addr).await.expect("an answer");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    drop(silent);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(line) = healthz_from(attacker, addr).await {
+            assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}

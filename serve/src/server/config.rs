@@ -116,6 +116,13 @@ pub struct ServerConfig {
     /// A connected session that waits this long for its device (the prompt after `Opened`,
     /// or the answer to its last token) is closed with `idle_timeout`, freeing its slot.
     pub session_idle_timeout_ms: u64,
+    /// Open connections to the public listener from one address (IPv4-mapped IPv6 counts as
+    /// IPv4); more are closed at once. Devices behind one carrier NAT share an address: size
+    /// it for the busiest such address.
+    pub max_connections_per_ip: usize,
+    /// Open connections to the public listener in all; keep it under the process's
+    /// descriptor limit (`ulimit -n`) with room for Redis, the store and the operator listener.
+    pub max_connections: usize,
     /// How long a new connection may take to send `Open` or `Resume`.
     pub handshake_timeout_ms: u64,
     /// The provider's admin key for the `/v1/admin/...` routes (at least
@@ -288,6 +295,8 @@ impl Default for ServerConfig {
             drain_timeout_ms: 30_000,
             resume_grace_ms: 60_000,
             session_idle_timeout_ms: 30_000,
+            max_connections_per_ip: 256,
+            max_connections: 16_384,
             handshake_timeout_ms: 30_000,
             admin_key: None,
             device_token_key: None,
@@ -361,6 +370,8 @@ impl ServerConfig {
             ("max_prompt_tokens", self.max_prompt_tokens),
             ("max_frame_bytes", self.max_frame_bytes),
             ("outbound_queue", self.outbound_queue),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("max_connections", self.max_connections),
         ] {
             anyhow::ensure!(v > 0, "{name} must be > 0");
         }

@@ -32,6 +32,7 @@
 //! engine calls (`open`, `close`) run on the blocking pool.
 
 pub mod config;
+mod conn_limit;
 mod params;
 mod session;
 pub mod tls;
@@ -384,8 +385,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let (accept_stop, accept_rx) = watch::channel(false);
     let (admin_stop, admin_rx) = watch::channel(false);
     let admin_serve = admin_listener.map(|l| {
+        // The operator listener is on loopback or a private network: no caps.
+        let unlimited = conn_limit::ConnLimits {
+            per_ip: usize::MAX,
+            total: usize::MAX,
+        };
         tokio::spawn(serve_until(
             l,
+            unlimited,
             admin_app(shared.clone(), rest.clone()),
             None,
             admin_rx,
@@ -393,7 +400,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         ))
     });
     let app = app(shared.clone(), rest);
-    let serve = tokio::spawn(serve_until(listener, app, tls, accept_rx, "the listener"));
+    let limits = conn_limit::ConnLimits {
+        per_ip: shared.cfg.max_connections_per_ip,
+        total: shared.cfg.max_connections,
+    };
+    let serve = tokio::spawn(serve_until(
+        listener,
+        limits,
+        app,
+        tls,
+        accept_rx,
+        "the listener",
+    ));
     tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
     Ok(ServerHandle {
         addr,
@@ -435,6 +453,7 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Serves `app` on `listener` (over TLS with `tls`) until `stop` turns `true`.
 async fn serve_until(
     listener: tokio::net::TcpListener,
+    limits: conn_limit::ConnLimits,
     app: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
@@ -443,6 +462,7 @@ async fn serve_until(
     let signal = async move {
         let _ = stop.wait_for(|v| *v).await;
     };
+    let listener = conn_limit::CappedListener::new(listener, limits);
     let served = match tls {
         None => {
             axum::serve(listener, app)
