@@ -954,13 +954,12 @@ impl<'t> Loop<'t> {
             .and_then(|l| l.to_vec1())
             .map_err(|e| EngineError::Model(e.to_string()))?;
         let logits_done = Instant::now();
-        for ((_, id), row) in sample_rows.iter().zip(logits.chunks_exact(vocab.max(1))) {
-            if let Some(s) = self.sessions.get_mut(id) {
-                if s.deliver(row)? {
-                    finished.push(*id);
-                }
-            }
-        }
+        finished.extend(deliver_rows(
+            &mut self.sessions,
+            &sample_rows,
+            &logits,
+            vocab,
+        ));
         if let Some((t0, t1)) = layers_done {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             tracing::debug!(
@@ -975,6 +974,35 @@ impl<'t> Loop<'t> {
         }
         Ok(StepOutcome { finished })
     }
+}
+
+/// Samples and delivers each sampled row's token to its session (`rows[i]` owns the `i`-th
+/// `vocab`-long slice of `logits`); returns the sessions that ended. A session whose sampling
+/// or detokenizing fails (NaN logits, a decoding error) gets its own `Event::Error` and ends;
+/// the other sessions of the step get their tokens.
+fn deliver_rows(
+    sessions: &mut HashMap<SeqId, SessionState<'_>>,
+    rows: &[(u32, SeqId)],
+    logits: &[f32],
+    vocab: usize,
+) -> Vec<SeqId> {
+    let mut finished = Vec::new();
+    for ((_, id), row) in rows.iter().zip(logits.chunks_exact(vocab.max(1))) {
+        let Some(s) = sessions.get_mut(id) else {
+            continue;
+        };
+        match s.deliver(row) {
+            Ok(true) => finished.push(*id),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(session = id.0, error = %e, "sampling failed; ending this session only");
+                s.events.send(Event::Error(e));
+                s.finished = true;
+                finished.push(*id);
+            }
+        }
+    }
+    finished
 }
 
 impl SessionState<'_> {
@@ -1043,6 +1071,54 @@ impl SessionState<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session(events: Sender<Event>) -> SessionState<'static> {
+        SessionState {
+            events: EventSink::Sync(events),
+            hidden: Vec::new(),
+            sampler: Sampler::new(
+                tandem_protocol::SamplingParams::default()
+                    .validate()
+                    .expect("greedy"),
+            ),
+            max_tokens: 10,
+            eos: Vec::new(),
+            output: Vec::new(),
+            decoder: None,
+            stop: StopFilter::new(Vec::new()),
+            finished: false,
+            hashed_blocks: 0,
+            last_hash: None,
+            trace: None,
+            token_sent_at: None,
+            reply_latency: None,
+        }
+    }
+
+    #[test]
+    fn a_session_whose_sampling_fails_ends_alone() {
+        let (tx_a, rx_a) = unbounded();
+        let (tx_b, rx_b) = unbounded();
+        let (a, b) = (SeqId(1), SeqId(2));
+        let mut sessions = HashMap::new();
+        sessions.insert(a, session(tx_a));
+        sessions.insert(b, session(tx_b));
+        // One step, two sampled rows of a 4-token vocabulary: a's logits hold a NaN.
+        let logits = [0.1, f32::NAN, 0.3, 0.2, 0.0, 0.5, 2.0, 1.0];
+        let ended = deliver_rows(&mut sessions, &[(0, a), (1, b)], &logits, 4);
+        assert_eq!(ended, vec![a]);
+        assert!(matches!(rx_a.try_recv(), Ok(Event::Error(_))), "a is told");
+        assert!(sessions[&a].finished);
+        match rx_b.try_recv() {
+            Ok(Event::Token { id, .. }) => assert_eq!(id, 2, "b gets its greedy token"),
+            other => panic!("b: {other:?}"),
+        }
+        assert!(!sessions[&b].finished);
+        // b goes on in the next step.
+        let ended = deliver_rows(&mut sessions, &[(0, b)], &[0.0, 0.0, 0.0, 1.0], 4);
+        assert!(ended.is_empty());
+        assert!(matches!(rx_b.try_recv(), Ok(Event::Token { id: 3, .. })));
+    }
 
     #[test]
     fn the_wait_cap_is_the_configured_wait_or_the_fixed_cost_when_longer() {
