@@ -329,6 +329,10 @@ struct ServeProcess {
 
 impl ServeProcess {
     fn start(cloud: &Path, redis: &str) -> Self {
+        Self::start_with(cloud, redis, &[])
+    }
+
+    fn start_with(cloud: &Path, redis: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args([
                 "serve",
@@ -338,6 +342,7 @@ impl ServeProcess {
                 "127.0.0.1:0",
             ])
             .args(["--kv-cache-gib", "0.02"])
+            .args(extra)
             .arg("--cloud")
             .arg(cloud)
             .args(["--redis", redis])
@@ -407,6 +412,41 @@ async fn fail_over(second_started_before: bool) {
         f.wire
     );
     assert_same(&f, &want, "after a fail-over");
+}
+
+/// Issue 20's "kill -9 of a replica: the survivor answered `moved` to the dead replica until
+/// its heartbeat expired": with a heartbeat that lives two minutes, the survivor finds that
+/// nothing listens at the dead owner's address, takes the session over and the generation
+/// finishes long before the heartbeat would have expired, with unchanged output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owner_is_not_trusted_until_its_heartbeat_expires() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let cloud = fx.split_dir().join("cloud");
+    let prompt = fx.long_prompt(24, 32);
+    let want = fx.reference(&prompt, 32);
+    let ttl = ["--heartbeat-ttl-ms", "120000"];
+    let mut a = ServeProcess::start_with(&cloud, &redis.url(), &ttl);
+    let b = ServeProcess::start_with(&cloud, &redis.url(), &ttl);
+    let proxy = Proxy::start(a.addr, Duration::from_millis(15)).await;
+    let servers = ServerList::single(proxy.url());
+    let mut g = fx
+        .client(servers.clone(), 8)
+        .generate(request(prompt, 32))
+        .expect("generate");
+    wait_tokens(&mut g, 3).await;
+    a.kill();
+    proxy.cut_all();
+    servers.set(vec![b.url.clone()]);
+    // Well under the 120 s the heartbeat lives (the client's policy allows 60 s).
+    let f = tokio::time::timeout(Duration::from_secs(45), g.finish())
+        .await
+        .expect("the survivor waited for the dead owner's heartbeat")
+        .expect("finished on the survivor");
+    assert!(f.wire.replays >= 1, "the survivor replayed: {:?}", f.wire);
+    assert_same(&f, &want, "after the owner died");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -658,67 +658,106 @@ async fn resume_session(
         tracing::info!(session = id.0, "resume on the same replica");
         return Ok((handle, rotate(shared, r).await?));
     }
-    match shared
-        .store
-        .claim(id, &shared.replica)
-        .await
-        .map_err(|e| match e {
-            StoreError::SessionClosed(_) => err(ErrorCode::Finished, None, "the session ended"),
-            StoreError::UnknownSession(_) => err(
-                ErrorCode::UnknownSession,
-                None,
-                "unknown or expired session",
-            ),
-            e => store_error(&e),
-        })? {
-        Claim::OwnerAlive { owner } => {
-            match shared.store.replica_address(&owner).await {
-                Ok(Some(url)) if url != shared.advertise_url => {
-                    tracing::info!(session = id.0, %owner, "resume sent to the owner");
-                    return Err(err(ErrorCode::Moved, None, &url));
+    let mut owner_checked = false;
+    loop {
+        match shared
+            .store
+            .claim(id, &shared.replica)
+            .await
+            .map_err(|e| match e {
+                StoreError::SessionClosed(_) => err(ErrorCode::Finished, None, "the session ended"),
+                StoreError::UnknownSession(_) => err(
+                    ErrorCode::UnknownSession,
+                    None,
+                    "unknown or expired session",
+                ),
+                e => store_error(&e),
+            })? {
+            Claim::OwnerAlive { owner } => {
+                match shared.store.replica_address(&owner).await {
+                    Ok(Some(url)) if url != shared.advertise_url => {
+                        // A heartbeat outlives its process by up to its TTL: before sending the
+                        // device to the owner, make sure something still listens there. A
+                        // refused connection is a dead process; take its sessions now.
+                        if !owner_checked && refuses_connections(&url).await {
+                            owner_checked = true;
+                            tracing::warn!(session = id.0, %owner, %url, "the owner refuses connections; expiring its heartbeat");
+                            if let Err(e) = shared
+                                .store
+                                .heartbeat(&owner, Duration::from_millis(1))
+                                .await
+                            {
+                                tracing::warn!(error = %e, "expiring a dead replica's heartbeat");
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                        tracing::info!(session = id.0, %owner, "resume sent to the owner");
+                        return Err(err(ErrorCode::Moved, None, &url));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading the owner's address"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "reading the owner's address"),
+                tracing::info!(session = id.0, %owner, "resume refused: the owner is alive");
+                return Err(err(
+                    ErrorCode::Unavailable,
+                    None,
+                    "another replica holds the session; retry",
+                ));
             }
-            tracing::info!(session = id.0, %owner, "resume refused: the owner is alive");
-            Err(err(
-                ErrorCode::Unavailable,
-                None,
-                "another replica holds the session; retry",
-            ))
-        }
-        Claim::Owned { .. } => {
-            // Our process does not hold its state (another replica died, or we restarted):
-            // rebuild it from the device's replay.
-            let bytes = shared
-                .params
-                .get(id.0)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "reading the session's parameters");
-                    err(
-                        ErrorCode::Unavailable,
-                        None,
-                        "the session store is unavailable",
-                    )
-                })?
-                .ok_or_else(|| {
-                    err(
-                        ErrorCode::UnknownSession,
-                        None,
-                        "the session's parameters expired",
-                    )
-                })?;
-            let Ok(Frame::Open(open)) = Frame::decode(&bytes) else {
-                return Err(err(ErrorCode::Internal, None, "internal error"));
-            };
-            let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
-            tracing::info!(session = id.0, device_has, "replaying a session taken over");
-            // Rotated first: a session is not rebuilt for a device whose token lost the race.
-            let token = rotate(shared, r).await?;
-            Ok((spawn_session(shared, id.0, &open, device_has).await?, token))
+            Claim::Owned { .. } => {
+                // Our process does not hold its state (another replica died, or we restarted):
+                // rebuild it from the device's replay.
+                let bytes = shared
+                    .params
+                    .get(id.0)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "reading the session's parameters");
+                        err(
+                            ErrorCode::Unavailable,
+                            None,
+                            "the session store is unavailable",
+                        )
+                    })?
+                    .ok_or_else(|| {
+                        err(
+                            ErrorCode::UnknownSession,
+                            None,
+                            "the session's parameters expired",
+                        )
+                    })?;
+                let Ok(Frame::Open(open)) = Frame::decode(&bytes) else {
+                    return Err(err(ErrorCode::Internal, None, "internal error"));
+                };
+                let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
+                tracing::info!(session = id.0, device_has, "replaying a session taken over");
+                // Rotated first: a session is not rebuilt for a device whose token lost the race.
+                let token = rotate(shared, r).await?;
+                return Ok((spawn_session(shared, id.0, &open, device_has).await?, token));
+            }
         }
     }
+}
+
+/// Whether nothing listens at a replica's advertised WebSocket URL: the TCP connection is
+/// refused (a process that died). A timeout or any other answer is not taken as proof.
+async fn refuses_connections(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+    else {
+        return false;
+    };
+    let host_port = rest.split('/').next().unwrap_or_default();
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(host_port),
+        )
+        .await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Replaces the session's resume token before the device is attached, and returns the new
