@@ -628,17 +628,7 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
     let addr = srv.addr();
     let (tenant, key) = partner(addr, "Hooked", 5).await;
     // The secret made with the tenant is replaced; the new one signs from now on.
-    let rotated = admin_post(
-        addr,
-        &format!("/v1/admin/tenants/{tenant}/webhook-secret"),
-        &json!({}),
-    )
-    .await;
-    let secret = rotated["webhook_secret"]
-        .as_str()
-        .expect("webhook_secret")
-        .to_owned();
-    assert!(secret.starts_with("whsec_"), "{rotated}");
+    let secret = new_webhook_secret(addr, &tenant).await;
     // Shown with a new tenant once; never in a read; unknown tenants are 404.
     let fresh = admin_post(
         addr,
@@ -1121,16 +1111,7 @@ async fn an_https_webhook_arrives_over_tls_and_signed() {
     .await;
     let addr = srv.addr();
     let (tenant, key) = partner(addr, "Secure", 5).await;
-    let rotated = admin_post(
-        addr,
-        &format!("/v1/admin/tenants/{tenant}/webhook-secret"),
-        &json!({}),
-    )
-    .await;
-    let secret = rotated["webhook_secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let secret = new_webhook_secret(addr, &tenant).await;
     for (i, hook) in addrs.iter().enumerate() {
         let user = format!("tls{i}");
         let mut body = gift_prompt(&[&user]);
@@ -1204,4 +1185,20 @@ where
         .await;
     let _ = s.shutdown().await;
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Replaces the tenant's webhook secret (admin route) and returns the new one.
+async fn new_webhook_secret(addr: SocketAddr, tenant: &str) -> String {
+    let rotated = admin_post(
+        addr,
+        &format!("/v1/admin/tenants/{tenant}/webhook-secret"),
+        &json!({}),
+    )
+    .await;
+    let secret = rotated["webhook_secret"]
+        .as_str()
+        .expect("webhook_secret")
+        .to_owned();
+    assert!(secret.starts_with("whsec_"), "{rotated}");
+    secret
 }
