@@ -263,6 +263,9 @@ pub struct EdgeClient {
     cfg: ClientConfig,
     /// Built from `cfg.inbox`.
     pub(crate) inbox: Option<InboxClient>,
+    /// TLS settings for `wss://` (from `cfg.ca_certs`), built at the first such connection
+    /// and shared by every generation of this client.
+    tls: crate::tls::SharedClientConfig,
 }
 
 impl EdgeClient {
@@ -281,6 +284,7 @@ impl EdgeClient {
             model,
             manifest: ManifestId::try_from(pair_id)?,
             inbox: cfg.inbox.clone().map(InboxClient::new),
+            tls: Default::default(),
             cfg,
         })
     }
@@ -312,6 +316,7 @@ impl EdgeClient {
             self.model.clone(),
             self.manifest.clone(),
             self.cfg.clone(),
+            self.tls.clone(),
             req,
             events_tx,
             cancel_rx,

@@ -78,8 +78,8 @@ pub(crate) struct Driver {
     /// Where a `moved` answer said the session lives: the next connection goes there.
     redirect: Option<String>,
     cancel_sent: bool,
-    /// TLS settings for `wss://`, built at the first such connection.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// TLS settings for `wss://`, built at the client's first such connection.
+    tls: crate::tls::SharedClientConfig,
 
     /// The edge layers and the encoding; `None` only while a step runs on the blocking pool.
     edge: Option<EdgeCompute>,
@@ -120,6 +120,7 @@ impl Driver {
         model: Arc<EdgeModel>,
         manifest: ManifestId,
         cfg: ClientConfig,
+        tls: crate::tls::SharedClientConfig,
         mut req: GenerateRequest,
         events: mpsc::UnboundedSender<Event>,
         cancel_rx: oneshot::Receiver<()>,
@@ -164,7 +165,7 @@ impl Driver {
             stats: WireStats::default(),
             jitter: Jitter::new(),
             redirect: None,
-            tls: None,
+            tls,
             started: Instant::now(),
             first_token: None,
             edge_decode: Duration::ZERO,
@@ -252,16 +253,17 @@ impl Driver {
             })?,
         };
         let connector = if url.starts_with("wss://") {
-            if self.tls.is_none() {
-                let cfg = crate::tls::client_config(&self.cfg.ca_certs).map_err(|reason| {
+            let cfg = self
+                .tls
+                .get_or_init(|| crate::tls::client_config(&self.cfg.ca_certs))
+                .clone()
+                .map_err(|reason| {
                     Stop::Fatal(ClientError::Connect {
                         url: url.clone(),
                         reason,
                     })
                 })?;
-                self.tls = Some(cfg);
-            }
-            self.tls.clone().map(tokio_tungstenite::Connector::Rustls)
+            Some(tokio_tungstenite::Connector::Rustls(cfg))
         } else {
             None
         };

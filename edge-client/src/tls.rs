@@ -14,6 +14,10 @@ use tokio_tungstenite::tungstenite;
 
 pub use rustls::pki_types::CertificateDer;
 
+/// [`client_config`]'s result, built once and shared (parsing the root set is not free).
+pub(crate) type SharedClientConfig =
+    Arc<std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>>;
+
 /// Reads every PEM certificate in `path` (a CA bundle).
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;

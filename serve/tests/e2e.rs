@@ -328,11 +328,8 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(cloud: &Path, redis: &str) -> Self {
-        Self::start_with(cloud, redis, &[])
-    }
-
-    fn start_with(cloud: &Path, redis: &str, extra: &[&str]) -> Self {
+    /// With `extra` flags after the defaults.
+    fn start(cloud: &Path, redis: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args([
                 "serve",
@@ -379,8 +376,9 @@ impl Drop for ServeProcess {
 }
 
 /// Starts a generation on replica A (through a slow proxy), kills A mid-generation, and
-/// points the device at replica B, which must rebuild the session from a replay.
-async fn fail_over(second_started_before: bool) {
+/// points the device at replica B, which must rebuild the session from a replay. Both run
+/// with `serve_args`; the generation must finish within `within`.
+async fn fail_over(second_started_before: bool, serve_args: &[&str], within: Duration) {
     let Some(redis) = redis_server::RedisServer::start() else {
         return;
     };
@@ -388,8 +386,9 @@ async fn fail_over(second_started_before: bool) {
     let cloud = fx.split_dir().join("cloud");
     let prompt = fx.long_prompt(24, 32);
     let want = fx.reference(&prompt, 32);
-    let mut a = ServeProcess::start(&cloud, &redis.url());
-    let mut b = second_started_before.then(|| ServeProcess::start(&cloud, &redis.url()));
+    let start = || ServeProcess::start(&cloud, &redis.url(), serve_args);
+    let mut a = start();
+    let mut b = second_started_before.then(start);
     let proxy = Proxy::start(a.addr, Duration::from_millis(15)).await;
     let servers = ServerList::single(proxy.url());
     let mut g = fx
@@ -399,9 +398,12 @@ async fn fail_over(second_started_before: bool) {
     let before = wait_tokens(&mut g, 3).await;
     a.kill();
     proxy.cut_all();
-    let b = b.get_or_insert_with(|| ServeProcess::start(&cloud, &redis.url()));
+    let b = b.get_or_insert_with(start);
     servers.set(vec![b.url.clone()]);
-    let f = g.finish().await.expect("finished on the other replica");
+    let f = tokio::time::timeout(within, g.finish())
+        .await
+        .expect("the fail-over took too long")
+        .expect("finished on the other replica");
     assert!(
         f.token_ids.len() > before + 10,
         "the kill was mid-generation"
@@ -414,49 +416,29 @@ async fn fail_over(second_started_before: bool) {
     assert_same(&f, &want, "after a fail-over");
 }
 
+/// Longer than any fail-over may take with the default heartbeat (10 s) and the client's
+/// reconnect policy (60 s).
+const NO_LIMIT: Duration = Duration::from_secs(300);
+
 /// Issue 20's "kill -9 of a replica: the survivor answered `moved` to the dead replica until
 /// its heartbeat expired": with a heartbeat that lives two minutes, the survivor finds that
 /// nothing listens at the dead owner's address, takes the session over and the generation
-/// finishes long before the heartbeat would have expired, with unchanged output.
+/// finishes long before the heartbeat would have expired (45 s; the client's policy allows
+/// 60), with unchanged output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_owner_is_not_trusted_until_its_heartbeat_expires() {
-    let Some(redis) = redis_server::RedisServer::start() else {
-        return;
-    };
-    let fx = Fixture::new();
-    let cloud = fx.split_dir().join("cloud");
-    let prompt = fx.long_prompt(24, 32);
-    let want = fx.reference(&prompt, 32);
     let ttl = ["--heartbeat-ttl-ms", "120000"];
-    let mut a = ServeProcess::start_with(&cloud, &redis.url(), &ttl);
-    let b = ServeProcess::start_with(&cloud, &redis.url(), &ttl);
-    let proxy = Proxy::start(a.addr, Duration::from_millis(15)).await;
-    let servers = ServerList::single(proxy.url());
-    let mut g = fx
-        .client(servers.clone(), 8)
-        .generate(request(prompt, 32))
-        .expect("generate");
-    wait_tokens(&mut g, 3).await;
-    a.kill();
-    proxy.cut_all();
-    servers.set(vec![b.url.clone()]);
-    // Well under the 120 s the heartbeat lives (the client's policy allows 60 s).
-    let f = tokio::time::timeout(Duration::from_secs(45), g.finish())
-        .await
-        .expect("the survivor waited for the dead owner's heartbeat")
-        .expect("finished on the survivor");
-    assert!(f.wire.replays >= 1, "the survivor replayed: {:?}", f.wire);
-    assert_same(&f, &want, "after the owner died");
+    fail_over(true, &ttl, Duration::from_secs(45)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_rebuilds_the_session_from_a_replay() {
-    fail_over(false).await;
+    fail_over(false, &[], NO_LIMIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_started_on_one_replica_finishes_on_another() {
-    fail_over(true).await;
+    fail_over(true, &[], NO_LIMIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,11 +241,7 @@ async fn two_partners_three_users_end_to_end() {
         .expect_error(404, "not_found");
 
     // carol declines (twice: the second is a conflict).
-    let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
-        .bearer(token(&carol))
-        .send(one)
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    decline(one, token(&carol), &pid).await;
     Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
         .bearer(token(&carol))
         .send(two)
@@ -662,13 +658,7 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
         .expect_error(404, "not_found");
     let mut body = gift_prompt(&["hx", "hy"]);
     body["webhook_url"] = json!(format!("http://{hook_addr}/hooks/tandem?k=1"));
-    let r = Req::new("POST", "/v1/prompts")
-        .bearer(&key)
-        .json(&body)
-        .send(addr)
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    let pid = r.json()["id"].as_str().expect("id").to_owned();
+    let pid = create_prompt(addr, &key, &body).await;
     // Another port of the same address is not on the allow-list.
     body["webhook_url"] = json!(format!("http://{}:1/hook", hook_addr.ip()));
     Req::new("POST", "/v1/prompts")
@@ -680,17 +670,7 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
 
     let hx = device_token(addr, "hx").await;
     let hy = device_token(addr, "hy").await;
-    let decline = |t: String| {
-        let pid = pid.clone();
-        async move {
-            let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
-                .bearer(&t)
-                .send(addr)
-                .await;
-            assert_eq!(r.status, 204, "{}", r.text());
-        }
-    };
-    decline(token(&hx).to_owned()).await;
+    decline(addr, token(&hx), &pid).await;
     // One user still pending: nothing is sent.
     assert!(
         tokio::time::timeout(Duration::from_millis(300), rx.recv())
@@ -698,7 +678,7 @@ async fn the_webhook_fires_once_when_every_user_has_answered() {
             .is_err(),
         "the webhook fired before every user answered"
     );
-    decline(token(&hy).to_owned()).await;
+    decline(addr, token(&hy), &pid).await;
     let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the webhook never came")
@@ -838,19 +818,9 @@ async fn webhooks_cannot_be_aimed_inside() {
     let (_t, key) = partner(addr, "Listed", 5).await;
     body["webhook_url"] = json!("http://127.0.0.1:1/hook");
     body["audience"] = json!(["w2"]);
-    let r = Req::new("POST", "/v1/prompts")
-        .bearer(&key)
-        .json(&body)
-        .send(addr)
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    let pid = r.json()["id"].as_str().expect("id").to_owned();
+    let pid = create_prompt(addr, &key, &body).await;
     let w2 = device_token(addr, "w2").await;
-    let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
-        .bearer(token(&w2))
-        .send(addr)
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    decline(addr, token(&w2), &pid).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
@@ -1009,31 +979,21 @@ async fn webhook_targets_are_checked_again_at_delivery() {
         async move {
             let mut body = gift_prompt(&[user]);
             body["webhook_url"] = json!(format!("http://{hook}/hook"));
-            let r = Req::new("POST", "/v1/prompts")
-                .bearer(&key)
-                .json(&body)
-                .send(lenient_addr)
-                .await;
-            assert_eq!(r.status, 201, "{}", r.text());
-            r.json()["id"].as_str().expect("id").to_owned()
+            create_prompt(lenient_addr, &key, &body).await
         }
     };
-    let decline = |via: SocketAddr, pid: String, user: &'static str| async move {
+    let decline_as = |via: SocketAddr, pid: String, user: &'static str| async move {
         let t = device_token(via, user).await;
-        let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
-            .bearer(token(&t))
-            .send(via)
-            .await;
-        assert_eq!(r.status, 204, "{}", r.text());
+        decline(via, token(&t), &pid).await;
     };
     // Completed through the strict replica: refused there, nothing arrives.
     let refused = submit("d1").await;
-    decline(strict.addr(), refused, "d1").await;
+    decline_as(strict.addr(), refused, "d1").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     // Completed through the lenient one: delivered.
     let allowed = submit("d2").await;
-    decline(lenient.addr(), allowed, "d2").await;
+    decline_as(lenient.addr(), allowed, "d2").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         assert!(
@@ -1116,19 +1076,9 @@ async fn an_https_webhook_arrives_over_tls_and_signed() {
         let user = format!("tls{i}");
         let mut body = gift_prompt(&[&user]);
         body["webhook_url"] = json!(format!("https://{hook}/hook"));
-        let r = Req::new("POST", "/v1/prompts")
-            .bearer(&key)
-            .json(&body)
-            .send(addr)
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text());
-        let pid = r.json()["id"].as_str().expect("id").to_owned();
+        let pid = create_prompt(addr, &key, &body).await;
         let t = device_token(addr, &user).await;
-        let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
-            .bearer(token(&t))
-            .send(addr)
-            .await;
-        assert_eq!(r.status, 204, "{}", r.text());
+        decline(addr, token(&t), &pid).await;
     }
     let (good, got) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -1201,4 +1151,24 @@ async fn new_webhook_secret(addr: SocketAddr, tenant: &str) -> String {
         .to_owned();
     assert!(secret.starts_with("whsec_"), "{rotated}");
     secret
+}
+
+/// Creates a partner prompt (201 expected) and returns its id.
+async fn create_prompt(addr: SocketAddr, key: &str, body: &Value) -> String {
+    let r = Req::new("POST", "/v1/prompts")
+        .bearer(key)
+        .json(body)
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+/// The device user holding `device_token` declines prompt `pid` (204 expected).
+async fn decline(addr: SocketAddr, device_token: &str, pid: &str) {
+    let r = Req::new("POST", &format!("/v1/edge/inbox/{pid}/decline"))
+        .bearer(device_token)
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
 }

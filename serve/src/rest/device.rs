@@ -27,6 +27,7 @@ use super::auth::{bearer, AdminAuth};
 use super::error::{ApiError, ApiJson, ApiPath};
 use super::rfc3339_ms;
 use super::store::prompts::UserId;
+use super::webhook::hmac_sha256;
 use super::RestState;
 use crate::store::now_ms;
 use crate::store::shared::SecretDigest;
@@ -41,25 +42,6 @@ pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
 /// The one answer to a failed device authentication.
 pub const DEVICE_UNAUTHORIZED: &str = "missing or invalid device token";
-
-/// HMAC-SHA256 (RFC 2104).
-fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for (i, k) in key.iter().enumerate() {
-        ipad[i] ^= k;
-        opad[i] ^= k;
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
 
 /// The server's device-token signing key (32 bytes; `Debug` never shows it).
 #[derive(Clone)]
@@ -252,9 +234,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hmac_matches_rfc4231_case_2() {
-        // RFC 4231 test case 2 uses a 4-byte key; HMAC pads keys shorter than the block with
-        // zeros, which is what a zero-padded 32-byte key is.
+    fn a_zero_padded_key_signs_as_the_short_one() {
+        // Device keys are 32 bytes; HMAC pads keys shorter than the block with zeros, so a
+        // zero-padded 32-byte key gives RFC 4231 case 2's MAC for its 4-byte key.
         let mut key = [0u8; 32];
         key[..4].copy_from_slice(b"Jefe");
         let mac = hmac_sha256(&key, b"what do ya want for nothing?");

@@ -63,7 +63,7 @@ pub fn generate_secret() -> String {
     format!("{SECRET_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()))
 }
 
-/// HMAC-SHA256 (RFC 2104) with a key of any length.
+/// HMAC-SHA256 (RFC 2104) with a key of any length: webhook signatures and device tokens.
 pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut k = [0u8; BLOCK];
