@@ -76,7 +76,14 @@ pub struct ClientConfig {
     /// Certificate authorities trusted for `wss://` besides the compiled-in web roots (a
     /// private CA; [`crate::tls::read_ca_file`] reads a PEM bundle).
     pub ca_certs: Vec<crate::tls::CertificateDer<'static>>,
+    /// Speculation across the split: the most tokens the device drafts per decode step (by
+    /// prompt lookup) and sends with the token it got, so that one round trip can confirm
+    /// several (0: off). The cloud caps it by its load; the length follows acceptance.
+    pub max_draft_tokens: usize,
 }
+
+/// The default [`ClientConfig::max_draft_tokens`].
+pub const DEFAULT_MAX_DRAFT_TOKENS: usize = 8;
 
 impl ClientConfig {
     pub fn new(servers: impl Into<ServerList>) -> Self {
@@ -92,6 +99,7 @@ impl ClientConfig {
             noise: None,
             noise_seed: None,
             ca_certs: Vec::new(),
+            max_draft_tokens: DEFAULT_MAX_DRAFT_TOKENS,
         }
     }
 }
@@ -166,6 +174,11 @@ pub struct WireStats {
     pub reconnects: u32,
     /// Resumes that replayed from 0 because the cloud had lost the state.
     pub replays: u32,
+    /// Speculation: tokens drafted and sent as hidden rows, and of those the ones the cloud
+    /// confirmed; decode answers received (each a round trip).
+    pub drafted_tokens: u64,
+    pub accepted_drafts: u64,
+    pub decode_rounds: u64,
 }
 
 /// Times of one generation, measured on the device.

@@ -34,8 +34,13 @@ pub(crate) struct Step {
     pub ids: Vec<u32>,
     /// Sequence number of the frame it becomes.
     pub seq: u64,
-    /// Whether the frame ends the prompt (or is a decode step's single row).
+    /// Whether the frame ends the prompt (or is a decode step).
     pub complete: bool,
+    /// The last `drafts` ids are the device's drafts (speculation).
+    pub drafts: u8,
+    /// Where the step starts: positions from here on are forgotten first (the drafts of the
+    /// last step the cloud did not confirm). `None`: where the last step ended.
+    pub at: Option<usize>,
 }
 
 /// The result of a step.
@@ -84,6 +89,9 @@ impl EdgeCompute {
     /// frame. Synchronous and CPU-bound: call it through [`Self::spawn`] from async code.
     pub(crate) fn run(&mut self, step: &Step) -> Result<Computed, ClientError> {
         let started = Instant::now();
+        if let Some(at) = step.at {
+            self.session.truncate(at)?;
+        }
         let position = self.session.position();
         let hidden = self.session.feed(&step.ids)?;
         let mut values: Vec<f32> = hidden
@@ -108,6 +116,7 @@ impl EdgeCompute {
             first_position: position as u32,
             token_count: step.ids.len() as u32,
             complete: step.complete,
+            drafts: step.drafts,
             dtype: self.dtype,
             payload: &payload,
         }

@@ -31,6 +31,7 @@ use crate::client::{
     ClientConfig, ClientError, Event, Finished, GenerateRequest, Timings, Usage, WireStats,
 };
 use crate::compute::{Computed, EdgeCompute, Step};
+use crate::draft::{DraftLength, Drafter, PromptLookup};
 use crate::transparency::{Compression, NoiseRecord};
 use crate::transport::Jitter;
 use crate::EdgeSession;
@@ -42,6 +43,25 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const FINAL_TOKEN_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for `Done(cancelled)` after sending `Cancel`.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer the device waits for: to its last complete `Hidden` frame.
+struct Awaiting {
+    /// That frame's sequence number (`Token::input_seq` of its answer).
+    input_seq: u64,
+    /// The drafts it carried, and the position of the first of them.
+    drafts: Vec<u32>,
+    draft_first: usize,
+    /// The answer's tokens so far: the one that counts, then one per draft row.
+    got: Vec<tandem_protocol::Token>,
+}
+
+impl Awaiting {
+    /// The answer is whole: a token per row sampled, or a draft token that ends the
+    /// generation.
+    fn is_whole(&self) -> bool {
+        self.got.len() > self.drafts.len() || self.got.last().is_some_and(|t| t.last)
+    }
+}
 
 /// Why a connection ended without finishing the generation.
 enum Stop {
@@ -101,6 +121,19 @@ pub(crate) struct Driver {
     done: Option<tandem_protocol::Done>,
     /// The token count for which the final-token grace wait was already spent.
     grace_spent_at: Option<usize>,
+    /// The answer waited for, from the complete frame sent last until it is whole.
+    awaiting: Option<Awaiting>,
+    /// Where the next decode frame starts (drafts the cloud did not confirm are dropped).
+    next_at: Option<usize>,
+    /// The last token counts as a draft token that ends the generation: the verdict frame
+    /// goes at once (`Done` comes only after it).
+    final_by_draft: bool,
+    drafter: Box<dyn Drafter>,
+    draft_len: DraftLength,
+    /// The most drafts the cloud asked for in its last answer.
+    cloud_cap: usize,
+    /// Positions the edge's cache holds (the next step's first position, before any cut).
+    edge_position: usize,
     /// Whether the current connection delivered anything new (ends an outage).
     progressed: bool,
 
@@ -141,6 +174,9 @@ impl Driver {
         // Clips and noises each row before it is encoded, when the device asked for noise.
         let noiser = cfg.noise.map(|m| RowNoiser::new(m, cfg.noise_seed));
         let edge = EdgeCompute::new(EdgeSession::new(model), noiser, cfg.dtype);
+        let max_drafts = cfg
+            .max_draft_tokens
+            .min(usize::from(tandem_protocol::wire::MAX_DRAFTS));
         Self {
             manifest,
             cfg,
@@ -161,6 +197,13 @@ impl Driver {
             text: String::new(),
             done: None,
             grace_spent_at: None,
+            awaiting: None,
+            next_at: None,
+            final_by_draft: false,
+            drafter: Box::new(PromptLookup::default()),
+            draft_len: DraftLength::new(max_drafts),
+            cloud_cap: 0,
+            edge_position: 0,
             progressed: false,
             stats: WireStats::default(),
             jitter: Jitter::new(),
@@ -301,7 +344,11 @@ impl Driver {
             Some((session, token)) => Frame::Resume(tandem_protocol::Resume {
                 session: *session,
                 resume_token: token.clone(),
-                last_token_seq: (self.tokens.len() as u64).checked_sub(1),
+                // The tokens it holds: those that count, then those of the answer under way.
+                last_token_seq: ((self.tokens.len()
+                    + self.awaiting.as_ref().map_or(0, |a| a.got.len()))
+                    as u64)
+                    .checked_sub(1),
             }),
         };
         let resuming = self.session.is_some();
@@ -517,17 +564,24 @@ impl Driver {
     async fn handle(&mut self, ws: &mut Ws, frame: Frame) -> Result<(), Stop> {
         match frame {
             Frame::Token(t) => {
-                let have = self.tokens.len() as u64;
-                if t.seq < have {
-                    // Resent after a resume: already delivered.
-                    if self.tokens[t.seq as usize] != t.token_id {
-                        return Err(ClientError::Protocol(format!(
-                            "token {} was resent with another id",
-                            t.seq
-                        ))
-                        .into());
-                    }
+                if t.input_seq >= self.sent.len() as u64 {
+                    return Err(ClientError::Protocol(format!(
+                        "token {} answers hidden frame {}, not sent yet",
+                        t.seq, t.input_seq
+                    ))
+                    .into());
+                }
+                let Some(aw) = self.awaiting.as_mut() else {
+                    // An answer already taken (resent after a resume), or draft tokens the
+                    // device has ruled on.
                     return Ok(());
+                };
+                if t.input_seq != aw.input_seq {
+                    return Ok(());
+                }
+                let have = (self.tokens.len() + aw.got.len()) as u64;
+                if t.seq < have {
+                    return Ok(()); // resent after a resume: already here
                 }
                 if t.seq > have {
                     return Err(ClientError::Protocol(format!(
@@ -536,23 +590,19 @@ impl Driver {
                     ))
                     .into());
                 }
-                if !self.decode_allowed_for_new_token() {
+                if t.draft != !aw.got.is_empty() || aw.got.len() > aw.drafts.len() {
                     return Err(ClientError::Protocol(format!(
-                        "token {} arrived before its hidden state was sent",
-                        t.seq
+                        "token {}: not the answer to {} drafts",
+                        t.seq,
+                        aw.drafts.len()
                     ))
                     .into());
                 }
-                self.tokens.push(t.token_id);
+                aw.got.push(t);
                 self.progressed = true;
-                self.first_token.get_or_insert_with(Instant::now);
-                let text = t.text.unwrap_or_default();
-                self.text.push_str(&text);
-                let _ = self.events.send(Event::Token {
-                    seq: t.seq,
-                    token_id: t.token_id,
-                    text,
-                });
+                if aw.is_whole() {
+                    self.take_answer();
+                }
                 Ok(())
             }
             Frame::Done(d) => {
@@ -586,24 +636,89 @@ impl Driver {
         }
     }
 
-    /// Every `complete` chunk is answered by one token: a new token is allowed only when the
-    /// prompt is complete and every earlier token's hidden state was sent.
-    fn decode_allowed_for_new_token(&self) -> bool {
-        self.prompt_fed == self.req.prompt.len()
-            && self.tokens.len() == self.sent.len() - self.prompt_frames
+    /// Rules on a whole answer: the token that counts, and each draft token whose drafts
+    /// before it all matched the cloud's tokens; records them and delivers them in order.
+    fn take_answer(&mut self) {
+        let Some(aw) = self.awaiting.take() else {
+            return;
+        };
+        let mut accepted = 0;
+        while accepted < aw.drafts.len()
+            && accepted + 1 < aw.got.len()
+            && aw.drafts[accepted] == aw.got[accepted].token_id
+        {
+            accepted += 1;
+        }
+        if !aw.drafts.is_empty() {
+            self.stats.drafted_tokens += aw.drafts.len() as u64;
+            self.stats.accepted_drafts += accepted as u64;
+            self.draft_len.update(aw.drafts.len(), accepted);
+            if let Some(r) = self.req.record.as_mut() {
+                r.record_drafts(aw.drafts.len() as u64, accepted as u64);
+            }
+            self.next_at = Some(aw.draft_first + accepted);
+        } else {
+            self.next_at = None;
+        }
+        if self.prompt_frames > 0 && aw.input_seq as usize >= self.prompt_frames {
+            self.stats.decode_rounds += 1;
+        }
+        let counted = &aw.got[..=accepted];
+        self.final_by_draft = counted.last().is_some_and(|t| t.last);
+        if let Some(t) = counted.last() {
+            self.cloud_cap = usize::from(t.draft_cap);
+        }
+        for t in counted {
+            self.tokens.push(t.token_id);
+            self.first_token.get_or_insert_with(Instant::now);
+            let text = t.text.clone().unwrap_or_default();
+            self.text.push_str(&text);
+            let _ = self.events.send(Event::Token {
+                seq: t.seq,
+                token_id: t.token_id,
+                text,
+            });
+        }
     }
 
-    /// The cloud waits for the hidden state of the last token.
+    /// The cloud waits for the next decode frame: the prompt was sent and its last answer
+    /// was ruled on.
     fn owes_hidden(&self) -> bool {
         self.done.is_none()
             && self.prompt_fed == self.req.prompt.len()
-            && self.tokens.len() > self.sent.len() - self.prompt_frames
+            && self.awaiting.is_none()
+            && !self.tokens.is_empty()
     }
 
-    /// The last token is probably the end (end of sequence, or the token limit).
+    /// The last token is probably the end (end of sequence, or the token limit) and `Done`
+    /// should follow it (a draft token that ends the generation needs the verdict first).
     fn looks_final(&self) -> bool {
-        self.tokens.len() >= self.req.max_tokens as usize
-            || self.tokens.last().is_some_and(|t| self.eos.contains(t))
+        !self.final_by_draft
+            && (self.tokens.len() >= self.req.max_tokens as usize
+                || self.tokens.last().is_some_and(|t| self.eos.contains(t)))
+    }
+
+    /// Drafts for the next decode step: prompt lookup over the prompt and the output, as
+    /// many as the acceptance so far, the cloud's cap and the tokens left allow.
+    fn drafts(&mut self) -> Vec<u32> {
+        let last = self.tokens.last().copied();
+        let ends = self.final_by_draft
+            || last.is_some_and(|t| self.eos.contains(&t))
+            || self.tokens.len() >= self.req.max_tokens as usize;
+        if ends {
+            return Vec::new();
+        }
+        let left = (self.req.max_tokens as usize).saturating_sub(self.tokens.len() + 1);
+        let max = self.draft_len.get().min(self.cloud_cap).min(left);
+        if max == 0 {
+            return Vec::new();
+        }
+        let mut context = Vec::with_capacity(self.req.prompt.len() + self.tokens.len());
+        context.extend_from_slice(&self.req.prompt);
+        context.extend_from_slice(&self.tokens);
+        let mut drafts = self.drafter.draft(&context, max);
+        drafts.truncate(max);
+        drafts
     }
 
     /// Runs the edge over the next prompt chunk and keeps its frame. The shared system prefix
@@ -621,15 +736,24 @@ impl Driver {
             ids: self.req.prompt[start..end].to_vec(),
             seq: self.sent.len() as u64,
             complete: end == len,
+            drafts: 0,
+            at: None,
         };
         let (computed, interrupted) = self.compute(ws, step).await?;
         self.edge_prompt += computed.elapsed;
         self.stats.prompt_frames += 1;
         self.stats.prompt_bytes += computed.frame.len() as u64;
         self.sent.push(computed.frame);
+        self.edge_position = end;
         self.prompt_fed = end;
         if end == len {
             self.prompt_frames = self.sent.len();
+            self.awaiting = Some(Awaiting {
+                input_seq: (self.sent.len() - 1) as u64,
+                drafts: Vec::new(),
+                draft_first: end,
+                got: Vec::new(),
+            });
         }
         interrupted.map_or(Ok(()), Err)
     }
@@ -640,15 +764,31 @@ impl Driver {
         let token = *self.tokens.last().ok_or_else(|| {
             Stop::Fatal(ClientError::Protocol("no token to continue from".into()))
         })?;
+        let drafts = self.drafts();
+        let mut ids = Vec::with_capacity(1 + drafts.len());
+        ids.push(token);
+        ids.extend_from_slice(&drafts);
+        let at = self.next_at.take();
         let step = Step {
-            ids: vec![token],
+            ids,
             seq: self.sent.len() as u64,
             complete: true,
+            drafts: drafts.len() as u8,
+            at,
         };
+        // The step's first position: where the edge's cache stands after the cut.
+        let position = at.unwrap_or(self.edge_position);
         let (computed, interrupted) = self.compute(ws, step).await?;
         if self.done.is_some() {
             return interrupted.map_or(Ok(false), Err);
         }
+        self.edge_position = position + 1 + drafts.len();
+        self.awaiting = Some(Awaiting {
+            input_seq: self.sent.len() as u64,
+            draft_first: position + 1,
+            drafts,
+            got: Vec::new(),
+        });
         self.edge_decode += computed.elapsed;
         self.edge_decode_steps += 1;
         self.stats.decode_frames += 1;

@@ -54,6 +54,7 @@ pub mod cli;
 pub mod client;
 mod compute;
 pub mod conversation;
+pub mod draft;
 mod driver;
 mod http;
 pub mod inbox;
@@ -110,6 +111,16 @@ impl EdgeSession {
     /// Positions consumed so far (the next token's position).
     pub fn position(&self) -> usize {
         self.position
+    }
+
+    /// Forgets the positions from `position` on (draft tokens the cloud did not confirm);
+    /// a position at or past the current one changes nothing.
+    pub fn truncate(&mut self, position: usize) -> Result<(), ModelError> {
+        if position < self.position {
+            self.kv.truncate(position)?;
+            self.position = position;
+        }
+        Ok(())
     }
 
     /// Runs the edge layers over `tokens` (a prompt chunk, or the one token the cloud sent

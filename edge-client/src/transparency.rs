@@ -64,6 +64,12 @@ pub struct SentTraffic {
     pub dtype: Option<String>,
     /// Bytes sent, framing included.
     pub bytes: u64,
+    /// Speculation: rows of tokens the device drafted itself (their ids never left the
+    /// device), and how many of those drafts the cloud's tokens confirmed.
+    #[serde(default)]
+    pub drafted_tokens: u64,
+    #[serde(default)]
+    pub accepted_drafts: u64,
 }
 
 /// Activation compression applied before sending (DESIGN.md §11).
@@ -222,6 +228,12 @@ impl TransparencyRecord {
         self.sent.chunks += 1;
         self.sent.rows += rows;
         self.sent.bytes += bytes;
+    }
+
+    /// Counts the drafts of one decode step and how many the cloud confirmed.
+    pub fn record_drafts(&mut self, drafted: u64, accepted: u64) {
+        self.sent.drafted_tokens += drafted;
+        self.sent.accepted_drafts += accepted;
     }
 
     /// Counts `bytes` received from the cloud.

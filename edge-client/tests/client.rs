@@ -123,10 +123,15 @@ fn opened(session: u64, token: u8, next: u64) -> Frame {
     })
 }
 
-fn token(seq: u64, id: u32) -> Frame {
+/// Token `seq`, answering hidden frame `input`.
+fn token(seq: u64, input: u64, id: u32) -> Frame {
     Frame::Token(Token {
         seq,
+        input_seq: input,
         token_id: id,
+        draft: false,
+        last: false,
+        draft_cap: 0,
         text: Some(format!("<{id}>")),
     })
 }
@@ -187,11 +192,11 @@ async fn system_prefix_is_its_own_chunk_then_one_hidden_per_token() {
         {
             expect_hidden(&mut ws, seq as u64, pos, rows, seq == 4).await;
         }
-        send(&mut ws, token(0, 40)).await;
+        send(&mut ws, token(0, 4, 40)).await;
         expect_hidden(&mut ws, 5, 20, 1, true).await;
-        send(&mut ws, token(1, 41)).await;
+        send(&mut ws, token(1, 5, 41)).await;
         expect_hidden(&mut ws, 6, 21, 1, true).await;
-        send(&mut ws, token(2, 42)).await;
+        send(&mut ws, token(2, 6, 42)).await;
         send(
             &mut ws,
             done(DoneReason::Finished(FinishReason::Length), 20, 3),
@@ -230,9 +235,9 @@ async fn resume_resends_from_next_hidden_seq_and_dedupes_tokens() {
     send(&mut ws, opened(9, 0xA, 0)).await;
     expect_hidden(&mut ws, 0, 0, 5, false).await;
     expect_hidden(&mut ws, 1, 5, 3, true).await;
-    send(&mut ws, token(0, 30)).await;
+    send(&mut ws, token(0, 1, 30)).await;
     expect_hidden(&mut ws, 2, 8, 1, true).await;
-    send(&mut ws, token(1, 31)).await;
+    send(&mut ws, token(1, 2, 31)).await;
     let seq3 = expect_hidden(&mut ws, 3, 9, 1, true).await;
     drop(ws);
 
@@ -251,8 +256,8 @@ async fn resume_resends_from_next_hidden_seq_and_dedupes_tokens() {
         seq3,
         "resent unchanged"
     );
-    send(&mut ws, token(1, 31)).await;
-    send(&mut ws, token(2, 32)).await;
+    send(&mut ws, token(1, 2, 31)).await;
+    send(&mut ws, token(2, 3, 32)).await;
     expect_hidden(&mut ws, 4, 10, 1, true).await;
     drop(ws);
 
@@ -267,7 +272,7 @@ async fn resume_resends_from_next_hidden_seq_and_dedupes_tokens() {
     );
     assert_eq!(r.last_token_seq, Some(2));
     send(&mut ws, opened(9, 0xC, 5)).await;
-    send(&mut ws, token(3, 33)).await;
+    send(&mut ws, token(3, 4, 33)).await;
     send(
         &mut ws,
         done(DoneReason::Finished(FinishReason::Length), 8, 4),
@@ -321,9 +326,9 @@ async fn next_hidden_seq_zero_replays_everything_back_to_back() {
         expect_hidden(&mut ws, 0, 0, 5, false).await,
         expect_hidden(&mut ws, 1, 5, 2, true).await,
     ];
-    send(&mut ws, token(0, 50)).await;
+    send(&mut ws, token(0, 1, 50)).await;
     first.push(expect_hidden(&mut ws, 2, 7, 1, true).await);
-    send(&mut ws, token(1, 51)).await;
+    send(&mut ws, token(1, 2, 51)).await;
     first.push(expect_hidden(&mut ws, 3, 8, 1, true).await);
     drop(ws);
 
@@ -339,9 +344,9 @@ async fn next_hidden_seq_zero_replays_everything_back_to_back() {
         assert!(matches!(frame, Frame::Hidden(_)), "replay {seq}: {frame:?}");
         assert_eq!(&got, bytes, "replayed hidden {seq} is byte-identical");
     }
-    send(&mut ws, token(2, 52)).await;
+    send(&mut ws, token(2, 3, 52)).await;
     expect_hidden(&mut ws, 4, 9, 1, true).await;
-    send(&mut ws, token(3, 53)).await;
+    send(&mut ws, token(3, 4, 53)).await;
     send(
         &mut ws,
         done(DoneReason::Finished(FinishReason::Length), 7, 4),
@@ -372,7 +377,7 @@ async fn cancel_and_drop_send_cancel() {
         assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
         send(&mut ws, opened(3, 1, 0)).await;
         expect_hidden(&mut ws, 0, 0, 3, true).await;
-        send(&mut ws, token(0, 60)).await;
+        send(&mut ws, token(0, 0, 60)).await;
         assert!(matches!(
             generation.next().await,
             Some(Event::Opened { .. })
@@ -431,7 +436,7 @@ async fn fatal_errors_end_the_generation_and_3xx_on_open_retries() {
     );
     send(&mut ws, opened(4, 1, 0)).await;
     expect_hidden(&mut ws, 0, 0, 2, true).await;
-    send(&mut ws, token(0, 2)).await;
+    send(&mut ws, token(0, 0, 2)).await;
     send(&mut ws, done(DoneReason::Finished(FinishReason::Eos), 2, 1)).await;
     let f = generation.finish().await.expect("finished after a retry");
     assert_eq!(f.reason, DoneReason::Finished(FinishReason::Eos));
@@ -551,6 +556,10 @@ fn nothing_above_debug_logs_private_text() {
         expect_hidden(&mut ws, 0, 0, 4, true).await;
         let secret = Token {
             seq: 0,
+            input_seq: 0,
+            draft: false,
+            last: false,
+            draft_cap: 0,
             token_id: 70,
             text: Some(MARKER.into()),
         };
@@ -623,9 +632,9 @@ async fn run_with_noise(
     send(&mut ws, opened(3, 1, 0)).await;
     let mut frames = vec![expect_hidden(&mut ws, 0, 0, 5, false).await];
     frames.push(expect_hidden(&mut ws, 1, 5, 1, true).await);
-    send(&mut ws, token(0, 40)).await;
+    send(&mut ws, token(0, 1, 40)).await;
     frames.push(expect_hidden(&mut ws, 2, 6, 1, true).await);
-    send(&mut ws, token(1, 41)).await;
+    send(&mut ws, token(1, 2, 41)).await;
     send(
         &mut ws,
         done(DoneReason::Finished(FinishReason::Length), 6, 2),

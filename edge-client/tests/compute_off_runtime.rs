@@ -207,6 +207,10 @@ async fn fake_cloud(listener: TcpListener, seen: Arc<Mutex<Seen>>) {
         &mut ws,
         Frame::Token(Token {
             seq: 0,
+            input_seq: 0,
+            draft: false,
+            last: false,
+            draft_cap: 0,
             token_id: 9,
             text: Some("x".into()),
         }),

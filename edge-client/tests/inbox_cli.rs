@@ -101,9 +101,11 @@ async fn fake_cloud(listener: TcpListener, opens: Opens) {
             };
             send(&mut ws, Frame::Opened(opened)).await;
             let mut prompt_rows = 0;
+            let mut frames = 0u64;
             loop {
                 let (rows, complete) = hidden(&mut ws).await;
                 prompt_rows += rows;
+                frames += 1;
                 if complete {
                     break;
                 }
@@ -111,6 +113,10 @@ async fn fake_cloud(listener: TcpListener, opens: Opens) {
             for (seq, text) in ["Hello", " world"].into_iter().enumerate() {
                 let t = Token {
                     seq: seq as u64,
+                    input_seq: frames - 1 + seq as u64,
+                    draft: false,
+                    last: false,
+                    draft_cap: 0,
                     token_id: 70 + seq as u32,
                     text: Some(text.into()),
                 };

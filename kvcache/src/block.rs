@@ -336,6 +336,11 @@ impl BlockTable {
     }
 
     /// Drops positions from `new_len` on, releasing blocks no longer needed.
+    ///
+    /// A registered full block that the cut leaves partly filled, and that no other table
+    /// holds, leaves the registry: this table will write new positions into it, so it no
+    /// longer holds what its hash says (a block other tables hold is copied before this one
+    /// writes into it, see [`Self::reserve`], and keeps its registration).
     pub fn truncate(&mut self, new_len: usize) {
         if new_len >= self.len {
             return;
@@ -344,6 +349,18 @@ impl BlockTable {
         let mut inner = lock(&self.pool.inner);
         for b in self.blocks.drain(keep..) {
             inner.decref(b);
+        }
+        if !new_len.is_multiple_of(self.pool.block_size) {
+            if let Some(&b) = self.blocks.last() {
+                let i = b.0 as usize;
+                if inner.refs[i] == 1 {
+                    if let Some(h) = inner.hash_of[i].take() {
+                        if inner.registry.get(&h) == Some(&b) {
+                            inner.registry.remove(&h);
+                        }
+                    }
+                }
+            }
         }
         self.hashes.truncate(new_len / self.pool.block_size);
         self.len = new_len;
@@ -517,5 +534,34 @@ mod tests {
         assert_eq!(pool.num_free(), 2);
         a.truncate(0);
         assert_eq!(pool.num_free(), 4);
+    }
+
+    #[test]
+    fn a_cut_into_a_registered_block_unregisters_it_unless_shared() {
+        let pool = BlockPool::new(4, 4);
+        let h = BlockHash::chain(None, b"block 0");
+        let mut t = pool.new_table();
+        t.reserve(6).expect("fits");
+        t.register_full_block(0, h).expect("full");
+        assert_eq!(pool.num_registered(), 1);
+        // Cut at a block boundary: the full block stays as it is, and registered.
+        t.truncate(4);
+        assert_eq!(pool.num_registered(), 1);
+        // Cut inside it: new positions will overwrite its tail, so nobody may adopt it.
+        t.truncate(3);
+        assert_eq!(pool.num_registered(), 0);
+        assert!(t.hashes().is_empty());
+        let mut late = pool.new_table();
+        assert_eq!(late.adopt_prefix(&[h]).expect("adopt"), 0);
+
+        // Held by another table too: this table copies before writing, so it stays.
+        let mut a = pool.new_table();
+        a.reserve(4).expect("fits");
+        a.register_full_block(0, h).expect("full");
+        let mut b = pool.new_table();
+        assert_eq!(b.adopt_prefix(&[h]).expect("adopt"), 4);
+        a.truncate(2);
+        assert_eq!(pool.num_registered(), 1);
+        assert_eq!(a.reserve(1).expect("fits").len(), 1, "copy-on-write");
     }
 }

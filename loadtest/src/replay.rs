@@ -254,6 +254,7 @@ pub(crate) fn encode_hidden(
         first_position: position as u32,
         token_count: rows as u32,
         complete,
+        drafts: 0,
         dtype,
         payload: &payload,
     }

@@ -233,6 +233,7 @@ fn device_frame(
         first_position: position as u32,
         token_count: tokens.len() as u32,
         complete: true,
+        drafts: 0,
         dtype,
         payload: &payload,
     }

@@ -40,6 +40,18 @@ impl ContiguousKv {
         self.layers.iter().all(Option::is_none)
     }
 
+    /// Keeps the first `len` positions of every layer (drafts the cloud did not confirm go).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let n = k.dims().first().copied().unwrap_or(0);
+            if len < n {
+                *k = k.narrow(0, 0, len)?;
+                *v = v.narrow(0, 0, len)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Drops everything cached.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);

@@ -2,8 +2,11 @@
 //!
 //! Works on a host-side `Vec<f32>` of one row of logits. Greedy is an argmax (ties go to the
 //! lowest id, so it is deterministic); random sampling applies the repetition penalty, the
-//! temperature, top-k then top-p, and draws from a `StdRng` seeded by the request, so the same
-//! seed and the same logits give the same tokens on every machine.
+//! temperature, top-k then top-p, and draws one number from a `StdRng` seeded by the request's
+//! seed and the token's position in the output (`history.len()`), so the same seed and the
+//! same logits give the same tokens on every machine, and a token's draw does not depend on
+//! how many times the sampler was called before: speculation across the split samples after
+//! draft rows that may be thrown away, and must not shift the draws of the tokens that count.
 //!
 //! Cost: greedy is O(vocab); random sorts the candidates, O(vocab log vocab) at worst.
 
@@ -12,11 +15,21 @@ use tandem_protocol::Sampling;
 
 use crate::error::{ModelError, Result};
 
-/// Per-generation sampler state (the RNG stream).
-#[derive(Debug)]
+/// Per-generation sampler: the rule and the seed. It holds no stream: each draw is a function
+/// of the seed and the position (see the module docs).
+#[derive(Clone, Debug)]
 pub struct Sampler {
     rule: Sampling,
-    rng: StdRng,
+    seed: u64,
+}
+
+/// The RNG of the draw for output position `position`: the seed and the position mixed by
+/// SplitMix64's finalizer, so that neighbouring positions and seeds give unrelated streams.
+fn position_rng(seed: u64, position: u64) -> StdRng {
+    let mut z = seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    StdRng::seed_from_u64(z ^ (z >> 31))
 }
 
 impl Sampler {
@@ -25,14 +38,12 @@ impl Sampler {
             Sampling::Random { seed, .. } => seed,
             Sampling::Greedy { .. } => 0,
         };
-        Self {
-            rule,
-            rng: StdRng::seed_from_u64(seed),
-        }
+        Self { rule, seed }
     }
 
-    /// Chooses the next token from `logits`, given the tokens generated so far (`history`,
-    /// used by the repetition penalty). Fails on empty or non-finite logits.
+    /// Chooses the next token from `logits`, given the tokens generated so far (`history`:
+    /// the whole output before this token, used by the repetition penalty, and whose length
+    /// is the token's position, which seeds the draw). Fails on empty or non-finite logits.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(ModelError::Input("no logits to sample from".into()));
@@ -65,66 +76,67 @@ impl Sampler {
         match random {
             None => Ok(argmax(logits)),
             Some((temperature, top_k, top_p, min_p)) => {
-                Ok(self.draw(logits, temperature, (top_k, top_p, min_p)))
+                let mut rng = position_rng(self.seed, history.len() as u64);
+                Ok(draw(logits, temperature, (top_k, top_p, min_p), &mut rng))
             }
         }
     }
+}
 
-    /// `limits` = (top_k, top_p, min_p).
-    fn draw(
-        &mut self,
-        logits: &[f32],
-        temperature: f32,
-        limits: (Option<usize>, Option<f32>, Option<f32>),
-    ) -> u32 {
-        let (top_k, top_p, min_p) = limits;
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        // Highest logit first; ties by id so the order is total and reproducible.
-        idx.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        if let Some(k) = top_k {
-            idx.truncate(k.max(1));
-        }
-        let max = logits[idx[0] as usize];
-        let mut probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| (((logits[i as usize] - max) / temperature) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if let Some(p) = top_p {
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (n, q) in probs.iter().enumerate() {
-                mass += q;
-                if mass >= p as f64 {
-                    keep = n + 1;
-                    break;
-                }
-            }
-            idx.truncate(keep);
-            probs.truncate(keep);
-        }
-        if let Some(m) = min_p {
-            // probs are sorted, so the kept tokens are a prefix.
-            let floor = probs[0] * m as f64;
-            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
-            idx.truncate(keep);
-            probs.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
-        for (i, q) in idx.iter().zip(&probs) {
-            if r < *q {
-                return *i;
-            }
-            r -= q;
-        }
-        idx[idx.len() - 1]
+/// One draw from `logits` under the temperature and `limits` = (top_k, top_p, min_p).
+fn draw(
+    logits: &[f32],
+    temperature: f32,
+    limits: (Option<usize>, Option<f32>, Option<f32>),
+    rng: &mut StdRng,
+) -> u32 {
+    let (top_k, top_p, min_p) = limits;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    // Highest logit first; ties by id so the order is total and reproducible.
+    idx.sort_unstable_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    if let Some(k) = top_k {
+        idx.truncate(k.max(1));
     }
+    let max = logits[idx[0] as usize];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = top_p {
+        let mut mass = 0.0;
+        let mut keep = probs.len();
+        for (n, q) in probs.iter().enumerate() {
+            mass += q;
+            if mass >= p as f64 {
+                keep = n + 1;
+                break;
+            }
+        }
+        idx.truncate(keep);
+        probs.truncate(keep);
+    }
+    if let Some(m) = min_p {
+        // probs are sorted, so the kept tokens are a prefix.
+        let floor = probs[0] * m as f64;
+        let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+        idx.truncate(keep);
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = rng.random::<f64>() * total;
+    for (i, q) in idx.iter().zip(&probs) {
+        if r < *q {
+            return *i;
+        }
+        r -= q;
+    }
+    idx[idx.len() - 1]
 }
 
 /// Index of the largest value, the lowest index on ties.
@@ -158,6 +170,39 @@ mod tests {
         Sampler::new(p.validate().expect("valid"))
     }
 
+    /// A history of `n` tokens: the draw for output position `n`.
+    fn at(n: usize) -> Vec<u32> {
+        vec![0; n]
+    }
+
+    #[test]
+    fn a_draw_depends_on_the_seed_and_the_position_not_on_the_calls_before() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 11,
+            ..Default::default()
+        };
+        let mut a = sampler(p.clone());
+        let in_order: Vec<u32> = (0..40)
+            .map(|n| a.sample(&logits, &at(n)).expect("ok"))
+            .collect();
+        // Another sampler that first draws at other positions, and repeats some, as
+        // speculation does: the same tokens at the same positions.
+        let mut b = sampler(p);
+        for n in [7, 3, 39, 3, 12] {
+            assert_eq!(b.sample(&logits, &at(n)).expect("ok"), in_order[n]);
+        }
+        let again: Vec<u32> = (0..40)
+            .map(|n| b.sample(&logits, &at(n)).expect("ok"))
+            .collect();
+        assert_eq!(again, in_order);
+        assert!(
+            in_order.iter().any(|&t| t != in_order[0]),
+            "positions draw differently"
+        );
+    }
+
     #[test]
     fn greedy_takes_argmax_lowest_on_ties() {
         let mut s = sampler(SamplingParams::default());
@@ -184,8 +229,8 @@ mod tests {
             top_k: Some(1),
             ..Default::default()
         });
-        for _ in 0..10 {
-            assert_eq!(k1.sample(&logits, &[]).expect("ok"), argmax(&logits));
+        for n in 0..10 {
+            assert_eq!(k1.sample(&logits, &at(n)).expect("ok"), argmax(&logits));
         }
         let run = |seed| {
             let mut s = sampler(SamplingParams {
@@ -194,7 +239,7 @@ mod tests {
                 ..Default::default()
             });
             (0..30)
-                .map(|_| s.sample(&logits, &[]).expect("ok"))
+                .map(|n| s.sample(&logits, &at(n)).expect("ok"))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -216,7 +261,7 @@ mod tests {
             ..Default::default()
         });
         let picks: Vec<u32> = (0..300)
-            .map(|_| s.sample(&logits, &[]).expect("ok"))
+            .map(|n| s.sample(&logits, &at(n)).expect("ok"))
             .collect();
         assert!(picks.iter().all(|&t| t < 2), "{picks:?}");
         assert!(picks.contains(&1));
@@ -238,8 +283,8 @@ mod tests {
             seed: 3,
             ..Default::default()
         });
-        for _ in 0..100 {
-            assert_eq!(s.sample(&logits, &[]).expect("ok"), 0);
+        for n in 0..100 {
+            assert_eq!(s.sample(&logits, &at(n)).expect("ok"), 0);
         }
         // without top_p the other tokens show up
         let mut s = sampler(SamplingParams {
@@ -248,7 +293,7 @@ mod tests {
             ..Default::default()
         });
         let picks: Vec<u32> = (0..200)
-            .map(|_| s.sample(&logits, &[]).expect("ok"))
+            .map(|n| s.sample(&logits, &at(n)).expect("ok"))
             .collect();
         assert!(picks.iter().any(|&t| t != 0));
     }

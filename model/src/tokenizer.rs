@@ -797,6 +797,7 @@ const MAX_PENDING: usize = 8;
 /// Each push decodes the window and emits what it adds to the prefix's text, unless that text
 /// ends in U+FFFD (a multi-byte character not yet complete), in which case it waits.
 /// Special tokens are skipped.
+#[derive(Clone)]
 pub struct StreamDecoder<'a> {
     tok: &'a TextTokenizer,
     /// Window: `ids[..read]` produced text already emitted (context only); `ids[read..]` are

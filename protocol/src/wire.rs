@@ -23,13 +23,13 @@
 //!
 //! // Cloud side: a `Ping` is 12 bytes…
 //! let bytes = Frame::Ping { nonce: 0x0102_0304_0506_0708 }.encode()?;
-//! assert_eq!(bytes, [0x54, 0x44, 1, 9, 8, 7, 6, 5, 4, 3, 2, 1]);
+//! assert_eq!(bytes, [0x54, 0x44, 2, 9, 8, 7, 6, 5, 4, 3, 2, 1]);
 //!
 //! // …and a `Hidden` frame is decoded without copying its payload.
 //! let mut payload = Vec::new();
 //! tandem_protocol::f32_to_hidden(HiddenDtype::F16, 1, 2, &[1.0, -2.0], &mut payload)?;
 //! let frame = HiddenRef { seq: 0, first_position: 0, token_count: 1, complete: true,
-//!                         dtype: HiddenDtype::F16, payload: &payload }.encode()?;
+//!                         drafts: 0, dtype: HiddenDtype::F16, payload: &payload }.encode()?;
 //! assert_eq!(peek_frame_type(&frame)?, FrameType::Hidden);
 //! let hidden = HiddenRef::decode(&frame, &Limits::default())?;
 //! let mut rows = Vec::new();
@@ -49,13 +49,18 @@ use cursor::{checked_len, Reader, Writer};
 
 pub use error::{ErrorCode, WireError};
 pub use hidden::{
-    f32_to_hidden, hidden_to_f32, Hidden, HiddenDtype, HiddenRef, HIDDEN_PAYLOAD_OFFSET,
+    f32_to_hidden, hidden_to_f32, Hidden, HiddenDtype, HiddenRef, HIDDEN_PAYLOAD_OFFSET, MAX_DRAFTS,
 };
 
 /// The first two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"TD";
 /// The protocol version this build speaks (the third byte of every frame).
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+
+/// `Token` flags bit 0: sampled after a draft row.
+const TOKEN_DRAFT: u8 = 0x01;
+/// `Token` flags bit 1: ends the generation if it counts.
+const TOKEN_LAST: u8 = 0x02;
 /// Magic, version and frame type.
 pub const HEADER_LEN: usize = 4;
 
@@ -272,9 +277,24 @@ pub struct Opened {
 /// Cloud → device: one generated token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Token {
-    /// 0 for the session's first token, then +1 per token.
+    /// 0 for the session's first token, then +1 per token. A token sampled after a draft row
+    /// has the number it gets if the drafts before it are accepted; when they are not, the
+    /// tokens of the next answer reuse those numbers.
     pub seq: u64,
+    /// Sequence number of the `Hidden` frame this token answers (a device that already sent
+    /// a later complete frame ignores it: see docs/protocol.md §6).
+    pub input_seq: u64,
     pub token_id: u32,
+    /// Sampled after one of the device's draft rows: it counts only if every draft up to and
+    /// including that row equals the token sampled before it.
+    pub draft: bool,
+    /// A draft token that ends the generation (end of sequence, stop string, token limit)
+    /// if it counts; the cloud samples nothing after it, and sends `Done` once the device's
+    /// next `Hidden` frame shows that it counts.
+    pub last: bool,
+    /// The most drafts the cloud wants in the device's next `Hidden` frame (0: do not
+    /// speculate).
+    pub draft_cap: u8,
     /// The text this token completes, if any (UTF-8 held back until it is whole, or by a
     /// possible stop string, comes with a later token).
     pub text: Option<String>,
@@ -438,12 +458,37 @@ impl Frame {
                 next_hidden_seq: r.u64()?,
             }),
             FrameType::Hidden => Self::Hidden(HiddenRef::decode_body(&mut r)?.to_hidden()),
-            FrameType::Token => Self::Token(Token {
-                seq: r.u64()?,
-                token_id: r.u32()?,
-                text: r.option("token.text?", |r| {
-                    r.string("token.text", MAX_TEXT_DELTA_LEN)
-                })?,
+            FrameType::Token => Self::Token({
+                let seq = r.u64()?;
+                let input_seq = r.u64()?;
+                let token_id = r.u32()?;
+                let flags = r.u8()?;
+                if flags & !(TOKEN_DRAFT | TOKEN_LAST) != 0
+                    || (flags & TOKEN_LAST != 0 && flags & TOKEN_DRAFT == 0)
+                {
+                    return Err(WireError::InvalidFlag {
+                        field: "token.flags",
+                        value: flags,
+                    });
+                }
+                let draft_cap = r.u8()?;
+                if draft_cap > MAX_DRAFTS {
+                    return Err(WireError::InvalidFlag {
+                        field: "token.draft_cap",
+                        value: draft_cap,
+                    });
+                }
+                Token {
+                    seq,
+                    input_seq,
+                    token_id,
+                    draft: flags & TOKEN_DRAFT != 0,
+                    last: flags & TOKEN_LAST != 0,
+                    draft_cap,
+                    text: r.option("token.text?", |r| {
+                        r.string("token.text", MAX_TEXT_DELTA_LEN)
+                    })?,
+                }
             }),
             FrameType::Done => Self::Done(Done {
                 reason: DoneReason::from_code(r.u8()?)?,
@@ -497,8 +542,17 @@ impl Frame {
             }
             Self::Hidden(h) => h.borrowed().encode_body(w)?,
             Self::Token(t) => {
+                if (t.last && !t.draft) || t.draft_cap > MAX_DRAFTS {
+                    return Err(WireError::InvalidFlag {
+                        field: "token.flags",
+                        value: u8::from(t.draft) | u8::from(t.last) << 1,
+                    });
+                }
                 w.u64(t.seq);
+                w.u64(t.input_seq);
                 w.u32(t.token_id);
+                w.u8(if t.draft { TOKEN_DRAFT } else { 0 } | if t.last { TOKEN_LAST } else { 0 });
+                w.u8(t.draft_cap);
                 w.option(t.text.as_deref(), |w, s| {
                     w.string("token.text", s, MAX_TEXT_DELTA_LEN)
                 })?;

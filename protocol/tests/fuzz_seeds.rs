@@ -59,6 +59,7 @@ fn hidden(dtype: HiddenDtype, rows: u32, cols: usize) -> Frame {
         first_position: 7,
         token_count: rows,
         complete: true,
+        drafts: 0,
         dtype,
         payload,
     })
@@ -97,11 +98,22 @@ fn frame_seeds() -> Vec<(&'static str, Frame)> {
         ("hidden_f16", hidden(HiddenDtype::F16, 1, 8)),
         ("hidden_bf16", hidden(HiddenDtype::Bf16, 3, 2)),
         ("hidden_int8", hidden(HiddenDtype::Int8, 2, 3)),
+        ("hidden_drafts", {
+            let Frame::Hidden(mut h) = hidden(HiddenDtype::F16, 4, 2) else {
+                unreachable!("hidden() builds a Hidden frame")
+            };
+            h.drafts = 3;
+            Frame::Hidden(h)
+        }),
         (
             "token",
             Frame::Token(Token {
                 seq: 5,
+                input_seq: 4,
                 token_id: 1234,
+                draft: true,
+                last: true,
+                draft_cap: 3,
                 text: Some("héllo".into()),
             }),
         ),
@@ -109,7 +121,11 @@ fn frame_seeds() -> Vec<(&'static str, Frame)> {
             "token_no_text",
             Frame::Token(Token {
                 seq: 0,
+                input_seq: 0,
                 token_id: 0,
+                draft: false,
+                last: false,
+                draft_cap: 0,
                 text: None,
             }),
         ),

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use tandem_protocol::wire::{
-    MAX_ERROR_MESSAGE_LEN, MAX_MANIFEST_ID_LEN, MAX_PROMPT_ID_LEN, MAX_STOP_STRINGS,
+    MAX_DRAFTS, MAX_ERROR_MESSAGE_LEN, MAX_MANIFEST_ID_LEN, MAX_PROMPT_ID_LEN, MAX_STOP_STRINGS,
     MAX_STOP_STRING_LEN, MAX_TEXT_DELTA_LEN, MAX_TRACEPARENT_LEN,
 };
 use tandem_protocol::{
@@ -105,6 +105,12 @@ fn hidden() -> impl Strategy<Value = Hidden> {
                 first_position,
                 token_count,
                 complete,
+                // Drafts only where they are allowed: a complete frame of drafts + 1 rows.
+                drafts: if complete && (2..=u32::from(MAX_DRAFTS) + 1).contains(&token_count) {
+                    (token_count - 1) as u8
+                } else {
+                    0
+                },
                 dtype,
                 payload,
             },
@@ -125,15 +131,21 @@ fn frame() -> impl Strategy<Value = Frame> {
         })),
         hidden().prop_map(Frame::Hidden),
         (
-            any::<u64>(),
-            any::<u32>(),
+            (any::<u64>(), any::<u64>(), any::<u32>()),
+            (0u8..3, 0..=MAX_DRAFTS),
             prop::option::of(text(MAX_TEXT_DELTA_LEN))
         )
-            .prop_map(|(seq, token_id, text)| Frame::Token(Token {
-                seq,
-                token_id,
-                text
-            })),
+            .prop_map(
+                |((seq, input_seq, token_id), (kind, draft_cap), text)| Frame::Token(Token {
+                    seq,
+                    input_seq,
+                    token_id,
+                    draft: kind > 0,
+                    last: kind == 2,
+                    draft_cap,
+                    text
+                })
+            ),
         (finish(), any::<u32>(), any::<u32>()).prop_map(|(reason, p, o)| Frame::Done(Done {
             reason,
             prompt_tokens: p,
@@ -281,7 +293,7 @@ proptest! {
         }
         let mut bytes = good;
         bytes[2] = v;
-        if v != 1 {
+        if v != tandem_protocol::wire::VERSION {
             let err = Frame::decode(&bytes).expect_err("wrong version decoded");
             prop_assert_eq!(&err, &WireError::UnsupportedVersion(v));
             prop_assert_eq!(err.error_code(), ErrorCode::UnsupportedVersion);
@@ -320,7 +332,7 @@ fn nan_bits_survive_a_round_trip() {
 #[test]
 fn unknown_frame_type_is_typed() {
     for ty in [0u8, 0x0b, 0x7f, 0xff] {
-        let bytes = [b'T', b'D', 1, ty];
+        let bytes = [b'T', b'D', tandem_protocol::wire::VERSION, ty];
         assert_eq!(Frame::decode(&bytes), Err(WireError::UnknownFrameType(ty)));
     }
 }
@@ -356,7 +368,7 @@ fn frame_too_large_is_refused_before_parsing() {
 #[test]
 fn flags_must_be_zero_or_one() {
     // Token with text flag = 2.
-    let bytes = hex("54440104 0700000000000000 b2260000 02");
+    let bytes = hex("54440204 0700000000000000 0000000000000000 b2260000 00 00 02");
     assert_eq!(
         Frame::decode(&bytes),
         Err(WireError::InvalidFlag {
@@ -367,7 +379,11 @@ fn flags_must_be_zero_or_one() {
     let good = encode(&Frame::Hidden(hidden_frame(HiddenDtype::F16, vec![0; 4])));
     for (offset, value, field) in [(21, 2u8, "hidden.flags"), (21, 0x81, "hidden.flags")]
         .into_iter()
-        .chain([(22, 1, "hidden.reserved"), (23, 0x80, "hidden.reserved")])
+        .chain([
+            (22, 1, "hidden.drafts"),
+            (23, 1, "hidden.reserved"),
+            (23, 0x80, "hidden.reserved"),
+        ])
     {
         let mut bad = good.clone();
         bad[offset] = value;
@@ -380,7 +396,7 @@ fn flags_must_be_zero_or_one() {
 #[test]
 fn invalid_utf8_is_refused() {
     // Token with text "\xff".
-    let bytes = hex("54440104 0700000000000000 b2260000 01 01000000 ff");
+    let bytes = hex("54440204 0700000000000000 0000000000000000 b2260000 00 00 01 01000000 ff");
     assert_eq!(
         Frame::decode(&bytes),
         Err(WireError::InvalidUtf8 {
@@ -392,7 +408,7 @@ fn invalid_utf8_is_refused() {
 #[test]
 fn huge_length_fields_fail_without_allocating() {
     // Error frame whose message claims u32::MAX bytes: over the cap.
-    let bytes = hex("54440106 6400 00 ffffffff");
+    let bytes = hex("54440206 6400 00 ffffffff");
     assert_eq!(
         Frame::decode(&bytes),
         Err(WireError::TooLong {
@@ -402,7 +418,7 @@ fn huge_length_fields_fail_without_allocating() {
         })
     );
     // Hidden payload claiming u32::MAX bytes with none present: truncated.
-    let bytes = hex("54440103 0000000000000000 00000000 01000000 00 00 0000 ffffffff");
+    let bytes = hex("54440203 0000000000000000 00000000 01000000 00 00 0000 ffffffff");
     assert!(matches!(
         HiddenRef::decode(&bytes, &Limits::default()),
         Err(WireError::Truncated {
@@ -433,7 +449,11 @@ fn caps_are_enforced_when_encoding() {
     let token = |text: String| {
         Frame::Token(Token {
             seq: 0,
+            input_seq: 0,
             token_id: 0,
+            draft: false,
+            last: false,
+            draft_cap: 0,
             text: Some(text),
         })
     };
@@ -518,7 +538,7 @@ fn manifest_id_is_one_to_64_bytes() {
 #[test]
 fn unknown_enum_codes_are_refused_or_kept() {
     // Done with finish reason 4: refused.
-    let bytes = hex("54440105 04 00000000 00000000");
+    let bytes = hex("54440205 04 00000000 00000000");
     assert_eq!(
         Frame::decode(&bytes),
         Err(WireError::UnknownFinishReason(4))
@@ -528,7 +548,7 @@ fn unknown_enum_codes_are_refused_or_kept() {
     h[20] = 4;
     assert_eq!(Frame::decode(&h), Err(WireError::UnknownDtype(4)));
     // An Error frame with an unknown code still decodes.
-    let bytes = hex("54440106 e703 00 00000000");
+    let bytes = hex("54440206 e703 00 00000000");
     assert_eq!(
         Frame::decode(&bytes),
         Ok(Frame::Error(ErrorFrame {
@@ -669,15 +689,19 @@ fn golden_frames() {
             Frame::Ping {
                 nonce: 0x0102_0304_0506_0708,
             },
-            "54440109 0807060504030201",
+            "54440209 0807060504030201",
         ),
         (
             Frame::Token(Token {
                 seq: 7,
+                input_seq: 3,
                 token_id: 9906,
+                draft: true,
+                last: false,
+                draft_cap: 4,
                 text: Some("Hi".into()),
             }),
-            "54440104 0700000000000000 b2260000 01 02000000 4869",
+            "54440204 0700000000000000 0300000000000000 b2260000 01 04 01 02000000 4869",
         ),
         (
             Frame::Hidden(Hidden {
@@ -685,14 +709,15 @@ fn golden_frames() {
                 first_position: 0,
                 token_count: 1,
                 complete: true,
+                drafts: 0,
                 dtype: HiddenDtype::F16,
                 payload: hex("003c 00c0"),
             }),
-            "54440103 0000000000000000 00000000 01000000 01 01 0000 04000000 003c00c0",
+            "54440203 0000000000000000 00000000 01000000 01 01 0000 04000000 003c00c0",
         ),
         (
             Frame::Open(open_example()),
-            "54440101 02000000 6162 01000000 40020000 02 \
+            "54440201 02000000 6162 01000000 40020000 02 \
              00000000 00 00 00 0000000000000000 0000803f \
              10000000 01000000 01000000 0a 00 00",
         ),
@@ -702,7 +727,7 @@ fn golden_frames() {
                 seq: Some(3),
                 message: "bad".into(),
             }),
-            "54440106 6800 01 0300000000000000 03000000 626164",
+            "54440206 6800 01 0300000000000000 03000000 626164",
         ),
         (
             Frame::Done(Done {
@@ -710,9 +735,9 @@ fn golden_frames() {
                 prompt_tokens: 12,
                 output_tokens: 5,
             }),
-            "54440105 01 0c000000 05000000",
+            "54440205 01 0c000000 05000000",
         ),
-        (Frame::Cancel, "54440108"),
+        (Frame::Cancel, "54440208"),
     ];
     for (frame, want) in cases {
         let want = hex(want);
@@ -727,6 +752,7 @@ fn hidden_frame(dtype: HiddenDtype, payload: Vec<u8>) -> Hidden {
         first_position: 0,
         token_count: 1,
         complete: true,
+        drafts: 0,
         dtype,
         payload,
     }
@@ -735,3 +761,83 @@ fn hidden_frame(dtype: HiddenDtype, payload: Vec<u8>) -> Hidden {
 /// Payload conversion tests (kept apart to keep this file readable).
 #[path = "wire/payload.rs"]
 mod payload;
+
+#[test]
+fn drafts_ride_only_on_a_complete_frame_of_drafts_plus_one_rows() {
+    let with = |complete: bool, token_count: u32, drafts: u8| Hidden {
+        seq: 4,
+        first_position: 9,
+        token_count,
+        complete,
+        drafts,
+        dtype: HiddenDtype::F32,
+        payload: vec![0; token_count as usize * 4],
+    };
+    let ok = with(true, 4, 3);
+    let bytes = encode(&Frame::Hidden(ok.clone()));
+    assert_eq!(bytes[22], 3, "the drafts byte");
+    assert_eq!(Frame::decode(&bytes), Ok(Frame::Hidden(ok.clone())));
+    assert_eq!(ok.borrowed().sampled_rows(), 4);
+    assert_eq!(with(true, 1, 0).borrowed().sampled_rows(), 1);
+    assert_eq!(with(false, 5, 0).borrowed().sampled_rows(), 0);
+    for (bad, value) in [
+        (with(false, 4, 3), 3),                           // not complete
+        (with(true, 5, 3), 3),                            // a prompt row before the drafts
+        (with(true, 2, 3), 3),                            // fewer rows than drafts
+        (with(true, 18, MAX_DRAFTS + 1), MAX_DRAFTS + 1), // over the cap
+    ] {
+        let want = WireError::InvalidFlag {
+            field: "hidden.drafts",
+            value,
+        };
+        assert_eq!(Frame::Hidden(bad.clone()).encode(), Err(want.clone()));
+        // The same bytes built by hand are refused on decoding.
+        let mut forged = encode(&Frame::Hidden(Hidden { drafts: 0, ..bad }));
+        forged[22] = value;
+        assert_eq!(Frame::decode(&forged), Err(want.clone()));
+        assert_eq!(HiddenRef::decode(&forged, &Limits::default()), Err(want));
+    }
+}
+
+#[test]
+fn token_flags_and_draft_cap_are_checked() {
+    let t = Token {
+        seq: 1,
+        input_seq: 2,
+        token_id: 3,
+        draft: true,
+        last: true,
+        draft_cap: MAX_DRAFTS,
+        text: None,
+    };
+    let bytes = encode(&Frame::Token(t.clone()));
+    assert_eq!(Frame::decode(&bytes), Ok(Frame::Token(t.clone())));
+    // `last` without `draft`: a committed final token is followed by `Done` instead.
+    let mut bad = bytes.clone();
+    bad[24] = 0x02;
+    assert_eq!(
+        Frame::decode(&bad),
+        Err(WireError::InvalidFlag {
+            field: "token.flags",
+            value: 2
+        })
+    );
+    bad[24] = 0x04;
+    assert!(Frame::decode(&bad).is_err(), "an unknown flag bit");
+    let mut bad = bytes;
+    bad[25] = MAX_DRAFTS + 1;
+    assert_eq!(
+        Frame::decode(&bad),
+        Err(WireError::InvalidFlag {
+            field: "token.draft_cap",
+            value: MAX_DRAFTS + 1
+        })
+    );
+    assert!(Frame::Token(Token {
+        draft: false,
+        ..t.clone()
+    })
+    .encode()
+    .is_err());
+    assert!(Frame::Token(Token { draft_cap: 17, ..t }).encode().is_err());
+}

@@ -19,6 +19,9 @@ pub struct BatchItem {
     pub len: usize,
     /// Sample a token from the logits of the item's last position.
     pub sample: bool,
+    /// Rows, at the end of the item, whose logits are each sampled: 1 for a plain decode step
+    /// or a prompt's end, `1 + drafts` for a speculative step, 0 when `sample` is false.
+    pub sample_rows: usize,
 }
 
 impl BatchItem {
@@ -54,6 +57,11 @@ impl Batch {
     /// Items that end in a sampled position.
     pub fn num_samples(&self) -> usize {
         self.items.iter().filter(|i| i.sample).count()
+    }
+
+    /// Rows whose logits are sampled (a speculative item samples several).
+    pub fn num_sampled_rows(&self) -> usize {
+        self.items.iter().map(|i| i.sample_rows).sum()
     }
 }
 

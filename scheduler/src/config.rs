@@ -70,4 +70,11 @@ pub enum SchedError {
     /// The session's positions would not fit in the KV pool even if it were alone.
     #[error("the request needs {needed} KV blocks but the cache has only {total}")]
     TooLarge { needed: usize, total: usize },
+    /// A speculative input that is not the token before its drafts and the drafts, or is
+    /// longer than a step.
+    #[error("{drafts} drafts in an input of {rows} positions")]
+    Drafts { drafts: usize, rows: usize },
+    /// A truncation below the tokens that count.
+    #[error("cannot drop positions from {len}: the first {min} count")]
+    Truncate { len: usize, min: usize },
 }

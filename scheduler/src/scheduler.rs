@@ -189,10 +189,27 @@ impl Scheduler {
     /// positions received and never computed, over all sessions, would exceed
     /// `max_queued_tokens` ([`Scheduler::num_fresh_tokens`]).
     pub fn push(&mut self, id: SeqId, n: usize, complete: bool) -> Result<(), SchedError> {
+        self.push_drafts(id, n, complete, 0)
+    }
+
+    /// [`Scheduler::push`] of a speculative input: its last `drafts` positions are tokens
+    /// the device drafted, and the model samples after each of the last `drafts + 1`
+    /// positions (in one step). `drafts > 0` needs `complete` and `n == drafts + 1`, and no
+    /// more than `max_batch_tokens` positions, else [`SchedError::Drafts`].
+    pub fn push_drafts(
+        &mut self,
+        id: SeqId,
+        n: usize,
+        complete: bool,
+        drafts: usize,
+    ) -> Result<(), SchedError> {
         let s = self
             .sessions
             .get(&id)
             .ok_or(SchedError::UnknownSession(id))?;
+        if drafts > 0 && (!complete || n != drafts + 1 || n > self.cfg.max_batch_tokens) {
+            return Err(SchedError::Drafts { drafts, rows: n });
+        }
         if s.owes_token() {
             return Err(SchedError::NotReady(id));
         }
@@ -226,11 +243,53 @@ impl Scheduler {
             s.received = len;
             if complete {
                 s.complete_upto = len;
+                s.sample_from = len - 1 - drafts;
             }
             s.parked = false;
             s.dormant = false;
             self.pending.insert((s.order, id));
         }
+        Ok(())
+    }
+
+    /// Drops `id`'s positions from `len` on (speculation: the device's drafts the model did
+    /// not confirm), with their KV; the blocks no longer needed go back to the pool. Allowed
+    /// only while the session is not running and owes no token, and only down to its last
+    /// complete input's sampled rows (`len >= sample_from + 1`: the token before the drafts
+    /// always counts); `len` at or past `received` changes nothing.
+    ///
+    /// Errors: [`SchedError::UnknownSession`]; [`SchedError::NotReady`] while running or
+    /// owing a token; [`SchedError::Truncate`] below the bound.
+    pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<(), SchedError> {
+        let bs = self.pool.block_size();
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(SchedError::UnknownSession(id))?;
+        if s.running || s.owes_token() {
+            return Err(SchedError::NotReady(id));
+        }
+        if len >= s.received {
+            return Ok(());
+        }
+        if len <= s.sample_from {
+            return Err(SchedError::Truncate {
+                len,
+                min: s.sample_from + 1,
+            });
+        }
+        let old_queued = s.received - s.computed;
+        let old_fresh = s.received.saturating_sub(s.high_water);
+        s.received = len;
+        s.computed = s.computed.min(len);
+        s.complete_upto = s.complete_upto.min(len);
+        s.sampled_upto = s.sampled_upto.min(len);
+        s.high_water = s.high_water.min(len);
+        s.table.truncate(s.computed);
+        s.hashes.truncate(len / bs);
+        let new_queued = s.received - s.computed;
+        self.queued = self.queued.saturating_sub(old_queued) + new_queued;
+        self.fresh = self.fresh.saturating_sub(old_fresh) + (s.received - s.high_water);
         Ok(())
     }
 

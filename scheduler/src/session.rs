@@ -4,7 +4,11 @@
 //! - `received`: positions whose hidden states the server holds;
 //! - `computed`: positions whose KV is in the session's blocks;
 //! - `complete_upto`: the end of the last complete input (a whole prompt or a decode input);
-//! - `sampled_upto`: the end of the last input whose token was produced.
+//! - `sampled_upto`: the end of the last input whose token was produced;
+//! - `sample_from`: where the last complete input's sampled rows start: `complete_upto - 1`,
+//!   or earlier by its drafts (speculation: the cloud samples after the row before the drafts
+//!   and after every draft row). An item never ends inside those rows, so they are sampled in
+//!   one step.
 //!
 //! Invariants, for a session that is not running:
 //! - `computed <= received`, `sampled_upto <= complete_upto <= received`;
@@ -50,6 +54,7 @@ pub(crate) struct Session {
     pub(crate) computed: usize,
     pub(crate) complete_upto: usize,
     pub(crate) sampled_upto: usize,
+    pub(crate) sample_from: usize,
     /// The most positions ever computed; what lies below it and is computed again is
     /// recomputation (a statistic).
     pub(crate) high_water: usize,
@@ -76,6 +81,7 @@ impl Session {
             computed: 0,
             complete_upto: 0,
             sampled_upto: 0,
+            sample_from: 0,
             high_water: 0,
             running: false,
             parked: false,
@@ -104,6 +110,37 @@ impl Session {
     /// Whether an item ending at `end` must produce a token.
     pub(crate) fn samples_at(&self, end: usize) -> bool {
         end == self.complete_upto && self.owes_token()
+    }
+
+    /// Rows an item ending at `end` samples after (its last ones): the owed input's sampled
+    /// rows when it ends that input, else 0.
+    pub(crate) fn sample_rows_at(&self, end: usize) -> usize {
+        if self.samples_at(end) {
+            self.complete_upto - self.sample_from
+        } else {
+            0
+        }
+    }
+
+    /// The longest item from `computed` of at most `want` positions that does not end inside
+    /// the owed input's sampled rows (0 when even the shortest would).
+    pub(crate) fn clip_to_window(&self, want: usize) -> usize {
+        let end = self.computed + want;
+        if self.owes_token() && end > self.sample_from && end < self.complete_upto {
+            self.sample_from.saturating_sub(self.computed)
+        } else {
+            want
+        }
+    }
+
+    /// A decode: the next item is one step of generation (one position, or the token before
+    /// the drafts and the drafts), not a prompt chunk.
+    pub(crate) fn is_decode(&self) -> bool {
+        self.remaining() == 1
+            || (self.owes_token()
+                && self.computed == self.sample_from
+                && self.received == self.complete_upto
+                && self.complete_upto - self.sample_from > 1)
     }
 
     pub(crate) fn holds_blocks(&self) -> bool {

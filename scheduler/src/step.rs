@@ -150,7 +150,7 @@ impl Scheduler {
                 }
                 continue;
             }
-            if s.remaining() == 1 {
+            if s.is_decode() {
                 decodes.push(id);
             } else {
                 prefills.push(id);
@@ -171,19 +171,33 @@ impl Scheduler {
             if step.dropped.contains(&id) {
                 continue;
             }
-            let Some(want) = self.sessions.get(&id).map(|s| s.remaining()) else {
+            let Some(want) = self
+                .sessions
+                .get(&id)
+                .map(|s| s.clip_to_window(s.remaining().min(step.budget)))
+            else {
                 continue;
             };
-            let len = self.place(id, want.min(step.budget), step);
-            if len == 0 {
+            if want == 0 {
+                // The speculative rows do not fit the budget left: next step.
                 continue;
             }
+            let placed = self.place(id, want, step);
             let Some(s) = self.sessions.get_mut(&id) else {
                 continue;
             };
+            // Fewer blocks than wanted may have cut into the sampled rows.
+            let len = s.clip_to_window(placed);
+            if len < placed {
+                s.table.truncate(s.computed + len);
+            }
+            if len == 0 {
+                continue;
+            }
             let start = s.computed;
             let end = start + len;
             let sample = s.samples_at(end);
+            let sample_rows = s.sample_rows_at(end);
             s.running = true;
             s.last_step = self.ticks;
             let recomputed = s.high_water.min(end).saturating_sub(start);
@@ -195,6 +209,7 @@ impl Scheduler {
                 start,
                 len,
                 sample,
+                sample_rows,
             });
         }
     }

@@ -35,6 +35,7 @@ fn item(id: SeqId, start: usize, len: usize, sample: bool) -> BatchItem {
         start,
         len,
         sample,
+        sample_rows: usize::from(sample),
     }
 }
 
@@ -655,4 +656,148 @@ fn blocked_work_ages_idle_sessions_without_any_step() {
     // With nothing to do the scheduler is not blocked.
     assert!(step(&mut s).is_empty());
     assert!(!s.blocked());
+}
+
+// ---------------------------------------------------------------------------------------
+// Speculation: the token before the drafts and the drafts, sampled in one step; truncation.
+
+/// A has a 5-position prompt computed and its first token produced.
+fn one_decoder(tokens: usize, blocks: usize) -> Scheduler {
+    let mut s = sched(Policy::DecodeFirst, tokens, blocks, 4);
+    s.add(A).expect("admitted");
+    s.push(A, 5, true).expect("prompt");
+    while progress(&s, A).sampled_upto < 5 {
+        assert!(!step(&mut s).is_empty(), "the prompt progresses");
+    }
+    s
+}
+
+#[test]
+fn a_speculative_input_is_one_decode_item_that_samples_every_row() {
+    let mut s = one_decoder(8, 16);
+    s.push_drafts(A, 4, true, 3).expect("token + 3 drafts");
+    let b = step(&mut s);
+    assert_eq!(
+        b.items,
+        vec![BatchItem {
+            id: A,
+            start: 5,
+            len: 4,
+            sample: true,
+            sample_rows: 4
+        }]
+    );
+    assert_eq!(b.num_sampled_rows(), 4);
+    // Two drafts accepted: keep positions up to the second draft, drop the third.
+    s.truncate(A, 8).expect("truncate");
+    let p = progress(&s, A);
+    assert_eq!((p.received, p.computed), (8, 8));
+    assert_eq!(s.table(A).expect("table").len(), 8);
+    assert_eq!(s.num_queued_tokens(), 0);
+    assert_eq!(s.num_fresh_tokens(), 0);
+    // The next input continues at 8.
+    s.push_drafts(A, 2, true, 1).expect("next");
+    let b = step(&mut s);
+    assert_eq!(
+        (b.items[0].start, b.items[0].len, b.items[0].sample_rows),
+        (8, 2, 2)
+    );
+}
+
+#[test]
+fn truncation_returns_blocks_to_the_pool_and_refuses_to_cut_what_counts() {
+    let mut s = one_decoder(16, 16);
+    let free_before = s.pool().num_free();
+    s.push_drafts(A, 9, true, 8).expect("token + 8 drafts");
+    step(&mut s);
+    // Positions 0..14: four blocks of 4; the prompt and token held two.
+    assert_eq!(s.pool().num_free(), free_before - 2);
+    // The token before the drafts (position 5) always counts.
+    assert_eq!(
+        s.truncate(A, 5),
+        Err(SchedError::Truncate { len: 5, min: 6 })
+    );
+    s.truncate(A, 6).expect("no draft accepted");
+    assert_eq!(s.pool().num_free(), free_before, "back to two blocks");
+    assert_eq!(progress(&s, A).received, 6);
+    // Not while a token is owed.
+    s.push_drafts(A, 3, true, 2).expect("next");
+    assert_eq!(s.truncate(A, 7), Err(SchedError::NotReady(A)));
+}
+
+#[test]
+fn drafts_must_be_the_token_before_them_and_them_and_fit_a_step() {
+    let mut s = one_decoder(4, 16);
+    let before = snapshot(&s);
+    for (n, complete, drafts) in [(4, false, 3), (5, true, 3), (2, true, 3), (5, true, 4)] {
+        assert_eq!(
+            s.push_drafts(A, n, complete, drafts),
+            Err(SchedError::Drafts { drafts, rows: n })
+        );
+    }
+    assert_eq!(snapshot(&s), before);
+}
+
+#[test]
+fn a_short_budget_never_splits_the_sampled_rows() {
+    // B decodes with 3 drafts; A's prompt fills the budget of 6 so only 2 positions are left
+    // for B in the first step: B waits rather than computing part of its drafts.
+    let mut s = sched(Policy::PrefillFirst, 6, 32, 4);
+    s.add(B).expect("admitted");
+    s.push(B, 2, true).expect("prompt");
+    step(&mut s);
+    s.add(A).expect("admitted");
+    s.push(A, 4, true).expect("prompt");
+    s.push_drafts(B, 4, true, 3).expect("decode + drafts");
+    let b = step(&mut s);
+    assert_eq!(b.items, vec![item(A, 0, 4, true)], "B does not fit whole");
+    let b = step(&mut s);
+    assert_eq!(
+        (b.items[0].id, b.items[0].len, b.items[0].sample_rows),
+        (B, 4, 4)
+    );
+}
+
+#[test]
+fn preempted_mid_draft_the_recomputation_samples_the_drafts_whole() {
+    // One session: preempt by dropping its KV (a newer session cannot; use a tiny pool and
+    // an older session that needs the blocks).
+    let mut s = sched(Policy::DecodeFirst, 3, 4, 4);
+    s.add(A).expect("admitted");
+    s.add(B).expect("admitted");
+    s.push(B, 6, true).expect("B prompt");
+    // B's prompt: 3 + 3 positions over two steps.
+    step(&mut s);
+    step(&mut s);
+    s.push_drafts(B, 3, true, 2).expect("B decode + drafts");
+    // A (older) now needs the blocks: B is preempted before its drafts run.
+    s.push(A, 12, true).expect("A prompt");
+    let mut sampled_b = Vec::new();
+    for _ in 0..20 {
+        let b = step(&mut s);
+        for i in b.items.iter().filter(|i| i.id == B) {
+            assert!(
+                i.end() <= 6 || i.end() == 9,
+                "an item of B ends inside its drafts: {i:?}"
+            );
+            if i.sample {
+                sampled_b.push((i.start, i.len, i.sample_rows));
+            }
+        }
+        if progress(&s, A).sampled_upto == 12 && progress(&s, B).sampled_upto == 9 {
+            break;
+        }
+    }
+    assert!(
+        s.stats().preemptions > 0,
+        "the scenario must preempt B: {:?}",
+        s.stats()
+    );
+    assert_eq!(progress(&s, B).sampled_upto, 9);
+    assert_eq!(
+        sampled_b.len(),
+        1,
+        "B samples its drafts once: {sampled_b:?}"
+    );
+    assert_eq!(sampled_b[0].2, 3);
 }

@@ -112,7 +112,19 @@ pub struct SessionParams {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A sampled token and the text it completes (may be empty mid-character).
-    Token { id: u32, text: String },
+    ///
+    /// Speculation: `draft` marks a token sampled after one of the device's draft rows (it
+    /// counts only if the device accepts the drafts before it, which its next input shows);
+    /// `last` a draft token that ends the generation if it counts (`Done` then follows the
+    /// device's next input). `draft_cap` is the most drafts the engine wants in the next
+    /// input (0: none).
+    Token {
+        id: u32,
+        text: String,
+        draft: bool,
+        last: bool,
+        draft_cap: u8,
+    },
     /// The generation ended.
     Done {
         reason: FinishReason,
@@ -138,6 +150,10 @@ pub enum EngineError {
     NonFinite,
     #[error("session {0} has finished its generation")]
     Finished(u64),
+    /// An input that does not continue the session: not at its next position, nor inside
+    /// the draft tokens of its last answer (speculation).
+    #[error("input at position {got}: expected {expected}")]
+    Position { got: usize, expected: String },
     #[error(transparent)]
     Scheduler(#[from] SchedError),
     #[error("model: {0}")]
@@ -186,6 +202,11 @@ enum Command {
         data: Vec<f32>,
         rows: usize,
         complete: bool,
+        /// Where the input starts (`None`: right after what was received). Before the end of
+        /// what was received, it drops the draft rows from there on (speculation).
+        first_position: Option<usize>,
+        /// The input's last rows that are device drafts.
+        drafts: usize,
         /// `None`: the caller does not wait; an error goes to the session's events instead.
         ack: Option<Sender<Result<(), EngineError>>>,
     },
@@ -340,8 +361,61 @@ impl Engine {
             data,
             rows,
             complete,
+            first_position: None,
+            drafts: 0,
             ack: Some(ack),
         })
+    }
+
+    /// [`Self::push_hidden`] of an input at `first_position` whose last `drafts` rows are
+    /// tokens the device drafted (speculation across the split; docs/protocol.md §6). The
+    /// engine samples after the row before the drafts and after every draft row, in one
+    /// step; those after drafts are `Event::Token { draft: true, .. }`. The next input's
+    /// `first_position` says how many drafts the device accepted: the engine drops the rows
+    /// (and KV) after it and commits the accepted tokens. Waits for the engine's answer.
+    pub fn push_hidden_at(
+        &self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        first_position: usize,
+        drafts: usize,
+    ) -> Result<(), EngineError> {
+        self.check_hidden(&data, rows)?;
+        self.call(|ack| Command::Hidden {
+            id,
+            data,
+            rows,
+            complete: true,
+            first_position: Some(first_position),
+            drafts,
+            ack: Some(ack),
+        })
+    }
+
+    /// [`Self::push_hidden_at`] without waiting (as [`Self::push_hidden_nowait`]); any input,
+    /// complete or not, at its `first_position`.
+    pub fn push_hidden_at_nowait(
+        &self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+        first_position: usize,
+        drafts: usize,
+    ) -> Result<(), EngineError> {
+        self.check_hidden(&data, rows)?;
+        let tx = self.tx.as_ref().ok_or(EngineError::Stopped)?;
+        tx.send(Command::Hidden {
+            id,
+            data,
+            rows,
+            complete,
+            first_position: Some(first_position),
+            drafts,
+            ack: None,
+        })
+        .map_err(|_| EngineError::Stopped)
     }
 
     /// Like [`Self::push_hidden`] but returns as soon as the input is validated and queued:
@@ -361,6 +435,8 @@ impl Engine {
             data,
             rows,
             complete,
+            first_position: None,
+            drafts: 0,
             ack: None,
         })
         .map_err(|_| EngineError::Stopped)
@@ -422,6 +498,33 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// The draft tokens of a speculative answer, until the device's next input says how many
+/// count.
+struct Pending<'t> {
+    /// Position of the first draft row: the next input starts at `first + accepted`.
+    first: usize,
+    /// The tokens sampled after the draft rows, in order (the last may end the generation).
+    tokens: Vec<u32>,
+    /// How the last of `tokens` ends the generation, if it counts.
+    ended: Option<FinishReason>,
+    /// The session's text state before the first of `tokens`.
+    output_len: usize,
+    decoder: Option<StreamDecoder<'t>>,
+    stop: StopFilter,
+}
+
+/// A sampled token applied to a session's output and text state.
+struct Advanced {
+    token: u32,
+    /// The text for its `Token` event (`None`: no event, as for the end-of-sequence token of
+    /// an in-process session).
+    text: Option<String>,
+    end: Option<FinishReason>,
+}
+
+/// The most drafts the engine asks for per input (protocol cap: `MAX_DRAFTS`).
+pub const MAX_DRAFT_CAP: u8 = 8;
+
 struct SessionState<'t> {
     events: EventSink,
     hidden: Vec<f32>,
@@ -432,9 +535,12 @@ struct SessionState<'t> {
     decoder: Option<StreamDecoder<'t>>,
     stop: StopFilter,
     finished: bool,
-    /// Full blocks of `hidden` hashed so far, and the last hash of the chain.
-    hashed_blocks: usize,
-    last_hash: Option<BlockHash>,
+    /// The hash chain of `hidden`'s full blocks so far (prefix sharing).
+    chain: Vec<BlockHash>,
+    /// Position of the first draft row of the input being computed (speculation).
+    draft_first: usize,
+    /// Tokens sampled after draft rows, waiting for the device's verdict.
+    pending: Option<Pending<'t>>,
     /// The generation span steps link to.
     trace: Option<opentelemetry::trace::SpanContext>,
     /// When the last token went out, until the device's next input arrives.
@@ -537,6 +643,9 @@ struct Loop<'t> {
     bookkeeping_s: f64,
     steps: u64,
     cost: StepCostFit,
+    /// The share of wall time spent in steps lately (an average over about 20 steps).
+    busy_share: f64,
+    last_step_end: Option<Instant>,
 }
 
 fn run(
@@ -584,6 +693,8 @@ fn run(
         bookkeeping_s: 0.0,
         steps: 0,
         cost: StepCostFit::new(0.98),
+        busy_share: 0.0,
+        last_step_end: None,
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
@@ -684,8 +795,9 @@ impl<'t> Loop<'t> {
                             decoder: self.tokenizer.map(StreamDecoder::new),
                             stop: StopFilter::new(params.stop_strings),
                             finished: false,
-                            hashed_blocks: 0,
-                            last_hash: None,
+                            chain: Vec::new(),
+                            draft_first: 0,
+                            pending: None,
                             trace: params.trace,
                             token_sent_at: None,
                             reply_latency: None,
@@ -699,17 +811,11 @@ impl<'t> Loop<'t> {
                 data,
                 rows,
                 complete,
+                first_position,
+                drafts,
                 ack,
             } => {
-                let r = match self.sessions.get_mut(&id) {
-                    None => Err(EngineError::UnknownSession(id.0)),
-                    Some(s) if s.finished => Err(EngineError::Finished(id.0)),
-                    Some(s) => self
-                        .sched
-                        .push(id, rows, complete)
-                        .map(|()| s.hidden.extend_from_slice(&data))
-                        .map_err(EngineError::from),
-                };
+                let r = self.take_input(id, data, rows, complete, first_position, drafts);
                 if r.is_ok() {
                     if let Some(s) = self.sessions.get_mut(&id) {
                         if let Some(t) = s.token_sent_at.take() {
@@ -717,9 +823,6 @@ impl<'t> Loop<'t> {
                         }
                     }
                     self.expecting.remove(&id);
-                }
-                if r.is_ok() && self.prefix_sharing {
-                    self.hash_new_blocks(id);
                 }
                 match ack {
                     Some(ack) => {
@@ -760,6 +863,92 @@ impl<'t> Loop<'t> {
         }
     }
 
+    /// Takes one input: checks where it starts, applies the device's verdict on the draft
+    /// tokens of the last answer (drops the rejected rows and their KV, commits the accepted
+    /// tokens, ends the generation when one of them ends it), then queues the rows.
+    fn take_input(
+        &mut self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+        first_position: Option<usize>,
+        drafts: usize,
+    ) -> Result<(), EngineError> {
+        let h = self.cloud.config().hidden_size;
+        let bs = self.block_size;
+        let received = self
+            .sched
+            .progress(id)
+            .map(|p| p.received)
+            .ok_or(EngineError::UnknownSession(id.0))?;
+        let s = match self.sessions.get_mut(&id) {
+            None => return Err(EngineError::UnknownSession(id.0)),
+            Some(s) if s.finished => return Err(EngineError::Finished(id.0)),
+            Some(s) => s,
+        };
+        let at = first_position.unwrap_or(received);
+        // The tokens of the last answer the device accepted (drafts before `at`).
+        let accepted = match &s.pending {
+            Some(p) if at >= p.first && at <= p.first + p.tokens.len() => Some(at - p.first),
+            _ if at == received => None,
+            p => {
+                return Err(EngineError::Position {
+                    got: at,
+                    expected: match p {
+                        Some(p) => format!("{} to {}", p.first, p.first + p.tokens.len()),
+                        None => received.to_string(),
+                    },
+                })
+            }
+        };
+        if let Some(accepted) = accepted {
+            if at < received {
+                self.sched.truncate(id, at)?;
+                s.hidden.truncate(at * h);
+                s.chain.truncate(at / bs);
+            }
+            if let Some(m) = &self.metrics {
+                m.draft_tokens_accepted_total.add(accepted as u64);
+            }
+            if let Some(reason) = s.commit(accepted)? {
+                // A draft token that ended the generation counts: the rows that came with
+                // the verdict are not needed.
+                s.finish(reason);
+                let _ = self.sched.remove(id);
+                return Ok(());
+            }
+        }
+        self.sched.push_drafts(id, rows, complete, drafts)?;
+        s.hidden.extend_from_slice(&data);
+        s.draft_first = at + rows - drafts;
+        if drafts > 0 {
+            if let Some(m) = &self.metrics {
+                m.draft_tokens_total.add(drafts as u64);
+            }
+        }
+        if self.prefix_sharing {
+            self.hash_new_blocks(id);
+        }
+        Ok(())
+    }
+
+    /// The most drafts to ask for in the next inputs: the configured cap while the engine
+    /// mostly waits for its devices (drafts then ride in steps that would run anyway), else
+    /// as many as the step's fixed cost covers per decoder (speculating sessions at most
+    /// double a compute-bound step). `decoders`: the sessions sampled in this step.
+    fn draft_cap(&self, decoders: usize) -> u8 {
+        if self.busy_share < 0.5 {
+            return MAX_DRAFT_CAP;
+        }
+        let per = self
+            .cost
+            .overhead_rows()
+            .unwrap_or(f64::from(MAX_DRAFT_CAP))
+            / decoders.max(1) as f64;
+        (per.floor().clamp(0.0, f64::from(MAX_DRAFT_CAP))) as u8
+    }
+
     /// Extends `id`'s hash chain over the full blocks it received since the last call and
     /// hands the new hashes to the scheduler (prefix sharing).
     fn hash_new_blocks(&mut self, id: SeqId) {
@@ -769,23 +958,22 @@ impl<'t> Loop<'t> {
             return;
         };
         let full = s.hidden.len() / (h * bs);
-        if full <= s.hashed_blocks {
+        let done = s.chain.len();
+        if full <= done {
             return;
         }
         let mut bytes = Vec::with_capacity(h * bs * 4);
-        let mut new = Vec::with_capacity(full - s.hashed_blocks);
-        for b in s.hashed_blocks..full {
+        for b in done..full {
             bytes.clear();
             for x in &s.hidden[b * bs * h..(b + 1) * bs * h] {
                 bytes.extend_from_slice(&x.to_le_bytes());
             }
-            let hash = BlockHash::chain(s.last_hash, &bytes);
-            s.last_hash = Some(hash);
-            new.push(hash);
+            let hash = BlockHash::chain(s.chain.last().copied(), &bytes);
+            s.chain.push(hash);
         }
-        s.hashed_blocks = full;
+        let new = &s.chain[done..];
         // Cannot fail: the session is known and the positions were just received.
-        let _ = self.sched.add_block_hashes(id, &new);
+        let _ = self.sched.add_block_hashes(id, new);
     }
 
     /// Runs one batch; a failure fails the batch's sessions, not the engine.
@@ -816,6 +1004,13 @@ impl<'t> Loop<'t> {
         let result = self.forward_and_sample(&batch);
         let forwarded = Instant::now();
         let took = forwarded - started;
+        if let Some(prev) = self.last_step_end.replace(forwarded) {
+            let wall = (forwarded - prev).as_secs_f64();
+            if wall > 0.0 {
+                let share = (took.as_secs_f64() / wall).min(1.0);
+                self.busy_share += 0.05 * (share - self.busy_share);
+            }
+        }
         self.busy_s += took.as_secs_f64();
         self.steps += 1;
         self.cost.observe(batch.num_tokens(), took.as_secs_f64());
@@ -903,8 +1098,12 @@ impl<'t> Loop<'t> {
                 .ok_or(EngineError::UnknownSession(item.id.0))?;
             rows.extend_from_slice(&s.hidden[item.start * h..(item.start + item.len) * h]);
             if item.sample {
-                // The item's last row, just appended.
-                sample_rows.push(((rows.len() / h - 1) as u32, item.id));
+                // The item's last rows, just appended: one, or the token before the drafts
+                // and the drafts.
+                let end = rows.len() / h;
+                for r in end - item.sample_rows.clamp(1, item.len)..end {
+                    sample_rows.push((r as u32, item.id));
+                }
             }
             spans.push((item.start, item.len));
         }
@@ -954,11 +1153,16 @@ impl<'t> Loop<'t> {
             .and_then(|l| l.to_vec1())
             .map_err(|e| EngineError::Model(e.to_string()))?;
         let logits_done = Instant::now();
+        let cap = self.draft_cap(batch.num_samples());
+        if let Some(m) = &self.metrics {
+            m.draft_cap.store(u64::from(cap), Ordering::Relaxed);
+        }
         finished.extend(deliver_rows(
             &mut self.sessions,
             &sample_rows,
             &logits,
             vocab,
+            cap,
         ));
         if let Some((t0, t1)) = layers_done {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
@@ -977,28 +1181,36 @@ impl<'t> Loop<'t> {
 }
 
 /// Samples and delivers each sampled row's token to its session (`rows[i]` owns the `i`-th
-/// `vocab`-long slice of `logits`); returns the sessions that ended. A session whose sampling
-/// or detokenizing fails (NaN logits, a decoding error) gets its own `Event::Error` and ends;
+/// `vocab`-long slice of `logits`; a session's rows are consecutive: one, or the token before
+/// its drafts and the drafts); returns the sessions that ended. A session whose sampling or
+/// detokenizing fails (NaN logits, a decoding error) gets its own `Event::Error` and ends;
 /// the other sessions of the step get their tokens.
 fn deliver_rows(
     sessions: &mut HashMap<SeqId, SessionState<'_>>,
     rows: &[(u32, SeqId)],
     logits: &[f32],
     vocab: usize,
+    draft_cap: u8,
 ) -> Vec<SeqId> {
     let mut finished = Vec::new();
-    for ((_, id), row) in rows.iter().zip(logits.chunks_exact(vocab.max(1))) {
-        let Some(s) = sessions.get_mut(id) else {
+    let slices: Vec<&[f32]> = logits.chunks_exact(vocab.max(1)).collect();
+    let mut i = 0;
+    while i < rows.len().min(slices.len()) {
+        let id = rows[i].1;
+        let n = rows[i..].iter().take_while(|(_, r)| *r == id).count();
+        let window = &slices[i..(i + n).min(slices.len())];
+        i += n;
+        let Some(s) = sessions.get_mut(&id) else {
             continue;
         };
-        match s.deliver(row) {
-            Ok(true) => finished.push(*id),
+        match s.deliver_window(window, draft_cap) {
+            Ok(true) => finished.push(id),
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(session = id.0, error = %e, "sampling failed; ending this session only");
                 s.events.send(Event::Error(e));
                 s.finished = true;
-                finished.push(*id);
+                finished.push(id);
             }
         }
     }
@@ -1006,20 +1218,20 @@ fn deliver_rows(
 }
 
 impl SessionState<'_> {
-    /// Samples and delivers one token; returns whether the generation ended.
-    fn deliver(&mut self, logits: &[f32]) -> Result<bool, EngineError> {
+    /// Samples one token from `logits` and applies it to the output and the text state:
+    /// what the token's event says, and whether it ends the generation. Changes nothing
+    /// else (no event is sent).
+    fn advance(&mut self, logits: &[f32]) -> Result<Advanced, EngineError> {
         let token = self
             .sampler
             .sample(logits, &self.output)
             .map_err(|e| EngineError::Model(e.to_string()))?;
-        let mut reason = None;
-        // The token event waits until the end of this function, so an async sink can get the
-        // held-back tail of the text on it.
-        let mut event = None;
+        let mut end = None;
+        let mut text = None;
         if self.eos.contains(&token) {
-            reason = Some(FinishReason::Eos);
+            end = Some(FinishReason::Eos);
             if self.events.is_async() {
-                event = Some((token, String::new()));
+                text = Some(String::new());
             }
         } else {
             self.output.push(token);
@@ -1031,40 +1243,117 @@ impl SessionState<'_> {
             };
             let mut shown = String::new();
             if self.stop.push(&piece, &mut |p| shown.push_str(p)) {
-                reason = Some(FinishReason::StopString);
+                end = Some(FinishReason::StopString);
             }
-            event = Some((token, shown));
-            if reason.is_none() && self.output.len() >= self.max_tokens {
-                reason = Some(FinishReason::Length);
+            text = Some(shown);
+            if end.is_none() && self.output.len() >= self.max_tokens {
+                end = Some(FinishReason::Length);
             }
         }
-        let Some(reason) = reason else {
-            if let Some((id, text)) = event {
-                self.events.send(Event::Token { id, text });
-            }
-            return Ok(false);
-        };
-        if reason != FinishReason::StopString {
+        if end.is_some() && end != Some(FinishReason::StopString) {
             if let Some(d) = self.decoder.as_mut() {
                 let rest = d.finish().map_err(|e| EngineError::Model(e.to_string()))?;
                 let mut tail = String::new();
                 self.stop.push(&rest, &mut |p| tail.push_str(p));
                 self.stop.flush(&mut |p| tail.push_str(p));
-                if let (true, Some((_, text))) = (self.events.is_async(), event.as_mut()) {
-                    text.push_str(&tail);
+                // The held-back tail rides on the last token (async sinks only).
+                if let (true, Some(t)) = (self.events.is_async(), text.as_mut()) {
+                    t.push_str(&tail);
                 }
             }
         }
-        if let Some((id, text)) = event {
-            self.events.send(Event::Token { id, text });
-        }
+        Ok(Advanced { token, text, end })
+    }
+
+    /// Ends the generation: `Done` with the output so far.
+    fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
+        self.pending = None;
         self.events.send(Event::Done {
             reason,
             output_ids: self.output.clone(),
             text: self.stop.text().to_string(),
         });
-        Ok(true)
+    }
+
+    /// Samples and delivers one answer: the token after the first row, which counts, then,
+    /// after each draft row, a draft token (sampled as if the drafts before it were
+    /// accepted, so that it is the token a step without speculation would give if they are),
+    /// up to the first that would end the generation. Returns whether the generation ended.
+    fn deliver_window(&mut self, rows: &[&[f32]], draft_cap: u8) -> Result<bool, EngineError> {
+        let Some((first, drafts)) = rows.split_first() else {
+            return Ok(false);
+        };
+        let a = self.advance(first)?;
+        if let Some(text) = a.text {
+            self.events.send(Event::Token {
+                id: a.token,
+                text,
+                draft: false,
+                last: false,
+                draft_cap,
+            });
+        }
+        if let Some(reason) = a.end {
+            self.finish(reason);
+            return Ok(true);
+        }
+        if drafts.is_empty() {
+            return Ok(false);
+        }
+        let mut pending = Pending {
+            first: self.draft_first,
+            tokens: Vec::with_capacity(drafts.len()),
+            ended: None,
+            output_len: self.output.len(),
+            decoder: self.decoder.clone(),
+            stop: self.stop.clone(),
+        };
+        for row in drafts {
+            let a = self.advance(row)?;
+            pending.tokens.push(a.token);
+            self.events.send(Event::Token {
+                id: a.token,
+                text: a.text.unwrap_or_default(),
+                draft: true,
+                last: a.end.is_some(),
+                draft_cap,
+            });
+            if a.end.is_some() {
+                pending.ended = a.end;
+                break;
+            }
+        }
+        self.pending = Some(pending);
+        Ok(false)
+    }
+
+    /// Applies the device's verdict on the pending draft tokens: the first `accepted` count
+    /// (the caller checked `accepted <= tokens.len()`). Returns how the generation ends when
+    /// an accepted token ends it.
+    fn commit(&mut self, accepted: usize) -> Result<Option<FinishReason>, EngineError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(None);
+        };
+        if accepted == p.tokens.len() {
+            // The state already follows every draft token.
+            return Ok(p.ended);
+        }
+        self.output.truncate(p.output_len);
+        self.decoder = p.decoder;
+        self.stop = p.stop;
+        // None of these ends the generation (the answer stopped at the first that would).
+        for &token in &p.tokens[..accepted] {
+            self.output.push(token);
+            let piece = match self.decoder.as_mut() {
+                Some(d) => d
+                    .push(token)
+                    .map_err(|e| EngineError::Model(e.to_string()))?,
+                None => String::new(),
+            };
+            self.stop.push(&piece, &mut |_| {});
+        }
+        Ok(None)
     }
 }
 
@@ -1087,8 +1376,9 @@ mod tests {
             decoder: None,
             stop: StopFilter::new(Vec::new()),
             finished: false,
-            hashed_blocks: 0,
-            last_hash: None,
+            chain: Vec::new(),
+            draft_first: 0,
+            pending: None,
             trace: None,
             token_sent_at: None,
             reply_latency: None,
@@ -1105,7 +1395,7 @@ mod tests {
         sessions.insert(b, session(tx_b));
         // One step, two sampled rows of a 4-token vocabulary: a's logits hold a NaN.
         let logits = [0.1, f32::NAN, 0.3, 0.2, 0.0, 0.5, 2.0, 1.0];
-        let ended = deliver_rows(&mut sessions, &[(0, a), (1, b)], &logits, 4);
+        let ended = deliver_rows(&mut sessions, &[(0, a), (1, b)], &logits, 4, 0);
         assert_eq!(ended, vec![a]);
         assert!(matches!(rx_a.try_recv(), Ok(Event::Error(_))), "a is told");
         assert!(sessions[&a].finished);
@@ -1115,7 +1405,7 @@ mod tests {
         }
         assert!(!sessions[&b].finished);
         // b goes on in the next step.
-        let ended = deliver_rows(&mut sessions, &[(0, b)], &[0.0, 0.0, 0.0, 1.0], 4);
+        let ended = deliver_rows(&mut sessions, &[(0, b)], &[0.0, 0.0, 0.0, 1.0], 4, 0);
         assert!(ended.is_empty());
         assert!(matches!(rx_b.try_recv(), Ok(Event::Token { id: 3, .. })));
     }

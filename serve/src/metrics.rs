@@ -311,6 +311,11 @@ pub struct Metrics {
     pub prompts_submitted_total: Family,
     /// Unix ms when the step in progress started; 0 between steps.
     pub step_started_ms: AtomicU64,
+    /// Draft rows devices sent (speculation), and of those the tokens they accepted.
+    pub draft_tokens_total: Counter,
+    pub draft_tokens_accepted_total: Counter,
+    /// The most drafts the engine asked for in its last step's answers.
+    pub draft_cap: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -328,6 +333,9 @@ impl Default for Metrics {
             errors_total: Family::new("code", 256),
             prompts_submitted_total: Family::new("tenant", MAX_TENANT_LABELS),
             step_started_ms: AtomicU64::new(0),
+            draft_tokens_total: Counter::default(),
+            draft_tokens_accepted_total: Counter::default(),
+            draft_cap: AtomicU64::new(0),
         }
     }
 }
@@ -454,6 +462,21 @@ const TOKENS_OUT: Described = described(
     "Tokens generated and sent to devices.",
     "{token}",
 );
+const DRAFTS: Described = described(
+    "tandem_draft_tokens_total",
+    "Draft rows devices sent with their decode inputs (speculation across the split).",
+    "{token}",
+);
+const DRAFTS_ACCEPTED: Described = described(
+    "tandem_draft_tokens_accepted_total",
+    "Draft tokens the devices accepted (the cloud's token after each matched the draft).",
+    "{token}",
+);
+const DRAFT_CAP: Described = described(
+    "tandem_draft_cap",
+    "The most drafts the engine asked for in its last step's answers (0: none).",
+    "{token}",
+);
 const WIRE_BYTES: Described = described(
     "tandem_wire_bytes_total",
     "WebSocket payload bytes by direction (in: device to cloud).",
@@ -578,10 +601,19 @@ impl Metrics {
             (STEPS, snap.engine_steps_total),
             (TOKENS_IN, self.tokens_in_total.get()),
             (TOKENS_OUT, self.tokens_out_total.get()),
+            (DRAFTS, self.draft_tokens_total.get()),
+            (DRAFTS_ACCEPTED, self.draft_tokens_accepted_total.get()),
         ];
         for (d, v) in counters {
             scalar(&mut o, d.name, "counter", d.help, v);
         }
+        scalar(
+            &mut o,
+            DRAFT_CAP.name,
+            "gauge",
+            DRAFT_CAP.help,
+            self.draft_cap.load(std::sync::atomic::Ordering::Relaxed),
+        );
         seconds(&mut o, ENGINE_SECONDS, "phase", &snap.engine_phases());
         let threads = thread_cpu();
         if !threads.is_empty() {
@@ -659,7 +691,16 @@ impl Metrics {
             })
             .build();
         let steps_snapshot = snapshot.clone();
-        let counters: [(Described, Read); 4] = [
+        let m = self.clone();
+        let _ = meter
+            .u64_observable_gauge(DRAFT_CAP.name)
+            .with_description(DRAFT_CAP.help)
+            .with_unit(DRAFT_CAP.unit)
+            .with_callback(move |o| {
+                o.observe(m.draft_cap.load(std::sync::atomic::Ordering::Relaxed), &[])
+            })
+            .build();
+        let counters: [(Described, Read); 6] = [
             (PREEMPTIONS, Box::new(move |_| snapshot().preemptions_total)),
             (
                 STEPS,
@@ -667,6 +708,11 @@ impl Metrics {
             ),
             (TOKENS_IN, Box::new(|m| m.tokens_in_total.get())),
             (TOKENS_OUT, Box::new(|m| m.tokens_out_total.get())),
+            (DRAFTS, Box::new(|m| m.draft_tokens_total.get())),
+            (
+                DRAFTS_ACCEPTED,
+                Box::new(|m| m.draft_tokens_accepted_total.get()),
+            ),
         ];
         for (d, read) in counters {
             let m = self.clone();

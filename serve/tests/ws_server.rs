@@ -197,6 +197,7 @@ impl Sim<'_> {
             first_position: self.pos as u32,
             token_count: tokens.len() as u32,
             complete,
+        drafts: 0,
             dtype: self.dtype,
             payload: &payload,
         }
@@ -407,6 +408,7 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
         first_position: 0,
         token_count: 1,
         complete: true,
+        drafts: 0,
         dtype: HiddenDtype::F32,
         payload: &payload,
     };
@@ -422,6 +424,7 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
         first_position: 0,
         token_count: 1,
         complete: true,
+        drafts: 0,
         dtype: HiddenDtype::F32,
         payload: &payload,
     };
@@ -473,6 +476,7 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
         first_position: 0,
         token_count: rows as u32,
         complete: true,
+        drafts: 0,
         dtype: HiddenDtype::F32,
         payload: &payload,
     };

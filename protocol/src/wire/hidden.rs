@@ -96,6 +96,10 @@ pub struct Hidden {
     pub token_count: u32,
     /// The prompt is complete: after this chunk the device waits for a `Token`.
     pub complete: bool,
+    /// Speculation: the last `drafts` rows are tokens the device drafted itself (at most
+    /// [`MAX_DRAFTS`]); the cloud samples after every row from the first one it keeps before
+    /// them. Only on a complete decode frame, with `token_count == drafts + 1`.
+    pub drafts: u8,
     pub dtype: HiddenDtype,
     /// `token_count × hidden_size` values encoded as `dtype` (see [`f32_to_hidden`]).
     pub payload: Vec<u8>,
@@ -108,6 +112,7 @@ pub struct HiddenRef<'a> {
     pub first_position: u32,
     pub token_count: u32,
     pub complete: bool,
+    pub drafts: u8,
     pub dtype: HiddenDtype,
     pub payload: &'a [u8],
 }
@@ -117,6 +122,9 @@ pub const HIDDEN_PAYLOAD_OFFSET: usize = 28;
 
 const COMPLETE_FLAG: u8 = 0x01;
 
+/// The most draft rows one `Hidden` frame may carry.
+pub const MAX_DRAFTS: u8 = 16;
+
 impl Hidden {
     /// A borrowing view of this frame.
     pub fn borrowed(&self) -> HiddenRef<'_> {
@@ -125,10 +133,25 @@ impl Hidden {
             first_position: self.first_position,
             token_count: self.token_count,
             complete: self.complete,
+            drafts: self.drafts,
             dtype: self.dtype,
             payload: &self.payload,
         }
     }
+}
+
+/// Drafts ride only on a complete frame that holds exactly the token before them and them.
+fn check_drafts(drafts: u8, complete: bool, token_count: u32) -> Result<(), WireError> {
+    if drafts == 0 {
+        return Ok(());
+    }
+    if drafts > MAX_DRAFTS || !complete || token_count != u32::from(drafts) + 1 {
+        return Err(WireError::InvalidFlag {
+            field: "hidden.drafts",
+            value: drafts,
+        });
+    }
+    Ok(())
 }
 
 impl<'a> HiddenRef<'a> {
@@ -163,21 +186,23 @@ impl<'a> HiddenRef<'a> {
                 value: flags,
             });
         }
-        for _ in 0..2 {
-            let value = r.u8()?;
-            if value != 0 {
-                return Err(WireError::InvalidFlag {
-                    field: "hidden.reserved",
-                    value,
-                });
-            }
+        let drafts = r.u8()?;
+        let complete = flags & COMPLETE_FLAG != 0;
+        check_drafts(drafts, complete, token_count)?;
+        let value = r.u8()?;
+        if value != 0 {
+            return Err(WireError::InvalidFlag {
+                field: "hidden.reserved",
+                value,
+            });
         }
         let payload = r.byte_slice("hidden.payload", u32::MAX as usize)?;
         Ok(Self {
             seq,
             first_position,
             token_count,
-            complete: flags & COMPLETE_FLAG != 0,
+            complete,
+            drafts,
             dtype,
             payload,
         })
@@ -187,6 +212,7 @@ impl<'a> HiddenRef<'a> {
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
         // Check first so that a refused frame leaves `out` untouched.
         checked_len("hidden.payload", self.payload.len(), u32::MAX as usize)?;
+        check_drafts(self.drafts, self.complete, self.token_count)?;
         out.reserve(HIDDEN_PAYLOAD_OFFSET + self.payload.len());
         let mut w = Writer::new(out);
         write_header(&mut w, FrameType::Hidden);
@@ -201,12 +227,14 @@ impl<'a> HiddenRef<'a> {
     }
 
     pub(crate) fn encode_body(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        check_drafts(self.drafts, self.complete, self.token_count)?;
         w.u64(self.seq);
         w.u32(self.first_position);
         w.u32(self.token_count);
         w.u8(self.dtype.code());
         w.u8(if self.complete { COMPLETE_FLAG } else { 0 });
-        w.u16(0);
+        w.u8(self.drafts);
+        w.u8(0);
         w.byte_slice("hidden.payload", self.payload, u32::MAX as usize)
     }
 
@@ -217,8 +245,19 @@ impl<'a> HiddenRef<'a> {
             first_position: self.first_position,
             token_count: self.token_count,
             complete: self.complete,
+            drafts: self.drafts,
             dtype: self.dtype,
             payload: self.payload.to_vec(),
+        }
+    }
+
+    /// Rows the cloud samples after: the drafts and the row before them (1 for a plain
+    /// decode step or a prompt's last chunk, 0 for a chunk that does not end the prompt).
+    pub fn sampled_rows(&self) -> usize {
+        if self.complete {
+            usize::from(self.drafts) + 1
+        } else {
+            0
         }
     }
 
@@ -246,6 +285,7 @@ fn debug_hidden(
         .field("first_position", &h.first_position)
         .field("token_count", &h.token_count)
         .field("complete", &h.complete)
+        .field("drafts", &h.drafts)
         .field("dtype", &h.dtype)
         .field("payload_len", &h.payload.len())
         .finish()

@@ -80,8 +80,22 @@ pub(crate) struct Input {
     pub(crate) first_position: u32,
     pub(crate) rows: usize,
     pub(crate) complete: bool,
+    /// The last rows that are device drafts (speculation).
+    pub(crate) drafts: usize,
     pub(crate) dtype: HiddenDtype,
     pub(crate) data: Vec<f32>,
+}
+
+/// One token of the session's log, as its `Token` frame says it.
+#[derive(Clone, Debug)]
+struct Logged {
+    id: u32,
+    text: Option<String>,
+    /// The `Hidden` frame it answers.
+    input_seq: u64,
+    draft: bool,
+    last: bool,
+    draft_cap: u8,
 }
 
 pub(crate) enum SessionCmd {
@@ -174,6 +188,12 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         queue: VecDeque::new(),
         tokens: Vec::new(),
         device_has: setup.device_has,
+        answered: 0,
+        answer_left: 0,
+        answering: 0,
+        answer_start: 0,
+        draft_first: None,
+        last_fed_draft_first: None,
         done: None,
         grace: None,
         marked_generating: false,
@@ -206,8 +226,23 @@ struct Actor {
     completes_accepted: u64,
     completes_fed: u64,
     queue: VecDeque<Input>,
-    tokens: Vec<(u32, Option<String>)>,
+    tokens: Vec<Logged>,
     device_has: u64,
+    /// Complete inputs whose answer has fully arrived (its token, and a token per draft
+    /// row up to the first that would end the generation).
+    answered: u64,
+    /// Tokens still due for the last complete input fed.
+    answer_left: usize,
+    /// The `Hidden` sequence number of the last complete input fed, and where its answer
+    /// starts in `tokens`.
+    answering: u64,
+    answer_start: usize,
+    /// Position of the first draft row of the last complete input accepted, when it had
+    /// drafts: the next input may start anywhere from there to `next_position`.
+    draft_first: Option<u64>,
+    /// The same for the last complete input fed to the engine (the log's truncation point
+    /// is known when the next one is fed).
+    last_fed_draft_first: Option<u64>,
     done: Option<Done>,
     /// When the session gives up waiting for a `Resume`.
     grace: Option<Instant>,
@@ -303,7 +338,7 @@ impl Actor {
         let waiting_on_device = self.conn.is_some()
             && self.done.is_none()
             && self.queue.is_empty()
-            && self.completes_fed <= self.tokens.len() as u64;
+            && self.completes_fed <= self.answered;
         waiting_on_device.then(|| self.last_activity + self.shared.cfg.session_idle_timeout())
     }
 
@@ -437,11 +472,15 @@ impl Actor {
     }
 
     fn token_frame(&self, seq: usize) -> Frame {
-        let (token_id, text) = self.tokens[seq].clone();
+        let t = self.tokens[seq].clone();
         Frame::Token(Token {
             seq: seq as u64,
-            token_id,
-            text,
+            input_seq: t.input_seq,
+            token_id: t.id,
+            draft: t.draft,
+            last: t.last,
+            draft_cap: t.draft_cap,
+            text: t.text,
         })
     }
 
@@ -460,11 +499,12 @@ impl Actor {
             return self.fail(e).await;
         }
         self.next_hidden_seq += 1;
-        self.next_position += input.rows as u64;
+        self.next_position = u64::from(input.first_position) + input.rows as u64;
         self.shared.metrics.tokens_in_total.add(input.rows as u64);
         if input.complete {
             self.completes_accepted += 1;
             self.prompt_tokens.get_or_insert(self.next_position);
+            self.draft_first = (input.drafts > 0).then(|| self.next_position - input.drafts as u64);
         }
         if !self.marked_generating {
             self.marked_generating = true;
@@ -486,7 +526,7 @@ impl Actor {
                 format!("expected hidden sequence number {}", self.next_hidden_seq),
             ));
         }
-        let device_tokens = self.device_has.max(self.tokens.len() as u64);
+        let device_tokens = self.device_has.max(self.answered);
         if self.completes_accepted > device_tokens {
             return Err(error_frame(
                 ErrorCode::UnexpectedFrame,
@@ -501,14 +541,32 @@ impl Actor {
                 format!("dtype {} differs from Open's {}", input.dtype, self.dtype),
             ));
         }
-        if u64::from(input.first_position) != self.next_position {
+        let at = u64::from(input.first_position);
+        // After an answer with draft tokens, the input may start at any draft row: it drops
+        // the rows from there on (the engine checks it against the tokens it sampled).
+        let earliest = self.draft_first.unwrap_or(self.next_position);
+        if at < earliest || at > self.next_position {
             return Err(error_frame(
                 ErrorCode::HiddenShape,
                 seq,
-                format!("expected first position {}", self.next_position),
+                if earliest == self.next_position {
+                    format!("expected first position {}", self.next_position)
+                } else {
+                    format!(
+                        "expected a first position from {earliest} to {}",
+                        self.next_position
+                    )
+                },
             ));
         }
-        let end = self.next_position + input.rows as u64;
+        if input.drafts > 0 && self.prompt_tokens.is_none() {
+            return Err(error_frame(
+                ErrorCode::HiddenShape,
+                seq,
+                "drafts before the prompt is complete",
+            ));
+        }
+        let end = at + input.rows as u64;
         let cfg = &self.shared.cfg;
         if self.prompt_tokens.is_none() && end > cfg.max_prompt_tokens as u64 {
             return Err(error_frame(
@@ -531,18 +589,38 @@ impl Actor {
         Ok(())
     }
 
-    /// Hands queued inputs to the engine, stopping after a complete one until its token comes.
+    /// Hands queued inputs to the engine, stopping after a complete one until its answer
+    /// has come.
     fn feed(&mut self) -> Flow {
-        while self.completes_fed <= self.tokens.len() as u64 {
+        while self.completes_fed <= self.answered {
             let Some(input) = self.queue.pop_front() else {
                 break;
             };
             let complete = input.complete;
-            if let Err(e) = self
-                .shared
-                .engine
-                .push_hidden_nowait(self.seq, input.data, input.rows, complete)
-            {
+            if complete {
+                // The device's verdict on the last answer's draft tokens: the log keeps the
+                // ones it accepted (the engine does the same with its rows and output).
+                if let Some(first) = self.last_fed_draft_first.take() {
+                    let accepted = u64::from(input.first_position).saturating_sub(first) as usize;
+                    let keep = (self.answer_start + 1 + accepted).min(self.tokens.len());
+                    self.tokens.truncate(keep);
+                    self.device_has = self.device_has.min(keep as u64);
+                }
+                self.answering = input.seq;
+                self.answer_start = self.tokens.len();
+                self.answer_left = 1 + input.drafts;
+                self.last_fed_draft_first = (input.drafts > 0).then(|| {
+                    u64::from(input.first_position) + input.rows as u64 - input.drafts as u64
+                });
+            }
+            if let Err(e) = self.shared.engine.push_hidden_at_nowait(
+                self.seq,
+                input.data,
+                input.rows,
+                complete,
+                input.first_position as usize,
+                input.drafts,
+            ) {
                 // Shape and finiteness were checked by the connection; only a stopped
                 // engine gets here. The event loop reports it.
                 tracing::error!(session = self.id, error = %e, "engine refused input");
@@ -557,7 +635,13 @@ impl Actor {
 
     async fn on_event(&mut self, ev: Event) -> Flow {
         match ev {
-            Event::Token { id, text } => {
+            Event::Token {
+                id,
+                text,
+                draft,
+                last,
+                draft_cap,
+            } => {
                 let seq = self.tokens.len();
                 let text = (!text.is_empty()).then_some(text).map(|mut t| {
                     if t.len() > MAX_TEXT_DELTA_LEN {
@@ -570,7 +654,21 @@ impl Actor {
                     }
                     t
                 });
-                self.tokens.push((id, text));
+                self.tokens.push(Logged {
+                    id,
+                    text,
+                    input_seq: self.answering,
+                    draft,
+                    last,
+                    draft_cap,
+                });
+                self.answer_left = self.answer_left.saturating_sub(1);
+                if last {
+                    self.answer_left = 0;
+                }
+                if self.answer_left == 0 && self.answered < self.completes_fed {
+                    self.answered += 1;
+                }
                 let now = Instant::now();
                 self.last_activity = now;
                 let m = &self.shared.metrics;
@@ -635,7 +733,7 @@ impl Actor {
                 output: self
                     .tokens
                     .iter()
-                    .filter_map(|(_, t)| t.as_deref())
+                    .filter_map(|t| t.text.as_deref())
                     .collect(),
                 finish_reason: done.reason.name().to_owned(),
                 prompt_tokens: done.prompt_tokens,

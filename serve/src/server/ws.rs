@@ -278,6 +278,7 @@ impl Connection {
             first_position: h.first_position,
             rows: h.token_count as usize,
             complete: h.complete,
+            drafts: usize::from(h.drafts),
             dtype: h.dtype,
             data,
         };
