@@ -606,6 +606,11 @@ impl Driver {
                 Ok(())
             }
             Frame::Done(d) => {
+                // A token that counts and ends the generation comes without draft tokens
+                // after it: its answer is whole with `Done`.
+                if self.awaiting.as_ref().is_some_and(|a| !a.got.is_empty()) {
+                    self.take_answer();
+                }
                 tracing::info!(
                     reason = d.reason.code(),
                     output_tokens = d.output_tokens,

@@ -877,16 +877,16 @@ impl<'t> Loop<'t> {
     ) -> Result<(), EngineError> {
         let h = self.cloud.config().hidden_size;
         let bs = self.block_size;
-        let received = self
-            .sched
-            .progress(id)
-            .map(|p| p.received)
-            .ok_or(EngineError::UnknownSession(id.0))?;
         let s = match self.sessions.get_mut(&id) {
             None => return Err(EngineError::UnknownSession(id.0)),
             Some(s) if s.finished => return Err(EngineError::Finished(id.0)),
             Some(s) => s,
         };
+        let received = self
+            .sched
+            .progress(id)
+            .map(|p| p.received)
+            .ok_or(EngineError::UnknownSession(id.0))?;
         let at = first_position.unwrap_or(received);
         // The tokens of the last answer the device accepted (drafts before `at`).
         let accepted = match &s.pending {

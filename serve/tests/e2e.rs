@@ -453,6 +453,8 @@ async fn wire_bytes_per_token_for_each_dtype() {
             .config()
             .clone();
         client_cfg.dtype = dtype;
+        // One row per decode step (drafts add rows by design; see the speculation test).
+        client_cfg.max_draft_tokens = 0;
         let client = EdgeClient::from_bundle(&fx.bundle, client_cfg).expect("client");
         let mut req = request(prompt.clone(), 8);
         req.system_prefix_len = 0;
@@ -608,6 +610,93 @@ async fn cli_on_the_demo_model_produces_text() {
         f32_run.wire.decode_bytes / f32_run.wire.decode_frames.max(1),
         f32_run.timings.decode_tokens_per_s,
         f32_run.timings.edge_decode_ms_per_token
+    );
+    server.shutdown().await;
+}
+
+/// Speculation through the real server and client: with drafts on (the default) and off, the
+/// same tokens and text for greedy and seeded sampling and with a stop string; with drafts on,
+/// some are confirmed, so fewer round trips than tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_changes_no_output_and_saves_round_trips() {
+    let fx = Fixture::new();
+    let server = fx.server().await;
+    // A prompt for which prompt lookup guesses right at least once on the greedy output
+    // (on this tiny random model, found by running the lookup over reference outputs).
+    use tandem_edge::draft::{Drafter, PromptLookup};
+    let prompt = (0..200)
+        .map(|i| fx.prompt(i))
+        .find(|p| {
+            let out = fx.reference(p, 24).output_ids;
+            (1..out.len()).any(|t| {
+                let mut ctx = p.clone();
+                ctx.extend_from_slice(&out[..t]);
+                PromptLookup::default().draft(&ctx, 1) == [out[t]]
+            })
+        })
+        .expect("a prompt whose output prompt lookup can guess");
+    let run = |drafts: usize, sampling: SamplingParams, stop: Vec<String>| {
+        let mut cfg = fx
+            .client(ServerList::single(server.ws_url()), 256)
+            .config()
+            .clone();
+        cfg.max_draft_tokens = drafts;
+        let client = EdgeClient::from_bundle(&fx.bundle, cfg).expect("client");
+        let mut req = request(prompt.clone(), 24);
+        req.sampling = sampling;
+        req.stop = stop;
+        async move {
+            client
+                .generate(req)
+                .expect("generate")
+                .finish()
+                .await
+                .expect("done")
+        }
+    };
+    let seeded = SamplingParams {
+        temperature: 0.8,
+        seed: 11,
+        ..SamplingParams::default()
+    };
+    let mut drafted = 0;
+    let mut accepted = 0;
+    for sampling in [SamplingParams::default(), seeded] {
+        let off = run(0, sampling.clone(), Vec::new()).await;
+        assert_eq!(off.wire.drafted_tokens, 0);
+        let on = run(8, sampling.clone(), Vec::new()).await;
+        assert_eq!(on.token_ids, off.token_ids, "{sampling:?}: tokens");
+        assert_eq!(on.text, off.text, "{sampling:?}: text");
+        assert_eq!(on.reason, off.reason, "{sampling:?}: reason");
+        assert_eq!(on.usage, off.usage, "{sampling:?}: usage");
+        drafted += on.wire.drafted_tokens;
+        accepted += on.wire.accepted_drafts;
+        if on.wire.accepted_drafts > 0 {
+            assert!(
+                on.wire.decode_rounds < off.wire.decode_rounds,
+                "{sampling:?}: {:?} vs {:?}",
+                on.wire,
+                off.wire
+            );
+        }
+        // A stop string taken from the middle of the output: it ends both runs at the same
+        // place, whether it falls on a token that counts or inside a draft answer.
+        let text = &off.text;
+        if text.chars().count() > 12 {
+            let start = text.char_indices().nth(8).map_or(0, |(i, _)| i);
+            let end = text.char_indices().nth(11).map_or(text.len(), |(i, _)| i);
+            let stop = vec![text[start..end].to_string()];
+            let off_s = run(0, sampling.clone(), stop.clone()).await;
+            let on_s = run(8, sampling.clone(), stop).await;
+            assert_eq!(on_s.token_ids, off_s.token_ids, "{sampling:?}: stop tokens");
+            assert_eq!(on_s.text, off_s.text, "{sampling:?}: stop text");
+            assert_eq!(on_s.reason, off_s.reason);
+        }
+    }
+    assert!(drafted > 0, "the device drafted");
+    assert!(
+        accepted > 0,
+        "some drafts counted ({accepted} of {drafted})"
     );
     server.shutdown().await;
 }

@@ -197,7 +197,7 @@ impl Sim<'_> {
             first_position: self.pos as u32,
             token_count: tokens.len() as u32,
             complete,
-        drafts: 0,
+            drafts: 0,
             dtype: self.dtype,
             payload: &payload,
         }
