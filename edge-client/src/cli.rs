@@ -108,6 +108,12 @@ pub struct ModelArgs {
     /// Most prompt tokens per hidden-state message.
     #[arg(long, default_value_t = 256)]
     pub chunk_tokens: usize,
+    /// Speculation: the most tokens drafted on the device (prompt lookup) and sent with each
+    /// decode step, so that one round trip can confirm several; the output is the same with
+    /// any value. 0 turns it off; the cloud caps it by its load (docs/protocol.md §6).
+    #[arg(long, default_value_t = crate::client::DEFAULT_MAX_DRAFT_TOKENS as u64,
+          value_parser = clap::value_parser!(u64).range(0..=16))]
+    pub max_draft_tokens: u64,
     /// Differential-privacy noise on every hidden-state row: the per-row epsilon (needs
     /// --dp-clip; `inf` clips without noise). See docs/privacy.md for what it buys and costs.
     #[arg(long, requires = "dp_clip")]
@@ -140,6 +146,7 @@ impl ModelArgs {
         let mut cfg = ClientConfig::new(ServerList::new(self.servers.clone()));
         cfg.dtype = self.dtype.into();
         cfg.prompt_chunk_tokens = self.chunk_tokens;
+        cfg.max_draft_tokens = self.max_draft_tokens as usize;
         if let Some(path) = &self.ca_cert {
             cfg.ca_certs = crate::tls::read_ca_file(path).map_err(anyhow::Error::msg)?;
         }
@@ -420,8 +427,17 @@ async fn drive(
 
 /// The one-line summary after a generation.
 fn summary(finished: &Finished) -> String {
+    let w = &finished.wire;
+    let speculation = if w.drafted_tokens > 0 {
+        format!(
+            "; {} decode round trips, {} drafts sent, {} confirmed",
+            w.decode_rounds, w.drafted_tokens, w.accepted_drafts
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "finished: {} ({} output tokens, first token after {:.0} ms, {:.1} tokens/s; edge layers {:.1} ms per token)",
+        "finished: {} ({} output tokens, first token after {:.0} ms, {:.1} tokens/s; edge layers {:.1} ms per step{speculation})",
         reason_name(finished.reason),
         finished.usage.output_tokens,
         finished.timings.time_to_first_token_s * 1e3,

@@ -334,6 +334,14 @@ impl TransparencyRecord {
             thousands(t.bytes)
         );
         s.push_str("  No prompt text, no profile values and no prompt token ids were sent.\n");
+        if t.drafted_tokens > 0 {
+            let _ = writeln!(
+                s,
+                "  Of those rows, {} were tokens this device guessed ahead (their ids were not \
+                 sent); the cloud's tokens confirmed {}.",
+                t.drafted_tokens, t.accepted_drafts
+            );
+        }
         let compression = match self.compression {
             None => "none",
             Some(Compression::F16) => "f16",
