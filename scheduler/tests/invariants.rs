@@ -20,9 +20,13 @@ enum Op {
     },
     /// schedule + update; `finish` selects live sessions (bit i: the i-th by id) to report
     /// finished; `feed` pushes a decode input for every sampled item, as a device would.
+    /// `drafts`: how the fed decode inputs speculate: bits 0–1 the drafts of each (0–3),
+    /// the rest how many of the last input's drafts the device accepted (modulo their count
+    /// + 1), applied as a truncation first.
     Step {
         finish: u8,
         feed: bool,
+        drafts: u8,
     },
     Remove(u64),
 }
@@ -32,8 +36,12 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..4u64).prop_map(Op::Add),
         4 => (0..4u64, 0..16usize, any::<bool>())
             .prop_map(|(id, n, complete)| Op::Push { id, n, complete }),
-        6 => (prop_oneof![6 => Just(0u8), 1 => any::<u8>()], prop_oneof![3 => Just(true), 1 => Just(false)])
-            .prop_map(|(finish, feed)| Op::Step { finish, feed }),
+        6 => (
+            prop_oneof![6 => Just(0u8), 1 => any::<u8>()],
+            prop_oneof![3 => Just(true), 1 => Just(false)],
+            prop_oneof![1 => Just(0u8), 1 => any::<u8>()],
+        )
+            .prop_map(|(finish, feed, drafts)| Op::Step { finish, feed, drafts }),
         1 => (0..4u64).prop_map(Op::Remove),
     ]
 }
@@ -90,6 +98,8 @@ struct Shadow {
     parked: bool,
     /// The tick of this session's admission or its last item.
     last_step: u64,
+    /// Rows the last complete input samples after (1 + its drafts).
+    window: usize,
 }
 
 impl Shadow {
@@ -178,7 +188,44 @@ impl Harness {
             w.received += n;
             if complete {
                 w.complete = w.received;
+                w.window = 1;
             }
+            w.parked = false;
+        }
+        Ok(())
+    }
+
+    /// The device's verdict on the last input's drafts, then a decode input with `d` drafts.
+    fn speculate(&mut self, id: SeqId, accept: usize, d: usize) -> Result<(), TestCaseError> {
+        let w = self.shadow[&id].clone();
+        if w.window > 1 {
+            let len = w.complete - w.window + 1 + accept % w.window;
+            prop_assert_eq!(self.s.truncate(id, len), Ok(()));
+            let w = self.shadow.get_mut(&id).expect("live");
+            if len < w.received {
+                w.received = len;
+                w.computed = w.computed.min(len);
+                w.hw = w.hw.min(len);
+                w.complete = w.complete.min(len);
+                w.sampled = w.sampled.min(len);
+            }
+            prop_assert_eq!(self.s.table(id).expect("live").len(), w.computed);
+        }
+        let want = if d > 0 && d + 1 > self.setup.cfg.max_batch_tokens {
+            Err(SchedError::Drafts {
+                drafts: d,
+                rows: d + 1,
+            })
+        } else {
+            self.expected_push(id, d + 1)
+        };
+        let got = self.s.push_drafts(id, d + 1, true, d);
+        same_result(&got, &want)?;
+        if got.is_ok() {
+            let w = self.shadow.get_mut(&id).expect("live");
+            w.received += d + 1;
+            w.complete = w.received;
+            w.window = d + 1;
             w.parked = false;
         }
         Ok(())
@@ -201,13 +248,18 @@ impl Harness {
                         sampled: 0,
                         parked: false,
                         last_step: self.ticks,
+                        window: 1,
                     };
                     self.next_order += 1;
                     self.shadow.insert(id, w);
                 }
             }
             Op::Push { id, n, complete } => self.push(SeqId(id), n, complete)?,
-            Op::Step { finish, feed } => self.step(finish, feed)?,
+            Op::Step {
+                finish,
+                feed,
+                drafts,
+            } => self.step(finish, feed, drafts)?,
             Op::Remove(i) => {
                 let id = SeqId(i);
                 let got = self.s.remove(id);
@@ -222,7 +274,7 @@ impl Harness {
         self.check_global()
     }
 
-    fn step(&mut self, finish: u8, feed: bool) -> Result<(), TestCaseError> {
+    fn step(&mut self, finish: u8, feed: bool, drafts: u8) -> Result<(), TestCaseError> {
         let before: BTreeMap<SeqId, SeqProgress> = self
             .shadow
             .keys()
@@ -268,7 +320,11 @@ impl Harness {
         if feed {
             for it in batch.items.iter().filter(|i| i.sample) {
                 if !finished.contains(&it.id) {
-                    self.push(it.id, 1, true)?;
+                    if drafts == 0 {
+                        self.push(it.id, 1, true)?;
+                    } else {
+                        self.speculate(it.id, usize::from(drafts >> 2), usize::from(drafts & 3))?;
+                    }
                 }
             }
         }
@@ -300,6 +356,15 @@ impl Harness {
             prop_assert!(!w.parked);
             let sample = it.end() == w.complete && w.complete > w.sampled;
             prop_assert_eq!(it.sample, sample, "sample flag of {:?}", it);
+            prop_assert_eq!(it.sample_rows, if sample { w.window } else { 0 });
+            if w.complete > w.sampled {
+                prop_assert!(
+                    !(it.end() > w.complete - w.window && it.end() < w.complete),
+                    "an item ends inside the sampled rows: {:?} {:?}",
+                    it,
+                    w
+                );
+            }
             prop_assert_eq!(self.s.state(it.id), Some(SeqState::Running));
             prop_assert_eq!(self.s.table(it.id).expect("live").len(), it.end());
             oldest_item = oldest_item.min(w.order);
@@ -307,6 +372,14 @@ impl Harness {
         let now = self.ticks;
         for it in &batch.items {
             self.shadow.get_mut(&it.id).expect("live").last_step = now;
+        }
+        // A session whose draft rows must be computed whole may preempt for them and still
+        // get no item this step (the blocks freed were too few): it asked all the same.
+        for (id, p) in before {
+            let w = &self.shadow[id];
+            if p.received > p.computed && !p.parked && w.window > 1 {
+                oldest_item = oldest_item.min(w.order);
+            }
         }
         for v in &batch.preempted {
             let w = self.shadow.get_mut(v).expect("preempted a live session");

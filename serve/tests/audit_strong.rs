@@ -242,7 +242,7 @@ fn output_pairs_attack_improves_with_more_pairs_and_is_seeded() {
     let best =
         |p: &tandem_serve::audit::pairs::PairsRecovery| p.centroid_recovery.max(p.linear_recovery);
     assert!(
-        best(&clean[2]) > best(&clean[0]) + 0.1,
+        best(&clean[2]) > best(&clean[0]) + 0.05,
         "more pairs, more recovery: {clean:?}"
     );
     assert!(best(&clean[1]) >= best(&clean[0]), "{clean:?}");

@@ -367,7 +367,7 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
     // Wrong version byte.
     let mut ws = connect(&url).await;
     let mut v2 = ping.clone();
-    v2[2] = 2;
+    v2[2] = 1; // a version-1 peer
     send_bytes(&mut ws, v2).await;
     expect_error(&mut ws, ErrorCode::UnsupportedVersion).await;
     // Wrong manifest id; wrong hidden size.
@@ -844,5 +844,72 @@ async fn one_address_cannot_hold_every_connection() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    server.shutdown().await;
+}
+
+/// Speculation, attacked: a device that claims drafts the cloud never sampled (a verdict past
+/// the answer) or goes back before the token that counts gets `hidden_shape`, and an honest
+/// device beside it finishes with the whole model's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_outside_the_draft_answer_are_refused() {
+    let fx = fixture();
+    let server = server::start(fx.config()).await.expect("start");
+    let url = server.ws_url();
+    let row = |seq: u64, first_position: u32, rows: usize, drafts: u8| {
+        let mut payload = Vec::new();
+        let values = vec![0.25f32; rows * fx.hidden];
+        f32_to_hidden(HiddenDtype::F32, rows, fx.hidden, &values, &mut payload).expect("payload");
+        HiddenRef {
+            seq,
+            first_position,
+            token_count: rows as u32,
+            complete: true,
+            drafts,
+            dtype: HiddenDtype::F32,
+            payload: &payload,
+        }
+        .encode()
+        .expect("frame")
+    };
+    let p = fx.prompt.len() as u32;
+    // Verdicts relative to the draft answer at position p (drafts at p+1, p+2): too far (3
+    // drafts accepted of 2), and before the token that counts.
+    for bad_position in [p + 4, p] {
+        let (mut ws, _) = opened(&fx, &url).await;
+        send_bytes(&mut ws, row(0, 0, p as usize, 0)).await;
+        let first = loop {
+            match recv(&mut ws).await {
+                Some(Frame::Token(t)) => break t,
+                Some(Frame::Pong { .. }) => continue,
+                other => panic!("expected the first token, got {other:?}"),
+            }
+        };
+        assert!(!first.draft);
+        send_bytes(&mut ws, row(1, p, 3, 2)).await;
+        let mut answer = Vec::new();
+        while answer.len() < 3 {
+            match recv(&mut ws).await {
+                Some(Frame::Token(t)) => answer.push(t),
+                other => panic!("expected the draft answer, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            answer
+                .iter()
+                .map(|t| (t.draft, t.input_seq))
+                .collect::<Vec<_>>(),
+            [(false, 1), (true, 1), (true, 1)]
+        );
+        send_bytes(&mut ws, row(2, bad_position, 1, 0)).await;
+        expect_error(&mut ws, ErrorCode::HiddenShape).await;
+    }
+    // An honest device is undisturbed.
+    let mut good = connect(&url).await;
+    send(&mut good, &Frame::Open(fx.open(HiddenDtype::F32))).await;
+    expect_opened(&mut good).await;
+    let mut dev = fx.device(HiddenDtype::F32);
+    dev.send_prompt(&mut good).await;
+    let done = dev.drive(&mut good, None).await.expect("done");
+    assert_eq!(done.output_tokens as usize, dev.tokens.len());
     server.shutdown().await;
 }

@@ -194,6 +194,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         answer_start: 0,
         draft_first: None,
         last_fed_draft_first: None,
+        accepted_last: 0,
         done: None,
         grace: None,
         marked_generating: false,
@@ -243,6 +244,8 @@ struct Actor {
     /// The same for the last complete input fed to the engine (the log's truncation point
     /// is known when the next one is fed).
     last_fed_draft_first: Option<u64>,
+    /// Draft tokens the last verdict accepted (they share the next answer's wait in TPOT).
+    accepted_last: usize,
     done: Option<Done>,
     /// When the session gives up waiting for a `Resume`.
     grace: Option<Instant>,
@@ -603,6 +606,9 @@ impl Actor {
                 if let Some(first) = self.last_fed_draft_first.take() {
                     let accepted = u64::from(input.first_position).saturating_sub(first) as usize;
                     let keep = (self.answer_start + 1 + accepted).min(self.tokens.len());
+                    let accepted = keep.saturating_sub(self.answer_start + 1);
+                    self.shared.metrics.tokens_out_total.add(accepted as u64);
+                    self.accepted_last = accepted;
                     self.tokens.truncate(keep);
                     self.device_has = self.device_has.min(keep as u64);
                 }
@@ -672,13 +678,24 @@ impl Actor {
                 let now = Instant::now();
                 self.last_activity = now;
                 let m = &self.shared.metrics;
-                m.tokens_out_total.inc();
-                match self.last_token_at.replace(now) {
-                    Some(prev) => m.tpot_seconds.observe_duration(now - prev),
-                    None => {
-                        m.ttft_seconds.observe_duration(now - self.started);
-                        if let Some(g) = &self.generation {
-                            g.record("ttft_ms", (now - self.started).as_secs_f64() * 1e3);
+                // Tokens that count: a draft token counts when the device's verdict accepts
+                // it (`feed`); the time per output token spreads an answer's wait over the
+                // tokens that came with it.
+                if !draft {
+                    m.tokens_out_total.inc();
+                    let per = 1 + std::mem::take(&mut self.accepted_last);
+                    match self.last_token_at.replace(now) {
+                        Some(prev) => {
+                            let each = (now - prev) / per as u32;
+                            for _ in 0..per {
+                                m.tpot_seconds.observe_duration(each);
+                            }
+                        }
+                        None => {
+                            m.ttft_seconds.observe_duration(now - self.started);
+                            if let Some(g) = &self.generation {
+                                g.record("ttft_ms", (now - self.started).as_secs_f64() * 1e3);
+                            }
                         }
                     }
                 }
@@ -855,6 +872,13 @@ fn engine_error_code(e: &EngineError) -> (ErrorCode, &'static str) {
         EngineError::Scheduler(SchedError::NotReady(_)) => (
             ErrorCode::UnexpectedFrame,
             "a Hidden frame while a token is owed",
+        ),
+        EngineError::Position { .. }
+        | EngineError::Scheduler(SchedError::Drafts { .. })
+        | EngineError::Scheduler(SchedError::Truncate { .. }) => (
+            ErrorCode::HiddenShape,
+            "the Hidden frame does not continue the session there (speculation: at most the \
+             draft tokens the cloud sampled may be accepted)",
         ),
         EngineError::Stopped => (ErrorCode::ShuttingDown, "the engine stopped"),
         _ => (ErrorCode::Internal, "internal error"),
