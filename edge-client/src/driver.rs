@@ -42,6 +42,10 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const FINAL_TOKEN_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for `Done(cancelled)` after sending `Cancel`.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// New sessions one generation may open because the cloud no longer knew its session
+/// (`unknown_session` on `Resume`, e.g. after the session store lost its data): each replays
+/// everything sent. Bounded, so a cloud that keeps forgetting cannot keep the device looping.
+pub(crate) const MAX_REOPENS: u32 = 3;
 
 /// Why a connection ended without finishing the generation.
 enum Stop {
@@ -103,6 +107,11 @@ pub(crate) struct Driver {
     grace_spent_at: Option<usize>,
     /// Whether the current connection delivered anything new (ends an outage).
     progressed: bool,
+    /// New sessions opened to replay a session the cloud forgot (at most [`MAX_REOPENS`]).
+    reopens: u32,
+    /// While a reopened session catches up: the next of `sent` to send, each decode frame
+    /// once the cloud has (re)produced the token it was made from. `None` otherwise.
+    replay: Option<usize>,
 
     stats: WireStats,
     jitter: Jitter,
@@ -162,6 +171,8 @@ impl Driver {
             done: None,
             grace_spent_at: None,
             progressed: false,
+            reopens: 0,
+            replay: None,
             stats: WireStats::default(),
             jitter: Jitter::new(),
             redirect: None,
@@ -305,6 +316,10 @@ impl Driver {
             }),
         };
         let resuming = self.session.is_some();
+        // Frames already sent with no session to resume: the cloud forgot the session, and
+        // this `Open` starts a new one that replays them.
+        let reopening = !resuming && !self.sent.is_empty();
+        self.replay = None;
         send(&mut ws, Bytes::from(first.encode()?)).await?;
         loop {
             let frame = match self.recv(&mut ws, self.cfg.idle_timeout).await? {
@@ -345,6 +360,9 @@ impl Driver {
                         self.stats.hidden_frames_resent += resent;
                         return self.flush(&mut ws, next as usize).await.map(|()| ws);
                     }
+                    if reopening {
+                        return self.replay_reopened(&mut ws, next).await.map(|()| ws);
+                    }
                     tracing::info!(session = %o.session, "session opened");
                     let _ = self.events.send(Event::Opened { session: o.session });
                     return Ok(ws);
@@ -356,6 +374,17 @@ impl Driver {
                 }
                 Frame::Error(e) if e.code.is_retryable() => {
                     return Err(Stop::Retry(format!("server error {}", e.code)));
+                }
+                Frame::Error(e) if resuming && self.may_reopen(e.code) => {
+                    self.reopens += 1;
+                    tracing::warn!(
+                        reopen = self.reopens,
+                        "the cloud does not know the session; opening a new one to replay it"
+                    );
+                    self.session = None;
+                    return Err(Stop::Retry(
+                        "the cloud no longer knows the session; opening a new one".into(),
+                    ));
                 }
                 Frame::Error(e) => {
                     return Err(ClientError::Server {
@@ -377,6 +406,81 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Whether an error answering `Resume` lets the device open a new session and replay
+    /// what it holds instead: the session is unknown (the cloud lost it), the generation is
+    /// not a partner prompt's (its ticket was single-use), and reopens are left.
+    fn may_reopen(&self, code: ErrorCode) -> bool {
+        code == ErrorCode::UnknownSession
+            && self.req.prompt_id.is_none()
+            && self.reopens < MAX_REOPENS
+            && !self.cancel_requested
+    }
+
+    /// After `Opened` for a new session that replaces one the cloud forgot: sends what needs
+    /// no token (the prompt), then paces the decode frames on the tokens the new session
+    /// produces again ([`replay_after_token`](Self::replay_after_token)): the cloud accepts
+    /// a decode step's hidden state only once it has produced that step's token. Tokens the
+    /// caller already has are not delivered again.
+    async fn replay_reopened(&mut self, ws: &mut Ws, next: u64) -> Result<(), Stop> {
+        if next != 0 {
+            return Err(ClientError::Protocol(format!(
+                "a new session wants hidden frames from {next}, not 0"
+            ))
+            .into());
+        }
+        let upfront = if self.prompt_fed == self.req.prompt.len() {
+            self.prompt_frames
+        } else {
+            self.sent.len()
+        };
+        self.stats.reconnects += 1;
+        self.stats.replays += 1;
+        self.stats.reopens += 1;
+        let resent = self.sent.len() as u64;
+        if let Some((session, _)) = &self.session {
+            tracing::info!(session = %session, resent, tokens = self.tokens.len(), "new session opened; replaying");
+        }
+        let _ = self.events.send(Event::Resumed {
+            next_hidden_seq: 0,
+            resent,
+        });
+        self.stats.hidden_frames_resent += resent;
+        for seq in 0..upfront {
+            self.send_stored(ws, seq).await?;
+        }
+        if !self.tokens.is_empty() {
+            self.replay = Some(upfront);
+        }
+        Ok(())
+    }
+
+    /// During a replay into a new session, the cloud sent token `seq` again (one the caller
+    /// has): the decode frame made from it may go now. After the last token held, the
+    /// replay is over and decoding goes on as usual.
+    async fn replay_after_token(&mut self, ws: &mut Ws, seq: u64) -> Result<(), Stop> {
+        let Some(next) = self.replay else {
+            return Ok(());
+        };
+        let end = (self.prompt_frames + seq as usize + 1).min(self.sent.len());
+        for i in next..end {
+            self.send_stored(ws, i).await?;
+        }
+        self.replay = if seq + 1 >= self.tokens.len() as u64 {
+            None
+        } else {
+            Some(end.max(next))
+        };
+        Ok(())
+    }
+
+    async fn send_stored(&mut self, ws: &mut Ws, seq: usize) -> Result<(), Stop> {
+        let frame = self.sent[seq].clone();
+        let len = frame.len() as u64;
+        send(ws, frame).await?;
+        self.count_sent(seq, len);
+        Ok(())
     }
 
     /// Sends `sent[from..]` on `ws`.
@@ -527,7 +631,7 @@ impl Driver {
                         ))
                         .into());
                     }
-                    return Ok(());
+                    return self.replay_after_token(ws, t.seq).await;
                 }
                 if t.seq > have {
                     return Err(ClientError::Protocol(format!(
@@ -596,6 +700,7 @@ impl Driver {
     /// The cloud waits for the hidden state of the last token.
     fn owes_hidden(&self) -> bool {
         self.done.is_none()
+            && self.replay.is_none()
             && self.prompt_fed == self.req.prompt.len()
             && self.tokens.len() > self.sent.len() - self.prompt_frames
     }
