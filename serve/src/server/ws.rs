@@ -567,21 +567,25 @@ async fn open_session(
             .map_err(|_| fail(err(ErrorCode::Internal, None, "internal error")))?,
     };
     session_params(shared, &open).map_err(fail)?;
-    let id = shared
-        .store
-        .next_session_id()
-        .await
-        .map_err(|e| fail(store_error(&e)))?;
     let token = ResumeToken::generate();
-    let new = NewSession {
-        id,
-        owner: shared.replica.clone(),
+    // Ids are random: one in use (a chance of about n / 2^64) is drawn again.
+    let mut tries = 0;
+    let id = loop {
+        let id = shared
+            .store
+            .next_session_id()
+            .await
+            .map_err(|e| fail(store_error(&e)))?;
+        let new = NewSession {
+            id,
+            owner: shared.replica.clone(),
+        };
+        match shared.store.create_session(new, token.hash()).await {
+            Ok(_) => break id,
+            Err(StoreError::AlreadyExists(_)) if tries < 3 => tries += 1,
+            Err(e) => return Err(fail(store_error(&e))),
+        }
     };
-    shared
-        .store
-        .create_session(new, token.hash())
-        .await
-        .map_err(|e| fail(store_error(&e)))?;
     let cleanup = |shared: Arc<Shared>| async move {
         let _ = shared.store.close_session(id, &shared.replica).await;
         shared.params.remove(id.0).await;
