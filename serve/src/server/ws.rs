@@ -21,7 +21,7 @@ use tandem_protocol::wire::{
 use tandem_protocol::OpenError;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
+use super::session::{self, CloseStatus, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
 use super::{stopped, Shared};
 use crate::engine::{EngineError, SessionParams};
 use crate::rest::inbox::ticket_hash;
@@ -157,10 +157,18 @@ async fn write_loop(
                     _ = kill.notified() => return,
                 }
             }
-            Some(Outbound::Close) | None => {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
-                        .await;
+            Some(Outbound::Close(status)) => {
+                let frame = axum::extract::ws::CloseFrame {
+                    code: status.code,
+                    reason: status.reason.into(),
+                };
+                let close = sink.send(Message::Close(Some(frame)));
+                let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                return;
+            }
+            None => {
+                let close = sink.send(Message::Close(None));
+                let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
                 return;
             }
         };
@@ -175,10 +183,11 @@ impl Connection {
     fn reject(&mut self, e: ErrorFrame) {
         tracing::info!(conn = self.conn.id, code = %e.code, "rejected");
         self.shared.metrics.errors_total.with(e.code.as_str()).inc();
+        let status = CloseStatus::for_error(e.code);
         if let Ok(bytes) = Frame::Error(e).encode() {
             let _ = self.conn.out.try_send(Outbound::Frame(bytes));
         }
-        let _ = self.conn.out.try_send(Outbound::Close);
+        let _ = self.conn.out.try_send(Outbound::Close(status));
         self.closing = true;
     }
 
