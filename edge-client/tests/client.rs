@@ -115,7 +115,7 @@ async fn expect_hidden(ws: &mut Ws, seq: u64, position: u32, rows: u32, complete
     bytes
 }
 
-fn opened(session: u64, token: u8, next: u64) -> Frame {
+fn opened(session: u128, token: u8, next: u64) -> Frame {
     Frame::Opened(Opened {
         session: SessionId(session),
         resume_token: ResumeToken([token; 32]),

@@ -311,9 +311,9 @@ async fn ids_are_unique_across_replicas(kind: Kind) {
         all.extend(ids);
     }
     assert_eq!(all.len(), 800, "every id distinct");
-    // Unguessable, not a counter: the ids spread over the 64 bits (800 sequential ids would
-    // share their top 54 bits; random ones almost surely differ in the top byte).
-    let top: HashSet<u64> = all.iter().map(|id| id.0 >> 56).collect();
+    // Unguessable, not a counter: the ids spread over the 128 bits (800 sequential ids would
+    // share their top 118 bits; random ones almost surely differ in the top byte).
+    let top: HashSet<u128> = all.iter().map(|id| id.0 >> 120).collect();
     assert!(
         top.len() > 16,
         "ids look sequential: {} top bytes",

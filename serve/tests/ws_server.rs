@@ -483,7 +483,7 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
             last_token_seq: None,
         })
     };
-    send(&mut ws, &resume(SessionId(u64::MAX - 5), [1; 32])).await;
+    send(&mut ws, &resume(SessionId(u128::MAX - 5), [1; 32])).await;
     expect_error(&mut ws, ErrorCode::UnknownSession).await;
     let (_keep, real) = opened(&fx, &url).await;
     let mut forged = real.resume_token.0;

@@ -149,7 +149,7 @@ pub(crate) enum SessionCmd {
 /// The live table's entry for a session.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionHandle {
-    pub(crate) id: u64,
+    pub(crate) id: u128,
     pub(crate) tx: mpsc::Sender<SessionCmd>,
     running: Arc<AtomicBool>,
 }
@@ -164,7 +164,7 @@ impl SessionHandle {
 /// How a session starts.
 #[derive(Debug)]
 pub(crate) struct Setup {
-    pub(crate) id: u64,
+    pub(crate) id: u128,
     pub(crate) seq: SeqId,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,
     pub(crate) dtype: HiddenDtype,
@@ -225,7 +225,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
 
 struct Actor {
     shared: Arc<Shared>,
-    id: u64,
+    id: u128,
     seq: SeqId,
     events: mpsc::UnboundedReceiver<Event>,
     cmds: mpsc::Receiver<SessionCmd>,

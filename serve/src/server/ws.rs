@@ -67,7 +67,7 @@ fn err(code: ErrorCode, seq: Option<u64>, message: &str) -> ErrorFrame {
 
 /// The connection's side of an attached session.
 struct Attached {
-    session: u64,
+    session: u128,
     tx: mpsc::Sender<SessionCmd>,
 }
 
@@ -482,7 +482,7 @@ async fn claim_prompt(
 /// Opens the engine session and spawns its actor.
 async fn spawn_session(
     shared: &Arc<Shared>,
-    id: u64,
+    id: u128,
     open: &Open,
     device_has: u64,
 ) -> Result<SessionHandle, ErrorFrame> {
@@ -493,7 +493,7 @@ async fn spawn_session(
         parent: None,
         "session",
         otel.kind = "server",
-        session.id = id as i64,
+        session.id = %tandem_protocol::SessionId(id),
         session.replayed = device_has > 0,
         wire.dtype = %open.dtype,
         split = i64::from(open.split),
