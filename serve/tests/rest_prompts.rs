@@ -622,6 +622,35 @@ fn token_epoch(token: &str) -> u64 {
         .unwrap_or_else(|| panic!("no epoch in {token}"))
 }
 
+/// Without Redis, revocations live in the process: a restarted server (same device-token
+/// key) starts a new epoch, so a token from before the restart, revoked or not, is refused
+/// with `device_token_stale` instead of coming back to life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_memory_store_refuses_earlier_device_tokens() {
+    let fx = fixture();
+    let first = start(fx.config()).await;
+    let before = device_token(first.addr(), "heidi").await;
+    let r = Req::new("GET", "/v1/edge/inbox")
+        .bearer(token(&before))
+        .send(first.addr())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    first.shutdown().await;
+    let second = start(fx.config()).await;
+    Req::new("GET", "/v1/edge/inbox")
+        .bearer(token(&before))
+        .send(second.addr())
+        .await
+        .expect_error(401, "device_token_stale");
+    let after = device_token(second.addr(), "heidi").await;
+    let r = Req::new("GET", "/v1/edge/inbox")
+        .bearer(token(&after))
+        .send(second.addr())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    second.shutdown().await;
+}
+
 /// Issue 20's "`FLUSHALL` on Redis: a revoked device token went from 401 back to 200":
 /// revocations live in Redis, so the store keeps an epoch and tokens carry theirs. After the
 /// loss, the revoked token stays refused, an unrevoked one from before is refused with
