@@ -174,6 +174,9 @@ pub struct WireStats {
     pub reconnects: u32,
     /// Resumes that replayed from 0 because the cloud had lost the state.
     pub replays: u32,
+    /// New sessions opened because the cloud no longer knew the session (its store lost
+    /// it): each replayed every hidden state sent (also counted in `replays`).
+    pub reopens: u32,
     /// Speculation: tokens drafted and sent as hidden rows, and of those the ones the cloud
     /// confirmed; decode answers received (each a round trip).
     pub drafted_tokens: u64,
@@ -229,7 +232,8 @@ pub enum Event {
         cause: String,
     },
     /// A new connection took over the session; `resent` hidden frames were sent again, from
-    /// `next_hidden_seq` (0 with frames to resend: a replay).
+    /// `next_hidden_seq` (0 with frames to resend: a replay). Also sent when the cloud no
+    /// longer knew the session and a new one was opened to replay it (`WireStats::reopens`).
     Resumed { next_hidden_seq: u64, resent: u64 },
     /// The end; no more events follow.
     Done(Box<Finished>),

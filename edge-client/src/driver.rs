@@ -43,6 +43,10 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const FINAL_TOKEN_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for `Done(cancelled)` after sending `Cancel`.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// New sessions one generation may open because the cloud no longer knew its session
+/// (`unknown_session` on `Resume`, e.g. after the session store lost its data): each replays
+/// everything sent. Bounded, so a cloud that keeps forgetting cannot keep the device looping.
+pub(crate) const MAX_REOPENS: u32 = 3;
 
 /// The answer the device waits for: to its last complete `Hidden` frame.
 struct Awaiting {
@@ -136,6 +140,13 @@ pub(crate) struct Driver {
     edge_position: usize,
     /// Whether the current connection delivered anything new (ends an outage).
     progressed: bool,
+    /// New sessions opened to replay a session the cloud forgot (at most [`MAX_REOPENS`]).
+    reopens: u32,
+    /// While a reopened session catches up: the next of `sent` to send, each decode frame
+    /// once the cloud has (re)produced the token it was made from. `None` otherwise.
+    replay: Option<usize>,
+    /// Tokens of the answer to the last frame replayed, so far.
+    replay_got: usize,
 
     stats: WireStats,
     jitter: Jitter,
@@ -205,6 +216,9 @@ impl Driver {
             cloud_cap: 0,
             edge_position: 0,
             progressed: false,
+            reopens: 0,
+            replay: None,
+            replay_got: 0,
             stats: WireStats::default(),
             jitter: Jitter::new(),
             redirect: None,
@@ -352,6 +366,10 @@ impl Driver {
             }),
         };
         let resuming = self.session.is_some();
+        // Frames already sent with no session to resume: the cloud forgot the session, and
+        // this `Open` starts a new one that replays them.
+        let reopening = !resuming && !self.sent.is_empty();
+        self.replay = None;
         send(&mut ws, Bytes::from(first.encode()?)).await?;
         loop {
             let frame = match self.recv(&mut ws, self.cfg.idle_timeout).await? {
@@ -392,6 +410,9 @@ impl Driver {
                         self.stats.hidden_frames_resent += resent;
                         return self.flush(&mut ws, next as usize).await.map(|()| ws);
                     }
+                    if reopening {
+                        return self.replay_reopened(&mut ws, next).await.map(|()| ws);
+                    }
                     tracing::info!(session = %o.session, "session opened");
                     let _ = self.events.send(Event::Opened { session: o.session });
                     return Ok(ws);
@@ -403,6 +424,17 @@ impl Driver {
                 }
                 Frame::Error(e) if e.code.is_retryable() => {
                     return Err(Stop::Retry(format!("server error {}", e.code)));
+                }
+                Frame::Error(e) if resuming && self.may_reopen(e.code) => {
+                    self.reopens += 1;
+                    tracing::warn!(
+                        reopen = self.reopens,
+                        "the cloud does not know the session; opening a new one to replay it"
+                    );
+                    self.session = None;
+                    return Err(Stop::Retry(
+                        "the cloud no longer knows the session; opening a new one".into(),
+                    ));
                 }
                 Frame::Error(e) => {
                     return Err(ClientError::Server {
@@ -424,6 +456,95 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Whether an error answering `Resume` lets the device open a new session and replay
+    /// what it holds instead: the session is unknown (the cloud lost it), the generation is
+    /// not a partner prompt's (its ticket was single-use), and reopens are left.
+    fn may_reopen(&self, code: ErrorCode) -> bool {
+        code == ErrorCode::UnknownSession
+            && self.req.prompt_id.is_none()
+            && self.reopens < MAX_REOPENS
+            && !self.cancel_requested
+    }
+
+    /// After `Opened` for a new session that replaces one the cloud forgot: sends what needs
+    /// no token (the prompt), then paces the decode frames on the tokens the new session
+    /// produces again ([`replay_after_token`](Self::replay_after_token)): the cloud accepts
+    /// a decode step's hidden state only once it has produced that step's token. Tokens the
+    /// caller already has are not delivered again.
+    async fn replay_reopened(&mut self, ws: &mut Ws, next: u64) -> Result<(), Stop> {
+        if next != 0 {
+            return Err(ClientError::Protocol(format!(
+                "a new session wants hidden frames from {next}, not 0"
+            ))
+            .into());
+        }
+        let upfront = if self.prompt_fed == self.req.prompt.len() {
+            self.prompt_frames
+        } else {
+            self.sent.len()
+        };
+        self.stats.reconnects += 1;
+        self.stats.replays += 1;
+        self.stats.reopens += 1;
+        let resent = self.sent.len() as u64;
+        if let Some((session, _)) = &self.session {
+            tracing::info!(session = %session, resent, tokens = self.tokens.len(), "new session opened; replaying");
+        }
+        let _ = self.events.send(Event::Resumed {
+            next_hidden_seq: 0,
+            resent,
+        });
+        self.stats.hidden_frames_resent += resent;
+        for seq in 0..upfront {
+            self.send_stored(ws, seq).await?;
+        }
+        self.replay_got = 0;
+        if !self.tokens.is_empty() && upfront < self.sent.len() {
+            self.replay = Some(upfront);
+        }
+        Ok(())
+    }
+
+    /// During a replay into a new session, the cloud sent a token again: once the answer to
+    /// the last frame replayed is whole (a token, and one per draft row of that frame, or a
+    /// draft token that ends the generation), the next stored frame may go (the cloud takes a
+    /// complete frame only once the previous one is answered). The answer to the last stored
+    /// frame is not consumed here: it is the one the device may still wait for. Returns
+    /// whether the token was consumed.
+    async fn replay_on_token(
+        &mut self,
+        ws: &mut Ws,
+        t: &tandem_protocol::Token,
+    ) -> Result<bool, Stop> {
+        let Some(next) = self.replay else {
+            return Ok(false);
+        };
+        if next >= self.sent.len() {
+            self.replay = None;
+            return Ok(false);
+        }
+        if t.input_seq + 1 != next as u64 {
+            return Ok(true); // an answer to an earlier frame: the caller has it
+        }
+        self.replay_got += 1;
+        let drafts = usize::from(self.sent[next - 1].get(22).copied().unwrap_or(0));
+        if self.replay_got < 1 + drafts && !t.last {
+            return Ok(true);
+        }
+        self.replay_got = 0;
+        self.send_stored(ws, next).await?;
+        self.replay = (next + 1 < self.sent.len()).then_some(next + 1);
+        Ok(true)
+    }
+
+    async fn send_stored(&mut self, ws: &mut Ws, seq: usize) -> Result<(), Stop> {
+        let frame = self.sent[seq].clone();
+        let len = frame.len() as u64;
+        send(ws, frame).await?;
+        self.count_sent(seq, len);
+        Ok(())
     }
 
     /// Sends `sent[from..]` on `ws`.
@@ -564,6 +685,9 @@ impl Driver {
     async fn handle(&mut self, ws: &mut Ws, frame: Frame) -> Result<(), Stop> {
         match frame {
             Frame::Token(t) => {
+                if self.replay_on_token(ws, &t).await? {
+                    return Ok(());
+                }
                 if t.input_seq >= self.sent.len() as u64 {
                     return Err(ClientError::Protocol(format!(
                         "token {} answers hidden frame {}, not sent yet",
@@ -690,6 +814,7 @@ impl Driver {
     /// was ruled on.
     fn owes_hidden(&self) -> bool {
         self.done.is_none()
+            && self.replay.is_none()
             && self.prompt_fed == self.req.prompt.len()
             && self.awaiting.is_none()
             && !self.tokens.is_empty()

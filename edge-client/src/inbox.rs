@@ -124,6 +124,9 @@ impl InboxError {
 pub enum ApiCode {
     /// The device token is unknown, expired or revoked (401).
     Unauthorized,
+    /// The device token was issued before the server's store lost its data (401,
+    /// `device_token_stale`): get a new one from the provider.
+    TokenStale,
     /// No such prompt in this user's inbox (404).
     NotFound,
     /// Already accepted or declined, expired or cancelled (409).
@@ -140,6 +143,7 @@ impl ApiCode {
     fn parse(code: &str) -> Self {
         match code {
             "unauthorized" => Self::Unauthorized,
+            "device_token_stale" => Self::TokenStale,
             "not_found" => Self::NotFound,
             "conflict" => Self::Conflict,
             "rate_limited" => Self::RateLimited,
@@ -151,6 +155,7 @@ impl ApiCode {
     pub fn as_str(&self) -> &str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::TokenStale => "device_token_stale",
             Self::NotFound => "not_found",
             Self::Conflict => "conflict",
             Self::RateLimited => "rate_limited",

@@ -115,7 +115,7 @@ async fn expect_hidden(ws: &mut Ws, seq: u64, position: u32, rows: u32, complete
     bytes
 }
 
-fn opened(session: u64, token: u8, next: u64) -> Frame {
+fn opened(session: u128, token: u8, next: u64) -> Frame {
     Frame::Opened(Opened {
         session: SessionId(session),
         resume_token: ResumeToken([token; 32]),
@@ -362,6 +362,177 @@ async fn next_hidden_seq_zero_replays_everything_back_to_back() {
         ),
         (1, 1, 4)
     );
+}
+
+/// Issue 20, item 6 ("the device failed with `unknown_session` although it holds every
+/// hidden state it sent"): when no replica knows the session any more, the device opens a
+/// new one with the same `Open`, sends the prompt again, and each decode frame only once the
+/// new session has produced that step's token again (the cloud refuses a hidden state ahead
+/// of its token); the caller sees every token once.
+#[tokio::test]
+async fn an_unknown_session_is_reopened_and_replayed_in_step() {
+    let tiny = tiny();
+    let fake = Fake::start().await;
+    let client = EdgeClient::from_bundle(&tiny.bundle, config(&fake.url)).expect("client");
+    let mut req = GenerateRequest::new(prompt(8));
+    req.max_tokens = 4;
+    let generation = client.generate(req).expect("generate");
+
+    // Connection 1: prompt [0,5) [5,8), token 0, its hidden, token 1, its hidden; dropped.
+    let mut ws = fake.accept().await;
+    let (first_open, open_bytes) = recv(&mut ws).await.expect("Open");
+    assert!(matches!(first_open, Frame::Open(_)));
+    send(&mut ws, opened(9, 0xA, 0)).await;
+    let mut sent = vec![
+        expect_hidden(&mut ws, 0, 0, 5, false).await,
+        expect_hidden(&mut ws, 1, 5, 3, true).await,
+    ];
+    send(&mut ws, token(0, 1, 30)).await;
+    sent.push(expect_hidden(&mut ws, 2, 8, 1, true).await);
+    send(&mut ws, token(1, 2, 31)).await;
+    sent.push(expect_hidden(&mut ws, 3, 9, 1, true).await);
+    drop(ws);
+
+    // Connection 2: the store lost the session.
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Resume(_)));
+    let unknown = ErrorFrame {
+        code: ErrorCode::UnknownSession,
+        seq: None,
+        message: "unknown or expired session".into(),
+    };
+    send(&mut ws, Frame::Error(unknown)).await;
+    drop(ws);
+
+    // Connection 3: the same Open, byte for byte; a new session.
+    let mut ws = fake.accept().await;
+    let (_, again) = recv(&mut ws).await.expect("Open again");
+    assert_eq!(
+        again, open_bytes,
+        "the new Open carries the same parameters"
+    );
+    send(&mut ws, opened(77, 0xB, 0)).await;
+    for (seq, bytes) in sent.iter().enumerate().take(2) {
+        let (_, got) = recv(&mut ws).await.expect("replayed prompt");
+        assert_eq!(&got, bytes, "prompt frame {seq} replayed unchanged");
+    }
+    // Nothing ahead of the token it was made from: a Pong comes before any decode frame.
+    send(&mut ws, Frame::Ping { nonce: 1 }).await;
+    assert!(matches!(
+        recv_frame(&mut ws).await,
+        Frame::Pong { nonce: 1 }
+    ));
+    send(&mut ws, token(0, 1, 30)).await;
+    let (_, got) = recv(&mut ws).await.expect("decode frame 0");
+    assert_eq!(got, sent[2], "decode frame 0 replayed after token 0");
+    send(&mut ws, Frame::Ping { nonce: 2 }).await;
+    assert!(matches!(
+        recv_frame(&mut ws).await,
+        Frame::Pong { nonce: 2 }
+    ));
+    send(&mut ws, token(1, 2, 31)).await;
+    let (_, got) = recv(&mut ws).await.expect("decode frame 1");
+    assert_eq!(got, sent[3], "decode frame 1 replayed after token 1");
+    // From here on, new tokens as usual.
+    send(&mut ws, token(2, 3, 32)).await;
+    expect_hidden(&mut ws, 4, 10, 1, true).await;
+    drop(ws);
+
+    // Connection 4: the new session is the one resumed.
+    let mut ws = fake.accept().await;
+    let Frame::Resume(r) = recv_frame(&mut ws).await else {
+        panic!("expected Resume");
+    };
+    assert_eq!(r.session, SessionId(77));
+    assert!(r.resume_token.verify(&ResumeToken([0xB; 32])));
+    assert_eq!(r.last_token_seq, Some(2));
+    send(&mut ws, opened(77, 0xC, 5)).await;
+    send(&mut ws, token(3, 4, 33)).await;
+    send(
+        &mut ws,
+        done(DoneReason::Finished(FinishReason::Length), 8, 4),
+    )
+    .await;
+
+    let mut events = Vec::new();
+    let mut generation = generation;
+    while let Some(e) = generation.next().await {
+        events.push(e);
+    }
+    let tokens: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { token_id, .. } => Some(*token_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, [30, 31, 32, 33], "every token once");
+    let Some(Event::Done(f)) = events.pop() else {
+        panic!("ends with Done");
+    };
+    assert_eq!(f.text, "<30><31><32><33>");
+    assert_eq!(f.session, SessionId(77));
+    assert_eq!((f.wire.reopens, f.wire.replays), (1, 1), "{:?}", f.wire);
+}
+
+/// A cloud that forgets the session every time cannot keep the device reopening: after
+/// three new sessions, `unknown_session` ends the generation. A partner prompt's generation
+/// (its ticket was single-use) is never reopened.
+#[tokio::test]
+async fn reopening_a_forgotten_session_is_bounded() {
+    let tiny = tiny();
+    let fake = Fake::start().await;
+    let mut cfg = config(&fake.url);
+    cfg.reconnect.max_attempts = 50;
+    let client = EdgeClient::from_bundle(&tiny.bundle, cfg).expect("client");
+    let unknown = || {
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::UnknownSession,
+            seq: None,
+            message: "unknown or expired session".into(),
+        })
+    };
+    let generation = client
+        .generate(GenerateRequest::new(prompt(2)))
+        .expect("generate");
+    let mut opens = 0;
+    let mut resumes = 0;
+    while resumes <= 3 {
+        let mut ws = fake.accept().await;
+        match recv_frame(&mut ws).await {
+            Frame::Open(_) => {
+                opens += 1;
+                send(&mut ws, opened(opens, 1, 0)).await;
+                expect_hidden(&mut ws, 0, 0, 2, true).await;
+            }
+            Frame::Resume(_) => {
+                resumes += 1;
+                send(&mut ws, unknown()).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    match generation.finish().await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::UnknownSession),
+        other => panic!("expected unknown_session, got {other:?}"),
+    }
+    assert_eq!((opens, resumes), (4, 4), "one Open and three reopens");
+
+    let mut req = GenerateRequest::new(prompt(2));
+    req.prompt_id = Some("tkt_partner".into());
+    let generation = client.generate(req).expect("generate");
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    send(&mut ws, opened(50, 1, 0)).await;
+    expect_hidden(&mut ws, 0, 0, 2, true).await;
+    drop(ws);
+    let mut ws = fake.accept().await;
+    assert!(matches!(recv_frame(&mut ws).await, Frame::Resume(_)));
+    send(&mut ws, unknown()).await;
+    match generation.finish().await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::UnknownSession),
+        other => panic!("expected unknown_session, got {other:?}"),
+    }
 }
 
 #[tokio::test]

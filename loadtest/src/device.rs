@@ -559,7 +559,7 @@ impl Run<'_> {
     fn session_id(&self) -> SessionId {
         self.session
             .as_ref()
-            .map_or(SessionId(u64::MAX), |(id, _)| *id)
+            .map_or(SessionId(u128::MAX), |(id, _)| *id)
     }
 
     /// Whether the last token received still waits for its hidden state.

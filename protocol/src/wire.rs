@@ -172,13 +172,13 @@ impl FrameType {
     }
 }
 
-/// A cloud session's id.
+/// A cloud session's id: 128 random bits (unguessable; `tandem serve` never issues 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u64);
+pub struct SessionId(pub u128);
 
 impl std::fmt::Display for SessionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "{:032x}", self.0)
     }
 }
 
@@ -453,7 +453,7 @@ impl Frame {
         let frame = match read_header(&mut r)? {
             FrameType::Open => Self::Open(decode_open(&mut r)?),
             FrameType::Opened => Self::Opened(Opened {
-                session: SessionId(r.u64()?),
+                session: SessionId(r.u128()?),
                 resume_token: ResumeToken(r.bytes32()?),
                 next_hidden_seq: r.u64()?,
             }),
@@ -501,7 +501,7 @@ impl Frame {
                 message: r.string("error.message", MAX_ERROR_MESSAGE_LEN)?,
             }),
             FrameType::Resume => Self::Resume(Resume {
-                session: SessionId(r.u64()?),
+                session: SessionId(r.u128()?),
                 resume_token: ResumeToken(r.bytes32()?),
                 last_token_seq: r.option("resume.last_token_seq?", Reader::u64)?,
             }),
@@ -536,7 +536,7 @@ impl Frame {
         match self {
             Self::Open(open) => encode_open(w, open)?,
             Self::Opened(o) => {
-                w.u64(o.session.0);
+                w.u128(o.session.0);
                 w.raw(&o.resume_token.0);
                 w.u64(o.next_hidden_seq);
             }
@@ -571,7 +571,7 @@ impl Frame {
                 w.string("error.message", &e.message, MAX_ERROR_MESSAGE_LEN)?;
             }
             Self::Resume(r) => {
-                w.u64(r.session.0);
+                w.u128(r.session.0);
                 w.raw(&r.resume_token.0);
                 w.option(r.last_token_seq, |w, s| {
                     w.u64(s);

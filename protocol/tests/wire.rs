@@ -124,7 +124,7 @@ fn token() -> BoxedStrategy<ResumeToken> {
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         open().prop_map(Frame::Open),
-        (any::<u64>(), token(), any::<u64>()).prop_map(|(s, t, n)| Frame::Opened(Opened {
+        (any::<u128>(), token(), any::<u64>()).prop_map(|(s, t, n)| Frame::Opened(Opened {
             session: SessionId(s),
             resume_token: t,
             next_hidden_seq: n,
@@ -161,7 +161,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 seq,
                 message
             })),
-        (any::<u64>(), token(), prop::option::of(any::<u64>())).prop_map(|(s, t, last)| {
+        (any::<u128>(), token(), prop::option::of(any::<u64>())).prop_map(|(s, t, last)| {
             Frame::Resume(Resume {
                 session: SessionId(s),
                 resume_token: t,
@@ -299,6 +299,39 @@ proptest! {
             prop_assert_eq!(err.error_code(), ErrorCode::UnsupportedVersion);
         }
     }
+}
+
+/// Session ids are 128 bits on the wire (issue 20: unguessable ids): `Opened` and `Resume`
+/// carry all 16 bytes, little-endian, at offset 4 (docs/protocol.md §3).
+#[test]
+fn session_ids_take_sixteen_bytes() {
+    let id = SessionId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+    let le: Vec<u8> = (1..=16u8).rev().collect();
+    let opened = Frame::Opened(Opened {
+        session: id,
+        resume_token: ResumeToken([0xAB; 32]),
+        next_hidden_seq: 7,
+    })
+    .encode()
+    .expect("encode");
+    assert_eq!(opened.len(), 4 + 56);
+    assert_eq!(&opened[4..20], &le[..]);
+    assert_eq!(&opened[20..52], &[0xAB; 32][..]);
+    assert_eq!(&opened[52..], &7u64.to_le_bytes());
+    let resume = Frame::Resume(Resume {
+        session: id,
+        resume_token: ResumeToken([0xCD; 32]),
+        last_token_seq: Some(3),
+    })
+    .encode()
+    .expect("encode");
+    assert_eq!(resume.len(), 4 + 57);
+    assert_eq!(&resume[4..20], &le[..]);
+    assert_eq!(id.to_string(), "0102030405060708090a0b0c0d0e0f10");
+    // A 64-bit id (the old layout) is 8 bytes short.
+    let mut old = opened[..12].to_vec();
+    old.extend_from_slice(&opened[20..]);
+    assert!(Frame::decode(&old).is_err());
 }
 
 #[test]

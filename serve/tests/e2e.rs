@@ -377,8 +377,15 @@ impl Drop for ServeProcess {
 
 /// Starts a generation on replica A (through a slow proxy), kills A mid-generation, and
 /// points the device at replica B, which must rebuild the session from a replay. Both run
-/// with `serve_args`; the generation must finish within `within`.
-async fn fail_over(second_started_before: bool, serve_args: &[&str], within: Duration) {
+/// with `serve_args`; the generation must finish within `within`. With `flush_redis`, Redis
+/// loses every key (`FLUSHALL`) just before the kill: no replica knows the session, and the
+/// device opens a new one and replays.
+async fn fail_over(
+    second_started_before: bool,
+    serve_args: &[&str],
+    within: Duration,
+    flush_redis: bool,
+) {
     let Some(redis) = redis_server::RedisServer::start() else {
         return;
     };
@@ -396,14 +403,32 @@ async fn fail_over(second_started_before: bool, serve_args: &[&str], within: Dur
         .generate(request(prompt, 32))
         .expect("generate");
     let before = wait_tokens(&mut g, 3).await;
+    if flush_redis {
+        redis.flushall();
+    }
     a.kill();
     proxy.cut_all();
     let b = b.get_or_insert_with(start);
     servers.set(vec![b.url.clone()]);
-    let f = tokio::time::timeout(within, g.finish())
+    // Every token reaches the caller once, in order, across the fail-over.
+    let rest = async {
+        let mut seen = before;
+        loop {
+            match g.next().await.expect("events") {
+                Event::Token { seq, .. } => {
+                    assert_eq!(seq, seen as u64, "tokens delivered once, in order");
+                    seen += 1;
+                }
+                Event::Done(f) => return (f, seen),
+                Event::Error(e) => panic!("the fail-over failed: {e}"),
+                _ => {}
+            }
+        }
+    };
+    let (f, seen) = tokio::time::timeout(within, rest)
         .await
-        .expect("the fail-over took too long")
-        .expect("finished on the other replica");
+        .expect("the fail-over took too long");
+    assert_eq!(seen, f.token_ids.len(), "token events");
     assert!(
         f.token_ids.len() > before + 10,
         "the kill was mid-generation"
@@ -411,6 +436,12 @@ async fn fail_over(second_started_before: bool, serve_args: &[&str], within: Dur
     assert!(
         f.wire.replays >= 1,
         "the new replica replayed: {:?}",
+        f.wire
+    );
+    assert_eq!(
+        f.wire.reopens >= 1,
+        flush_redis,
+        "a new session only when the store lost the old one: {:?}",
         f.wire
     );
     assert_same(&f, &want, "after a fail-over");
@@ -428,17 +459,26 @@ const NO_LIMIT: Duration = Duration::from_secs(300);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_owner_is_not_trusted_until_its_heartbeat_expires() {
     let ttl = ["--heartbeat-ttl-ms", "120000"];
-    fail_over(true, &ttl, Duration::from_secs(45)).await;
+    fail_over(true, &ttl, Duration::from_secs(45), false).await;
+}
+
+/// Issue 20's "`FLUSHALL` on Redis, then kill -9 of the replica serving a generation: the
+/// device failed with `unknown_session` although it holds every hidden state it sent": the
+/// survivor knows nothing of the session, so the device opens a new one there and replays
+/// everything it sent; the output is the undisturbed run's, every token delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_with_redis_and_its_replica_is_reopened_and_replayed() {
+    fail_over(true, &[], NO_LIMIT, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_rebuilds_the_session_from_a_replay() {
-    fail_over(false, &[], NO_LIMIT).await;
+    fail_over(false, &[], NO_LIMIT, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_started_on_one_replica_finishes_on_another() {
-    fail_over(true, &[], NO_LIMIT).await;
+    fail_over(true, &[], NO_LIMIT, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

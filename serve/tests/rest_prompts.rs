@@ -575,9 +575,10 @@ async fn an_expired_device_token_is_refused() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs();
+    let epoch = token_epoch(token(&device_token(srv.addr(), "erin").await));
     // Signed with the server's key: one that expired a second ago, one valid for a minute.
-    let expired = key.issue(&erin, now_s - 1);
-    let valid = key.issue(&erin, now_s + 60);
+    let expired = key.issue(&erin, now_s - 1, epoch);
+    let valid = key.issue(&erin, now_s + 60, epoch);
     Req::new("GET", "/v1/edge/inbox")
         .bearer(&expired.token)
         .send(srv.addr())
@@ -590,13 +591,121 @@ async fn an_expired_device_token_is_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["user_id"], "erin");
     // A token signed with another key is refused.
-    let other =
-        DeviceKey::from_secret("some-other-device-token-key-0123456789").issue(&erin, now_s + 60);
+    let other = DeviceKey::from_secret("some-other-device-token-key-0123456789").issue(
+        &erin,
+        now_s + 60,
+        epoch,
+    );
     Req::new("GET", "/v1/edge/inbox")
         .bearer(&other.token)
         .send(srv.addr())
         .await
         .expect_error(401, "unauthorized");
+    // Signed with the server's key in another epoch (an earlier one, or one to come).
+    for e in [epoch - 1, epoch + 1] {
+        let t = key.issue(&erin, now_s + 60, e);
+        Req::new("GET", "/v1/edge/inbox")
+            .bearer(&t.token)
+            .send(srv.addr())
+            .await
+            .expect_error(401, "device_token_stale");
+    }
+    srv.shutdown().await;
+}
+
+/// The device-token epoch a token was issued in (its fourth dot-separated part).
+fn token_epoch(token: &str) -> u64 {
+    token
+        .split('.')
+        .nth(3)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {token}"))
+}
+
+/// Without Redis, revocations live in the process: a restarted server (same device-token
+/// key) starts a new epoch, so a token from before the restart, revoked or not, is refused
+/// with `device_token_stale` instead of coming back to life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_memory_store_refuses_earlier_device_tokens() {
+    let fx = fixture();
+    let first = start(fx.config()).await;
+    let before = device_token(first.addr(), "heidi").await;
+    let r = Req::new("GET", "/v1/edge/inbox")
+        .bearer(token(&before))
+        .send(first.addr())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    first.shutdown().await;
+    let second = start(fx.config()).await;
+    Req::new("GET", "/v1/edge/inbox")
+        .bearer(token(&before))
+        .send(second.addr())
+        .await
+        .expect_error(401, "device_token_stale");
+    let after = device_token(second.addr(), "heidi").await;
+    let r = Req::new("GET", "/v1/edge/inbox")
+        .bearer(token(&after))
+        .send(second.addr())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    second.shutdown().await;
+}
+
+/// Issue 20's "`FLUSHALL` on Redis: a revoked device token went from 401 back to 200":
+/// revocations live in Redis, so the store keeps an epoch and tokens carry theirs. After the
+/// loss, the revoked token stays refused, an unrevoked one from before is refused with
+/// `device_token_stale` (get a new one), a new token works, and revoking works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_token_stays_refused_after_redis_loses_its_data() {
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let fx = fixture();
+    let cfg = ServerConfig {
+        redis: Some(redis.url()),
+        redis_key_prefix: "ep".to_owned(),
+        ..fx.config()
+    };
+    let srv = start(cfg).await;
+    let addr = srv.addr();
+    let me = |t: &Value| {
+        let t = token(t).to_owned();
+        async move {
+            Req::new("GET", "/v1/edge/inbox")
+                .bearer(&t)
+                .send(addr)
+                .await
+        }
+    };
+    let revoked = device_token(addr, "frank").await;
+    let kept = device_token(addr, "grace").await;
+    assert_eq!(token_epoch(token(&revoked)), token_epoch(token(&kept)));
+    let tid = revoked["token_id"].as_str().expect("token id");
+    let r = Req::new("DELETE", &format!("/v1/admin/device-tokens/{tid}"))
+        .bearer(ADMIN_KEY)
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    me(&revoked).await.expect_error(401, "unauthorized");
+    let r = me(&kept).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    redis.flushall();
+    me(&revoked).await.expect_error(401, "device_token_stale");
+    me(&kept).await.expect_error(401, "device_token_stale");
+    let fresh = device_token(addr, "grace").await;
+    assert!(token_epoch(token(&fresh)) > token_epoch(token(&kept)));
+    let r = me(&fresh).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["user_id"], "grace");
+    // Revocation works in the new epoch.
+    let tid = fresh["token_id"].as_str().expect("token id");
+    let r = Req::new("DELETE", &format!("/v1/admin/device-tokens/{tid}"))
+        .bearer(ADMIN_KEY)
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    me(&fresh).await.expect_error(401, "unauthorized");
     srv.shutdown().await;
 }
 

@@ -283,6 +283,36 @@ async fn expect_opened(ws: &mut Ws) -> Opened {
     }
 }
 
+/// The WebSocket close the server ends with: status code and reason. Frames before it are
+/// skipped.
+async fn close_status(ws: &mut Ws) -> Option<(u16, String)> {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out waiting for the close");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => {
+                return Some((f.code.into(), f.reason.to_string()))
+            }
+            Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// The close status that follows an `Error` with `code` (issue 20: "close frames carry a
+/// status code"): 1001 going away, 1013 try again later, 1011 internal error, 1008 policy
+/// violation; the reason is the code's name.
+fn close_for(code: ErrorCode) -> (u16, String) {
+    let status = match code.as_u16() {
+        _ if code == ErrorCode::ShuttingDown => 1001,
+        300..=399 => 1013,
+        500..=599 => 1011,
+        _ => 1008,
+    };
+    (status, code.as_str().to_owned())
+}
+
 /// Reads until an `Error` (skipping `Pong`s), checks its code and that the server closes.
 async fn expect_error(ws: &mut Ws, code: ErrorCode) {
     loop {
@@ -296,7 +326,11 @@ async fn expect_error(ws: &mut Ws, code: ErrorCode) {
         }
     }
     if !code.is_retryable() || code == ErrorCode::RateLimited {
-        assert!(recv(ws).await.is_none(), "the server closes after {code}");
+        assert_eq!(
+            close_status(ws).await,
+            Some(close_for(code)),
+            "the server closes after {code}, with its status"
+        );
     }
 }
 
@@ -309,7 +343,11 @@ async fn generate(fx: &Fixture, url: &str, dtype: HiddenDtype) -> (Vec<u32>, Don
     let mut dev = fx.device(dtype);
     dev.send_prompt(&mut ws).await;
     let done = dev.drive(&mut ws, None).await.expect("done");
-    assert!(recv(&mut ws).await.is_none(), "closed after Done");
+    assert_eq!(
+        close_status(&mut ws).await,
+        Some((1000, "done".to_owned())),
+        "closed normally after Done"
+    );
     (dev.tokens, done)
 }
 
@@ -448,7 +486,7 @@ async fn bad_frames_get_their_codes_and_do_not_disturb_others() {
             last_token_seq: None,
         })
     };
-    send(&mut ws, &resume(SessionId(u64::MAX - 5), [1; 32])).await;
+    send(&mut ws, &resume(SessionId(u128::MAX - 5), [1; 32])).await;
     expect_error(&mut ws, ErrorCode::UnknownSession).await;
     let (_keep, real) = opened(&fx, &url).await;
     let mut forged = real.resume_token.0;

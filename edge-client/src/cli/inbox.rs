@@ -367,7 +367,7 @@ impl Answering<'_, '_> {
     /// Counts a failed accept or decline; a rejected token ends the run.
     fn inbox_call_failed(&mut self, n: usize, what: &str, e: InboxError) -> anyhow::Result<()> {
         match e.api_code() {
-            Some(ApiCode::Unauthorized) => {
+            Some(ApiCode::Unauthorized | ApiCode::TokenStale) => {
                 return Err(anyhow::Error::new(e).context(format!("cannot {what} prompt [{n}]")))
             }
             Some(ApiCode::NotFound | ApiCode::Conflict) => {

@@ -2,12 +2,21 @@
 //! routes, and the provider's routes that issue and revoke them.
 //!
 //! # Format
-//! `tdv_{user}.{token_id}.{expires}.{mac}`: `user` is the [`UserId`], `token_id` 16 hex
-//! digits (public: revocation names it), `expires` Unix seconds, `mac` the hex
-//! HMAC-SHA256 (RFC 2104) of `tdv1|{user}|{token_id}|{expires}` under the server's
-//! device-token key. Tokens are stateless: any replica with the same key verifies them; a
-//! revocation is a store entry every replica reads on every request, so it takes effect at
-//! once everywhere.
+//! `tdv_{user}.{token_id}.{expires}.{epoch}.{mac}`: `user` is the [`UserId`], `token_id` 16
+//! hex digits (public: revocation names it), `expires` Unix seconds, `epoch` the store's
+//! device-token epoch when it was issued (decimal), `mac` the hex HMAC-SHA256 (RFC 2104) of
+//! `tdv2|{user}|{token_id}|{expires}|{epoch}` under the server's device-token key. Tokens are
+//! stateless: any replica with the same key verifies them; a revocation is a store entry
+//! every replica reads on every request, so it takes effect at once everywhere.
+//!
+//! # Losing the store
+//! Revocations live in the store. So that losing its data does not bring revoked tokens
+//! back, the store keeps an epoch
+//! ([`device_token_epoch`](crate::rest::store::prompts::PromptStore::device_token_epoch)) and only tokens of
+//! the current epoch are accepted: a store that lost its data starts a new epoch, and every
+//! token issued before (revoked or not) is refused with `401 device_token_stale`, which tells
+//! an honest device to get a new token. The in-memory store starts a new epoch with each
+//! process.
 //!
 //! The key comes from configuration (`--device-token-key`, at least 32 characters; its
 //! sha256 is the HMAC key). Without one, the server draws a random key at start: tokens then
@@ -58,29 +67,36 @@ impl DeviceKey {
         Self(rand::random())
     }
 
-    fn mac(&self, user: &str, token_id: &str, expires_s: u64) -> [u8; 32] {
-        let msg = format!("tdv1|{user}|{token_id}|{expires_s}");
+    fn mac(&self, user: &str, token_id: &str, expires_s: u64, epoch: u64) -> [u8; 32] {
+        let msg = format!("tdv2|{user}|{token_id}|{expires_s}|{epoch}");
         hmac_sha256(&self.0, msg.as_bytes())
     }
 
-    /// A new token for `user`, valid until `expires_s` (Unix seconds).
-    pub fn issue(&self, user: &UserId, expires_s: u64) -> IssuedDeviceToken {
+    /// A new token for `user`, valid until `expires_s` (Unix seconds), in the store's
+    /// device-token `epoch`.
+    pub fn issue(&self, user: &UserId, expires_s: u64, epoch: u64) -> IssuedDeviceToken {
         let token_id = hex::encode(rand::random::<[u8; 8]>());
-        let mac = hex::encode(self.mac(user.as_str(), &token_id, expires_s));
+        let mac = hex::encode(self.mac(user.as_str(), &token_id, expires_s, epoch));
         IssuedDeviceToken {
-            token: format!("{DEVICE_TOKEN_PREFIX}{user}.{token_id}.{expires_s}.{mac}"),
+            token: format!("{DEVICE_TOKEN_PREFIX}{user}.{token_id}.{expires_s}.{epoch}.{mac}"),
             token_id,
             user_id: user.to_string(),
             expires: rfc3339_ms(expires_s.saturating_mul(1000)),
         }
     }
 
-    /// The token's user, id and expiry if its signature is right (expiry not checked).
+    /// The token's user, id, expiry and epoch if its signature is right (neither expiry nor
+    /// epoch checked).
     pub fn verify(&self, token: &str) -> Option<VerifiedToken> {
         let rest = token.strip_prefix(DEVICE_TOKEN_PREFIX)?;
         let mut parts = rest.split('.');
-        let (user, token_id, expires, mac) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let (user, token_id, expires, epoch, mac) = (
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
         if parts.next().is_some() {
             return None;
         }
@@ -90,12 +106,14 @@ impl DeviceKey {
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         let expires_s: u64 = expires.parse().ok()?;
+        let epoch: u64 = epoch.parse().ok()?;
         let presented = SecretDigest::from_hex(mac)?;
-        let expected = SecretDigest(self.mac(user.as_str(), token_id, expires_s));
+        let expected = SecretDigest(self.mac(user.as_str(), token_id, expires_s, epoch));
         (expected.matches(&presented) & id_ok).then(|| VerifiedToken {
             user,
             token_id: token_id.to_owned(),
             expires_ms: expires_s.saturating_mul(1000),
+            epoch,
         })
     }
 }
@@ -112,6 +130,8 @@ pub struct VerifiedToken {
     pub user: UserId,
     pub token_id: String,
     pub expires_ms: u64,
+    /// The store's device-token epoch it was issued in.
+    pub epoch: u64,
 }
 
 /// The device's user, from a valid, unexpired, unrevoked device token.
@@ -140,6 +160,11 @@ impl FromRequestParts<Arc<RestState>> for DeviceAuth {
         if state.prompts.device_token_revoked(&token.token_id).await? {
             return Err(unauthorized());
         }
+        if token.epoch != state.prompts.device_token_epoch(now_ms()).await? {
+            return Err(ApiError::device_token_stale(
+                "the device token was issued before the server lost its data; get a new one",
+            ));
+        }
         Ok(Self {
             user: token.user,
             token_id: token.token_id,
@@ -163,7 +188,7 @@ pub struct NewDeviceToken {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct IssuedDeviceToken {
     /// Send it as `Authorization: Bearer <token>` on the `/v1/edge/...` routes.
-    #[schema(example = "tdv_alice.0a1b2c3d4e5f6789.1767225600.<64 hex digits>")]
+    #[schema(example = "tdv_alice.0a1b2c3d4e5f6789.1767225600.1764806400000.<64 hex digits>")]
     pub token: String,
     /// Names the token for revocation.
     pub token_id: String,
@@ -192,8 +217,10 @@ pub async fn issue_device_token(
             "ttl_seconds must be between 60 and {MAX_TTL_SECONDS}"
         )));
     }
-    let expires_s = now_ms() / 1000 + ttl;
-    let issued = state.device_key.issue(&body.user_id, expires_s);
+    let now = now_ms();
+    let expires_s = now / 1000 + ttl;
+    let epoch = state.prompts.device_token_epoch(now).await?;
+    let issued = state.device_key.issue(&body.user_id, expires_s, epoch);
     tracing::info!(user = %body.user_id, token_id = %issued.token_id, "device token issued");
     Ok((StatusCode::CREATED, Json(issued)))
 }
@@ -250,11 +277,12 @@ mod tests {
     fn tokens_verify_and_tampering_fails() {
         let key = DeviceKey::from_secret("a device token key of 32+ chars!!");
         let user = UserId::parse("alice").expect("user");
-        let t = key.issue(&user, 2_000_000_000);
+        let t = key.issue(&user, 2_000_000_000, 42);
         let v = key.verify(&t.token).expect("valid");
         assert_eq!(v.user, user);
         assert_eq!(v.token_id, t.token_id);
         assert_eq!(v.expires_ms, 2_000_000_000_000);
+        assert_eq!(v.epoch, 42);
         // Another key, another user, a later expiry, a flipped mac digit: all refused.
         let other = DeviceKey::from_secret("another device token key, 32+ ch");
         assert!(other.verify(&t.token).is_none());
@@ -262,6 +290,9 @@ mod tests {
         assert!(key.verify(&bob).is_none());
         let later = t.token.replacen(".2000000000.", ".2000000001.", 1);
         assert!(key.verify(&later).is_none());
+        // A token cannot be moved to another epoch (the one after a loss of the store).
+        let newer = t.token.replacen(".42.", ".43.", 1);
+        assert!(key.verify(&newer).is_none());
         let mut flipped = t.token.clone();
         let last = flipped.pop().expect("char");
         flipped.push(if last == '0' { '1' } else { '0' });

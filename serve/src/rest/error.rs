@@ -29,6 +29,9 @@ pub enum ErrorCode {
     BadRequest,
     /// 401: no credentials, or credentials that are not valid.
     Unauthorized,
+    /// 401: a device token issued before the server's store lost its data (and with it the
+    /// revocations): every such token is refused. Get a new token from the provider.
+    DeviceTokenStale,
     /// 403: valid credentials that may not do this.
     Forbidden,
     /// 404: no such route or resource (or one the caller may not know about).
@@ -62,6 +65,7 @@ impl ErrorCode {
         match self {
             Self::BadRequest => "bad_request",
             Self::Unauthorized => "unauthorized",
+            Self::DeviceTokenStale => "device_token_stale",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -80,7 +84,7 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             Self::BadRequest => StatusCode::BAD_REQUEST,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::DeviceTokenStale => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -137,6 +141,10 @@ impl ApiError {
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unauthorized, message)
+    }
+
+    pub fn device_token_stale(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::DeviceTokenStale, message)
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {

@@ -420,7 +420,9 @@ impl Modify for CommonResponses {
                 if schemes.iter().any(|s| s == "device_token") {
                     add(
                         "401",
-                        "`unauthorized`: missing, malformed, expired or revoked device token.",
+                        "`unauthorized`: missing, malformed, expired or revoked device token; \
+                         `device_token_stale`: issued before the server's store lost its data \
+                         (get a new token).",
                         false,
                     );
                     add("503", "`unavailable`: the store is unavailable.", true);

@@ -103,7 +103,7 @@ pub(crate) struct Shared {
     pub(crate) params: params::OpenParams,
     pub(crate) replica: ReplicaId,
     /// Sessions held by this process, by wire session id.
-    pub(crate) sessions: DashMap<u64, session::SessionHandle>,
+    pub(crate) sessions: DashMap<u128, session::SessionHandle>,
     /// Set when shutdown starts: new `Open`/`Resume` get `shutting_down`.
     pub(crate) draining: AtomicBool,
     /// Flips to `true` when the drain is over: sessions still running end.

@@ -15,7 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// The `Open` frames of live sessions.
 pub(crate) enum OpenParams {
-    Memory(DashMap<u64, Vec<u8>>),
+    Memory(DashMap<u128, Vec<u8>>),
     Redis {
         conn: ConnectionManager,
         prefix: String,
@@ -47,12 +47,12 @@ impl OpenParams {
         })
     }
 
-    fn key(prefix: &str, session: u64) -> String {
+    fn key(prefix: &str, session: u128) -> String {
         format!("{prefix}:open:{session}")
     }
 
     /// Keeps `open` (the encoded frame) for `session`.
-    pub(crate) async fn put(&self, session: u64, open: Vec<u8>) -> anyhow::Result<()> {
+    pub(crate) async fn put(&self, session: u128, open: Vec<u8>) -> anyhow::Result<()> {
         match self {
             Self::Memory(map) => {
                 map.insert(session, open);
@@ -82,7 +82,7 @@ impl OpenParams {
     }
 
     /// The encoded `Open` of `session`, if kept.
-    pub(crate) async fn get(&self, session: u64) -> anyhow::Result<Option<Vec<u8>>> {
+    pub(crate) async fn get(&self, session: u128) -> anyhow::Result<Option<Vec<u8>>> {
         match self {
             Self::Memory(map) => Ok(map.get(&session).map(|v| v.clone())),
             Self::Redis {
@@ -103,7 +103,7 @@ impl OpenParams {
     }
 
     /// Forgets `session`'s `Open` (best effort: the TTL removes it anyway).
-    pub(crate) async fn remove(&self, session: u64) {
+    pub(crate) async fn remove(&self, session: u128) {
         match self {
             Self::Memory(map) => {
                 map.remove(&session);

@@ -41,8 +41,42 @@ use crate::store::{self, SessionState, SessionUpdate};
 #[derive(Debug)]
 pub(crate) enum Outbound {
     Frame(Vec<u8>),
-    /// Send a WebSocket close and stop.
-    Close,
+    /// Send a WebSocket close with this status and stop.
+    Close(CloseStatus),
+}
+
+/// The status of the WebSocket close frame a connection ends with (RFC 6455 §7.4.1); the
+/// reason is the wire error code's name (or `done`), so a device or a proxy log can tell
+/// why without decoding the last frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CloseStatus {
+    pub(crate) code: u16,
+    pub(crate) reason: &'static str,
+}
+
+impl CloseStatus {
+    /// 1000: the generation ended (`Done` was sent).
+    pub(crate) const DONE: Self = Self {
+        code: 1000,
+        reason: "done",
+    };
+
+    /// After an `Error` frame: 1001 (going away) for `shutting_down`, 1013 (try again later)
+    /// for the other `3xx` codes, 1011 (internal error) for `5xx`, and 1008 (policy
+    /// violation) for `1xx` and `2xx`: a bad frame, a refused credential or ticket, an
+    /// unknown session, a session taken over, a timeout.
+    pub(crate) fn for_error(code: ErrorCode) -> Self {
+        let status = match code {
+            ErrorCode::ShuttingDown => 1001,
+            c if c.is_retryable() => 1013,
+            c if (500..600).contains(&c.as_u16()) => 1011,
+            _ => 1008,
+        };
+        Self {
+            code: status,
+            reason: code.as_str(),
+        }
+    }
 }
 
 /// A connection as a session sees it.
@@ -66,8 +100,8 @@ impl Conn {
         }
     }
 
-    fn close(&self) {
-        if self.out.try_send(Outbound::Close).is_err() {
+    fn close(&self, status: CloseStatus) {
+        if self.out.try_send(Outbound::Close(status)).is_err() {
             self.kill.notify_one();
         }
     }
@@ -129,7 +163,7 @@ pub(crate) enum SessionCmd {
 /// The live table's entry for a session.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionHandle {
-    pub(crate) id: u64,
+    pub(crate) id: u128,
     pub(crate) tx: mpsc::Sender<SessionCmd>,
     running: Arc<AtomicBool>,
 }
@@ -144,7 +178,7 @@ impl SessionHandle {
 /// How a session starts.
 #[derive(Debug)]
 pub(crate) struct Setup {
-    pub(crate) id: u64,
+    pub(crate) id: u128,
     pub(crate) seq: SeqId,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,
     pub(crate) dtype: HiddenDtype,
@@ -212,7 +246,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
 
 struct Actor {
     shared: Arc<Shared>,
-    id: u64,
+    id: u128,
     seq: SeqId,
     events: mpsc::UnboundedReceiver<Event>,
     cmds: mpsc::Receiver<SessionCmd>,
@@ -375,8 +409,9 @@ impl Actor {
             SessionCmd::Fail { conn, error } if self.is_current(conn) => {
                 if error.code.is_retryable() {
                     tracing::info!(session = self.id, code = %error.code, "dropping the connection");
+                    let status = CloseStatus::for_error(error.code);
                     self.send(&Frame::Error(error));
-                    self.detach_current();
+                    self.detach_current(status);
                     Flow::Continue
                 } else {
                     self.fail(error).await
@@ -423,9 +458,9 @@ impl Actor {
     }
 
     /// Closes the current connection (after what was queued) and waits for a `Resume`.
-    fn detach_current(&mut self) {
+    fn detach_current(&mut self, status: CloseStatus) {
         if let Some(conn) = self.conn.take() {
-            conn.close();
+            conn.close(status);
         }
         self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
     }
@@ -446,7 +481,7 @@ impl Actor {
             );
             self.shared.metrics.errors_total.with(e.code.as_str()).inc();
             old.send(&Frame::Error(e));
-            old.close();
+            old.close(CloseStatus::for_error(ErrorCode::SessionTakenOver));
         }
         tracing::info!(
             session = self.id,
@@ -470,7 +505,7 @@ impl Actor {
         }
         if let Some(done) = self.done {
             self.send(&Frame::Done(done));
-            self.detach_current();
+            self.detach_current(CloseStatus::DONE);
         }
     }
 
@@ -492,7 +527,7 @@ impl Actor {
         if self.done.is_some() {
             let e = error_frame(ErrorCode::Finished, Some(input.seq), "the generation ended");
             self.send(&Frame::Error(e));
-            self.detach_current();
+            self.detach_current(CloseStatus::for_error(ErrorCode::Finished));
             return Flow::Continue;
         }
         if input.seq < self.next_hidden_seq {
@@ -764,7 +799,7 @@ impl Actor {
         }
         self.running.store(false, Ordering::SeqCst);
         self.send(&Frame::Done(done));
-        self.detach_current();
+        self.detach_current(CloseStatus::DONE);
         self.queue.clear();
         self.release(true).await;
     }
@@ -779,9 +814,10 @@ impl Actor {
         if let (Some(a), None) = (&self.assignment, &self.done) {
             a.fail_later(&self.shared, error.code);
         }
+        let status = CloseStatus::for_error(error.code);
         self.send(&Frame::Error(error));
         if let Some(conn) = self.conn.take() {
-            conn.close();
+            conn.close(status);
         }
         if self.done.is_none() {
             self.release(true).await;
@@ -802,7 +838,7 @@ impl Actor {
             self.release(false).await;
         }
         if let Some(conn) = self.conn.take() {
-            conn.close();
+            conn.close(CloseStatus::for_error(ErrorCode::ShuttingDown));
         }
     }
 
@@ -882,5 +918,30 @@ fn engine_error_code(e: &EngineError) -> (ErrorCode, &'static str) {
         ),
         EngineError::Stopped => (ErrorCode::ShuttingDown, "the engine stopped"),
         _ => (ErrorCode::Internal, "internal error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_statuses_follow_the_error_groups() {
+        let status = |c: ErrorCode| {
+            let s = CloseStatus::for_error(c);
+            assert_eq!(s.reason, c.as_str());
+            s.code
+        };
+        assert_eq!(CloseStatus::DONE.code, 1000);
+        assert_eq!(status(ErrorCode::ShuttingDown), 1001);
+        assert_eq!(status(ErrorCode::Overloaded), 1013);
+        assert_eq!(status(ErrorCode::Moved), 1013);
+        assert_eq!(status(ErrorCode::Internal), 1011);
+        assert_eq!(status(ErrorCode::MalformedFrame), 1008);
+        assert_eq!(status(ErrorCode::UnknownSession), 1008);
+        assert_eq!(status(ErrorCode::SessionTakenOver), 1008);
+        assert_eq!(status(ErrorCode::IdleTimeout), 1008);
+        // A reason fits a close frame (123 bytes).
+        assert!(ErrorCode::ALL.iter().all(|c| c.as_str().len() <= 123));
     }
 }

@@ -21,7 +21,7 @@ use tandem_protocol::wire::{
 use tandem_protocol::OpenError;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
+use super::session::{self, CloseStatus, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
 use super::{stopped, Shared};
 use crate::engine::{EngineError, SessionParams};
 use crate::rest::inbox::ticket_hash;
@@ -67,7 +67,7 @@ fn err(code: ErrorCode, seq: Option<u64>, message: &str) -> ErrorFrame {
 
 /// The connection's side of an attached session.
 struct Attached {
-    session: u64,
+    session: u128,
     tx: mpsc::Sender<SessionCmd>,
 }
 
@@ -157,10 +157,18 @@ async fn write_loop(
                     _ = kill.notified() => return,
                 }
             }
-            Some(Outbound::Close) | None => {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
-                        .await;
+            Some(Outbound::Close(status)) => {
+                let frame = axum::extract::ws::CloseFrame {
+                    code: status.code,
+                    reason: status.reason.into(),
+                };
+                let close = sink.send(Message::Close(Some(frame)));
+                let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                return;
+            }
+            None => {
+                let close = sink.send(Message::Close(None));
+                let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
                 return;
             }
         };
@@ -175,10 +183,11 @@ impl Connection {
     fn reject(&mut self, e: ErrorFrame) {
         tracing::info!(conn = self.conn.id, code = %e.code, "rejected");
         self.shared.metrics.errors_total.with(e.code.as_str()).inc();
+        let status = CloseStatus::for_error(e.code);
         if let Ok(bytes) = Frame::Error(e).encode() {
             let _ = self.conn.out.try_send(Outbound::Frame(bytes));
         }
-        let _ = self.conn.out.try_send(Outbound::Close);
+        let _ = self.conn.out.try_send(Outbound::Close(status));
         self.closing = true;
     }
 
@@ -474,7 +483,7 @@ async fn claim_prompt(
 /// Opens the engine session and spawns its actor.
 async fn spawn_session(
     shared: &Arc<Shared>,
-    id: u64,
+    id: u128,
     open: &Open,
     device_has: u64,
 ) -> Result<SessionHandle, ErrorFrame> {
@@ -485,7 +494,7 @@ async fn spawn_session(
         parent: None,
         "session",
         otel.kind = "server",
-        session.id = id as i64,
+        session.id = %tandem_protocol::SessionId(id),
         session.replayed = device_has > 0,
         wire.dtype = %open.dtype,
         split = i64::from(open.split),
@@ -568,21 +577,25 @@ async fn open_session(
             .map_err(|_| fail(err(ErrorCode::Internal, None, "internal error")))?,
     };
     session_params(shared, &open).map_err(fail)?;
-    let id = shared
-        .store
-        .next_session_id()
-        .await
-        .map_err(|e| fail(store_error(&e)))?;
     let token = ResumeToken::generate();
-    let new = NewSession {
-        id,
-        owner: shared.replica.clone(),
+    // Ids are random: one in use (a chance of about n / 2^64) is drawn again.
+    let mut tries = 0;
+    let id = loop {
+        let id = shared
+            .store
+            .next_session_id()
+            .await
+            .map_err(|e| fail(store_error(&e)))?;
+        let new = NewSession {
+            id,
+            owner: shared.replica.clone(),
+        };
+        match shared.store.create_session(new, token.hash()).await {
+            Ok(_) => break id,
+            Err(StoreError::AlreadyExists(_)) if tries < 3 => tries += 1,
+            Err(e) => return Err(fail(store_error(&e))),
+        }
     };
-    shared
-        .store
-        .create_session(new, token.hash())
-        .await
-        .map_err(|e| fail(store_error(&e)))?;
     let cleanup = |shared: Arc<Shared>| async move {
         let _ = shared.store.close_session(id, &shared.replica).await;
         shared.params.remove(id.0).await;

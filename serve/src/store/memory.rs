@@ -17,9 +17,8 @@ use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 
 use super::{
-    id_floor, millis, now_ms, Claim, NewSession, ReplicaId, ResumeToken, ResumeTokenHash,
-    SessionExpiry, SessionId, SessionRecord, SessionState, SessionStore, SessionUpdate, StoreError,
-    StoreFuture,
+    millis, now_ms, Claim, NewSession, ReplicaId, ResumeToken, ResumeTokenHash, SessionExpiry,
+    SessionId, SessionRecord, SessionState, SessionStore, SessionUpdate, StoreError, StoreFuture,
 };
 
 /// How many `create_session` calls between two sweeps of expired entries.
@@ -34,7 +33,6 @@ struct Entry {
 /// The in-memory session store.
 pub struct MemoryStore {
     expiry: SessionExpiry,
-    next_id: AtomicU64,
     creates: AtomicU64,
     sessions: DashMap<SessionId, Entry>,
     /// Replica → when its last heartbeat expires.
@@ -63,7 +61,6 @@ impl MemoryStore {
     pub fn new(expiry: SessionExpiry) -> Self {
         Self {
             expiry,
-            next_id: AtomicU64::new(id_floor()),
             creates: AtomicU64::new(0),
             sessions: DashMap::new(),
             replicas: DashMap::new(),
@@ -197,10 +194,6 @@ impl MemoryStore {
 }
 
 impl SessionStore for MemoryStore {
-    fn next_session_id(&self) -> StoreFuture<'_, SessionId> {
-        Box::pin(async move { Ok(SessionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)) })
-    }
-
     fn create_session(
         &self,
         new: NewSession,

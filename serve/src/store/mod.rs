@@ -20,9 +20,10 @@
 //!   has lost its KV cache, so it must not reuse its old id, or `claim` would say "no replay".
 //! - **Sessions expire**: every write refreshes a session's idle TTL; a closed session stays
 //!   readable for a short grace period (so a late reconnect learns it was closed), then goes.
-//! - **Session ids are unique across replicas** and increase. The counter starts at
-//!   `unix_millis * 1024`, so if Redis loses it (restart without persistence) new ids still
-//!   land above every id issued before, unless ids were issued faster than ~1 M/s on average.
+//! - **Session ids are unguessable**: 128 bits from the CSPRNG (never 0), so an id says
+//!   nothing about other sessions, and losing the store's data cannot make ids repeat (there
+//!   is no counter to lose). `create_session` refuses an id already in use
+//!   ([`StoreError::AlreadyExists`]); the caller draws again.
 //! - **Bounded latency** (Redis): every call has a timeout; with Redis down or hung a call fails
 //!   with [`StoreError::Unavailable`] instead of hanging, and works again once Redis is back.
 //!
@@ -51,7 +52,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 
 /// A session's id, unique across the replicas sharing a store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u64);
+pub struct SessionId(pub u128);
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -315,8 +316,10 @@ pub enum StoreError {
 /// then `claim` (replay the device's hidden states when it says so). In the background:
 /// `heartbeat` every few seconds, with a TTL a few beats long.
 pub trait SessionStore: Send + Sync {
-    /// A fresh session id, unique across all replicas sharing the store.
-    fn next_session_id(&self) -> StoreFuture<'_, SessionId>;
+    /// A fresh session id: 128 random bits (see the module doc). No store round trip.
+    fn next_session_id(&self) -> StoreFuture<'_, SessionId> {
+        Box::pin(async { Ok(random_session_id()) })
+    }
 
     /// Stores a new `Open` session owned by `new.owner` with the hash of its resume token.
     /// [`StoreError::AlreadyExists`] if the id is taken.
@@ -404,9 +407,14 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Where a fresh id counter starts (see the module doc).
-pub(crate) fn id_floor() -> u64 {
-    now_ms().saturating_mul(1024)
+/// 128 bits from the thread-local CSPRNG, never 0 (which names no session).
+pub(crate) fn random_session_id() -> SessionId {
+    loop {
+        let id: u128 = rand::random();
+        if id != 0 {
+            return SessionId(id);
+        }
+    }
 }
 
 /// A duration in whole milliseconds, at least 1 (Redis rejects `PX 0`).

@@ -6,9 +6,9 @@
 //!   `PEXPIRE` equal to the session's TTL, refreshed on every write.
 //! - `{p}:replica:{id}`: the replica's last heartbeat (unix ms), expiring after its TTL.
 //! - `{p}:replica-url:{id}`: the WebSocket URL the replica advertises, expiring likewise.
-//! - `{p}:session-id`: the id counter (`INCR`), seeded at `unix_millis * 1024` when absent.
 //!
-//! Every read-check-write (create, update, claim, id allocation) is one Lua script, so it is
+//! Session ids are drawn at random by the replica (no counter). Every read-check-write
+//! (create, update, claim) is one Lua script, so it is
 //! atomic and one round trip. `claim` builds the owner's heartbeat key inside the script,
 //! which standalone Redis and Sentinel allow but Redis Cluster does not.
 //!
@@ -18,7 +18,7 @@
 //! answer [`StoreError::Unavailable`] within that time. The first call after Redis comes back
 //! may still fail while the manager reconnects; later calls succeed. If Redis restarted
 //! without persistence, every session and heartbeat is gone (`get_session` answers `None`,
-//! `verify_resume` `UnknownSession`); the id counter re-seeds above all earlier ids.
+//! `verify_resume` `UnknownSession`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -29,9 +29,8 @@ use crate::store::shared::{bounded_call, redis_manager, RedisFailure};
 use ::redis::{RedisResult, Script};
 
 use super::{
-    id_floor, millis, now_ms, Claim, NewSession, ReplicaId, ResumeToken, ResumeTokenHash,
-    SessionExpiry, SessionId, SessionRecord, SessionState, SessionStore, SessionUpdate, StoreError,
-    StoreFuture,
+    millis, now_ms, Claim, NewSession, ReplicaId, ResumeToken, ResumeTokenHash, SessionExpiry,
+    SessionId, SessionRecord, SessionState, SessionStore, SessionUpdate, StoreError, StoreFuture,
 };
 
 /// How to reach Redis and how to use it.
@@ -74,10 +73,6 @@ const LUA_RECORD: &str = "local function record(k)
     'tokens_in', 'tokens_out', 'expires_ms')
 end
 ";
-
-/// KEYS: counter. ARGV: floor.
-const LUA_NEXT_ID: &str = "redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('INCR', KEYS[1])";
 
 /// KEYS: session. ARGV: owner, now_ms, ttl_ms, expires_ms, resume hash.
 const LUA_CREATE: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
@@ -130,7 +125,6 @@ pub struct RedisStore {
     prefix: String,
     op_timeout: Duration,
     expiry: SessionExpiry,
-    next_id: Script,
     create: Script,
     update: Script,
     claim: Script,
@@ -160,7 +154,6 @@ impl RedisStore {
             prefix: config.key_prefix,
             op_timeout: config.op_timeout,
             expiry: config.expiry,
-            next_id: Script::new(LUA_NEXT_ID),
             create: Script::new(LUA_CREATE),
             update: lua(LUA_UPDATE),
             claim: lua(LUA_CLAIM),
@@ -252,17 +245,6 @@ fn unexpected(word: &str) -> StoreError {
 }
 
 impl SessionStore for RedisStore {
-    fn next_session_id(&self) -> StoreFuture<'_, SessionId> {
-        Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let key = format!("{}:session-id", self.prefix);
-            let mut call = self.next_id.key(key);
-            call.arg(id_floor());
-            let id: u64 = self.bounded(call.invoke_async(&mut conn)).await?;
-            Ok(SessionId(id))
-        })
-    }
-
     fn create_session(
         &self,
         new: NewSession,

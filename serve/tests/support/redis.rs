@@ -120,6 +120,16 @@ impl RedisServer {
         }
     }
 
+    /// `FLUSHALL`: every key of every database is gone; the server keeps running.
+    pub fn flushall(&self) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        stream.write_all(b"FLUSHALL\r\n").expect("send FLUSHALL");
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).expect("FLUSHALL reply");
+        assert_eq!(&buf, b"+OK\r\n", "FLUSHALL answered");
+    }
+
     /// Freezes the server (SIGSTOP): it keeps its socket but answers nothing.
     pub fn pause(&self) {
         self.signal("-STOP");

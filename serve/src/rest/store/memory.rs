@@ -30,6 +30,8 @@ struct Inner {
     inboxes: HashMap<UserId, Vec<PromptId>>,
     /// Revoked device token id → until when (Unix ms).
     revoked: HashMap<String, u64>,
+    /// The device-token epoch, from the first call (a new process starts a new one).
+    device_epoch: Option<u64>,
     /// (counter name, window length, window index) → count.
     counters: HashMap<(String, u64, u64), u64>,
 }
@@ -427,6 +429,10 @@ impl PromptStore for MemoryTenantStore {
 
     fn device_token_revoked<'a>(&'a self, token_id: &'a str) -> TenantFuture<'a, bool> {
         self.run(|s| Ok(s.revoked.contains_key(token_id)))
+    }
+
+    fn device_token_epoch(&self, now_ms: u64) -> TenantFuture<'_, u64> {
+        self.run(|s| Ok(*s.device_epoch.get_or_insert(now_ms.max(1))))
     }
 
     fn take<'a>(

@@ -280,6 +280,12 @@ pub trait PromptStore: Send + Sync {
     /// Whether the device token was revoked.
     fn device_token_revoked<'a>(&'a self, token_id: &'a str) -> TenantFuture<'a, bool>;
 
+    /// The device-token epoch: device tokens carry the epoch they were issued in, and only
+    /// the current one's are accepted. A store that has none (first use, or it lost its data
+    /// and with it the revocations) starts one at `now_ms`, later than any epoch before, so
+    /// every token issued before the loss, revoked or not, is refused (fail closed).
+    fn device_token_epoch(&self, now_ms: u64) -> TenantFuture<'_, u64>;
+
     /// Adds `amount` to the counter `name` of the window holding `now_ms` (windows of
     /// `window_ms`, aligned to the Unix epoch) unless that would pass `limit`. `None`: taken;
     /// `Some(ms)`: refused, the window ends in `ms`.

@@ -11,6 +11,8 @@
 //! - `{p}:ticket:{hex sha256}`: `"{prompt id} {user}"` until the prompt expires; deleted when
 //!   claimed or cancelled.
 //! - `{p}:devtoken-revoked:{token id}`: present until the token's expiry.
+//! - `{p}:devtoken-epoch`: the device-token epoch (Unix ms when it started); no expiry. When
+//!   it is missing (Redis lost its data), the next reader starts a new one.
 //! - `{p}:rl:{name}:{window ms}:{index}`: a counter that expires with its window.
 //!
 //! Prompt, assignment and inbox keys expire [`RESULT_RETENTION_MS`] after the prompt does.
@@ -125,6 +127,16 @@ static FINISH: LazyLock<Script> = LazyLock::new(|| {
         "if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':t', ARGV[3], ARGV[1] .. ':r', ARGV[4])
 return 1",
+    )
+});
+
+/// KEYS: epoch. ARGV: now. The epoch, started at `now` when there is none.
+static EPOCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local e = redis.call('GET', KEYS[1])
+if e then return e end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]",
     )
 });
 
@@ -480,6 +492,18 @@ impl PromptStore for RedisTenantStore {
             let mut conn = self.conn.clone();
             let n: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
             Ok(n > 0)
+        })
+    }
+
+    fn device_token_epoch(&self, now_ms: u64) -> TenantFuture<'_, u64> {
+        Box::pin(async move {
+            let mut call = EPOCH.key(format!("{}:devtoken-epoch", self.prefix));
+            call.arg(now_ms.max(1));
+            let mut conn = self.conn.clone();
+            let epoch: String = self.bounded(call.invoke_async(&mut conn)).await?;
+            epoch
+                .parse()
+                .map_err(|_| corrupt(format!("device-token epoch {epoch:?}")))
         })
     }
 
