@@ -33,7 +33,7 @@ if [ "$QUICK" = 1 ]; then
     tokens=${TOKENS:-24}
 fi
 
-start_server spec ${SERVE_FLAGS:-}
+start_server spec --cloud "$split/cloud" ${SERVE_FLAGS:-}
 PROXY_PID=""
 cleanup() {
     [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null || true

@@ -597,6 +597,13 @@ impl Actor {
                 },
             ));
         }
+        if self.draft_first.is_some() && !input.complete {
+            return Err(error_frame(
+                ErrorCode::HiddenShape,
+                seq,
+                "after an answer with draft tokens the next Hidden is a decode step (complete)",
+            ));
+        }
         if input.drafts > 0 && self.prompt_tokens.is_none() {
             return Err(error_frame(
                 ErrorCode::HiddenShape,
