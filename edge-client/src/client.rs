@@ -76,6 +76,11 @@ pub struct ClientConfig {
     /// Certificate authorities trusted for `wss://` besides the compiled-in web roots (a
     /// private CA; [`crate::tls::read_ca_file`] reads a PEM bundle).
     pub ca_certs: Vec<crate::tls::CertificateDer<'static>>,
+    /// The device token sent as `Authorization: Bearer` on every WebSocket upgrade (a
+    /// server that requires credentials answers 401 without one, which ends the generation
+    /// with [`ClientError::Connect`](crate::ClientError::Connect), not retried). `None`:
+    /// the inbox's token when an inbox is configured, else none.
+    pub device_token: Option<crate::inbox::DeviceToken>,
 }
 
 impl ClientConfig {
@@ -92,6 +97,7 @@ impl ClientConfig {
             noise: None,
             noise_seed: None,
             ca_certs: Vec::new(),
+            device_token: None,
         }
     }
 }

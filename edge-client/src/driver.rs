@@ -267,8 +267,16 @@ impl Driver {
         } else {
             None
         };
+        let request = crate::tls::upgrade_request(&url, self.cfg.device_token.as_ref()).map_err(
+            |reason| {
+                Stop::Fatal(ClientError::Connect {
+                    url: url.clone(),
+                    reason,
+                })
+            },
+        )?;
         let connect = tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
+            request,
             Some(
                 WebSocketConfig::default()
                     .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES),

@@ -589,6 +589,7 @@ fn error_codes_are_stable() {
         (ErrorCode::Unavailable, 302, "unavailable"),
         (ErrorCode::ShuttingDown, 303, "shutting_down"),
         (ErrorCode::Moved, 304, "moved"),
+        (ErrorCode::TooManySessions, 305, "too_many_sessions"),
         (ErrorCode::Internal, 500, "internal"),
     ];
     assert_eq!(ErrorCode::ALL.len(), table.len());

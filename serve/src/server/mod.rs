@@ -31,6 +31,7 @@
 //! waits for a `Resume` for the grace period), so nothing buffers without bound. Blocking
 //! engine calls (`open`, `close`) run on the blocking pool.
 
+mod admission;
 pub mod config;
 mod conn_limit;
 mod params;
@@ -69,7 +70,7 @@ use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantSto
 use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 
-pub use config::{default_io_threads, AdminListen, PolicyName, ServerConfig};
+pub use config::{default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig};
 
 /// The WebSocket route.
 pub const WS_PATH: &str = "/v1/edge/ws";
@@ -109,6 +110,10 @@ pub(crate) struct Shared {
     /// Flips to `true` when the drain is over: sessions still running end.
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) next_conn: AtomicU64,
+    /// Verifies the device tokens presented on the WebSocket upgrade.
+    pub(crate) device_key: DeviceKey,
+    /// Who may open a session, and how many each holds.
+    pub(crate) admission: Arc<admission::Admission>,
 }
 
 /// A running server. Dropping it without [`ServerHandle::shutdown`] leaves the tasks running
@@ -292,7 +297,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         store: stores.tenants,
         prompts: stores.prompts.clone(),
         admin_key: cfg.admin_key.as_ref().map(|k| AdminKey::new(k.expose())),
-        device_key,
+        device_key: device_key.clone(),
         system_prompt: cfg.system_prompt.clone(),
         max_tokens_cap: cfg.max_tokens_cap,
         partner_requests_per_minute: cfg.partner_requests_per_minute,
@@ -346,6 +351,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         format!("{scheme}://{addr}{WS_PATH}")
     });
+    let admission = admission::Admission::new(admission::AdmissionLimits {
+        attached: cfg.max_sessions,
+        grace: cfg.max_resume_grace_sessions,
+        per_user: cfg.max_sessions_per_user,
+    });
+    if !cfg.credential_required() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "opening a session needs no credential (no device_token_key, or \
+             open_requires_credential = never): anyone who reaches the listener can use the cloud"
+        );
+    }
     let shared = Arc::new(Shared {
         cfg,
         served,
@@ -362,6 +379,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         draining: AtomicBool::new(false),
         stop,
         next_conn: AtomicU64::new(1),
+        device_key,
+        admission,
     });
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     if let Some(provider) = crate::telemetry::meter_provider() {
@@ -640,7 +659,39 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 /// answers them with `frame_too_large`); anything longer is dropped at its header.
 pub const FRAME_LIMIT_SLACK: usize = 4 << 10;
 
-async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
+/// The WebSocket upgrade. A device token in `Authorization: Bearer` is checked (signature,
+/// expiry, revocation) and names the session's user; without one the upgrade is refused with
+/// 401 when the operator requires credentials ([`ServerConfig::credential_required`]).
+/// A token that does not verify is refused even when none is required: a misconfigured
+/// device should learn it at once.
+async fn ws_upgrade(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let user = match crate::rest::auth::bearer_in(&headers) {
+        Some(presented) => {
+            match crate::rest::device::DeviceAuth::check(
+                &shared.device_key,
+                shared.prompts.as_ref(),
+                presented,
+            )
+            .await
+            {
+                Ok(auth) => Some(auth.user),
+                Err(e) => {
+                    shared.metrics.errors_total.with("unauthorized").inc();
+                    return e.into_response();
+                }
+            }
+        }
+        None if shared.cfg.credential_required() => {
+            shared.metrics.errors_total.with("unauthorized").inc();
+            return ApiError::unauthorized(crate::rest::device::DEVICE_UNAUTHORIZED)
+                .into_response();
+        }
+        None => None,
+    };
     // The WebSocket layer refuses a message whose declared length exceeds the frame limit
     // (plus a little, so that a frame just over it still gets a typed `frame_too_large`)
     // as soon as its header arrives, before buffering any of it: a client cannot make the
@@ -649,7 +700,7 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> 
     ws.max_message_size(transport_max)
         .max_frame_size(transport_max)
         .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| ws::serve_connection(shared, socket))
+        .on_upgrade(move |socket| ws::serve_connection(shared, socket, user))
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>) {
@@ -752,7 +803,11 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
             policy: cfg.policy.policy(),
             max_batch_tokens: cfg.max_batch_tokens,
             max_batch_seqs: cfg.max_batch_seqs,
-            max_sessions: cfg.max_sessions,
+            // Attached sessions and those waiting for a Resume have separate caps
+            // (`admission`); the engine holds both.
+            max_sessions: cfg
+                .max_sessions
+                .saturating_add(cfg.max_resume_grace_sessions),
             max_queued_tokens: cfg.max_queued_tokens,
             max_context: c.max_position_embeddings,
             prefill_slack: Some(cfg.prefill_slack),

@@ -32,6 +32,7 @@ use tandem_protocol::wire::{
 use tandem_scheduler::{SchedError, SeqId};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::admission::SessionSlot;
 use super::{stopped, Shared};
 use crate::engine::{EngineError, Event};
 use crate::rest::store::prompts::GenerationResult;
@@ -139,6 +140,8 @@ pub(crate) struct Setup {
     pub(crate) device_has: u64,
     /// The partner prompt this generation answers, if any: its result is stored there.
     pub(crate) assignment: Option<super::ws::AssignmentRef>,
+    /// The session's place in the admission counts.
+    pub(crate) slot: SessionSlot,
     /// The `session` span (ends with the actor) and its `generation` child (ends with
     /// `Done` or the error); see [`crate::telemetry`].
     pub(crate) span: tracing::Span,
@@ -178,6 +181,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         grace: None,
         marked_generating: false,
         assignment: setup.assignment,
+        slot: setup.slot,
         started: Instant::now(),
         first_token_at: None,
         last_token_at: None,
@@ -213,6 +217,7 @@ struct Actor {
     grace: Option<Instant>,
     marked_generating: bool,
     assignment: Option<super::ws::AssignmentRef>,
+    slot: SessionSlot,
     started: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -351,7 +356,7 @@ impl Actor {
                     "connection dropped; waiting for resume"
                 );
                 self.conn = None;
-                self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+                self.enter_grace();
                 Flow::Continue
             }
             // A frame from a connection the session no longer listens to.
@@ -380,8 +385,23 @@ impl Actor {
             );
             conn.kill.notify_one();
             self.conn = None;
-            self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+            self.enter_grace();
         }
+    }
+
+    /// The session has no connection now: it waits for a `Resume` for the grace period, or
+    /// ends at once when the grace is full (`max_resume_grace_sessions`).
+    fn enter_grace(&mut self) {
+        let now = Instant::now();
+        self.grace = Some(if self.slot.to_grace() {
+            now + self.shared.cfg.resume_grace()
+        } else {
+            tracing::info!(
+                session = self.id,
+                "too many sessions wait for a resume; ending this one"
+            );
+            now
+        });
     }
 
     /// Closes the current connection (after what was queued) and waits for a `Resume`.
@@ -389,7 +409,7 @@ impl Actor {
         if let Some(conn) = self.conn.take() {
             conn.close();
         }
-        self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+        self.enter_grace();
     }
 
     fn attach(&mut self, conn: Conn, token: [u8; 32], last_token_seq: Option<u64>) {
@@ -418,6 +438,7 @@ impl Actor {
         );
         self.conn = Some(conn);
         self.grace = None;
+        self.slot.to_attached();
         let resend_from = last_token_seq.map_or(0, |s| s.saturating_add(1));
         self.device_has = self.device_has.max(resend_from);
         self.send(&Frame::Opened(Opened {
@@ -698,6 +719,8 @@ impl Actor {
         let engine = self.shared.engine.clone();
         let seq = self.seq;
         let _ = tokio::task::spawn_blocking(move || engine.close(seq)).await;
+        // After the engine let go: an admitted session always finds room there.
+        self.slot.release();
         if !close_store {
             return;
         }

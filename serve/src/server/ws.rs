@@ -21,6 +21,7 @@ use tandem_protocol::wire::{
 use tandem_protocol::OpenError;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::admission::{Refusal, SessionSlot};
 use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
 use super::{stopped, Shared};
 use crate::engine::{EngineError, SessionParams};
@@ -74,13 +75,15 @@ struct Attached {
 struct Connection {
     shared: Arc<Shared>,
     conn: Conn,
+    /// The device token's user, when the upgrade carried one.
+    user: Option<UserId>,
     attached: Option<Attached>,
     rate: RateLimit,
     /// An error was sent before any session: wait for the writer to close.
     closing: bool,
 }
 
-pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
+pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, user: Option<UserId>) {
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = mpsc::channel(shared.cfg.outbound_queue);
@@ -97,6 +100,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
         rate: RateLimit::new(shared.cfg.max_frames_per_second),
         shared,
         conn: Conn { id, out, kill },
+        user,
         attached: None,
         closing: false,
     };
@@ -297,14 +301,18 @@ impl Connection {
                 }
             }
             (Frame::Pong { .. }, _) => {}
-            (Frame::Open(open), None) => match open_session(&self.shared, open, bytes).await {
-                Ok((handle, token)) => self.attach(handle, token, None).await,
-                Err(e) => self.reject(e),
-            },
-            (Frame::Resume(r), None) => match resume_session(&self.shared, &r).await {
-                Ok((handle, token)) => self.attach(handle, token, r.last_token_seq).await,
-                Err(e) => self.reject(e),
-            },
+            (Frame::Open(open), None) => {
+                match open_session(&self.shared, open, bytes, self.user.as_ref()).await {
+                    Ok((handle, token)) => self.attach(handle, token, None).await,
+                    Err(e) => self.reject(e),
+                }
+            }
+            (Frame::Resume(r), None) => {
+                match resume_session(&self.shared, &r, self.user.as_ref()).await {
+                    Ok((handle, token)) => self.attach(handle, token, r.last_token_seq).await,
+                    Err(e) => self.reject(e),
+                }
+            }
             (Frame::Cancel, Some(a)) => {
                 let _ = a.tx.send(SessionCmd::Cancel { conn: self.conn.id }).await;
             }
@@ -470,12 +478,24 @@ async fn claim_prompt(
     Ok((open, Some(a)))
 }
 
+/// A place for a new session in the admission counts, or the `Error` that refuses it.
+fn admit(shared: &Arc<Shared>, user: Option<&UserId>) -> Result<SessionSlot, ErrorFrame> {
+    shared.admission.admit(user).map_err(|refusal| {
+        let code = match refusal {
+            Refusal::Capacity(_) => ErrorCode::Overloaded,
+            Refusal::UserCap(_) => ErrorCode::TooManySessions,
+        };
+        err(code, None, &refusal.to_string())
+    })
+}
+
 /// Opens the engine session and spawns its actor.
 async fn spawn_session(
     shared: &Arc<Shared>,
     id: u64,
     open: &Open,
     device_has: u64,
+    slot: SessionSlot,
 ) -> Result<SessionHandle, ErrorFrame> {
     let mut params = session_params(shared, open)?;
     // The device's trace (W3C `traceparent` in `Open`) is the session's parent; the engine
@@ -532,6 +552,7 @@ async fn spawn_session(
             max_tokens: open.max_tokens,
             device_has,
             assignment,
+            slot,
             span,
             generation,
         },
@@ -542,6 +563,7 @@ async fn open_session(
     shared: &Arc<Shared>,
     open: Open,
     bytes: &[u8],
+    user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
     if shared.draining.load(Ordering::SeqCst) {
         return Err(err(
@@ -551,6 +573,8 @@ async fn open_session(
         ));
     }
     session_params(shared, &open)?; // refuse before touching the store
+                                    // Admitted before the ticket is claimed: a refused device keeps its ticket.
+    let slot = admit(shared, user)?;
     let (open, assignment) = claim_prompt(shared, open).await?;
     let fail = |e: ErrorFrame| {
         if let Some(a) = &assignment {
@@ -595,7 +619,7 @@ async fn open_session(
             "the session store is unavailable",
         )));
     }
-    match spawn_session(shared, id.0, &open, 0).await {
+    match spawn_session(shared, id.0, &open, 0, slot).await {
         Ok(handle) => {
             tracing::info!(
                 session = id.0,
@@ -618,6 +642,7 @@ async fn open_session(
 async fn resume_session(
     shared: &Arc<Shared>,
     r: &Resume,
+    user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
     if shared.draining.load(Ordering::SeqCst) {
         return Err(err(
@@ -732,9 +757,14 @@ async fn resume_session(
                 };
                 let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
                 tracing::info!(session = id.0, device_has, "replaying a session taken over");
+                // A rebuilt session is a new one here: admitted like an `Open`.
+                let slot = admit(shared, user)?;
                 // Rotated first: a session is not rebuilt for a device whose token lost the race.
                 let token = rotate(shared, r).await?;
-                return Ok((spawn_session(shared, id.0, &open, device_has).await?, token));
+                return Ok((
+                    spawn_session(shared, id.0, &open, device_has, slot).await?,
+                    token,
+                ));
             }
         }
     }

@@ -1,0 +1,351 @@
+//! Issue 20's "no anonymous exhaustion", over real sockets on 127.0.0.1:0.
+//!
+//! Checked: with a device-token key configured, a WebSocket upgrade without a valid,
+//! unrevoked device token is refused with 401 before any session exists, and the edge client
+//! reports that at once instead of retrying; one user holds at most `max_sessions_per_user`
+//! sessions (`too_many_sessions`); sessions waiting for a `Resume` have their own cap and do
+//! not keep new devices out, and capacity refusals are `overloaded`.
+
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/tiny.rs"]
+mod tiny;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tandem_edge::{
+    ClientConfig, ClientError, DeviceToken, EdgeBundle, EdgeClient, GenerateRequest,
+};
+use tandem_protocol::wire::{
+    ErrorCode, ErrorFrame, Frame, HiddenDtype, ManifestId, Open, Opened, Resume,
+};
+use tandem_protocol::SamplingParams;
+use tandem_serve::rest::device::DeviceKey;
+use tandem_serve::rest::store::prompts::UserId;
+use tandem_serve::server::{self, CredentialMode, ServerConfig, ServerHandle};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(20);
+const DEVICE_KEY: &str = "a device-token key of at least 32 characters";
+const ADMIN_KEY: &str = "an admin key for the tests";
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    split_dir: PathBuf,
+    bundle: EdgeBundle,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let split_dir = tiny::write_tiny_split(tmp.path());
+    let bundle = EdgeBundle::load(&split_dir).expect("edge bundle");
+    Fixture {
+        _tmp: tmp,
+        split_dir,
+        bundle,
+    }
+}
+
+impl Fixture {
+    /// A server that requires device tokens (a key is configured, `auto`).
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            cloud: self.split_dir.join("cloud"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: server::AdminListen::On(([127, 0, 0, 1], 0).into()),
+            kv_cache_gib: 0.01,
+            drain_timeout_ms: 100,
+            device_token_key: Some(server::config::Secret::new(DEVICE_KEY)),
+            admin_key: Some(server::config::Secret::new(ADMIN_KEY)),
+            ..ServerConfig::default()
+        }
+    }
+
+    fn open(&self) -> Open {
+        let m = &self.bundle.manifest;
+        Open {
+            manifest: ManifestId::try_from(m.pair_id.as_str()).expect("id"),
+            split: m.edge_layers as u32,
+            hidden_size: m.hidden_size as u32,
+            dtype: HiddenDtype::F32,
+            sampling: SamplingParams::default(),
+            max_tokens: 4,
+            stop: Vec::new(),
+            prompt_id: None,
+            traceparent: None,
+        }
+    }
+}
+
+/// A device token for `user`, signed with the servers' key.
+fn token(user: &str) -> String {
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    DeviceKey::from_secret(DEVICE_KEY)
+        .issue(&UserId::parse(user).expect("user"), expires)
+        .token
+}
+
+/// The WebSocket upgrade with `token` as a bearer credential, if any.
+async fn connect(url: &str, token: Option<&str>) -> Result<Ws, tungstenite::Error> {
+    let mut req = url.into_client_request().expect("request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("the upgrade timed out")
+        .map(|(ws, _)| ws)
+}
+
+/// The HTTP status a refused upgrade got.
+fn refused_status(r: Result<Ws, tungstenite::Error>) -> u16 {
+    match r {
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("the upgrade was accepted"),
+    }
+}
+
+async fn send(ws: &mut Ws, frame: &Frame) {
+    let _ = ws
+        .send(Message::Binary(frame.encode().expect("encode").into()))
+        .await;
+}
+
+/// The next frame, or `None` when the server closed.
+async fn recv(ws: &mut Ws) -> Option<Frame> {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out waiting for a frame");
+        match msg {
+            Some(Ok(Message::Binary(b))) => return Some(Frame::decode(&b).expect("decode")),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Sends `first` on a new connection and answers what came back: `Opened` or an `Error`.
+async fn first_answer(
+    url: &str,
+    token: Option<&str>,
+    first: Frame,
+) -> (Ws, Result<Opened, ErrorFrame>) {
+    let mut ws = connect(url, token).await.expect("upgrade");
+    send(&mut ws, &first).await;
+    let answer = match recv(&mut ws).await {
+        Some(Frame::Opened(o)) => Ok(o),
+        Some(Frame::Error(e)) => Err(e),
+        other => panic!("expected Opened or Error, got {other:?}"),
+    };
+    (ws, answer)
+}
+
+async fn open(fx: &Fixture, url: &str, token: Option<&str>) -> (Ws, Result<Opened, ErrorFrame>) {
+    first_answer(url, token, Frame::Open(fx.open())).await
+}
+
+fn resume(o: &Opened) -> Frame {
+    Frame::Resume(Resume {
+        session: o.session,
+        resume_token: o.resume_token.clone(),
+        last_token_seq: None,
+    })
+}
+
+/// Retries `open` until it is admitted (the server learns of dropped connections
+/// asynchronously), failing after [`WAIT`].
+async fn open_when_admitted(fx: &Fixture, url: &str, token: Option<&str>) -> (Ws, Opened) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match open(fx, url, token).await {
+            (ws, Ok(o)) => return (ws, o),
+            (_, Err(e)) => {
+                assert_eq!(e.code, ErrorCode::Overloaded, "{}", e.message);
+                assert!(Instant::now() < deadline, "never admitted: {}", e.message);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn revoke(srv: &ServerHandle, token: &str) {
+    let token_id = token.split('.').nth(1).expect("token id");
+    let path = format!("/v1/admin/device-tokens/{token_id}");
+    let reply = http::Req::new("DELETE", &path)
+        .bearer(ADMIN_KEY)
+        .send(srv.admin_addr().expect("admin listener"))
+        .await;
+    assert_eq!(reply.status, 204, "{}", reply.text());
+}
+
+/// Issue 20's "opening a session needs no credential": with a device-token key configured,
+/// an upgrade without a token, with a forged or expired-signature one, or with a revoked one
+/// is refused with 401 before any session; a valid token opens sessions. `never` lets
+/// anonymous devices in again, but a bad token is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_session_needs_a_valid_device_token() {
+    let fx = fixture();
+    let srv = server::start(fx.config()).await.expect("start");
+    let url = srv.ws_url();
+    assert_eq!(refused_status(connect(&url, None).await), 401);
+    let forged = token("alice").replacen("alice", "mallory", 1);
+    assert_eq!(refused_status(connect(&url, Some(&forged)).await), 401);
+    let other_key = DeviceKey::from_secret("another key that is 32 characters long")
+        .issue(&UserId::parse("alice").expect("user"), u64::MAX / 2000)
+        .token;
+    assert_eq!(refused_status(connect(&url, Some(&other_key)).await), 401);
+    let alice = token("alice");
+    let (_ws, opened) = open(&fx, &url, Some(&alice)).await;
+    opened.expect("a valid token opens a session");
+    revoke(&srv, &alice).await;
+    assert_eq!(refused_status(connect(&url, Some(&alice)).await), 401);
+    srv.shutdown().await;
+
+    let srv = server::start(ServerConfig {
+        open_requires_credential: CredentialMode::Never,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let (_ws, opened) = open(&fx, &srv.ws_url(), None).await;
+    opened.expect("anonymous under `never`");
+    assert_eq!(
+        refused_status(connect(&srv.ws_url(), Some(&forged)).await),
+        401
+    );
+    srv.shutdown().await;
+}
+
+/// The edge client sends its device token on the upgrade; without one, a server that
+/// requires credentials ends the generation at once with a `Connect` error naming 401,
+/// not after a retry loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_client_sends_its_token_and_a_401_is_not_retried() {
+    let fx = fixture();
+    let srv = server::start(fx.config()).await.expect("start");
+    let url = srv.ws_url();
+    let prompt = vec![1, 2, 3, 4, 5];
+
+    let anonymous =
+        EdgeClient::from_bundle(&fx.bundle, ClientConfig::new(url.as_str())).expect("client");
+    let mut req = GenerateRequest::new(prompt.clone());
+    req.max_tokens = 3;
+    let err = tokio::time::timeout(
+        WAIT,
+        anonymous.generate(req.clone()).expect("start").finish(),
+    )
+    .await
+    .expect("a refusal is not retried until the deadline")
+    .expect_err("refused");
+    match &err {
+        ClientError::Connect { reason, .. } => assert!(reason.contains("401"), "{reason}"),
+        other => panic!("expected a Connect error, got {other}"),
+    }
+
+    let mut cfg = ClientConfig::new(url.as_str());
+    cfg.device_token = Some(DeviceToken::new(token("alice")).expect("token"));
+    let client = EdgeClient::from_bundle(&fx.bundle, cfg).expect("client");
+    let done = tokio::time::timeout(WAIT, client.generate(req).expect("start").finish())
+        .await
+        .expect("in time")
+        .expect("the token opens the session");
+    assert!(!done.token_ids.is_empty());
+    srv.shutdown().await;
+}
+
+/// One user holds at most `max_sessions_per_user` sessions (`too_many_sessions`, a 3xx
+/// code: retry later); other users are not affected, and a session that ends gives the
+/// place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_max_sessions_per_user() {
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        max_sessions_per_user: 2,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let url = srv.ws_url();
+    let (alice, bob) = (token("alice"), token("bob"));
+    let (mut first, o1) = open(&fx, &url, Some(&alice)).await;
+    o1.expect("first");
+    let (_second, o2) = open(&fx, &url, Some(&alice)).await;
+    o2.expect("second");
+    let (_third, refused) = open(&fx, &url, Some(&alice)).await;
+    let e = refused.expect_err("a third session of one user");
+    assert_eq!(e.code, ErrorCode::TooManySessions, "{}", e.message);
+    assert!(e.code.is_retryable());
+    let (_b, ob) = open(&fx, &url, Some(&bob)).await;
+    ob.expect("another user");
+    // Cancelling ends the first session: alice may open another.
+    send(&mut first, &Frame::Cancel).await;
+    loop {
+        match recv(&mut first).await {
+            Some(Frame::Done(_)) | None => break,
+            Some(_) => continue,
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match open(&fx, &url, Some(&alice)).await.1 {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::TooManySessions, "{}", e.message);
+                assert!(Instant::now() < deadline, "the place never came back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    srv.shutdown().await;
+}
+
+/// Issue 20's "sessions in the resume grace hold their slots": with `max_sessions` 1, a
+/// session whose device dropped its connection waits for its `Resume` without keeping the
+/// next device out; a second device is refused with `overloaded` while the slot is
+/// attached; a session that drops while the grace is full ends at once; the waiting one
+/// still resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_waiting_for_resume_do_not_keep_new_ones_out() {
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        max_sessions: 1,
+        max_resume_grace_sessions: 1,
+        open_requires_credential: CredentialMode::Never,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let url = srv.ws_url();
+    let (a_ws, a) = open_when_admitted(&fx, &url, None).await;
+    let (_, refused) = open(&fx, &url, None).await;
+    let e = refused.expect_err("the only slot is attached");
+    assert_eq!(e.code, ErrorCode::Overloaded, "{}", e.message);
+    drop(a_ws); // a waits for its Resume
+    let (b_ws, b) = open_when_admitted(&fx, &url, None).await;
+    drop(b_ws); // the grace is full: b ends
+    let (_c_ws, _c) = open_when_admitted(&fx, &url, None).await;
+    let (_, b_again) = first_answer(&url, None, resume(&b)).await;
+    let e = b_again.expect_err("b ended when its connection dropped");
+    assert_eq!(e.code, ErrorCode::Finished, "{}", e.message);
+    let (_a_ws, a_again) = first_answer(&url, None, resume(&a)).await;
+    assert_eq!(a_again.expect("a resumes").session, a.session);
+    srv.shutdown().await;
+}
