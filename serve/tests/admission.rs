@@ -4,7 +4,8 @@
 //! unrevoked device token is refused with 401 before any session exists, and the edge client
 //! reports that at once instead of retrying; one user holds at most `max_sessions_per_user`
 //! sessions (`too_many_sessions`); sessions waiting for a `Resume` have their own cap and do
-//! not keep new devices out, and capacity refusals are `overloaded`.
+//! not keep new devices out, and refusals for capacity say `overloaded` (or
+//! `too_many_sessions`) with a `retry_after`.
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
@@ -293,6 +294,7 @@ async fn a_user_holds_at_most_max_sessions_per_user() {
     let e = refused.expect_err("a third session of one user");
     assert_eq!(e.code, ErrorCode::TooManySessions, "{}", e.message);
     assert!(e.code.is_retryable());
+    assert_eq!(e.retry_after_ms, Some(5000), "{e:?}");
     let (_b, ob) = open(&fx, &url, Some(&bob)).await;
     ob.expect("another user");
     // Cancelling ends the first session: alice may open another.
@@ -338,6 +340,7 @@ async fn sessions_waiting_for_resume_do_not_keep_new_ones_out() {
     let (_, refused) = open(&fx, &url, None).await;
     let e = refused.expect_err("the only slot is attached");
     assert_eq!(e.code, ErrorCode::Overloaded, "{}", e.message);
+    assert_eq!(e.retry_after_ms, Some(2000), "{e:?}");
     drop(a_ws); // a waits for its Resume
     let (b_ws, b) = open_when_admitted(&fx, &url, None).await;
     drop(b_ws); // the grace is full: b ends

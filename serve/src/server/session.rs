@@ -247,7 +247,12 @@ fn error_frame(code: ErrorCode, seq: Option<u64>, message: impl Into<String>) ->
         }
         message.truncate(cut);
     }
-    ErrorFrame { code, seq, message }
+    ErrorFrame {
+        code,
+        seq,
+        message,
+        retry_after_ms: None,
+    }
 }
 
 impl Actor {

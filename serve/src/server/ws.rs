@@ -63,6 +63,7 @@ fn err(code: ErrorCode, seq: Option<u64>, message: &str) -> ErrorFrame {
         code,
         seq,
         message: message.to_owned(),
+        retry_after_ms: None,
     }
 }
 
@@ -485,7 +486,11 @@ fn admit(shared: &Arc<Shared>, user: Option<&UserId>) -> Result<SessionSlot, Err
             Refusal::Capacity(_) => ErrorCode::Overloaded,
             Refusal::UserCap(_) => ErrorCode::TooManySessions,
         };
-        err(code, None, &refusal.to_string())
+        let wait = u32::try_from(refusal.retry_after().as_millis()).unwrap_or(u32::MAX);
+        ErrorFrame {
+            retry_after_ms: Some(wait),
+            ..err(code, None, &refusal.to_string())
+        }
     })
 }
 
@@ -532,9 +537,10 @@ async fn spawn_session(
         .await
         .unwrap_or(Err(EngineError::Stopped));
     let seq = opened.map_err(|e| match e {
-        EngineError::Scheduler(SchedError::Overloaded(_)) => {
-            err(ErrorCode::Overloaded, None, "the cloud is at capacity")
-        }
+        EngineError::Scheduler(SchedError::Overloaded(_)) => ErrorFrame {
+            retry_after_ms: Some(super::admission::CAPACITY_RETRY_AFTER.as_millis() as u32),
+            ..err(ErrorCode::Overloaded, None, "the cloud is at capacity")
+        },
         EngineError::Stopped => err(ErrorCode::ShuttingDown, None, "the engine stopped"),
         e => {
             tracing::error!(error = %e, "engine open failed");
