@@ -352,3 +352,112 @@ async fn sessions_waiting_for_resume_do_not_keep_new_ones_out() {
     assert_eq!(a_again.expect("a resumes").session, a.session);
     srv.shutdown().await;
 }
+
+/// `GET /healthz` from `source` (any 127.x.y.z address reaches the loopback listener): the
+/// status line, or `None` when the server closed without answering.
+async fn healthz_from(source: std::net::IpAddr, server: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(std::net::SocketAddr::new(source, 0))
+        .expect("bind source");
+    let mut s = sock.connect(server).await.expect("connect");
+    let _ = s
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// How a slow client behaves.
+#[derive(Clone, Copy, Debug)]
+enum Slow {
+    /// Connects and sends nothing.
+    Silent,
+    /// Sends half a request line, then nothing more.
+    HalfLine,
+    /// Sends a request head one byte every 50 ms, forever (never `\r\n\r\n`).
+    Trickle,
+}
+
+/// Plays `how` until the server closes the connection; `Err` if it is still open at
+/// `deadline`.
+async fn slow_client(
+    server: std::net::SocketAddr,
+    how: Slow,
+    deadline: Instant,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(server)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !matches!(how, Slow::Silent) {
+        let _ = s.write_all(b"GET /v1/edge/ws HT").await;
+    }
+    let head = b"TP/1.1\r\nHost: t\r\nX-Padding: "
+        .iter()
+        .chain(std::iter::repeat(&b'a'));
+    let mut head = head.copied();
+    let mut buf = [0u8; 64];
+    loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => return Err(format!("{how:?}: the server answered before the head ended")),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(50)), if matches!(how, Slow::Trickle) => {
+                let byte = [head.next().unwrap_or(b'a')];
+                let _ = s.write_all(&byte).await;
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                return Err(format!("{how:?}: still open at the deadline"));
+            }
+        }
+    }
+}
+
+/// Issue 20's "150 connections trickling HTTP headers, 150 silent TCP connections": a
+/// connection must complete its request head within `http_header_timeout_ms` (here 300 ms)
+/// or the server closes it, whether it stays silent, stops after half a request line, or
+/// keeps sending a byte at a time. Meanwhile `/healthz` answers (from another address: the
+/// slow clients fill their address's connection cap), and afterwards the slow address gets
+/// its slots back. The bound asserted is generous (20 s): it shows the connections are
+/// closed, not how fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_request_head_are_closed() {
+    let fx = fixture();
+    const EACH: usize = 10;
+    let srv = server::start(ServerConfig {
+        http_header_timeout_ms: 300,
+        max_connections_per_ip: 3 * EACH,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let addr = srv.addr();
+    let deadline = Instant::now() + WAIT;
+    let mut slow = Vec::new();
+    for how in [Slow::Silent, Slow::HalfLine, Slow::Trickle] {
+        for _ in 0..EACH {
+            slow.push(tokio::spawn(slow_client(addr, how, deadline)));
+        }
+    }
+    let other: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let line = healthz_from(other, addr).await.expect("an answer");
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    for c in slow {
+        c.await.expect("task").expect("closed by the server");
+    }
+    let me: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(line) = healthz_from(me, addr).await {
+            assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    srv.shutdown().await;
+}

@@ -18,7 +18,9 @@
 //! resend `Done`) and, at the latest, when it is dropped.
 //!
 //! The engine's scheduler is sized for `max_sessions + max_resume_grace_sessions`, so an
-//! admitted session always finds room there.
+//! admitted session finds room there. (A slot is given back just before the engine frees the
+//! session, so that a device told its session ended finds the slot free; only with the grace
+//! full can the engine then refuse for that moment, with `overloaded` as well.)
 //!
 //! Invariants: the counts equal the slots alive in each state; one `std::sync::Mutex`
 //! guards them (never held across an `.await`, O(1) per call).

@@ -34,6 +34,7 @@
 mod admission;
 pub mod config;
 mod conn_limit;
+mod http_serve;
 mod params;
 mod session;
 pub mod tls;
@@ -409,13 +410,17 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
             per_ip: usize::MAX,
             total: usize::MAX,
         };
+        let setup = ListenerSetup {
+            limits: unlimited,
+            tls: None,
+            header_timeout: shared.cfg.http_header_timeout(),
+            what: "the operator listener",
+        };
         tokio::spawn(serve_until(
             l,
-            unlimited,
+            setup,
             admin_app(shared.clone(), rest.clone()),
-            None,
             admin_rx,
-            "the operator listener",
         ))
     });
     let app = app(shared.clone(), rest);
@@ -423,14 +428,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         per_ip: shared.cfg.max_connections_per_ip,
         total: shared.cfg.max_connections,
     };
-    let serve = tokio::spawn(serve_until(
-        listener,
+    let setup = ListenerSetup {
         limits,
-        app,
         tls,
-        accept_rx,
-        "the listener",
-    ));
+        header_timeout: shared.cfg.http_header_timeout(),
+        what: "the listener",
+    };
+    let serve = tokio::spawn(serve_until(listener, setup, app, accept_rx));
     tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
     Ok(ServerHandle {
         addr,
@@ -469,32 +473,28 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// Serves `app` on `listener` (over TLS with `tls`) until `stop` turns `true`.
+/// How a listener serves: its connection caps, TLS, and the request-head deadline.
+struct ListenerSetup {
+    limits: conn_limit::ConnLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    header_timeout: Duration,
+    what: &'static str,
+}
+
+/// Serves `app` on `listener` until `stop` turns `true`.
 async fn serve_until(
     listener: tokio::net::TcpListener,
-    limits: conn_limit::ConnLimits,
+    setup: ListenerSetup,
     app: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    mut stop: watch::Receiver<bool>,
-    what: &'static str,
+    stop: watch::Receiver<bool>,
 ) {
-    let signal = async move {
-        let _ = stop.wait_for(|v| *v).await;
-    };
-    let listener = conn_limit::CappedListener::new(listener, limits);
-    let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(signal)
-                .await
-        }
+    let listener = conn_limit::CappedListener::new(listener, setup.limits);
+    match setup.tls {
+        None => http_serve::serve(listener, app, setup.header_timeout, stop).await,
         Some(cfg) => match tls::TlsListener::new(listener, cfg) {
-            Ok(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-            Err(e) => Err(e),
+            Ok(l) => http_serve::serve(l, app, setup.header_timeout, stop).await,
+            Err(e) => tracing::error!(error = %e, "{} failed", setup.what),
         },
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "{what} failed");
     }
 }
 

@@ -674,6 +674,7 @@ impl Actor {
             a.finish_later(&self.shared, Ok(result));
         }
         self.running.store(false, Ordering::SeqCst);
+        self.slot.release();
         self.send(&Frame::Done(done));
         self.detach_current();
         self.queue.clear();
@@ -690,6 +691,7 @@ impl Actor {
         if let (Some(a), None) = (&self.assignment, &self.done) {
             a.fail_later(&self.shared, error.code);
         }
+        self.slot.release();
         self.send(&Frame::Error(error));
         if let Some(conn) = self.conn.take() {
             conn.close();
@@ -721,11 +723,12 @@ impl Actor {
     /// the `Open` parameters.
     async fn release(&mut self, close_store: bool) {
         self.running.store(false, Ordering::SeqCst);
+        // Before the engine lets go (its cap has room for every grace session besides), so
+        // that a device told the session ended finds the slot free.
+        self.slot.release();
         let engine = self.shared.engine.clone();
         let seq = self.seq;
         let _ = tokio::task::spawn_blocking(move || engine.close(seq)).await;
-        // After the engine let go: an admitted session always finds room there.
-        self.slot.release();
         if !close_store {
             return;
         }
