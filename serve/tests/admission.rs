@@ -461,3 +461,70 @@ async fn connections_that_never_finish_their_request_head_are_closed() {
     }
     srv.shutdown().await;
 }
+
+/// Writes raw bytes under a client WebSocket (for frames tungstenite would not send).
+async fn write_raw(ws: &mut Ws, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    match ws.get_mut() {
+        MaybeTlsStream::Plain(tcp) => {
+            let _ = tcp.write_all(bytes).await;
+        }
+        _ => panic!("a plain connection"),
+    }
+}
+
+/// Reads until an `Error` (skipping `Pong`s); `None` when the server closed first.
+async fn next_error(ws: &mut Ws) -> Option<ErrorFrame> {
+    loop {
+        match recv(ws).await {
+            Some(Frame::Pong { .. }) => continue,
+            Some(Frame::Error(e)) => return Some(e),
+            None => return None,
+            Some(other) => panic!("expected an Error, got {other:?}"),
+        }
+    }
+}
+
+/// Issue 20's "20 concurrent 31 MB frames before `Open`": before `Open`/`Resume` a message
+/// may be at most 64 KiB, refused as soon as its header announces more (the server answers
+/// `frame_too_large` although only 1 KiB of an announced 16 MiB was sent, so it buffered
+/// none of it); a 64 KiB message is read and decoded (and, being garbage, is
+/// `malformed_frame`); after `Opened` a 200 KiB message is read whole and decoded too (the
+/// frame limit, 16 MiB by default, applies there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_before_open_is_refused_at_its_header() {
+    let fx = fixture();
+    let srv = server::start(fx.config()).await.expect("start");
+    let url = srv.ws_url();
+    let alice = token("alice");
+    let limit = server::MAX_PRE_OPEN_MESSAGE_BYTES;
+
+    let mut ws = connect(&url, Some(&alice)).await.expect("upgrade");
+    let mut raw = vec![0x82, 0x80 | 127];
+    raw.extend_from_slice(&(16u64 << 20).to_be_bytes());
+    raw.extend_from_slice(&[1, 2, 3, 4]);
+    raw.extend_from_slice(&[0u8; 1024]);
+    write_raw(&mut ws, &raw).await;
+    let e = next_error(&mut ws)
+        .await
+        .expect("an Error before the payload");
+    assert_eq!(e.code, ErrorCode::FrameTooLarge, "{}", e.message);
+    assert!(recv(&mut ws).await.is_none(), "closed after the error");
+
+    for (len, code) in [
+        (limit + 1, ErrorCode::FrameTooLarge),
+        (limit, ErrorCode::MalformedFrame),
+    ] {
+        let mut ws = connect(&url, Some(&alice)).await.expect("upgrade");
+        let _ = ws.send(Message::Binary(vec![0u8; len].into())).await;
+        let e = next_error(&mut ws).await.expect("an Error");
+        assert_eq!(e.code, code, "{len} bytes: {}", e.message);
+    }
+
+    let (mut ws, opened) = open(&fx, &url, Some(&alice)).await;
+    opened.expect("opened");
+    let _ = ws.send(Message::Binary(vec![0u8; 200 << 10].into())).await;
+    let e = next_error(&mut ws).await.expect("an Error");
+    assert_eq!(e.code, ErrorCode::MalformedFrame, "{}", e.message);
+    srv.shutdown().await;
+}

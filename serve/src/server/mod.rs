@@ -38,6 +38,7 @@ mod http_serve;
 mod params;
 mod session;
 pub mod tls;
+mod upgrade;
 mod ws;
 
 use std::net::SocketAddr;
@@ -47,7 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{Request, State, WebSocketUpgrade};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -72,6 +73,7 @@ use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 
 pub use config::{default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig};
+pub use upgrade::MAX_PRE_OPEN_MESSAGE_BYTES;
 
 /// The WebSocket route.
 pub const WS_PATH: &str = "/v1/edge/ws";
@@ -515,7 +517,7 @@ fn app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
         require_admin_key,
     ));
     Router::new()
-        .route(WS_PATH, get(ws_upgrade))
+        .route(WS_PATH, get(upgrade::ws_upgrade))
         .with_state(shared)
         .merge(guarded)
         .merge(crate::rest::router(rest))
@@ -658,50 +660,6 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 /// Bytes over `max_frame_bytes` that the WebSocket layer still hands to the decoder (which
 /// answers them with `frame_too_large`); anything longer is dropped at its header.
 pub const FRAME_LIMIT_SLACK: usize = 4 << 10;
-
-/// The WebSocket upgrade. A device token in `Authorization: Bearer` is checked (signature,
-/// expiry, revocation) and names the session's user; without one the upgrade is refused with
-/// 401 when the operator requires credentials ([`ServerConfig::credential_required`]).
-/// A token that does not verify is refused even when none is required: a misconfigured
-/// device should learn it at once.
-async fn ws_upgrade(
-    ws: WebSocketUpgrade,
-    State(shared): State<Arc<Shared>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    let user = match crate::rest::auth::bearer_in(&headers) {
-        Some(presented) => {
-            match crate::rest::device::DeviceAuth::check(
-                &shared.device_key,
-                shared.prompts.as_ref(),
-                presented,
-            )
-            .await
-            {
-                Ok(auth) => Some(auth.user),
-                Err(e) => {
-                    shared.metrics.errors_total.with("unauthorized").inc();
-                    return e.into_response();
-                }
-            }
-        }
-        None if shared.cfg.credential_required() => {
-            shared.metrics.errors_total.with("unauthorized").inc();
-            return ApiError::unauthorized(crate::rest::device::DEVICE_UNAUTHORIZED)
-                .into_response();
-        }
-        None => None,
-    };
-    // The WebSocket layer refuses a message whose declared length exceeds the frame limit
-    // (plus a little, so that a frame just over it still gets a typed `frame_too_large`)
-    // as soon as its header arrives, before buffering any of it: a client cannot make the
-    // server hold more than about one frame per connection.
-    let transport_max = shared.cfg.max_frame_bytes.saturating_add(FRAME_LIMIT_SLACK);
-    ws.max_message_size(transport_max)
-        .max_frame_size(transport_max)
-        .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| ws::serve_connection(shared, socket, user))
-}
 
 async fn heartbeat_loop(shared: Arc<Shared>) {
     let ttl = shared.cfg.heartbeat_ttl();

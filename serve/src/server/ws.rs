@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{SplitSink, StreamExt};
 use futures_util::SinkExt;
 use tandem_protocol::wire::{
@@ -20,9 +19,11 @@ use tandem_protocol::wire::{
 };
 use tandem_protocol::OpenError;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_tungstenite::tungstenite::Message;
 
 use super::admission::{Refusal, SessionSlot};
 use super::session::{self, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
+use super::upgrade::{Gate, Socket};
 use super::{stopped, Shared};
 use crate::engine::{EngineError, SessionParams};
 use crate::rest::inbox::ticket_hash;
@@ -82,9 +83,16 @@ struct Connection {
     rate: RateLimit,
     /// An error was sent before any session: wait for the writer to close.
     closing: bool,
+    /// Lifted once a session is attached (see [`super::upgrade`]).
+    gate: Arc<Gate>,
 }
 
-pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, user: Option<UserId>) {
+pub(crate) async fn serve_connection(
+    shared: Arc<Shared>,
+    socket: Socket,
+    user: Option<UserId>,
+    gate: Arc<Gate>,
+) {
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = mpsc::channel(shared.cfg.outbound_queue);
@@ -104,6 +112,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, use
         user,
         attached: None,
         closing: false,
+        gate,
     };
     tracing::debug!(conn = id, "connection opened");
     let mut writer_done = false;
@@ -114,6 +123,16 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, use
                 Some(Ok(msg)) => c.on_message(msg).await,
                 Some(Err(e)) => {
                     tracing::debug!(conn = id, error = %e, "websocket error");
+                    if c.gate.tripped() && !c.closing {
+                        // Tell the device why, then let the writer close.
+                        let msg = format!(
+                            "a message before Open or Resume may be at most {} bytes",
+                            super::upgrade::MAX_PRE_OPEN_MESSAGE_BYTES
+                        );
+                        c.reject(err(ErrorCode::FrameTooLarge, None, &msg));
+                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+                        writer_done = true;
+                    }
                     break;
                 }
                 None => break,
@@ -143,7 +162,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, use
 }
 
 async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut sink: SplitSink<Socket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     kill: Arc<Notify>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -225,7 +244,7 @@ impl Connection {
                     .await
             }
             // The WebSocket layer answers pings; closes end the stream.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
         };
         if !self.rate.allow() {
             return self
@@ -341,6 +360,7 @@ impl Connection {
             return self.reject(err(ErrorCode::Finished, None, "the session ended"));
         }
         tracing::debug!(conn = self.conn.id, session = handle.id, "attached");
+        self.gate.lift();
         self.attached = Some(Attached {
             session: handle.id,
             tx: handle.tx,
