@@ -144,7 +144,7 @@ impl Admission {
 impl SessionSlot {
     /// The device dropped its connection: the session moves to the grace. `false` when the
     /// grace is full (the slot stays attached; the caller ends the session).
-    pub(crate) fn to_grace(&mut self) -> bool {
+    pub(crate) fn move_to_grace(&mut self) -> bool {
         if self.state != SlotState::Attached {
             return true;
         }
@@ -161,7 +161,7 @@ impl SessionSlot {
     /// A device resumed the session. It may take the attached count over `max_sessions`
     /// for a while: the session already holds its engine state, and refusing it would
     /// waste that.
-    pub(crate) fn to_attached(&mut self) {
+    pub(crate) fn move_to_attached(&mut self) {
         if self.state != SlotState::Grace {
             return;
         }
@@ -218,13 +218,13 @@ mod tests {
         assert_eq!(a.admit(Some(&alice)).err(), Some(Refusal::UserCap(2)));
         assert_eq!(a.admit(None).err(), Some(Refusal::Capacity(2)));
         // One drops its connection: a new session fits, the grace is full.
-        assert!(s1.to_grace());
+        assert!(s1.move_to_grace());
         assert_eq!(a.snapshot(), (1, 1, 1));
         let mut anon = a.admit(None).expect("grace does not count");
-        assert!(!anon.to_grace(), "the grace is full");
+        assert!(!anon.move_to_grace(), "the grace is full");
         // Alice still holds two sessions, one of them in the grace.
         assert_eq!(a.admit(Some(&alice)).err(), Some(Refusal::UserCap(2)));
-        s1.to_attached();
+        s1.move_to_attached();
         assert_eq!(
             a.snapshot(),
             (3, 0, 1),

@@ -398,7 +398,7 @@ impl Actor {
     /// ends at once when the grace is full (`max_resume_grace_sessions`).
     fn enter_grace(&mut self) {
         let now = Instant::now();
-        self.grace = Some(if self.slot.to_grace() {
+        self.grace = Some(if self.slot.move_to_grace() {
             now + self.shared.cfg.resume_grace()
         } else {
             tracing::info!(
@@ -443,7 +443,7 @@ impl Actor {
         );
         self.conn = Some(conn);
         self.grace = None;
-        self.slot.to_attached();
+        self.slot.move_to_attached();
         let resend_from = last_token_seq.map_or(0, |s| s.saturating_add(1));
         self.device_has = self.device_has.max(resend_from);
         self.send(&Frame::Opened(Opened {
