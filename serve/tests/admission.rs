@@ -528,3 +528,85 @@ async fn a_large_message_before_open_is_refused_at_its_header() {
     assert_eq!(e.code, ErrorCode::MalformedFrame, "{}", e.message);
     srv.shutdown().await;
 }
+
+/// `VmRSS` and `VmHWM` of this process, in KiB.
+fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The measurement behind docs/security.md's pre-`Open` memory figure (not a regression
+/// test: it prints, asserts only that every connection was refused). 20 connections at once
+/// each announce a 31 MiB binary message before `Open` and stream its payload in 64 KiB
+/// writes until the server closes; the server runs in this process, so the process's peak
+/// resident memory bounds what it held. Run with
+/// `cargo test -p tandem-serve --test admission -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn measure_memory_under_large_pre_open_messages() {
+    use tokio::io::AsyncWriteExt;
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        open_requires_credential: CredentialMode::Never,
+        ..fx.config()
+    })
+    .await
+    .expect("start");
+    let url = srv.ws_url();
+    // Warm the server up with one session first.
+    let (_ws, o) = open(&fx, &url, None).await;
+    o.expect("opened");
+    let before = memory_kib();
+    let announced: u64 = 31 << 20;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = connect(&url, None).await.expect("upgrade");
+            let mut head = vec![0x82, 0x80 | 127];
+            head.extend_from_slice(&announced.to_be_bytes());
+            head.extend_from_slice(&[1, 2, 3, 4]);
+            let MaybeTlsStream::Plain(tcp) = ws.get_mut() else {
+                panic!("plain")
+            };
+            let _ = tcp.write_all(&head).await;
+            let chunk = vec![0u8; 64 << 10];
+            let mut sent = 0u64;
+            while sent < announced {
+                match tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len() as u64,
+                    _ => break,
+                }
+            }
+            (sent, next_error(&mut ws).await.map(|e| e.code))
+        }));
+    }
+    let mut sent_total = 0;
+    for t in tasks {
+        let (sent, code) = t.await.expect("task");
+        sent_total += sent;
+        assert!(
+            matches!(code, None | Some(ErrorCode::FrameTooLarge)),
+            "{code:?}"
+        );
+    }
+    let after = memory_kib();
+    eprintln!(
+        "pre-Open attack: 20 connections announced 31 MiB each, {:.1} MiB written in all before \
+         the server closed them; resident {:.1} MiB before, {:.1} MiB after, peak {:.1} MiB \
+         (peak before {:.1} MiB)",
+        sent_total as f64 / (1u64 << 20) as f64,
+        before.0 as f64 / 1024.0,
+        after.0 as f64 / 1024.0,
+        after.1 as f64 / 1024.0,
+        before.1 as f64 / 1024.0,
+    );
+    srv.shutdown().await;
+}
