@@ -16,6 +16,12 @@
 //! It speaks plain HTTP even when the public listener has TLS (`tandem admin`, probes and
 //! scrapes reach it on loopback or the pod network).
 //! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
+//! - `http_serve`: the HTTP/1.1 accept loop of both listeners (hyper with a deadline on
+//!   request heads, `http_header_timeout_ms`).
+//! - `upgrade`: the WebSocket upgrade: the device token, and the 64 KiB limit on messages
+//!   before `Open`/`Resume`.
+//! - `admission`: who may open a session and how many each holds (attached, in the resume
+//!   grace, per user).
 //! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
 //!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
 //! - `session`: one actor task per session: owns the session's protocol state (sequence
