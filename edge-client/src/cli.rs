@@ -124,6 +124,16 @@ pub struct ModelArgs {
     /// L2 norm each hidden-state row is clipped to before the noise is added.
     #[arg(long, requires = "dp_epsilon")]
     pub dp_clip: Option<f32>,
+    /// The device token the provider issued (`tdv_…`): sent on every connection to the
+    /// cloud (a server that requires credentials refuses sessions without it) and on the
+    /// inbox calls.
+    #[arg(
+        long,
+        env = "TANDEM_DEVICE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub device_token: Option<crate::inbox::DeviceToken>,
 }
 
 impl ModelArgs {
@@ -144,6 +154,7 @@ impl ModelArgs {
             bail!("give the server's WebSocket URL with --server ws://HOST:PORT/v1/edge/ws");
         }
         let mut cfg = ClientConfig::new(ServerList::new(self.servers.clone()));
+        cfg.device_token = self.device_token.clone();
         cfg.dtype = self.dtype.into();
         cfg.prompt_chunk_tokens = self.chunk_tokens;
         cfg.max_draft_tokens = self.max_draft_tokens as usize;

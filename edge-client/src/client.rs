@@ -80,6 +80,11 @@ pub struct ClientConfig {
     /// prompt lookup) and sends with the token it got, so that one round trip can confirm
     /// several (0: off). The cloud caps it by its load; the length follows acceptance.
     pub max_draft_tokens: usize,
+    /// The device token sent as `Authorization: Bearer` on every WebSocket upgrade (a
+    /// server that requires credentials answers 401 without one, which ends the generation
+    /// with [`ClientError::Connect`](crate::ClientError::Connect), not retried). `None`:
+    /// the inbox's token when an inbox is configured, else none.
+    pub device_token: Option<crate::inbox::DeviceToken>,
 }
 
 /// The default [`ClientConfig::max_draft_tokens`].
@@ -100,6 +105,7 @@ impl ClientConfig {
             noise_seed: None,
             ca_certs: Vec::new(),
             max_draft_tokens: DEFAULT_MAX_DRAFT_TOKENS,
+            device_token: None,
         }
     }
 }

@@ -101,6 +101,8 @@ pub(crate) struct Driver {
     cancel_requested: bool,
     /// Where a `moved` answer said the session lives: the next connection goes there.
     redirect: Option<String>,
+    /// The wait the cloud asked for with its last refusal (`retry_after_ms`).
+    retry_after: Option<Duration>,
     cancel_sent: bool,
     /// TLS settings for `wss://`, built at the client's first such connection.
     tls: crate::tls::SharedClientConfig,
@@ -222,6 +224,7 @@ impl Driver {
             stats: WireStats::default(),
             jitter: Jitter::new(),
             redirect: None,
+            retry_after: None,
             tls,
             started: Instant::now(),
             first_token: None,
@@ -283,7 +286,8 @@ impl Driver {
             let delay = if self.redirect.is_some() {
                 Duration::ZERO
             } else {
-                policy.delay(*failures, &mut self.jitter)
+                let asked = self.retry_after.take().unwrap_or_default();
+                policy.delay(*failures, &mut self.jitter).max(asked)
             };
             *failures += 1;
             tracing::info!(attempt = *failures, delay_ms = delay.as_millis() as u64, cause = %cause, "reconnecting");
@@ -324,8 +328,16 @@ impl Driver {
         } else {
             None
         };
+        let request = crate::tls::upgrade_request(&url, self.cfg.device_token.as_ref()).map_err(
+            |reason| {
+                Stop::Fatal(ClientError::Connect {
+                    url: url.clone(),
+                    reason,
+                })
+            },
+        )?;
         let connect = tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
+            request,
             Some(
                 WebSocketConfig::default()
                     .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES),
@@ -423,6 +435,10 @@ impl Driver {
                     return Err(Stop::Retry(format!("moved to {}", e.message)));
                 }
                 Frame::Error(e) if e.code.is_retryable() => {
+                    // At most the policy's whole budget: a refusal cannot park the client.
+                    self.retry_after = e.retry_after_ms.map(|ms| {
+                        Duration::from_millis(ms.into()).min(self.cfg.reconnect.max_elapsed)
+                    });
                     return Err(Stop::Retry(format!("server error {}", e.code)));
                 }
                 Frame::Error(e) if resuming && self.may_reopen(e.code) => {

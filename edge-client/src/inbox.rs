@@ -658,8 +658,12 @@ impl Accepted {
 }
 
 impl ClientConfig {
-    /// Sets where the inbox is (see [`InboxConfig`]).
+    /// Sets where the inbox is (see [`InboxConfig`]); its device token also opens sessions
+    /// unless [`ClientConfig::device_token`] is set.
     pub fn with_inbox(mut self, inbox: InboxConfig) -> Self {
+        if self.device_token.is_none() {
+            self.device_token = Some(inbox.token.clone());
+        }
         self.inbox = Some(inbox);
         self
     }

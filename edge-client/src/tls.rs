@@ -55,6 +55,26 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// The WebSocket upgrade request for `url`, with the device token as `Authorization: Bearer`
+/// when there is one. Fails on a URL that cannot be a request (a configuration error).
+pub(crate) fn upgrade_request(
+    url: &str,
+    token: Option<&crate::inbox::DeviceToken>,
+) -> Result<tungstenite::handshake::client::Request, String> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| format!("bad server URL: {e}"))?;
+    if let Some(t) = token {
+        let value = tungstenite::http::HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+            .map_err(|_| "the device token cannot travel in a header".to_owned())?;
+        request
+            .headers_mut()
+            .insert(tungstenite::http::header::AUTHORIZATION, value);
+    }
+    Ok(request)
+}
+
 /// When connecting failed for a reason that retrying cannot fix (TLS: an untrusted or
 /// expired certificate, a wrong host name, no common protocol; HTTP: the upgrade answered
 /// with a client error such as 404), what to tell the user.
@@ -66,6 +86,11 @@ pub(crate) fn permanent_failure(e: &tungstenite::Error) -> Option<String> {
             let inner = io.get_ref()?.downcast_ref::<rustls::Error>()?;
             Some(format!("TLS: {inner}"))
         }
+        Error::Http(resp) if resp.status().as_u16() == 401 => Some(
+            "the server refused the device credential (HTTP 401): give a valid device token \
+             (--device-token, ClientConfig::device_token)"
+                .to_owned(),
+        ),
         Error::Http(resp) => {
             let status = resp.status();
             // 408 and 429 are worth another try; other client errors are the URL's fault.

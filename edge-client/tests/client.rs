@@ -400,6 +400,7 @@ async fn an_unknown_session_is_reopened_and_replayed_in_step() {
         code: ErrorCode::UnknownSession,
         seq: None,
         message: "unknown or expired session".into(),
+        retry_after_ms: None,
     };
     send(&mut ws, Frame::Error(unknown)).await;
     drop(ws);
@@ -490,6 +491,7 @@ async fn reopening_a_forgotten_session_is_bounded() {
             code: ErrorCode::UnknownSession,
             seq: None,
             message: "unknown or expired session".into(),
+            retry_after_ms: None,
         })
     };
     let generation = client
@@ -593,17 +595,24 @@ async fn fatal_errors_end_the_generation_and_3xx_on_open_retries() {
         .expect("generate");
     let mut ws = fake.accept().await;
     assert!(matches!(recv_frame(&mut ws).await, Frame::Open(_)));
+    // The refusal asks for 300 ms, more than the policy's backoff (at most 50 ms here).
     let busy = ErrorFrame {
         code: ErrorCode::Overloaded,
         seq: None,
         message: "busy".into(),
+        retry_after_ms: Some(300),
     };
     send(&mut ws, Frame::Error(busy)).await;
+    let refused_at = std::time::Instant::now();
     drop(ws);
     let mut ws = fake.accept().await;
     assert!(
         matches!(recv_frame(&mut ws).await, Frame::Open(_)),
         "Open again"
+    );
+    assert!(
+        refused_at.elapsed() >= Duration::from_millis(300),
+        "the client waited as long as the cloud asked"
     );
     send(&mut ws, opened(4, 1, 0)).await;
     expect_hidden(&mut ws, 0, 0, 2, true).await;
@@ -622,6 +631,7 @@ async fn fatal_errors_end_the_generation_and_3xx_on_open_retries() {
         code: ErrorCode::ManifestMismatch,
         seq: None,
         message: "not served".into(),
+        retry_after_ms: None,
     };
     send(&mut ws, Frame::Error(mismatch)).await;
     match generation.finish().await {

@@ -139,6 +139,32 @@ impl TandemEdge {
         server_url: String,
         reconnect_attempts: u32,
     ) -> Result<Arc<Self>, EdgeError> {
+        Self::open_configured(edge_dir, server_url, reconnect_attempts, None)
+    }
+
+    /// [`Self::open_with`], sending the device token the provider issued (`tdv_…`) on every
+    /// connection: a server with a device-token key refuses sessions without one (the
+    /// generation then fails at once, without retrying).
+    #[uniffi::constructor]
+    pub fn open_with_token(
+        edge_dir: String,
+        server_url: String,
+        reconnect_attempts: u32,
+        device_token: String,
+    ) -> Result<Arc<Self>, EdgeError> {
+        let token = tandem_edge::DeviceToken::new(device_token)
+            .map_err(|e| EdgeError::Load(format!("the device token: {e}")))?;
+        Self::open_configured(edge_dir, server_url, reconnect_attempts, Some(token))
+    }
+}
+
+impl TandemEdge {
+    fn open_configured(
+        edge_dir: String,
+        server_url: String,
+        reconnect_attempts: u32,
+        device_token: Option<tandem_edge::DeviceToken>,
+    ) -> Result<Arc<Self>, EdgeError> {
         let bundle = EdgeBundle::load(std::path::Path::new(&edge_dir))
             .map_err(|e| EdgeError::Load(e.to_string()))?;
         if bundle.tokenizer.is_none() {
@@ -154,6 +180,7 @@ impl TandemEdge {
             .map_err(|e| EdgeError::Load(format!("starting the runtime: {e}")))?;
         let mut cfg = ClientConfig::new(server_url.as_str());
         cfg.reconnect.max_attempts = reconnect_attempts;
+        cfg.device_token = device_token;
         let client =
             EdgeClient::from_bundle(&bundle, cfg).map_err(|e| EdgeError::Load(e.to_string()))?;
         Ok(Arc::new(Self {
@@ -163,7 +190,10 @@ impl TandemEdge {
             runtime,
         }))
     }
+}
 
+#[uniffi::export]
+impl TandemEdge {
     pub fn model(&self) -> ModelDescription {
         let m = self.bundle.model_info();
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);

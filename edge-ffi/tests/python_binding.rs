@@ -124,6 +124,7 @@ async fn the_python_binding_generates_what_the_rust_client_does() {
         "GenerationHandle",
         "TextListener",
         "Completion",
+        "openWithToken",
     ] {
         assert!(kotlin.contains(api), "kotlin lacks {api}");
         assert!(swift.contains(api), "swift lacks {api}");

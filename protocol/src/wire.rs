@@ -364,6 +364,10 @@ pub struct ErrorFrame {
     pub seq: Option<u64>,
     /// For people; never parse it. Never carries prompt text or internals.
     pub message: String,
+    /// How long to wait before trying again, in milliseconds: sent with admission refusals
+    /// (`overloaded`, `too_many_sessions`). On the wire it follows the message and is left
+    /// out (no bytes at all) when `None`, so frames without it are as before.
+    pub retry_after_ms: Option<u32>,
 }
 
 /// Device → cloud: reattach to a session after a reconnection.
@@ -499,6 +503,7 @@ impl Frame {
                 code: ErrorCode::from_u16(r.u16()?),
                 seq: r.option("error.seq?", Reader::u64)?,
                 message: r.string("error.message", MAX_ERROR_MESSAGE_LEN)?,
+                retry_after_ms: if r.at_end() { None } else { Some(r.u32()?) },
             }),
             FrameType::Resume => Self::Resume(Resume {
                 session: SessionId(r.u128()?),
@@ -569,6 +574,9 @@ impl Frame {
                     Ok(())
                 })?;
                 w.string("error.message", &e.message, MAX_ERROR_MESSAGE_LEN)?;
+                if let Some(ms) = e.retry_after_ms {
+                    w.u32(ms);
+                }
             }
             Self::Resume(r) => {
                 w.u128(r.session.0);

@@ -143,6 +143,7 @@ fn frame_seeds() -> Vec<(&'static str, Frame)> {
                 code: ErrorCode::Moved,
                 seq: Some(4),
                 message: "ws://127.0.0.1:1/v1/edge/ws".into(),
+                retry_after_ms: None,
             }),
         ),
         (

@@ -154,13 +154,17 @@ fn frame() -> impl Strategy<Value = Frame> {
         (
             any::<u16>().prop_map(ErrorCode::from_u16),
             prop::option::of(any::<u64>()),
-            text(MAX_ERROR_MESSAGE_LEN)
+            text(MAX_ERROR_MESSAGE_LEN),
+            prop::option::of(any::<u32>()),
         )
-            .prop_map(|(code, seq, message)| Frame::Error(ErrorFrame {
-                code,
-                seq,
-                message
-            })),
+            .prop_map(
+                |(code, seq, message, retry_after_ms)| Frame::Error(ErrorFrame {
+                    code,
+                    seq,
+                    message,
+                    retry_after_ms,
+                })
+            ),
         (any::<u128>(), token(), prop::option::of(any::<u64>())).prop_map(|(s, t, last)| {
             Frame::Resume(Resume {
                 session: SessionId(s),
@@ -267,7 +271,19 @@ proptest! {
     #[test]
     fn every_truncation_is_an_error(f in frame()) {
         let bytes = encode(&f);
+        // The one field a frame may leave out: an Error's trailing retry_after. Cut just
+        // before it, the frame is the same error without it.
+        let optional_tail = match &f {
+            Frame::Error(e) if e.retry_after_ms.is_some() => Some(bytes.len() - 4),
+            _ => None,
+        };
         for len in 0..bytes.len() {
+            if Some(len) == optional_tail {
+                let Frame::Error(e) = &f else { unreachable!() };
+                let without = ErrorFrame { retry_after_ms: None, ..e.clone() };
+                prop_assert_eq!(Frame::decode(&bytes[..len]), Ok(Frame::Error(without)));
+                continue;
+            }
             let err = Frame::decode(&bytes[..len]).expect_err("truncated frame decoded");
             prop_assert!(matches!(err, WireError::Truncated { .. }), "{:?} at {}", err, len);
             prop_assert_eq!(err.error_code(), ErrorCode::MalformedFrame);
@@ -279,7 +295,20 @@ proptest! {
     fn trailing_bytes_are_an_error(f in frame(), extra in prop::collection::vec(any::<u8>(), 1..16)) {
         let mut bytes = encode(&f);
         bytes.extend_from_slice(&extra);
-        prop_assert_eq!(Frame::decode(&bytes), Err(WireError::TrailingBytes(extra.len())));
+        match &f {
+            // An Error without retry_after reads the next 4 bytes as one; only more are left.
+            Frame::Error(e) if e.retry_after_ms.is_none() => {
+                let got = Frame::decode(&bytes);
+                if extra.len() < 4 {
+                    prop_assert!(matches!(got, Err(WireError::Truncated { .. })), "{:?}", got);
+                } else if extra.len() > 4 {
+                    prop_assert_eq!(got, Err(WireError::TrailingBytes(extra.len() - 4)));
+                } else {
+                    prop_assert!(got.is_ok());
+                }
+            }
+            _ => prop_assert_eq!(Frame::decode(&bytes), Err(WireError::TrailingBytes(extra.len()))),
+        }
     }
 
     #[test]
@@ -538,6 +567,7 @@ fn caps_are_enforced_when_encoding() {
         code: ErrorCode::Internal,
         seq: None,
         message: long(MAX_ERROR_MESSAGE_LEN + 1),
+        retry_after_ms: None,
     });
     assert!(error.encode().is_err());
 }
@@ -580,6 +610,24 @@ fn unknown_enum_codes_are_refused_or_kept() {
     let mut h = encode(&Frame::Hidden(hidden_frame(HiddenDtype::F32, vec![])));
     h[20] = 4;
     assert_eq!(Frame::decode(&h), Err(WireError::UnknownDtype(4)));
+    // An admission refusal's retry_after follows the message; without it the frame ends there.
+    let bytes = hex("54440106 2d01 00 04000000 62757379 d0070000");
+    let busy = Frame::Error(ErrorFrame {
+        code: ErrorCode::Overloaded,
+        seq: None,
+        message: "busy".into(),
+        retry_after_ms: Some(2000),
+    });
+    assert_eq!(Frame::decode(&bytes), Ok(busy.clone()));
+    assert_eq!(busy.encode().expect("encode"), bytes);
+    assert_eq!(
+        Frame::decode(&bytes[..bytes.len() - 1]),
+        Err(WireError::Truncated {
+            offset: 15,
+            needed: 4,
+            remaining: 3
+        })
+    );
     // An Error frame with an unknown code still decodes.
     let bytes = hex("54440206 e703 00 00000000");
     assert_eq!(
@@ -588,6 +636,7 @@ fn unknown_enum_codes_are_refused_or_kept() {
             code: ErrorCode::Unknown(999),
             seq: None,
             message: String::new(),
+            retry_after_ms: None,
         }))
     );
 }
@@ -642,6 +691,7 @@ fn error_codes_are_stable() {
         (ErrorCode::Unavailable, 302, "unavailable"),
         (ErrorCode::ShuttingDown, 303, "shutting_down"),
         (ErrorCode::Moved, 304, "moved"),
+        (ErrorCode::TooManySessions, 305, "too_many_sessions"),
         (ErrorCode::Internal, 500, "internal"),
     ];
     assert_eq!(ErrorCode::ALL.len(), table.len());
@@ -759,6 +809,7 @@ fn golden_frames() {
                 code: ErrorCode::HiddenShape,
                 seq: Some(3),
                 message: "bad".into(),
+                retry_after_ms: None,
             }),
             "54440206 6800 01 0300000000000000 03000000 626164",
         ),

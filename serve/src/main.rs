@@ -197,6 +197,21 @@ struct ServeArgs {
     max_connections: Option<usize>,
     #[arg(long, env = "TANDEM_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
+    /// Close a connection that has not sent a complete HTTP request head this long after
+    /// connecting (or after its previous answer), before any upgrade (default 10000).
+    #[arg(long, env = "TANDEM_HTTP_HEADER_TIMEOUT_MS")]
+    http_header_timeout_ms: Option<u64>,
+    /// Whether opening a session needs a device token on the WebSocket upgrade: auto
+    /// (default: when --device-token-key is set), always, never.
+    #[arg(long, env = "TANDEM_OPEN_REQUIRES_CREDENTIAL")]
+    open_requires_credential: Option<tandem_serve::server::CredentialMode>,
+    /// Sessions one user (device token subject) may hold on this replica (default 16); more
+    /// get `too_many_sessions`.
+    #[arg(long, env = "TANDEM_MAX_SESSIONS_PER_USER")]
+    max_sessions_per_user: Option<usize>,
+    /// Sessions waiting for a Resume, not counted against --max-sessions (default 256).
+    #[arg(long, env = "TANDEM_MAX_RESUME_GRACE_SESSIONS")]
+    max_resume_grace_sessions: Option<usize>,
     /// The provider's admin key for /v1/admin/... (at least 16 characters; without one those
     /// routes answer 503). Prefer the environment or the file: flags show in `ps`.
     #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
@@ -731,6 +746,10 @@ impl ServeArgs {
             max_connections_per_ip,
             max_connections,
             handshake_timeout_ms,
+            http_header_timeout_ms,
+            open_requires_credential,
+            max_sessions_per_user,
+            max_resume_grace_sessions,
             system_prompt,
             partner_requests_per_minute,
             device_requests_per_minute,

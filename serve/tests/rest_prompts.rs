@@ -73,10 +73,13 @@ impl Fixture {
     async fn answer(
         &self,
         url: &str,
+        device: &Value,
         accepted: &Value,
     ) -> Result<tandem_edge::Finished, ClientError> {
         let mut cfg = ClientConfig::new(url);
         cfg.reconnect.max_attempts = 0;
+        // The servers have a device-token key: opening a session needs the user's token.
+        cfg.device_token = Some(tandem_edge::DeviceToken::new(token(device)).expect("token"));
         let client = EdgeClient::from_bundle(&self.bundle, cfg).expect("client");
         let tok = self.bundle.tokenizer.as_ref().expect("tokenizer");
         let text = format!(
@@ -259,10 +262,13 @@ async fn two_partners_three_users_end_to_end() {
     assert_eq!(accepted["max_tokens"], 6);
     let ticket = accepted["ticket"].as_str().expect("ticket").to_owned();
     assert!(ticket.starts_with("tkt_") && ticket.len() == 68, "{ticket}");
-    let finished = fx.answer(&b_srv.ws_url(), &accepted).await.expect("answer");
+    let finished = fx
+        .answer(&b_srv.ws_url(), &alice, &accepted)
+        .await
+        .expect("answer");
     assert!(finished.usage.output_tokens >= 1);
     // The same ticket cannot start a second generation.
-    match fx.answer(&a_srv.ws_url(), &accepted).await {
+    match fx.answer(&a_srv.ws_url(), &alice, &accepted).await {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::BadPromptTicket),
         other => panic!("a used ticket started a generation: {other:?}"),
     }
@@ -273,7 +279,7 @@ async fn two_partners_three_users_end_to_end() {
     ] {
         let mut fake = accepted.clone();
         fake["ticket"] = json!(forged);
-        match fx.answer(&a_srv.ws_url(), &fake).await {
+        match fx.answer(&a_srv.ws_url(), &alice, &fake).await {
             Err(ClientError::Server { code, .. }) => {
                 assert_eq!(code, ErrorCode::BadPromptTicket)
             }
@@ -333,7 +339,7 @@ async fn two_partners_three_users_end_to_end() {
         .send(one)
         .await
         .expect_error(409, "conflict");
-    match fx.answer(&a_srv.ws_url(), &bob_accepted).await {
+    match fx.answer(&a_srv.ws_url(), &bob, &bob_accepted).await {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::BadPromptTicket),
         other => panic!("a cancelled prompt's ticket started a generation: {other:?}"),
     }

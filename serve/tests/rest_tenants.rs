@@ -106,6 +106,38 @@ async fn start(cfg: ServerConfig) -> ServerHandle {
     server::start(cfg).await.expect("start server")
 }
 
+/// Issue 20's "`/v1/me` and every route rate-limited": `/v1/me` counts against the tenant's
+/// request rate like the other partner routes (one budget for all of them), and answers 429
+/// `rate_limited` with `Retry-After` past it; another tenant is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn me_counts_against_the_partner_request_rate() {
+    let fx = fixture();
+    let srv = start(ServerConfig {
+        partner_requests_per_minute: 3,
+        ..fx.config()
+    })
+    .await;
+    let addr = srv.addr();
+    let t = create_tenant(addr, "Acme Shop").await;
+    let (_, key) = issue_key(addr, t["id"].as_str().expect("id")).await;
+    for _ in 0..2 {
+        assert_eq!(me(addr, &key).await.status, 200);
+    }
+    let list = Req::new("GET", "/v1/prompts").bearer(&key).send(addr).await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    let limited = me(addr, &key).await;
+    limited.expect_error(429, "rate_limited");
+    assert!(
+        limited.header("retry-after").is_some(),
+        "{:?}",
+        limited.headers
+    );
+    let other = create_tenant(addr, "Other Shop").await;
+    let (_, other_key) = issue_key(addr, other["id"].as_str().expect("id")).await;
+    assert_eq!(me(addr, &other_key).await.status, 200);
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_and_key_lifecycle() {
     let fx = fixture();

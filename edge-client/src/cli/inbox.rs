@@ -32,8 +32,7 @@ use tandem_protocol::DoneReason;
 use super::{drive, summary, ModelArgs};
 use crate::client::{ClientConfig, EdgeClient};
 use crate::inbox::{
-    ApiCode, AutoAccept, Decision, DeviceToken, InboxConfig, InboxError, InboxItem, ItemStatus,
-    PromptContext,
+    ApiCode, AutoAccept, Decision, InboxConfig, InboxError, InboxItem, ItemStatus, PromptContext,
 };
 use crate::prompt::{Profile, PromptError};
 use crate::sanitize::Sanitizer;
@@ -47,14 +46,6 @@ pub struct InboxArgs {
     /// The server's REST root, `http://HOST:PORT` (https is not supported yet).
     #[arg(long, value_name = "URL")]
     pub api: String,
-    /// The device token the provider issued (`tdv_…`).
-    #[arg(
-        long,
-        env = "TANDEM_DEVICE_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub device_token: DeviceToken,
     /// The user's profile (a JSON object; `auto_accept_partners` lists trusted partners).
     #[arg(long)]
     pub profile: Option<PathBuf>,
@@ -112,7 +103,12 @@ enum Action {
 /// Runs `tandem-edge inbox`.
 pub async fn inbox(args: InboxArgs, mut console: Console<'_>) -> anyhow::Result<InboxReport> {
     // Settings first: a bad URL should not wait for the model to load.
-    let inbox_cfg = InboxConfig::new(&args.api, args.device_token.clone())?;
+    let token = args
+        .model
+        .device_token
+        .clone()
+        .context("the inbox needs the device token (--device-token or TANDEM_DEVICE_TOKEN)")?;
+    let inbox_cfg = InboxConfig::new(&args.api, token)?;
     let bundle = args.model.load()?;
     let profile = match &args.profile {
         Some(p) => Profile::from_file(p)?,

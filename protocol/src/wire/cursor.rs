@@ -112,6 +112,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Whether every byte was read (for a trailing field a frame may leave out).
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos == self.bytes.len()
+    }
+
     /// Fails with [`WireError::TrailingBytes`] unless every byte was read.
     pub(crate) fn finish(self) -> Result<(), WireError> {
         let left = self.bytes.len() - self.pos;

@@ -205,6 +205,9 @@ error_codes! {
     /// Another replica, alive, holds the session: the message is the WebSocket URL to
     /// reconnect to and `Resume` there (the device should do so at once).
     Moved = 304, "moved";
+    /// The device's user already holds as many sessions as the cloud allows one user
+    /// (admission control); retry after one of them ends.
+    TooManySessions = 305, "too_many_sessions";
     /// A bug on the cloud; the message says no more than that.
     Internal = 500, "internal";
 }

@@ -36,6 +36,7 @@ use super::auth::{bearer, AdminAuth};
 use super::error::{ApiError, ApiJson, ApiPath};
 use super::rfc3339_ms;
 use super::store::prompts::UserId;
+use super::store::PromptStore;
 use super::webhook::hmac_sha256;
 use super::RestState;
 use crate::store::now_ms;
@@ -148,19 +149,28 @@ impl FromRequestParts<Arc<RestState>> for DeviceAuth {
         parts: &mut Parts,
         state: &Arc<RestState>,
     ) -> Result<Self, ApiError> {
-        let unauthorized = || ApiError::unauthorized(DEVICE_UNAUTHORIZED);
         let presented = bearer(parts).unwrap_or("");
-        let token = state
-            .device_key
-            .verify(presented)
-            .ok_or_else(unauthorized)?;
+        Self::check(&state.device_key, state.prompts.as_ref(), presented).await
+    }
+}
+
+impl DeviceAuth {
+    /// Checks a presented device token: signature, expiry, revocation (read from the store
+    /// on every call). Every failure is the same 401 ([`DEVICE_UNAUTHORIZED`]).
+    pub(crate) async fn check(
+        key: &DeviceKey,
+        prompts: &dyn PromptStore,
+        presented: &str,
+    ) -> Result<Self, ApiError> {
+        let unauthorized = || ApiError::unauthorized(DEVICE_UNAUTHORIZED);
+        let token = key.verify(presented).ok_or_else(unauthorized)?;
         if token.expires_ms <= now_ms() {
             return Err(unauthorized());
         }
-        if state.prompts.device_token_revoked(&token.token_id).await? {
+        if prompts.device_token_revoked(&token.token_id).await? {
             return Err(unauthorized());
         }
-        if token.epoch != state.prompts.device_token_epoch(now_ms()).await? {
+        if token.epoch != prompts.device_token_epoch(now_ms()).await? {
             return Err(ApiError::device_token_stale(
                 "the device token was issued before the server lost its data; get a new one",
             ));

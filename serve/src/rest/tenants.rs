@@ -385,20 +385,29 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The calling partner's tenant and quotas.
+/// The calling partner's tenant and quotas (counted against the tenant's request rate like
+/// every partner route).
 #[utoipa::path(
     get,
     path = "/v1/me",
     tag = "partner",
     security(("partner_key" = [])),
-    responses((status = 200, description = "The caller's tenant.", body = Me))
+    responses(
+        (status = 200, description = "The caller's tenant.", body = Me),
+        (status = 429, description = "`rate_limited`: over the request rate.", body = super::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
 )]
-pub async fn me(auth: PartnerAuth) -> Json<Me> {
-    Json(Me {
+pub async fn me(
+    auth: PartnerAuth,
+    State(state): State<Arc<RestState>>,
+) -> Result<Json<Me>, ApiError> {
+    super::prompts::partner_rate(&state, &auth).await?;
+    Ok(Json(Me {
         tenant_id: auth.tenant.id.to_string(),
         name: auth.tenant.name,
         quotas: auth.tenant.quotas,
-    })
+    }))
 }
 
 #[cfg(test)]

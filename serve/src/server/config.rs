@@ -125,6 +125,21 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a new connection may take to send `Open` or `Resume`.
     pub handshake_timeout_ms: u64,
+    /// How long a client may take to send a complete HTTP request head (from the connection,
+    /// or from the previous answer on a kept-alive one); slower or silent connections are
+    /// closed, before any upgrade.
+    pub http_header_timeout_ms: u64,
+    /// Whether opening a WebSocket session needs a device token (`Authorization: Bearer
+    /// tdv_…` on the upgrade): `auto` (the default) when `device_token_key` is set,
+    /// `always`, or `never`.
+    pub open_requires_credential: CredentialMode,
+    /// Sessions one user (a device token's subject) may hold on this replica, connected or
+    /// waiting for `Resume`; more get `too_many_sessions`.
+    pub max_sessions_per_user: usize,
+    /// Sessions waiting for `Resume` after their connection dropped; they do not count
+    /// against `max_sessions`. A session whose connection drops while this many wait ends
+    /// at once.
+    pub max_resume_grace_sessions: usize,
     /// The provider's admin key for the `/v1/admin/...` routes (at least
     /// [`MIN_ADMIN_KEY_LEN`] characters); `None` turns those routes off (503
     /// `admin_disabled`). `Debug` never shows it.
@@ -236,6 +251,32 @@ impl<'de> Deserialize<'de> for AdminListen {
     }
 }
 
+/// Whether opening a session needs a credential (`auto`, `always`, `never`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialMode {
+    /// Required when a device-token key is configured (tokens then verify on every replica).
+    #[default]
+    Auto,
+    Always,
+    /// Anonymous sessions allowed (a token, when sent, is still checked).
+    Never,
+}
+
+impl std::str::FromStr for CredentialMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            other => Err(format!(
+                "open_requires_credential `{other}`: expected auto, always or never"
+            )),
+        }
+    }
+}
+
 /// A configured secret: readable with [`Secret::expose`], redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -298,6 +339,10 @@ impl Default for ServerConfig {
             max_connections_per_ip: 256,
             max_connections: 16_384,
             handshake_timeout_ms: 30_000,
+            http_header_timeout_ms: 10_000,
+            open_requires_credential: CredentialMode::Auto,
+            max_sessions_per_user: 16,
+            max_resume_grace_sessions: 256,
             admin_key: None,
             device_token_key: None,
             system_prompt: DEFAULT_SYSTEM_PROMPT.to_owned(),
@@ -372,6 +417,8 @@ impl ServerConfig {
             ("outbound_queue", self.outbound_queue),
             ("max_connections_per_ip", self.max_connections_per_ip),
             ("max_connections", self.max_connections),
+            ("max_sessions_per_user", self.max_sessions_per_user),
+            ("max_resume_grace_sessions", self.max_resume_grace_sessions),
         ] {
             anyhow::ensure!(v > 0, "{name} must be > 0");
         }
@@ -393,6 +440,10 @@ impl ServerConfig {
         anyhow::ensure!(
             self.session_idle_timeout_ms >= 100,
             "session_idle_timeout_ms must be >= 100"
+        );
+        anyhow::ensure!(
+            self.http_header_timeout_ms >= 100,
+            "http_header_timeout_ms must be >= 100"
         );
         anyhow::ensure!(
             self.heartbeat_ttl_ms >= 30,
@@ -459,6 +510,19 @@ impl ServerConfig {
     pub(crate) fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
+
+    pub(crate) fn http_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
+    }
+
+    /// Whether a WebSocket upgrade without a valid device token is refused.
+    pub fn credential_required(&self) -> bool {
+        match self.open_requires_credential {
+            CredentialMode::Auto => self.device_token_key.is_some(),
+            CredentialMode::Always => true,
+            CredentialMode::Never => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -524,6 +588,21 @@ mod tests {
             .expect_err("not an address")
             .to_string();
         assert!(e.contains("admin_listen"), "{e}");
+    }
+
+    #[test]
+    fn credentials_are_required_by_default_with_a_device_key() {
+        let mut c = with_cloud();
+        assert!(!c.credential_required(), "no key, auto: anonymous");
+        c.device_token_key = Some(Secret::new("k".repeat(32)));
+        assert!(c.credential_required(), "a key, auto: required");
+        c.open_requires_credential = CredentialMode::Never;
+        assert!(!c.credential_required());
+        let t: ServerConfig =
+            toml::from_str("open_requires_credential = \"always\"\n").expect("toml");
+        assert!(t.credential_required());
+        assert_eq!("never".parse(), Ok(CredentialMode::Never));
+        assert!("sometimes".parse::<CredentialMode>().is_err());
     }
 
     #[test]

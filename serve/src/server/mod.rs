@@ -16,6 +16,12 @@
 //! It speaks plain HTTP even when the public listener has TLS (`tandem admin`, probes and
 //! scrapes reach it on loopback or the pod network).
 //! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
+//! - `http_serve`: the HTTP/1.1 accept loop of both listeners (hyper with a deadline on
+//!   request heads, `http_header_timeout_ms`).
+//! - `upgrade`: the WebSocket upgrade: the device token, and the 64 KiB limit on messages
+//!   before `Open`/`Resume`.
+//! - `admission`: who may open a session and how many each holds (attached, in the resume
+//!   grace, per user).
 //! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
 //!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
 //! - `session`: one actor task per session: owns the session's protocol state (sequence
@@ -31,11 +37,14 @@
 //! waits for a `Resume` for the grace period), so nothing buffers without bound. Blocking
 //! engine calls (`open`, `close`) run on the blocking pool.
 
+mod admission;
 pub mod config;
 mod conn_limit;
+mod http_serve;
 mod params;
 mod session;
 pub mod tls;
+mod upgrade;
 mod ws;
 
 use std::net::SocketAddr;
@@ -45,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{Request, State, WebSocketUpgrade};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -69,7 +78,8 @@ use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantSto
 use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 
-pub use config::{default_io_threads, AdminListen, PolicyName, ServerConfig};
+pub use config::{default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig};
+pub use upgrade::MAX_PRE_OPEN_MESSAGE_BYTES;
 
 /// The WebSocket route.
 pub const WS_PATH: &str = "/v1/edge/ws";
@@ -109,6 +119,10 @@ pub(crate) struct Shared {
     /// Flips to `true` when the drain is over: sessions still running end.
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) next_conn: AtomicU64,
+    /// Verifies the device tokens presented on the WebSocket upgrade.
+    pub(crate) device_key: DeviceKey,
+    /// Who may open a session, and how many each holds.
+    pub(crate) admission: Arc<admission::Admission>,
 }
 
 /// A running server. Dropping it without [`ServerHandle::shutdown`] leaves the tasks running
@@ -292,7 +306,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         store: stores.tenants,
         prompts: stores.prompts.clone(),
         admin_key: cfg.admin_key.as_ref().map(|k| AdminKey::new(k.expose())),
-        device_key,
+        device_key: device_key.clone(),
         system_prompt: cfg.system_prompt.clone(),
         max_tokens_cap: cfg.max_tokens_cap,
         partner_requests_per_minute: cfg.partner_requests_per_minute,
@@ -346,6 +360,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         format!("{scheme}://{addr}{WS_PATH}")
     });
+    let admission = admission::Admission::new(admission::AdmissionLimits {
+        attached: cfg.max_sessions,
+        grace: cfg.max_resume_grace_sessions,
+        per_user: cfg.max_sessions_per_user,
+    });
+    if !cfg.credential_required() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "opening a session needs no credential (no device_token_key, or \
+             open_requires_credential = never): anyone who reaches the listener can use the cloud"
+        );
+    }
     let shared = Arc::new(Shared {
         cfg,
         served,
@@ -362,6 +388,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         draining: AtomicBool::new(false),
         stop,
         next_conn: AtomicU64::new(1),
+        device_key,
+        admission,
     });
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     if let Some(provider) = crate::telemetry::meter_provider() {
@@ -390,13 +418,17 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
             per_ip: usize::MAX,
             total: usize::MAX,
         };
+        let setup = ListenerSetup {
+            limits: unlimited,
+            tls: None,
+            header_timeout: shared.cfg.http_header_timeout(),
+            what: "the operator listener",
+        };
         tokio::spawn(serve_until(
             l,
-            unlimited,
+            setup,
             admin_app(shared.clone(), rest.clone()),
-            None,
             admin_rx,
-            "the operator listener",
         ))
     });
     let app = app(shared.clone(), rest);
@@ -404,14 +436,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         per_ip: shared.cfg.max_connections_per_ip,
         total: shared.cfg.max_connections,
     };
-    let serve = tokio::spawn(serve_until(
-        listener,
+    let setup = ListenerSetup {
         limits,
-        app,
         tls,
-        accept_rx,
-        "the listener",
-    ));
+        header_timeout: shared.cfg.http_header_timeout(),
+        what: "the listener",
+    };
+    let serve = tokio::spawn(serve_until(listener, setup, app, accept_rx));
     tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
     Ok(ServerHandle {
         addr,
@@ -450,32 +481,28 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// Serves `app` on `listener` (over TLS with `tls`) until `stop` turns `true`.
+/// How a listener serves: its connection caps, TLS, and the request-head deadline.
+struct ListenerSetup {
+    limits: conn_limit::ConnLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    header_timeout: Duration,
+    what: &'static str,
+}
+
+/// Serves `app` on `listener` until `stop` turns `true`.
 async fn serve_until(
     listener: tokio::net::TcpListener,
-    limits: conn_limit::ConnLimits,
+    setup: ListenerSetup,
     app: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    mut stop: watch::Receiver<bool>,
-    what: &'static str,
+    stop: watch::Receiver<bool>,
 ) {
-    let signal = async move {
-        let _ = stop.wait_for(|v| *v).await;
-    };
-    let listener = conn_limit::CappedListener::new(listener, limits);
-    let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(signal)
-                .await
-        }
+    let listener = conn_limit::CappedListener::new(listener, setup.limits);
+    match setup.tls {
+        None => http_serve::serve(listener, app, setup.header_timeout, stop).await,
         Some(cfg) => match tls::TlsListener::new(listener, cfg) {
-            Ok(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-            Err(e) => Err(e),
+            Ok(l) => http_serve::serve(l, app, setup.header_timeout, stop).await,
+            Err(e) => tracing::error!(error = %e, "{} failed", setup.what),
         },
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "{what} failed");
     }
 }
 
@@ -496,7 +523,7 @@ fn app(shared: Arc<Shared>, rest: Arc<RestState>) -> Router {
         require_admin_key,
     ));
     Router::new()
-        .route(WS_PATH, get(ws_upgrade))
+        .route(WS_PATH, get(upgrade::ws_upgrade))
         .with_state(shared)
         .merge(guarded)
         .merge(crate::rest::router(rest))
@@ -640,18 +667,6 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 /// answers them with `frame_too_large`); anything longer is dropped at its header.
 pub const FRAME_LIMIT_SLACK: usize = 4 << 10;
 
-async fn ws_upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
-    // The WebSocket layer refuses a message whose declared length exceeds the frame limit
-    // (plus a little, so that a frame just over it still gets a typed `frame_too_large`)
-    // as soon as its header arrives, before buffering any of it: a client cannot make the
-    // server hold more than about one frame per connection.
-    let transport_max = shared.cfg.max_frame_bytes.saturating_add(FRAME_LIMIT_SLACK);
-    ws.max_message_size(transport_max)
-        .max_frame_size(transport_max)
-        .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| ws::serve_connection(shared, socket))
-}
-
 async fn heartbeat_loop(shared: Arc<Shared>) {
     let ttl = shared.cfg.heartbeat_ttl();
     loop {
@@ -752,7 +767,11 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
             policy: cfg.policy.policy(),
             max_batch_tokens: cfg.max_batch_tokens,
             max_batch_seqs: cfg.max_batch_seqs,
-            max_sessions: cfg.max_sessions,
+            // Attached sessions and those waiting for a Resume have separate caps
+            // (`admission`); the engine holds both.
+            max_sessions: cfg
+                .max_sessions
+                .saturating_add(cfg.max_resume_grace_sessions),
             max_queued_tokens: cfg.max_queued_tokens,
             max_context: c.max_position_embeddings,
             prefill_slack: Some(cfg.prefill_slack),

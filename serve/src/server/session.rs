@@ -32,6 +32,7 @@ use tandem_protocol::wire::{
 use tandem_scheduler::{SchedError, SeqId};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::admission::SessionSlot;
 use super::{stopped, Shared};
 use crate::engine::{EngineError, Event};
 use crate::rest::store::prompts::GenerationResult;
@@ -187,6 +188,8 @@ pub(crate) struct Setup {
     pub(crate) device_has: u64,
     /// The partner prompt this generation answers, if any: its result is stored there.
     pub(crate) assignment: Option<super::ws::AssignmentRef>,
+    /// The session's place in the admission counts.
+    pub(crate) slot: SessionSlot,
     /// The `session` span (ends with the actor) and its `generation` child (ends with
     /// `Done` or the error); see [`crate::telemetry`].
     pub(crate) span: tracing::Span,
@@ -233,6 +236,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, setup: Setup) -> SessionHandle {
         grace: None,
         marked_generating: false,
         assignment: setup.assignment,
+        slot: setup.slot,
         started: Instant::now(),
         first_token_at: None,
         last_token_at: None,
@@ -285,6 +289,7 @@ struct Actor {
     grace: Option<Instant>,
     marked_generating: bool,
     assignment: Option<super::ws::AssignmentRef>,
+    slot: SessionSlot,
     started: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -314,7 +319,12 @@ fn error_frame(code: ErrorCode, seq: Option<u64>, message: impl Into<String>) ->
         }
         message.truncate(cut);
     }
-    ErrorFrame { code, seq, message }
+    ErrorFrame {
+        code,
+        seq,
+        message,
+        retry_after_ms: None,
+    }
 }
 
 impl Actor {
@@ -424,7 +434,7 @@ impl Actor {
                     "connection dropped; waiting for resume"
                 );
                 self.conn = None;
-                self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+                self.enter_grace();
                 Flow::Continue
             }
             // A frame from a connection the session no longer listens to.
@@ -453,8 +463,23 @@ impl Actor {
             );
             conn.kill.notify_one();
             self.conn = None;
-            self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+            self.enter_grace();
         }
+    }
+
+    /// The session has no connection now: it waits for a `Resume` for the grace period, or
+    /// ends at once when the grace is full (`max_resume_grace_sessions`).
+    fn enter_grace(&mut self) {
+        let now = Instant::now();
+        self.grace = Some(if self.slot.move_to_grace() {
+            now + self.shared.cfg.resume_grace()
+        } else {
+            tracing::info!(
+                session = self.id,
+                "too many sessions wait for a resume; ending this one"
+            );
+            now
+        });
     }
 
     /// Closes the current connection (after what was queued) and waits for a `Resume`.
@@ -462,7 +487,7 @@ impl Actor {
         if let Some(conn) = self.conn.take() {
             conn.close(status);
         }
-        self.grace = Some(Instant::now() + self.shared.cfg.resume_grace());
+        self.enter_grace();
     }
 
     fn attach(&mut self, conn: Conn, token: [u8; 32], last_token_seq: Option<u64>) {
@@ -491,6 +516,7 @@ impl Actor {
         );
         self.conn = Some(conn);
         self.grace = None;
+        self.slot.move_to_attached();
         let resend_from = last_token_seq.map_or(0, |s| s.saturating_add(1));
         self.device_has = self.device_has.max(resend_from);
         self.send(&Frame::Opened(Opened {
@@ -805,6 +831,7 @@ impl Actor {
             a.finish_later(&self.shared, Ok(result));
         }
         self.running.store(false, Ordering::SeqCst);
+        self.slot.release();
         self.send(&Frame::Done(done));
         self.detach_current(CloseStatus::DONE);
         self.queue.clear();
@@ -822,6 +849,7 @@ impl Actor {
             a.fail_later(&self.shared, error.code);
         }
         let status = CloseStatus::for_error(error.code);
+        self.slot.release();
         self.send(&Frame::Error(error));
         if let Some(conn) = self.conn.take() {
             conn.close(status);
@@ -853,6 +881,9 @@ impl Actor {
     /// the `Open` parameters.
     async fn release(&mut self, close_store: bool) {
         self.running.store(false, Ordering::SeqCst);
+        // Before the engine lets go (its cap has room for every grace session besides), so
+        // that a device told the session ended finds the slot free.
+        self.slot.release();
         let engine = self.shared.engine.clone();
         let seq = self.seq;
         let _ = tokio::task::spawn_blocking(move || engine.close(seq)).await;

@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{SplitSink, StreamExt};
 use futures_util::SinkExt;
 use tandem_protocol::wire::{
@@ -20,8 +19,11 @@ use tandem_protocol::wire::{
 };
 use tandem_protocol::OpenError;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_tungstenite::tungstenite::Message;
 
+use super::admission::{Refusal, SessionSlot};
 use super::session::{self, CloseStatus, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
+use super::upgrade::{Gate, Socket};
 use super::{stopped, Shared};
 use crate::engine::{EngineError, SessionParams};
 use crate::rest::inbox::ticket_hash;
@@ -62,6 +64,7 @@ fn err(code: ErrorCode, seq: Option<u64>, message: &str) -> ErrorFrame {
         code,
         seq,
         message: message.to_owned(),
+        retry_after_ms: None,
     }
 }
 
@@ -74,13 +77,22 @@ struct Attached {
 struct Connection {
     shared: Arc<Shared>,
     conn: Conn,
+    /// The device token's user, when the upgrade carried one.
+    user: Option<UserId>,
     attached: Option<Attached>,
     rate: RateLimit,
     /// An error was sent before any session: wait for the writer to close.
     closing: bool,
+    /// Lifted once a session is attached (see [`super::upgrade`]).
+    gate: Arc<Gate>,
 }
 
-pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
+pub(crate) async fn serve_connection(
+    shared: Arc<Shared>,
+    socket: Socket,
+    user: Option<UserId>,
+    gate: Arc<Gate>,
+) {
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = mpsc::channel(shared.cfg.outbound_queue);
@@ -97,8 +109,10 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
         rate: RateLimit::new(shared.cfg.max_frames_per_second),
         shared,
         conn: Conn { id, out, kill },
+        user,
         attached: None,
         closing: false,
+        gate,
     };
     tracing::debug!(conn = id, "connection opened");
     let mut writer_done = false;
@@ -109,6 +123,16 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
                 Some(Ok(msg)) => c.on_message(msg).await,
                 Some(Err(e)) => {
                     tracing::debug!(conn = id, error = %e, "websocket error");
+                    if c.gate.tripped() && !c.closing {
+                        // Tell the device why, then let the writer close.
+                        let msg = format!(
+                            "a message before Open or Resume may be at most {} bytes",
+                            super::upgrade::MAX_PRE_OPEN_MESSAGE_BYTES
+                        );
+                        c.reject(err(ErrorCode::FrameTooLarge, None, &msg));
+                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+                        writer_done = true;
+                    }
                     break;
                 }
                 None => break,
@@ -138,7 +162,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, socket: WebSocket) {
 }
 
 async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut sink: SplitSink<Socket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     kill: Arc<Notify>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -158,8 +182,8 @@ async fn write_loop(
                 }
             }
             Some(Outbound::Close(status)) => {
-                let frame = axum::extract::ws::CloseFrame {
-                    code: status.code,
+                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: status.code.into(),
                     reason: status.reason.into(),
                 };
                 let close = sink.send(Message::Close(Some(frame)));
@@ -229,7 +253,7 @@ impl Connection {
                     .await
             }
             // The WebSocket layer answers pings; closes end the stream.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
         };
         if !self.rate.allow() {
             return self
@@ -307,14 +331,18 @@ impl Connection {
                 }
             }
             (Frame::Pong { .. }, _) => {}
-            (Frame::Open(open), None) => match open_session(&self.shared, open, bytes).await {
-                Ok((handle, token)) => self.attach(handle, token, None).await,
-                Err(e) => self.reject(e),
-            },
-            (Frame::Resume(r), None) => match resume_session(&self.shared, &r).await {
-                Ok((handle, token)) => self.attach(handle, token, r.last_token_seq).await,
-                Err(e) => self.reject(e),
-            },
+            (Frame::Open(open), None) => {
+                match open_session(&self.shared, open, bytes, self.user.as_ref()).await {
+                    Ok((handle, token)) => self.attach(handle, token, None).await,
+                    Err(e) => self.reject(e),
+                }
+            }
+            (Frame::Resume(r), None) => {
+                match resume_session(&self.shared, &r, self.user.as_ref()).await {
+                    Ok((handle, token)) => self.attach(handle, token, r.last_token_seq).await,
+                    Err(e) => self.reject(e),
+                }
+            }
             (Frame::Cancel, Some(a)) => {
                 let _ = a.tx.send(SessionCmd::Cancel { conn: self.conn.id }).await;
             }
@@ -342,6 +370,7 @@ impl Connection {
             return self.reject(err(ErrorCode::Finished, None, "the session ended"));
         }
         tracing::debug!(conn = self.conn.id, session = handle.id, "attached");
+        self.gate.lift();
         self.attached = Some(Attached {
             session: handle.id,
             tx: handle.tx,
@@ -480,12 +509,28 @@ async fn claim_prompt(
     Ok((open, Some(a)))
 }
 
+/// A place for a new session in the admission counts, or the `Error` that refuses it.
+fn admit(shared: &Arc<Shared>, user: Option<&UserId>) -> Result<SessionSlot, ErrorFrame> {
+    shared.admission.admit(user).map_err(|refusal| {
+        let code = match refusal {
+            Refusal::Capacity(_) => ErrorCode::Overloaded,
+            Refusal::UserCap(_) => ErrorCode::TooManySessions,
+        };
+        let wait = u32::try_from(refusal.retry_after().as_millis()).unwrap_or(u32::MAX);
+        ErrorFrame {
+            retry_after_ms: Some(wait),
+            ..err(code, None, &refusal.to_string())
+        }
+    })
+}
+
 /// Opens the engine session and spawns its actor.
 async fn spawn_session(
     shared: &Arc<Shared>,
     id: u128,
     open: &Open,
     device_has: u64,
+    slot: SessionSlot,
 ) -> Result<SessionHandle, ErrorFrame> {
     let mut params = session_params(shared, open)?;
     // The device's trace (W3C `traceparent` in `Open`) is the session's parent; the engine
@@ -522,9 +567,10 @@ async fn spawn_session(
         .await
         .unwrap_or(Err(EngineError::Stopped));
     let seq = opened.map_err(|e| match e {
-        EngineError::Scheduler(SchedError::Overloaded(_)) => {
-            err(ErrorCode::Overloaded, None, "the cloud is at capacity")
-        }
+        EngineError::Scheduler(SchedError::Overloaded(_)) => ErrorFrame {
+            retry_after_ms: Some(super::admission::CAPACITY_RETRY_AFTER.as_millis() as u32),
+            ..err(ErrorCode::Overloaded, None, "the cloud is at capacity")
+        },
         EngineError::Stopped => err(ErrorCode::ShuttingDown, None, "the engine stopped"),
         e => {
             tracing::error!(error = %e, "engine open failed");
@@ -542,6 +588,7 @@ async fn spawn_session(
             max_tokens: open.max_tokens,
             device_has,
             assignment,
+            slot,
             span,
             generation,
         },
@@ -552,6 +599,7 @@ async fn open_session(
     shared: &Arc<Shared>,
     open: Open,
     bytes: &[u8],
+    user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
     if shared.draining.load(Ordering::SeqCst) {
         return Err(err(
@@ -561,6 +609,8 @@ async fn open_session(
         ));
     }
     session_params(shared, &open)?; // refuse before touching the store
+                                    // Admitted before the ticket is claimed: a refused device keeps its ticket.
+    let slot = admit(shared, user)?;
     let (open, assignment) = claim_prompt(shared, open).await?;
     let fail = |e: ErrorFrame| {
         if let Some(a) = &assignment {
@@ -609,7 +659,7 @@ async fn open_session(
             "the session store is unavailable",
         )));
     }
-    match spawn_session(shared, id.0, &open, 0).await {
+    match spawn_session(shared, id.0, &open, 0, slot).await {
         Ok(handle) => {
             tracing::info!(
                 session = id.0,
@@ -632,6 +682,7 @@ async fn open_session(
 async fn resume_session(
     shared: &Arc<Shared>,
     r: &Resume,
+    user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
     if shared.draining.load(Ordering::SeqCst) {
         return Err(err(
@@ -746,9 +797,14 @@ async fn resume_session(
                 };
                 let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
                 tracing::info!(session = id.0, device_has, "replaying a session taken over");
+                // A rebuilt session is a new one here: admitted like an `Open`.
+                let slot = admit(shared, user)?;
                 // Rotated first: a session is not rebuilt for a device whose token lost the race.
                 let token = rotate(shared, r).await?;
-                return Ok((spawn_session(shared, id.0, &open, device_has).await?, token));
+                return Ok((
+                    spawn_session(shared, id.0, &open, device_has, slot).await?,
+                    token,
+                ));
             }
         }
     }
