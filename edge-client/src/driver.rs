@@ -730,7 +730,7 @@ impl Driver {
                     ))
                     .into());
                 }
-                if t.draft != !aw.got.is_empty() || aw.got.len() > aw.drafts.len() {
+                if t.draft == aw.got.is_empty() || aw.got.len() > aw.drafts.len() {
                     return Err(ClientError::Protocol(format!(
                         "token {}: not the answer to {} drafts",
                         t.seq,

@@ -611,7 +611,7 @@ fn unknown_enum_codes_are_refused_or_kept() {
     h[20] = 4;
     assert_eq!(Frame::decode(&h), Err(WireError::UnknownDtype(4)));
     // An admission refusal's retry_after follows the message; without it the frame ends there.
-    let bytes = hex("54440106 2d01 00 04000000 62757379 d0070000");
+    let bytes = hex("54440206 2d01 00 04000000 62757379 d0070000");
     let busy = Frame::Error(ErrorFrame {
         code: ErrorCode::Overloaded,
         seq: None,
