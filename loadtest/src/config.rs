@@ -351,6 +351,34 @@ pub struct LoadConfig {
     /// Longest wait for a frame the server owes before the connection counts as lost (the
     /// device's own step delay and think time never count: see [`crate::device`]).
     pub silence_timeout: Duration,
+    /// Real network conditions between the devices and the server, if any.
+    pub network: Option<Network>,
+}
+
+/// Network conditions spread across the devices: `links` in-process delay proxies
+/// ([`crate::netem`]) in front of the server, whose round trips are spread evenly over
+/// `rtt ± rtt_spread`; device `i` goes through proxy `i % links`. Jitter and rate caps are
+/// the same on every link (per connection, each direction).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Network {
+    pub rtt: Duration,
+    pub rtt_spread: Duration,
+    pub jitter: Duration,
+    pub uplink: crate::netem::Rate,
+    pub downlink: crate::netem::Rate,
+    pub links: usize,
+}
+
+impl Network {
+    /// The round trip of link `k` of `self.links`.
+    pub fn rtt_of(&self, k: usize) -> Duration {
+        let lo = self.rtt.saturating_sub(self.rtt_spread);
+        let hi = self.rtt + self.rtt_spread;
+        if self.links <= 1 {
+            return self.rtt;
+        }
+        lo + (hi - lo).mul_f64(k as f64 / (self.links - 1) as f64)
+    }
 }
 
 impl LoadConfig {
@@ -380,6 +408,7 @@ impl LoadConfig {
             device_compute: DeviceCompute::Replay,
             max_reconnects: DEFAULT_MAX_RECONNECTS,
             silence_timeout: DEFAULT_SILENCE_TIMEOUT,
+            network: None,
         }
     }
 

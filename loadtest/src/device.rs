@@ -159,6 +159,9 @@ pub struct GenerationRecord {
 #[derive(Debug)]
 pub struct DeviceContext {
     pub server: String,
+    /// With network conditions (`LoadConfig::network`): the URLs of the in-process delay
+    /// proxies in front of the server; device `i` connects through `links[i % len]`.
+    pub links: Vec<String>,
     /// The `Open` every generation sends, but for its `max_tokens`.
     pub open: Open,
     pub compute: Arc<Compute>,
@@ -349,7 +352,10 @@ impl Run<'_> {
         let url = self
             .redirect
             .take()
-            .unwrap_or_else(|| self.ctx.server.clone());
+            .unwrap_or_else(|| match self.ctx.links.len() {
+                0 => self.ctx.server.clone(),
+                n => self.ctx.links[self.job.device % n].clone(),
+            });
         let began = Instant::now();
         let connect = tokio_tungstenite::connect_async_with_config(
             url.as_str(),

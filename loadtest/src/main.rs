@@ -164,6 +164,26 @@ struct RunArgs {
     /// (--step-delay-ms, --think-ms) never count.
     #[arg(long, default_value_t = DEFAULT_SILENCE_TIMEOUT.as_secs_f64())]
     silence_timeout_s: f64,
+    /// Network conditions: a round trip added between every device and the server, in
+    /// milliseconds (in-process delay proxies; see `tandem-loadtest proxy`). 0 with no other
+    /// network flag: devices connect directly.
+    #[arg(long, default_value_t = 0)]
+    rtt_ms: u64,
+    /// The devices' round trips spread evenly over RTT ± this, over --links proxies.
+    #[arg(long, default_value_t = 0)]
+    rtt_spread_ms: u64,
+    /// Jitter on each direction's delay, per chunk, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Each device's uplink cap in Mbit/s (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    uplink_mbit: f64,
+    /// Each device's downlink cap in Mbit/s (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    downlink_mbit: f64,
+    /// Distinct links (proxies) the devices are spread over.
+    #[arg(long, default_value_t = 16)]
+    links: usize,
     /// Also write a PNG: latency CDFs and throughput over time.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -203,6 +223,26 @@ impl RunArgs {
             device_compute: self.device_compute,
             max_reconnects: self.max_reconnects,
             silence_timeout: Duration::from_secs_f64(self.silence_timeout_s),
+            network: {
+                let any = self.rtt_ms > 0
+                    || self.rtt_spread_ms > 0
+                    || self.jitter_ms > 0
+                    || self.uplink_mbit > 0.0
+                    || self.downlink_mbit > 0.0;
+                if any {
+                    anyhow::ensure!(self.links >= 1, "--links must be at least 1");
+                    Some(tandem_loadtest::config::Network {
+                        rtt: Duration::from_millis(self.rtt_ms),
+                        rtt_spread: Duration::from_millis(self.rtt_spread_ms),
+                        jitter: Duration::from_millis(self.jitter_ms),
+                        uplink: tandem_loadtest::netem::Rate::from_mbit(self.uplink_mbit)?,
+                        downlink: tandem_loadtest::netem::Rate::from_mbit(self.downlink_mbit)?,
+                        links: self.links,
+                    })
+                } else {
+                    None
+                }
+            },
             ..LoadConfig::new(self.server, self.edge, self.devices)
         })
     }

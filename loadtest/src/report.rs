@@ -99,6 +99,9 @@ pub struct RunSettings {
     /// `--silence-timeout-s` (60 when absent from an older report).
     #[serde(default = "default_silence_timeout_s")]
     pub silence_timeout_s: f64,
+    /// The network conditions between devices and server (`--rtt-ms` …), if any.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 fn default_silence_timeout_s() -> f64 {
@@ -495,6 +498,7 @@ mod tests {
             device_compute: DeviceCompute::Replay,
             max_reconnects: 6,
             silence_timeout_s: 60.0,
+            network: None,
         };
         let facts = RunFacts {
             settings,

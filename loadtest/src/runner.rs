@@ -108,9 +108,49 @@ pub async fn run_until(
         None => None,
     };
 
+    // Network conditions: delay proxies in front of the server, alive for the run.
+    let mut proxies = Vec::new();
+    if let Some(net) = cfg.network {
+        let rest = cfg
+            .server
+            .split_once("://")
+            .map_or(cfg.server.as_str(), |(_, r)| r);
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        for k in 0..net.links.max(1) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let handle = crate::netem::spawn(
+                listener,
+                crate::netem::ProxyConfig {
+                    upstream: host.to_owned(),
+                    conditions: crate::netem::LinkConditions {
+                        rtt: net.rtt_of(k),
+                        jitter: net.jitter,
+                        uplink: net.uplink,
+                        downlink: net.downlink,
+                    },
+                    seed: cfg.seed.wrapping_add(k as u64),
+                },
+            )?;
+            proxies.push(handle);
+        }
+        anyhow::ensure!(
+            cfg.server.starts_with("ws://"),
+            "network conditions need a ws:// server (the proxies relay plain TCP)"
+        );
+        let _ = path;
+    }
+    let links: Vec<String> = proxies
+        .iter()
+        .map(|p| {
+            let rest = cfg.server.trim_start_matches("ws://");
+            let path = rest.split_once('/').map_or("", |(_, p)| p);
+            format!("ws://{}/{path}", p.local_addr())
+        })
+        .collect();
     let live = Arc::new(Live::default());
     let ctx = Arc::new(DeviceContext {
         server: cfg.server.clone(),
+        links,
         open: Open {
             manifest: ManifestId::try_from(bundle.pair_id())?,
             split: bundle.model.split().edge_layers() as u32,
@@ -130,6 +170,9 @@ pub async fn run_until(
         silence_timeout: cfg.silence_timeout,
     });
     let driven = drive(&cfg, &workload, ctx, &live, stop).await;
+    for p in proxies {
+        p.shutdown().await;
+    }
 
     let server_metrics = match (&cfg.metrics_url, &before) {
         (Some(url), Some(before)) => Some(match scrape::fetch(url).await {
@@ -285,6 +328,17 @@ fn settings(cfg: &LoadConfig) -> RunSettings {
         trace_records: cfg.trace.as_ref().map(|t| t.records.len()),
         device_compute: cfg.device_compute,
         max_reconnects: cfg.max_reconnects,
+        network: cfg.network.map(|n| {
+            format!(
+                "rtt {}±{} ms over {} links, jitter ±{} ms each way, uplink {}, downlink {}",
+                n.rtt.as_millis(),
+                n.rtt_spread.as_millis(),
+                n.links,
+                n.jitter.as_millis(),
+                n.uplink,
+                n.downlink
+            )
+        }),
     }
 }
 

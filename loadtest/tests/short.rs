@@ -743,3 +743,40 @@ async fn tiny_model_writes_a_split_that_serves_long_prompts() {
     assert_eq!(report.throughput.prompt_tokens_done, 3 * 600);
     srv.shutdown().await;
 }
+
+/// Issue 22: network conditions inside the load generator. Devices spread over links whose
+/// round trips are 60 ms and 100 ms (`--rtt-ms 80 --rtt-spread-ms 20 --links 2`) finish
+/// every generation, each decode step waits at least the shorter round trip (a bound, not a
+/// timing), and the report names the conditions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_behind_emulated_round_trips() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 4);
+    cfg.network = Some(tandem_loadtest::config::Network {
+        rtt: Duration::from_millis(80),
+        rtt_spread: Duration::from_millis(20),
+        jitter: Duration::ZERO,
+        uplink: tandem_loadtest::netem::Rate::UNLIMITED,
+        downlink: tandem_loadtest::netem::Rate::UNLIMITED,
+        links: 2,
+    });
+    let report = tandem_loadtest::run(cfg).await.expect("run");
+    assert!(report.errors.is_empty(), "{:?}", report.error_examples);
+    assert_eq!(report.counts.completed, 4);
+    let tpot = report.latency_ms.tpot.as_ref().expect("tpot");
+    assert!(
+        tpot.p50 >= 55.0,
+        "a decode step within one round trip: {tpot:?}"
+    );
+    assert!(
+        report
+            .settings
+            .network
+            .as_deref()
+            .is_some_and(|n| n.starts_with("rtt 80±20 ms over 2 links")),
+        "{:?}",
+        report.settings.network
+    );
+    srv.shutdown().await;
+}
