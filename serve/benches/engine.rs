@@ -66,6 +66,7 @@ fn engine(dir: &std::path::Path) -> Engine {
             kv_dtype: KvDtype::F32,
             prefix_sharing: true,
             decode_wait: std::time::Duration::ZERO,
+            max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
         },
     )
 }

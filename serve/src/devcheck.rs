@@ -355,6 +355,7 @@ fn engine_end_to_end(
         kv_dtype,
         prefix_sharing: true,
         decode_wait: Duration::ZERO,
+        max_draft_tokens: crate::engine::MAX_DRAFT_CAP,
     };
     let edge = candidate.edge;
     let engine = Engine::start(candidate.cloud, candidate.tokenizer, cfg);

@@ -57,6 +57,9 @@ pub struct EngineConfig {
     /// fixed cost is longer: then up to that, at most 100 ms (see `wait_cap`). Zero: never
     /// wait.
     pub decode_wait: Duration,
+    /// The most drafts the engine asks a device for per decode input (speculation; 0: none,
+    /// and drafts a device sends anyway are still computed exactly).
+    pub max_draft_tokens: u8,
 }
 
 /// The most a step's fitted fixed cost adds to [`EngineConfig::decode_wait`] (see
@@ -522,7 +525,7 @@ struct Advanced {
     end: Option<FinishReason>,
 }
 
-/// The most drafts the engine asks for per input (protocol cap: `MAX_DRAFTS`).
+/// The default [`EngineConfig::max_draft_tokens`] (protocol cap: `MAX_DRAFTS`).
 pub const MAX_DRAFT_CAP: u8 = 8;
 
 struct SessionState<'t> {
@@ -646,6 +649,8 @@ struct Loop<'t> {
     /// The share of wall time spent in steps lately (an average over about 20 steps).
     busy_share: f64,
     last_step_end: Option<Instant>,
+    /// [`EngineConfig::max_draft_tokens`].
+    max_draft: u8,
 }
 
 fn run(
@@ -695,6 +700,7 @@ fn run(
         cost: StepCostFit::new(0.98),
         busy_share: 0.0,
         last_step_end: None,
+        max_draft: cfg.max_draft_tokens.min(tandem_protocol::wire::MAX_DRAFTS),
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
@@ -933,20 +939,18 @@ impl<'t> Loop<'t> {
         Ok(())
     }
 
-    /// The most drafts to ask for in the next inputs: the configured cap while the engine
+    /// The most drafts to ask for in the next inputs: the configured cap
+    /// ([`EngineConfig::max_draft_tokens`]) while the engine
     /// mostly waits for its devices (drafts then ride in steps that would run anyway), else
     /// as many as the step's fixed cost covers per decoder (speculating sessions at most
     /// double a compute-bound step). `decoders`: the sessions sampled in this step.
     fn draft_cap(&self, decoders: usize) -> u8 {
+        let max = self.max_draft;
         if self.busy_share < 0.5 {
-            return MAX_DRAFT_CAP;
+            return max;
         }
-        let per = self
-            .cost
-            .overhead_rows()
-            .unwrap_or(f64::from(MAX_DRAFT_CAP))
-            / decoders.max(1) as f64;
-        (per.floor().clamp(0.0, f64::from(MAX_DRAFT_CAP))) as u8
+        let per = self.cost.overhead_rows().unwrap_or(f64::from(max)) / decoders.max(1) as f64;
+        (per.floor().clamp(0.0, f64::from(max))) as u8
     }
 
     /// Extends `id`'s hash chain over the full blocks it received since the last call and

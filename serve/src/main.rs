@@ -188,6 +188,11 @@ struct ServeArgs {
     /// after Opened, or the answer to a token), with `idle_timeout` (default 30000).
     #[arg(long, env = "TANDEM_SESSION_IDLE_TIMEOUT_MS")]
     session_idle_timeout_ms: Option<u64>,
+    /// Speculation: the most drafts the engine asks each device for per decode step, at most
+    /// 16 (default 8; 0: the devices are told not to draft). Fewer while steps are
+    /// compute-bound.
+    #[arg(long, env = "TANDEM_MAX_DRAFT_TOKENS")]
+    max_draft_tokens: Option<u8>,
     /// Open connections from one address to the public listener; more are closed at once
     /// (default 256).
     #[arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_IP")]
@@ -682,6 +687,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             );
             std::time::Duration::from_secs_f64(a.decode_wait_ms / 1000.0)
         },
+        max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
     };
     let plan = tandem_serve::bench::BenchPlan {
         sessions: a.sessions,
@@ -743,6 +749,7 @@ impl ServeArgs {
             drain_timeout_ms,
             resume_grace_ms,
             session_idle_timeout_ms,
+            max_draft_tokens,
             max_connections_per_ip,
             max_connections,
             handshake_timeout_ms,

@@ -738,5 +738,30 @@ async fn speculation_changes_no_output_and_saves_round_trips() {
         accepted > 0,
         "some drafts counted ({accepted} of {drafted})"
     );
+    let plain = run(0, SamplingParams::default(), Vec::new()).await;
     server.shutdown().await;
+
+    // An operator who turns speculation off (`--max-draft-tokens 0`): the cloud's cap is 0 in
+    // every answer, so a device that would draft 8 drafts none, with the same output.
+    let capped = server::start(ServerConfig {
+        max_draft_tokens: 0,
+        ..fx.server_config()
+    })
+    .await
+    .expect("server");
+    let mut cfg = fx
+        .client(ServerList::single(capped.ws_url()), 256)
+        .config()
+        .clone();
+    cfg.max_draft_tokens = 8;
+    let client = EdgeClient::from_bundle(&fx.bundle, cfg).expect("client");
+    let f = client
+        .generate(request(prompt.clone(), 24))
+        .expect("generate")
+        .finish()
+        .await
+        .expect("done");
+    assert_eq!(f.wire.drafted_tokens, 0, "the cloud's cap holds");
+    assert_eq!(f.token_ids, plain.token_ids);
+    capped.shutdown().await;
 }

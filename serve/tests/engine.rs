@@ -55,6 +55,7 @@ fn config(policy: Policy, kv_blocks: usize, block_size: usize) -> EngineConfig {
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
         decode_wait: std::time::Duration::ZERO,
+        max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
     }
 }
 

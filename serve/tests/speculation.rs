@@ -50,6 +50,7 @@ fn config(kv_blocks: usize) -> EngineConfig {
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
         decode_wait: Duration::ZERO,
+        max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
     }
 }
 

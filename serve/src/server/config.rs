@@ -116,6 +116,9 @@ pub struct ServerConfig {
     /// A connected session that waits this long for its device (the prompt after `Opened`,
     /// or the answer to its last token) is closed with `idle_timeout`, freeing its slot.
     pub session_idle_timeout_ms: u64,
+    /// Speculation: the most drafts the engine asks each device for per decode step
+    /// (`Token::draft_cap`), at most 16; 0 tells devices not to draft.
+    pub max_draft_tokens: u8,
     /// Open connections to the public listener from one address (IPv4-mapped IPv6 counts as
     /// IPv4); more are closed at once. Devices behind one carrier NAT share an address: size
     /// it for the busiest such address.
@@ -336,6 +339,7 @@ impl Default for ServerConfig {
             drain_timeout_ms: 30_000,
             resume_grace_ms: 60_000,
             session_idle_timeout_ms: 30_000,
+            max_draft_tokens: crate::engine::MAX_DRAFT_CAP,
             max_connections_per_ip: 256,
             max_connections: 16_384,
             handshake_timeout_ms: 30_000,
@@ -440,6 +444,11 @@ impl ServerConfig {
         anyhow::ensure!(
             self.session_idle_timeout_ms >= 100,
             "session_idle_timeout_ms must be >= 100"
+        );
+        anyhow::ensure!(
+            self.max_draft_tokens <= tandem_protocol::wire::MAX_DRAFTS,
+            "max_draft_tokens must be at most {}",
+            tandem_protocol::wire::MAX_DRAFTS
         );
         anyhow::ensure!(
             self.http_header_timeout_ms >= 100,

@@ -783,5 +783,6 @@ fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
         kv_dtype: layout.dtype,
         prefix_sharing: cfg.prefix_sharing,
         decode_wait: Duration::from_secs_f64(cfg.decode_wait_ms / 1000.0),
+        max_draft_tokens: cfg.max_draft_tokens,
     }
 }
