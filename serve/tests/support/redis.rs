@@ -173,7 +173,9 @@ fn spawn(binary: &Path, dir: &TempDir, port: u16) -> Result<Child, String> {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("redis-server exited early: {status}"));
         }
-        if ping(port) {
+        // The server answering must be this child: another test's redis-server may hold the
+        // port (taken between `free_port` and the bind), and then this one exits.
+        if ping(port) && server_pid(port) == Some(child.id()) {
             return Ok(child);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -191,6 +193,27 @@ fn free_port() -> u16 {
 }
 
 /// Whether a Redis on `port` answers `PING` with `+PONG`.
+/// The `process_id` that the Redis server on `port` reports (`INFO server`).
+fn server_pid(port: u16) -> Option<u32> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A bulk string: `$LEN\r\n` then the text; read until the process_id line is in.
+    while !String::from_utf8_lossy(&text).contains("process_id:") || !text.ends_with(b"\r\n") {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 || text.len() > 64 << 10 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
