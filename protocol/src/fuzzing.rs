@@ -25,10 +25,11 @@ pub fn decode_frame(data: &[u8]) {
     if let Ok(hidden) = HiddenRef::decode(data, &Limits::default()) {
         assert_eq!(peeked, Ok(FrameType::Hidden));
         assert_eq!(hidden.encode().expect("re-encodes"), data);
-        // Try the payload as every shape it could have.
+        // Try the payload as every shape it could have (int4: narrower than its outlier
+        // count, one group, an odd width, several groups).
         let rows = hidden.token_count as usize;
         let mut out = Vec::new();
-        for cols in [0, 1, 2, 3, 4, 8, 16] {
+        for cols in [0, 1, 2, 3, 4, 8, 9, 16, 33, 64, 65] {
             if hidden.to_f32(cols, &mut out).is_ok() {
                 assert_eq!(out.len(), rows * cols);
                 assert!(out.iter().all(|v| v.is_finite()));

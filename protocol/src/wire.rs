@@ -49,7 +49,8 @@ use cursor::{checked_len, Reader, Writer};
 
 pub use error::{ErrorCode, WireError};
 pub use hidden::{
-    f32_to_hidden, hidden_to_f32, Hidden, HiddenDtype, HiddenRef, HIDDEN_PAYLOAD_OFFSET, MAX_DRAFTS,
+    f32_to_hidden, hidden_to_f32, Hidden, HiddenDtype, HiddenRef, HIDDEN_PAYLOAD_OFFSET,
+    INT4_GROUP, INT4_MAX_COLS, INT4_OUTLIERS, MAX_DRAFTS,
 };
 
 /// The first two bytes of every frame.

@@ -98,6 +98,8 @@ fn frame_seeds() -> Vec<(&'static str, Frame)> {
         ("hidden_f16", hidden(HiddenDtype::F16, 1, 8)),
         ("hidden_bf16", hidden(HiddenDtype::Bf16, 3, 2)),
         ("hidden_int8", hidden(HiddenDtype::Int8, 2, 3)),
+        ("hidden_int4", hidden(HiddenDtype::Int4, 2, 9)),
+        ("hidden_int4_groups", hidden(HiddenDtype::Int4, 1, 33)),
         ("hidden_drafts", {
             let Frame::Hidden(mut h) = hidden(HiddenDtype::F16, 4, 2) else {
                 unreachable!("hidden() builds a Hidden frame")

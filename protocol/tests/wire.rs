@@ -606,10 +606,10 @@ fn unknown_enum_codes_are_refused_or_kept() {
         Frame::decode(&bytes),
         Err(WireError::UnknownFinishReason(4))
     );
-    // Hidden with dtype 4: refused.
+    // Hidden with dtype 5 (4 is int4): refused.
     let mut h = encode(&Frame::Hidden(hidden_frame(HiddenDtype::F32, vec![])));
-    h[20] = 4;
-    assert_eq!(Frame::decode(&h), Err(WireError::UnknownDtype(4)));
+    h[20] = 5;
+    assert_eq!(Frame::decode(&h), Err(WireError::UnknownDtype(5)));
     // An admission refusal's retry_after follows the message; without it the frame ends there.
     let bytes = hex("54440206 2d01 00 04000000 62757379 d0070000");
     let busy = Frame::Error(ErrorFrame {
@@ -845,6 +845,9 @@ fn hidden_frame(dtype: HiddenDtype, payload: Vec<u8>) -> Hidden {
 /// Payload conversion tests (kept apart to keep this file readable).
 #[path = "wire/payload.rs"]
 mod payload;
+/// The int4 payload: layout, error bound, hostile payloads.
+#[path = "wire/int4.rs"]
+mod int4;
 
 #[test]
 fn drafts_ride_only_on_a_complete_frame_of_drafts_plus_one_rows() {

@@ -73,6 +73,14 @@ pub enum WireError {
     /// A hidden-state value (after dequantisation) is NaN or infinite.
     #[error("hidden value at row {row}, column {col} is not finite")]
     NonFinite { row: usize, col: usize },
+    /// An int4 row's outlier index is not below the hidden size or not above the previous
+    /// one (indices are strictly increasing, so none repeats).
+    #[error("int4 outlier {slot} of row {row} has index {index}: out of range or not increasing")]
+    BadOutlier {
+        row: usize,
+        slot: usize,
+        index: usize,
+    },
     /// A finite `f32` does not fit in the target dtype (it would become infinite).
     #[error("hidden value at row {row}, column {col} overflows {dtype:?}")]
     Overflow {
@@ -101,6 +109,7 @@ impl WireError {
             | Self::InvalidFlag { .. }
             | Self::OutOfRange { .. }
             | Self::UnknownDtype(_)
+            | Self::BadOutlier { .. }
             | Self::UnknownFinishReason(_) => ErrorCode::MalformedFrame,
         }
     }

@@ -3,6 +3,9 @@
 //!
 //! A payload is `rows × cols` values (rows = tokens, cols = hidden size), row-major,
 //! little-endian. `int8` payloads start with one `f32` scale per row, then the `i8` values.
+//! `int4` payloads are one block per row: the row's largest values exactly (index and f16),
+//! then an f16 scale per group of [`INT4_GROUP`] values, then the 4-bit values (see
+//! [`f32_to_hidden`] for the rule and its error bound).
 //! [`HiddenRef::decode`] borrows the payload from the received buffer (no copy);
 //! [`hidden_to_f32`] is the one place that turns a payload into numbers, and it checks the
 //! byte length and rejects NaN and infinity. Both conversions are one linear pass; decoding
@@ -23,11 +26,25 @@ pub enum HiddenDtype {
     /// Symmetric per-token int8 (code 3): one `f32` scale per row, then 1 byte per value;
     /// value = `i8 × scale`.
     Int8,
+    /// 4-bit groups with exact outliers (code 4), per row: [`INT4_OUTLIERS`] `(u16 index, f16
+    /// value)` pairs, one f16 scale per [`INT4_GROUP`] values, then two values per byte;
+    /// value = `(nibble − 8) × scale of its group`, or the outlier's value at its index.
+    Int4,
 }
+
+/// Values per int4 group (one f16 scale each).
+pub const INT4_GROUP: usize = 32;
+
+/// Outliers per int4 row (fewer when the row is narrower): the values of largest magnitude,
+/// sent as f16 so that a row's massive activations do not set its groups' scales.
+pub const INT4_OUTLIERS: usize = 8;
+
+/// The widest row int4 can index (outlier indices are `u16`).
+pub const INT4_MAX_COLS: usize = 1 << 16;
 
 impl HiddenDtype {
     /// Every dtype, in code order.
-    pub const ALL: [HiddenDtype; 4] = [Self::F32, Self::F16, Self::Bf16, Self::Int8];
+    pub const ALL: [HiddenDtype; 5] = [Self::F32, Self::F16, Self::Bf16, Self::Int8, Self::Int4];
 
     /// The byte on the wire.
     pub fn code(self) -> u8 {
@@ -36,6 +53,7 @@ impl HiddenDtype {
             Self::F16 => 1,
             Self::Bf16 => 2,
             Self::Int8 => 3,
+            Self::Int4 => 4,
         }
     }
 
@@ -46,35 +64,43 @@ impl HiddenDtype {
             1 => Ok(Self::F16),
             2 => Ok(Self::Bf16),
             3 => Ok(Self::Int8),
+            4 => Ok(Self::Int4),
             other => Err(WireError::UnknownDtype(other)),
         }
     }
 
-    /// The lowercase name (`"f32"`, `"f16"`, `"bf16"`, `"int8"`).
+    /// The lowercase name (`"f32"`, `"f16"`, `"bf16"`, `"int8"`, `"int4"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Bf16 => "bf16",
             Self::Int8 => "int8",
+            Self::Int4 => "int4",
         }
     }
 
-    /// Bytes per value, not counting int8's per-row scales.
-    pub fn value_bytes(self) -> usize {
+    /// The dtype for its lowercase name ([`HiddenDtype::as_str`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == name)
+    }
+
+    /// Bits per value, not counting int8's per-row scales nor int4's scales and outliers.
+    pub fn value_bits(self) -> usize {
         match self {
-            Self::F32 => 4,
-            Self::F16 | Self::Bf16 => 2,
-            Self::Int8 => 1,
+            Self::F32 => 32,
+            Self::F16 | Self::Bf16 => 16,
+            Self::Int8 => 8,
+            Self::Int4 => 4,
         }
     }
 
     /// The payload size of `rows × cols` values, or `None` if it overflows `usize`.
     pub fn payload_len(self, rows: usize, cols: usize) -> Option<usize> {
-        let values = rows.checked_mul(cols)?.checked_mul(self.value_bytes())?;
         match self {
-            Self::Int8 => values.checked_add(rows.checked_mul(4)?),
-            _ => Some(values),
+            Self::F32 | Self::F16 | Self::Bf16 => rows.checked_mul(cols)?.checked_mul(self.value_bits() / 8),
+            Self::Int8 => rows.checked_mul(cols.checked_add(4)?),
+            Self::Int4 => rows.checked_mul(int4_row_len(cols)),
         }
     }
 }
@@ -83,6 +109,17 @@ impl std::fmt::Display for HiddenDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Outliers in an int4 row of `cols` values.
+fn int4_outliers(cols: usize) -> usize {
+    cols.min(INT4_OUTLIERS)
+}
+
+/// Bytes of one int4 row: outliers (4 bytes each), group scales (2 bytes each), nibbles.
+/// Cannot overflow: every term is at most `cols`, and `cols / 2 + cols / 16 + 33 ≤ usize::MAX`.
+fn int4_row_len(cols: usize) -> usize {
+    4 * int4_outliers(cols) + 2 * cols.div_ceil(INT4_GROUP) + cols.div_ceil(2)
 }
 
 /// A chunk of hidden states, device → cloud, owning its payload.
@@ -332,7 +369,8 @@ pub fn hidden_to_f32(
             got: bytes.len(),
         });
     }
-    // `rows × cols ≤ bytes.len()`, so this allocation is bounded by the input.
+    // `rows × cols ≤ 2 · bytes.len()` (int4 packs two values a byte), so this allocation is
+    // bounded by the input.
     out.reserve(rows * cols);
     match dtype {
         HiddenDtype::F32 => out.extend(
@@ -350,6 +388,12 @@ pub fn hidden_to_f32(
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
         ),
+        HiddenDtype::Int4 => {
+            if let Err(e) = decode_int4(cols, bytes, out) {
+                out.clear();
+                return Err(e);
+            }
+        }
         HiddenDtype::Int8 => {
             let (scales, values) = bytes.split_at(rows * 4);
             if cols > 0 {
@@ -377,9 +421,23 @@ pub fn hidden_to_f32(
 /// back within `scale / 2`. A row of zeros (or one whose scale underflows to 0) gets scale 0
 /// and decodes to zeros.
 ///
+/// int4, per row: the `K = min(cols, INT4_OUTLIERS)` values of largest magnitude (ties to
+/// the lower index) are outliers, sent as f16 (round to nearest) at their indices; every
+/// other value `x` of a group `g` of [`INT4_GROUP`] columns becomes
+/// `q = round(x / s_g)` in `[-7, 7]`, where `s_g` is `m_g / 7` rounded *up* to an f16 and
+/// `m_g` the largest `|x|` of the group's non-outliers (outliers count as 0 there). Error:
+///
+/// * an outlier: `|x̂ − x| ≤ |x| · 2⁻¹¹ + 2⁻²⁵` (f16's half ulp, subnormals included);
+/// * any other value: `|x̂ − x| ≤ s_g / 2 ≤ (1 + 2⁻¹⁰) · m_g / 14 + 2⁻²⁵`, and
+///   `m_g ≤ min(M_g, R_{K+1})`, where `M_g` is the group's largest `|x|` and `R_{K+1}` the
+///   row's `(K+1)`-th largest `|x|`: the outliers take a row's massive activations out of
+///   every scale. (f32 rounding in `x / s_g` adds at most `7 · 2⁻²⁴ · s_g`; `q × s_g` is exact.)
+///
 /// Fails with [`WireError::ValueCount`] if `values.len() != rows × cols`, with
 /// [`WireError::NonFinite`] on NaN or infinity, and with [`WireError::Overflow`] if a finite
-/// value does not fit in f16/bf16. On error `out` is left as it was.
+/// value does not fit in f16/bf16 (for int4: an outlier beyond f16's range; no group scale
+/// can overflow then, since `m_g` is at most the smallest outlier). int4 refuses rows wider than [`INT4_MAX_COLS`]
+/// ([`WireError::OutOfRange`]). On error `out` is left as it was.
 pub fn f32_to_hidden(
     dtype: HiddenDtype,
     rows: usize,
@@ -436,6 +494,12 @@ pub fn f32_to_hidden(
             }
         }
         HiddenDtype::Int8 => encode_int8(rows, cols, values, out),
+        HiddenDtype::Int4 => {
+            if let Err(e) = encode_int4(cols, values, out) {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
@@ -465,4 +529,163 @@ fn encode_int8(rows: usize, cols: usize, values: &[f32], out: &mut Vec<u8>) {
             q as u8
         }));
     }
+}
+
+/// The smallest f16 that is ≥ `v` (`v` finite and ≥ 0); infinite if `v` exceeds f16's range.
+fn f16_at_least(v: f32) -> half::f16 {
+    let h = half::f16::from_f32(v);
+    if h.to_f32() >= v {
+        h
+    } else {
+        // Positive and finite below `v`: the next encoding up is the next larger value (the
+        // one after 65504 is infinity).
+        half::f16::from_bits(h.to_bits() + 1)
+    }
+}
+
+/// Sets `top` to the `(index, |x|)` of `row`'s `k` values of largest magnitude (ties: the
+/// lower index), in index order. O(len · k), with k at most [`INT4_OUTLIERS`].
+fn largest(row: &[f32], k: usize, top: &mut Vec<(usize, f32)>) {
+    top.clear();
+    for (i, v) in row.iter().enumerate() {
+        let a = v.abs();
+        if top.len() == k && top.last().is_some_and(|&(_, b)| b >= a) {
+            continue;
+        }
+        // After the equal ones already kept, so the lower index wins a tie.
+        let at = top.iter().position(|&(_, b)| b < a).unwrap_or(top.len());
+        top.insert(at, (i, a));
+        top.truncate(k);
+    }
+    top.sort_unstable_by_key(|&(i, _)| i);
+}
+
+/// The int4 rule of [`f32_to_hidden`]; `values` are known finite and `rows × cols` long.
+fn encode_int4(cols: usize, values: &[f32], out: &mut Vec<u8>) -> Result<(), WireError> {
+    if cols == 0 {
+        return Ok(());
+    }
+    if cols > INT4_MAX_COLS {
+        return Err(WireError::OutOfRange {
+            field: "int4 hidden size (at most 65536)",
+        });
+    }
+    let k = int4_outliers(cols);
+    let overflow = |row: usize, col: usize| WireError::Overflow {
+        dtype: HiddenDtype::Int4,
+        row,
+        col,
+    };
+    let mut top: Vec<(usize, f32)> = Vec::with_capacity(k + 1);
+    let mut is_outlier = vec![false; cols];
+    let mut nibbles = vec![0u8; cols.div_ceil(2)];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        largest(row, k, &mut top);
+        for &(i, _) in &top {
+            let h = half::f16::from_f32(row[i]);
+            if h.is_infinite() {
+                return Err(overflow(r, i));
+            }
+            is_outlier[i] = true;
+            // `i < cols ≤ 65536`, so it fits a u16.
+            out.extend_from_slice(&(i as u16).to_le_bytes());
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        nibbles.fill(0);
+        for (g, group) in row.chunks(INT4_GROUP).enumerate() {
+            let base = g * INT4_GROUP;
+            let inliers = || {
+                group
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| !is_outlier[base + j])
+            };
+            let (max_at, m) = inliers().fold((base, 0.0f32), |(at, m), (j, v)| {
+                if v.abs() > m {
+                    (base + j, v.abs())
+                } else {
+                    (at, m)
+                }
+            });
+            let scale = f16_at_least(m / 7.0);
+            // Unreachable once the outliers fit f16 (`m` is at most the smallest of them);
+            // kept so that a change of the rule cannot put infinity on the wire.
+            if scale.is_infinite() {
+                return Err(overflow(r, max_at));
+            }
+            out.extend_from_slice(&scale.to_le_bytes());
+            let s = scale.to_f32();
+            for (j, &v) in inliers() {
+                // 0 when the scale is (its group is all zeros or outliers).
+                let q = if s > 0.0 {
+                    (v / s).round().clamp(-7.0, 7.0) as i8
+                } else {
+                    0
+                };
+                let c = base + j;
+                // q + 8 is in [1, 15]; the low nibble holds the even column.
+                nibbles[c / 2] |= ((q + 8) as u8) << (4 * (c % 2));
+            }
+            for (j, _) in group.iter().enumerate() {
+                if is_outlier[base + j] {
+                    nibbles[(base + j) / 2] |= 8 << (4 * ((base + j) % 2));
+                }
+            }
+        }
+        for &(i, _) in &top {
+            is_outlier[i] = false;
+        }
+        out.extend_from_slice(&nibbles);
+    }
+    Ok(())
+}
+
+/// Decodes int4 rows into `out` (already reserved); `bytes` is known to be
+/// `rows × int4_row_len(cols)` long. On error the caller clears `out`.
+fn decode_int4(cols: usize, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), WireError> {
+    if cols == 0 {
+        return Ok(());
+    }
+    let k = int4_outliers(cols);
+    let groups = cols.div_ceil(INT4_GROUP);
+    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    for (r, row) in bytes.chunks_exact(int4_row_len(cols)).enumerate() {
+        let (outliers, rest) = row.split_at(4 * k);
+        let (scales, nibbles) = rest.split_at(2 * groups);
+        if cols % 2 == 1 && nibbles[cols / 2] >> 4 != 0 {
+            return Err(WireError::InvalidFlag {
+                field: "hidden.int4.padding",
+                value: nibbles[cols / 2],
+            });
+        }
+        let start = out.len();
+        for g in 0..groups {
+            let s = f16_at(scales, 2 * g);
+            if !s.is_finite() {
+                return Err(WireError::NonFinite {
+                    row: r,
+                    col: g * INT4_GROUP,
+                });
+            }
+            let end = cols.min((g + 1) * INT4_GROUP);
+            out.extend((g * INT4_GROUP..end).map(|c| {
+                let n = (nibbles[c / 2] >> (4 * (c % 2))) & 0x0f;
+                f32::from(n as i8 - 8) * s
+            }));
+        }
+        let mut next = 0usize;
+        for (slot, o) in outliers.chunks_exact(4).enumerate() {
+            let i = usize::from(u16::from_le_bytes([o[0], o[1]]));
+            if i < next || i >= cols {
+                return Err(WireError::BadOutlier {
+                    row: r,
+                    slot,
+                    index: i,
+                });
+            }
+            next = i + 1;
+            out[start + i] = f16_at(o, 2);
+        }
+    }
+    Ok(())
 }

@@ -15,7 +15,7 @@ fn raw_payload(dtype: HiddenDtype, values: &[f32]) -> Vec<u8> {
             .iter()
             .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
             .collect(),
-        HiddenDtype::Int8 => unreachable!("int8 is built by hand"),
+        HiddenDtype::Int8 | HiddenDtype::Int4 => unreachable!("built by hand"),
     }
 }
 
@@ -43,7 +43,8 @@ proptest! {
         // The encoder refuses them too, and leaves `out` alone.
         let mut payload = vec![9];
         prop_assert_eq!(f32_to_hidden(dtype, rows, cols, &values, &mut payload), Err(want.clone()));
-        prop_assert_eq!(f32_to_hidden(HiddenDtype::Int8, rows, cols, &values, &mut payload), Err(want));
+        prop_assert_eq!(f32_to_hidden(HiddenDtype::Int8, rows, cols, &values, &mut payload), Err(want.clone()));
+        prop_assert_eq!(f32_to_hidden(HiddenDtype::Int4, rows, cols, &values, &mut payload), Err(want));
         prop_assert_eq!(payload, vec![9]);
     }
 }
@@ -87,9 +88,19 @@ fn payload_length_must_match_the_shape() {
             HiddenDtype::F32 => 48,
             HiddenDtype::F16 | HiddenDtype::Bf16 => 24,
             HiddenDtype::Int8 => 12 + 12,
+            // Per row: 4 outliers × 4 bytes, one 2-byte scale, 2 bytes of nibbles.
+            HiddenDtype::Int4 => 3 * (16 + 2 + 2),
         };
         assert_eq!(len, want_len, "{dtype}");
-        assert!(hidden_to_f32(dtype, 3, 4, &vec![0; len], &mut out).is_ok());
+        // All-zero bytes are zeros in every dtype but int4, whose outlier indices must rise.
+        let zeros = if dtype == HiddenDtype::Int4 {
+            let mut p = Vec::new();
+            f32_to_hidden(dtype, 3, 4, &[0.0; 12], &mut p).expect("zeros");
+            p
+        } else {
+            vec![0; len]
+        };
+        assert!(hidden_to_f32(dtype, 3, 4, &zeros, &mut out).is_ok());
         assert_eq!(out, vec![0.0; 12]);
         for bad in [len - 1, len + 1, 0] {
             let err = hidden_to_f32(dtype, 3, 4, &vec![0; bad], &mut out).expect_err("bad len");
