@@ -71,6 +71,8 @@ pub enum WireDtype {
     F16,
     Bf16,
     Int8,
+    /// 4-bit groups of 32 with each row's 8 largest values in f16 (about 0.29× f16's bytes).
+    Int4,
 }
 
 impl From<WireDtype> for HiddenDtype {
@@ -80,6 +82,7 @@ impl From<WireDtype> for HiddenDtype {
             WireDtype::F16 => HiddenDtype::F16,
             WireDtype::Bf16 => HiddenDtype::Bf16,
             WireDtype::Int8 => HiddenDtype::Int8,
+            WireDtype::Int4 => HiddenDtype::Int4,
         }
     }
 }
@@ -462,5 +465,21 @@ pub fn reason_name(reason: DoneReason) -> String {
     match reason {
         DoneReason::Finished(r) => r.to_string(),
         DoneReason::Cancelled => "cancelled".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--dtype NAME` takes every wire dtype by its protocol name and maps it to that dtype.
+    #[test]
+    fn every_wire_dtype_is_a_dtype_flag() {
+        for dtype in HiddenDtype::ALL {
+            let flag = WireDtype::from_str(dtype.as_str(), false)
+                .unwrap_or_else(|e| panic!("--dtype {dtype}: {e}"));
+            assert_eq!(HiddenDtype::from(flag), dtype);
+        }
+        assert!(WireDtype::from_str("int3", false).is_err());
     }
 }

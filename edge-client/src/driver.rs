@@ -181,6 +181,7 @@ impl Driver {
                 HiddenDtype::F16 => Some(Compression::F16),
                 HiddenDtype::Bf16 => Some(Compression::Bf16),
                 HiddenDtype::Int8 => Some(Compression::Int8),
+                HiddenDtype::Int4 => Some(Compression::Int4),
             };
             r.noise = cfg.noise.as_ref().map(NoiseRecord::from_mechanism);
         }

@@ -79,6 +79,8 @@ pub enum Compression {
     F16,
     Bf16,
     Int8,
+    /// 4-bit groups with the largest values of each row sent as f16.
+    Int4,
 }
 
 /// Differential-privacy noise applied to the hidden states (DESIGN.md §11): every row sent
@@ -347,6 +349,7 @@ impl TransparencyRecord {
             Some(Compression::F16) => "f16",
             Some(Compression::Bf16) => "bf16",
             Some(Compression::Int8) => "int8",
+            Some(Compression::Int4) => "int4 (the largest values of each row in f16)",
         };
         let _ = writeln!(s, "  Compression: {compression}.");
         match &self.noise {

@@ -211,7 +211,7 @@ async fn system_prefix_is_its_own_chunk_then_one_hidden_per_token() {
         assert_eq!((f.usage.prompt_tokens, f.usage.output_tokens), (20, 3));
         assert_eq!((f.wire.prompt_frames, f.wire.decode_frames), (5, 2));
         let per_step = f.wire.decode_bytes / f.wire.decode_frames;
-        assert_eq!(per_step as usize, 28 + 64 * dtype.value_bytes());
+        assert_eq!(per_step as usize, 28 + 64 * dtype.value_bits() / 8);
         println!(
             "wire {dtype}: {per_step} bytes per decode step, {:.1} bytes per prompt token \
              (hidden size 64; frame overhead 28 bytes)",

@@ -10,7 +10,7 @@
 #
 # Usage: h-uplink-ttft.sh [--quick] [OUT_DIR]   (default target/scenarios/h-uplink-ttft)
 # Env: SPLIT (the demo split), UPLINKS ("1 5 50"), RTT (100), PROMPT (512), CHUNK (128),
-#      DTYPES ("f32 f16 bf16 int8"), EDGE_BIN, TANDEM_BIN, LOADTEST_BIN, QUICK=1 (5 Mbit/s, f16 and int8).
+#      DTYPES ("f32 f16 bf16 int8 int4"), EDGE_BIN, TANDEM_BIN, LOADTEST_BIN, QUICK=1 (5 Mbit/s, f16, int8, int4).
 # Writes: runs.tsv and each run's JSON.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -22,10 +22,10 @@ split=${SPLIT:-$(demo_split)}
 uplinks=${UPLINKS:-"1 5 50"}
 rtt=${RTT:-100}
 chunk=${CHUNK:-128}
-dtypes=${DTYPES:-"f32 f16 bf16 int8"}
+dtypes=${DTYPES:-"f32 f16 bf16 int8 int4"}
 if [ "$QUICK" = 1 ]; then
     uplinks=${UPLINKS:-5}
-    dtypes=${DTYPES:-"f16 int8"}
+    dtypes=${DTYPES:-"f16 int8 int4"}
 fi
 # About PROMPT tokens: the extraction prompt (~130 tokens) repeated.
 prompt_file=$OUT/prompt.txt

@@ -297,12 +297,10 @@ impl Trace {
     }
 }
 
-/// Parses a hidden-state dtype by its wire name (`f32`, `f16`, `bf16`, `int8`).
+/// Parses a hidden-state dtype by its wire name (`f32`, `f16`, `bf16`, `int8`, `int4`).
 pub fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
-    HiddenDtype::ALL
-        .into_iter()
-        .find(|d| d.as_str() == s)
-        .ok_or_else(|| format!("dtype `{s}`: expected f32, f16, bf16 or int8"))
+    HiddenDtype::from_name(s)
+        .ok_or_else(|| format!("dtype `{s}`: expected f32, f16, bf16, int8 or int4"))
 }
 
 /// Default of `--max-reconnects`: with the backoff of [`crate::timing::backoff`] the

@@ -113,7 +113,7 @@ fn same_seed_same_report_and_wire_sizes() {
     let ck = tiny_model(tmp.path());
     let settings = AuditSettings {
         edge_layers: vec![2],
-        wire: vec![HiddenDtype::F32, HiddenDtype::Int8],
+        wire: vec![HiddenDtype::F32, HiddenDtype::Int8, HiddenDtype::Int4],
         noise: vec!["10".parse().expect("level")],
         gen_tokens: 3,
         random_sequences: 4,
@@ -143,9 +143,16 @@ fn same_seed_same_report_and_wire_sizes() {
         },
     );
     assert_ne!(strip(&a), strip(&other), "the seed must matter under noise");
-    // Hidden size 64: f32 is 256 bytes a token, int8 64 + a 4-byte scale.
+    // Hidden size 64: f32 is 256 bytes a token, int8 64 + a 4-byte scale, int4 8 outliers
+    // (32 bytes) + 2 group scales (4) + 32 bytes of nibbles.
     assert_eq!(a.cells[0].payload_bytes_per_token, 256);
     assert_eq!(a.cells[1].payload_bytes_per_token, 68);
+    assert_eq!(a.cells[2].wire, "int4");
+    assert_eq!(a.cells[2].payload_bytes_per_token, 68);
+    for c in &a.cells {
+        // The mean of the steps' largest drifts is at most the largest, and noise moves both.
+        assert!(c.mean_logit_drift > 0.0 && c.mean_logit_drift <= c.max_logit_drift, "{c:?}");
+    }
     assert_eq!(a.costs[0].edge_layers, 2);
     assert!(a.costs[0].flops_per_token > 0 && a.costs[0].kv_bytes_per_token_f32 == 2 * 2 * 32 * 4);
 }

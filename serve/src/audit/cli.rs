@@ -22,7 +22,7 @@ pub struct AuditArgs {
     /// Split depths to audit, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub edge_layers: Vec<usize>,
-    /// Wire encodings of the hidden states, comma-separated: f32, f16, bf16, int8.
+    /// Wire encodings of the hidden states, comma-separated: f32, f16, bf16, int8, int4.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub wire: Vec<String>,
     /// Noise levels, comma-separated: `none`, `inf` (clip only) or a per-row epsilon.
@@ -118,7 +118,8 @@ fn parse_wire(s: &str) -> Result<HiddenDtype> {
         "f16" => HiddenDtype::F16,
         "bf16" => HiddenDtype::Bf16,
         "int8" => HiddenDtype::Int8,
-        other => bail!("wire encoding `{other}`: f32, f16, bf16 or int8"),
+        "int4" => HiddenDtype::Int4,
+        other => bail!("wire encoding `{other}`: f32, f16, bf16, int8 or int4"),
     })
 }
 
@@ -229,13 +230,13 @@ pub fn render(r: &AuditReport) -> String {
         r.settings.seed
     );
     s.push_str(
-        "k | wire | noise | sigma | clip | eps/prompt | NN rec | NN sens | learned | learned sens | greedy agree | max drift | bytes/token\n",
+        "k | wire | noise | sigma | clip | eps/prompt | NN rec | NN sens | learned | learned sens | greedy agree | max drift | mean drift | bytes/token\n",
     );
-    s.push_str("--|------|-------|-------|------|------------|--------|---------|---------|--------------|--------------|-----------|------------\n");
+    s.push_str("--|------|-------|-------|------|------------|--------|---------|---------|--------------|--------------|-----------|------------|------------\n");
     for c in &r.cells {
         let opt = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.3}"));
         s.push_str(&format!(
-            "{} | {} | {} | {:.4} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.3} | {}\n",
+            "{} | {} | {} | {:.4} | {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.3} | {:.3} | {}\n",
             c.edge_layers,
             c.wire,
             c.noise,
@@ -248,6 +249,7 @@ pub fn render(r: &AuditReport) -> String {
             100.0 * c.learned_sensitive_recovery,
             100.0 * c.greedy_agreement,
             c.max_logit_drift,
+            c.mean_logit_drift,
             c.payload_bytes_per_token
         ));
     }

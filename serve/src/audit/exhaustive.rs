@@ -240,7 +240,8 @@ fn ranks(scores: &[f32]) -> Vec<u32> {
 /// computed from the received row: f32 is exact; f16 and bf16 round each value to nearest
 /// (relative error at most 2⁻¹¹ and 2⁻⁸; f16's subnormals add at most 2⁻²⁵ absolute); int8
 /// moves each value by at most half its row's scale `max|x| / 127`, which the received row
-/// reproduces (its largest value decodes to `±127 · scale`).
+/// reproduces (its largest value decodes to `±127 · scale`); int4 is bounded per value, see
+/// [`int4_error_bound`].
 pub fn wire_error_bound(received: &[f32], wire: HiddenDtype) -> f64 {
     let norm = || {
         received
@@ -263,7 +264,47 @@ pub fn wire_error_bound(received: &[f32], wire: HiddenDtype) -> f64 {
                 .fold(0f64, |m, &x| m.max(f64::from(x).abs()));
             sqrt_d * max / 127.0 / 2.0
         }
+        HiddenDtype::Int4 => int4_error_bound(received),
     }
+}
+
+/// The int4 bound of [`wire_error_bound`], from the received row only (it does not say which
+/// values were outliers, so each value gets the larger of the two bounds in
+/// `tandem_protocol::f32_to_hidden`'s docs):
+///
+/// * an outlier moved by at most `|x| · 2⁻¹¹ + 2⁻²⁵`, i.e. `|x̂| · 2⁻¹¹ / (1 − 2⁻¹¹) + 2⁻²⁵`;
+/// * any other value by at most `s_g · (1/2 + 7 · 2⁻²⁴)`, where the group's scale `s_g` is at
+///   most `max_g |x̂| / 7` (its largest non-outlier decodes to `±7 · s_g`) and at most
+///   `(1 + 2⁻¹⁰) · R / 7 + 2⁻²⁴`, with `R = R̂ / (1 − 2⁻¹¹)` and `R̂` the row's `(K+1)`-th
+///   largest `|x̂|`: the `K` outliers and the largest non-outlier all come back at least
+///   `(1 − 2⁻¹¹)` times that non-outlier's magnitude, which bounds every group's `m_g`.
+///   (Both hold while `m_g / 7` is an f16 normal; below that `s_g < 2⁻¹⁴ · (1 + 2⁻¹⁰)`.)
+fn int4_error_bound(received: &[f32]) -> f64 {
+    use tandem_protocol::wire::{INT4_GROUP, INT4_OUTLIERS};
+    let u = 2f64.powi(-11);
+    let mut mags: Vec<f64> = received.iter().map(|&x| f64::from(x).abs()).collect();
+    let k = INT4_OUTLIERS.min(mags.len());
+    let r_hat = if mags.len() > k {
+        mags.sort_unstable_by(|a, b| b.total_cmp(a));
+        mags[k]
+    } else {
+        0.0
+    };
+    let row_scale = (1.0 + 2f64.powi(-10)) * r_hat / (1.0 - u) / 7.0 + 2f64.powi(-24);
+    let per_step = 0.5 + 7.0 * 2f64.powi(-24);
+    let mut sum = 0.0;
+    for group in received.chunks(INT4_GROUP) {
+        let group_max = group.iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+        // Below f16's normal range (2⁻¹⁴) the rounded-up scale may exceed `m_g / 7` by up to
+        // 2⁻²⁴, so the largest non-outlier need not decode to ±7: floor the bound there.
+        let scale = (group_max / 7.0).min(row_scale).max(2f64.powi(-14) * (1.0 + 2f64.powi(-10)));
+        let inlier = scale * per_step;
+        for &x in group {
+            let outlier = f64::from(x).abs() * u / (1.0 - u) + 2f64.powi(-25);
+            sum += inlier.max(outlier).powi(2);
+        }
+    }
+    sum.sqrt()
 }
 
 #[cfg(test)]
@@ -306,6 +347,7 @@ mod tests {
             HiddenDtype::F16,
             HiddenDtype::Bf16,
             HiddenDtype::Int8,
+            HiddenDtype::Int4,
         ] {
             let mut payload = Vec::new();
             f32_to_hidden(wire, 1, row.len(), &row, &mut payload).expect("encode");

@@ -162,7 +162,10 @@ pub struct Cell {
     /// The output-pairs attacker, one entry per number of pairs.
     pub output_pairs: Vec<PairsRecovery>,
     pub greedy_agreement: f64,
+    /// The largest absolute logit difference from the noise-free f32 run, over every step.
     pub max_logit_drift: f64,
+    /// The mean over steps of each step's largest absolute logit difference.
+    pub mean_logit_drift: f64,
     /// Hidden-state payload per token on the wire (a one-token frame adds 28 bytes).
     pub payload_bytes_per_token: usize,
     pub seconds: f64,
@@ -635,6 +638,11 @@ fn run_cell(
         output_pairs: tally.pairs_recovery(&pair_sizes),
         greedy_agreement: ratio(tally.agree, tally.steps),
         max_logit_drift: tally.drift,
+        mean_logit_drift: if tally.steps == 0 {
+            0.0
+        } else {
+            tally.drift_sum / tally.steps as f64
+        },
         payload_bytes_per_token: wire.payload_len(1, d).unwrap_or(0),
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -663,6 +671,7 @@ fn score_prompt(
             .map(|(a, b)| f64::from((a - b).abs()))
             .fold(0.0, f64::max);
         tally.drift = tally.drift.max(drift);
+        tally.drift_sum += drift;
     }
     // Attacks on the prompt's rows.
     let prompt_rows = &received[..p.ids.len() * d];

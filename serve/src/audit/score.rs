@@ -45,6 +45,8 @@ pub struct Tally {
     pub steps: usize,
     pub agree: usize,
     pub drift: f64,
+    /// Sum over steps of each step's largest drift.
+    pub drift_sum: f64,
     pub rows: usize,
     pub exhaustive: ExhaustiveTally,
     /// One per number of pairs: (centroid, centroid sensitive, linear, linear sensitive).
