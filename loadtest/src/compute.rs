@@ -32,7 +32,9 @@ use tandem_protocol::HiddenDtype;
 use tokio_tungstenite::tungstenite::Bytes;
 
 use crate::config::DeviceCompute;
-use crate::replay::{encode_drafted, encode_hidden, Replay, ReplayStats, Step, PROMPT_CHUNK_TOKENS};
+use crate::replay::{
+    encode_drafted, encode_hidden, Replay, ReplayStats, Step, PROMPT_CHUNK_TOKENS,
+};
 use crate::workload::PromptId;
 
 /// The run's source of hidden states; see the module doc.

@@ -728,7 +728,9 @@ mod tests {
         assert_eq!(real.check(), Ok(()));
         real.max_draft_tokens = 17;
         assert!(real.check().is_err());
-        assert!(bad(|c| c.prompts = Some(FixedPrompts::Ids(vec![vec![1], vec![]]))));
+        assert!(bad(
+            |c| c.prompts = Some(FixedPrompts::Ids(vec![vec![1], vec![]]))
+        ));
         let mut given = ok.clone();
         given.prompts = Some(FixedPrompts::Ids(vec![vec![5; 100], vec![6; 3]]));
         assert_eq!(given.check(), Ok(()));

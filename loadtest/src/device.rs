@@ -468,8 +468,7 @@ impl Run<'_> {
             Some((session, token)) => Frame::Resume(tandem_protocol::Resume {
                 session: *session,
                 resume_token: token.clone(),
-                last_token_seq: ((self.tokens.len() + self.answer_so_far()) as u64)
-                    .checked_sub(1),
+                last_token_seq: ((self.tokens.len() + self.answer_so_far()) as u64).checked_sub(1),
             }),
             None => Frame::Open(Open {
                 max_tokens: self.job.max_tokens,
@@ -826,7 +825,9 @@ impl Run<'_> {
                 .map_err(|_| Stop::Retry(Failure::Timeout(limit)))??;
             match frame {
                 Frame::Opened(o) => return Ok(o),
-                Frame::Error(e) if resuming && e.code == ErrorCode::UnknownSession && self.spec.is_some() => {
+                Frame::Error(e)
+                    if resuming && e.code == ErrorCode::UnknownSession && self.spec.is_some() =>
+                {
                     return Err(Stop::Fatal(Failure::Server {
                         code: e.code,
                         message: format!(

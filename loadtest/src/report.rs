@@ -338,9 +338,8 @@ impl Report {
         throughput.output_tokens_per_s = round3(facts.tokens as f64 / wall_s);
         throughput.completed_per_s = round3(counts.completed as f64 / wall_s);
         if speculation.drafted_tokens > 0 {
-            speculation.acceptance = round3(
-                speculation.accepted_drafts as f64 / speculation.drafted_tokens as f64,
-            );
+            speculation.acceptance =
+                round3(speculation.accepted_drafts as f64 / speculation.drafted_tokens as f64);
         }
         if speculation.round_trips > 0 {
             speculation.tokens_per_round_trip = round3(

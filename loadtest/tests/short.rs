@@ -807,8 +807,14 @@ async fn drafting_devices_get_the_tokens_of_devices_that_do_not() {
         .await
         .expect("run without drafts");
     cfg.max_draft_tokens = 6;
-    let on = tandem_loadtest::run_detailed(cfg).await.expect("run with drafts");
-    assert!(on.report.errors.is_empty(), "{:?}", on.report.error_examples);
+    let on = tandem_loadtest::run_detailed(cfg)
+        .await
+        .expect("run with drafts");
+    assert!(
+        on.report.errors.is_empty(),
+        "{:?}",
+        on.report.error_examples
+    );
     assert_eq!(on.report.counts.completed, 12);
     assert_eq!(outputs(&on.records), outputs(&off.records));
 
