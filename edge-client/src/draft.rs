@@ -92,9 +92,39 @@ impl DraftLength {
     }
 }
 
+/// The device's verdict on a whole answer to `drafts` (docs/protocol.md §6): `answer` holds
+/// the cloud's tokens in order (the one that counts, then one per draft row it sampled
+/// after), and the result is how many drafts count: the longest run `drafts[i] ==
+/// answer[i]` that still has a token after it. The tokens that count are
+/// `answer[..=result]`. Used by `tandem-edge`'s driver and the load generator's devices.
+pub fn accepted_drafts(drafts: &[u32], answer: &[u32]) -> usize {
+    let mut accepted = 0;
+    while accepted < drafts.len()
+        && accepted + 1 < answer.len()
+        && drafts[accepted] == answer[accepted]
+    {
+        accepted += 1;
+    }
+    accepted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_drafts_is_the_matching_prefix_with_a_token_after_it() {
+        // All three drafts right, and a token after the last: three count (four tokens).
+        assert_eq!(accepted_drafts(&[5, 6, 7], &[5, 6, 7, 8]), 3);
+        // The second draft is wrong: one counts (tokens 5 and 9).
+        assert_eq!(accepted_drafts(&[5, 6, 7], &[5, 9, 1, 2]), 1);
+        // The first is wrong: none.
+        assert_eq!(accepted_drafts(&[4, 6], &[5, 6, 7]), 0);
+        // The answer stopped early (a draft token that ends the generation): a draft counts
+        // only with a token after it.
+        assert_eq!(accepted_drafts(&[5, 6, 7], &[5, 6]), 1);
+        assert_eq!(accepted_drafts(&[], &[3]), 0);
+    }
 
     #[test]
     fn prompt_lookup_continues_the_latest_match_of_the_longest_ngram() {

@@ -788,13 +788,8 @@ impl Driver {
         let Some(aw) = self.awaiting.take() else {
             return;
         };
-        let mut accepted = 0;
-        while accepted < aw.drafts.len()
-            && accepted + 1 < aw.got.len()
-            && aw.drafts[accepted] == aw.got[accepted].token_id
-        {
-            accepted += 1;
-        }
+        let answer: Vec<u32> = aw.got.iter().map(|t| t.token_id).collect();
+        let accepted = crate::draft::accepted_drafts(&aw.drafts, &answer);
         if !aw.drafts.is_empty() {
             self.stats.drafted_tokens += aw.drafts.len() as u64;
             self.stats.accepted_drafts += accepted as u64;

@@ -11,6 +11,12 @@
 //!   load generator's own CPU then stands in for the devices', and its latencies include the
 //!   edge time a real device would add.
 //!
+//! Speculation (`--max-draft-tokens`, real compute only): a decode step may carry the
+//! device's drafts after the token it received ([`Cursor::next_drafted`]); the edge first
+//! forgets the positions of the last step's drafts the cloud did not confirm, then runs its
+//! layers over the token and the new drafts, and sends all their rows in one frame. Replay
+//! has no drafting: its tree holds one row per step, keyed by the token received.
+//!
 //! Both encode with the same function ([`crate::replay`]'s), from different forward code
 //! (`EdgeModel::forward` over a copied cache for the tree, `EdgeSession::feed` here), and
 //! `tests/short.rs` checks that they send the same bytes.
@@ -26,7 +32,9 @@ use tandem_protocol::HiddenDtype;
 use tokio_tungstenite::tungstenite::Bytes;
 
 use crate::config::DeviceCompute;
-use crate::replay::{encode_hidden, Replay, ReplayStats, Step, PROMPT_CHUNK_TOKENS};
+use crate::replay::{
+    encode_drafted, encode_hidden, Replay, ReplayStats, Step, PROMPT_CHUNK_TOKENS,
+};
 use crate::workload::PromptId;
 
 /// The run's source of hidden states; see the module doc.
@@ -99,6 +107,14 @@ impl Compute {
         match self {
             Self::Replay { roots, .. } => roots.get(prompt.0).map_or(0, |r| r.len()),
             Self::Real(edge) => edge.prompts.get(prompt.0).map_or(0, Vec::len),
+        }
+    }
+
+    /// The token ids of a prompt (real compute only: replay keeps frames, not ids).
+    pub fn prompt_ids(&self, prompt: PromptId) -> Option<&[u32]> {
+        match self {
+            Self::Replay { .. } => None,
+            Self::Real(edge) => edge.prompts.get(prompt.0).map(Vec::as_slice),
         }
     }
 
@@ -182,14 +198,33 @@ impl RealEdge {
         Ok((session, frames))
     }
 
-    /// Blocking: feeds one token, returns its frame.
-    fn run_token(&self, session: &mut EdgeSession, token: u32, seq: u64) -> anyhow::Result<Bytes> {
+    /// Blocking: forgets the positions from `at` (if given), feeds `ids` (the token
+    /// received, then `drafts` drafts), returns their frame.
+    fn run_step(
+        &self,
+        session: &mut EdgeSession,
+        ids: &[u32],
+        drafts: u8,
+        at: Option<usize>,
+        seq: u64,
+    ) -> anyhow::Result<Bytes> {
         let started = Instant::now();
+        if let Some(at) = at {
+            session.truncate(at)?;
+        }
         let position = session.position();
-        let hidden = session.feed(&[token])?;
-        let frame = encode_hidden(&hidden, self.dtype, self.hidden_size, position, seq, true)?;
+        let hidden = session.feed(ids)?;
+        let frame = encode_drafted(
+            &hidden,
+            self.dtype,
+            self.hidden_size,
+            position,
+            seq,
+            true,
+            drafts,
+        )?;
         self.add_compute(started);
-        self.rows.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(ids.len() as u64, Ordering::Relaxed);
         Ok(frame)
     }
 
@@ -202,7 +237,22 @@ impl RealEdge {
 impl Cursor {
     /// The frame of `token`, received at this point; moves the cursor past it.
     pub async fn next(&mut self, token: u32) -> anyhow::Result<Bytes> {
+        self.next_drafted(token, &[], None).await
+    }
+
+    /// The frame of `token` followed by `drafts` (at most [`tandem_protocol::wire::MAX_DRAFTS`]),
+    /// after forgetting the edge's positions from `at` on (the drafts of the last step that
+    /// did not count). Drafts and `at` need real compute.
+    pub async fn next_drafted(
+        &mut self,
+        token: u32,
+        drafts: &[u32],
+        at: Option<usize>,
+    ) -> anyhow::Result<Bytes> {
         match self {
+            Self::Replay { .. } if !drafts.is_empty() || at.is_some() => {
+                anyhow::bail!("drafting needs real edge compute (--device-compute real)")
+            }
             Self::Replay { replay, at } => {
                 let next = replay.next(at, token).await?;
                 let frame = next
@@ -218,10 +268,17 @@ impl Cursor {
                 session,
                 next_seq,
             } => {
+                let count = u8::try_from(drafts.len())
+                    .ok()
+                    .filter(|&d| d <= tandem_protocol::wire::MAX_DRAFTS)
+                    .with_context(|| format!("{} drafts in one step", drafts.len()))?;
                 let mut owned = session.take().context("the edge session was lost")?;
                 let (work, seq) = (edge.clone(), *next_seq);
+                let mut ids = Vec::with_capacity(1 + drafts.len());
+                ids.push(token);
+                ids.extend_from_slice(drafts);
                 let (owned, frame) = tokio::task::spawn_blocking(move || {
-                    let frame = work.run_token(&mut owned, token, seq);
+                    let frame = work.run_step(&mut owned, &ids, count, at, seq);
                     (owned, frame)
                 })
                 .await

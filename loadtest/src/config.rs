@@ -351,6 +351,38 @@ pub struct LoadConfig {
     pub silence_timeout: Duration,
     /// Real network conditions between the devices and the server, if any.
     pub network: Option<Network>,
+    /// Prompts given instead of drawn ones (then `prompt_tokens` and `prompt_pool` do not
+    /// apply): every generation takes one of them.
+    pub prompts: Option<FixedPrompts>,
+    /// Most drafts per decode step (speculation, as `tandem-edge run --max-draft-tokens`);
+    /// 0: none. Needs [`DeviceCompute::Real`].
+    pub max_draft_tokens: usize,
+}
+
+/// Prompts a run is given (`--prompt-file`, or token ids from a test).
+#[derive(Clone, Debug, PartialEq)]
+pub enum FixedPrompts {
+    /// One prompt: a text file (a template over the profile's fields, as `tandem-edge run
+    /// --prompt-file`), put through the edge checkpoint's chat template and tokenizer.
+    Text {
+        file: PathBuf,
+        profile: Option<PathBuf>,
+    },
+    /// Token ids, one entry per prompt.
+    Ids(Vec<Vec<u32>>),
+}
+
+impl FixedPrompts {
+    /// For the report: the file, or how many prompts were given.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Text { file, profile } => match profile {
+                Some(p) => format!("{} with profile {}", file.display(), p.display()),
+                None => file.display().to_string(),
+            },
+            Self::Ids(p) => format!("{} prompts given as token ids", p.len()),
+        }
+    }
 }
 
 /// Network conditions spread across the devices: `links` in-process delay proxies
@@ -407,11 +439,17 @@ impl LoadConfig {
             max_reconnects: DEFAULT_MAX_RECONNECTS,
             silence_timeout: DEFAULT_SILENCE_TIMEOUT,
             network: None,
+            prompts: None,
+            max_draft_tokens: 0,
         }
     }
 
-    /// The longest prompt a generation may have.
+    /// The longest prompt a generation may have (given text prompts count once tokenized:
+    /// see [`crate::runner`]).
     pub fn max_prompt_tokens(&self) -> u32 {
+        if let Some(FixedPrompts::Ids(p)) = &self.prompts {
+            return p.iter().map(Vec::len).max().unwrap_or(0) as u32;
+        }
         match &self.trace {
             Some(t) => t.records.iter().map(|r| r.prompt_tokens).max().unwrap_or(1),
             None => self.prompt_tokens.max(),
@@ -427,7 +465,13 @@ impl LoadConfig {
                 .map(|r| u64::from(r.prompt_tokens) + u64::from(r.output_tokens))
                 .max()
                 .unwrap_or(0),
-            None => u64::from(self.prompt_tokens.max()) + u64::from(self.output_tokens.max()),
+            None => {
+                let prompt = match &self.prompts {
+                    Some(FixedPrompts::Ids(_)) => self.max_prompt_tokens(),
+                    _ => self.prompt_tokens.max(),
+                };
+                u64::from(prompt) + u64::from(self.output_tokens.max())
+            }
         }
     }
 
@@ -454,6 +498,28 @@ impl LoadConfig {
         }
         if self.silence_timeout.is_zero() {
             return Err("--silence-timeout-s must be positive".into());
+        }
+        if self.max_draft_tokens > usize::from(tandem_protocol::wire::MAX_DRAFTS) {
+            return Err(format!(
+                "--max-draft-tokens {}: at most {}",
+                self.max_draft_tokens,
+                tandem_protocol::wire::MAX_DRAFTS
+            ));
+        }
+        if self.max_draft_tokens > 0 && self.device_compute != DeviceCompute::Real {
+            return Err(
+                "--max-draft-tokens needs --device-compute real (replayed devices do not draft)"
+                    .into(),
+            );
+        }
+        match &self.prompts {
+            Some(_) if self.trace.is_some() => {
+                return Err("give prompts (--prompt-file) or a trace, not both".into())
+            }
+            Some(FixedPrompts::Ids(p)) if p.is_empty() || p.iter().any(Vec::is_empty) => {
+                return Err("the given prompts must be at least one, none empty".into())
+            }
+            _ => {}
         }
         if let Some(url) = &self.metrics_url {
             if !url.starts_with("http://") {
@@ -652,5 +718,21 @@ mod tests {
         assert!(bad(|c| c.duration = Duration::ZERO));
         assert!(bad(|c| c.silence_timeout = Duration::ZERO));
         assert!(bad(|c| c.metrics_url = Some("ws://x/metrics".into())));
+        // Replayed devices do not draft; real ones may, up to the protocol's 16.
+        assert!(bad(|c| c.max_draft_tokens = 4));
+        let mut real = ok.clone();
+        real.device_compute = DeviceCompute::Real;
+        real.max_draft_tokens = 16;
+        assert_eq!(real.check(), Ok(()));
+        real.max_draft_tokens = 17;
+        assert!(real.check().is_err());
+        assert!(bad(
+            |c| c.prompts = Some(FixedPrompts::Ids(vec![vec![1], vec![]]))
+        ));
+        let mut given = ok.clone();
+        given.prompts = Some(FixedPrompts::Ids(vec![vec![5; 100], vec![6; 3]]));
+        assert_eq!(given.check(), Ok(()));
+        assert_eq!(given.max_prompt_tokens(), 100);
+        assert_eq!(given.max_sequence_tokens(), 132);
     }
 }

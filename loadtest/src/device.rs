@@ -29,6 +29,20 @@
 //! fails with the last cause and is counted as *lost*. Refusals of the first `Open`
 //! (`overloaded`, `rate_limited`) are not retried: they are what a load test measures.
 //!
+//! # Speculation
+//! With `--max-draft-tokens N` (real edge compute only) a device drafts as `tandem-edge`
+//! does, with the same types ([`tandem_edge::draft`]): prompt lookup over the prompt and the
+//! output so far, as many drafts as its adaptive [`DraftLength`], the cloud's last
+//! `draft_cap` and the tokens left allow. Each decode frame carries the token received and
+//! the drafts; the device takes the cloud's answer whole (the token that counts, then one
+//! per draft row), rules on it with [`accepted_drafts`], and its next frame starts where the
+//! verdict says (the edge forgets the drafts that did not count). Only the tokens that count
+//! are the generation's tokens (and are timed); the report counts drafted and accepted
+//! tokens and the round trips. A drafting generation survives resumes (the server kept its
+//! state: its frames are resent from where the server stands); a server that lost the
+//! session (`unknown_session`) fails it, as no step-by-step replay of drafted answers is
+//! made (`tandem-edge` does that one; the load generator measures, it does not recover).
+//!
 //! # Silence
 //! The silence timeout (`--silence-timeout-s`, [`DEFAULT_SILENCE_TIMEOUT`]) bounds only the
 //! waits for the server: for `Opened`, and for the next frame while the server owes a token
@@ -54,6 +68,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use tandem_edge::draft::{accepted_drafts, DraftLength, Drafter, PromptLookup};
 
 use crate::compute::{Compute, Cursor};
 use crate::live::Live;
@@ -153,6 +169,11 @@ pub struct GenerationRecord {
     pub reopens: u32,
     /// Failed after every reconnection attempt (the failure is the last attempt's cause).
     pub lost: bool,
+    /// Drafts sent (speculation) and those the cloud's answers confirmed.
+    pub drafted: u32,
+    pub accepted: u32,
+    /// Answers taken: the prompt's, then one per decode frame (each a round trip).
+    pub rounds: u32,
 }
 
 /// What every device shares.
@@ -175,6 +196,9 @@ pub struct DeviceContext {
     pub step_delay: Duration,
     /// Longest wait for a frame the server owes (`--silence-timeout-s`).
     pub silence_timeout: Duration,
+    /// Most drafts per decode step (`--max-draft-tokens`; 0: no speculation). Needs real
+    /// edge compute.
+    pub max_draft_tokens: usize,
 }
 
 /// Which generation: the device, its index there, the prompt and `max_tokens`.
@@ -211,6 +235,8 @@ pub async fn generate(ctx: &DeviceContext, job: Job) -> GenerationRecord {
         resumes: 0,
         replays: 0,
         reopens: 0,
+        spec: (ctx.max_draft_tokens > 0).then(|| Speculation::new(ctx.max_draft_tokens)),
+        rounds: 0,
     };
     let (outcome, lost) = match run.drive().await {
         Ok(done) => (
@@ -242,6 +268,60 @@ pub async fn generate(ctx: &DeviceContext, job: Job) -> GenerationRecord {
         replays: run.replays,
         reopens: run.reopens,
         lost,
+        drafted: run.spec.as_ref().map_or(0, |s| s.drafted),
+        accepted: run.spec.as_ref().map_or(0, |s| s.accepted),
+        rounds: run.rounds,
+    }
+}
+
+/// A drafting device's state (see the module doc's *Speculation*).
+struct Speculation {
+    drafter: PromptLookup,
+    length: DraftLength,
+    /// The `draft_cap` of the last token that counted (0 before the first answer).
+    cloud_cap: usize,
+    /// The answer waited for, from the frame sent last until it is whole.
+    awaiting: Option<Awaiting>,
+    /// Where the next decode frame starts, when the last one's drafts did not all count.
+    next_at: Option<usize>,
+    /// Positions the edge holds after the last frame (the next frame's first, but for a cut).
+    edge_position: usize,
+    /// The last token that counts is a draft token that ends the generation: its frame goes
+    /// at once (that frame is the verdict the server waits for before `Done`).
+    final_by_draft: bool,
+    drafted: u32,
+    accepted: u32,
+}
+
+/// The answer to one frame, as it arrives.
+struct Awaiting {
+    input_seq: u64,
+    drafts: Vec<u32>,
+    /// Position of the first draft.
+    draft_first: usize,
+    /// `(token id, last)` in order: the one that counts, then one per draft row.
+    got: Vec<(u32, bool, u8)>,
+}
+
+impl Awaiting {
+    fn is_whole(&self) -> bool {
+        self.got.len() > self.drafts.len() || self.got.last().is_some_and(|g| g.1)
+    }
+}
+
+impl Speculation {
+    fn new(max: usize) -> Self {
+        Self {
+            drafter: PromptLookup::default(),
+            length: DraftLength::new(max.min(usize::from(tandem_protocol::wire::MAX_DRAFTS))),
+            cloud_cap: 0,
+            awaiting: None,
+            next_at: None,
+            edge_position: 0,
+            final_by_draft: false,
+            drafted: 0,
+            accepted: 0,
+        }
     }
 }
 
@@ -303,6 +383,10 @@ struct Run<'a> {
     resumes: u32,
     replays: u32,
     reopens: u32,
+    /// `Some` when this generation drafts.
+    spec: Option<Speculation>,
+    /// Answers taken (see [`GenerationRecord::rounds`]).
+    rounds: u32,
 }
 
 impl Run<'_> {
@@ -384,7 +468,7 @@ impl Run<'_> {
             Some((session, token)) => Frame::Resume(tandem_protocol::Resume {
                 session: *session,
                 resume_token: token.clone(),
-                last_token_seq: (self.tokens.len() as u64).checked_sub(1),
+                last_token_seq: ((self.tokens.len() + self.answer_so_far()) as u64).checked_sub(1),
             }),
             None => Frame::Open(Open {
                 max_tokens: self.job.max_tokens,
@@ -441,6 +525,16 @@ impl Run<'_> {
                 self.cursor = Some(cursor);
                 self.prompt_frames = frames.len();
                 self.frames = frames;
+                let prompt_len = self.ctx.compute.prompt_len(self.job.prompt);
+                if let Some(spec) = self.spec.as_mut() {
+                    spec.edge_position = prompt_len;
+                    spec.awaiting = Some(Awaiting {
+                        input_seq: (self.prompt_frames - 1) as u64,
+                        drafts: Vec::new(),
+                        draft_first: prompt_len,
+                        got: Vec::new(),
+                    });
+                }
             }
             let reopened = std::mem::take(&mut self.reopening);
             if reopened {
@@ -464,7 +558,9 @@ impl Run<'_> {
         };
         // A final-looking token whose hidden state has not been sent.
         let mut held: Option<u32> = None;
-        if matches!(entry, Entry::Resumed) && self.unanswered() {
+        if matches!(entry, Entry::Resumed) && self.unanswered() && self.spec.is_some() {
+            self.after_answer(ws, &mut held, &mut sent).await?;
+        } else if matches!(entry, Entry::Resumed) && self.unanswered() {
             // The server waits for the hidden state of our last token.
             let last = self.tokens[self.tokens.len() - 1];
             if self.looks_final(last) {
@@ -493,6 +589,17 @@ impl Run<'_> {
                 },
             };
             match frame {
+                Frame::Token(t) if self.spec.is_some() => {
+                    if held.is_some() {
+                        return Err(Stop::Fatal(Failure::Protocol(format!(
+                            "token {} arrived before the last one's hidden state was sent",
+                            t.seq
+                        ))));
+                    }
+                    if self.on_spec_token(&t)? {
+                        self.after_answer(ws, &mut held, &mut sent).await?;
+                    }
+                }
                 Frame::Token(t) => {
                     let have = self.tokens.len() as u64;
                     if t.seq > have || held.is_some() {
@@ -517,6 +624,7 @@ impl Run<'_> {
                         }
                     } else {
                         self.on_token(t.token_id);
+                        self.rounds += 1;
                     }
                     let index = self.prompt_frames + s;
                     if index < self.frames.len() {
@@ -532,6 +640,16 @@ impl Run<'_> {
                     }
                 }
                 Frame::Done(d) => {
+                    // A token that counts and ends the generation comes without the draft
+                    // tokens after it: its answer is whole with `Done`.
+                    if self
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.awaiting.as_ref())
+                        .is_some_and(|a| !a.got.is_empty())
+                    {
+                        self.take_answer();
+                    }
                     self.progressed = true;
                     return Ok(d);
                 }
@@ -570,7 +688,124 @@ impl Run<'_> {
 
     /// Whether the last token received still waits for its hidden state.
     fn unanswered(&self) -> bool {
-        !self.tokens.is_empty() && self.frames.len() - self.prompt_frames < self.tokens.len()
+        match &self.spec {
+            Some(spec) => !self.tokens.is_empty() && spec.awaiting.is_none(),
+            None => {
+                !self.tokens.is_empty()
+                    && self.frames.len() - self.prompt_frames < self.tokens.len()
+            }
+        }
+    }
+
+    /// Tokens of the answer under way (drafting only), before the device rules on it.
+    fn answer_so_far(&self) -> usize {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.awaiting.as_ref())
+            .map_or(0, |a| a.got.len())
+    }
+
+    /// A drafting device's `Token`: adds it to the answer waited for; `true` when the answer
+    /// became whole and was ruled on (the next frame is owed, or the generation ended).
+    fn on_spec_token(&mut self, t: &tandem_protocol::Token) -> Result<bool, Stop> {
+        let have = self.tokens.len();
+        let Some(aw) = self.spec.as_mut().and_then(|s| s.awaiting.as_mut()) else {
+            return Ok(false); // resent after a resume: already ruled on
+        };
+        if t.input_seq != aw.input_seq {
+            return Ok(false);
+        }
+        let have = (have + aw.got.len()) as u64;
+        if t.seq < have {
+            return Ok(false); // resent after a resume: already here
+        }
+        if t.seq > have || t.draft == aw.got.is_empty() || aw.got.len() > aw.drafts.len() {
+            return Err(Stop::Fatal(Failure::Protocol(format!(
+                "token {} (draft: {}) does not continue the answer to {} drafts after {have} tokens",
+                t.seq,
+                t.draft,
+                aw.drafts.len()
+            ))));
+        }
+        aw.got.push((t.token_id, t.last, t.draft_cap));
+        self.progressed = true;
+        if !aw.is_whole() {
+            return Ok(false);
+        }
+        self.take_answer();
+        Ok(true)
+    }
+
+    /// Rules on the answer waited for: the tokens that count become the generation's.
+    fn take_answer(&mut self) {
+        let Some(spec) = self.spec.as_mut() else {
+            return;
+        };
+        let Some(aw) = spec.awaiting.take() else {
+            return;
+        };
+        let answer: Vec<u32> = aw.got.iter().map(|g| g.0).collect();
+        let accepted = accepted_drafts(&aw.drafts, &answer);
+        if aw.drafts.is_empty() {
+            spec.next_at = None;
+        } else {
+            spec.drafted += aw.drafts.len() as u32;
+            spec.accepted += accepted as u32;
+            spec.length.update(aw.drafts.len(), accepted);
+            spec.next_at = Some(aw.draft_first + accepted);
+        }
+        let counted = &aw.got[..=accepted.min(aw.got.len().saturating_sub(1))];
+        spec.final_by_draft = counted.last().is_some_and(|g| g.1);
+        if let Some(g) = counted.last() {
+            spec.cloud_cap = usize::from(g.2);
+        }
+        let ids: Vec<u32> = counted.iter().map(|g| g.0).collect();
+        self.rounds += 1;
+        for id in ids {
+            self.on_token(id);
+        }
+    }
+
+    /// After a drafting device ruled on an answer: holds a final-looking token (`Done`
+    /// should follow), else sends the next frame.
+    async fn after_answer(
+        &mut self,
+        ws: &mut Ws,
+        held: &mut Option<u32>,
+        sent: &mut usize,
+    ) -> Result<(), Stop> {
+        let Some(&last) = self.tokens.last() else {
+            return Ok(());
+        };
+        let by_draft = self.spec.as_ref().is_some_and(|s| s.final_by_draft);
+        if !by_draft && self.looks_final(last) {
+            *held = Some(last);
+            return Ok(());
+        }
+        self.answer(ws, last, sent).await
+    }
+
+    /// Drafts for the next decode step (as `tandem-edge`'s driver makes them).
+    fn drafts(&mut self) -> Vec<u32> {
+        let left = (self.job.max_tokens as usize).saturating_sub(self.tokens.len() + 1);
+        let ends = self.tokens.last().is_some_and(|t| self.ctx.eos.contains(t));
+        let Some(spec) = self.spec.as_mut() else {
+            return Vec::new();
+        };
+        if ends || spec.final_by_draft {
+            return Vec::new();
+        }
+        let max = spec.length.get().min(spec.cloud_cap).min(left);
+        if max == 0 {
+            return Vec::new();
+        }
+        let prompt = self.ctx.compute.prompt_ids(self.job.prompt).unwrap_or(&[]);
+        let mut context = Vec::with_capacity(prompt.len() + self.tokens.len());
+        context.extend_from_slice(prompt);
+        context.extend_from_slice(&self.tokens);
+        let mut drafts = spec.drafter.draft(&context, max);
+        drafts.truncate(max);
+        drafts
     }
 
     fn looks_final(&self, token: u32) -> bool {
@@ -590,6 +825,17 @@ impl Run<'_> {
                 .map_err(|_| Stop::Retry(Failure::Timeout(limit)))??;
             match frame {
                 Frame::Opened(o) => return Ok(o),
+                Frame::Error(e)
+                    if resuming && e.code == ErrorCode::UnknownSession && self.spec.is_some() =>
+                {
+                    return Err(Stop::Fatal(Failure::Server {
+                        code: e.code,
+                        message: format!(
+                            "{} (a drafting device does not replay into a new session)",
+                            e.message
+                        ),
+                    }));
+                }
                 Frame::Error(e) if resuming && e.code == ErrorCode::UnknownSession => {
                     // The server lost the session (restarted, in-memory store).
                     self.session = None;
@@ -641,14 +887,27 @@ impl Run<'_> {
         if !self.ctx.step_delay.is_zero() {
             tokio::time::sleep(self.ctx.step_delay).await;
         }
+        let drafts = self.drafts();
+        let input_seq = self.frames.len() as u64;
+        let at = self.spec.as_mut().and_then(|s| s.next_at.take());
         let cursor = self
             .cursor
             .as_mut()
             .ok_or_else(|| Failure::Edge("no edge state".into()))?;
         let frame = cursor
-            .next(token)
+            .next_drafted(token, &drafts, at)
             .await
             .map_err(|e| Failure::Edge(format!("{e:#}")))?;
+        if let Some(spec) = self.spec.as_mut() {
+            let position = at.unwrap_or(spec.edge_position);
+            spec.edge_position = position + 1 + drafts.len();
+            spec.awaiting = Some(Awaiting {
+                input_seq,
+                draft_first: position + 1,
+                drafts,
+                got: Vec::new(),
+            });
+        }
         self.frames.push(frame.clone());
         send(ws, frame).await?;
         *sent = self.frames.len();

@@ -55,7 +55,8 @@ pub mod timing;
 pub mod workload;
 
 pub use config::{
-    parse_dtype, Arrival, DeviceCompute, LengthDist, LoadConfig, Rate, Trace, TraceRecord,
+    parse_dtype, Arrival, DeviceCompute, FixedPrompts, LengthDist, LoadConfig, Rate, Trace,
+    TraceRecord,
 };
 pub use report::{Percentiles, Report, StopReason};
 pub use runner::{run, run_detailed, run_until, RunOutput};

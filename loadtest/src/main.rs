@@ -8,7 +8,9 @@
 //!     [--duration-s S] [--dtype f32|f16|bf16|int8] [--prompt-pool P] [--seed S] \
 //!     [--report out.json] [--metrics-url http://HOST:PORT/metrics] [--quiet] \
 //!     [--trace lengths.json] [--device-compute replay|real] [--max-reconnects N] \
-//!     [--silence-timeout-s S] [--plot out.png] [--plot-font FONT.ttf]
+//!     [--silence-timeout-s S] [--plot out.png] [--plot-font FONT.ttf] \
+//!     [--rtt-ms MS] [--rtt-spread-ms MS] [--jitter-ms MS] [--uplink-mbit R] [--downlink-mbit R] \
+//!     [--links N] [--prompt-file FILE [--profile JSON]] [--max-draft-tokens N]
 //! tandem-loadtest tiny-model --out DIR [--seed S] [--edge-layers K] [--context N] [--force]
 //! tandem-loadtest proxy --listen HOST:PORT --upstream HOST:PORT [--rtt-ms MS] [--jitter-ms MS] \
 //!     [--uplink-mbit R] [--downlink-mbit R] [--seed S]
@@ -184,6 +186,23 @@ struct RunArgs {
     /// Distinct links (proxies) the devices are spread over.
     #[arg(long, default_value_t = 16)]
     links: usize,
+    /// One prompt for every generation, as `tandem-edge run --prompt-file` builds it: the
+    /// file (a template over --profile's fields) in the edge checkpoint's chat template,
+    /// tokenized (e.g. examples/extraction-prompt.txt, whose answer repeats spans of it, or
+    /// examples/gift-prompt-short.txt with examples/profile.json: open generation). Instead
+    /// of --prompt-tokens and --prompt-pool.
+    #[arg(long, conflicts_with_all = ["prompt_tokens", "trace"])]
+    prompt_file: Option<PathBuf>,
+    /// The profile (a JSON object) the --prompt-file template reads.
+    #[arg(long, requires = "prompt_file")]
+    profile: Option<PathBuf>,
+    /// Speculation across the split, as `tandem-edge run --max-draft-tokens`: each device
+    /// drafts up to N tokens per decode step (prompt lookup, adaptive length, within the
+    /// cloud's cap) and sends their rows with the token it received. 0: off. Needs
+    /// --device-compute real: replayed devices never draft (their shared tree holds one
+    /// row per step).
+    #[arg(long, default_value_t = 0)]
+    max_draft_tokens: usize,
     /// Also write a PNG: latency CDFs and throughput over time.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -221,6 +240,13 @@ impl RunArgs {
                 None => None,
             },
             device_compute: self.device_compute,
+            prompts: self
+                .prompt_file
+                .map(|file| tandem_loadtest::FixedPrompts::Text {
+                    file,
+                    profile: self.profile,
+                }),
+            max_draft_tokens: self.max_draft_tokens,
             max_reconnects: self.max_reconnects,
             silence_timeout: Duration::from_secs_f64(self.silence_timeout_s),
             network: {

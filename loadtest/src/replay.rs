@@ -245,6 +245,19 @@ pub(crate) fn encode_hidden(
     seq: u64,
     complete: bool,
 ) -> anyhow::Result<Bytes> {
+    encode_drafted(hidden, dtype, hidden_size, position, seq, complete, 0)
+}
+
+/// [`encode_hidden`] for a decode step whose last `drafts` rows are the device's drafts.
+pub(crate) fn encode_drafted(
+    hidden: &Tensor,
+    dtype: HiddenDtype,
+    hidden_size: usize,
+    position: usize,
+    seq: u64,
+    complete: bool,
+    drafts: u8,
+) -> anyhow::Result<Bytes> {
     let values: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let rows = values.len() / hidden_size.max(1);
     let mut payload = Vec::new();
@@ -254,7 +267,7 @@ pub(crate) fn encode_hidden(
         first_position: position as u32,
         token_count: rows as u32,
         complete,
-        drafts: 0,
+        drafts,
         dtype,
         payload: &payload,
     }

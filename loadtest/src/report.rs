@@ -102,6 +102,12 @@ pub struct RunSettings {
     /// The network conditions between devices and server (`--rtt-ms` …), if any.
     #[serde(default)]
     pub network: Option<String>,
+    /// The prompts given (`--prompt-file`), if any, instead of drawn ones.
+    #[serde(default)]
+    pub prompts: Option<String>,
+    /// `--max-draft-tokens` (0: no speculation, and when absent from an older report).
+    #[serde(default)]
+    pub max_draft_tokens: usize,
 }
 
 fn default_silence_timeout_s() -> f64 {
@@ -137,6 +143,22 @@ pub struct EdgeCompute {
     pub rows_computed: u64,
     /// Seconds spent in the edge layers, prompts included (real mode: summed over devices).
     pub edge_compute_s: f64,
+}
+
+/// Speculation across the split, over completed generations (all zero without drafting,
+/// but `round_trips` and `tokens_per_round_trip`, which are then one token per answer).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Speculation {
+    /// Drafts the devices sent, and those the cloud's answers confirmed.
+    pub drafted_tokens: u64,
+    pub accepted_drafts: u64,
+    /// `accepted_drafts / drafted_tokens` (0 without drafts).
+    pub acceptance: f64,
+    /// Answers the devices took: one per round trip (the prompt's, then one per decode
+    /// frame).
+    pub round_trips: u64,
+    /// Output tokens of the completed generations over their round trips.
+    pub tokens_per_round_trip: f64,
 }
 
 /// The model the devices ran (its edge part).
@@ -221,6 +243,9 @@ pub struct Report {
     /// Milliseconds.
     pub latency_ms: Latency,
     pub resume: ResumeCounts,
+    /// Drafted and accepted tokens, tokens per round trip (absent from older reports).
+    #[serde(default)]
+    pub speculation: Speculation,
     pub edge: EdgeCompute,
     /// With `--metrics-url`: the server's counters over the run and its gauges at the end.
     pub server_metrics: Option<ServerMetrics>,
@@ -266,6 +291,7 @@ impl Report {
             (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
         let mut connect = Vec::new();
+        let mut speculation = Speculation::default();
         let mut resume = ResumeCounts {
             lost: 0,
             recovered: 0,
@@ -289,6 +315,9 @@ impl Report {
                     throughput.output_tokens_done += u64::from(*output_tokens);
                     throughput.output_tokens_received_done += u64::from(r.tokens_received);
                     throughput.prompt_tokens_done += u64::from(r.prompt_tokens);
+                    speculation.drafted_tokens += u64::from(r.drafted);
+                    speculation.accepted_drafts += u64::from(r.accepted);
+                    speculation.round_trips += u64::from(r.rounds);
                     ttft.extend(r.ttft.map(ms));
                     tpot.extend(r.gaps.iter().copied().map(ms));
                     e2e.push(ms(r.e2e));
@@ -308,6 +337,15 @@ impl Report {
         let wall_s = facts.wall.as_secs_f64().max(1e-9);
         throughput.output_tokens_per_s = round3(facts.tokens as f64 / wall_s);
         throughput.completed_per_s = round3(counts.completed as f64 / wall_s);
+        if speculation.drafted_tokens > 0 {
+            speculation.acceptance =
+                round3(speculation.accepted_drafts as f64 / speculation.drafted_tokens as f64);
+        }
+        if speculation.round_trips > 0 {
+            speculation.tokens_per_round_trip = round3(
+                throughput.output_tokens_received_done as f64 / speculation.round_trips as f64,
+            );
+        }
         Self {
             settings: facts.settings,
             model: facts.model,
@@ -325,6 +363,7 @@ impl Report {
                 e2e: Percentiles::of(e2e),
             },
             resume,
+            speculation,
             edge: EdgeCompute {
                 mode: facts.device_compute,
                 prompts: facts.replay.prompts,
@@ -377,6 +416,16 @@ impl Report {
             self.resume.recovered,
             self.resume.lost,
         );
+        let sp = &self.speculation;
+        s.push_str(&format!(
+            "speculation (max {} drafts): {} drafted, {} accepted ({:.1}%), {:.2} tokens per round trip over {} round trips\n",
+            self.settings.max_draft_tokens,
+            sp.drafted_tokens,
+            sp.accepted_drafts,
+            sp.acceptance * 100.0,
+            sp.tokens_per_round_trip,
+            sp.round_trips,
+        ));
         if let Some(o) = self
             .server_metrics
             .as_ref()
@@ -434,6 +483,9 @@ mod tests {
             replays: 0,
             reopens: 0,
             lost: false,
+            drafted: 0,
+            accepted: 0,
+            rounds: tokens,
         }
     }
 
@@ -475,6 +527,9 @@ mod tests {
                 resumes: 1,
                 replays: 1,
                 reopens: 1,
+                drafted: 5,
+                accepted: 2,
+                rounds: 2,
                 ..record(done(4), 4, &[10, 900, 10])
             },
         ];
@@ -499,6 +554,8 @@ mod tests {
             max_reconnects: 6,
             silence_timeout_s: 60.0,
             network: None,
+            prompts: None,
+            max_draft_tokens: 4,
         };
         let facts = RunFacts {
             settings,
@@ -587,7 +644,23 @@ mod tests {
                 recovered: 1,
             }
         );
+        // Completed generations only: 4 + 4 + 2 one token per round trip, then 4 tokens in 2
+        // round trips with 2 of 5 drafts accepted.
+        assert_eq!(
+            r.speculation,
+            Speculation {
+                drafted_tokens: 5,
+                accepted_drafts: 2,
+                acceptance: 0.4,
+                round_trips: 12,
+                tokens_per_round_trip: 1.167,
+            }
+        );
         let summary = r.summary();
+        assert!(
+            summary.contains("5 drafted, 2 accepted (40.0%), 1.17 tokens per round trip"),
+            "{summary}"
+        );
         assert!(summary.contains("error overloaded: 1"), "{summary}");
         assert!(summary.contains("recovered 1, lost 1"), "{summary}");
     }

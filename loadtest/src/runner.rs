@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::compute::Compute;
-use crate::config::{DeviceCompute, LoadConfig};
+use crate::config::{DeviceCompute, FixedPrompts, LoadConfig};
 use crate::device::{self, DeviceContext, GenerationRecord, Job, Outcome};
 use crate::live::{self, Live};
 use crate::replay::Replay;
@@ -55,7 +55,7 @@ pub async fn run_detailed(cfg: LoadConfig) -> anyhow::Result<RunOutput> {
 /// `SIGTERM`): generations still running are aborted, their connections close, and the report
 /// counts them as at the deadline, with [`StopReason::Interrupted`].
 pub async fn run_until(
-    cfg: LoadConfig,
+    mut cfg: LoadConfig,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<RunOutput> {
     cfg.check().map_err(anyhow::Error::msg)?;
@@ -63,6 +63,11 @@ pub async fn run_until(
     let bundle = tokio::task::spawn_blocking(move || EdgeBundle::load(&edge_dir))
         .await?
         .with_context(|| format!("loading the edge checkpoint {}", cfg.edge.display()))?;
+    let prompts_given = cfg.prompts.as_ref().map(FixedPrompts::describe);
+    if let Some(FixedPrompts::Text { file, profile }) = &cfg.prompts {
+        let ids = assemble_text_prompt(&bundle, file, profile.as_deref())?;
+        cfg.prompts = Some(FixedPrompts::Ids(vec![ids]));
+    }
     let model_cfg = bundle.model.config().clone();
     let context = model_cfg.max_position_embeddings;
     let longest = cfg.max_sequence_tokens();
@@ -168,6 +173,7 @@ pub async fn run_until(
         max_reconnects: cfg.max_reconnects,
         step_delay: cfg.step_delay,
         silence_timeout: cfg.silence_timeout,
+        max_draft_tokens: cfg.max_draft_tokens,
     });
     let driven = drive(&cfg, &workload, ctx, &live, stop).await;
     for p in proxies {
@@ -185,8 +191,10 @@ pub async fn run_until(
         _ => None,
     };
     let snapshot = live.snapshot();
+    let mut run_settings = settings(&cfg);
+    run_settings.prompts = prompts_given;
     let facts = RunFacts {
-        settings: settings(&cfg),
+        settings: run_settings,
         model: ModelSummary {
             pair_id: bundle.pair_id().to_owned(),
             edge_layers: bundle.model.split().edge_layers(),
@@ -339,7 +347,38 @@ fn settings(cfg: &LoadConfig) -> RunSettings {
                 n.downlink
             )
         }),
+        prompts: cfg.prompts.as_ref().map(FixedPrompts::describe),
+        max_draft_tokens: cfg.max_draft_tokens,
     }
+}
+
+/// The token ids `tandem-edge run --prompt-file FILE [--profile P]` would send: the file as
+/// a template over the profile, sanitized, in the checkpoint's chat template, tokenized.
+fn assemble_text_prompt(
+    bundle: &EdgeBundle,
+    file: &Path,
+    profile: Option<&Path>,
+) -> anyhow::Result<Vec<u32>> {
+    use tandem_edge::{assemble, Profile, PromptTemplate, Sanitizer};
+    let tokenizer = bundle
+        .tokenizer
+        .as_ref()
+        .context("the edge checkpoint has no tokenizer.json (needed by --prompt-file)")?;
+    let profile = match profile {
+        Some(p) => Profile::from_file(p)?,
+        None => Profile::default(),
+    };
+    let template = PromptTemplate::from_file(file)?;
+    let prompt = assemble(
+        None,
+        &template,
+        &profile,
+        &Sanitizer::default(),
+        bundle.chat_template.as_ref(),
+        tokenizer,
+    )
+    .with_context(|| format!("assembling the prompt of {}", file.display()))?;
+    Ok(prompt.ids)
 }
 
 fn display(p: &Path) -> String {

@@ -6,7 +6,9 @@
 //! e.g. the arrival process does not change the prompts.
 //!
 //! Prompts are random token ids (never an end-of-sequence id), one length drawn per pool
-//! entry. With a trace (`--trace`) the lengths come from its records instead: the pool's
+//! entry, unless the run is given its prompts (`LoadConfig::prompts`: `--prompt-file`, a
+//! text such as examples/extraction-prompt.txt put through the model's chat template; then
+//! the pool is those prompts). With a trace (`--trace`) the lengths come from its records instead: the pool's
 //! prompts are drawn at the trace's longest prompt, and a generation takes the first
 //! `prompt_tokens` tokens of a pool prompt; every distinct (pool prompt, length) pair used is
 //! one entry of [`Workload::prompts`]. A small pool is the point: devices given the same prompt, with greedy sampling,
@@ -20,7 +22,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::LoadConfig;
+use crate::config::{FixedPrompts, LoadConfig};
 
 /// Index of a prompt in the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,19 +81,23 @@ impl Workload {
         let per_device = cfg.generations_per_device as usize;
 
         let Some(trace) = &cfg.trace else {
-            let prompts = (0..cfg.prompt_pool)
-                .map(|_| {
-                    let len = cfg.prompt_tokens.sample(&mut prompt_rng) as usize;
-                    random_prompt(&mut prompt_rng, len)
-                })
-                .collect();
+            let prompts: Vec<Vec<u32>> = match &cfg.prompts {
+                Some(FixedPrompts::Ids(given)) => given.clone(),
+                _ => (0..cfg.prompt_pool)
+                    .map(|_| {
+                        let len = cfg.prompt_tokens.sample(&mut prompt_rng) as usize;
+                        random_prompt(&mut prompt_rng, len)
+                    })
+                    .collect(),
+            };
+            let pool = prompts.len();
             let devices = starts
                 .into_iter()
                 .map(|start| DevicePlan {
                     start,
                     generations: (0..per_device)
                         .map(|j| GenerationPlan {
-                            prompt: PromptId(gen_rng.random_range(0..cfg.prompt_pool)),
+                            prompt: PromptId(gen_rng.random_range(0..pool)),
                             max_tokens: cfg.output_tokens.sample(&mut gen_rng),
                             think: if j == 0 { Duration::ZERO } else { cfg.think },
                         })

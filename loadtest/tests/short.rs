@@ -12,7 +12,8 @@
 //! to an uninterrupted run's; a device that idles between its steps far longer than the
 //! silence timeout is not taken for a silent server, while a server that really goes silent
 //! (a proxy that stops passing its bytes) trips it; a stop future ends a run early; a trace
-//! sets the lengths; the PNG decodes; `tiny-model` writes a split a server and the load test
+//! sets the lengths; the PNG decodes; devices that draft (speculation) get the same tokens
+//! as devices that do not, with drafts sent and confirmed; `tiny-model` writes a split a server and the load test
 //! run on.
 
 #[path = "../../model/tests/common/mod.rs"]
@@ -28,7 +29,9 @@ use tandem_loadtest::compute::Compute;
 use tandem_loadtest::device::{GenerationRecord, Outcome};
 use tandem_loadtest::replay::Replay;
 use tandem_loadtest::workload::PromptId;
-use tandem_loadtest::{DeviceCompute, LengthDist, LoadConfig, Report, StopReason, Trace};
+use tandem_loadtest::{
+    DeviceCompute, FixedPrompts, LengthDist, LoadConfig, Report, StopReason, Trace,
+};
 use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_protocol::{f32_to_hidden, HiddenDtype, HiddenRef};
 use tandem_serve::server::{self, ServerConfig, ServerHandle};
@@ -778,5 +781,55 @@ async fn devices_behind_emulated_round_trips() {
         "{:?}",
         report.settings.network
     );
+    srv.shutdown().await;
+}
+
+/// Issue 22: speculation in the load generator's devices. Devices on prompts that repeat a
+/// span, drafting up to 6 tokens per step (prompt lookup, real edge compute), receive exactly
+/// the tokens of devices that do not draft (greedy), and drafting happened: drafts sent,
+/// some confirmed, fewer round trips than tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drafting_devices_get_the_tokens_of_devices_that_do_not() {
+    let fx = fixture();
+    let srv = server::start(fx.server_config()).await.expect("start");
+    let mut cfg = fx.load(&srv, 6);
+    cfg.device_compute = DeviceCompute::Real;
+    cfg.output_tokens = LengthDist::fixed(24).expect("24");
+    cfg.generations_per_device = 2;
+    let prompts: Vec<Vec<u32>> = (0..3)
+        .map(|k| {
+            let span: Vec<u32> = (0..5).map(|i| 4 + (k * 37 + i * 11) % 200).collect();
+            span.repeat(4)
+        })
+        .collect();
+    cfg.prompts = Some(FixedPrompts::Ids(prompts));
+    let off = tandem_loadtest::run_detailed(cfg.clone())
+        .await
+        .expect("run without drafts");
+    cfg.max_draft_tokens = 6;
+    let on = tandem_loadtest::run_detailed(cfg)
+        .await
+        .expect("run with drafts");
+    assert!(
+        on.report.errors.is_empty(),
+        "{:?}",
+        on.report.error_examples
+    );
+    assert_eq!(on.report.counts.completed, 12);
+    assert_eq!(outputs(&on.records), outputs(&off.records));
+
+    let (s_off, s_on) = (&off.report.speculation, &on.report.speculation);
+    assert_eq!((s_off.drafted_tokens, s_off.accepted_drafts), (0, 0));
+    assert_eq!(s_off.tokens_per_round_trip, 1.0, "{s_off:?}");
+    assert!(s_on.drafted_tokens > 0, "{s_on:?}");
+    assert!(s_on.accepted_drafts > 0, "{s_on:?}");
+    assert!(s_on.accepted_drafts <= s_on.drafted_tokens);
+    // Every accepted draft saves a round trip.
+    let tokens = on.report.throughput.output_tokens_received_done;
+    assert_eq!(s_on.round_trips + s_on.accepted_drafts, tokens, "{s_on:?}");
+    assert!(s_on.tokens_per_round_trip > 1.0, "{s_on:?}");
+    assert_eq!(on.report.settings.max_draft_tokens, 6);
+    // Drafted rows are computed too.
+    assert!(on.report.edge.rows_computed > off.report.edge.rows_computed);
     srv.shutdown().await;
 }
