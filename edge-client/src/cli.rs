@@ -97,7 +97,7 @@ pub struct ModelArgs {
     /// for every generation (not by `inbox --list`).
     #[arg(long = "server")]
     pub servers: Vec<String>,
-    /// A PEM file of certificate authorities to trust for wss:// besides the web's public
+    /// A PEM file of certificate authorities to trust for wss:// and https:// besides the web's public
     /// roots (a private CA).
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,

@@ -1,11 +1,10 @@
-//! The smallest HTTP client the device's REST calls need: one request per connection, plain
-//! HTTP/1.1 over a tokio `TcpStream`, with hyper doing the framing (chunked or sized bodies,
-//! header parsing).
+//! The smallest HTTP client the device's REST calls need: one request per connection,
+//! HTTP/1.1 over a tokio `TcpStream` (`http://`) or over rustls (`https://`, with the same
+//! client settings as `wss://`: [`crate::tls::client_config`]), with hyper doing the framing
+//! (chunked or sized bodies, header parsing).
 //!
-//! What it does not do, on purpose: TLS (there is no TLS stack in this crate yet, so only
-//! `http://` base URLs parse; [`ApiBase::parse`] refuses `https://` with a clear message),
-//! connection pooling (an inbox is polled now and then, not hammered), redirects, proxies and
-//! compression.
+//! What it does not do, on purpose: connection pooling (an inbox is polled now and then, not
+//! hammered), redirects, proxies and compression.
 //!
 //! Bounds: the whole exchange (connect, request, response head and body) runs under one
 //! timeout, response heads are capped by hyper's buffer limit and bodies at a caller-given
@@ -28,7 +27,7 @@ use tokio::task::JoinHandle;
 /// Largest response head (status line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// A parsed `http://host[:port][/prefix]` base URL. Paths given to [`send`] are appended to
+/// A parsed `http(s)://host[:port][/prefix]` base URL. Paths given to [`send`] are appended to
 /// the prefix.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct ApiBase {
@@ -39,6 +38,8 @@ pub(crate) struct ApiBase {
     port: u16,
     /// The path prefix without a trailing `/` (often empty).
     prefix: String,
+    /// `https://`: the exchange runs over TLS.
+    pub(crate) tls: bool,
 }
 
 impl fmt::Debug for ApiBase {
@@ -49,7 +50,8 @@ impl fmt::Debug for ApiBase {
 
 impl fmt::Display for ApiBase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.prefix)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.prefix)
     }
 }
 
@@ -60,17 +62,16 @@ impl ApiBase {
             .trim()
             .parse()
             .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            Some(other) => {
                 return Err(format!(
-                    "`{url}`: https is not supported yet (this build has no TLS stack); use an \
-                     http:// URL, e.g. a TLS-terminating proxy on the device or a local server"
+                    "`{url}`: the scheme must be https or http, not {other}"
                 ))
             }
-            Some(other) => return Err(format!("`{url}`: the scheme must be http, not {other}")),
-            None => return Err(format!("`{url}`: give a full URL such as http://HOST:PORT")),
-        }
+            None => return Err(format!("`{url}`: give a full URL such as https://HOST:PORT")),
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("`{url}` has no host"))?;
@@ -93,8 +94,11 @@ impl ApiBase {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority
+                .port_u16()
+                .unwrap_or(if tls { 443 } else { 80 }),
             prefix,
+            tls,
         })
     }
 }
@@ -115,6 +119,9 @@ pub(crate) enum HttpError {
     Transport(String),
     /// The body is longer than the limit.
     TooLarge { limit: usize },
+    /// The TLS handshake failed (an untrusted or expired certificate, a wrong host name, no
+    /// common protocol): retrying cannot fix it.
+    Tls(String),
 }
 
 /// What to send.
@@ -127,6 +134,8 @@ pub(crate) struct HttpRequest<'a> {
     pub bearer: &'a str,
     pub timeout: Duration,
     pub max_body_bytes: usize,
+    /// The TLS settings, needed for an `https://` base.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Runs one request over a fresh connection.
@@ -156,6 +165,36 @@ async fn exchange(base: &ApiBase, req: HttpRequest<'_>) -> Result<HttpResponse, 
         .await
         .map_err(|e| transport(&format!("cannot connect to {base}"), &e))?;
     let _ = stream.set_nodelay(true);
+    if !base.tls {
+        return exchange_over(base, req, stream).await;
+    }
+    let config = req
+        .tls
+        .clone()
+        .ok_or_else(|| HttpError::Tls(format!("{base}: no TLS settings were given")))?;
+    let name = rustls::pki_types::ServerName::try_from(base.host.clone())
+        .map_err(|e| HttpError::Tls(format!("{base}: `{}` is not a server name: {e}", base.host)))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| {
+            match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(t) => HttpError::Tls(format!("TLS with {base}: {t}")),
+                None => transport(&format!("TLS handshake with {base} failed"), &e),
+            }
+        })?;
+    exchange_over(base, req, tls).await
+}
+
+async fn exchange_over<S>(
+    base: &ApiBase,
+    req: HttpRequest<'_>,
+    stream: S,
+) -> Result<HttpResponse, HttpError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let transport = |what: &str, e: &dyn fmt::Display| HttpError::Transport(format!("{what}: {e}"));
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_HEAD_BYTES)
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
@@ -236,6 +275,11 @@ mod tests {
             ("127.0.0.1", 8080, "")
         );
         assert_eq!(b.to_string(), "http://127.0.0.1:8080");
+        assert!(!b.tls);
+        let b = ApiBase::parse("https://example.test/api").expect("https");
+        assert!(b.tls);
+        assert_eq!((b.port, b.prefix.as_str()), (443, "/api"));
+        assert_eq!(b.to_string(), "https://example.test/api");
         let b = ApiBase::parse("http://example.test/tandem/").expect("prefix");
         assert_eq!((b.port, b.prefix.as_str()), (80, "/tandem"));
         assert_eq!(b.authority, "example.test");
@@ -249,8 +293,7 @@ mod tests {
     #[test]
     fn bad_base_urls_are_refused() {
         for (url, needle) in [
-            ("https://example.test", "no TLS stack"),
-            ("ws://example.test", "must be http"),
+            ("ws://example.test", "must be https or http"),
             ("example.test:80", "full URL"),
             ("http://user:pw@example.test", "credentials"),
             ("http://example.test/?a=1", "query"),

@@ -23,13 +23,13 @@
 //!
 //! # Configuration
 //! The REST calls need [`ClientConfig::inbox`] set to an [`InboxConfig`]: the API's base URL
-//! (`http://HOST:PORT`) and the device token the provider issued (`tdv_…`, sent as
+//! (`https://HOST` or, on loopback, `http://HOST:PORT`) and the device token the provider issued (`tdv_…`, sent as
 //! `Authorization: Bearer`). An app that only lists its inbox, without a model, can use an
 //! [`InboxClient`] directly.
 //!
 //! # Limits
-//! Plain HTTP only: there is no TLS stack in this crate yet, so `https://` base URLs are
-//! refused with [`InboxError::Config`]; reach a remote server through a TLS-terminating proxy.
+//! `https://` uses the same rustls settings as `wss://` (web roots plus
+//! [`InboxConfig::with_ca_certs`]); a failed certificate check is [`InboxError::Tls`], final.
 //! Each call opens one connection, runs under [`InboxConfig::timeout`] (connect included) and
 //! reads at most [`InboxConfig::max_response_bytes`] of body. Nothing retries on its own:
 //! `429` and `503` come back as [`InboxError::Api`] with the server's `Retry-After`.
@@ -41,6 +41,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -71,7 +72,7 @@ const MAX_TOKEN_LEN: usize = 4096;
 /// Why an inbox call or an answer failed. Messages never contain the device token or a ticket.
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
-    /// A bad base URL (https included), a bad token, or no inbox configured.
+    /// A bad base URL, a bad token, or no inbox configured.
     #[error("inbox configuration: {0}")]
     Config(String),
     /// The server answered with an error.
@@ -89,6 +90,10 @@ pub enum InboxError {
     /// No complete answer: connecting, sending or reading failed, or the timeout passed.
     #[error("inbox request failed: {0}")]
     Transport(String),
+    /// The TLS handshake failed: an untrusted or expired certificate, a wrong host name, no
+    /// common protocol. Permanent: retrying cannot fix it.
+    #[error("inbox TLS: {0}")]
+    Tls(String),
     /// The answer's body is longer than [`InboxConfig::max_response_bytes`].
     #[error("the inbox server's answer is larger than {limit} bytes")]
     TooLarge { limit: usize },
@@ -225,18 +230,40 @@ pub struct InboxConfig {
     pub timeout: Duration,
     /// The largest response body read.
     pub max_response_bytes: usize,
+    /// TLS settings for an `https://` base (the web roots plus [`InboxConfig::with_ca_certs`]).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl InboxConfig {
-    /// `api_base` is the server's REST root, `http://HOST:PORT` (an optional path prefix
-    /// is kept; `https://` is refused, see the module doc).
+    /// `api_base` is the server's REST root, `https://HOST[:PORT]` or `http://HOST:PORT` (an
+    /// optional path prefix is kept). `https://` trusts the web roots; add a private CA with
+    /// [`InboxConfig::with_ca_certs`].
     pub fn new(api_base: &str, token: DeviceToken) -> Result<Self, InboxError> {
+        let api = ApiBase::parse(api_base).map_err(InboxError::Config)?;
+        let tls = if api.tls {
+            Some(crate::tls::client_config(&[]).map_err(InboxError::Config)?)
+        } else {
+            None
+        };
         Ok(Self {
-            api: ApiBase::parse(api_base).map_err(InboxError::Config)?,
+            api,
             token,
             timeout: DEFAULT_TIMEOUT,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            tls,
         })
+    }
+
+    /// Trusts `cas` (a private CA, e.g. from [`crate::tls::read_ca_file`]) besides the web
+    /// roots for an `https://` base; the same settings the `wss://` connection uses.
+    pub fn with_ca_certs(
+        mut self,
+        cas: &[crate::tls::CertificateDer<'static>],
+    ) -> Result<Self, InboxError> {
+        if self.api.tls {
+            self.tls = Some(crate::tls::client_config(cas).map_err(InboxError::Config)?);
+        }
+        Ok(self)
     }
 
     /// The base URL, normalized.
@@ -460,10 +487,12 @@ impl InboxClient {
             bearer: self.cfg.token.expose(),
             timeout: self.cfg.timeout,
             max_body_bytes: self.cfg.max_response_bytes,
+            tls: self.cfg.tls.clone(),
         };
         let res = http::send(&self.cfg.api, req).await.map_err(|e| match e {
             HttpError::Transport(m) => InboxError::Transport(m),
             HttpError::TooLarge { limit } => InboxError::TooLarge { limit },
+            HttpError::Tls(m) => InboxError::Tls(m),
         })?;
         tracing::debug!(%method, path, status = res.status.as_u16(), "inbox call");
         if res.status.is_success() {

@@ -1,8 +1,9 @@
 //! `tandem admin`: the provider's command line over the `/v1/admin/...` routes of a running
 //! server (tenants, API keys, quotas, device tokens).
 //!
-//! It speaks plain HTTP/1.1 (`http://` only: put it on the server's network, or a TLS
-//! terminator's inside; there is no TLS client here), one request per connection, and prints
+//! It speaks HTTP/1.1 over `https://` (rustls: the web roots plus `--ca-cert FILE` for a
+//! private CA, the same client settings as the server's webhooks) or plain `http://` (the
+//! loopback admin listener), one request per connection, and prints
 //! the server's JSON answer on stdout. An error answer prints its code and message on stderr
 //! and exits with status 1. The admin key comes from `--admin-key` or `TANDEM_ADMIN_KEY`.
 
@@ -32,6 +33,10 @@ pub struct AdminArgs {
         default_value = "http://127.0.0.1:9091"
     )]
     pub url: String,
+    /// A PEM file of certificate authorities to trust for an `https://` admin URL besides the
+    /// web's public roots (a private CA).
+    #[arg(long, env = "TANDEM_ADMIN_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// The provider's admin key. Prefer the environment: flags show in `ps`.
     #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Secret,
@@ -177,19 +182,50 @@ fn request(cmd: &AdminCommand) -> (&'static str, String, Option<Value>) {
     }
 }
 
-/// `host:port` of an `http://host[:port][/]` URL.
-fn authority(url: &str) -> Result<String> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("--admin-url must start with http:// (this client has no TLS): {url}");
-    };
-    let host = rest.trim_end_matches('/');
-    if host.is_empty() || host.contains('/') {
-        bail!("--admin-url must be http://HOST[:PORT] with no path: {url}");
-    }
-    Ok(if host.contains(':') {
-        host.to_owned()
+/// An admin URL taken apart: `https://`, `host:port` to connect to, and the host name the
+/// certificate must hold (no brackets, no port).
+#[derive(Debug, PartialEq, Eq)]
+struct AdminUrl {
+    tls: bool,
+    addr: String,
+    host: String,
+}
+
+/// Parses `http(s)://host[:port][/]`.
+fn admin_url(url: &str) -> Result<AdminUrl> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest)
     } else {
-        format!("{host}:80")
+        bail!("--admin-url must start with https:// or http://: {url}");
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', '@']) {
+        bail!("--admin-url must be https://HOST[:PORT] with no path: {url}");
+    }
+    // `[v6]:port`, `[v6]`, `host:port`, `host`.
+    let (host, has_port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let end = v6
+                .find(']')
+                .with_context(|| format!("bad IPv6 host in {url}"))?;
+            (&v6[..end], v6[end + 1..].starts_with(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, _)) => (h, true),
+            None => (authority, false),
+        },
+    };
+    let addr = if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{}", if tls { 443 } else { 80 })
+    };
+    Ok(AdminUrl {
+        tls,
+        addr,
+        host: host.to_owned(),
     })
 }
 
@@ -220,16 +256,87 @@ pub fn split_url(url: &str) -> Result<(String, String)> {
     Ok((host, path.to_owned()))
 }
 
-/// Sends one request to `url` (`http://host[:port]`) + `path` and reads the whole answer.
+/// Sends one request to `url` (`https://host[:port]` or `http://…`) + `path` and reads the
+/// whole answer. `ca_cert` is a PEM bundle trusted besides the web roots for `https://`.
 pub async fn send(
     url: &str,
+    ca_cert: Option<&std::path::Path>,
     admin_key: &str,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<Reply> {
-    let addr = authority(url)?;
-    exchange(&addr, Some(admin_key), method, path, body).await
+    let target = admin_url(url)?;
+    if !target.tls {
+        return exchange(&target.addr, Some(admin_key), method, path, body).await;
+    }
+    let config = crate::server::tls::client_config(ca_cert)?;
+    let body = body
+        .map(serde_json::to_vec)
+        .transpose()?
+        .unwrap_or_default();
+    let headers = request_headers(Some(admin_key), !body.is_empty());
+    exchange_bytes_tls(
+        &target.addr,
+        &target.host,
+        config,
+        method,
+        path,
+        &headers,
+        &body,
+        TIMEOUT,
+    )
+    .await
+}
+
+/// [`exchange_bytes`] over TLS: the certificate must chain to `config`'s roots and name
+/// `host`. A refused certificate is an [`AdminTlsError`].
+#[allow(clippy::too_many_arguments)]
+pub async fn exchange_bytes_tls(
+    addr: &str,
+    host: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Reply> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .with_context(|| format!("`{host}` is not a server name"))?;
+    let exchange = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(t) => anyhow::Error::new(AdminTlsError(format!("TLS with {addr}: {t}"))),
+                None => anyhow::anyhow!("TLS handshake with {addr} failed: {e}"),
+            })?;
+        exchange_on(tls, addr, method, path, headers, body).await
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .with_context(|| format!("{addr} did not answer within {} s", timeout.as_secs()))?
+}
+
+/// The admin server's certificate was refused (an untrusted CA, an expired certificate, a
+/// wrong host name): retrying cannot fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AdminTlsError(pub String);
+
+fn request_headers(bearer: Option<&str>, has_body: bool) -> Vec<(String, String)> {
+    let mut headers = vec![("Accept".to_owned(), "application/json".to_owned())];
+    if let Some(token) = bearer {
+        headers.push(("Authorization".to_owned(), format!("Bearer {token}")));
+    }
+    if has_body {
+        headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
+    }
+    headers
 }
 
 /// One HTTP/1.1 exchange with `addr` (`host:port`), bounded by [`TIMEOUT`].
@@ -244,13 +351,7 @@ pub async fn exchange(
         .map(serde_json::to_vec)
         .transpose()?
         .unwrap_or_default();
-    let mut headers = vec![("Accept".to_owned(), "application/json".to_owned())];
-    if let Some(token) = bearer {
-        headers.push(("Authorization".to_owned(), format!("Bearer {token}")));
-    }
-    if !body.is_empty() {
-        headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
-    }
+    let headers = request_headers(bearer, !body.is_empty());
     exchange_bytes(addr, method, path, &headers, &body, TIMEOUT).await
 }
 
@@ -373,6 +474,7 @@ pub fn run(a: AdminArgs) -> Result<std::process::ExitCode> {
         .build()?;
     let reply = rt.block_on(send(
         &a.url,
+        a.ca_cert.as_deref(),
         a.admin_key.expose(),
         method,
         &path,
@@ -411,13 +513,30 @@ mod tests {
 
     #[test]
     fn urls_and_answers_parse() {
+        let u = |tls: bool, addr: &str, host: &str| AdminUrl {
+            tls,
+            addr: addr.into(),
+            host: host.into(),
+        };
         assert_eq!(
-            authority("http://127.0.0.1:8080").ok(),
-            Some("127.0.0.1:8080".into())
+            admin_url("http://127.0.0.1:8080").ok(),
+            Some(u(false, "127.0.0.1:8080", "127.0.0.1"))
         );
-        assert_eq!(authority("http://tandem/").ok(), Some("tandem:80".into()));
-        assert!(authority("https://x").is_err());
-        assert!(authority("http://x/v1").is_err());
+        assert_eq!(
+            admin_url("http://tandem/").ok(),
+            Some(u(false, "tandem:80", "tandem"))
+        );
+        assert_eq!(
+            admin_url("https://ops.example").ok(),
+            Some(u(true, "ops.example:443", "ops.example"))
+        );
+        assert_eq!(
+            admin_url("https://[::1]:9091/").ok(),
+            Some(u(true, "[::1]:9091", "::1"))
+        );
+        assert!(admin_url("ftp://x").is_err());
+        assert!(admin_url("http://x/v1").is_err());
+        assert!(admin_url("https://u@x").is_err());
         let r = parse(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}").expect("reply");
         assert_eq!((r.status, r.body.as_slice()), (201, &b"{}"[..]));
         let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")

@@ -255,6 +255,13 @@ struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS (https://) on --admin-listen. Re-read when the file
+    /// changes. Needs --admin-tls-key. Default: plain HTTP (the listener is on loopback).
+    #[arg(long, env = "TANDEM_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "TANDEM_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
     /// Send partner webhooks over plain http:// too (default: https:// only).
     #[arg(long, env = "TANDEM_WEBHOOK_ALLOW_HTTP")]
     webhook_allow_http: bool,
@@ -784,6 +791,10 @@ impl ServeArgs {
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert;
             c.tls_key = self.tls_key;
+        }
+        if self.admin_tls_cert.is_some() {
+            c.admin_tls_cert = self.admin_tls_cert;
+            c.admin_tls_key = self.admin_tls_key;
         }
         if self.replica_id.is_some() {
             c.replica_id = self.replica_id;

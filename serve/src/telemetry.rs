@@ -7,7 +7,9 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, and neither
 //!   `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`. The transport is
 //!   `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or
-//!   `http/protobuf` (the default). The service is `OTEL_SERVICE_NAME` (default `tandem`),
+//!   `http/protobuf` (the default). An `https://` endpoint with `http/protobuf` is reached
+//!   over rustls, trusting the web roots plus the PEM bundle `OTEL_EXPORTER_OTLP_CERTIFICATE`
+//!   (the standard variable) for a private CA; `grpc` is plain (h2c) only. The service is `OTEL_SERVICE_NAME` (default `tandem`),
 //!   with `OTEL_RESOURCE_ATTRIBUTES`; sampling follows `OTEL_TRACES_SAMPLER`. Only the
 //!   server's own spans (targets `tandem_*`, level INFO and above) are exported, whatever
 //!   `RUST_LOG` says.
@@ -305,13 +307,18 @@ pub fn link(span: &tracing::Span, links: impl IntoIterator<Item = SpanContext>) 
 #[derive(Debug, Clone)]
 struct RuntimeHttpClient {
     rt: tokio::runtime::Handle,
+    /// For `https://` endpoints: the web roots plus `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl RuntimeHttpClient {
     fn current() -> Result<Self> {
+        let ca = std::env::var_os("OTEL_EXPORTER_OTLP_CERTIFICATE").map(std::path::PathBuf::from);
         Ok(Self {
             rt: tokio::runtime::Handle::try_current()
                 .context("telemetry must start inside the tokio runtime")?,
+            tls: crate::server::tls::client_config(ca.as_deref())
+                .context("OTEL_EXPORTER_OTLP_CERTIFICATE")?,
         })
     }
 }
@@ -334,19 +341,27 @@ impl opentelemetry_http::HttpClient for RuntimeHttpClient {
         'a: 'b,
         Self: 'b,
     {
+        let tls_config = self.tls.clone();
         let task = self.rt.spawn(async move {
             let uri = request.uri().clone();
-            let authority = uri
+            let auth = uri
                 .authority()
-                .ok_or_else(|| anyhow::anyhow!("OTLP endpoint {uri} has no host"))?
-                .to_string();
-            if uri.scheme_str() != Some("http") {
-                anyhow::bail!("OTLP endpoint {uri}: only http:// is supported (no TLS client)");
-            }
-            let addr = if authority.contains(':') {
-                authority
+                .ok_or_else(|| anyhow::anyhow!("OTLP endpoint {uri} has no host"))?;
+            let tls = match uri.scheme_str() {
+                Some("http") => false,
+                Some("https") => true,
+                _ => anyhow::bail!("OTLP endpoint {uri}: the scheme must be https or http"),
+            };
+            let host = auth
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            let addr = if auth.port_u16().is_some() {
+                auth.to_string()
             } else {
-                format!("{authority}:80")
+                format!("{}:{port}", auth.as_str())
             };
             let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
             let headers: Vec<(String, String)> = request
@@ -354,15 +369,29 @@ impl opentelemetry_http::HttpClient for RuntimeHttpClient {
                 .iter()
                 .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
                 .collect();
-            let reply = crate::admin_cli::exchange_bytes(
-                &addr,
-                request.method().as_str(),
-                &path,
-                &headers,
-                request.body(),
-                OTLP_HTTP_TIMEOUT,
-            )
-            .await?;
+            let reply = if tls {
+                crate::admin_cli::exchange_bytes_tls(
+                    &addr,
+                    &host,
+                    tls_config,
+                    request.method().as_str(),
+                    &path,
+                    &headers,
+                    request.body(),
+                    OTLP_HTTP_TIMEOUT,
+                )
+                .await?
+            } else {
+                crate::admin_cli::exchange_bytes(
+                    &addr,
+                    request.method().as_str(),
+                    &path,
+                    &headers,
+                    request.body(),
+                    OTLP_HTTP_TIMEOUT,
+                )
+                .await?
+            };
             let response = http::Response::builder()
                 .status(reply.status)
                 .body(bytes::Bytes::from(reply.body))?;

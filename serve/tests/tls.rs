@@ -2,10 +2,13 @@
 //! (rcgen): a generation over `wss://` equals the same generation over `ws://`; an untrusted
 //! CA, an expired certificate, a wrong host name and a wrong URL path are refused at once
 //! (`ClientError::Connect`, no reconnect loop); a renewed certificate is served without a
-//! restart.
+//! restart. The device's REST inbox calls over `https://` (the same TLS settings): a call
+//! equals the plain one; a wrong CA and a wrong host name fail at once with `InboxError::Tls`.
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
+#[path = "support/http.rs"]
+mod http;
 #[path = "support/tiny.rs"]
 mod tiny;
 
@@ -248,4 +251,233 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         .expect("generation after the renewal");
     assert!(!f.token_ids.is_empty());
     srv.shutdown().await;
+}
+
+const ADMIN_KEY: &str = "provider-admin-key-for-tls-tests-0123456789";
+const DEVICE_KEY: &str = "device-token-signing-key-for-tls-tests-0123456789";
+
+/// A server with device tokens and an admin key (admin routes on the plain loopback admin
+/// listener), and a device token minted by it.
+async fn inbox_server(fx: &Fixture, tls: Option<(PathBuf, PathBuf)>) -> (ServerHandle, String) {
+    use tandem_serve::server::config::Secret;
+    let (tls_cert, tls_key) = match tls {
+        Some((c, k)) => (Some(c), Some(k)),
+        None => (None, None),
+    };
+    let srv = server::start(ServerConfig {
+        cloud: fx.split.join("cloud"),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
+        kv_cache_gib: 0.02,
+        admin_key: Some(Secret::new(ADMIN_KEY)),
+        device_token_key: Some(Secret::new(DEVICE_KEY)),
+        tls_cert,
+        tls_key,
+        ..ServerConfig::default()
+    })
+    .await
+    .expect("server");
+    let admin = srv.admin_addr().expect("admin listener");
+    let r = http::Req::new("POST", "/v1/admin/device-tokens")
+        .bearer(ADMIN_KEY)
+        .json(&serde_json::json!({"user_id": "alice"}))
+        .send(admin)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    (srv, token)
+}
+
+fn inbox_client(
+    url: &str,
+    token: &str,
+    trust: Option<&Ca>,
+) -> tandem_edge::inbox::InboxClient {
+    use tandem_edge::inbox::{DeviceToken, InboxClient, InboxConfig};
+    let mut cfg = InboxConfig::new(url, DeviceToken::new(token).expect("token")).expect("cfg");
+    if let Some(ca) = trust {
+        cfg = cfg.with_ca_certs(&[ca.cert.der().clone()]).expect("ca");
+    }
+    cfg.timeout = Duration::from_secs(10);
+    InboxClient::new(cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_calls_over_https_equal_the_plain_ones_and_bad_certificates_fail_at_once() {
+    use tandem_edge::inbox::{InboxError, PromptId};
+    let fx = Fixture::new();
+    let files = leaf(&fx.ca, fx.dir.path(), &["localhost", "127.0.0.1"], false);
+    let (secure, secure_token) = inbox_server(&fx, Some(files)).await;
+    let (plain, plain_token) = inbox_server(&fx, None).await;
+    let https = format!("https://{}", secure.addr());
+    let http = format!("http://{}", plain.addr());
+
+    // The listing, and the typed API error for a prompt that does not exist, are the same
+    // over TLS as in clear.
+    let over_tls = inbox_client(&https, &secure_token, Some(&fx.ca))
+        .list()
+        .await
+        .expect("https list");
+    let in_clear = inbox_client(&http, &plain_token, None)
+        .list()
+        .await
+        .expect("http list");
+    assert_eq!(over_tls, in_clear);
+    let missing = PromptId::new("p_does_not_exist").expect("id");
+    let e_tls = inbox_client(&https, &secure_token, Some(&fx.ca))
+        .accept(&missing)
+        .await
+        .expect_err("no such prompt");
+    let e_plain = inbox_client(&http, &plain_token, None)
+        .accept(&missing)
+        .await
+        .expect_err("no such prompt");
+    match (&e_tls, &e_plain) {
+        (
+            InboxError::Api { status: a, code: ca, .. },
+            InboxError::Api { status: b, code: cb, .. },
+        ) => assert_eq!((a, ca), (b, cb)),
+        other => panic!("expected two API errors, got {other:?}"),
+    }
+    // A bad token reaches the server's auth over TLS too: 401, typed.
+    let e = inbox_client(&https, "tdv_forged.token", Some(&fx.ca))
+        .list()
+        .await
+        .expect_err("forged");
+    assert!(matches!(&e, InboxError::Api { status: 401, .. }), "{e:?}");
+    // By the other name the certificate holds.
+    let by_name = format!("https://localhost:{}", secure.addr().port());
+    let listed = inbox_client(&by_name, &secure_token, Some(&fx.ca))
+        .list()
+        .await
+        .expect("https by name");
+    assert_eq!(listed, in_clear);
+
+    // Untrusted (only the web roots, or another CA): a TLS error, at once.
+    for trust in [None, Some(&ca("Another CA"))] {
+        let started = Instant::now();
+        let e = inbox_client(&https, &secure_token, trust)
+            .list()
+            .await
+            .expect_err("untrusted");
+        let InboxError::Tls(m) = &e else {
+            panic!("expected InboxError::Tls, got {e:?}");
+        };
+        assert!(m.to_lowercase().contains("issuer"), "{m}");
+        assert!(started.elapsed() < Duration::from_secs(5), "not retried");
+    }
+    // The server's certificate does not name the host the client asked for.
+    let misnamed_dir = fx.dir.path().join("misnamed-inbox");
+    std::fs::create_dir_all(&misnamed_dir).expect("dir");
+    let files = leaf(&fx.ca, &misnamed_dir, &["other.example"], false);
+    let (misnamed, token) = inbox_server(&fx, Some(files)).await;
+    let e = inbox_client(&format!("https://{}", misnamed.addr()), &token, Some(&fx.ca))
+        .list()
+        .await
+        .expect_err("misnamed");
+    let InboxError::Tls(m) = &e else {
+        panic!("expected InboxError::Tls, got {e:?}");
+    };
+    assert!(m.to_lowercase().contains("not valid for name"), "{m}");
+    // Plain HTTP against the TLS listener is not an answer either (and not a TLS error).
+    let e = inbox_client(&format!("http://{}", secure.addr()), &secure_token, None)
+        .list()
+        .await
+        .expect_err("http to a TLS port");
+    assert!(!matches!(e, InboxError::Tls(_)), "{e:?}");
+
+    misnamed.shutdown().await;
+    secure.shutdown().await;
+    plain.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_tls_and_the_admin_cli_checks_its_certificate() {
+    use tandem_serve::admin_cli::{send, AdminTlsError};
+    use tandem_serve::server::config::Secret;
+    let fx = Fixture::new();
+    let admin_dir = fx.dir.path().join("admin");
+    std::fs::create_dir_all(&admin_dir).expect("dir");
+    let (cert, key) = leaf(&fx.ca, &admin_dir, &["localhost", "127.0.0.1"], false);
+    let ca_file = fx.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, fx.ca.cert.pem()).expect("ca file");
+    let other_ca_file = fx.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, ca("Another CA").cert.pem()).expect("ca file");
+    let config = |admin_tls: Option<(PathBuf, PathBuf)>| {
+        let (admin_tls_cert, admin_tls_key) = match admin_tls {
+            Some((c, k)) => (Some(c), Some(k)),
+            None => (None, None),
+        };
+        ServerConfig {
+            cloud: fx.split.join("cloud"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: tandem_serve::server::AdminListen::On(([127, 0, 0, 1], 0).into()),
+            kv_cache_gib: 0.02,
+            admin_key: Some(Secret::new(ADMIN_KEY)),
+            device_token_key: Some(Secret::new(DEVICE_KEY)),
+            admin_tls_cert,
+            admin_tls_key,
+            ..ServerConfig::default()
+        }
+    };
+    let secure = server::start(config(Some((cert, key)))).await.expect("server");
+    let plain = server::start(config(None)).await.expect("server");
+    let https = secure.admin_url().expect("admin url");
+    assert!(https.starts_with("https://"), "{https}");
+    let http = plain.admin_url().expect("admin url");
+    assert!(http.starts_with("http://"), "{http}");
+
+    // The same call over TLS and in clear: 201 and a token for the user, both times.
+    let body = serde_json::json!({"user_id": "ops-test"});
+    let path = "/v1/admin/device-tokens";
+    let tls_reply = send(&https, Some(&ca_file), ADMIN_KEY, "POST", path, Some(&body))
+        .await
+        .expect("https admin call");
+    let plain_reply = send(&http, None, ADMIN_KEY, "POST", path, Some(&body))
+        .await
+        .expect("http admin call");
+    assert_eq!((tls_reply.status, plain_reply.status), (201, 201));
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&tls_reply.body).expect("json"),
+        serde_json::from_slice(&plain_reply.body).expect("json"),
+    );
+    assert_eq!(a["user_id"], b["user_id"]);
+    assert!(a["token"].as_str().is_some_and(|t| t.starts_with("tdv_")), "{a}");
+    // The metrics route of the operator listener is behind the same TLS.
+    let m = send(&https, Some(&ca_file), ADMIN_KEY, "GET", "/metrics", None)
+        .await
+        .expect("metrics");
+    assert_eq!(m.status, 200);
+    // The certificate also names localhost.
+    let by_name = format!("https://localhost:{}", secure.admin_addr().expect("a").port());
+    let r = send(&by_name, Some(&ca_file), ADMIN_KEY, "POST", path, Some(&body))
+        .await
+        .expect("by name");
+    assert_eq!(r.status, 201);
+
+    // Untrusted: the web roots only, or another CA. A typed error, at once.
+    for trust in [None, Some(other_ca_file.as_path())] {
+        let started = Instant::now();
+        let e = send(&https, trust, ADMIN_KEY, "POST", path, Some(&body))
+            .await
+            .expect_err("untrusted");
+        let tls = e.downcast_ref::<AdminTlsError>().unwrap_or_else(|| panic!("{e:#}"));
+        assert!(tls.0.to_lowercase().contains("issuer"), "{}", tls.0);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    secure.shutdown().await;
+
+    // A certificate for another name.
+    let misnamed_dir = fx.dir.path().join("admin-misnamed");
+    std::fs::create_dir_all(&misnamed_dir).expect("dir");
+    let files = leaf(&fx.ca, &misnamed_dir, &["other.example"], false);
+    let misnamed = server::start(config(Some(files))).await.expect("server");
+    let url = misnamed.admin_url().expect("url");
+    let e = send(&url, Some(&ca_file), ADMIN_KEY, "POST", path, Some(&body))
+        .await
+        .expect_err("misnamed");
+    let tls = e.downcast_ref::<AdminTlsError>().unwrap_or_else(|| panic!("{e:#}"));
+    assert!(tls.0.to_lowercase().contains("not valid for name"), "{}", tls.0);
+    misnamed.shutdown().await;
+    plain.shutdown().await;
 }

@@ -108,7 +108,11 @@ pub async fn inbox(args: InboxArgs, mut console: Console<'_>) -> anyhow::Result<
         .device_token
         .clone()
         .context("the inbox needs the device token (--device-token or TANDEM_DEVICE_TOKEN)")?;
-    let inbox_cfg = InboxConfig::new(&args.api, token)?;
+    let mut inbox_cfg = InboxConfig::new(&args.api, token)?;
+    if let Some(path) = &args.model.ca_cert {
+        let cas = crate::tls::read_ca_file(path).map_err(anyhow::Error::msg)?;
+        inbox_cfg = inbox_cfg.with_ca_certs(&cas)?;
+    }
     let bundle = args.model.load()?;
     let profile = match &args.profile {
         Some(p) => Profile::from_file(p)?,

@@ -171,6 +171,11 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the operator listener (`admin_listen`); needs
+    /// `admin_tls_key`. Re-read when the file changes, as `tls_cert`. `None`: plain TCP.
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of `admin_tls_cert`.
+    pub admin_tls_key: Option<PathBuf>,
     /// Send partner webhooks over plain `http://` too (default: `https://` only).
     pub webhook_allow_http: bool,
     /// Webhook targets let through although internal: `HOST[:PORT]` (every address the name
@@ -357,6 +362,8 @@ impl Default for ServerConfig {
             io_threads: None,
             tls_cert: None,
             tls_key: None,
+            admin_tls_cert: None,
+            admin_tls_key: None,
             webhook_allow_http: false,
             webhook_allow: Vec::new(),
             webhook_ca_cert: None,
@@ -368,6 +375,17 @@ impl ServerConfig {
     /// The certificate files, when TLS is configured.
     pub fn tls_files(&self) -> Option<super::tls::TlsFiles> {
         match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The operator listener's certificate files, when its TLS is configured.
+    pub fn admin_tls_files(&self) -> Option<super::tls::TlsFiles> {
+        match (&self.admin_tls_cert, &self.admin_tls_key) {
             (Some(cert), Some(key)) => Some(super::tls::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
@@ -409,6 +427,11 @@ impl ServerConfig {
         anyhow::ensure!(
             self.tls_cert.is_some() == self.tls_key.is_some(),
             "TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)"
+        );
+        anyhow::ensure!(
+            self.admin_tls_cert.is_some() == self.admin_tls_key.is_some(),
+            "TLS on the operator listener needs both admin_tls_cert and admin_tls_key \
+             (--admin-tls-cert, --admin-tls-key)"
         );
         for (name, v) in [
             ("block_size", self.block_size),

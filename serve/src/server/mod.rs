@@ -174,9 +174,14 @@ impl ServerHandle {
         self.admin_addr
     }
 
-    /// `http://{admin_addr}`: the base of the operator routes, when that listener is on.
+    /// `http(s)://{admin_addr}`: the base of the operator routes, when that listener is on.
     pub fn admin_url(&self) -> Option<String> {
-        self.admin_addr.map(|a| format!("http://{a}"))
+        let scheme = if self.shared.cfg.admin_tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.admin_addr.map(|a| format!("{scheme}://{a}"))
     }
 
     /// `http://{addr}` (`https://` with TLS): the base of the REST routes.
@@ -325,6 +330,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         Some(files) => Some(tls::server_config(&files)?),
         None => None,
     };
+    let admin_tls = match cfg.admin_tls_files() {
+        Some(files) => Some(tls::server_config(&files)?),
+        None => None,
+    };
     let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let admin_listener = match cfg.admin_listen.addr() {
@@ -335,6 +344,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
+    if let Some(a) = admin_addr.filter(|a| !a.ip().is_loopback() && admin_tls.is_none()) {
+        tracing::warn!(
+            admin_addr = %a,
+            "the operator listener is not on loopback and has no TLS: the admin key travels \
+             in clear; give --admin-tls-cert/--admin-tls-key"
+        );
+    }
     if let Some(a) = admin_addr.filter(|a| !a.ip().is_loopback()) {
         tracing::warn!(
             admin_addr = %a,
@@ -420,7 +436,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         };
         let setup = ListenerSetup {
             limits: unlimited,
-            tls: None,
+            tls: admin_tls,
             header_timeout: shared.cfg.http_header_timeout(),
             what: "the operator listener",
         };
