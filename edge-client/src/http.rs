@@ -70,7 +70,11 @@ impl ApiBase {
                     "`{url}`: the scheme must be https or http, not {other}"
                 ))
             }
-            None => return Err(format!("`{url}`: give a full URL such as https://HOST:PORT")),
+            None => {
+                return Err(format!(
+                    "`{url}`: give a full URL such as https://HOST:PORT"
+                ))
+            }
         };
         let authority = uri
             .authority()
@@ -94,9 +98,7 @@ impl ApiBase {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned(),
-            port: authority
-                .port_u16()
-                .unwrap_or(if tls { 443 } else { 80 }),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             prefix,
             tls,
         })
@@ -172,17 +174,18 @@ async fn exchange(base: &ApiBase, req: HttpRequest<'_>) -> Result<HttpResponse, 
         .tls
         .clone()
         .ok_or_else(|| HttpError::Tls(format!("{base}: no TLS settings were given")))?;
-    let name = rustls::pki_types::ServerName::try_from(base.host.clone())
-        .map_err(|e| HttpError::Tls(format!("{base}: `{}` is not a server name: {e}", base.host)))?;
+    let name = rustls::pki_types::ServerName::try_from(base.host.clone()).map_err(|e| {
+        HttpError::Tls(format!("{base}: `{}` is not a server name: {e}", base.host))
+    })?;
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, stream)
         .await
-        .map_err(|e| {
-            match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        .map_err(
+            |e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(t) => HttpError::Tls(format!("TLS with {base}: {t}")),
                 None => transport(&format!("TLS handshake with {base} failed"), &e),
-            }
-        })?;
+            },
+        )?;
     exchange_over(base, req, tls).await
 }
 

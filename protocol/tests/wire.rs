@@ -842,12 +842,12 @@ fn hidden_frame(dtype: HiddenDtype, payload: Vec<u8>) -> Hidden {
     }
 }
 
-/// Payload conversion tests (kept apart to keep this file readable).
-#[path = "wire/payload.rs"]
-mod payload;
 /// The int4 payload: layout, error bound, hostile payloads.
 #[path = "wire/int4.rs"]
 mod int4;
+/// Payload conversion tests (kept apart to keep this file readable).
+#[path = "wire/payload.rs"]
+mod payload;
 
 #[test]
 fn drafts_ride_only_on_a_complete_frame_of_drafts_plus_one_rows() {

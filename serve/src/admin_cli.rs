@@ -311,10 +311,12 @@ pub async fn exchange_bytes_tls(
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, stream)
             .await
-            .map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                Some(t) => anyhow::Error::new(AdminTlsError(format!("TLS with {addr}: {t}"))),
-                None => anyhow::anyhow!("TLS handshake with {addr} failed: {e}"),
-            })?;
+            .map_err(
+                |e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(t) => anyhow::Error::new(AdminTlsError(format!("TLS with {addr}: {t}"))),
+                    None => anyhow::anyhow!("TLS handshake with {addr} failed: {e}"),
+                },
+            )?;
         exchange_on(tls, addr, method, path, headers, body).await
     };
     tokio::time::timeout(timeout, exchange)

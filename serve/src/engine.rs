@@ -21,11 +21,14 @@
 //!
 //! Callers talk to it through [`Engine`]: `open_session`, `push_hidden` (validated in the
 //! caller's thread: shape, finiteness), the session's own event channel (`Token`, `Done`,
-//! `Error`), and `close`. Every hidden state a session sent is kept until it closes, so the
-//! scheduler can preempt a session and recompute its KV without asking the device again.
+//! `Error`), and `close`. Every hidden state a session sent is kept until its generation ends,
+//! so the scheduler can preempt a session and recompute its KV without asking the device
+//! again; their bytes are metered ([`Engine::hidden_state_bytes`]) for the server's
+//! admission budget.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -253,6 +256,8 @@ pub struct Engine {
     hidden_size: usize,
     block_size: usize,
     next_id: AtomicU64,
+    /// Bytes of hidden states the sessions hold for recompute (see [`HiddenRows`]).
+    hidden_bytes: Arc<AtomicU64>,
 }
 
 /// A session's id and its event stream.
@@ -279,9 +284,11 @@ impl Engine {
         let hidden_size = cloud.config().hidden_size;
         let block_size = cfg.block_size;
         let (tx, rx) = unbounded();
+        let hidden_bytes = Arc::new(AtomicU64::new(0));
+        let meter = hidden_bytes.clone();
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
-            .spawn(move || run(cloud, tokenizer, cfg, rx, metrics))
+            .spawn(move || run(cloud, tokenizer, cfg, rx, metrics, meter))
             .ok();
         Self {
             tx: Some(tx),
@@ -289,6 +296,7 @@ impl Engine {
             hidden_size,
             block_size,
             next_id: AtomicU64::new(1),
+            hidden_bytes,
         }
     }
 
@@ -345,6 +353,12 @@ impl Engine {
     /// Hidden-state columns this engine's model expects.
     pub fn hidden_size(&self) -> usize {
         self.hidden_size
+    }
+
+    /// Bytes of hidden states the engine's sessions hold for recompute (allocated, not
+    /// just used), as of the engine's last change. Read without asking the engine thread.
+    pub fn hidden_state_bytes(&self) -> u64 {
+        self.hidden_bytes.load(Ordering::Relaxed)
     }
 
     /// Hands the engine `rows` hidden states (`rows * hidden_size` f32 values, row-major) for
@@ -528,9 +542,68 @@ struct Advanced {
 /// The default [`EngineConfig::max_draft_tokens`] (protocol cap: `MAX_DRAFTS`).
 pub const MAX_DRAFT_CAP: u8 = 8;
 
+/// A session's hidden states (row-major, `hidden_size` values a position), kept for
+/// recompute, whose allocation is counted in a meter shared with the [`Engine`] handle: every
+/// change adds or takes away the change in capacity, and dropping takes away the rest.
+struct HiddenRows {
+    rows: Vec<f32>,
+    meter: Arc<AtomicU64>,
+}
+
+impl HiddenRows {
+    fn new(meter: Arc<AtomicU64>) -> Self {
+        Self {
+            rows: Vec::new(),
+            meter,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.rows.capacity() * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Runs `change` on the rows and moves the meter by the change in allocated bytes.
+    fn metered(&mut self, change: impl FnOnce(&mut Vec<f32>)) {
+        let before = self.bytes();
+        change(&mut self.rows);
+        let after = self.bytes();
+        if after > before {
+            self.meter.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.meter.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    fn extend_from_slice(&mut self, data: &[f32]) {
+        self.metered(|r| r.extend_from_slice(data));
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.metered(|r| r.truncate(len));
+    }
+
+    /// Gives the memory back (the generation ended: nothing will be recomputed).
+    fn release(&mut self) {
+        self.metered(|r| *r = Vec::new());
+    }
+}
+
+impl std::ops::Deref for HiddenRows {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.rows
+    }
+}
+
+impl Drop for HiddenRows {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 struct SessionState<'t> {
     events: EventSink,
-    hidden: Vec<f32>,
+    hidden: HiddenRows,
     sampler: Sampler,
     max_tokens: usize,
     eos: Vec<u32>,
@@ -651,6 +724,8 @@ struct Loop<'t> {
     last_step_end: Option<Instant>,
     /// [`EngineConfig::max_draft_tokens`].
     max_draft: u8,
+    /// The sessions' [`HiddenRows`] meter, shared with the [`Engine`] handle.
+    hidden_meter: Arc<AtomicU64>,
 }
 
 fn run(
@@ -659,6 +734,7 @@ fn run(
     cfg: EngineConfig,
     rx: Receiver<Command>,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    hidden_meter: Arc<AtomicU64>,
 ) {
     let ccfg = cloud.config().clone();
     let range = cloud.split().cloud_range();
@@ -701,6 +777,7 @@ fn run(
         busy_share: 0.0,
         last_step_end: None,
         max_draft: cfg.max_draft_tokens.min(tandem_protocol::wire::MAX_DRAFTS),
+        hidden_meter,
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
@@ -793,7 +870,7 @@ impl<'t> Loop<'t> {
                         id,
                         SessionState {
                             events,
-                            hidden: Vec::new(),
+                            hidden: HiddenRows::new(self.hidden_meter.clone()),
                             sampler: Sampler::new(params.sampling),
                             max_tokens: params.max_tokens,
                             eos,
@@ -1214,6 +1291,7 @@ fn deliver_rows(
                 tracing::warn!(session = id.0, error = %e, "sampling failed; ending this session only");
                 s.events.send(Event::Error(e));
                 s.finished = true;
+                s.hidden.release();
                 finished.push(id);
             }
         }
@@ -1273,6 +1351,7 @@ impl SessionState<'_> {
     fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
         self.pending = None;
+        self.hidden.release();
         self.events.send(Event::Done {
             reason,
             output_ids: self.output.clone(),
@@ -1368,7 +1447,7 @@ mod tests {
     fn session(events: Sender<Event>) -> SessionState<'static> {
         SessionState {
             events: EventSink::Sync(events),
-            hidden: Vec::new(),
+            hidden: HiddenRows::new(Arc::default()),
             sampler: Sampler::new(
                 tandem_protocol::SamplingParams::default()
                     .validate()

@@ -170,6 +170,10 @@ struct ServeArgs {
     max_queued_tokens: Option<usize>,
     #[arg(long, env = "TANDEM_MAX_PROMPT_TOKENS")]
     max_prompt_tokens: Option<usize>,
+    /// MiB of hidden states kept for recompute above which new sessions get `overloaded`
+    /// (default 1024).
+    #[arg(long, env = "TANDEM_HIDDEN_STATE_BUDGET_MIB")]
+    hidden_state_budget_mib: Option<f64>,
     #[arg(long, env = "TANDEM_MAX_TOKENS_CAP")]
     max_tokens_cap: Option<u32>,
     #[arg(long, env = "TANDEM_MAX_FRAME_BYTES")]
@@ -206,6 +210,10 @@ struct ServeArgs {
     /// connecting (or after its previous answer), before any upgrade (default 10000).
     #[arg(long, env = "TANDEM_HTTP_HEADER_TIMEOUT_MS")]
     http_header_timeout_ms: Option<u64>,
+    /// Answer 408 and close the connection when a REST request's body has not arrived this
+    /// long after its head (default 10000).
+    #[arg(long, env = "TANDEM_HTTP_BODY_TIMEOUT_MS")]
+    http_body_timeout_ms: Option<u64>,
     /// Whether opening a session needs a device token on the WebSocket upgrade: auto
     /// (default: when --device-token-key is set), always, never.
     #[arg(long, env = "TANDEM_OPEN_REQUIRES_CREDENTIAL")]
@@ -748,6 +756,7 @@ impl ServeArgs {
             max_sessions,
             max_queued_tokens,
             max_prompt_tokens,
+            hidden_state_budget_mib,
             max_tokens_cap,
             max_frame_bytes,
             max_frames_per_second,
@@ -761,6 +770,7 @@ impl ServeArgs {
             max_connections,
             handshake_timeout_ms,
             http_header_timeout_ms,
+            http_body_timeout_ms,
             open_requires_credential,
             max_sessions_per_user,
             max_resume_grace_sessions,

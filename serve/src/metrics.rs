@@ -349,6 +349,8 @@ pub struct Snapshot {
     pub kv_blocks_used: u64,
     pub kv_blocks_free: u64,
     pub kv_blocks_shared: u64,
+    /// Bytes of hidden states the engine holds for recompute.
+    pub hidden_state_bytes: u64,
     pub preemptions_total: u64,
     pub engine_steps_total: u64,
     /// Engine thread seconds in forward passes and sampling.
@@ -387,7 +389,7 @@ const fn described(name: &'static str, help: &'static str, unit: &'static str) -
 /// Reads one gauge from a snapshot.
 type SnapshotField = fn(&Snapshot) -> u64;
 
-const GAUGES: [(Described, SnapshotField); 6] = [
+const GAUGES: [(Described, SnapshotField); 7] = [
     (
         described(
             "tandem_sessions_active",
@@ -427,6 +429,14 @@ const GAUGES: [(Described, SnapshotField); 6] = [
             "{block}",
         ),
         |s| s.kv_blocks_shared,
+    ),
+    (
+        described(
+            "tandem_hidden_state_bytes",
+            "Bytes of hidden states held for recompute (admission budget: hidden_state_budget_mib).",
+            "By",
+        ),
+        |s| s.hidden_state_bytes,
     ),
 ];
 

@@ -151,7 +151,10 @@ fn same_seed_same_report_and_wire_sizes() {
     assert_eq!(a.cells[2].payload_bytes_per_token, 68);
     for c in &a.cells {
         // The mean of the steps' largest drifts is at most the largest, and noise moves both.
-        assert!(c.mean_logit_drift > 0.0 && c.mean_logit_drift <= c.max_logit_drift, "{c:?}");
+        assert!(
+            c.mean_logit_drift > 0.0 && c.mean_logit_drift <= c.max_logit_drift,
+            "{c:?}"
+        );
     }
     assert_eq!(a.costs[0].edge_layers, 2);
     assert!(a.costs[0].flops_per_token > 0 && a.costs[0].kv_bytes_per_token_f32 == 2 * 2 * 32 * 4);

@@ -565,3 +565,38 @@ fn bf16_batched_engine_equals_solo_and_bf16_kv_is_batch_invariant() {
         expected.len()
     );
 }
+
+/// The hidden states kept for recompute are metered (the server's admission budget reads
+/// the meter): every position a session sent counts until its generation ends or it closes,
+/// and then the memory is given back.
+#[test]
+fn the_hidden_states_kept_for_recompute_are_metered_and_given_back() {
+    let dir = model_dir();
+    let m = load(dir.path());
+    let h = m.cloud.config().hidden_size;
+    let row = (h * std::mem::size_of::<f32>()) as u64;
+    let engine = Engine::start(m.cloud, m.tokenizer, config(Policy::DecodeFirst, 128, 16));
+    assert_eq!(engine.hidden_state_bytes(), 0);
+    let s = engine.open_session(params()).expect("open");
+    engine
+        .push_hidden(s.id, vec![0.5; 5 * h], 5, false)
+        .expect("push");
+    assert!(engine.hidden_state_bytes() >= 5 * row);
+    engine
+        .push_hidden(s.id, vec![0.25; 3 * h], 3, false)
+        .expect("push");
+    let held = engine.hidden_state_bytes();
+    assert!((8 * row..=16 * row).contains(&held), "{held} for 8 rows");
+    // Sessions that run to their end give their rows back when they finish.
+    let reference = load(dir.path());
+    let prompts = prompts(common::specs()[2].vocab)[..3].to_vec();
+    let devices = drive(&engine, &reference.edge, &prompts, 7, 1);
+    assert!(devices.iter().all(|d| d.done.is_some()));
+    assert_eq!(
+        engine.hidden_state_bytes(),
+        held,
+        "only the open session's rows"
+    );
+    engine.close(s.id).expect("close");
+    assert_eq!(engine.hidden_state_bytes(), 0);
+}

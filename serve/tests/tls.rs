@@ -288,11 +288,7 @@ async fn inbox_server(fx: &Fixture, tls: Option<(PathBuf, PathBuf)>) -> (ServerH
     (srv, token)
 }
 
-fn inbox_client(
-    url: &str,
-    token: &str,
-    trust: Option<&Ca>,
-) -> tandem_edge::inbox::InboxClient {
+fn inbox_client(url: &str, token: &str, trust: Option<&Ca>) -> tandem_edge::inbox::InboxClient {
     use tandem_edge::inbox::{DeviceToken, InboxClient, InboxConfig};
     let mut cfg = InboxConfig::new(url, DeviceToken::new(token).expect("token")).expect("cfg");
     if let Some(ca) = trust {
@@ -334,8 +330,16 @@ async fn inbox_calls_over_https_equal_the_plain_ones_and_bad_certificates_fail_a
         .expect_err("no such prompt");
     match (&e_tls, &e_plain) {
         (
-            InboxError::Api { status: a, code: ca, .. },
-            InboxError::Api { status: b, code: cb, .. },
+            InboxError::Api {
+                status: a,
+                code: ca,
+                ..
+            },
+            InboxError::Api {
+                status: b,
+                code: cb,
+                ..
+            },
         ) => assert_eq!((a, ca), (b, cb)),
         other => panic!("expected two API errors, got {other:?}"),
     }
@@ -371,10 +375,14 @@ async fn inbox_calls_over_https_equal_the_plain_ones_and_bad_certificates_fail_a
     std::fs::create_dir_all(&misnamed_dir).expect("dir");
     let files = leaf(&fx.ca, &misnamed_dir, &["other.example"], false);
     let (misnamed, token) = inbox_server(&fx, Some(files)).await;
-    let e = inbox_client(&format!("https://{}", misnamed.addr()), &token, Some(&fx.ca))
-        .list()
-        .await
-        .expect_err("misnamed");
+    let e = inbox_client(
+        &format!("https://{}", misnamed.addr()),
+        &token,
+        Some(&fx.ca),
+    )
+    .list()
+    .await
+    .expect_err("misnamed");
     let InboxError::Tls(m) = &e else {
         panic!("expected InboxError::Tls, got {e:?}");
     };
@@ -420,7 +428,9 @@ async fn the_admin_listener_serves_tls_and_the_admin_cli_checks_its_certificate(
             ..ServerConfig::default()
         }
     };
-    let secure = server::start(config(Some((cert, key)))).await.expect("server");
+    let secure = server::start(config(Some((cert, key))))
+        .await
+        .expect("server");
     let plain = server::start(config(None)).await.expect("server");
     let https = secure.admin_url().expect("admin url");
     assert!(https.starts_with("https://"), "{https}");
@@ -442,17 +452,30 @@ async fn the_admin_listener_serves_tls_and_the_admin_cli_checks_its_certificate(
         serde_json::from_slice(&plain_reply.body).expect("json"),
     );
     assert_eq!(a["user_id"], b["user_id"]);
-    assert!(a["token"].as_str().is_some_and(|t| t.starts_with("tdv_")), "{a}");
+    assert!(
+        a["token"].as_str().is_some_and(|t| t.starts_with("tdv_")),
+        "{a}"
+    );
     // The metrics route of the operator listener is behind the same TLS.
     let m = send(&https, Some(&ca_file), ADMIN_KEY, "GET", "/metrics", None)
         .await
         .expect("metrics");
     assert_eq!(m.status, 200);
     // The certificate also names localhost.
-    let by_name = format!("https://localhost:{}", secure.admin_addr().expect("a").port());
-    let r = send(&by_name, Some(&ca_file), ADMIN_KEY, "POST", path, Some(&body))
-        .await
-        .expect("by name");
+    let by_name = format!(
+        "https://localhost:{}",
+        secure.admin_addr().expect("a").port()
+    );
+    let r = send(
+        &by_name,
+        Some(&ca_file),
+        ADMIN_KEY,
+        "POST",
+        path,
+        Some(&body),
+    )
+    .await
+    .expect("by name");
     assert_eq!(r.status, 201);
 
     // Untrusted: the web roots only, or another CA. A typed error, at once.
@@ -461,7 +484,9 @@ async fn the_admin_listener_serves_tls_and_the_admin_cli_checks_its_certificate(
         let e = send(&https, trust, ADMIN_KEY, "POST", path, Some(&body))
             .await
             .expect_err("untrusted");
-        let tls = e.downcast_ref::<AdminTlsError>().unwrap_or_else(|| panic!("{e:#}"));
+        let tls = e
+            .downcast_ref::<AdminTlsError>()
+            .unwrap_or_else(|| panic!("{e:#}"));
         assert!(tls.0.to_lowercase().contains("issuer"), "{}", tls.0);
         assert!(started.elapsed() < Duration::from_secs(5));
     }
@@ -476,8 +501,14 @@ async fn the_admin_listener_serves_tls_and_the_admin_cli_checks_its_certificate(
     let e = send(&url, Some(&ca_file), ADMIN_KEY, "POST", path, Some(&body))
         .await
         .expect_err("misnamed");
-    let tls = e.downcast_ref::<AdminTlsError>().unwrap_or_else(|| panic!("{e:#}"));
-    assert!(tls.0.to_lowercase().contains("not valid for name"), "{}", tls.0);
+    let tls = e
+        .downcast_ref::<AdminTlsError>()
+        .unwrap_or_else(|| panic!("{e:#}"));
+    assert!(
+        tls.0.to_lowercase().contains("not valid for name"),
+        "{}",
+        tls.0
+    );
     misnamed.shutdown().await;
     plain.shutdown().await;
 }

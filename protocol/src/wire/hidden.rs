@@ -98,7 +98,9 @@ impl HiddenDtype {
     /// The payload size of `rows × cols` values, or `None` if it overflows `usize`.
     pub fn payload_len(self, rows: usize, cols: usize) -> Option<usize> {
         match self {
-            Self::F32 | Self::F16 | Self::Bf16 => rows.checked_mul(cols)?.checked_mul(self.value_bits() / 8),
+            Self::F32 | Self::F16 | Self::Bf16 => {
+                rows.checked_mul(cols)?.checked_mul(self.value_bits() / 8)
+            }
             Self::Int8 => rows.checked_mul(cols.checked_add(4)?),
             Self::Int4 => rows.checked_mul(int4_row_len(cols)),
         }

@@ -56,7 +56,10 @@ fn expected_outliers(row: &[f32]) -> Vec<usize> {
 fn encode(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
     let mut payload = Vec::new();
     f32_to_hidden(HiddenDtype::Int4, rows, cols, values, &mut payload).expect("encode");
-    assert_eq!(Some(payload.len()), HiddenDtype::Int4.payload_len(rows, cols));
+    assert_eq!(
+        Some(payload.len()),
+        HiddenDtype::Int4.payload_len(rows, cols)
+    );
     payload
 }
 
@@ -93,18 +96,37 @@ fn check_bound(rows: usize, cols: usize, values: &[f32]) -> Result<(), TestCaseE
             let big_m = group.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             prop_assert!(m_g <= big_m.min(r_k1));
             let s = parsed.scales[g];
-            prop_assert!(s >= m_g / 7.0 * (1.0 - f32::EPSILON), "scale {} for max {}", s, m_g);
-            prop_assert!(s <= (1.0 + 2f32.powi(-10)) * m_g / 7.0 * (1.0 + f32::EPSILON) + 2f32.powi(-24));
+            prop_assert!(
+                s >= m_g / 7.0 * (1.0 - f32::EPSILON),
+                "scale {} for max {}",
+                s,
+                m_g
+            );
+            prop_assert!(
+                s <= (1.0 + 2f32.powi(-10)) * m_g / 7.0 * (1.0 + f32::EPSILON) + 2f32.powi(-24)
+            );
             for (j, (&x, &y)) in group.iter().zip(&back[base..]).enumerate() {
                 let c = base + j;
                 let err = (x - y).abs();
                 if outliers.contains(&c) {
                     prop_assert_eq!(parsed.q[c], 0, "an outlier's nibble is 0");
-                    prop_assert!(err <= x.abs() * 2f32.powi(-11) + 2f32.powi(-25), "outlier {} -> {}", x, y);
+                    prop_assert!(
+                        err <= x.abs() * 2f32.powi(-11) + 2f32.powi(-25),
+                        "outlier {} -> {}",
+                        x,
+                        y
+                    );
                 } else {
                     prop_assert!((-7..=7).contains(&parsed.q[c]));
                     let bound = (1.0 + 2f32.powi(-9)) * m_g / 14.0 + 2f32.powi(-24);
-                    prop_assert!(err <= bound, "{} -> {} (max {}, bound {})", x, y, m_g, bound);
+                    prop_assert!(
+                        err <= bound,
+                        "{} -> {} (max {}, bound {})",
+                        x,
+                        y,
+                        m_g,
+                        bound
+                    );
                 }
             }
         }
@@ -224,8 +246,10 @@ fn golden_int4_payload() {
     let payload = encode(1, 10, &values);
     assert_eq!(
         payload,
-        hex("0000 4056 0100 003c 0200 00c0 0300 0042 0400 0044 0500 0045 0600 0046 0700 00c7 \
-             672e 88 88 88 88 1d")
+        hex(
+            "0000 4056 0100 003c 0200 00c0 0300 0042 0400 0044 0500 0045 0600 0046 0700 00c7 \
+             672e 88 88 88 88 1d"
+        )
     );
     let out = decode(1, 10, &payload).expect("decode");
     assert_eq!(&out[..8], &values[..8]);
@@ -272,7 +296,14 @@ fn encoder_refuses_what_int4_cannot_carry() {
     values[51] = -6.5e5;
     let err = f32_to_hidden(HiddenDtype::Int4, 2, 40, &values, &mut out).expect_err("overflow");
     assert!(
-        matches!(err, WireError::Overflow { dtype: HiddenDtype::Int4, row: 1, col: 0 }),
+        matches!(
+            err,
+            WireError::Overflow {
+                dtype: HiddenDtype::Int4,
+                row: 1,
+                col: 0
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(out, [1], "a refused payload is taken back");
@@ -294,7 +325,11 @@ fn encoder_refuses_what_int4_cannot_carry() {
     widest[INT4_MAX_COLS - 1] = 2.0;
     let payload = encode(1, widest.len(), &widest);
     let back = decode(1, widest.len(), &payload).expect("decode");
-    let worst = widest.iter().zip(&back).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let worst = widest
+        .iter()
+        .zip(&back)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst <= 1.0 / 14.0 * 1.002, "max error {worst}");
     // The last outlier sits at the last column: index 65535.
     let k = INT4_OUTLIERS;
@@ -347,7 +382,11 @@ fn hostile_int4_payloads_get_typed_errors() {
     set_index(&mut p, 0, 0, second + 1);
     assert!(matches!(
         decode(2, cols, &p),
-        Err(WireError::BadOutlier { row: 0, slot: 1, .. })
+        Err(WireError::BadOutlier {
+            row: 0,
+            slot: 1,
+            ..
+        })
     ));
     // Non-finite outlier values and scales: NonFinite at the value's or the group's column.
     for bad in [half::f16::NAN, half::f16::INFINITY, half::f16::NEG_INFINITY] {
@@ -374,7 +413,10 @@ fn hostile_int4_payloads_get_typed_errors() {
     p[rl - 1] |= 0x30;
     assert!(matches!(
         decode(2, cols, &p),
-        Err(WireError::InvalidFlag { field: "hidden.int4.padding", .. })
+        Err(WireError::InvalidFlag {
+            field: "hidden.int4.padding",
+            ..
+        })
     ));
     // Truncated or padded payloads: a shape error, never a panic.
     for len in [0, 1, rl, 2 * rl - 1, 2 * rl + 1] {
@@ -395,7 +437,9 @@ fn hostile_int4_payloads_get_typed_errors() {
     let out = decode(2, cols, &p).expect("any nibble decodes");
     let s0 = half::f16::from_le_bytes([p[4 * k], p[4 * k + 1]]).to_f32();
     let outliers: Vec<usize> = (0..k).map(|i| usize::from(index_of(&p, 0, i))).collect();
-    let c = (0..INT4_GROUP).find(|c| !outliers.contains(c)).expect("an inlier");
+    let c = (0..INT4_GROUP)
+        .find(|c| !outliers.contains(c))
+        .expect("an inlier");
     assert_eq!(out[c], -8.0 * s0);
 }
 

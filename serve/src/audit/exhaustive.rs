@@ -297,7 +297,9 @@ fn int4_error_bound(received: &[f32]) -> f64 {
         let group_max = group.iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
         // Below f16's normal range (2⁻¹⁴) the rounded-up scale may exceed `m_g / 7` by up to
         // 2⁻²⁴, so the largest non-outlier need not decode to ±7: floor the bound there.
-        let scale = (group_max / 7.0).min(row_scale).max(2f64.powi(-14) * (1.0 + 2f64.powi(-10)));
+        let scale = (group_max / 7.0)
+            .min(row_scale)
+            .max(2f64.powi(-14) * (1.0 + 2f64.powi(-10)));
         let inlier = scale * per_step;
         for &x in group {
             let outlier = f64::from(x).abs() * u / (1.0 - u) + 2f64.powi(-25);

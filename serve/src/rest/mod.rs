@@ -20,6 +20,9 @@
 //!   unknown routes, wrong methods and axum's own extractor rejections.
 //! - No request body over [`MAX_BODY_BYTES`] is read: a larger `Content-Length` is refused
 //!   with 413 before the handler runs, and a streamed body is cut at the limit (413 too).
+//! - A body must arrive within [`RestState::body_timeout`] of its head, or the answer is 408
+//!   `request_timeout` and the connection is closed: a client cannot hold a connection (and
+//!   a handler) by trickling a body.
 //! - The router is built only through [`Routes::add`], which records each route, so
 //!   [`route_table`] is exactly what is served; a test checks that it equals the spec.
 
@@ -80,6 +83,8 @@ pub struct RestState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Where webhooks may go, and the sender.
     pub webhooks: webhook::Webhooks,
+    /// How long a request body may take to arrive after its head (`http_body_timeout_ms`).
+    pub body_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for RestState {
@@ -221,7 +226,7 @@ fn finish(routes: Router<Arc<RestState>>, state: Arc<RestState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(refuse_large_bodies))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .layer(middleware::from_fn(trace_requests))
         .with_state(state)
@@ -277,8 +282,17 @@ async fn count_errors(
     response
 }
 
-/// 413 for a declared `Content-Length` over the limit, before anything reads the body.
-async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+/// Reads the whole body before the handler runs: 413 for a declared `Content-Length` over
+/// the limit (before reading anything) or a streamed body that passes it, 408 (and the
+/// connection closed) for a body that has not arrived within [`RestState::body_timeout`],
+/// 400 for one the client broke off. The handler gets the body from memory, so no handler
+/// waits on a slow client.
+async fn read_body(
+    axum::extract::State(state): axum::extract::State<Arc<RestState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use http_body_util::BodyExt as _;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -287,7 +301,34 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return ApiError::payload_too_large(MAX_BODY_BYTES).into_response();
     }
-    next.run(req).await
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    match tokio::time::timeout(state.body_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => {
+            let req = Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()));
+            next.run(req).await
+        }
+        Ok(Err(e)) => body_error(&*e),
+        Err(_) => {
+            let mut response = ApiError::request_timeout(state.body_timeout).into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
+}
+
+/// The answer for a body that could not be read: over the limit, or broken off.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> Response {
+    if e.downcast_ref::<http_body_util::LengthLimitError>()
+        .is_some()
+    {
+        ApiError::payload_too_large(MAX_BODY_BYTES).into_response()
+    } else {
+        ApiError::bad_request(format!("the request body could not be read: {e}")).into_response()
+    }
 }
 
 /// Liveness: answers `ok` while the process serves.
@@ -540,6 +581,32 @@ mod tests {
         assert_eq!(rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339_ms(1_714_564_800_000), "2024-05-01T12:00:00.000Z");
         assert_eq!(rfc3339_ms(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
+
+    /// The two ways a body read fails get different answers: 413 for a body over the limit
+    /// (the client may shorten it), 400 for one the client broke off.
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_told_apart_from_a_broken_one() {
+        use http_body_util::BodyExt as _;
+        let long = axum::body::Body::from(vec![b' '; MAX_BODY_BYTES + 1]);
+        let e = http_body_util::Limited::new(long, MAX_BODY_BYTES)
+            .collect()
+            .await
+            .expect_err("over the limit");
+        assert_eq!(body_error(&*e).status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let chunks: [Result<Vec<u8>, std::io::Error>; 2] = [
+            Ok(b"{\"na".to_vec()),
+            Err(std::io::Error::other("reset by peer")),
+        ];
+        let broken = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+        let e = http_body_util::Limited::new(broken, MAX_BODY_BYTES)
+            .collect()
+            .await
+            .expect_err("broken off");
+        let response = body_error(&*e);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let code = response.extensions().get::<error::ErrorCode>().copied();
+        assert_eq!(code, Some(error::ErrorCode::BadRequest));
     }
 
     #[test]

@@ -11,6 +11,13 @@
 //!   that open sessions and drop their connections cannot keep honest devices out. A session
 //!   that drops its connection while the grace is full is ended at once instead of waiting.
 //!
+//! A session is admitted only while the hidden states the engine holds for recompute take
+//! less than `hidden_state_budget_mib` (the engine meters them; see
+//! `Engine::hidden_state_bytes`). The budget is checked at admission, not on every input: an
+//! admitted session is never cut off mid-generation, so the engine may go past the budget by
+//! what the admitted sessions still send (each at most `max_prompt_tokens + max_tokens`
+//! positions), and new sessions wait until finished ones give their memory back.
+//!
 //! A credentialed user (a device token's subject) may hold at most `max_sessions_per_user`
 //! sessions, attached or in the grace; anonymous sessions (allowed only when the operator
 //! does not require credentials) have no per-user count. A slot is given back when its
@@ -49,6 +56,8 @@ pub(crate) struct AdmissionLimits {
     pub(crate) grace: usize,
     /// Sessions of one credentialed user, attached or in the grace.
     pub(crate) per_user: usize,
+    /// Bytes of hidden states held for recompute above which no session is admitted.
+    pub(crate) hidden_state_bytes: u64,
 }
 
 /// Why a session was not admitted.
@@ -58,13 +67,15 @@ pub(crate) enum Refusal {
     Capacity(usize),
     #[error("this user already holds {0} sessions, the most allowed")]
     UserCap(usize),
+    #[error("the cloud's memory for hidden states is full ({0} bytes)")]
+    HiddenStateMemory(u64),
 }
 
 impl Refusal {
     /// How long the device should wait before it tries again.
     pub(crate) fn retry_after(self) -> Duration {
         match self {
-            Self::Capacity(_) => CAPACITY_RETRY_AFTER,
+            Self::Capacity(_) | Self::HiddenStateMemory(_) => CAPACITY_RETRY_AFTER,
             Self::UserCap(_) => USER_CAP_RETRY_AFTER,
         }
     }
@@ -111,8 +122,16 @@ impl Admission {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes an attached slot for a new session of `user` (`None`: anonymous).
-    pub(crate) fn admit(self: &Arc<Self>, user: Option<&UserId>) -> Result<SessionSlot, Refusal> {
+    /// Takes an attached slot for a new session of `user` (`None`: anonymous), while the
+    /// engine holds `hidden_bytes` of hidden states.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        user: Option<&UserId>,
+        hidden_bytes: u64,
+    ) -> Result<SessionSlot, Refusal> {
+        if hidden_bytes >= self.limits.hidden_state_bytes {
+            return Err(Refusal::HiddenStateMemory(self.limits.hidden_state_bytes));
+        }
         let mut c = self.lock();
         if let Some(u) = user {
             if c.per_user.get(u).copied().unwrap_or(0) >= self.limits.per_user {
@@ -211,19 +230,20 @@ mod tests {
             attached: 2,
             grace: 1,
             per_user: 2,
+            hidden_state_bytes: u64::MAX,
         });
         let alice = user("alice");
-        let mut s1 = a.admit(Some(&alice)).expect("first");
-        let s2 = a.admit(Some(&alice)).expect("second");
-        assert_eq!(a.admit(Some(&alice)).err(), Some(Refusal::UserCap(2)));
-        assert_eq!(a.admit(None).err(), Some(Refusal::Capacity(2)));
+        let mut s1 = a.admit(Some(&alice), 0).expect("first");
+        let s2 = a.admit(Some(&alice), 0).expect("second");
+        assert_eq!(a.admit(Some(&alice), 0).err(), Some(Refusal::UserCap(2)));
+        assert_eq!(a.admit(None, 0).err(), Some(Refusal::Capacity(2)));
         // One drops its connection: a new session fits, the grace is full.
         assert!(s1.move_to_grace());
         assert_eq!(a.snapshot(), (1, 1, 1));
-        let mut anon = a.admit(None).expect("grace does not count");
+        let mut anon = a.admit(None, 0).expect("grace does not count");
         assert!(!anon.move_to_grace(), "the grace is full");
         // Alice still holds two sessions, one of them in the grace.
-        assert_eq!(a.admit(Some(&alice)).err(), Some(Refusal::UserCap(2)));
+        assert_eq!(a.admit(Some(&alice), 0).err(), Some(Refusal::UserCap(2)));
         s1.move_to_attached();
         assert_eq!(
             a.snapshot(),
@@ -241,5 +261,27 @@ mod tests {
             CAPACITY_RETRY_AFTER,
             "refusals carry a retry_after"
         );
+    }
+
+    #[test]
+    fn no_session_is_admitted_while_the_hidden_states_fill_their_budget() {
+        let a = Admission::new(AdmissionLimits {
+            attached: 4,
+            grace: 1,
+            per_user: 4,
+            hidden_state_bytes: 8 << 20,
+        });
+        let first = a.admit(None, (8 << 20) - 1).expect("under the budget");
+        assert_eq!(
+            a.admit(None, 8 << 20).err(),
+            Some(Refusal::HiddenStateMemory(8 << 20))
+        );
+        assert_eq!(a.snapshot(), (1, 0, 0), "a refusal takes no slot");
+        assert_eq!(
+            Refusal::HiddenStateMemory(8 << 20).retry_after(),
+            CAPACITY_RETRY_AFTER
+        );
+        drop(first);
+        a.admit(None, 0).expect("memory given back");
     }
 }

@@ -96,6 +96,10 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// Hidden states received and not yet computed, over all sessions; more get `overloaded`.
     pub max_queued_tokens: usize,
+    /// MiB of hidden states the engine may hold for recompute (every position a session
+    /// sent, `hidden_size × 4` bytes each, until its generation ends) before new sessions get
+    /// `overloaded`; checked at admission, so admitted sessions finish.
+    pub hidden_state_budget_mib: f64,
     /// Longest prompt (positions before the first token); longer gets
     /// `context_length_exceeded`.
     pub max_prompt_tokens: usize,
@@ -132,6 +136,9 @@ pub struct ServerConfig {
     /// or from the previous answer on a kept-alive one); slower or silent connections are
     /// closed, before any upgrade.
     pub http_header_timeout_ms: u64,
+    /// How long a REST request's body (at most 64 KiB) may take to arrive once its head has;
+    /// a slower one is answered 408 `request_timeout` and its connection closed.
+    pub http_body_timeout_ms: u64,
     /// Whether opening a WebSocket session needs a device token (`Authorization: Bearer
     /// tdv_…` on the upgrade): `auto` (the default) when `device_token_key` is set,
     /// `always`, or `never`.
@@ -335,6 +342,7 @@ impl Default for ServerConfig {
             prefix_sharing: true,
             max_sessions: 1024,
             max_queued_tokens: 64 * 1024,
+            hidden_state_budget_mib: 1024.0,
             max_prompt_tokens: 8192,
             max_tokens_cap: 4096,
             max_frame_bytes: tandem_protocol::wire::DEFAULT_MAX_FRAME_BYTES,
@@ -349,6 +357,7 @@ impl Default for ServerConfig {
             max_connections: 16_384,
             handshake_timeout_ms: 30_000,
             http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 10_000,
             open_requires_credential: CredentialMode::Auto,
             max_sessions_per_user: 16,
             max_resume_grace_sessions: 256,
@@ -398,7 +407,50 @@ impl ServerConfig {
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        Self::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Parses TOML text; fields it leaves out keep their defaults.
+    pub fn from_toml_str(text: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The configuration parser's fuzz property (`serve/fuzz`, target `config_parse`; its
+    /// committed seeds run in `cargo test`): any bytes either fail to parse or give a
+    /// configuration whose [`Self::check`] answers, and every configuration that passes the
+    /// check yields every value the server derives from it (durations, the webhook policy,
+    /// the TLS files, the byte budgets) without a panic.
+    #[doc(hidden)]
+    pub fn fuzz_property(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        let Ok(cfg) = Self::from_toml_str(text) else {
+            return;
+        };
+        if cfg.check().is_err() {
+            return;
+        }
+        let _ = cfg.webhook_policy();
+        let _ = (
+            cfg.tls_files(),
+            cfg.admin_tls_files(),
+            cfg.credential_required(),
+        );
+        let _ = [
+            cfg.drain_timeout(),
+            cfg.resume_grace(),
+            cfg.session_idle_timeout(),
+            cfg.heartbeat_ttl(),
+            cfg.handshake_timeout(),
+            cfg.http_header_timeout(),
+            cfg.http_body_timeout(),
+            Duration::from_secs_f64(cfg.decode_wait_ms / 1000.0),
+        ];
+        let _ = (cfg.kv_cache_gib * (1u64 << 30) as f64) as usize;
+        let _ = (cfg.hidden_state_budget_mib * f64::from(1u32 << 20)) as u64;
+        let _ = cfg.policy.policy();
+        let _ = cfg.admin_listen.addr();
     }
 
     /// Refuses values the server cannot run with.
@@ -478,6 +530,14 @@ impl ServerConfig {
             "http_header_timeout_ms must be >= 100"
         );
         anyhow::ensure!(
+            self.hidden_state_budget_mib.is_finite() && self.hidden_state_budget_mib > 0.0,
+            "hidden_state_budget_mib must be a positive number"
+        );
+        anyhow::ensure!(
+            self.http_body_timeout_ms >= 100,
+            "http_body_timeout_ms must be >= 100"
+        );
+        anyhow::ensure!(
             self.heartbeat_ttl_ms >= 30,
             "heartbeat_ttl_ms must be >= 30"
         );
@@ -547,6 +607,10 @@ impl ServerConfig {
         Duration::from_millis(self.http_header_timeout_ms)
     }
 
+    pub(crate) fn http_body_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_body_timeout_ms)
+    }
+
     /// Whether a WebSocket upgrade without a valid device token is refused.
     pub fn credential_required(&self) -> bool {
         match self.open_requires_credential {
@@ -592,6 +656,42 @@ mod tests {
             let e = c.check().expect_err("bad wait").to_string();
             assert!(e.contains("decode_wait_ms"), "{e}");
         }
+    }
+
+    /// The config fuzz target's committed seeds (`serve/fuzz/seeds/config_parse`) run through
+    /// its property in every `cargo test`; the full and minimal files pass the check, the
+    /// `refused_*` ones parse and are refused, `broken` does not parse.
+    #[test]
+    fn config_seeds() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/config_parse");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("seeds") {
+            let path = entry.expect("entry").path();
+            let bytes = std::fs::read(&path).expect("seed");
+            ServerConfig::fuzz_property(&bytes);
+            let name = path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let parsed = ServerConfig::from_toml_str(std::str::from_utf8(&bytes).expect("utf-8"));
+            match name {
+                "broken" => assert!(parsed.is_err(), "{name}"),
+                n if n.starts_with("refused_") => {
+                    let cfg = parsed.expect(n);
+                    assert!(cfg.check().is_err(), "{n} passed the check");
+                }
+                "full" | "minimal" | "off_and_inf" => {
+                    let cfg = parsed.expect(name);
+                    cfg.check().unwrap_or_else(|e| panic!("{name}: {e}"));
+                }
+                _ => {}
+            }
+            seen += 1;
+        }
+        assert!(seen >= 8, "only {seen} seeds in {}", dir.display());
+        let full = ServerConfig::from_toml_file(&dir.join("full.toml")).expect("full");
+        assert_eq!(full.http_body_timeout_ms, 10_000);
+        assert_eq!(full.webhook_allow.len(), 2);
     }
 
     #[test]

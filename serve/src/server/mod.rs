@@ -316,6 +316,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         max_tokens_cap: cfg.max_tokens_cap,
         partner_requests_per_minute: cfg.partner_requests_per_minute,
         device_requests_per_minute: cfg.device_requests_per_minute,
+        body_timeout: cfg.http_body_timeout(),
     });
     let params = match &cfg.redis {
         None => params::OpenParams::memory(),
@@ -380,6 +381,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         attached: cfg.max_sessions,
         grace: cfg.max_resume_grace_sessions,
         per_user: cfg.max_sessions_per_user,
+        hidden_state_bytes: (cfg.hidden_state_budget_mib * f64::from(1u32 << 20)) as u64,
     });
     if !cfg.credential_required() && !addr.ip().is_loopback() {
         tracing::warn!(
@@ -594,6 +596,7 @@ async fn current_snapshot(shared: &Arc<Shared>) -> crate::metrics::Snapshot {
                 kv_blocks_used: s.total_blocks.saturating_sub(s.free_blocks) as u64,
                 kv_blocks_free: s.free_blocks as u64,
                 kv_blocks_shared: s.shared_blocks as u64,
+                hidden_state_bytes: shared.engine.hidden_state_bytes(),
                 preemptions_total: s.preemptions,
                 engine_steps_total: st.steps,
                 engine_forward_s: st.busy_s,

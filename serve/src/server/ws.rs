@@ -511,9 +511,10 @@ async fn claim_prompt(
 
 /// A place for a new session in the admission counts, or the `Error` that refuses it.
 fn admit(shared: &Arc<Shared>, user: Option<&UserId>) -> Result<SessionSlot, ErrorFrame> {
-    shared.admission.admit(user).map_err(|refusal| {
+    let held = shared.engine.hidden_state_bytes();
+    shared.admission.admit(user, held).map_err(|refusal| {
         let code = match refusal {
-            Refusal::Capacity(_) => ErrorCode::Overloaded,
+            Refusal::Capacity(_) | Refusal::HiddenStateMemory(_) => ErrorCode::Overloaded,
             Refusal::UserCap(_) => ErrorCode::TooManySessions,
         };
         let wait = u32::try_from(refusal.retry_after().as_millis()).unwrap_or(u32::MAX);
