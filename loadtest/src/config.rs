@@ -357,6 +357,11 @@ pub struct LoadConfig {
     /// Most drafts per decode step (speculation, as `tandem-edge run --max-draft-tokens`);
     /// 0: none. Needs [`DeviceCompute::Real`].
     pub max_draft_tokens: usize,
+    /// Device tokens (`tdv_…`) presented as `Authorization: Bearer` on the WebSocket
+    /// upgrade, for a server that requires credentials: device `i` uses token
+    /// `i % len` (a server caps the sessions per user, so give as many users as the run
+    /// needs). Empty: none.
+    pub device_tokens: Vec<String>,
 }
 
 /// Prompts a run is given (`--prompt-file`, or token ids from a test).
@@ -441,6 +446,7 @@ impl LoadConfig {
             network: None,
             prompts: None,
             max_draft_tokens: 0,
+            device_tokens: Vec::new(),
         }
     }
 
@@ -734,5 +740,53 @@ mod tests {
         assert_eq!(given.check(), Ok(()));
         assert_eq!(given.max_prompt_tokens(), 100);
         assert_eq!(given.max_sequence_tokens(), 132);
+    }
+}
+
+/// Reads a device-token file: one token per line; blank lines and lines starting with `#`
+/// are skipped. Every token must look like one (`tdv_…`, no spaces), and there must be one.
+pub fn read_device_tokens(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut tokens = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with("tdv_") || line.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{} line {}: not a device token (tdv_…)",
+                path.display(),
+                n + 1
+            ));
+        }
+        tokens.push(line.to_owned());
+    }
+    if tokens.is_empty() {
+        return Err(format!("{}: no device tokens", path.display()));
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod device_token_tests {
+    use super::read_device_tokens;
+
+    #[test]
+    fn token_files_skip_comments_and_refuse_what_is_not_a_token() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let good = dir.path().join("good");
+        std::fs::write(&good, "# users a and b\ntdv_a.1.x\n\n  tdv_b.2.y  \n").expect("write");
+        assert_eq!(
+            read_device_tokens(&good).expect("read"),
+            vec!["tdv_a.1.x".to_owned(), "tdv_b.2.y".to_owned()]
+        );
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "tdv_a.1.x\nBearer tdv_b\n").expect("write");
+        let e = read_device_tokens(&bad).expect_err("not a token");
+        assert!(e.contains("line 2"), "{e}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "# nothing\n").expect("write");
+        assert!(read_device_tokens(&empty).is_err());
     }
 }

@@ -65,6 +65,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tandem_protocol::{DoneReason, ErrorCode, Frame, Open, ResumeToken, SessionId};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -199,6 +200,8 @@ pub struct DeviceContext {
     /// Most drafts per decode step (`--max-draft-tokens`; 0: no speculation). Needs real
     /// edge compute.
     pub max_draft_tokens: usize,
+    /// Device tokens; device `i` presents `device_tokens[i % len]` on the upgrade.
+    pub device_tokens: Vec<String>,
 }
 
 /// Which generation: the device, its index there, the prompt and `max_tokens`.
@@ -441,8 +444,22 @@ impl Run<'_> {
                 n => self.ctx.links[self.job.device % n].clone(),
             });
         let began = Instant::now();
+        let mut request = match url.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => return Err(Stop::Retry(Failure::Connect(e.to_string()))),
+        };
+        let tokens = &self.ctx.device_tokens;
+        if !tokens.is_empty() {
+            let bearer = format!("Bearer {}", tokens[self.job.device % tokens.len()]);
+            match tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&bearer) {
+                Ok(v) => {
+                    request.headers_mut().insert("authorization", v);
+                }
+                Err(e) => return Err(Stop::Retry(Failure::Connect(e.to_string()))),
+            }
+        }
         let connect = tokio_tungstenite::connect_async_with_config(
-            url.as_str(),
+            request,
             Some(
                 WebSocketConfig::default()
                     .read_buffer_size(tandem_protocol::wire::WS_READ_BUFFER_BYTES),
@@ -451,6 +468,15 @@ impl Run<'_> {
         );
         let mut ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok((ws, _))) => ws,
+            // A refused credential or a wrong path does not get better by retrying.
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(r)))
+                if matches!(r.status().as_u16(), 401 | 403 | 404) =>
+            {
+                return Err(Stop::Fatal(Failure::Connect(format!(
+                    "the upgrade was refused with {}",
+                    r.status()
+                ))))
+            }
             Ok(Err(e)) => return Err(Stop::Retry(Failure::Connect(e.to_string()))),
             Err(_) => return Err(Stop::Retry(Failure::Connect("timed out".into()))),
         };

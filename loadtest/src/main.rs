@@ -203,6 +203,11 @@ struct RunArgs {
     /// row per step).
     #[arg(long, default_value_t = 0)]
     max_draft_tokens: usize,
+    /// Device tokens for a server that requires them (one `tdv_…` per line, from `tandem
+    /// admin device-token` or `POST /v1/admin/device-tokens`): device i presents line
+    /// i mod n as `Authorization: Bearer` on its WebSocket upgrade.
+    #[arg(long, env = "TANDEM_LOADTEST_DEVICE_TOKENS")]
+    device_token_file: Option<PathBuf>,
     /// Also write a PNG: latency CDFs and throughput over time.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -247,6 +252,12 @@ impl RunArgs {
                     profile: self.profile,
                 }),
             max_draft_tokens: self.max_draft_tokens,
+            device_tokens: match &self.device_token_file {
+                Some(path) => {
+                    tandem_loadtest::config::read_device_tokens(path).map_err(anyhow::Error::msg)?
+                }
+                None => Vec::new(),
+            },
             max_reconnects: self.max_reconnects,
             silence_timeout: Duration::from_secs_f64(self.silence_timeout_s),
             network: {

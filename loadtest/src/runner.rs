@@ -174,6 +174,7 @@ pub async fn run_until(
         step_delay: cfg.step_delay,
         silence_timeout: cfg.silence_timeout,
         max_draft_tokens: cfg.max_draft_tokens,
+        device_tokens: cfg.device_tokens.clone(),
     });
     let driven = drive(&cfg, &workload, ctx, &live, stop).await;
     for p in proxies {

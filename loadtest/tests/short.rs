@@ -196,6 +196,71 @@ async fn a_full_server_counts_as_overloaded() {
     srv.shutdown().await;
 }
 
+/// A device token for `user` from `srv`'s admin route.
+async fn device_token(srv: &ServerHandle, admin_key: &str, user: &str) -> String {
+    let reply = tandem_serve::admin_cli::exchange_bytes(
+        &srv.admin_addr().expect("admin listener").to_string(),
+        "POST",
+        "/v1/admin/device-tokens",
+        &[
+            ("authorization".to_owned(), format!("Bearer {admin_key}")),
+            ("content-type".to_owned(), "application/json".to_owned()),
+        ],
+        format!("{{\"user_id\":\"{user}\"}}").as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("issue a token");
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&reply.body).expect("json");
+    json["token"].as_str().expect("token").to_owned()
+}
+
+/// Against a server that requires device tokens: devices given tokens (spread over two
+/// users, each under the per-user cap) complete; without tokens every upgrade is refused
+/// with 401 and counted at once as `connect_failed`, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_present_their_tokens_to_a_server_that_requires_them() {
+    const ADMIN: &str = "an admin key for the load tests";
+    let fx = fixture();
+    let srv = server::start(ServerConfig {
+        device_token_key: Some(server::config::Secret::new(
+            "a device-token key of at least 32 characters",
+        )),
+        admin_key: Some(server::config::Secret::new(ADMIN)),
+        max_sessions_per_user: 4,
+        ..fx.server_config()
+    })
+    .await
+    .expect("start");
+    let tokens = vec![
+        device_token(&srv, ADMIN, "load-a").await,
+        device_token(&srv, ADMIN, "load-b").await,
+    ];
+    let mut cfg = fx.load(&srv, 8);
+    cfg.device_tokens = tokens;
+    let report = tandem_loadtest::run(cfg).await.expect("run");
+    assert_eq!(report.counts.completed, 8, "{:?}", report.error_examples);
+
+    let started = Instant::now();
+    let report = tandem_loadtest::run(fx.load(&srv, 3)).await.expect("run");
+    assert_eq!(report.counts.failed, 3, "{:?}", report.counts);
+    assert_eq!(
+        report.errors.get("connect_failed").copied(),
+        Some(3),
+        "{:?}",
+        report.error_examples
+    );
+    assert_eq!(report.resume.reconnects, 0, "a 401 is not retried");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_stops_the_run() {
     let fx = fixture();

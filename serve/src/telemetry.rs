@@ -7,9 +7,10 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, and neither
 //!   `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`. The transport is
 //!   `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or
-//!   `http/protobuf` (the default). An `https://` endpoint with `http/protobuf` is reached
-//!   over rustls, trusting the web roots plus the PEM bundle `OTEL_EXPORTER_OTLP_CERTIFICATE`
-//!   (the standard variable) for a private CA; `grpc` is plain (h2c) only. The service is `OTEL_SERVICE_NAME` (default `tandem`),
+//!   `http/protobuf` (the default). An `https://` endpoint is reached over rustls with either
+//!   transport, trusting the web roots plus the PEM bundle `OTEL_EXPORTER_OTLP_CERTIFICATE`
+//!   (the standard variable) for a private CA; `http://` is plain (HTTP/1.1, or h2c for
+//!   `grpc`). The service is `OTEL_SERVICE_NAME` (default `tandem`),
 //!   with `OTEL_RESOURCE_ATTRIBUTES`; sampling follows `OTEL_TRACES_SAMPLER`. Only the
 //!   server's own spans (targets `tandem_*`, level INFO and above) are exported, whatever
 //!   `RUST_LOG` says.
@@ -42,7 +43,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -75,6 +76,8 @@ impl OtlpProtocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SignalExport {
     pub protocol: OtlpProtocol,
+    /// The signal's endpoint is `https://`.
+    pub tls: bool,
 }
 
 /// The export settings of both signals, read from the environment by [`ExportPlan::from_env`].
@@ -101,18 +104,26 @@ impl ExportPlan {
                     "{exporter_var}={exporter:?}: only \"otlp\" and \"none\" are supported"
                 );
             }
-            if !set("OTEL_EXPORTER_OTLP_ENDPOINT")
-                && !set(&format!("OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"))
-            {
+            let signal_endpoint = format!("OTEL_EXPORTER_OTLP_{upper}_ENDPOINT");
+            let endpoint = if set(&signal_endpoint) {
+                var(&signal_endpoint)
+            } else if set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            } else {
                 return Ok(None);
-            }
+            };
+            let tls = endpoint.is_some_and(|e| {
+                e.trim()
+                    .get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            });
             let protocol = var(&format!("OTEL_EXPORTER_OTLP_{upper}_PROTOCOL"))
                 .filter(|v| !v.trim().is_empty())
                 .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL").filter(|v| !v.trim().is_empty()))
                 .map(|v| OtlpProtocol::parse(&v))
                 .transpose()?
                 .unwrap_or(OtlpProtocol::HttpProtobuf);
-            Ok(Some(SignalExport { protocol }))
+            Ok(Some(SignalExport { protocol, tls }))
         };
         Ok(Self {
             traces: signal("TRACES", "OTEL_TRACES_EXPORTER")?,
@@ -205,9 +216,13 @@ pub fn init(plan: ExportPlan) -> Result<Telemetry> {
     let mut layers = vec![log_layer()];
     if let Some(t) = plan.traces {
         let exporter = match t.protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build(),
+            OtlpProtocol::Grpc => {
+                let b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+                match t.tls {
+                    true => b.with_tls_config(grpc_tls()?).build(),
+                    false => b.build(),
+                }
+            }
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -234,9 +249,13 @@ pub fn init(plan: ExportPlan) -> Result<Telemetry> {
     }
     if let Some(m) = plan.metrics {
         let exporter = match m.protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .build(),
+            OtlpProtocol::Grpc => {
+                let b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+                match m.tls {
+                    true => b.with_tls_config(grpc_tls()?).build(),
+                    false => b.build(),
+                }
+            }
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -300,6 +319,25 @@ pub fn link(span: &tracing::Span, links: impl IntoIterator<Item = SpanContext>) 
     for sc in links {
         span.add_link(sc);
     }
+}
+
+/// TLS for an `https://` gRPC endpoint: the web roots plus the PEM bundle in
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (tonic's rustls, with ring, as the rest of the process).
+fn grpc_tls() -> Result<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig> {
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+    let tls = ClientTlsConfig::new().with_webpki_roots();
+    Ok(match std::env::var_os("OTEL_EXPORTER_OTLP_CERTIFICATE") {
+        None => tls,
+        Some(path) => {
+            let pem = std::fs::read(&path).with_context(|| {
+                format!(
+                    "OTEL_EXPORTER_OTLP_CERTIFICATE: reading {}",
+                    std::path::Path::new(&path).display()
+                )
+            })?;
+            tls.ca_certificate(Certificate::from_pem(pem))
+        }
+    })
 }
 
 /// The OTLP/HTTP transport: plain HTTP/1.1 requests run on the server's tokio runtime (the
@@ -433,8 +471,25 @@ mod tests {
         let p = plan(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]).expect("plan");
         let http = Some(SignalExport {
             protocol: OtlpProtocol::HttpProtobuf,
+            tls: false,
         });
         assert_eq!((p.traces, p.metrics), (http, http));
+    }
+
+    #[test]
+    fn an_https_endpoint_asks_for_tls_per_signal() {
+        let p = plan(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "HTTPS://collector:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "http://collector:4317",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .expect("plan");
+        let (t, m) = (p.traces.expect("traces"), p.metrics.expect("metrics"));
+        assert!(t.tls && !m.tls, "{t:?} {m:?}");
+        assert_eq!(t.protocol, OtlpProtocol::Grpc);
     }
 
     #[test]
@@ -448,7 +503,8 @@ mod tests {
         assert_eq!(
             p.traces,
             Some(SignalExport {
-                protocol: OtlpProtocol::Grpc
+                protocol: OtlpProtocol::Grpc,
+                tls: false,
             })
         );
         assert_eq!(p.metrics, None, "no endpoint for metrics");

@@ -1,7 +1,8 @@
 //! OpenTelemetry export, end to end: `tandem serve` (the real binary, configured only by the
 //! standard `OTEL_*` variables) sends its spans and metrics to an OTLP receiver run by the
-//! test, once over gRPC and once over HTTP/protobuf. A device joins its own trace through
-//! `Open.traceparent`, a partner through the `traceparent` header.
+//! test, over gRPC and over HTTP/protobuf, each in plain text and over TLS (a receiver whose
+//! certificate a test CA signed, trusted through `OTEL_EXPORTER_OTLP_CERTIFICATE`). A device
+//! joins its own trace through `Open.traceparent`, a partner through the `traceparent` header.
 //!
 //! Checked: the resource; `session` → `generation` parentage under the device's span; the
 //! `engine.step` spans are roots linked to that generation; the REST span joins the
@@ -85,9 +86,43 @@ impl MetricsService for Grpc {
     }
 }
 
+/// A receiver's TLS identity: a certificate for 127.0.0.1 signed by a CA of the test's own.
+struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, "otlp test ca");
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = p.self_signed(&ca_key).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let p = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        let cert = p.signed_by(&key, &ca, &ca_key).expect("sign");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("ca");
+        std::fs::write(dir.path().join("server.pem"), cert.pem()).expect("cert");
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).expect("key");
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).expect("pem")
+    }
+}
+
 /// An OTLP endpoint on 127.0.0.1:0: gRPC (tonic, the generated services) or HTTP/protobuf
-/// (`POST /v1/traces`, `POST /v1/metrics`).
-async fn start_receiver(grpc: bool) -> (SocketAddr, Shared) {
+/// (`POST /v1/traces`, `POST /v1/metrics`), over TLS with `pki`'s certificate when given.
+async fn start_receiver(grpc: bool, pki: Option<&TestPki>) -> (SocketAddr, Shared) {
     let shared: Shared = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -95,8 +130,18 @@ async fn start_receiver(grpc: bool) -> (SocketAddr, Shared) {
     let addr = listener.local_addr().expect("addr");
     if grpc {
         let svc = Grpc(shared.clone());
+        let mut server = tonic::transport::Server::builder();
+        if let Some(pki) = pki {
+            let identity = tonic::transport::Identity::from_pem(
+                pki.read("server.pem"),
+                pki.read("server.key"),
+            );
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .expect("receiver tls");
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(TraceServiceServer::new(svc.clone()))
                 .add_service(MetricsServiceServer::new(svc))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
@@ -122,9 +167,36 @@ async fn start_receiver(grpc: bool) -> (SocketAddr, Shared) {
             .route("/v1/traces", post(traces))
             .route("/v1/metrics", post(metrics))
             .with_state(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("http receiver");
-        });
+        match pki {
+            None => {
+                tokio::spawn(async move {
+                    axum::serve(listener, app).await.expect("http receiver");
+                });
+            }
+            Some(pki) => {
+                let files = tandem_serve::server::tls::TlsFiles {
+                    cert: pki.path("server.pem"),
+                    key: pki.path("server.key"),
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(
+                    tandem_serve::server::tls::server_config(&files).expect("receiver tls"),
+                );
+                tokio::spawn(async move {
+                    while let Ok((tcp, _)) = listener.accept().await {
+                        let (acceptor, app) = (acceptor.clone(), app.clone());
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let svc = hyper_util::service::TowerToHyperService::new(app);
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                .await;
+                        });
+                    }
+                });
+            }
+        }
     }
     (addr, shared)
 }
@@ -135,7 +207,14 @@ struct Serve {
 }
 
 impl Serve {
-    fn start(cloud: &Path, otlp: SocketAddr, protocol: &str, redis: Option<&str>) -> Self {
+    /// `ca`: the receiver is `https://`, its CA in `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+    fn start(
+        cloud: &Path,
+        otlp: SocketAddr,
+        protocol: &str,
+        redis: Option<&str>,
+        ca: Option<&Path>,
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
         cmd.args([
             "serve",
@@ -147,7 +226,10 @@ impl Serve {
         .args(["--kv-cache-gib", "0.02"])
         .arg("--cloud")
         .arg(cloud)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("{}://{otlp}", if ca.is_some() { "https" } else { "http" }),
+        )
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
         .env("OTEL_SERVICE_NAME", "tandem-under-test")
         .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
@@ -162,6 +244,10 @@ impl Serve {
         if let Some(url) = redis {
             cmd.args(["--redis", url]);
         }
+        match ca {
+            Some(ca) => cmd.env("OTEL_EXPORTER_OTLP_CERTIFICATE", ca),
+            None => cmd.env_remove("OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        };
         let mut child = cmd.spawn().expect("spawn tandem serve");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
@@ -248,13 +334,14 @@ const DEVICE_SPAN: &str = "b7ad6b7169203331";
 const PARTNER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARTNER_SPAN: &str = "00f067aa0ba902b7";
 
-async fn export_round(protocol: &str) {
+async fn export_round(protocol: &str, tls: bool) {
     let grpc = protocol == "grpc";
-    let (otlp, received) = start_receiver(grpc).await;
+    let pki = tls.then(TestPki::new);
+    let (otlp, received) = start_receiver(grpc, pki.as_ref()).await;
     let dir = tempfile::tempdir().expect("tmp");
     let split = tiny::write_tiny_split(dir.path());
-    // Redis calls get spans too; the gRPC round runs on Redis when a server is at hand.
-    let redis = if grpc {
+    // Redis calls get spans too; the plain gRPC round runs on Redis when a server is at hand.
+    let redis = if grpc && !tls {
         redis_server::RedisServer::start()
     } else {
         None
@@ -264,6 +351,7 @@ async fn export_round(protocol: &str) {
         otlp,
         protocol,
         redis.as_ref().map(|r| r.url()).as_deref(),
+        pki.as_ref().map(|p| p.path("ca.pem")).as_deref(),
     );
 
     // One generation from a device that has a trace of its own.
@@ -508,10 +596,20 @@ async fn export_round(protocol: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_and_metrics_reach_an_otlp_grpc_receiver() {
-    export_round("grpc").await;
+    export_round("grpc", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_reach_an_otlp_grpc_receiver_over_tls() {
+    export_round("grpc", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_reach_an_otlp_http_receiver_over_tls() {
+    export_round("http/protobuf", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_and_metrics_reach_an_otlp_http_receiver() {
-    export_round("http/protobuf").await;
+    export_round("http/protobuf", false).await;
 }
