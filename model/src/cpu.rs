@@ -8,7 +8,7 @@ use crate::error::{ModelError, Result};
 pub(crate) use tandem_kernels::ops::*;
 
 /// Calls `f` with the contents of a contiguous f32 CPU tensor.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     with_slice(t, f)
 }
 

@@ -32,7 +32,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
-mod cpu;
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod kv;

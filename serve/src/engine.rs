@@ -1227,24 +1227,29 @@ impl<'t> Loop<'t> {
         let vocab = logits
             .dim(1)
             .map_err(|e| EngineError::Model(e.to_string()))?;
-        // One flat copy (not a `Vec` per row).
-        let logits: Vec<f32> = logits
-            .to_dtype(DType::F32)
-            .and_then(|l| l.flatten_all())
-            .and_then(|l| l.to_vec1())
-            .map_err(|e| EngineError::Model(e.to_string()))?;
         let logits_done = Instant::now();
         let cap = self.draft_cap(batch.num_samples());
         if let Some(m) = &self.metrics {
             m.draft_cap.store(u64::from(cap), Ordering::Relaxed);
         }
-        finished.extend(deliver_rows(
-            &mut self.sessions,
-            &sample_rows,
-            &logits,
-            vocab,
-            cap,
-        ));
+        let sessions = &mut self.sessions;
+        if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+            // Read in place (a decode step of 64 sessions would copy 64 vocabulary rows).
+            finished.extend(
+                tandem_model::cpu::with_f32(&logits, |l| {
+                    deliver_rows(sessions, &sample_rows, l, vocab, cap)
+                })
+                .map_err(|e| EngineError::Model(e.to_string()))?,
+            );
+        } else {
+            // One flat copy to the host (not a `Vec` per row).
+            let logits: Vec<f32> = logits
+                .to_dtype(DType::F32)
+                .and_then(|l| l.flatten_all())
+                .and_then(|l| l.to_vec1())
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+            finished.extend(deliver_rows(sessions, &sample_rows, &logits, vocab, cap));
+        }
         if let Some((t0, t1)) = layers_done {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             tracing::debug!(
