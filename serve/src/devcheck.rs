@@ -248,14 +248,9 @@ fn replay(cloud: &CloudModel, inputs: &Inputs, only: Option<usize>) -> Result<Ve
         .collect()
 }
 
+/// Greedy's choice, the sampler's own argmax (lowest index on ties).
 fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
+    tandem_model::sampling::argmax(xs)
 }
 
 #[derive(Debug, Default)]
