@@ -132,11 +132,11 @@ if [[ $profile == 1 && -d "$work/8b" ]]; then
         --prompt-tokens 64 --gen-tokens 32 --kv-cache-gib 24 --mixed-decoders 0 \
         --prefix-sessions 0 --decode-wait-ms 0)
     say "profile: step phases at 1, 64 and 256 sessions"
-    RUST_LOG=tandem_serve::engine=debug "$bin" "${prof[@]}" --sessions 1,64,256 \
+    RUST_LOG=tandem_engine=debug "$bin" "${prof[@]}" --sessions 1,64,256 \
         --prefill-tokens 2048 >"$out/profile-phases.json" 2>"$out/profile-phases.log"
     grep 'engine step phases' "$out/profile-phases.log" | awk 'NR % 8 == 1' | cut -c1-400 | tail -40
     say "profile: attention alone at 64 sessions"
-    RUST_LOG=tandem_serve::engine=trace "$bin" "${prof[@]}" --sessions 64 \
+    RUST_LOG=tandem_engine=trace "$bin" "${prof[@]}" --sessions 64 \
         --prefill-tokens 256 >"$out/profile-attention.json" 2>"$out/profile-attention.log"
     grep 'engine step phases' "$out/profile-attention.log" | tail -5 | cut -c1-400
     say "profile: --max-batch-tokens 2048"

@@ -207,7 +207,7 @@ impl FieldsUsed {
 
 #[cfg(test)]
 mod tests {
-    use tandem_model::testing::write_tokenizer;
+    use tandem_model::synthetic::write_tokenizer;
 
     use super::*;
     use crate::prompt::assemble;

@@ -53,10 +53,10 @@ use tandem_protocol::SamplingParams;
 
 use crate::bundle::EdgeBundle;
 use crate::client::{ClientConfig, ClientError, EdgeClient, GenerateRequest, Generation};
-use crate::http::{self, ApiBase, HttpError, HttpRequest};
 use crate::prompt::{assemble, AssembledPrompt, Profile, PromptError, PromptTemplate};
 use crate::sanitize::Sanitizer;
 use crate::transparency::{ModelInfo, TransparencyRecord};
+use tandem_http::{BaseUrl as ApiBase, HttpError};
 
 /// Default for [`InboxConfig::timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -240,7 +240,7 @@ impl InboxConfig {
     /// [`InboxConfig::with_ca_certs`].
     pub fn new(api_base: &str, token: DeviceToken) -> Result<Self, InboxError> {
         let api = ApiBase::parse(api_base).map_err(InboxError::Config)?;
-        let tls = if api.tls {
+        let tls = if api.is_tls() {
             Some(crate::tls::client_config(&[]).map_err(InboxError::Config)?)
         } else {
             None
@@ -260,7 +260,7 @@ impl InboxConfig {
         mut self,
         cas: &[crate::tls::CertificateDer<'static>],
     ) -> Result<Self, InboxError> {
-        if self.api.tls {
+        if self.api.is_tls() {
             self.tls = Some(crate::tls::client_config(cas).map_err(InboxError::Config)?);
         }
         Ok(self)
@@ -480,20 +480,25 @@ impl InboxClient {
     }
 
     /// One call; a non-2xx status becomes [`InboxError::Api`].
-    async fn call(&self, method: Method, path: &str) -> Result<http::HttpResponse, InboxError> {
-        let req = HttpRequest {
-            method: method.clone(),
-            path,
-            bearer: self.cfg.token.expose(),
-            timeout: self.cfg.timeout,
-            max_body_bytes: self.cfg.max_response_bytes,
-            tls: self.cfg.tls.clone(),
-        };
-        let res = http::send(&self.cfg.api, req).await.map_err(|e| match e {
-            HttpError::Transport(m) => InboxError::Transport(m),
-            HttpError::TooLarge { limit } => InboxError::TooLarge { limit },
-            HttpError::Tls(m) => InboxError::Tls(m),
-        })?;
+    async fn call(&self, method: Method, path: &str) -> Result<tandem_http::Response, InboxError> {
+        let mut req = tandem_http::Request::new(method.clone(), path);
+        req.bearer = Some(self.cfg.token.expose());
+        req.headers.push((
+            tandem_http::header::ACCEPT,
+            tandem_http::header::HeaderValue::from_static("application/json"),
+        ));
+        req.timeout = self.cfg.timeout;
+        req.max_body_bytes = self.cfg.max_response_bytes;
+        req.tls = self.cfg.tls.clone();
+        req.user_agent = concat!("tandem-edge/", env!("CARGO_PKG_VERSION"));
+        let res = tandem_http::send(&self.cfg.api, req)
+            .await
+            .map_err(|e| match e {
+                HttpError::Transport(m) => InboxError::Transport(m),
+                HttpError::TooLarge { limit } => InboxError::TooLarge { limit },
+                HttpError::Tls(m) => InboxError::Tls(m),
+                HttpError::Request(m) => InboxError::Config(m),
+            })?;
         tracing::debug!(%method, path, status = res.status.as_u16(), "inbox call");
         if res.status.is_success() {
             Ok(res)
@@ -507,7 +512,7 @@ fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, InboxError> {
     serde_json::from_slice(body).map_err(|e| InboxError::Decode(e.to_string()))
 }
 
-fn api_error(res: &http::HttpResponse) -> InboxError {
+fn api_error(res: &tandem_http::Response) -> InboxError {
     let status = res.status;
     let (code, message) = match serde_json::from_slice::<ErrorBody>(&res.body) {
         Ok(b) => (ApiCode::parse(&b.error.code), b.error.message),
@@ -527,7 +532,7 @@ fn api_error(res: &http::HttpResponse) -> InboxError {
         status: status.as_u16(),
         code,
         message,
-        retry_after: res.retry_after,
+        retry_after: res.retry_after(),
     }
 }
 

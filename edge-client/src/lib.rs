@@ -27,7 +27,7 @@
 //!   session task (resume, replay, dedupe) lives in the private `driver` module.
 //! - [`transport`]: server lists and the reconnect policy.
 //! - [`inbox`]: the inbox REST calls, auto-accept, and answering an accepted prompt; the
-//!   small HTTP/1.1 client under it lives in the private `http` module.
+//!   HTTP/1.1 client under it is `tandem-http`, the project's one client stack.
 //! - [`transparency`]: the record shown to the user.
 //! - [`conversation`]: assembling a whole conversation (several messages) by the same rules.
 //! - [`openai`]: the OpenAI-compatible endpoint on the device's loopback
@@ -56,7 +56,6 @@ mod compute;
 pub mod conversation;
 pub mod draft;
 mod driver;
-mod http;
 pub mod inbox;
 pub mod openai;
 pub mod prompt;

@@ -20,40 +20,12 @@ pub(crate) type SharedClientConfig =
 
 /// Reads every PEM certificate in `path` (a CA bundle).
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("reading the CA certificate {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("parsing the CA certificate {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (BEGIN CERTIFICATE)",
-            path.display()
-        ));
-    }
-    Ok(certs)
+    tandem_http::tls::read_pem_bundle(path)
 }
 
-/// The rustls client settings: web roots plus `extra` CAs.
-pub fn client_config(
-    extra: &[CertificateDer<'static>],
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for ca in extra {
-        roots
-            .add(ca.clone())
-            .map_err(|e| format!("a CA certificate was refused: {e}"))?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS protocol versions: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
+/// The rustls client settings: web roots plus `extra` CAs (the same as every other client of
+/// the project: [`tandem_http::tls::client_config`]).
+pub use tandem_http::tls::client_config;
 
 /// The WebSocket upgrade request for `url`, with the device token as `Authorization: Bearer`
 /// when there is one. Fails on a URL that cannot be a request (a configuration error).

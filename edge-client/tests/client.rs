@@ -3,8 +3,7 @@
 //! token dedupe, cancellation, error handling, and that logs above debug carry no private
 //! text.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

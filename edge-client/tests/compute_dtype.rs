@@ -3,8 +3,7 @@
 //! equal those of the same model loaded in bf16 in one process (`LocalSplit`), bit for bit,
 //! and stay close to the f32 rows.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use candle_core::{DType, Device};
 use tandem_edge::EdgeBundle;

@@ -7,8 +7,7 @@
 //! the runtime's only thread, the `Pong` could only come after the `Hidden` (the driver reads
 //! nothing while it computes) and the timer would stand still for the whole forward pass.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -3,8 +3,7 @@
 //! prefix, a missing field refused before anything is sent), and profile settings kept out
 //! of templates. `inbox_cli.rs` drives `tandem-edge inbox` end to end.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 mod inbox_support;
 
 use std::time::Duration;

@@ -2,8 +2,7 @@
 //! scripted fake cloud (WebSocket on 127.0.0.1:0) that checks the generation carries the
 //! ticket and the partner's limits.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 mod inbox_support;
 
 use std::io::Cursor;

@@ -2,8 +2,7 @@
 //! binary) reports what it holds in memory, a fraction of the f32 edge's, and the device's rows
 //! are the ones the same light split computes in one process.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::process::Command;
 

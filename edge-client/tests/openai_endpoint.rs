@@ -4,8 +4,7 @@
 //! the transparency record by id. The generations run against a live `tandem serve` in
 //! process on the tiny random model (127.0.0.1:0).
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 mod openai_support;
 
 use std::net::SocketAddr;

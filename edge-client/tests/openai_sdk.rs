@@ -10,8 +10,7 @@
 //! `openai`. Without one, or without the demo model, the test skips with a loud message,
 //! unless `TANDEM_REQUIRE_OPENAI=1` (or `TANDEM_REQUIRE_DEMO=1`): then it fails.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 mod openai_support;
 
 use std::path::{Path, PathBuf};

@@ -4,8 +4,7 @@
 //! itself. `demo_*` checks the real SmolLM2 template and tokenizer from the demo GGUF and skips
 //! when it is absent (fails instead under `TANDEM_REQUIRE_DEMO=1`).
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,8 +1,7 @@
 //! `EdgeSession`: feeding a prompt then tokens one by one gives the hidden states of running
 //! the whole sequence at once, and bad input consumes nothing.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::sync::Arc;
 

@@ -4,8 +4,7 @@
 //! `tandem serve` (in process, 127.0.0.1:0, tiny model): greedy output equal to the Rust
 //! client's, streaming callbacks, profile fields, errors, cancel.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

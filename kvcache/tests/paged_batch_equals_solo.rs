@@ -4,8 +4,7 @@
 //! through the contiguous cache — for chunk sizes 1, 7 and 64 and block sizes 1, 5 and 16,
 //! in f32, f16 and bf16 storage. Also: prefix sharing of a common system prompt.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use candle_core::{Device, Tensor};
 use tandem_kvcache::{BlockHash, BlockPool, BlockTable, KvDtype, KvLayout, KvStorage, PagedKv};

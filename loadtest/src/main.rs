@@ -401,11 +401,11 @@ fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
 
 fn tiny_model(args: TinyModelArgs) -> anyhow::Result<()> {
     use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
-    use tandem_model::testing;
+    use tandem_model::synthetic;
 
-    let spec = testing::TinySpec {
+    let spec = synthetic::TinySpec {
         seed: args.seed,
-        ..testing::specs()[2].clone()
+        ..synthetic::specs()[2].clone()
     };
     anyhow::ensure!(
         (1..spec.layers).contains(&args.edge_layers),
@@ -414,11 +414,11 @@ fn tiny_model(args: TinyModelArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.context >= 16, "--context must be at least 16");
     let hf = args.out.join("hf");
-    testing::write_hf(&hf, &spec)?;
-    testing::write_tokenizer(&hf)?;
+    synthetic::write_hf(&hf, &spec)?;
+    synthetic::write_tokenizer(&hf)?;
     // The spec's context is 512; a load test may want longer prompts.
     let config_path = hf.join("config.json");
-    let mut config = testing::config_json(&spec);
+    let mut config = synthetic::config_json(&spec);
     config["max_position_embeddings"] = args.context.into();
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", config_path.display()))?;

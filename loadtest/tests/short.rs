@@ -16,8 +16,7 @@
 //! as devices that do not, with drafts sent and confirmed; `tiny-model` writes a split a server and the load test
 //! run on.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -43,7 +43,7 @@ pub mod privacy;
 pub mod random_model;
 pub mod sampling;
 pub mod split;
-pub mod testing;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

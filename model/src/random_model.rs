@@ -5,7 +5,7 @@
 //! They exist to measure the engine at real scale (load time, resident memory, tokens/s)
 //! without the real weights, which this project never downloads: the cost of a forward pass
 //! depends on the shapes, not on the values. The tokenizer is the tests' byte-level one with
-//! its vocabulary padded to the model's ([`crate::testing::write_tokenizer_sized`]), so every
+//! its vocabulary padded to the model's ([`crate::synthetic::write_tokenizer_sized`]), so every
 //! sampled id decodes. Generated on demand (seconds per GB, in parallel), never committed.
 
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use candle_core::DType;
 
 use crate::error::{ModelError, Result};
 use crate::layers::layer_tensor_specs;
-use crate::testing::Rng;
+use crate::synthetic::Rng;
 use crate::weights::start_safetensors;
 
 /// The shape of a real model.
@@ -164,7 +164,7 @@ pub fn write(
     let text = serde_json::to_string_pretty(&shape.config_json())
         .map_err(|e| ModelError::Input(e.to_string()))?;
     std::fs::write(&config, text).map_err(|e| ModelError::io(&config, e))?;
-    crate::testing::write_tokenizer_sized(dir, shape.vocab)?;
+    crate::synthetic::write_tokenizer_sized(dir, shape.vocab)?;
     let specs = shape.specs()?;
     let path = dir.join("model.safetensors");
     let (mut w, total) = start_safetensors(&path, &specs, DType::BF16, &HashMap::new())?;

@@ -3,7 +3,7 @@
 //! reference Llama, gives the logits of Tandem's edge + cloud within 1e-4 over a chat prompt
 //! and 32 greedy steps; and every split depth gives the same logits as every other.
 
-mod common;
+use tandem_testkit::tiny as common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

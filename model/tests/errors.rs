@@ -1,7 +1,7 @@
 //! Bad checkpoints give clear errors that name the file and the tensor: mismatched split parts,
 //! truncated and corrupt files, a missing tensor, a wrong shape, an unsupported architecture.
 
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::path::Path;
 

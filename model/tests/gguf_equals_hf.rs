@@ -3,7 +3,7 @@
 //! the same configuration and gives the same logits as the safetensors original — in f32 and
 //! with Q8_0-quantized matrices.
 
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::collections::HashMap;
 use std::path::Path;

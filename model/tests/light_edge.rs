@@ -3,7 +3,7 @@
 //! weights, leaves the cloud part and the pair id as they were, and keeps the whole split's
 //! logits close to the f32 split's.
 
-mod common;
+use tandem_testkit::tiny as common;
 
 use candle_core::{DType, Device};
 use common::{max_abs_diff, run_greedy};

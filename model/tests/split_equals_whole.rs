@@ -3,7 +3,7 @@
 //! greedy tokens over 32 steps. Also: a split written to disk by `write_split` and loaded back
 //! gives bit-identical logits to the in-memory split.
 
-mod common;
+use tandem_testkit::tiny as common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

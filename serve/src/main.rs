@@ -508,7 +508,7 @@ fn device_check(a: DeviceCheckArgs) -> Result<()> {
         (1..=64).contains(&a.sessions) && (1..=1024).contains(&a.steps),
         "--sessions must be 1..=64 and --steps 1..=1024"
     );
-    let plan = tandem_serve::devcheck::CheckPlan {
+    let plan = tandem_engine::devcheck::CheckPlan {
         device: a.device,
         dtype: a.device.resolve_dtype(a.dtype),
         sessions: a.sessions,
@@ -516,7 +516,7 @@ fn device_check(a: DeviceCheckArgs) -> Result<()> {
         tolerance: a.tolerance,
         min_agreement: a.min_agreement,
     };
-    let report = tandem_serve::devcheck::run(&a.model, a.edge_layers, &plan)?;
+    let report = tandem_engine::devcheck::run(&a.model, a.edge_layers, &plan)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     if report["passed"] != serde_json::Value::Bool(true) {
         anyhow::bail!("the device check failed (see the report above)");
@@ -680,7 +680,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         dtype: kv_dtype,
     };
     let kv_blocks = layout.blocks_for_budget((a.kv_cache_gib * (1u64 << 30) as f64) as usize);
-    let cfg = tandem_serve::engine::EngineConfig {
+    let cfg = tandem_engine::EngineConfig {
         scheduler: SchedulerConfig {
             policy,
             max_batch_tokens: a.max_batch_tokens,
@@ -702,9 +702,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             );
             std::time::Duration::from_secs_f64(a.decode_wait_ms / 1000.0)
         },
-        max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
+        max_draft_tokens: tandem_engine::MAX_DRAFT_CAP,
     };
-    let plan = tandem_serve::bench::BenchPlan {
+    let plan = tandem_engine::bench::BenchPlan {
         sessions: a.sessions,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
@@ -721,9 +721,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         a.model.display(),
         dtype_user_name(dtype),
         model.cloud.weight_bytes() as f64 / (1u64 << 20) as f64,
-        tandem_serve::bench::memory_mib("VmRSS").unwrap_or(0.0)
+        tandem_engine::bench::memory_mib("VmRSS").unwrap_or(0.0)
     );
-    let report = tandem_serve::bench::run(model, cfg, &plan)?;
+    let report = tandem_engine::bench::run(model, cfg, &plan)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -340,6 +340,46 @@ impl Default for Metrics {
     }
 }
 
+/// The engine's steps, as these metrics count them (and the trace links of each step).
+impl tandem_engine::Observer for Metrics {
+    fn step_started(&self) {
+        self.step_started_ms
+            .store(crate::store::now_ms().max(1), Ordering::Relaxed);
+    }
+
+    fn step_ended(&self, step: Option<&tandem_engine::StepFigures>) {
+        self.step_started_ms.store(0, Ordering::Relaxed);
+        if let Some(step) = step {
+            self.step_duration_seconds.observe_duration(step.took);
+            self.batch_tokens.observe(step.tokens as f64);
+            self.batch_sequences.observe(step.sequences as f64);
+        }
+    }
+
+    fn draft_tokens(&self, n: usize) {
+        self.draft_tokens_total.add(n as u64);
+    }
+
+    fn draft_tokens_accepted(&self, n: usize) {
+        self.draft_tokens_accepted_total.add(n as u64);
+    }
+
+    fn draft_cap(&self, cap: u8) {
+        self.draft_cap.store(u64::from(cap), Ordering::Relaxed);
+    }
+
+    fn link_step(
+        &self,
+        step: &tracing::Span,
+        parents: &mut dyn Iterator<Item = &tandem_engine::TraceParent>,
+    ) {
+        crate::telemetry::link(
+            step,
+            parents.filter_map(|p| p.get::<opentelemetry::trace::SpanContext>().cloned()),
+        );
+    }
+}
+
 /// What the engine and the server know at scrape time.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Snapshot {

@@ -4,7 +4,7 @@
 //! lives on different threads from the model's compute: the WebSocket and REST tasks run on
 //! the async runtime's workers, the scheduler on the engine thread between steps, the matmul
 //! on the engine thread and its team. Wall-clock spans on the engine thread cover the
-//! engine's part ([`crate::engine::EngineStats::bookkeeping_s`]); this module covers the rest
+//! engine's part ([`tandem_engine::EngineStats::bookkeeping_s`]); this module covers the rest
 //! by reading each thread's CPU time and grouping threads by name:
 //!
 //! | group | threads |

@@ -7,12 +7,8 @@
 //! not keep new devices out, and refusals for capacity say `overloaded` (or
 //! `too_many_sessions`) with a `retry_after`.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/tiny.rs"]
-mod tiny;
+use tandem_testkit::http;
+use tandem_testkit::tiny;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -2,8 +2,7 @@
 //! prompt back at k = 1; noise makes it fail progressively; the same seed gives the same
 //! report; the command prints its table and JSON.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::path::Path;
 use std::process::Command;

@@ -4,8 +4,7 @@
 //! improves with the number of pairs; both are reproducible with a seed. One ignored test
 //! repeats the guided-versus-full comparison on the demo model (release build, minutes).
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::path::Path;
 

@@ -1,8 +1,7 @@
 //! The `tandem` binary end to end: `split` then `generate`, on a tiny generated model (always)
 //! and on the demo model (when present).
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -3,10 +3,8 @@
 //! solo outputs; a cut connection resumes; a restarted or killed replica (Redis-backed) is
 //! replaced by another that rebuilds the KV from a replay; the CLI runs on the demo model.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/redis.rs"]
-mod redis_server;
+use tandem_testkit::redis as redis_server;
+use tandem_testkit::tiny as common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

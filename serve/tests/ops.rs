@@ -10,14 +10,9 @@
 //! while the engine loop is stalled. `/metrics` and `/readyz` live on the operator listener
 //! (with the admin routes): the public listener refuses them without the admin key.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/redis.rs"]
-mod redis_server;
-#[path = "support/tiny.rs"]
-mod tiny;
+use tandem_testkit::http;
+use tandem_testkit::redis as redis_server;
+use tandem_testkit::tiny;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

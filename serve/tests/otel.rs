@@ -10,12 +10,9 @@
 //! is at hand); no span or attribute carries the output text; the metrics arrive under the
 //! `/metrics` names with the values the generation implies.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/redis.rs"]
-mod redis_server;
-#[path = "support/tiny.rs"]
-mod tiny;
+use tandem_testkit::redis as redis_server;
+use tandem_testkit::tiny as common;
+use tandem_testkit::tiny;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

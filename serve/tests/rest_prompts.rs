@@ -9,14 +9,9 @@
 //! tokens (bad, expired, revoked at once on every replica); and every error status of the
 //! prompt and inbox routes in the one JSON shape.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/redis.rs"]
-mod redis_server;
-#[path = "support/tiny.rs"]
-mod tiny;
+use tandem_testkit::http;
+use tandem_testkit::redis as redis_server;
+use tandem_testkit::tiny;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

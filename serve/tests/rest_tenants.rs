@@ -10,14 +10,9 @@
 //! `TANDEM_UPDATE_OPENAPI=1 cargo test -p tandem-serve --test rest_tenants` rewrites
 //! `openapi/openapi.json` from the code.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/redis.rs"]
-mod redis_server;
-#[path = "support/tiny.rs"]
-mod tiny;
+use tandem_testkit::http;
+use tandem_testkit::redis as redis_server;
+use tandem_testkit::tiny;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -6,8 +6,7 @@
 //! Then Redis-only tests: outages (killed, hung, restarted empty), key namespacing, and that
 //! no clear resume token reaches Redis.
 
-#[path = "support/redis.rs"]
-mod redis_server;
+use tandem_testkit::redis as redis_server;
 
 use std::collections::HashSet;
 use std::sync::Arc;

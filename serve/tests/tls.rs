@@ -5,12 +5,8 @@
 //! restart. The device's REST inbox calls over `https://` (the same TLS settings): a call
 //! equals the plain one; a wrong CA and a wrong host name fail at once with `InboxError::Tls`.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/tiny.rs"]
-mod tiny;
+use tandem_testkit::http;
+use tandem_testkit::tiny;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -7,10 +7,8 @@
 //! and Replay on a second replica (Redis) leave the output unchanged; a graceful shutdown
 //! drains a running generation.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
-#[path = "support/redis.rs"]
-mod redis_server;
+use tandem_testkit::redis as redis_server;
+use tandem_testkit::tiny as common;
 
 use std::path::PathBuf;
 use std::time::Duration;

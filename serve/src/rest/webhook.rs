@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use super::prompts::{PromptStatus, StatusCounts};
 use super::store::prompts::{PromptId, PromptStore, RESULT_RETENTION_MS};
@@ -63,26 +63,14 @@ pub fn generate_secret() -> String {
     format!("{SECRET_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()))
 }
 
-/// HMAC-SHA256 (RFC 2104) with a key of any length: webhook signatures and device tokens.
+/// HMAC-SHA256 (RFC 2104, the `hmac` crate) with a key of any length: webhook signatures and
+/// device tokens.
 pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
-    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
+    use hmac::{Hmac, Mac};
+    // `new_from_slice` takes keys of any length for HMAC (longer ones are hashed first).
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// The [`SIGNATURE_HEADER`] value for `body` sent at `t` (Unix seconds).

@@ -352,7 +352,7 @@ impl Default for ServerConfig {
             drain_timeout_ms: 30_000,
             resume_grace_ms: 60_000,
             session_idle_timeout_ms: 30_000,
-            max_draft_tokens: crate::engine::MAX_DRAFT_CAP,
+            max_draft_tokens: tandem_engine::MAX_DRAFT_CAP,
             max_connections_per_ip: 256,
             max_connections: 16_384,
             handshake_timeout_ms: 30_000,

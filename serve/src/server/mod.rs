@@ -61,7 +61,7 @@ use axum::routing::get;
 use axum::Router;
 use candle_core::DType;
 use dashmap::DashMap;
-use tandem_kvcache::{KvDtype, KvLayout};
+use tandem_kvcache::KvLayout;
 use tandem_model::checkpoint::Checkpoint;
 use tandem_model::manifest::{Part, MANIFEST_FILE};
 use tandem_model::split::LoadOptions;
@@ -70,13 +70,13 @@ use tandem_scheduler::SchedulerConfig;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::engine::{Engine, EngineConfig};
 use crate::rest::auth::{AdminAuth, AdminKey};
 use crate::rest::device::DeviceKey;
 use crate::rest::error::ApiError;
 use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantStoreConfig};
 use crate::rest::RestState;
 use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
+use tandem_engine::{Engine, EngineConfig};
 
 pub use config::{default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig};
 pub use upgrade::MAX_PRE_OPEN_MESSAGE_BYTES;
@@ -370,7 +370,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         model,
         tokenizer,
         engine_cfg,
-        Some(metrics.clone()),
+        Some(metrics.clone() as Arc<dyn tandem_engine::Observer>),
     ));
     let (stop, _) = watch::channel(false);
     let advertise_url = cfg.advertise_url.clone().unwrap_or_else(|| {
@@ -570,13 +570,11 @@ async fn require_admin_key(
 }
 
 /// The engine's counters, or `None` if it does not answer within `wait`.
-async fn engine_stats(shared: &Arc<Shared>, wait: Duration) -> Option<crate::engine::EngineStats> {
-    let engine = shared.engine.clone();
-    let ask = tokio::task::spawn_blocking(move || engine.stats());
-    match tokio::time::timeout(wait, ask).await {
-        Ok(Ok(Ok(stats))) => Some(stats),
-        _ => None,
-    }
+async fn engine_stats(shared: &Arc<Shared>, wait: Duration) -> Option<tandem_engine::EngineStats> {
+    tokio::time::timeout(wait, shared.engine.stats())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// How long `/metrics` and `/readyz` wait for the engine loop.
@@ -758,15 +756,7 @@ fn load_cloud(
     Ok((served, model, ck.tokenizer))
 }
 
-/// The KV cache's dtype for weights of `dtype`: the same (bf16 keys and values halve the
-/// cache's memory and the attention's reads; scores and sums stay f32).
-pub fn kv_dtype_for(dtype: DType) -> KvDtype {
-    match dtype {
-        DType::BF16 => KvDtype::BF16,
-        DType::F16 => KvDtype::F16,
-        _ => KvDtype::F32,
-    }
-}
+pub use tandem_engine::kv_dtype_for;
 
 fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
     let c = model.config();

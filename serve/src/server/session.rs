@@ -34,9 +34,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::admission::SessionSlot;
 use super::{stopped, Shared};
-use crate::engine::{EngineError, Event};
 use crate::rest::store::prompts::GenerationResult;
 use crate::store::{self, SessionState, SessionUpdate};
+use tandem_engine::{EngineError, Event};
 
 /// What goes to a connection's writer.
 #[derive(Debug)]
@@ -884,9 +884,7 @@ impl Actor {
         // Before the engine lets go (its cap has room for every grace session besides), so
         // that a device told the session ended finds the slot free.
         self.slot.release();
-        let engine = self.shared.engine.clone();
-        let seq = self.seq;
-        let _ = tokio::task::spawn_blocking(move || engine.close(seq)).await;
+        let _ = self.shared.engine.close(self.seq).await;
         if !close_store {
             return;
         }

@@ -25,10 +25,10 @@ use super::admission::{Refusal, SessionSlot};
 use super::session::{self, CloseStatus, Conn, Input, Outbound, SessionCmd, SessionHandle, Setup};
 use super::upgrade::{Gate, Socket};
 use super::{stopped, Shared};
-use crate::engine::{EngineError, SessionParams};
 use crate::rest::inbox::ticket_hash;
 use crate::rest::store::prompts::{GenerationResult, PromptId, TicketRefusal, UserId};
 use crate::store::{self, now_ms, Claim, NewSession, ResumeToken, StoreError};
+use tandem_engine::{EngineError, SessionParams};
 use tandem_scheduler::SchedError;
 
 /// Counts frames per one-second window.
@@ -561,12 +561,9 @@ async fn spawn_session(
         finish_reason = tracing::field::Empty,
         error_code = tracing::field::Empty,
     );
-    params.trace = crate::telemetry::span_context(&generation);
+    params.trace = crate::telemetry::span_context(&generation).map(tandem_engine::TraceParent::new);
     let (events_tx, events) = mpsc::unbounded_channel();
-    let engine = shared.engine.clone();
-    let opened = tokio::task::spawn_blocking(move || engine.open_session_with(params, events_tx))
-        .await
-        .unwrap_or(Err(EngineError::Stopped));
+    let opened = shared.engine.open_session_with(params, events_tx).await;
     let seq = opened.map_err(|e| match e {
         EngineError::Scheduler(SchedError::Overloaded(_)) => ErrorFrame {
             retry_after_ms: Some(super::admission::CAPACITY_RETRY_AFTER.as_millis() as u32),

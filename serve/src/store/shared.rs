@@ -15,12 +15,8 @@ pub(crate) struct SecretDigest(pub(crate) [u8; 32]);
 impl SecretDigest {
     /// Whether the two digests are equal, in time that does not depend on where they differ.
     pub(crate) fn matches(&self, other: &SecretDigest) -> bool {
-        let diff = self
-            .0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |d, (a, b)| d | (a ^ b));
-        std::hint::black_box(diff) == 0
+        use subtle::ConstantTimeEq;
+        self.0.ct_eq(&other.0).into()
     }
 
     pub(crate) fn to_hex(self) -> String {

@@ -3,12 +3,12 @@
 //! alone through `LocalSplit::generate`; forced preemption changes nothing; bad input gets a
 //! typed error and the other sessions finish.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use tandem_engine::{Engine, EngineConfig, EngineError, Event, Session, SessionParams};
 use tandem_kvcache::KvDtype;
 use tandem_model::kv::ContiguousKv;
 use tandem_model::layers::ForwardCtx;
@@ -16,7 +16,6 @@ use tandem_model::pipeline::{GenerateRequest, LocalSplit, LocalSplitOptions};
 use tandem_model::EdgeModel;
 use tandem_protocol::{FinishReason, SamplingParams};
 use tandem_scheduler::{Policy, SchedError, SchedulerConfig};
-use tandem_serve::engine::{Engine, EngineConfig, EngineError, Event, Session, SessionParams};
 
 const MAX_TOKENS: usize = 8;
 
@@ -55,7 +54,7 @@ fn config(policy: Policy, kv_blocks: usize, block_size: usize) -> EngineConfig {
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
         decode_wait: std::time::Duration::ZERO,
-        max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
+        max_draft_tokens: tandem_engine::MAX_DRAFT_CAP,
     }
 }
 
@@ -118,7 +117,7 @@ fn drive_with_prefix(
                 break;
             }
             let p = prompts[next_to_admit].clone();
-            let session = engine.open_session(params()).expect("open");
+            let session = engine.open_session(params()).wait().expect("open");
             let mut d = SimDevice {
                 session,
                 edge_kv: ContiguousKv::new(n, 512),
@@ -138,6 +137,7 @@ fn drive_with_prefix(
                 let last = i + 1 == chunks.len();
                 engine
                     .push_hidden(d.session.id, h, c.len(), last)
+                    .wait()
                     .expect("push prompt");
             }
             devices.push(d);
@@ -158,6 +158,7 @@ fn drive_with_prefix(
                             d.pos += 1;
                             engine
                                 .push_hidden(d.session.id, h, 1, true)
+                                .wait()
                                 .expect("push token");
                         }
                     }
@@ -201,7 +202,7 @@ fn check_against_solo(
     kv_blocks: usize,
     block_size: usize,
     chunk: usize,
-) -> tandem_serve::engine::EngineStats {
+) -> tandem_engine::EngineStats {
     check_config_against_solo(config(policy, kv_blocks, block_size), chunk, 1)
 }
 
@@ -211,7 +212,7 @@ fn check_config_against_solo(
     cfg: EngineConfig,
     chunk: usize,
     admit_per_round: usize,
-) -> tandem_serve::engine::EngineStats {
+) -> tandem_engine::EngineStats {
     let (policy, kv_blocks) = (cfg.scheduler.policy, cfg.kv_blocks);
     let dir = model_dir();
     let reference = load(dir.path());
@@ -232,7 +233,7 @@ fn check_config_against_solo(
         );
         assert_eq!(&d.tokens, want);
     }
-    engine.stats().expect("stats")
+    engine.stats().wait().expect("stats")
 }
 
 #[test]
@@ -271,7 +272,7 @@ fn steps_for_a_prompt_arriving_between_decodes(
     let mut cfg = config(Policy::DecodeFirst, 128, 16);
     cfg.decode_wait = decode_wait;
     let engine = Engine::start(m.cloud, m.tokenizer, cfg);
-    let token = |s: &tandem_serve::engine::Session| match s
+    let token = |s: &tandem_engine::Session| match s
         .events
         .recv_timeout(Duration::from_secs(30))
         .expect("event")
@@ -279,28 +280,32 @@ fn steps_for_a_prompt_arriving_between_decodes(
         Event::Token { id, .. } => id,
         other => panic!("expected a token, got {other:?}"),
     };
-    let a = engine.open_session(params()).expect("open a");
+    let a = engine.open_session(params()).wait().expect("open a");
     engine
         .push_hidden(a.id, vec![0.25; 3 * h], 3, true)
+        .wait()
         .expect("a's prompt");
     token(&a);
     std::thread::sleep(answer_after);
     engine
         .push_hidden(a.id, vec![0.5; h], 1, true)
+        .wait()
         .expect("a's 2nd");
     token(&a);
-    let before = engine.stats().expect("stats").scheduler.steps;
-    let b = engine.open_session(params()).expect("open b");
+    let before = engine.stats().wait().expect("stats").scheduler.steps;
+    let b = engine.open_session(params()).wait().expect("open b");
     engine
         .push_hidden(b.id, vec![0.75; 20 * h], 20, true)
+        .wait()
         .expect("b's prompt");
     std::thread::sleep(Duration::from_millis(100));
     engine
         .push_hidden(a.id, vec![0.5; h], 1, true)
+        .wait()
         .expect("a's 3rd");
     token(&a);
     token(&b);
-    engine.stats().expect("stats").scheduler.steps - before
+    engine.stats().wait().expect("stats").scheduler.steps - before
 }
 
 #[test]
@@ -348,10 +353,7 @@ fn preemption_under_a_tiny_block_budget_changes_nothing() {
 /// Sessions whose prompts start with one 40-token system prompt (5 blocks of 8), sent as its
 /// own chunk, then user parts of their own; returns the engine's stats after every session
 /// finished (their KV still held) and checks each output against its solo run.
-fn check_prefix_sharing(
-    kv_blocks: usize,
-    admit_per_round: usize,
-) -> tandem_serve::engine::EngineStats {
+fn check_prefix_sharing(kv_blocks: usize, admit_per_round: usize) -> tandem_engine::EngineStats {
     let dir = model_dir();
     let reference = load(dir.path());
     let spec = &common::specs()[2];
@@ -381,7 +383,7 @@ fn check_prefix_sharing(
             "blocks {kv_blocks}: session {i} differs from its solo run"
         );
     }
-    engine.stats().expect("stats")
+    engine.stats().wait().expect("stats")
 }
 
 #[test]
@@ -430,28 +432,32 @@ fn bad_input_gets_typed_errors_and_others_finish() {
     let m = load(dir.path());
     let h = m.cloud.config().hidden_size;
     let engine = Engine::start(m.cloud, m.tokenizer, config(Policy::DecodeFirst, 128, 16));
-    let s = engine.open_session(params()).expect("open");
+    let s = engine.open_session(params()).wait().expect("open");
     assert!(matches!(
-        engine.push_hidden(s.id, vec![0.5; h + 1], 1, true),
+        engine.push_hidden(s.id, vec![0.5; h + 1], 1, true).wait(),
         Err(EngineError::HiddenShape { .. })
     ));
     let mut bad = vec![0.5; 2 * h];
     bad[h + 3] = f32::NAN;
     assert_eq!(
-        engine.push_hidden(s.id, bad, 2, true),
+        engine.push_hidden(s.id, bad, 2, true).wait(),
         Err(EngineError::NonFinite)
     );
     let mut inf = vec![0.5; h];
     inf[0] = f32::INFINITY;
     assert_eq!(
-        engine.push_hidden(s.id, inf, 1, true),
+        engine.push_hidden(s.id, inf, 1, true).wait(),
         Err(EngineError::NonFinite)
     );
     assert_eq!(
-        engine.push_hidden(tandem_scheduler::SeqId(999), vec![0.5; h], 1, true),
+        engine
+            .push_hidden(tandem_scheduler::SeqId(999), vec![0.5; h], 1, true)
+            .wait(),
         Err(EngineError::UnknownSession(999))
     );
-    let too_long = engine.push_hidden(s.id, vec![0.5; 600 * h], 600, true);
+    let too_long = engine
+        .push_hidden(s.id, vec![0.5; 600 * h], 600, true)
+        .wait();
     assert!(
         matches!(
             too_long,
@@ -459,15 +465,18 @@ fn bad_input_gets_typed_errors_and_others_finish() {
         ),
         "{too_long:?}"
     );
-    engine.close(s.id).expect("close");
+    engine.close(s.id).wait().expect("close");
     assert_eq!(
-        engine.push_hidden(s.id, vec![0.5; h], 1, true),
+        engine.push_hidden(s.id, vec![0.5; h], 1, true).wait(),
         Err(EngineError::UnknownSession(s.id.0))
     );
-    assert_eq!(engine.close(s.id), Err(EngineError::UnknownSession(s.id.0)));
+    assert_eq!(
+        engine.close(s.id).wait(),
+        Err(EngineError::UnknownSession(s.id.0))
+    );
 
     // Without waiting, the same refusal arrives on the session's events.
-    let s2 = engine.open_session(params()).expect("open");
+    let s2 = engine.open_session(params()).wait().expect("open");
     engine
         .push_hidden_nowait(s2.id, vec![0.5; 600 * h], 600, true)
         .expect("queued");
@@ -486,7 +495,7 @@ fn bad_input_gets_typed_errors_and_others_finish() {
         engine.push_hidden_nowait(s2.id, vec![f32::NAN; h], 1, true),
         Err(EngineError::NonFinite)
     );
-    engine.close(s2.id).expect("close");
+    engine.close(s2.id).wait().expect("close");
 
     // After all that, healthy sessions still match their solo runs.
     let reference = load(dir.path());
@@ -504,9 +513,9 @@ fn admission_limits_answer_overloaded() {
     let mut cfg = config(Policy::DecodeFirst, 64, 16);
     cfg.scheduler.max_sessions = 2;
     let engine = Engine::start(m.cloud, m.tokenizer, cfg);
-    let _a = engine.open_session(params()).expect("first");
-    let _b = engine.open_session(params()).expect("second");
-    let c = engine.open_session(params());
+    let _a = engine.open_session(params()).wait().expect("first");
+    let _b = engine.open_session(params()).wait().expect("second");
+    let c = engine.open_session(params()).wait();
     assert!(
         matches!(c, Err(EngineError::Scheduler(SchedError::Overloaded(_)))),
         "{c:?}"
@@ -577,13 +586,15 @@ fn the_hidden_states_kept_for_recompute_are_metered_and_given_back() {
     let row = (h * std::mem::size_of::<f32>()) as u64;
     let engine = Engine::start(m.cloud, m.tokenizer, config(Policy::DecodeFirst, 128, 16));
     assert_eq!(engine.hidden_state_bytes(), 0);
-    let s = engine.open_session(params()).expect("open");
+    let s = engine.open_session(params()).wait().expect("open");
     engine
         .push_hidden(s.id, vec![0.5; 5 * h], 5, false)
+        .wait()
         .expect("push");
     assert!(engine.hidden_state_bytes() >= 5 * row);
     engine
         .push_hidden(s.id, vec![0.25; 3 * h], 3, false)
+        .wait()
         .expect("push");
     let held = engine.hidden_state_bytes();
     assert!((8 * row..=16 * row).contains(&held), "{held} for 8 rows");
@@ -597,6 +608,6 @@ fn the_hidden_states_kept_for_recompute_are_metered_and_given_back() {
         held,
         "only the open session's rows"
     );
-    engine.close(s.id).expect("close");
+    engine.close(s.id).wait().expect("close");
     assert_eq!(engine.hidden_state_bytes(), 0);
 }

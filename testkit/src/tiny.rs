@@ -1,34 +1,34 @@
 //! Tiny random-weight Llama checkpoints for tests (no network), and a few helpers.
 //!
-//! The generator itself is `tandem_model::testing` (also used by `tandem-loadtest
-//! tiny-model`); this module re-exports it, panicking instead of returning errors.
-//! Shared with other crates' tests through `#[path]`.
-#![allow(dead_code, unused_imports)]
+//! The generator itself is `tandem_model::synthetic` (also used at run time by
+//! `tandem-loadtest tiny-model` and the 8B-shaped random models); this module re-exports it,
+//! panicking instead of returning errors, as a test wants.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
 use tandem_model::kv::ContiguousKv;
 use tandem_model::layers::ForwardCtx;
 use tandem_model::pipeline::LocalSplit;
-pub use tandem_model::testing::{
+pub use tandem_model::synthetic::{
     byte_chars, config_json, prompt, specs, Rng, TinySpec, CHATML, SPECIALS,
 };
 
 /// All tensors of a spec, HF names, f32.
 pub fn tensors(s: &TinySpec) -> Vec<(String, Tensor)> {
-    tandem_model::testing::tensors(s).expect("tiny tensors")
+    tandem_model::synthetic::tensors(s).expect("tiny tensors")
 }
 
 /// Writes a spec as an HF directory under `dir` (config.json + safetensors shards).
 /// Returns the safetensors files written.
 pub fn write_hf(dir: &Path, s: &TinySpec) -> Vec<PathBuf> {
-    tandem_model::testing::write_hf(dir, s).expect("write the tiny HF checkpoint")
+    tandem_model::synthetic::write_hf(dir, s).expect("write the tiny HF checkpoint")
 }
 
 /// Writes the tiny byte-level BPE tokenizer and its ChatML config into `dir`.
 pub fn write_tokenizer(dir: &Path) {
-    tandem_model::testing::write_tokenizer(dir).expect("write the tiny tokenizer")
+    tandem_model::synthetic::write_tokenizer(dir).expect("write the tiny tokenizer")
 }
 
 /// Max absolute difference of two equal-shape tensors.
@@ -47,6 +47,7 @@ pub fn demo_model() -> Option<PathBuf> {
     let path = std::env::var_os("TANDEM_DEMO_GGUF")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
+            // Every crate of the workspace sits one folder below its root, as this one does.
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
         });
     if path.is_file() {
@@ -92,4 +93,23 @@ pub fn run_greedy(m: &LocalSplit, prompt: &[u32], steps: usize) -> (Vec<Tensor>,
         logits.push(l);
     }
     (logits, tokens)
+}
+
+/// The tiny model the server tests serve: `specs()[2]` with a tokenizer, written as a Hugging
+/// Face directory under `dir` and split after 2 edge layers; answers the split directory
+/// (`edge/`, `cloud/`).
+pub fn write_tiny_split(dir: &Path) -> PathBuf {
+    let hf = dir.join("hf");
+    write_hf(&hf, &specs()[2]);
+    write_tokenizer(&hf);
+    let ck = Checkpoint::open(&hf).expect("open hf");
+    let split_dir = dir.join("split");
+    let opts = SplitOptions {
+        edge_layers: 2,
+        dtype: ck.stored_dtype,
+        force: false,
+        progress: false,
+    };
+    write_split(&ck, &split_dir, &opts).expect("split");
+    split_dir
 }

@@ -36,7 +36,7 @@ use tandem_protocol::SamplingParams;
 
 use tandem_scheduler::Policy;
 
-use crate::engine::{Engine, EngineConfig, Event, SessionParams};
+use crate::{Engine, EngineConfig, Event, SessionParams};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -117,17 +117,17 @@ fn decode_run(
     plan: &BenchPlan,
 ) -> Result<DecodeFigure> {
     let cfg = edge.config();
-    let before = engine.stats()?;
+    let before = engine.stats().wait()?;
     let started = Instant::now();
     let mut devices = Vec::with_capacity(n);
     for i in 0..n {
-        let s = engine.open_session(params(plan.gen_tokens)?)?;
+        let s = engine.open_session(params(plan.gen_tokens)?).wait()?;
         let mut kv = ContiguousKv::new(cfg.num_hidden_layers, cfg.max_position_embeddings);
         let prompt: Vec<u32> = (0..plan.prompt_tokens)
             .map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1)) as u32 + 1)
             .collect();
         let h = edge_rows(edge, &mut kv, 0, &prompt)?;
-        engine.push_hidden(s.id, h, prompt.len(), true)?;
+        engine.push_hidden(s.id, h, prompt.len(), true).wait()?;
         devices.push((s, kv, prompt.len(), false, 0usize));
     }
     // Answer in rounds, as devices that each take the same time would: wait until every
@@ -143,11 +143,11 @@ fn decode_run(
     let mut round_since: Option<Instant> = None;
     while remaining > 0 {
         if decode_start.is_none() && devices.iter().all(|d| d.4 > 0 || d.3) {
-            decode_start = Some(engine.stats()?);
+            decode_start = Some(engine.stats().wait()?);
         }
         // Halfway through the outputs every session holds its KV, its last block part full.
         if mid_decode.is_none() && devices.iter().all(|d| 2 * d.4 >= plan.gen_tokens || d.3) {
-            mid_decode = Some(engine.stats()?.scheduler);
+            mid_decode = Some(engine.stats().wait()?.scheduler);
         }
         for (i, (s, _, _, done, got)) in devices.iter_mut().enumerate().filter(|d| !d.1 .3) {
             while let Ok(ev) = s.events.try_recv() {
@@ -193,14 +193,14 @@ fn decode_run(
     let wall = started.elapsed().as_secs_f64();
     let held = match mid_decode {
         Some(h) => h,
-        None => engine.stats()?.scheduler,
+        None => engine.stats().wait()?.scheduler,
     };
     let kv_blocks_used = held.total_blocks - held.free_blocks;
     let slots = kv_blocks_used * engine.block_size();
     for (s, ..) in &devices {
-        engine.close(s.id)?;
+        engine.close(s.id).wait()?;
     }
-    let after = engine.stats()?;
+    let after = engine.stats().wait()?;
     let tokens = after.tokens_sampled - before.tokens_sampled;
     let busy = after.busy_s - before.busy_s;
     let mid = decode_start.unwrap_or_else(|| after.clone());
@@ -234,16 +234,16 @@ fn prefill_run(engine: &Engine, edge: &EdgeModel, plan: &BenchPlan) -> Result<Pr
         .map(|j| ((j * 104_729) % (cfg.vocab_size - 1)) as u32 + 1)
         .collect();
     let h = edge_rows(edge, &mut kv, 0, &prompt)?;
-    let s = engine.open_session(params(1)?)?;
-    let before = engine.stats()?;
-    engine.push_hidden(s.id, h, prompt.len(), true)?;
+    let s = engine.open_session(params(1)?).wait()?;
+    let before = engine.stats().wait()?;
+    engine.push_hidden(s.id, h, prompt.len(), true).wait()?;
     while !matches!(
         s.events.recv().context("engine stopped")?,
         Event::Done { .. }
     ) {}
-    let after = engine.stats()?;
+    let after = engine.stats().wait()?;
     let busy = after.busy_s - before.busy_s;
-    engine.close(s.id)?;
+    engine.close(s.id).wait()?;
     Ok(PrefillFigure {
         prompt_tokens: prompt.len(),
         engine_busy_s: busy,
@@ -281,7 +281,7 @@ pub struct MixedFigure {
 
 /// A decoding device of the mixed and prefix runs (and of `tandem device-check`).
 pub(crate) struct BenchDevice {
-    session: crate::engine::Session,
+    session: crate::Session,
     kv: ContiguousKv,
     pos: usize,
     pub(crate) output: Vec<u32>,
@@ -300,12 +300,14 @@ impl BenchDevice {
         max_tokens: usize,
     ) -> Result<Self> {
         let cfg = edge.config();
-        let session = engine.open_session(params(max_tokens)?)?;
+        let session = engine.open_session(params(max_tokens)?).wait()?;
         let mut kv = ContiguousKv::new(cfg.num_hidden_layers, cfg.max_position_embeddings);
         let mut pos = 0;
         for (i, chunk) in chunks.iter().enumerate() {
             let h = edge_rows(edge, &mut kv, pos, chunk)?;
-            engine.push_hidden(session.id, h, chunk.len(), i + 1 == chunks.len())?;
+            engine
+                .push_hidden(session.id, h, chunk.len(), i + 1 == chunks.len())
+                .wait()?;
             pos += chunk.len();
         }
         Ok(Self {
@@ -399,7 +401,7 @@ fn mixed_run(
     let arrival = Instant::now();
     let mut prompts = Vec::new();
     for h in prompt_hidden {
-        let s = engine.open_session(params(1)?)?;
+        let s = engine.open_session(params(1)?).wait()?;
         engine.push_hidden_nowait(s.id, h, plan.mixed_prompt_tokens, true)?;
         prompts.push((s, None::<f64>));
     }
@@ -432,10 +434,10 @@ fn mixed_run(
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
     for d in &decoders {
-        engine.close(d.session.id)?;
+        engine.close(d.session.id).wait()?;
     }
     for (s, _) in &prompts {
-        engine.close(s.id)?;
+        engine.close(s.id).wait()?;
     }
     let base: Vec<f64> = base.into_iter().map(|g| g.1 * 1e3).collect();
     let dur: Vec<f64> = during.into_iter().chain(tail).map(|g| g.1 * 1e3).collect();
@@ -488,10 +490,10 @@ fn prefix_pass(
     engine: &Engine,
     edge: &EdgeModel,
     plan: &BenchPlan,
-) -> Result<(usize, crate::engine::EngineStats, Vec<Vec<u32>>)> {
+) -> Result<(usize, crate::EngineStats, Vec<Vec<u32>>)> {
     let vocab = edge.config().vocab_size;
     let system = prompt_ids(vocab, 424_242, plan.prefix_tokens);
-    let before = engine.stats()?;
+    let before = engine.stats().wait()?;
     let mut devices = Vec::new();
     for i in 0..plan.prefix_sessions {
         let user = prompt_ids(vocab, 5000 + i, 20);
@@ -508,7 +510,7 @@ fn prefix_pass(
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    let all_held = engine.stats()?.scheduler;
+    let all_held = engine.stats().wait()?.scheduler;
     for d in devices.iter_mut() {
         d.hold = false;
         let first = d.output[0];
@@ -520,13 +522,13 @@ fn prefix_pass(
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    let after = engine.stats()?;
+    let after = engine.stats().wait()?;
     let used = all_held.total_blocks - all_held.free_blocks;
     let mut stats = after.clone();
     stats.scheduler.shared_blocks = all_held.shared_blocks;
     stats.scheduler.prefix_hit_tokens -= before.scheduler.prefix_hit_tokens;
     for d in &devices {
-        engine.close(d.session.id)?;
+        engine.close(d.session.id).wait()?;
     }
     Ok((used, stats, devices.into_iter().map(|d| d.output).collect()))
 }

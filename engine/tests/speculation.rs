@@ -4,12 +4,12 @@
 //! without drafts: greedy and seeded sampling, across block boundaries, with KV blocks
 //! returned to the pool, and with a preemption in the middle.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use tandem_engine::{Engine, EngineConfig, Event, SessionParams};
 use tandem_kvcache::KvDtype;
 use tandem_model::kv::ContiguousKv;
 use tandem_model::layers::ForwardCtx;
@@ -17,7 +17,6 @@ use tandem_model::pipeline::{LocalSplit, LocalSplitOptions};
 use tandem_model::EdgeModel;
 use tandem_protocol::{FinishReason, SamplingParams};
 use tandem_scheduler::{Policy, SchedulerConfig};
-use tandem_serve::engine::{Engine, EngineConfig, Event, SessionParams};
 
 const MAX_TOKENS: usize = 20;
 
@@ -50,7 +49,7 @@ fn config(kv_blocks: usize) -> EngineConfig {
         kv_dtype: KvDtype::F32,
         prefix_sharing: true,
         decode_wait: Duration::ZERO,
-        max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
+        max_draft_tokens: tandem_engine::MAX_DRAFT_CAP,
     }
 }
 
@@ -105,11 +104,12 @@ fn generate(
     vocab: u32,
 ) -> Run {
     let n = edge.config().num_hidden_layers;
-    let session = engine.open_session(params(sampling)).expect("open");
+    let session = engine.open_session(params(sampling)).wait().expect("open");
     let mut kv = ContiguousKv::new(n, 512);
     let h = hidden(edge, &mut kv, 0, prompt);
     engine
         .push_hidden_at(session.id, h, prompt.len(), 0, 0)
+        .wait()
         .expect("prompt");
     let mut pos = prompt.len();
     let mut tokens: Vec<u32> = Vec::new();
@@ -154,7 +154,7 @@ fn generate(
             }
         }
         if let Some(reason) = done {
-            engine.close(session.id).expect("close");
+            engine.close(session.id).wait().expect("close");
             return Run {
                 tokens,
                 reason,
@@ -198,6 +198,7 @@ fn generate(
         let h = hidden(edge, &mut kv, at, &ids);
         engine
             .push_hidden_at(session.id, h, ids.len(), at, drafts.len())
+            .wait()
             .expect("decode input");
         pos = at + ids.len();
         draft_first = at + 1;
@@ -277,7 +278,7 @@ fn drafts_right_wrong_or_partly_right_change_no_token() {
         }
     }
     // Every session closed: all their blocks are back, none leaked by a truncation.
-    let stats = engine.stats().expect("stats").scheduler;
+    let stats = engine.stats().wait().expect("stats").scheduler;
     assert_eq!(stats.free_blocks, stats.total_blocks, "{stats:?}");
 }
 
@@ -310,11 +311,13 @@ fn a_preemption_between_draft_answers_changes_no_token() {
     let n = m.edge.config().num_hidden_layers;
     let older = engine
         .open_session(params(SamplingParams::default()))
+        .wait()
         .expect("open");
     let mut okv = ContiguousKv::new(n, 512);
     let h = hidden(&m.edge, &mut okv, 0, &[5]);
     engine
         .push_hidden_at(older.id, h, 1, 0, 0)
+        .wait()
         .expect("older prompt");
     assert!(matches!(
         older.events.recv_timeout(Duration::from_secs(30)),
@@ -338,10 +341,11 @@ fn a_preemption_between_draft_answers_changes_no_token() {
         let h = hidden(&m.edge, &mut okv, 1, &long);
         engine
             .push_hidden_at(older.id, h, long.len(), 1, 0)
+            .wait()
             .expect("older input");
         speculating.join().expect("thread")
     });
     assert_eq!(run.tokens, plain.tokens);
-    let st = engine.stats().expect("stats").scheduler;
+    let st = engine.stats().wait().expect("stats").scheduler;
     assert!(st.preemptions > 0, "the scenario preempts: {st:?}");
 }

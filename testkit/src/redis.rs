@@ -1,8 +1,7 @@
 //! A real `redis-server` for tests: started on a free port in a temporary directory, with
 //! persistence off (`--save "" --appendonly no`), killed on drop.
 //!
-//! Use it from a test file with
-//! `#[path = "support/redis.rs"] mod redis_server;` and `RedisServer::start()`.
+//! Use it from a test file with `tandem_testkit::redis::RedisServer::start()`.
 //!
 //! `start` answers `None` (and prints a loud `SKIPPED` line) when `redis-server` is not
 //! installed, so a laptop without Redis still runs the rest of the suite. CI sets
@@ -12,8 +11,6 @@
 //! `stop`, `restart`, `pause` and `resume` simulate Redis going away (refused connections),
 //! coming back (on the same port, with no data), and hanging (SIGSTOP: connections accepted
 //! by the kernel, never answered).
-
-#![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};

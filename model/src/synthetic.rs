@@ -1,9 +1,9 @@
-//! Tiny random-weight Llama checkpoints, generated on the spot (no network, no download).
+//! Synthetic random-weight Llama checkpoints, generated on the spot (no network, no download).
 //!
 //! Weights come from a seeded xorshift generator, so a spec always builds the same model.
-//! The model's tests use this (through `model/tests/common`, which other crates' tests include
-//! by `#[path]`), and so does `tandem-loadtest tiny-model`, which writes a checkpoint for load
-//! tests with thousands of sessions. The weights are random: the models generate noise, at
+//! Used at run time by `tandem-loadtest tiny-model` (a checkpoint for load tests with
+//! thousands of sessions) and by [`crate::random_model`] (8B-shaped models for `tandem
+//! bench`), and by every test of the workspace through `tandem-testkit`'s `tiny` module. The weights are random: the models generate noise, at
 //! the speed and memory cost of a real model of their shape.
 
 use std::collections::HashMap;

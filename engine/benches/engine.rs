@@ -7,18 +7,17 @@
 //!
 //! Run: `cargo bench -p tandem-serve --bench engine`.
 
-#[path = "../../model/tests/common/mod.rs"]
-mod common;
+use tandem_testkit::tiny as common;
 
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use tandem_engine::{Engine, EngineConfig, Event, Session, SessionParams};
 use tandem_kvcache::KvDtype;
 use tandem_model::pipeline::{LocalSplit, LocalSplitOptions};
 use tandem_protocol::SamplingParams;
 use tandem_scheduler::{Policy, SchedulerConfig};
-use tandem_serve::engine::{Engine, EngineConfig, Event, Session, SessionParams};
 
 const HIDDEN: usize = 256;
 
@@ -66,7 +65,7 @@ fn engine(dir: &std::path::Path) -> Engine {
             kv_dtype: KvDtype::F32,
             prefix_sharing: true,
             decode_wait: std::time::Duration::ZERO,
-            max_draft_tokens: tandem_serve::engine::MAX_DRAFT_CAP,
+            max_draft_tokens: tandem_engine::MAX_DRAFT_CAP,
         },
     )
 }
@@ -97,9 +96,10 @@ fn wait_token(s: &Session) {
 fn open(engine: &Engine, rng: &mut common::Rng, n: usize) -> Vec<Session> {
     let sessions: Vec<Session> = (0..n)
         .map(|_| {
-            let s = engine.open_session(params()).expect("open");
+            let s = engine.open_session(params()).wait().expect("open");
             engine
                 .push_hidden(s.id, rows(rng, 32), 32, true)
+                .wait()
                 .expect("prompt");
             s
         })
@@ -136,7 +136,7 @@ fn bench_engine(c: &mut Criterion) {
                     }
                     total += t.elapsed();
                     for s in &sessions {
-                        engine.close(s.id).expect("close");
+                        engine.close(s.id).wait().expect("close");
                     }
                     left -= rounds;
                 }
@@ -151,13 +151,16 @@ fn bench_engine(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let s = engine.open_session(params()).expect("open");
+                let s = engine.open_session(params()).wait().expect("open");
                 let h = rows(&mut rng, 256);
                 let t = Instant::now();
-                engine.push_hidden(s.id, h, 256, true).expect("prompt");
+                engine
+                    .push_hidden(s.id, h, 256, true)
+                    .wait()
+                    .expect("prompt");
                 wait_token(&s);
                 total += t.elapsed();
-                engine.close(s.id).expect("close");
+                engine.close(s.id).wait().expect("close");
             }
             total
         });

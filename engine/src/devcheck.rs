@@ -30,7 +30,7 @@ use tandem_model::split::{CloudModel, EdgeModel};
 use tandem_protocol::SamplingParams;
 
 use crate::bench::{edge_rows, prompt_ids, BenchDevice};
-use crate::engine::{Cache, Engine, EngineConfig};
+use crate::{Cache, Engine, EngineConfig};
 
 /// What to check.
 #[derive(Clone, Debug)]
@@ -192,7 +192,7 @@ impl Stepper {
             block_size: BLOCK,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            dtype: crate::server::kv_dtype_for(cloud.weight_dtype()),
+            dtype: crate::kv_dtype_for(cloud.weight_dtype()),
         };
         let pool = BlockPool::new(blocks, BLOCK);
         Ok(Self {
@@ -329,7 +329,7 @@ fn engine_end_to_end(
         })
         .collect::<Result<_>>()?;
     let c = candidate.cloud.config().clone();
-    let kv_dtype = crate::server::kv_dtype_for(candidate.cloud.weight_dtype());
+    let kv_dtype = crate::kv_dtype_for(candidate.cloud.weight_dtype());
     let blocks: usize = prompts
         .iter()
         .map(|p| (p.len() + steps + 1).div_ceil(BLOCK))
@@ -350,7 +350,7 @@ fn engine_end_to_end(
         kv_dtype,
         prefix_sharing: true,
         decode_wait: Duration::ZERO,
-        max_draft_tokens: crate::engine::MAX_DRAFT_CAP,
+        max_draft_tokens: crate::MAX_DRAFT_CAP,
     };
     let edge = candidate.edge;
     let engine = Engine::start(candidate.cloud, candidate.tokenizer, cfg);

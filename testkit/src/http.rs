@@ -1,6 +1,5 @@
 //! A minimal HTTP/1.1 client for the REST tests (one request per connection), and a dump of
 //! every Redis key for the tests that check what the store holds.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -189,12 +188,12 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 
 /// Every `(key, value)` under `prefix`, whatever the type, as text.
 pub async fn dump_redis(url: &str, prefix: &str) -> Vec<(String, String)> {
-    let client = redis::Client::open(url).expect("client");
+    let client = ::redis::Client::open(url).expect("client");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
-    let keys: Vec<String> = redis::cmd("KEYS")
+    let keys: Vec<String> = ::redis::cmd("KEYS")
         .arg("*")
         .query_async(&mut conn)
         .await
@@ -205,23 +204,23 @@ pub async fn dump_redis(url: &str, prefix: &str) -> Vec<(String, String)> {
             k.starts_with(&format!("{prefix}:")),
             "key outside the prefix: {k}"
         );
-        let kind: String = redis::cmd("TYPE")
+        let kind: String = ::redis::cmd("TYPE")
             .arg(&k)
             .query_async(&mut conn)
             .await
             .expect("TYPE");
         let value: Vec<String> = match kind.as_str() {
-            "string" => vec![redis::cmd("GET")
+            "string" => vec![::redis::cmd("GET")
                 .arg(&k)
                 .query_async(&mut conn)
                 .await
                 .expect("GET")],
-            "hash" => redis::cmd("HGETALL")
+            "hash" => ::redis::cmd("HGETALL")
                 .arg(&k)
                 .query_async(&mut conn)
                 .await
                 .expect("HGETALL"),
-            "zset" => redis::cmd("ZRANGE")
+            "zset" => ::redis::cmd("ZRANGE")
                 .arg(&k)
                 .arg(0)
                 .arg(-1)
@@ -229,12 +228,12 @@ pub async fn dump_redis(url: &str, prefix: &str) -> Vec<(String, String)> {
                 .query_async(&mut conn)
                 .await
                 .expect("ZRANGE"),
-            "set" => redis::cmd("SMEMBERS")
+            "set" => ::redis::cmd("SMEMBERS")
                 .arg(&k)
                 .query_async(&mut conn)
                 .await
                 .expect("SMEMBERS"),
-            "list" => redis::cmd("LRANGE")
+            "list" => ::redis::cmd("LRANGE")
                 .arg(&k)
                 .arg(0)
                 .arg(-1)
