@@ -254,6 +254,9 @@ where
     let request = build(authority, prefix, &req)?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_HEAD_BYTES)
+        // `Content-Type`, not `content-type`: names are case-blind in HTTP/1.1, but some
+        // receivers (and log greps) are not.
+        .title_case_headers(true)
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| transport("HTTP handshake failed", &e))?;
@@ -341,7 +344,7 @@ mod tests {
             "{head}"
         );
         assert!(
-            head.contains("authorization: Bearer secret-token\r\n"),
+            head.contains("Authorization: Bearer secret-token\r\n"),
             "{head}"
         );
         assert!(

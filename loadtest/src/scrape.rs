@@ -1,8 +1,7 @@
 //! Reading the server's `/metrics` before and after a run.
 //!
-//! The fetch is one plain HTTP/1.0 `GET` over a TCP connection (HTTP/1.0 so the answer is
-//! neither chunked nor kept alive; a chunked one is decoded anyway). The parse is the simple
-//! part of the Prometheus text format: `# TYPE` lines give each family's type, every other
+//! The fetch is one `GET` through `tandem-http` (the project's one HTTP client). The parse is
+//! the simple part of the Prometheus text format: `# TYPE` lines give each family's type, every other
 //! non-comment line is `name{labels} value [timestamp]`. Only `tandem_*` samples are kept.
 //!
 //! The report keeps, per sample (name with its labels), the change of every `*_total`
@@ -14,11 +13,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_BYTES: u64 = 16 << 20;
+const MAX_BYTES: usize = 16 << 20;
 
 /// The server's side of a run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -159,80 +156,33 @@ fn parse_value(s: &str) -> Result<f64, std::num::ParseFloatError> {
 
 /// `GET`s `url` (`http://HOST[:PORT]/PATH`) and returns the body of a `200` answer.
 pub async fn fetch(url: &str) -> anyhow::Result<String> {
-    tokio::time::timeout(TIMEOUT, fetch_inner(url))
-        .await
-        .with_context(|| format!("GET {url}: timed out"))?
-        .with_context(|| format!("GET {url}"))
+    fetch_inner(url).await.with_context(|| format!("GET {url}"))
 }
 
 async fn fetch_inner(url: &str) -> anyhow::Result<String> {
+    let (base, path) = split(url)?;
+    let mut req = tandem_http::Request::new(tandem_http::Method::GET, path);
+    req.headers.push((
+        tandem_http::header::ACCEPT,
+        tandem_http::header::HeaderValue::from_static("text/plain"),
+    ));
+    req.timeout = TIMEOUT;
+    req.max_body_bytes = MAX_BYTES;
+    let res = tandem_http::send(&base, req).await?;
+    if res.status != tandem_http::StatusCode::OK {
+        bail!("answered `{}`", res.status);
+    }
+    String::from_utf8(res.body.to_vec()).context("the body is not UTF-8")
+}
+
+/// `http://HOST[:PORT]/PATH` as its base and its path (`/` when none).
+fn split(url: &str) -> anyhow::Result<(tandem_http::BaseUrl, &str)> {
     let rest = url
         .strip_prefix("http://")
         .context("only http:// URLs are supported")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, "/"),
-    };
-    let addr = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    let mut stream = TcpStream::connect(&addr).await?;
-    let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.take(MAX_BYTES).read_to_end(&mut raw).await?;
-    parse_response(&raw)
-}
-
-/// The body of a raw HTTP/1.x response, if its status is 200.
-fn parse_response(raw: &[u8]) -> anyhow::Result<String> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of headers in the answer")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let body = &raw[end + 4..];
-    let mut lines = head.lines();
-    let status = lines.next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("answered `{status}`");
-    }
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    String::from_utf8(body).context("the body is not UTF-8")
-}
-
-/// Decodes a chunked transfer-encoded body.
-fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("truncated chunk header")?;
-        let size_text = String::from_utf8_lossy(&body[..line_end]);
-        let size_hex = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .with_context(|| format!("bad chunk size `{size_hex}`"))?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        anyhow::ensure!(body.len() >= size + 2, "truncated chunk");
-        out.extend_from_slice(&body[..size]);
-        body = &body[size + 2..];
-    }
+    let at = rest.find('/').map_or(url.len(), |i| "http://".len() + i);
+    let base = tandem_http::BaseUrl::parse(&url[..at]).map_err(anyhow::Error::msg)?;
+    Ok((base, if at < url.len() { &url[at..] } else { "/" }))
 }
 
 #[cfg(test)]
@@ -350,13 +300,15 @@ tandem_thread_cpu_seconds_total{threads=\"matmul\"} 25
     }
 
     #[test]
-    fn reads_plain_and_chunked_answers() {
-        let plain = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\ntandem_x 1\n";
-        assert_eq!(parse_response(plain).expect("plain"), "tandem_x 1\n");
-        let chunked =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ntande\r\n6;x=y\r\nm_x 1\n\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).expect("chunked"), "tandem_x 1\n");
-        assert!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    fn metrics_urls_split_into_base_and_path() {
+        let (b, p) = split("http://127.0.0.1:9091/metrics").expect("url");
+        assert_eq!(
+            (b.to_string(), p),
+            ("http://127.0.0.1:9091".to_owned(), "/metrics")
+        );
+        let (b, p) = split("http://tandem").expect("no path");
+        assert_eq!((b.port(), p), (80, "/"));
+        assert!(split("https://tandem/metrics").is_err());
+        assert!(split("http://user@tandem/metrics").is_err());
     }
 }

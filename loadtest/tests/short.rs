@@ -197,21 +197,15 @@ async fn a_full_server_counts_as_overloaded() {
 
 /// A device token for `user` from `srv`'s admin route.
 async fn device_token(srv: &ServerHandle, admin_key: &str, user: &str) -> String {
-    let reply = tandem_serve::admin_cli::exchange_bytes(
-        &srv.admin_addr().expect("admin listener").to_string(),
-        "POST",
-        "/v1/admin/device-tokens",
-        &[
-            ("authorization".to_owned(), format!("Bearer {admin_key}")),
-            ("content-type".to_owned(), "application/json".to_owned()),
-        ],
-        format!("{{\"user_id\":\"{user}\"}}").as_bytes(),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("issue a token");
+    let admin = srv.admin_addr().expect("admin listener");
+    let base = tandem_http::BaseUrl::parse(&format!("http://{admin}")).expect("base");
+    let mut req = tandem_http::Request::new(tandem_http::Method::POST, "/v1/admin/device-tokens");
+    req.bearer = Some(admin_key);
+    let body = format!("{{\"user_id\":\"{user}\"}}");
+    req.body = Some((body.into(), "application/json"));
+    let reply = tandem_http::send(&base, req).await.expect("issue a token");
     assert_eq!(
-        reply.status,
+        reply.status.as_u16(),
         201,
         "{}",
         String::from_utf8_lossy(&reply.body)

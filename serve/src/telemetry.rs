@@ -340,8 +340,9 @@ fn grpc_tls() -> Result<opentelemetry_otlp::tonic_types::transport::ClientTlsCon
     })
 }
 
-/// The OTLP/HTTP transport: plain HTTP/1.1 requests run on the server's tokio runtime (the
-/// SDK's batch processors call from threads of their own, which have no reactor).
+/// The OTLP/HTTP transport of opentelemetry-otlp's own exporter, sending through
+/// `tandem-http` (the project's one client) on the server's tokio runtime (the SDK's batch
+/// processors call from threads of their own, which have no reactor).
 #[derive(Debug, Clone)]
 struct RuntimeHttpClient {
     rt: tokio::runtime::Handle,
@@ -385,55 +386,39 @@ impl opentelemetry_http::HttpClient for RuntimeHttpClient {
             let auth = uri
                 .authority()
                 .ok_or_else(|| anyhow::anyhow!("OTLP endpoint {uri} has no host"))?;
-            let tls = match uri.scheme_str() {
-                Some("http") => false,
-                Some("https") => true,
-                _ => anyhow::bail!("OTLP endpoint {uri}: the scheme must be https or http"),
-            };
-            let host = auth
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
-            let addr = if auth.port_u16().is_some() {
-                auth.to_string()
-            } else {
-                format!("{}:{port}", auth.as_str())
-            };
+            let scheme = uri.scheme_str().unwrap_or("");
+            let base = tandem_http::BaseUrl::parse(&format!("{scheme}://{auth}"))
+                .map_err(|e| anyhow::anyhow!("OTLP endpoint: {e}"))?;
             let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-            let headers: Vec<(String, String)> = request
-                .headers()
+            let (parts, body) = request.into_parts();
+            let content_type = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/x-protobuf")
+                .to_owned();
+            let mut req = tandem_http::Request::new(parts.method.clone(), &path);
+            req.headers = parts
+                .headers
                 .iter()
-                .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .filter(|(k, _)| {
+                    ![
+                        http::header::CONTENT_TYPE,
+                        http::header::CONTENT_LENGTH,
+                        http::header::HOST,
+                    ]
+                    .contains(k)
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            let reply = if tls {
-                crate::admin_cli::exchange_bytes_tls(
-                    &addr,
-                    &host,
-                    tls_config,
-                    request.method().as_str(),
-                    &path,
-                    &headers,
-                    request.body(),
-                    OTLP_HTTP_TIMEOUT,
-                )
-                .await?
-            } else {
-                crate::admin_cli::exchange_bytes(
-                    &addr,
-                    request.method().as_str(),
-                    &path,
-                    &headers,
-                    request.body(),
-                    OTLP_HTTP_TIMEOUT,
-                )
-                .await?
-            };
+            req.body = Some((body, &content_type));
+            req.timeout = OTLP_HTTP_TIMEOUT;
+            req.tls = Some(tls_config);
+            let reply = tandem_http::send(&base, req).await?;
             let response = http::Response::builder()
                 .status(reply.status)
-                .body(bytes::Bytes::from(reply.body))?;
-            Ok(response)
+                .body(reply.body)?;
+            Ok::<_, anyhow::Error>(response)
         });
         Box::pin(async move {
             match task.await {

@@ -374,19 +374,15 @@ async fn export_round(protocol: &str, tls: bool) {
     assert!(output_tokens > 0);
 
     // One REST call from a partner with a trace of its own (refused: no key).
-    let reply = tandem_serve::admin_cli::exchange_bytes(
-        &serve.addr.to_string(),
-        "GET",
-        "/v1/prompts",
-        &[(
-            "traceparent".to_owned(),
-            format!("00-{PARTNER_TRACE}-{PARTNER_SPAN}-01"),
-        )],
-        b"",
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("rest");
+    let base = tandem_http::BaseUrl::parse(&format!("http://{}", serve.addr)).expect("base");
+    let mut req = tandem_http::Request::new(tandem_http::Method::GET, "/v1/prompts");
+    req.headers.push((
+        tandem_http::header::HeaderName::from_static("traceparent"),
+        format!("00-{PARTNER_TRACE}-{PARTNER_SPAN}-01")
+            .parse()
+            .expect("header"),
+    ));
+    let reply = tandem_http::send(&base, req).await.expect("rest");
     assert_eq!(reply.status, 401);
 
     let status = serve.terminate();

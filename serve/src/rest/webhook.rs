@@ -52,6 +52,9 @@ use crate::store::now_ms;
 /// How long one delivery attempt may take (connect, send, read the answer).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most of a receiver's answer read (only its status matters).
+const MAX_WEBHOOK_ANSWER_BYTES: usize = 4 << 20;
+
 /// The header that carries the signature.
 pub const SIGNATURE_HEADER: &str = "Tandem-Signature";
 
@@ -259,11 +262,18 @@ async fn check(hooks: &Webhooks, id: &PromptId) -> anyhow::Result<()> {
 /// the answer's status (a redirect is just a status that is not 2xx).
 async fn send(hooks: &Webhooks, target: &Target, body: &[u8], signed: &str) -> anyhow::Result<u16> {
     let stream = hooks.policy.connect(target, &hooks.resolver).await?;
-    let headers = [
-        ("Content-Type".to_owned(), "application/json".to_owned()),
-        (SIGNATURE_HEADER.to_owned(), signed.to_owned()),
-    ];
     let (host, path) = (target.host_header(), target.path_and_query());
+    let mut req = tandem_http::Request::new(tandem_http::Method::POST, &path);
+    req.headers.push((
+        tandem_http::header::HeaderName::from_bytes(SIGNATURE_HEADER.as_bytes())?,
+        tandem_http::header::HeaderValue::try_from(signed)?,
+    ));
+    req.body = Some((
+        tandem_http::Bytes::copy_from_slice(body),
+        "application/json",
+    ));
+    req.timeout = ATTEMPT_TIMEOUT;
+    req.max_body_bytes = MAX_WEBHOOK_ANSWER_BYTES;
     let reply = if target.is_https() {
         // TLS over the checked connection: the certificate must name the URL's host.
         let name = target.server_name()?;
@@ -271,11 +281,11 @@ async fn send(hooks: &Webhooks, target: &Target, body: &[u8], signed: &str) -> a
             .connect(name, stream)
             .await
             .map_err(|e| anyhow::anyhow!("TLS with the webhook target: {e}"))?;
-        crate::admin_cli::exchange_on(tls, &host, "POST", &path, &headers, body).await?
+        tandem_http::send_over(tls, &host, req).await?
     } else {
-        crate::admin_cli::exchange_on(stream, &host, "POST", &path, &headers, body).await?
+        tandem_http::send_over(stream, &host, req).await?
     };
-    Ok(reply.status)
+    Ok(reply.status.as_u16())
 }
 
 #[cfg(test)]

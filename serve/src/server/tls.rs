@@ -147,30 +147,7 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfi
 /// Client settings for the server's own outgoing TLS (partner webhooks): the web's public
 /// roots plus the PEM bundle `extra_ca` (a private PKI), if given.
 pub fn client_config(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("reading the CA bundle {}", path.display()))?
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("parsing the CA bundle {}", path.display()))?;
-        if certs.is_empty() {
-            bail!("{} holds no PEM certificate", path.display());
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .with_context(|| format!("a CA in {} was refused", path.display()))?;
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    tandem_http::tls::client_config_with(extra_ca).map_err(anyhow::Error::msg)
 }
 
 /// Accepted TCP connections after their TLS handshake, for `axum::serve`.
