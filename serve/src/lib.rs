@@ -1,8 +1,8 @@
 //! `tandem-serve`: the cloud side of Tandem.
 //!
 //! # Layout
-//! The engine thread and `tandem bench` live in `tandem-engine`; this crate serves it.
-//! - [`audit`]: `tandem audit-privacy`, the privacy audit (prompt recovery vs utility).
+//! The engine thread and `tandem bench` live in `tandem-engine`, the privacy audit in
+//! `tandem-privacy`; this crate serves the engine.
 //! - [`store`]: the session store (in memory or Redis).
 //! - [`server`]: `tandem serve`, the WebSocket front end devices connect to; it also serves
 //!   the REST routes.
@@ -15,7 +15,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_cli;
-pub mod audit;
 pub mod metrics;
 pub mod rest;
 pub mod server;

@@ -45,7 +45,7 @@ enum Command {
     Admin(tandem_serve::admin_cli::AdminArgs),
     /// Play the server as an attacker: how much of a prompt the hidden states give away at
     /// each split depth, wire encoding and noise level, beside the quality cost.
-    AuditPrivacy(Box<tandem_serve::audit::AuditArgs>),
+    AuditPrivacy(Box<tandem_privacy::AuditArgs>),
     /// Write a random-weight bf16 checkpoint with the exact shapes of a real Llama model
     /// (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b), to measure the engine at real scale, or
     /// a tiny one (`tiny`) for device checks.
@@ -440,7 +440,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(*a),
-        Command::AuditPrivacy(a) => tandem_serve::audit::run_cli(*a),
+        Command::AuditPrivacy(a) => tandem_privacy::run_cli(*a),
         Command::RandomModel(a) => random_model(a),
         Command::DeviceCheck(a) => device_check(a),
         Command::Admin(a) => match tandem_serve::admin_cli::run(a) {

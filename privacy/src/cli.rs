@@ -8,10 +8,10 @@ use clap::Args;
 use tandem_model::checkpoint::{is_split_dir, Checkpoint};
 use tandem_protocol::HiddenDtype;
 
-use super::cost;
-use super::prompts::EARLIER_REQUESTS;
-use super::prompts::{self, GENERIC_TEXT};
-use super::run::{audit, AuditInputs, AuditReport, AuditSettings, ExhaustiveSettings, NoiseLevel};
+use crate::cost;
+use crate::prompts::EARLIER_REQUESTS;
+use crate::prompts::{self, GENERIC_TEXT};
+use crate::run::{audit, AuditInputs, AuditReport, AuditSettings, ExhaustiveSettings, NoiseLevel};
 
 /// Flags of `tandem audit-privacy`.
 #[derive(Args, Debug)]
@@ -205,7 +205,7 @@ pub fn run_cli(a: AuditArgs) -> Result<()> {
     }
     out.flush()?;
     if let Some(path) = &a.plot {
-        let text = super::plot::write_png(&report, path, a.plot_font.as_deref())?;
+        let text = crate::plot::write_png(&report, path, a.plot_font.as_deref())?;
         eprintln!(
             "wrote {}{}",
             path.display(),

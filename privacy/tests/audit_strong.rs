@@ -12,11 +12,11 @@ use candle_core::{DType, Device};
 use tandem_model::checkpoint::Checkpoint;
 use tandem_model::split::{LoadOptions, EMBED};
 use tandem_model::{EdgeModel, SplitPoint};
+use tandem_privacy::attack::{edge_rows, AttackerView, EmbeddingIndex};
+use tandem_privacy::exhaustive::{Exhaustive, PositionOutcome, StopRule};
+use tandem_privacy::prompts::{self, AuditPrompt, EARLIER_REQUESTS, GENERIC_TEXT};
+use tandem_privacy::{audit, AuditInputs, AuditReport, AuditSettings, ExhaustiveSettings};
 use tandem_protocol::HiddenDtype;
-use tandem_serve::audit::attack::{edge_rows, AttackerView, EmbeddingIndex};
-use tandem_serve::audit::exhaustive::{Exhaustive, PositionOutcome, StopRule};
-use tandem_serve::audit::prompts::{self, AuditPrompt, EARLIER_REQUESTS, GENERIC_TEXT};
-use tandem_serve::audit::{audit, AuditInputs, AuditReport, AuditSettings, ExhaustiveSettings};
 
 fn tiny_model(dir: &Path, spec: usize) -> Checkpoint {
     let spec = &common::specs()[spec];
@@ -239,7 +239,7 @@ fn output_pairs_attack_improves_with_more_pairs_and_is_seeded() {
         "{clean:?}"
     );
     let best =
-        |p: &tandem_serve::audit::pairs::PairsRecovery| p.centroid_recovery.max(p.linear_recovery);
+        |p: &tandem_privacy::pairs::PairsRecovery| p.centroid_recovery.max(p.linear_recovery);
     assert!(
         best(&clean[2]) > best(&clean[0]) + 0.05,
         "more pairs, more recovery: {clean:?}"

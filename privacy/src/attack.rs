@@ -13,7 +13,7 @@
 //! exact edge forward, batched as `M` one-token sequences that all attend to the prefix's
 //! cached K/V ([`CandidateKv`]). A token outside the shortlist cannot be recovered, so the
 //! figure is a lower bound on what an attacker with more compute gets;
-//! [`super::exhaustive`] is that attacker.
+//! [`crate::exhaustive`] is that attacker.
 //!
 //! # Learned inversion ([`RidgeDecoder`])
 //! A linear map from a received row (plus a constant) into the embedding space, fitted by

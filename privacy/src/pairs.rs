@@ -16,7 +16,7 @@
 //!   tokens it never saw.
 //!
 //! The earlier generations are sampled by the audit itself ([`generate`]) from
-//! [`super::prompts::EARLIER_REQUESTS`], seeded; the first `N` pairs are taken round-robin
+//! [`crate::prompts::EARLIER_REQUESTS`], seeded; the first `N` pairs are taken round-robin
 //! over the generations (`N / R` from each of `R`).
 //!
 //! Costs: generating is one whole-model forward per output token (once per audit); per depth,
@@ -33,7 +33,7 @@ use tandem_model::sampling::Sampler;
 use tandem_model::{CloudModel, ContiguousKv, EdgeModel};
 use tandem_protocol::Sampling;
 
-use super::attack::{edge_rows, top_m, EmbeddingIndex, RidgeDecoder};
+use crate::attack::{edge_rows, top_m, EmbeddingIndex, RidgeDecoder};
 
 /// One earlier generation: the request's tokens followed by the sampled output.
 #[derive(Clone, Debug)]

@@ -77,7 +77,7 @@ dishwasher and plenty of cupboards. The team will present the new design to the 
 on Thursday and collect feedback afterwards.";
 
 /// Requests the device answered before the audited prompts: the output-pairs attacker
-/// ([`super::pairs`]) learns from the rows of the tokens generated after them. Generic on
+/// ([`crate::pairs`]) learns from the rows of the tokens generated after them. Generic on
 /// purpose: no names, addresses or numbers of the audited prompts.
 pub const EARLIER_REQUESTS: &[&str] = &[
     "Write a short story about a lighthouse keeper and a storm.",

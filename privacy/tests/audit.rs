@@ -1,16 +1,15 @@
 //! `tandem audit-privacy` on a tiny generated model: with no noise the attack reads the
 //! prompt back at k = 1; noise makes it fail progressively; the same seed gives the same
-//! report; the command prints its table and JSON.
+//! report. (The command's table and JSON: `serve/tests/audit_cli.rs`, beside the binary.)
 
 use tandem_testkit::tiny as common;
 
 use std::path::Path;
-use std::process::Command;
 
 use tandem_model::checkpoint::Checkpoint;
+use tandem_privacy::prompts::{self, GENERIC_TEXT};
+use tandem_privacy::{audit, AuditInputs, AuditReport, AuditSettings, NoiseLevel};
 use tandem_protocol::HiddenDtype;
-use tandem_serve::audit::prompts::{self, GENERIC_TEXT};
-use tandem_serve::audit::{audit, AuditInputs, AuditReport, AuditSettings, NoiseLevel};
 
 fn tiny_model(dir: &Path) -> Checkpoint {
     let spec = &common::specs()[0];
@@ -157,49 +156,4 @@ fn same_seed_same_report_and_wire_sizes() {
     }
     assert_eq!(a.costs[0].edge_layers, 2);
     assert!(a.costs[0].flops_per_token > 0 && a.costs[0].kv_bytes_per_token_f32 == 2 * 2 * 32 * 4);
-}
-
-#[test]
-fn the_command_prints_a_table_and_json() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    tiny_model(tmp.path());
-    let model = tmp.path().to_str().expect("utf8");
-    let out = audit_cli(&["--model", model, "--edge-layers", "1,2", "--cost-only"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().count(), 3, "{text}");
-    let out = audit_cli(&[
-        "--model",
-        model,
-        "--noise",
-        "none",
-        "--gen-tokens",
-        "2",
-        "--random-sequences",
-        "2",
-        "--shortlist",
-        "8",
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["cells"].as_array().expect("cells").len(), 1);
-    assert_eq!(
-        v["prompts"].as_array().expect("prompts").len(),
-        prompts::BUILTIN.len()
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[audit"));
-}
-
-/// Runs `tandem audit-privacy ARGS` and answers its output; it must succeed.
-fn audit_cli(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .arg("audit-privacy")
-        .args(args)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }

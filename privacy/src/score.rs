@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::exhaustive::PositionOutcome;
-use super::pairs::PairsRecovery;
+use crate::exhaustive::PositionOutcome;
+use crate::pairs::PairsRecovery;
 
 /// What the exhaustive attack found in one cell, and what it cost.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -1,4 +1,4 @@
-//! `tandem audit-privacy`: how much of a prompt could the cloud read back from the hidden
+//! `tandem-privacy`, the privacy audit behind `tandem audit-privacy`: how much of a prompt could the cloud read back from the hidden
 //! states it receives, and what does protecting them cost? (DESIGN.md §11, docs/privacy.md.)
 //!
 //! For each split depth `k`, wire encoding and noise level, the audit plays the device and
@@ -29,6 +29,8 @@
 //! - [`cost`]: the edge's memory and compute per split depth.
 //! - [`plot`]: the PNG curve.
 //! - [`run`]: the audit itself; [`cli`]: the command's flags and output.
+
+#![forbid(unsafe_code)]
 
 pub mod attack;
 pub mod cli;

@@ -1,4 +1,4 @@
-//! Exhaustive inversion: the nearest-neighbour attack of [`super::attack`] without its
+//! Exhaustive inversion: the nearest-neighbour attack of [`crate::attack`] without its
 //! shortlist. The server holds the weights; a decoder-only transformer's map from tokens to
 //! hidden states is injective (Nikolaou et al., ICLR 2026), so it can read the prompt back
 //! exactly by trying every token at every position.
@@ -43,7 +43,7 @@ use candle_core::{Device, Tensor};
 use tandem_model::EdgeModel;
 use tandem_protocol::HiddenDtype;
 
-use super::attack::{candidate_distances, AttackerView, CandidateKv, EmbeddingIndex};
+use crate::attack::{candidate_distances, AttackerView, CandidateKv, EmbeddingIndex};
 
 /// When the search may stop before the end of its order (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq)]

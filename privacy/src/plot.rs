@@ -13,7 +13,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use tandem_report::charts::{encode_png, load_font};
 
-use super::run::AuditReport;
+use crate::run::AuditReport;
 
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 520;
@@ -24,7 +24,7 @@ struct Series {
     values: Vec<f64>,
 }
 
-fn series(report: &AuditReport, metric: impl Fn(&super::run::Cell) -> f64) -> Vec<Series> {
+fn series(report: &AuditReport, metric: impl Fn(&crate::run::Cell) -> f64) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::new();
     let several_wires = report.settings.wire.len() > 1;
     for c in &report.cells {

@@ -1,5 +1,5 @@
 //! The audit loop: per split depth, wire encoding and noise level, utility and recovery.
-//! See the module doc of [`crate::audit`].
+//! See the crate doc ([`crate`]).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -13,12 +13,12 @@ use tandem_model::split::{LoadOptions, EMBED};
 use tandem_model::{CloudModel, ContiguousKv, EdgeModel, SplitPoint};
 use tandem_protocol::{f32_to_hidden, hidden_to_f32, HiddenDtype};
 
-use super::attack::{edge_rows, AttackerView, EmbeddingIndex, NearestNeighbour, RidgeDecoder};
-use super::cost::{edge_cost, EdgeCost};
-use super::exhaustive::{Exhaustive, StopRule};
-use super::pairs::{self, Generation, PairSet, PairsAttack, PairsRecovery};
-use super::prompts::AuditPrompt;
-use super::score::{ratio, ExhaustiveSummary, Tally};
+use crate::attack::{edge_rows, AttackerView, EmbeddingIndex, NearestNeighbour, RidgeDecoder};
+use crate::cost::{edge_cost, EdgeCost};
+use crate::exhaustive::{Exhaustive, StopRule};
+use crate::pairs::{self, Generation, PairSet, PairsAttack, PairsRecovery};
+use crate::prompts::AuditPrompt;
+use crate::score::{ratio, ExhaustiveSummary, Tally};
 
 /// One noise setting of the audit.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -110,7 +110,7 @@ impl Default for AuditSettings {
     }
 }
 
-/// How the exhaustive attack searches (see [`super::exhaustive`]).
+/// How the exhaustive attack searches (see [`crate::exhaustive`]).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct ExhaustiveSettings {
     /// Candidates per position on noise-free cells (no noise, or clipping only), which stop
