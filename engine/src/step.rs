@@ -512,34 +512,14 @@ impl<'t> Loop<'t> {
         }
     }
 
+    /// One step's work: the cloud layers over the batch's rows, then the LM head, sampling and
+    /// delivery on the rows that sample only.
     fn forward_and_sample(&mut self, batch: &Batch) -> Result<StepOutcome, EngineError> {
         let model_err = |e: tandem_model::ModelError| EngineError::Model(e.to_string());
         for op in &batch.copies {
             self.storage.copy(*op)?;
         }
-        let h = self.cloud.config().hidden_size;
-        let mut rows = Vec::with_capacity(batch.num_tokens() * h);
-        let mut spans = Vec::with_capacity(batch.items.len());
-        let mut sample_rows = Vec::new();
-        for item in &batch.items {
-            let s = self
-                .sessions
-                .get(&item.id)
-                .ok_or(EngineError::UnknownSession(item.id.0))?;
-            rows.extend_from_slice(&s.hidden[item.start * h..(item.start + item.len) * h]);
-            if item.sample {
-                // The item's last rows, just appended: one, or the token before the drafts
-                // and the drafts.
-                let end = rows.len() / h;
-                for r in end - item.sample_rows.clamp(1, item.len)..end {
-                    sample_rows.push((r as u32, item.id));
-                }
-            }
-            spans.push((item.start, item.len));
-        }
-        let ctx = ForwardCtx::varlen(&spans);
-        let x = Tensor::from_vec(rows, (ctx.num_tokens(), h), &Device::Cpu)
-            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let (x, ctx, sample_rows) = self.gather(batch)?;
         let tables: Vec<&BlockTable> = batch
             .items
             .iter()
@@ -562,43 +542,13 @@ impl<'t> Loop<'t> {
             let _ = out.device().synchronize();
             (t0, Instant::now())
         });
-        let mut finished = Vec::new();
         if sample_rows.is_empty() {
-            return Ok(StepOutcome { finished });
+            return Ok(StepOutcome {
+                finished: Vec::new(),
+            });
         }
-        let idx: Vec<u32> = sample_rows.iter().map(|&(r, _)| r).collect();
-        let idx = Tensor::from_vec(idx, sample_rows.len(), out.device())
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-        let picked = out
-            .index_select(&idx, 0)
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-        let logits = self.cloud.logits(&picked).map_err(model_err)?;
-        let vocab = logits
-            .dim(1)
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-        let logits_done = Instant::now();
-        let cap = self.draft_cap(batch.num_samples());
-        if let Some(o) = &self.observer {
-            o.draft_cap(cap);
-        }
-        let sessions = &mut self.sessions;
-        if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-            // Read in place (a decode step of 64 sessions would copy 64 vocabulary rows).
-            finished.extend(
-                tandem_model::cpu::with_f32(&logits, |l| {
-                    deliver_rows(sessions, &sample_rows, l, vocab, cap)
-                })
-                .map_err(|e| EngineError::Model(e.to_string()))?,
-            );
-        } else {
-            // One flat copy to the host (not a `Vec` per row).
-            let logits: Vec<f32> = logits
-                .to_dtype(DType::F32)
-                .and_then(|l| l.flatten_all())
-                .and_then(|l| l.to_vec1())
-                .map_err(|e| EngineError::Model(e.to_string()))?;
-            finished.extend(deliver_rows(sessions, &sample_rows, &logits, vocab, cap));
-        }
+        let (finished, logits_done) =
+            self.sample_and_deliver(&out, &sample_rows, batch.num_samples())?;
         if let Some((t0, t1)) = layers_done {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             tracing::debug!(
@@ -612,5 +562,77 @@ impl<'t> Loop<'t> {
             );
         }
         Ok(StepOutcome { finished })
+    }
+
+    /// The batch's input rows as one `(rows, hidden)` tensor, its varlen context, and the
+    /// rows that sample with their sessions (an item's last row, or the row before its drafts
+    /// and the drafts).
+    fn gather(
+        &self,
+        batch: &Batch,
+    ) -> Result<(Tensor, ForwardCtx, Vec<(u32, SeqId)>), EngineError> {
+        let h = self.cloud.config().hidden_size;
+        let mut rows = Vec::with_capacity(batch.num_tokens() * h);
+        let mut spans = Vec::with_capacity(batch.items.len());
+        let mut sample_rows = Vec::new();
+        for item in &batch.items {
+            let s = self
+                .sessions
+                .get(&item.id)
+                .ok_or(EngineError::UnknownSession(item.id.0))?;
+            rows.extend_from_slice(&s.hidden[item.start * h..(item.start + item.len) * h]);
+            if item.sample {
+                let end = rows.len() / h;
+                for r in end - item.sample_rows.clamp(1, item.len)..end {
+                    sample_rows.push((r as u32, item.id));
+                }
+            }
+            spans.push((item.start, item.len));
+        }
+        let ctx = ForwardCtx::varlen(&spans);
+        let x = Tensor::from_vec(rows, (ctx.num_tokens(), h), &Device::Cpu)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        Ok((x, ctx, sample_rows))
+    }
+
+    /// The LM head on the sampled rows of `out`, then sampling and delivery to each session;
+    /// returns the sessions that ended and when the logits were ready.
+    fn sample_and_deliver(
+        &mut self,
+        out: &Tensor,
+        sample_rows: &[(u32, SeqId)],
+        decoders: usize,
+    ) -> Result<(Vec<SeqId>, Instant), EngineError> {
+        let candle = |e: candle_core::Error| EngineError::Model(e.to_string());
+        let idx: Vec<u32> = sample_rows.iter().map(|&(r, _)| r).collect();
+        let idx = Tensor::from_vec(idx, sample_rows.len(), out.device()).map_err(candle)?;
+        let picked = out.index_select(&idx, 0).map_err(candle)?;
+        let logits = self
+            .cloud
+            .logits(&picked)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let vocab = logits.dim(1).map_err(candle)?;
+        let logits_done = Instant::now();
+        let cap = self.draft_cap(decoders);
+        if let Some(o) = &self.observer {
+            o.draft_cap(cap);
+        }
+        let sessions = &mut self.sessions;
+        let finished = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+            // Read in place (a decode step of 64 sessions would copy 64 vocabulary rows).
+            tandem_model::cpu::with_f32(&logits, |l| {
+                deliver_rows(sessions, sample_rows, l, vocab, cap)
+            })
+            .map_err(|e| EngineError::Model(e.to_string()))?
+        } else {
+            // One flat copy to the host (not a `Vec` per row).
+            let logits: Vec<f32> = logits
+                .to_dtype(DType::F32)
+                .and_then(|l| l.flatten_all())
+                .and_then(|l| l.to_vec1())
+                .map_err(candle)?;
+            deliver_rows(sessions, sample_rows, &logits, vocab, cap)
+        };
+        Ok((finished, logits_done))
     }
 }
