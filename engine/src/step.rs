@@ -133,6 +133,10 @@ pub(crate) fn run(
     }
 }
 
+/// A batch's input rows as one tensor, its varlen context, and the rows that sample with
+/// their sessions ([`Loop::gather`]).
+type Gathered = (Tensor, ForwardCtx, Vec<(u32, SeqId)>);
+
 impl<'t> Loop<'t> {
     /// Handles commands until every expected device has answered or the last of their
     /// deadlines passes, then forgets them (they are waited for once per token).
@@ -567,10 +571,7 @@ impl<'t> Loop<'t> {
     /// The batch's input rows as one `(rows, hidden)` tensor, its varlen context, and the
     /// rows that sample with their sessions (an item's last row, or the row before its drafts
     /// and the drafts).
-    fn gather(
-        &self,
-        batch: &Batch,
-    ) -> Result<(Tensor, ForwardCtx, Vec<(u32, SeqId)>), EngineError> {
+    fn gather(&self, batch: &Batch) -> Result<Gathered, EngineError> {
         let h = self.cloud.config().hidden_size;
         let mut rows = Vec::with_capacity(batch.num_tokens() * h);
         let mut spans = Vec::with_capacity(batch.items.len());
