@@ -249,21 +249,7 @@ impl Engine {
     /// accepted them (between two steps), so scheduler refusals come back typed; shape and
     /// finiteness are checked in the caller's thread first.
     pub fn push_hidden(&self, id: SeqId, data: Vec<f32>, rows: usize, complete: bool) -> Reply<()> {
-        if let Err(e) = self.check_hidden(&data, rows) {
-            return Reply::ready(Err(e));
-        }
-        self.command(
-            |ack| Command::Hidden {
-                id,
-                data,
-                rows,
-                complete,
-                first_position: None,
-                drafts: 0,
-                ack: Some(ack),
-            },
-            (),
-        )
+        self.hidden(id, data, rows, complete, None, 0)
     }
 
     /// [`Self::push_hidden`] of an input at `first_position` whose last `drafts` rows are
@@ -280,21 +266,7 @@ impl Engine {
         first_position: usize,
         drafts: usize,
     ) -> Reply<()> {
-        if let Err(e) = self.check_hidden(&data, rows) {
-            return Reply::ready(Err(e));
-        }
-        self.command(
-            |ack| Command::Hidden {
-                id,
-                data,
-                rows,
-                complete: true,
-                first_position: Some(first_position),
-                drafts,
-                ack: Some(ack),
-            },
-            (),
-        )
+        self.hidden(id, data, rows, true, Some(first_position), drafts)
     }
 
     /// [`Self::push_hidden_at`] without an answer (as [`Self::push_hidden_nowait`]); any
@@ -308,16 +280,7 @@ impl Engine {
         first_position: usize,
         drafts: usize,
     ) -> Result<(), EngineError> {
-        self.check_hidden(&data, rows)?;
-        self.send(Command::Hidden {
-            id,
-            data,
-            rows,
-            complete,
-            first_position: Some(first_position),
-            drafts,
-            ack: None,
-        })
+        self.hidden_nowait(id, data, rows, complete, Some(first_position), drafts)
     }
 
     /// Like [`Self::push_hidden`] but returns as soon as the input is validated and queued:
@@ -330,14 +293,54 @@ impl Engine {
         rows: usize,
         complete: bool,
     ) -> Result<(), EngineError> {
+        self.hidden_nowait(id, data, rows, complete, None, 0)
+    }
+
+    /// Checks an input in the caller's thread, then hands it over; the engine answers.
+    fn hidden(
+        &self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+        first_position: Option<usize>,
+        drafts: usize,
+    ) -> Reply<()> {
+        if let Err(e) = self.check_hidden(&data, rows) {
+            return Reply::ready(Err(e));
+        }
+        self.command(
+            |ack| Command::Hidden {
+                id,
+                data,
+                rows,
+                complete,
+                first_position,
+                drafts,
+                ack: Some(ack),
+            },
+            (),
+        )
+    }
+
+    /// [`Self::hidden`] without an answer: a refusal goes to the session's events.
+    fn hidden_nowait(
+        &self,
+        id: SeqId,
+        data: Vec<f32>,
+        rows: usize,
+        complete: bool,
+        first_position: Option<usize>,
+        drafts: usize,
+    ) -> Result<(), EngineError> {
         self.check_hidden(&data, rows)?;
         self.send(Command::Hidden {
             id,
             data,
             rows,
             complete,
-            first_position: None,
-            drafts: 0,
+            first_position,
+            drafts,
             ack: None,
         })
     }
