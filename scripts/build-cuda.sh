@@ -13,16 +13,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-cuda.sh
 # shellcheck source=/dev/null
 source target/cuda-venv/env.sh
+# The crates with CUDA code of their own (the engine's GPU KV cache, the server's device
+# option) and the binary; clippy lints the packages named, and the feature reaches the rest.
+lint_packages=(-p tandem-cli -p tandem-serve -p tandem-engine -p tandem-kvcache -p tandem-model)
 if [[ "${1:-}" == --lint-only ]]; then
     t0=$(date +%s)
-    cargo clippy --release --locked -p tandem-serve --features cuda -- -D warnings
+    cargo clippy --release --locked "${lint_packages[@]}" --features tandem-cli/cuda -- -D warnings
     echo "build-cuda: clippy --features cuda clean in $(($(date +%s) - t0))s (CUDA $(nvcc --version | grep -oE 'release [0-9.]+'), sm_${CUDA_COMPUTE_CAP})"
     exit 0
 fi
 t0=$(date +%s)
-cargo build --release --locked -p tandem-serve --features cuda
+cargo build --release --locked -p tandem-cli --features cuda
 t1=$(date +%s)
-cargo clippy --release --locked -p tandem-serve --features cuda -- -D warnings
+cargo clippy --release --locked "${lint_packages[@]}" --features tandem-cli/cuda -- -D warnings
 t2=$(date +%s)
 rm -rf target/gpu && mkdir -p target/gpu
 strip -o target/gpu-tandem target/release/tandem

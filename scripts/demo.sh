@@ -24,7 +24,7 @@ step "2/5 building tandem and tandem-edge (release; the first build takes severa
 # Swagger UI's assets are built into the server for its /docs page (npm registry, pinned);
 # without npm the server still builds and /docs says how to add them.
 scripts/fetch-swagger-ui.sh || echo "demo: continuing without Swagger UI (/docs answers 503)" >&2
-cargo build --release -q -p tandem-serve -p tandem-edge --bins
+cargo build --release -q -p tandem-cli -p tandem-edge --bins
 
 if [ ! -f "$split/cloud/manifest.json" ] || [ ! -f "$split/edge/manifest.json" ]; then
     step "3/5 splitting the model after layer $k into $split/"

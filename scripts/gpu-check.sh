@@ -3,7 +3,7 @@
 #
 # Here (no GPU needed):
 #   scripts/install-cuda.sh && source target/cuda-venv/env.sh
-#   cargo build --release -p tandem-serve --features cuda
+#   cargo build --release -p tandem-cli --features cuda
 #   (or all three: scripts/build-cuda.sh, which leaves target/gpu/tandem.gz)
 # There (the device tool carries target/gpu; the machine has CUDA 13 and its libraries in
 # Python's site-packages, no Rust and no network):

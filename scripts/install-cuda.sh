@@ -6,7 +6,7 @@
 #
 #   scripts/install-cuda.sh            # idempotent; about 1.5 GB, a minute or two
 #   source target/cuda-venv/env.sh     # CUDA_HOME, PATH, CUDA_COMPUTE_CAP for cargo
-#   cargo build --release -p tandem-serve --features cuda
+#   cargo build --release -p tandem-cli --features cuda
 #
 # Versions: CUDA 13.0, the release of the lent GPU machines' driver (580, CUDA 13.0) and nvcc.
 # PTX from a newer nvcc (13.5 writes PTX ISA 9.5) is refused by an older driver's JIT, so the

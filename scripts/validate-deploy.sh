@@ -465,7 +465,9 @@ if check(toml_text is not None, "k8s: no tandem.toml in tandem-config-file"):
 # Variables announced for the server that may not be in its source yet (none now).
 PENDING = set()
 known = set()
-for rs in (root / "serve/src").rglob("*.rs"):
+# The server's variables are read by the library (serve/src) and by `tandem serve`'s flags
+# (cli/src).
+for rs in [*(root / "serve/src").rglob("*.rs"), *(root / "cli/src").rglob("*.rs")]:
     known |= set(re.findall(r'"(TANDEM_[A-Z0-9_]+)"', rs.read_text()))
 used = set(env_cm)
 for n in tandem_services:
@@ -476,10 +478,10 @@ used = {v for v in used if v.startswith("TANDEM_")}
 if known:
     for v in sorted(used - known):
         if v in PENDING:
-            print(f"note: {v} is set but not read by serve/src yet (announced)")
+            print(f"note: {v} is set but not read by serve/src or cli/src yet (announced)")
         else:
-            check(False, f"{v} is set in deploy/ but serve/src never reads it (typo?)")
-    ok(f"server environment: {len(used)} TANDEM_* variables checked against serve/src")
+            check(False, f"{v} is set in deploy/ but neither serve/src nor cli/src reads it (typo?)")
+    ok(f"server environment: {len(used)} TANDEM_* variables checked against serve/src and cli/src")
 
 # ------------------------------------------------------------------ dashboard
 metrics_txt = [l.strip() for l in (deploy / "metrics.txt").read_text().splitlines() if l.strip()]

@@ -25,8 +25,8 @@ use tandem_protocol::{f32_to_hidden, HiddenDtype, HiddenRef};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Bytes;
 
-use crate::client::ClientError;
-use crate::EdgeSession;
+use crate::error::ClientError;
+use crate::session::EdgeSession;
 
 /// One step of the edge layers.
 #[derive(Clone, Debug)]
@@ -63,7 +63,7 @@ pub(crate) struct EdgeCompute {
 
 impl EdgeCompute {
     pub(crate) fn new(session: EdgeSession, noiser: Option<RowNoiser>, dtype: HiddenDtype) -> Self {
-        let hidden_size = session.model.config().hidden_size;
+        let hidden_size = session.model().config().hidden_size;
         Self {
             session,
             noiser,

@@ -33,6 +33,15 @@
 //! - [`openai`]: the OpenAI-compatible endpoint on the device's loopback
 //!   ([`openai::serve`]), for apps that already speak to a model through an OpenAI SDK.
 //! - `cli` (feature `cli`, on by default): the `tandem-edge` command.
+//! - Private: `error` (the crate's error types, re-exported where callers find them),
+//!   `device_token` ([`DeviceToken`]), `session` ([`EdgeSession`]), `compute` (the edge
+//!   steps on the blocking pool) and `driver`.
+//!
+//! The modules form layers, each using only those below it: `error`; `device_token`, then
+//! [`tls`]; [`sanitize`], [`prompt`], [`transparency`], [`conversation`]; the inbox's
+//! configuration and REST calls; [`client`]'s configuration and events, the `driver` task
+//! (over `compute` and `session`) and [`EdgeClient`]; answering inbox prompts
+//! ([`inbox`]'s `answer`); [`openai`] and `cli` on top.
 //!
 //! # Threads
 //! The edge layers never run on an async worker: each step of a generation (a prompt chunk
@@ -54,20 +63,20 @@ pub mod cli;
 pub mod client;
 mod compute;
 pub mod conversation;
+mod device_token;
 pub mod draft;
 mod driver;
+mod error;
 pub mod inbox;
 pub mod openai;
 pub mod prompt;
 pub mod sanitize;
+mod session;
 pub mod tls;
 pub mod transparency;
 pub mod transport;
 
-use std::sync::Arc;
-
 pub use bundle::EdgeBundle;
-use candle_core::Tensor;
 pub use client::{
     ClientConfig, ClientError, EdgeClient, Event, Finished, GenerateRequest, Generation, Timings,
     Usage, WireStats,
@@ -82,57 +91,7 @@ pub use prompt::{
     assemble, AssembledPrompt, FieldUse, Profile, ProfileSettings, PromptError, PromptTemplate,
 };
 pub use sanitize::{Redaction, Rule, Sanitizer, SanitizerConfig};
-use tandem_model::{ContiguousKv, ForwardCtx};
+pub use session::EdgeSession;
 pub use tandem_model::{EdgeModel, ModelError};
 pub use transparency::{ModelInfo, TransparencyRecord};
 pub use transport::{ReconnectPolicy, ServerList};
-
-/// One conversation on the device: the shared edge weights plus this conversation's cache.
-#[derive(Debug)]
-pub struct EdgeSession {
-    model: Arc<EdgeModel>,
-    kv: ContiguousKv,
-    position: usize,
-}
-
-impl EdgeSession {
-    /// A new, empty session over `model`.
-    pub fn new(model: Arc<EdgeModel>) -> Self {
-        let cfg = model.config();
-        let kv = ContiguousKv::new(cfg.num_hidden_layers, cfg.max_position_embeddings);
-        Self {
-            model,
-            kv,
-            position: 0,
-        }
-    }
-
-    /// Positions consumed so far (the next token's position).
-    pub fn position(&self) -> usize {
-        self.position
-    }
-
-    /// Forgets the positions from `position` on (draft tokens the cloud did not confirm);
-    /// a position at or past the current one changes nothing.
-    pub fn truncate(&mut self, position: usize) -> Result<(), ModelError> {
-        if position < self.position {
-            self.kv.truncate(position)?;
-            self.position = position;
-        }
-        Ok(())
-    }
-
-    /// Runs the edge layers over `tokens` (a prompt chunk, or the one token the cloud sent
-    /// back) and returns their hidden states `[tokens, hidden]`. On error nothing is consumed.
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        if tokens.is_empty() {
-            return Err(ModelError::Input("no tokens to feed".into()));
-        }
-        let ctx = ForwardCtx::single(self.position, tokens.len());
-        let mut kv = self.kv.clone(); // cheap: tensors are reference-counted
-        let hidden = self.model.forward(tokens, &ctx, &mut kv)?;
-        self.kv = kv;
-        self.position += tokens.len();
-        Ok(hidden)
-    }
-}

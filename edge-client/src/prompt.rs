@@ -38,7 +38,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value, ValueKind};
@@ -47,89 +47,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use tandem_model::chat::{ChatMessage, ChatTemplate};
 use tandem_model::tokenizer::TextTokenizer;
-use tandem_model::ModelError;
 
+pub use crate::error::PromptError;
 use crate::sanitize::{Redaction, Sanitizer};
 
 /// Name of the template in its environment (appears in error messages).
 const TEMPLATE_NAME: &str = "prompt";
-
-/// Errors from loading profiles and templates, configuring the sanitizer and assembling a
-/// prompt. Messages name files, fields and rules, never profile values.
-#[derive(Debug, thiserror::Error)]
-pub enum PromptError {
-    /// A file could not be read.
-    #[error("{what} {path}: {error}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    /// The profile is not valid JSON.
-    #[error("profile{}: not valid JSON: {reason}", origin(.path))]
-    ProfileJson {
-        path: Option<PathBuf>,
-        reason: String,
-    },
-    /// The profile is valid JSON but not an object of fields.
-    #[error("profile{}: must be a JSON object of fields, found {found}", origin(.path))]
-    ProfileNotObject {
-        path: Option<PathBuf>,
-        found: &'static str,
-    },
-    /// A setting in the profile (see [`ProfileSettings`]) has the wrong shape.
-    #[error("profile{}: setting `{key}` {reason}", origin(.path))]
-    ProfileSetting {
-        path: Option<PathBuf>,
-        key: &'static str,
-        reason: String,
-    },
-    /// The prompt template does not compile.
-    #[error("prompt template: {0}")]
-    TemplateSyntax(String),
-    /// The template uses fields (or nested keys, `address.city`) the profile does not have.
-    #[error("the prompt template uses {} that the profile does not have", field_list(.fields))]
-    MissingFields { fields: Vec<String> },
-    /// The template failed while rendering for another reason.
-    #[error("prompt template: rendering failed: {0}")]
-    TemplateRender(String),
-    /// A sanitizer rule is invalid.
-    #[error("sanitizer rule `{name}`: {reason}")]
-    Rule { name: String, reason: String },
-    /// The sanitizer configuration disables a rule that does not exist.
-    #[error("sanitizer: there is no rule named `{0}` to disable")]
-    UnknownRule(String),
-    /// A system prompt was given for a model without a chat template.
-    #[error("a system prompt needs a chat template, and none was given for this model")]
-    SystemWithoutChatTemplate,
-    /// The rendered user turn contains a control token's text: the template or a profile value
-    /// tried to write chat structure (e.g. open a turn posing as the system prompt).
-    #[error(
-        "the rendered prompt contains the model's control token `{0}` (from the template or a \
-         profile value); prompt text may not contain control tokens"
-    )]
-    ControlToken(String),
-    /// The prompt came out with no tokens.
-    #[error("the assembled prompt has no tokens")]
-    EmptyPrompt,
-    /// The chat template or the tokenizer failed.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-}
-
-fn origin(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| format!(" {}", p.display()))
-        .unwrap_or_default()
-}
-
-fn field_list(fields: &[String]) -> String {
-    let quoted: Vec<String> = fields.iter().map(|f| format!("`{f}`")).collect();
-    match quoted.as_slice() {
-        [one] => format!("the field {one}"),
-        _ => format!("the fields {}", quoted.join(", ")),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Profile

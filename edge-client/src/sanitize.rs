@@ -46,7 +46,7 @@ use std::ops::Range;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::prompt::PromptError;
+use crate::error::PromptError;
 
 /// The capture group that, when a pattern has it, is the only part of a match replaced.
 pub const VALUE_GROUP: &str = "value";

@@ -14,6 +14,8 @@ use tokio_tungstenite::tungstenite;
 
 pub use rustls::pki_types::CertificateDer;
 
+use crate::device_token::DeviceToken;
+
 /// [`client_config`]'s result, built once and shared (parsing the root set is not free).
 pub(crate) type SharedClientConfig =
     Arc<std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>>;
@@ -31,7 +33,7 @@ pub use tandem_http::tls::client_config;
 /// when there is one. Fails on a URL that cannot be a request (a configuration error).
 pub(crate) fn upgrade_request(
     url: &str,
-    token: Option<&crate::inbox::DeviceToken>,
+    token: Option<&DeviceToken>,
 ) -> Result<tungstenite::handshake::client::Request, String> {
     use tungstenite::client::IntoClientRequest;
     let mut request = url

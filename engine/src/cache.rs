@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 use tandem_kvcache::{BlockTable, KvLayout, KvStorage, PagedKv};
 use tandem_model::{CloudModel, ForwardCtx};
 
-use crate::api::EngineError;
+use crate::types::EngineError;
 
 /// The paged KV blocks, where the cloud model computes.
 pub enum Cache {

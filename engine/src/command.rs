@@ -6,7 +6,7 @@ use crossbeam_channel::Sender;
 use tandem_scheduler::SeqId;
 use tokio::sync::oneshot;
 
-use crate::api::{EngineError, EngineStats, Event, SessionParams};
+use crate::types::{EngineError, EngineStats, Event, SessionParams};
 
 /// The engine thread's answer to one command.
 pub(crate) type Ack<T = ()> = oneshot::Sender<Result<T, EngineError>>;

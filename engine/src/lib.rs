@@ -27,7 +27,8 @@
 //! admission budget.
 //!
 //! # Layout
-//! - [`api`]: the [`Engine`] handle, [`SessionParams`], [`Event`], [`EngineError`], [`Reply`].
+//! - `types`: [`SessionParams`], [`Event`], [`EngineError`], [`EngineStats`]: what goes in and
+//!   out; [`api`]: the [`Engine`] handle and its [`Reply`].
 //! - `command`: what the handle sends the thread; `step`: the thread's loop and the step;
 //!   `session`: a session's state and how sampled rows become its events; [`cache`]: the
 //!   paged KV storage (host or GPU).
@@ -50,6 +51,7 @@ pub mod pacing;
 pub mod roofline;
 mod session;
 mod step;
+mod types;
 
 pub use api::{Engine, EngineError, EngineStats, Event, Reply, Session, SessionParams};
 pub use cache::Cache;

@@ -14,9 +14,9 @@ use tandem_model::tokenizer::StreamDecoder;
 use tandem_protocol::FinishReason;
 use tandem_scheduler::SeqId;
 
-use crate::api::{EngineError, Event};
 use crate::command::EventSink;
 use crate::observe::TraceParent;
+use crate::types::{EngineError, Event};
 
 /// The draft tokens of a speculative answer, until the device's next input says how many
 /// count.

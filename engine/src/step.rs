@@ -15,13 +15,13 @@ use tandem_model::tokenizer::{StreamDecoder, TextTokenizer};
 use tandem_model::{CloudModel, ForwardCtx};
 use tandem_scheduler::{Batch, Scheduler, SeqId, StepOutcome};
 
-use crate::api::{EngineError, EngineStats, Event, SessionParams};
 use crate::cache::Cache;
 use crate::command::{Ack, Command, EventSink};
 use crate::config::{wait_cap, BLOCKED_POLL};
 use crate::observe::{Observer, StepFigures};
 use crate::pacing::StepCostFit;
 use crate::session::{deliver_rows, HiddenRows, SessionState};
+use crate::types::{EngineError, EngineStats, Event, SessionParams};
 use crate::EngineConfig;
 
 struct Loop<'t> {

@@ -11,6 +11,8 @@
 //! - [`ops`]: the fused passes of a decoder layer between its matmuls (RMSNorm with the
 //!   residual add, RoPE while splitting Q/K/V, SiLU times the gate).
 //! - [`attention`]: paged attention over K/V blocks in f32, f16 or bf16.
+//! - [`mmap`]: read-only maps of weight files, behind a safe function whose contract is
+//!   that model files do not change while they are served.
 //! - [`quant`]: int8 rows and 4-bit blocks for memory-light device parts, and the int8
 //!   matmul.
 //!
@@ -20,6 +22,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod gemm_bf16;
+pub mod mmap;
 pub mod ops;
 pub mod quant;
 pub mod simd;

@@ -27,7 +27,7 @@ parse_args() {
     mkdir -p "$OUT"
     OUT=$(cd "$OUT" && pwd)
     for bin in "$TANDEM_BIN" "$LOADTEST_BIN"; do
-        [ -x "$bin" ] || { echo "$bin not found: cargo build --release -p tandem-serve -p tandem-loadtest --bins (or set TANDEM_BIN / LOADTEST_BIN)" >&2; exit 1; }
+        [ -x "$bin" ] || { echo "$bin not found: cargo build --release -p tandem-cli -p tandem-loadtest --bins (or set TANDEM_BIN / LOADTEST_BIN)" >&2; exit 1; }
     done
     command -v jq >/dev/null || { echo "jq is needed to summarize the reports" >&2; exit 1; }
 }

@@ -274,69 +274,97 @@ pub struct RunFacts {
     pub server_metrics: Option<ServerMetrics>,
 }
 
-impl Report {
-    /// Aggregates the records of ended generations.
-    pub fn build(facts: RunFacts, records: &[GenerationRecord]) -> Self {
-        let mut counts = Counts {
-            devices: facts.devices,
-            generations_planned: facts.planned,
-            started: facts.started,
-            ..Counts::default()
-        };
-        let mut throughput = Throughput {
-            output_tokens: facts.tokens,
-            ..Throughput::default()
-        };
-        let (mut finish_reasons, mut errors, mut error_examples) =
-            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-        let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
-        let mut connect = Vec::new();
-        let mut speculation = Speculation::default();
-        let mut resume = ResumeCounts {
-            lost: 0,
-            recovered: 0,
-            ..facts.resume
-        };
-        for r in records {
-            connect.extend(r.connect.map(ms));
-            if r.lost {
-                resume.lost += 1;
+/// What [`Report::build`] gathers from the records, one at a time.
+#[derive(Default)]
+struct Tally {
+    counts: Counts,
+    throughput: Throughput,
+    finish_reasons: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    error_examples: BTreeMap<String, String>,
+    /// Latency samples, in milliseconds.
+    connect: Vec<f64>,
+    ttft: Vec<f64>,
+    tpot: Vec<f64>,
+    e2e: Vec<f64>,
+    speculation: Speculation,
+    resume: ResumeCounts,
+}
+
+impl Tally {
+    /// Starts from what the runner counted live.
+    fn new(facts: &RunFacts) -> Self {
+        Self {
+            counts: Counts {
+                devices: facts.devices,
+                generations_planned: facts.planned,
+                started: facts.started,
+                ..Counts::default()
+            },
+            throughput: Throughput {
+                output_tokens: facts.tokens,
+                ..Throughput::default()
+            },
+            resume: ResumeCounts {
+                lost: 0,
+                recovered: 0,
+                ..facts.resume
+            },
+            ..Self::default()
+        }
+    }
+
+    fn add(&mut self, r: &GenerationRecord) {
+        self.connect.extend(r.connect.map(ms));
+        if r.lost {
+            self.resume.lost += 1;
+        }
+        if r.reconnects > 0 && matches!(r.outcome, Outcome::Done { .. }) {
+            self.resume.recovered += 1;
+        }
+        match &r.outcome {
+            Outcome::Done {
+                reason,
+                output_tokens,
+            } => {
+                self.counts.completed += 1;
+                *self
+                    .finish_reasons
+                    .entry(reason.name().to_owned())
+                    .or_insert(0) += 1;
+                let t = &mut self.throughput;
+                t.output_tokens_done += u64::from(*output_tokens);
+                t.output_tokens_received_done += u64::from(r.tokens_received);
+                t.prompt_tokens_done += u64::from(r.prompt_tokens);
+                let sp = &mut self.speculation;
+                sp.drafted_tokens += u64::from(r.drafted);
+                sp.accepted_drafts += u64::from(r.accepted);
+                sp.round_trips += u64::from(r.rounds);
+                self.ttft.extend(r.ttft.map(ms));
+                self.tpot.extend(r.gaps.iter().copied().map(ms));
+                self.e2e.push(ms(r.e2e));
             }
-            if r.reconnects > 0 && matches!(r.outcome, Outcome::Done { .. }) {
-                resume.recovered += 1;
-            }
-            match &r.outcome {
-                Outcome::Done {
-                    reason,
-                    output_tokens,
-                } => {
-                    counts.completed += 1;
-                    *finish_reasons.entry(reason.name().to_owned()).or_insert(0) += 1;
-                    throughput.output_tokens_done += u64::from(*output_tokens);
-                    throughput.output_tokens_received_done += u64::from(r.tokens_received);
-                    throughput.prompt_tokens_done += u64::from(r.prompt_tokens);
-                    speculation.drafted_tokens += u64::from(r.drafted);
-                    speculation.accepted_drafts += u64::from(r.accepted);
-                    speculation.round_trips += u64::from(r.rounds);
-                    ttft.extend(r.ttft.map(ms));
-                    tpot.extend(r.gaps.iter().copied().map(ms));
-                    e2e.push(ms(r.e2e));
-                }
-                Outcome::Failed(f) => {
-                    counts.failed += 1;
-                    *errors.entry(f.name().to_owned()).or_insert(0) += 1;
-                    error_examples
-                        .entry(f.name().to_owned())
-                        .or_insert_with(|| f.detail());
-                }
+            Outcome::Failed(f) => {
+                self.counts.failed += 1;
+                *self.errors.entry(f.name().to_owned()).or_insert(0) += 1;
+                self.error_examples
+                    .entry(f.name().to_owned())
+                    .or_insert_with(|| f.detail());
             }
         }
+    }
+
+    /// The counts and rates that follow from the sums, over the run's `facts`.
+    fn finish(&mut self, facts: &RunFacts) {
+        let counts = &mut self.counts;
         let ended = counts.completed + counts.failed;
         counts.cut_by_deadline = facts.started.saturating_sub(ended);
         counts.not_started = facts.planned.saturating_sub(facts.started);
         let wall_s = facts.wall.as_secs_f64().max(1e-9);
+        let throughput = &mut self.throughput;
         throughput.output_tokens_per_s = round3(facts.tokens as f64 / wall_s);
         throughput.completed_per_s = round3(counts.completed as f64 / wall_s);
+        let speculation = &mut self.speculation;
         if speculation.drafted_tokens > 0 {
             speculation.acceptance =
                 round3(speculation.accepted_drafts as f64 / speculation.drafted_tokens as f64);
@@ -346,24 +374,35 @@ impl Report {
                 throughput.output_tokens_received_done as f64 / speculation.round_trips as f64,
             );
         }
+    }
+}
+
+impl Report {
+    /// Aggregates the records of ended generations.
+    pub fn build(facts: RunFacts, records: &[GenerationRecord]) -> Self {
+        let mut tally = Tally::new(&facts);
+        for r in records {
+            tally.add(r);
+        }
+        tally.finish(&facts);
         Self {
             settings: facts.settings,
             model: facts.model,
             stopped_by: facts.stopped_by,
             wall_s: round3(facts.wall.as_secs_f64()),
-            counts,
-            finish_reasons,
-            errors,
-            error_examples,
-            throughput,
+            counts: tally.counts,
+            finish_reasons: tally.finish_reasons,
+            errors: tally.errors,
+            error_examples: tally.error_examples,
+            throughput: tally.throughput,
             latency_ms: Latency {
-                connect: Percentiles::of(connect),
-                ttft: Percentiles::of(ttft),
-                tpot: Percentiles::of(tpot),
-                e2e: Percentiles::of(e2e),
+                connect: Percentiles::of(tally.connect),
+                ttft: Percentiles::of(tally.ttft),
+                tpot: Percentiles::of(tally.tpot),
+                e2e: Percentiles::of(tally.e2e),
             },
-            resume,
-            speculation,
+            resume: tally.resume,
+            speculation: tally.speculation,
             edge: EdgeCompute {
                 mode: facts.device_compute,
                 prompts: facts.replay.prompts,

@@ -26,6 +26,7 @@ use crate::compute::Compute;
 use crate::config::{DeviceCompute, FixedPrompts, LoadConfig};
 use crate::device::{self, DeviceContext, GenerationRecord, Job, Outcome};
 use crate::live::{self, Live};
+use crate::netem;
 use crate::replay::Replay;
 use crate::report::{ModelSummary, Report, ResumeCounts, RunFacts, RunSettings, StopReason};
 use crate::scrape::{self, Exposition, ServerMetrics};
@@ -55,35 +56,173 @@ pub async fn run_detailed(cfg: LoadConfig) -> anyhow::Result<RunOutput> {
 /// `SIGTERM`): generations still running are aborted, their connections close, and the report
 /// counts them as at the deadline, with [`StopReason::Interrupted`].
 pub async fn run_until(
-    mut cfg: LoadConfig,
+    cfg: LoadConfig,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<RunOutput> {
-    cfg.check().map_err(anyhow::Error::msg)?;
-    let edge_dir = cfg.edge.clone();
-    let bundle = tokio::task::spawn_blocking(move || EdgeBundle::load(&edge_dir))
-        .await?
-        .with_context(|| format!("loading the edge checkpoint {}", cfg.edge.display()))?;
-    let prompts_given = cfg.prompts.as_ref().map(FixedPrompts::describe);
-    if let Some(FixedPrompts::Text { file, profile }) = &cfg.prompts {
-        let ids = assemble_text_prompt(&bundle, file, profile.as_deref())?;
-        cfg.prompts = Some(FixedPrompts::Ids(vec![ids]));
+    let setup = Setup::new(cfg).await?;
+    let cfg = &setup.cfg;
+    let before = match &cfg.metrics_url {
+        Some(url) => Some(Exposition::parse(
+            &scrape::fetch(url)
+                .await
+                .context("scraping before the run")?,
+        )),
+        None => None,
+    };
+    let proxies = start_proxies(cfg).await?;
+    let links = proxy_links(&cfg.server, &proxies);
+    let live = Arc::new(Live::default());
+    let ctx = Arc::new(setup.device_context(links, live.clone())?);
+    let driven = drive(cfg, &setup.workload, ctx, &live, stop).await;
+    for p in proxies {
+        p.shutdown().await;
     }
-    let model_cfg = bundle.model.config().clone();
-    let context = model_cfg.max_position_embeddings;
-    let longest = cfg.max_sequence_tokens();
-    anyhow::ensure!(
-        longest <= context as u64,
-        "a prompt plus its output tokens reaches {longest} tokens, beyond the model's context of {context}",
-    );
+    let server_metrics = match (&cfg.metrics_url, &before) {
+        (Some(url), Some(before)) => Some(match scrape::fetch(url).await {
+            Ok(text) => Exposition::parse(&text).since(before),
+            Err(e) => ServerMetrics {
+                error: Some(format!("{e:#}")),
+                ..ServerMetrics::default()
+            },
+        }),
+        _ => None,
+    };
+    Ok(setup.output(driven, &live, server_metrics))
+}
 
-    let workload = Workload::draw(
-        &cfg,
-        &Vocabulary {
-            size: model_cfg.vocab_size as u32,
-            excluded: model_cfg.eos_token_ids.clone(),
-        },
-    );
-    let compute = Arc::new(match cfg.device_compute {
+/// What a run has before its devices start: checked settings, the edge model, the workload
+/// and the edge compute over it.
+struct Setup {
+    cfg: LoadConfig,
+    bundle: EdgeBundle,
+    /// `--prompt-file` as given, for the report (a text prompt is assembled into ids).
+    prompts_given: Option<String>,
+    workload: Workload,
+    compute: Arc<Compute>,
+}
+
+impl Setup {
+    /// Checks `cfg`, loads the edge checkpoint, assembles a text prompt, draws the workload
+    /// and, with replayed compute, runs the edge over every prompt of it.
+    async fn new(mut cfg: LoadConfig) -> anyhow::Result<Self> {
+        cfg.check().map_err(anyhow::Error::msg)?;
+        let edge_dir = cfg.edge.clone();
+        let bundle = tokio::task::spawn_blocking(move || EdgeBundle::load(&edge_dir))
+            .await?
+            .with_context(|| format!("loading the edge checkpoint {}", cfg.edge.display()))?;
+        let prompts_given = cfg.prompts.as_ref().map(FixedPrompts::describe);
+        if let Some(FixedPrompts::Text { file, profile }) = &cfg.prompts {
+            let ids = assemble_text_prompt(&bundle, file, profile.as_deref())?;
+            cfg.prompts = Some(FixedPrompts::Ids(vec![ids]));
+        }
+        let model_cfg = bundle.model.config();
+        let context = model_cfg.max_position_embeddings;
+        let longest = cfg.max_sequence_tokens();
+        anyhow::ensure!(
+            longest <= context as u64,
+            "a prompt plus its output tokens reaches {longest} tokens, beyond the model's context of {context}",
+        );
+        let workload = Workload::draw(
+            &cfg,
+            &Vocabulary {
+                size: model_cfg.vocab_size as u32,
+                excluded: model_cfg.eos_token_ids.clone(),
+            },
+        );
+        let compute = Arc::new(edge_compute(&cfg, &bundle, &workload).await?);
+        Ok(Self {
+            cfg,
+            bundle,
+            prompts_given,
+            workload,
+            compute,
+        })
+    }
+
+    /// What every device shares; `links`: the delay proxies' URLs (if any).
+    fn device_context(&self, links: Vec<String>, live: Arc<Live>) -> anyhow::Result<DeviceContext> {
+        let (cfg, bundle) = (&self.cfg, &self.bundle);
+        let model_cfg = bundle.model.config();
+        Ok(DeviceContext {
+            server: cfg.server.clone(),
+            links,
+            open: Open {
+                manifest: ManifestId::try_from(bundle.pair_id())?,
+                split: bundle.model.split().edge_layers() as u32,
+                hidden_size: model_cfg.hidden_size as u32,
+                dtype: cfg.dtype,
+                sampling: SamplingParams::default(), // greedy: devices on one prompt share work
+                max_tokens: 1,
+                stop: Vec::new(),
+                prompt_id: None,
+                traceparent: None,
+            },
+            compute: self.compute.clone(),
+            eos: model_cfg.eos_token_ids.clone(),
+            live,
+            max_reconnects: cfg.max_reconnects,
+            step_delay: cfg.step_delay,
+            silence_timeout: cfg.silence_timeout,
+            max_draft_tokens: cfg.max_draft_tokens,
+            device_tokens: cfg.device_tokens.clone(),
+        })
+    }
+
+    /// The report on what [`drive`] saw, and its records in device order.
+    fn output(
+        &self,
+        driven: Driven,
+        live: &Live,
+        server_metrics: Option<ServerMetrics>,
+    ) -> RunOutput {
+        let (cfg, bundle) = (&self.cfg, &self.bundle);
+        let model_cfg = bundle.model.config();
+        let snapshot = live.snapshot();
+        let mut run_settings = settings(cfg);
+        run_settings.prompts = self.prompts_given.clone();
+        let facts = RunFacts {
+            settings: run_settings,
+            model: ModelSummary {
+                pair_id: bundle.pair_id().to_owned(),
+                edge_layers: bundle.model.split().edge_layers(),
+                hidden_size: model_cfg.hidden_size,
+                max_position_embeddings: model_cfg.max_position_embeddings,
+            },
+            stopped_by: driven.stopped_by,
+            wall: driven.wall,
+            timeline: driven.timeline,
+            devices: cfg.devices,
+            planned: self.workload.generations() as u64,
+            started: snapshot.started,
+            tokens: snapshot.tokens,
+            resume: ResumeCounts {
+                reconnects: snapshot.reconnects,
+                resumes: snapshot.resumes,
+                replays: snapshot.replays,
+                reopens: driven.records.iter().map(|r| u64::from(r.reopens)).sum(),
+                ..ResumeCounts::default()
+            },
+            device_compute: self.compute.mode(),
+            replay: self.compute.stats(),
+            server_metrics,
+        };
+        let mut records = driven.records;
+        records.sort_by_key(|r| (r.device, r.generation));
+        RunOutput {
+            report: Report::build(facts, &records),
+            records,
+        }
+    }
+}
+
+/// The device-side edge compute: replayed (the edge run over every prompt of the workload
+/// now, before the clock starts) or real (each generation runs its own).
+async fn edge_compute(
+    cfg: &LoadConfig,
+    bundle: &EdgeBundle,
+    workload: &Workload,
+) -> anyhow::Result<Compute> {
+    Ok(match cfg.device_compute {
         DeviceCompute::Replay => {
             let replay = Arc::new(Replay::new(bundle.model.clone(), cfg.dtype));
             let roots = {
@@ -102,130 +241,55 @@ pub async fn run_until(
         DeviceCompute::Real => {
             Compute::real(bundle.model.clone(), cfg.dtype, workload.prompts.clone())
         }
-    });
+    })
+}
 
-    let before = match &cfg.metrics_url {
-        Some(url) => Some(Exposition::parse(
-            &scrape::fetch(url)
-                .await
-                .context("scraping before the run")?,
-        )),
-        None => None,
-    };
-
-    // Network conditions: delay proxies in front of the server, alive for the run.
+/// Network conditions: delay proxies in front of the server, alive for the run (none
+/// without `cfg.network`).
+async fn start_proxies(cfg: &LoadConfig) -> anyhow::Result<Vec<netem::ProxyHandle>> {
     let mut proxies = Vec::new();
-    if let Some(net) = cfg.network {
-        let rest = cfg
-            .server
-            .split_once("://")
-            .map_or(cfg.server.as_str(), |(_, r)| r);
-        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-        for k in 0..net.links.max(1) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let handle = crate::netem::spawn(
-                listener,
-                crate::netem::ProxyConfig {
-                    upstream: host.to_owned(),
-                    conditions: crate::netem::LinkConditions {
-                        rtt: net.rtt_of(k),
-                        jitter: net.jitter,
-                        uplink: net.uplink,
-                        downlink: net.downlink,
-                    },
-                    seed: cfg.seed.wrapping_add(k as u64),
+    let Some(net) = cfg.network else {
+        return Ok(proxies);
+    };
+    let rest = cfg
+        .server
+        .split_once("://")
+        .map_or(cfg.server.as_str(), |(_, r)| r);
+    let (host, _path) = rest.split_once('/').unwrap_or((rest, ""));
+    for k in 0..net.links.max(1) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let handle = netem::spawn(
+            listener,
+            netem::ProxyConfig {
+                upstream: host.to_owned(),
+                conditions: netem::LinkConditions {
+                    rtt: net.rtt_of(k),
+                    jitter: net.jitter,
+                    uplink: net.uplink,
+                    downlink: net.downlink,
                 },
-            )?;
-            proxies.push(handle);
-        }
-        anyhow::ensure!(
-            cfg.server.starts_with("ws://"),
-            "network conditions need a ws:// server (the proxies relay plain TCP)"
-        );
-        let _ = path;
+                seed: cfg.seed.wrapping_add(k as u64),
+            },
+        )?;
+        proxies.push(handle);
     }
-    let links: Vec<String> = proxies
+    anyhow::ensure!(
+        cfg.server.starts_with("ws://"),
+        "network conditions need a ws:// server (the proxies relay plain TCP)"
+    );
+    Ok(proxies)
+}
+
+/// The URLs the devices connect to through `proxies`: the server's path on each proxy.
+fn proxy_links(server: &str, proxies: &[netem::ProxyHandle]) -> Vec<String> {
+    proxies
         .iter()
         .map(|p| {
-            let rest = cfg.server.trim_start_matches("ws://");
+            let rest = server.trim_start_matches("ws://");
             let path = rest.split_once('/').map_or("", |(_, p)| p);
             format!("ws://{}/{path}", p.local_addr())
         })
-        .collect();
-    let live = Arc::new(Live::default());
-    let ctx = Arc::new(DeviceContext {
-        server: cfg.server.clone(),
-        links,
-        open: Open {
-            manifest: ManifestId::try_from(bundle.pair_id())?,
-            split: bundle.model.split().edge_layers() as u32,
-            hidden_size: model_cfg.hidden_size as u32,
-            dtype: cfg.dtype,
-            sampling: SamplingParams::default(), // greedy: devices on one prompt share work
-            max_tokens: 1,
-            stop: Vec::new(),
-            prompt_id: None,
-            traceparent: None,
-        },
-        compute: compute.clone(),
-        eos: model_cfg.eos_token_ids.clone(),
-        live: live.clone(),
-        max_reconnects: cfg.max_reconnects,
-        step_delay: cfg.step_delay,
-        silence_timeout: cfg.silence_timeout,
-        max_draft_tokens: cfg.max_draft_tokens,
-        device_tokens: cfg.device_tokens.clone(),
-    });
-    let driven = drive(&cfg, &workload, ctx, &live, stop).await;
-    for p in proxies {
-        p.shutdown().await;
-    }
-
-    let server_metrics = match (&cfg.metrics_url, &before) {
-        (Some(url), Some(before)) => Some(match scrape::fetch(url).await {
-            Ok(text) => Exposition::parse(&text).since(before),
-            Err(e) => ServerMetrics {
-                error: Some(format!("{e:#}")),
-                ..ServerMetrics::default()
-            },
-        }),
-        _ => None,
-    };
-    let snapshot = live.snapshot();
-    let mut run_settings = settings(&cfg);
-    run_settings.prompts = prompts_given;
-    let facts = RunFacts {
-        settings: run_settings,
-        model: ModelSummary {
-            pair_id: bundle.pair_id().to_owned(),
-            edge_layers: bundle.model.split().edge_layers(),
-            hidden_size: model_cfg.hidden_size,
-            max_position_embeddings: context,
-        },
-        stopped_by: driven.stopped_by,
-        wall: driven.wall,
-        timeline: driven.timeline,
-        devices: cfg.devices,
-        planned: workload.generations() as u64,
-        started: snapshot.started,
-        tokens: snapshot.tokens,
-        resume: ResumeCounts {
-            reconnects: snapshot.reconnects,
-            resumes: snapshot.resumes,
-            replays: snapshot.replays,
-            reopens: driven.records.iter().map(|r| u64::from(r.reopens)).sum(),
-            ..ResumeCounts::default()
-        },
-        device_compute: compute.mode(),
-        replay: compute.stats(),
-        server_metrics,
-    };
-    let mut records = driven.records;
-    records.sort_by_key(|r| (r.device, r.generation));
-    Ok(RunOutput {
-        report: Report::build(facts, &records),
-        records,
-    })
+        .collect()
 }
 
 /// What [`drive`] saw.

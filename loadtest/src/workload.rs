@@ -22,7 +22,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::{FixedPrompts, LoadConfig};
+use crate::config::{FixedPrompts, LoadConfig, Trace};
 
 /// Index of a prompt in the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,49 +67,73 @@ impl Workload {
         let stream =
             |n: u64| StdRng::seed_from_u64(cfg.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let (mut prompt_rng, mut arrival_rng, mut gen_rng) = (stream(1), stream(2), stream(3));
-        let random_prompt = |rng: &mut StdRng, len: usize| -> Vec<u32> {
-            (0..len)
-                .map(|_| loop {
-                    let t = rng.random_range(0..vocab.size);
-                    if !vocab.excluded.contains(&t) {
-                        break t;
-                    }
-                })
-                .collect()
-        };
         let starts = cfg.arrival.offsets(cfg.devices, &mut arrival_rng);
-        let per_device = cfg.generations_per_device as usize;
+        let streams = Streams {
+            prompt: &mut prompt_rng,
+            generation: &mut gen_rng,
+        };
+        match &cfg.trace {
+            None => Self::draw_from_pool(cfg, vocab, starts, streams),
+            Some(trace) => Self::draw_from_trace(cfg, trace, vocab, starts, streams),
+        }
+    }
 
-        let Some(trace) = &cfg.trace else {
-            let prompts: Vec<Vec<u32>> = match &cfg.prompts {
-                Some(FixedPrompts::Ids(given)) => given.clone(),
-                _ => (0..cfg.prompt_pool)
-                    .map(|_| {
-                        let len = cfg.prompt_tokens.sample(&mut prompt_rng) as usize;
-                        random_prompt(&mut prompt_rng, len)
+    /// Without a trace: the pool's prompts (given, or drawn at the configured lengths), and
+    /// each generation's prompt and output length drawn from it.
+    fn draw_from_pool(
+        cfg: &LoadConfig,
+        vocab: &Vocabulary,
+        starts: Vec<Duration>,
+        streams: Streams<'_>,
+    ) -> Self {
+        let Streams {
+            prompt: prompt_rng,
+            generation: gen_rng,
+        } = streams;
+        let prompts: Vec<Vec<u32>> = match &cfg.prompts {
+            Some(FixedPrompts::Ids(given)) => given.clone(),
+            _ => (0..cfg.prompt_pool)
+                .map(|_| {
+                    let len = cfg.prompt_tokens.sample(prompt_rng) as usize;
+                    random_prompt(prompt_rng, len, vocab)
+                })
+                .collect(),
+        };
+        let pool = prompts.len();
+        let per_device = cfg.generations_per_device as usize;
+        let devices = starts
+            .into_iter()
+            .map(|start| DevicePlan {
+                start,
+                generations: (0..per_device)
+                    .map(|j| GenerationPlan {
+                        prompt: PromptId(gen_rng.random_range(0..pool)),
+                        max_tokens: cfg.output_tokens.sample(gen_rng),
+                        think: if j == 0 { Duration::ZERO } else { cfg.think },
                     })
                     .collect(),
-            };
-            let pool = prompts.len();
-            let devices = starts
-                .into_iter()
-                .map(|start| DevicePlan {
-                    start,
-                    generations: (0..per_device)
-                        .map(|j| GenerationPlan {
-                            prompt: PromptId(gen_rng.random_range(0..pool)),
-                            max_tokens: cfg.output_tokens.sample(&mut gen_rng),
-                            think: if j == 0 { Duration::ZERO } else { cfg.think },
-                        })
-                        .collect(),
-                })
-                .collect();
-            return Self { prompts, devices };
-        };
+            })
+            .collect();
+        Self { prompts, devices }
+    }
 
+    /// With a trace: lengths and think times from its records, prompts cut from a pool drawn
+    /// at the trace's longest prompt.
+    fn draw_from_trace(
+        cfg: &LoadConfig,
+        trace: &Trace,
+        vocab: &Vocabulary,
+        starts: Vec<Duration>,
+        streams: Streams<'_>,
+    ) -> Self {
+        let Streams {
+            prompt: prompt_rng,
+            generation: gen_rng,
+        } = streams;
+        let per_device = cfg.generations_per_device as usize;
         let longest = cfg.max_prompt_tokens() as usize;
         let pool: Vec<Vec<u32>> = (0..cfg.prompt_pool)
-            .map(|_| random_prompt(&mut prompt_rng, longest))
+            .map(|_| random_prompt(prompt_rng, longest, vocab))
             .collect();
         let mut prompts: Vec<Vec<u32>> = Vec::new();
         let mut ids: HashMap<(usize, usize), PromptId> = HashMap::new();
@@ -149,6 +173,25 @@ impl Workload {
     pub fn generations(&self) -> usize {
         self.devices.iter().map(|d| d.generations.len()).sum()
     }
+}
+
+/// The RNG streams the prompts and the generations are drawn from (the arrivals have their
+/// own, used before).
+struct Streams<'a> {
+    prompt: &'a mut StdRng,
+    generation: &'a mut StdRng,
+}
+
+/// `len` random token ids, none of them excluded.
+fn random_prompt(rng: &mut StdRng, len: usize, vocab: &Vocabulary) -> Vec<u32> {
+    (0..len)
+        .map(|_| loop {
+            let t = rng.random_range(0..vocab.size);
+            if !vocab.excluded.contains(&t) {
+                break t;
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

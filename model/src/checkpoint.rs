@@ -385,15 +385,32 @@ pub fn write_split_as(
             "cannot split a part of a split; split the whole model".into(),
         ));
     }
-    let cfg = &ck.config;
-    let split = SplitPoint::new(opts.edge_layers, cfg.num_hidden_layers)?;
+    let split = SplitPoint::new(opts.edge_layers, ck.config.num_hidden_layers)?;
     let (_, torch_dtype) = dtype_names(opts.dtype)
         .ok_or_else(|| ModelError::Input(format!("cannot write dtype {:?}", opts.dtype)))?;
+    prepare_out_dir(out, opts.force)?;
+    let job = SplitJob {
+        ck,
+        out,
+        opts,
+        edge,
+        split,
+        torch_dtype,
+        source: source_model(ck, opts.progress)?,
+    };
+    let edge = job.write_part(Part::Edge)?;
+    let cloud = job.write_part(Part::Cloud)?;
+    Ok((edge, cloud))
+}
+
+/// Creates `out`; existing `out/edge` and `out/cloud` are an error unless `force`, then they
+/// are removed.
+fn prepare_out_dir(out: &Path, force: bool) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     for part in ["edge", "cloud"] {
         let p = out.join(part);
         if p.exists() {
-            if !opts.force {
+            if !force {
                 return Err(ModelError::Input(format!(
                     "{} already exists (pass --force to replace it)",
                     p.display()
@@ -402,11 +419,15 @@ pub fn write_split_as(
             std::fs::remove_dir_all(&p).map_err(|e| ModelError::io(&p, e))?;
         }
     }
+    Ok(())
+}
 
-    let pb = bar(opts.progress, 0, "hashing", true);
+/// What the manifests record of the source: its name, format and hash.
+fn source_model(ck: &Checkpoint, progress: bool) -> Result<SourceModel> {
+    let pb = bar(progress, 0, "hashing", true);
     let sha256 = hash_source(ck, &pb)?;
     pb.finish_and_clear();
-    let source = SourceModel {
+    Ok(SourceModel {
         name: ck
             .path
             .file_name()
@@ -417,19 +438,47 @@ pub fn write_split_as(
             _ => "safetensors".into(),
         },
         sha256,
-    };
+    })
+}
 
-    let mut manifests = Vec::with_capacity(2);
-    for part in [Part::Edge, Part::Cloud] {
-        let final_dir = out.join(part.to_string());
-        let tmp_dir = out.join(format!(".{part}.partial"));
+/// One split being written: what both parts share.
+struct SplitJob<'a> {
+    ck: &'a Checkpoint,
+    out: &'a Path,
+    opts: &'a SplitOptions,
+    edge: EdgeWeights,
+    split: SplitPoint,
+    /// The HF name of `opts.dtype`.
+    torch_dtype: &'static str,
+    source: SourceModel,
+}
+
+impl SplitJob<'_> {
+    /// Writes `part` into a temporary directory and renames it into place once complete.
+    fn write_part(&self, part: Part) -> Result<Manifest> {
+        let final_dir = self.out.join(part.to_string());
+        let tmp_dir = self.out.join(format!(".{part}.partial"));
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir).map_err(|e| ModelError::io(&tmp_dir, e))?;
         }
         std::fs::create_dir_all(&tmp_dir).map_err(|e| ModelError::io(&tmp_dir, e))?;
-        let specs = part_tensor_specs(cfg, split, part, ck.tensors.as_ref());
+        let light = part == Part::Edge && self.edge != EdgeWeights::AsSplit;
+        let weights = self.write_weights(part, light, &tmp_dir)?;
+        self.write_config(light, &tmp_dir)?;
+        write_tokenizer_files(self.ck, &tmp_dir)?;
+        let mut m = self.manifest(part, light, weights);
+        m.pair_id = m.compute_pair_id();
+        m.write(&tmp_dir)?;
+        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| ModelError::io(&final_dir, e))?;
+        Ok(m)
+    }
+
+    /// Writes the part's tensors into `dir`'s weights file, one tensor at a time.
+    fn write_weights(&self, part: Part, light: bool, dir: &Path) -> Result<WeightsFile> {
+        let ck = self.ck;
+        let specs = part_tensor_specs(&ck.config, self.split, part, ck.tensors.as_ref());
         let pb = bar(
-            opts.progress,
+            self.opts.progress,
             specs.len() as u64,
             &format!("writing {part}"),
             false,
@@ -437,64 +486,97 @@ pub fn write_split_as(
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("tandem_part".to_string(), part.to_string());
-        let light = part == Part::Edge && edge != EdgeWeights::AsSplit;
+        let path = dir.join(WEIGHTS_FILE);
         let (bytes, tensors) = if light {
-            let entries: Vec<Vec<StSpec>> = specs
-                .iter()
-                .map(|(n, _, s)| light_entries(n, s, edge))
-                .collect();
-            let flat: Vec<StSpec> = entries.iter().flatten().cloned().collect();
-            let path = tmp_dir.join(WEIGHTS_FILE);
-            let (mut w, total) = start_safetensors_mixed(&path, &flat, &meta)?;
-            for ((_, src_name, shape), entries) in specs.iter().zip(&entries) {
-                let t = ck.tensors.load(src_name, shape, DType::F32, &Device::Cpu)?;
-                for b in light_bytes(&t, entries)? {
-                    w.write_all(&b).map_err(|e| ModelError::io(&path, e))?;
-                }
-                pb.inc(1);
-            }
-            w.flush().map_err(|e| ModelError::io(&path, e))?;
-            (total, flat.len())
+            self.write_light_tensors(&specs, &path, &meta, &pb)?
         } else {
-            let names: Vec<(String, Vec<usize>)> = specs
-                .iter()
-                .map(|(n, _, s)| (n.clone(), s.clone()))
-                .collect();
-            let bytes = write_safetensors(
-                &tmp_dir.join(WEIGHTS_FILE),
-                &names,
-                opts.dtype,
-                &meta,
-                |i| {
-                    let (_, src_name, shape) = &specs[i];
-                    let t = ck.tensors.load(src_name, shape, opts.dtype, &Device::Cpu);
-                    pb.inc(1);
-                    t
-                },
-            )?;
-            (bytes, specs.len())
+            self.write_tensors(&specs, &path, &meta, &pb)?
         };
         pb.finish_and_clear();
+        Ok(WeightsFile {
+            file: WEIGHTS_FILE.into(),
+            bytes,
+            tensors,
+        })
+    }
 
-        let cfg_path = tmp_dir.join("config.json");
-        let part_torch_dtype = match (light, edge) {
+    /// A light edge's tensors (see [`EdgeWeights`]): returns the bytes and the number of
+    /// safetensors entries written (a quantized tensor has two).
+    fn write_light_tensors(
+        &self,
+        specs: &[(String, String, Vec<usize>)],
+        path: &Path,
+        meta: &std::collections::HashMap<String, String>,
+        pb: &ProgressBar,
+    ) -> Result<(u64, usize)> {
+        let entries: Vec<Vec<StSpec>> = specs
+            .iter()
+            .map(|(n, _, s)| light_entries(n, s, self.edge))
+            .collect();
+        let flat: Vec<StSpec> = entries.iter().flatten().cloned().collect();
+        let (mut w, total) = start_safetensors_mixed(path, &flat, meta)?;
+        for ((_, src_name, shape), entries) in specs.iter().zip(&entries) {
+            let t = self
+                .ck
+                .tensors
+                .load(src_name, shape, DType::F32, &Device::Cpu)?;
+            for b in light_bytes(&t, entries)? {
+                w.write_all(&b).map_err(|e| ModelError::io(path, e))?;
+            }
+            pb.inc(1);
+        }
+        w.flush().map_err(|e| ModelError::io(path, e))?;
+        Ok((total, flat.len()))
+    }
+
+    /// The part's tensors in the split's dtype: returns the bytes and the number of tensors.
+    fn write_tensors(
+        &self,
+        specs: &[(String, String, Vec<usize>)],
+        path: &Path,
+        meta: &std::collections::HashMap<String, String>,
+        pb: &ProgressBar,
+    ) -> Result<(u64, usize)> {
+        let names: Vec<(String, Vec<usize>)> = specs
+            .iter()
+            .map(|(n, _, s)| (n.clone(), s.clone()))
+            .collect();
+        let bytes = write_safetensors(path, &names, self.opts.dtype, meta, |i| {
+            let (_, src_name, shape) = &specs[i];
+            let t = self
+                .ck
+                .tensors
+                .load(src_name, shape, self.opts.dtype, &Device::Cpu);
+            pb.inc(1);
+            t
+        })?;
+        Ok((bytes, specs.len()))
+    }
+
+    /// Writes the part's `config.json`, with the dtype its weights are stored in.
+    fn write_config(&self, light: bool, dir: &Path) -> Result<()> {
+        let cfg_path = dir.join("config.json");
+        let part_torch_dtype = match (light, self.edge) {
             (true, EdgeWeights::Bf16) => "bfloat16",
             (true, _) => "float32",
-            _ => torch_dtype,
+            _ => self.torch_dtype,
         };
-        let cfg_text =
-            serde_json::to_string_pretty(&cfg.to_hf_json(part_torch_dtype)).unwrap_or_default();
-        std::fs::write(&cfg_path, cfg_text + "\n").map_err(|e| ModelError::io(&cfg_path, e))?;
-        write_tokenizer_files(ck, &tmp_dir)?;
+        let cfg_text = serde_json::to_string_pretty(&self.ck.config.to_hf_json(part_torch_dtype))
+            .unwrap_or_default();
+        std::fs::write(&cfg_path, cfg_text + "\n").map_err(|e| ModelError::io(&cfg_path, e))
+    }
 
+    /// The part's manifest, without its pair id.
+    fn manifest(&self, part: Part, light: bool, weights: WeightsFile) -> Manifest {
+        let (cfg, split) = (&self.ck.config, self.split);
         let layers = match part {
             Part::Edge => [0, split.edge_layers()],
             Part::Cloud => [split.edge_layers(), split.num_layers()],
         };
-        let mut m = Manifest {
+        Manifest {
             format: MANIFEST_FORMAT.into(),
             part,
-            source: source.clone(),
+            source: self.source.clone(),
             edge_layers: split.edge_layers(),
             num_layers: split.num_layers(),
             layers,
@@ -503,29 +585,15 @@ pub fn write_split_as(
             num_attention_heads: cfg.num_attention_heads,
             num_key_value_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
-            dtype: crate::weights::dtype_user_name(opts.dtype).into(),
+            dtype: crate::weights::dtype_user_name(self.opts.dtype).into(),
             edge_weights: if light {
-                edge.name().map(str::to_string)
+                self.edge.name().map(str::to_string)
             } else {
                 None
             },
-            weights: WeightsFile {
-                file: WEIGHTS_FILE.into(),
-                bytes,
-                tensors,
-            },
+            weights,
             pair_id: String::new(),
-        };
-        m.pair_id = m.compute_pair_id();
-        m.write(&tmp_dir)?;
-        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| ModelError::io(&final_dir, e))?;
-        manifests.push(m);
-    }
-    let cloud = manifests.pop();
-    let edge = manifests.pop();
-    match (edge, cloud) {
-        (Some(e), Some(c)) => Ok((e, c)),
-        _ => Err(ModelError::Split("internal: manifests missing".into())),
+        }
     }
 }
 

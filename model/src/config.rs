@@ -218,90 +218,47 @@ impl LlamaConfig {
         path: &Path,
         rope_factors: Option<Vec<f32>>,
     ) -> Result<Self> {
-        let md = &content.metadata;
-        let bad = |reason: String| ModelError::Config {
-            path: path.into(),
-            reason,
-        };
-        let arch = md
+        let md = GgufMeta { content, path };
+        let arch = content
+            .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| bad("missing `general.architecture`".into()))?;
+            .ok_or_else(|| md.bad("missing `general.architecture`".into()))?;
         if arch != "llama" {
             return Err(ModelError::UnsupportedArchitecture {
                 path: path.into(),
                 arch,
             });
         }
-        let get_u = |key: &str| -> Result<Option<usize>> {
-            match md.get(key) {
-                None => Ok(None),
-                Some(v) => gguf_uint(v)
-                    .map(Some)
-                    .ok_or_else(|| bad(format!("`{key}` is not an unsigned integer"))),
-            }
-        };
-        let need_u = |key: &str| -> Result<usize> {
-            get_u(key)?.ok_or_else(|| bad(format!("missing `{key}`")))
-        };
-        let get_f = |key: &str| -> Result<Option<f64>> {
-            match md.get(key) {
-                None => Ok(None),
-                // GGUF stores f32; go through the shortest decimal form so that 1e-5 stays
-                // 1e-5 in f64 and the config compares equal to the HF one.
-                Some(v) => v
-                    .to_f32()
-                    .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
-                    .or_else(|_| v.to_f64())
-                    .map(Some)
-                    .map_err(|_| bad(format!("`{key}` is not a float"))),
-            }
-        };
-        let hidden_size = need_u("llama.embedding_length")?;
-        let heads = need_u("llama.attention.head_count")?;
-        let vocab_size = match get_u("llama.vocab_size")? {
-            Some(v) => v,
-            None => match md.get("tokenizer.ggml.tokens").map(|v| v.to_vec()) {
-                Some(Ok(tokens)) => tokens.len(),
-                _ => content
-                    .tensor_infos
-                    .get("token_embd.weight")
-                    .map(|t| t.shape.dims()[0])
-                    .ok_or_else(|| bad("cannot tell the vocabulary size".into()))?,
-            },
-        };
-        let head_dim = match get_u("llama.attention.key_length")? {
+        let hidden_size = md.need_uint("llama.embedding_length")?;
+        let heads = md.need_uint("llama.attention.head_count")?;
+        let vocab_size = md.vocab_size()?;
+        let head_dim = match md.uint("llama.attention.key_length")? {
             Some(d) => d,
             None if heads > 0 => hidden_size / heads,
             None => 0,
         };
-        let bos = get_u("tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
-        let mut eos_token_ids: Vec<u32> = Vec::new();
-        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-            if let Some(id) = get_u(key)? {
-                let id = id as u32;
-                if !eos_token_ids.contains(&id) {
-                    eos_token_ids.push(id);
-                }
-            }
-        }
+        let bos = md.uint("tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+        let eos_token_ids = md.eos_token_ids()?;
         let cfg = Self {
             hidden_size,
-            intermediate_size: need_u("llama.feed_forward_length")?,
+            intermediate_size: md.need_uint("llama.feed_forward_length")?,
             vocab_size,
-            num_hidden_layers: need_u("llama.block_count")?,
+            num_hidden_layers: md.need_uint("llama.block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: get_u("llama.attention.head_count_kv")?.unwrap_or(heads),
+            num_key_value_heads: md.uint("llama.attention.head_count_kv")?.unwrap_or(heads),
             head_dim,
-            rms_norm_eps: get_f("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-            rope_theta: get_f("llama.rope.freq_base")?.unwrap_or(10_000.0) as f32,
+            rms_norm_eps: md
+                .float("llama.attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+            rope_theta: md.float("llama.rope.freq_base")?.unwrap_or(10_000.0) as f32,
             rope_scaling: rope_factors.map(RopeScaling::Factors),
-            max_position_embeddings: get_u("llama.context_length")?.unwrap_or(4096),
+            max_position_embeddings: md.uint("llama.context_length")?.unwrap_or(4096),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             bos_token_id: bos,
             eos_token_ids,
         };
-        cfg.validate().map_err(bad)?;
+        cfg.validate().map_err(|reason| md.bad(reason))?;
         Ok(cfg)
     }
 
@@ -468,6 +425,88 @@ fn parse_hf_rope_scaling(v: serde_json::Value) -> std::result::Result<Option<Rop
             Ok(Some(RopeScaling::Factors(factors)))
         }
         other => Err(format!("rope_scaling type `{other}` is not supported")),
+    }
+}
+
+/// The GGUF metadata [`LlamaConfig::from_gguf`] reads, with errors that name the file.
+struct GgufMeta<'a> {
+    content: &'a gguf_file::Content,
+    path: &'a Path,
+}
+
+impl GgufMeta<'_> {
+    fn bad(&self, reason: String) -> ModelError {
+        ModelError::Config {
+            path: self.path.into(),
+            reason,
+        }
+    }
+
+    /// An unsigned integer; `None` when the key is absent.
+    fn uint(&self, key: &str) -> Result<Option<usize>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => gguf_uint(v)
+                .map(Some)
+                .ok_or_else(|| self.bad(format!("`{key}` is not an unsigned integer"))),
+        }
+    }
+
+    /// An unsigned integer that must be present.
+    fn need_uint(&self, key: &str) -> Result<usize> {
+        self.uint(key)?
+            .ok_or_else(|| self.bad(format!("missing `{key}`")))
+    }
+
+    /// A float; `None` when the key is absent.
+    fn float(&self, key: &str) -> Result<Option<f64>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            // GGUF stores f32; go through the shortest decimal form so that 1e-5 stays
+            // 1e-5 in f64 and the config compares equal to the HF one.
+            Some(v) => v
+                .to_f32()
+                .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
+                .or_else(|_| v.to_f64())
+                .map(Some)
+                .map_err(|_| self.bad(format!("`{key}` is not a float"))),
+        }
+    }
+
+    /// `llama.vocab_size`, else the length of the token list, else the rows of the
+    /// embedding table.
+    fn vocab_size(&self) -> Result<usize> {
+        Ok(match self.uint("llama.vocab_size")? {
+            Some(v) => v,
+            None => match self
+                .content
+                .metadata
+                .get("tokenizer.ggml.tokens")
+                .map(|v| v.to_vec())
+            {
+                Some(Ok(tokens)) => tokens.len(),
+                _ => self
+                    .content
+                    .tensor_infos
+                    .get("token_embd.weight")
+                    .map(|t| t.shape.dims()[0])
+                    .ok_or_else(|| self.bad("cannot tell the vocabulary size".into()))?,
+            },
+        })
+    }
+
+    /// The EOS id, then the end-of-turn id when it differs.
+    fn eos_token_ids(&self) -> Result<Vec<u32>> {
+        let mut eos_token_ids: Vec<u32> = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = self.uint(key)? {
+                let id = id as u32;
+                if !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
+            }
+        }
+        Ok(eos_token_ids)
     }
 }
 

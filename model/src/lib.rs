@@ -25,9 +25,9 @@
 //! - Hidden states travel as `[tokens, hidden]` (a flat, varlen layout: no batch padding).
 //! - Attention and softmax are computed in f32 whatever the weight dtype.
 
-// Unsafe code lives in tandem-kernels; the one exception here is mapping weight files
-// (`weights.rs`), a system call whose safety rests on the file not changing underneath.
-#![deny(unsafe_code)]
+// Unsafe code lives in tandem-kernels, mapping weight files included
+// (`tandem_kernels::mmap`).
+#![forbid(unsafe_code)]
 
 pub mod chat;
 pub mod checkpoint;

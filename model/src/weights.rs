@@ -25,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
+use tandem_kernels::mmap::map_readonly;
 use tandem_kernels::quant::{Int8Rows, Q4Blocks};
 
 use crate::config::LlamaConfig;
@@ -88,10 +89,9 @@ impl SafetensorsSource {
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
             let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-            // SAFETY: the map is read-only and lives as long as `self`; like every mmap-based
-            // loader we rely on nobody truncating a checkpoint while it is being served.
-            #[allow(unsafe_code)]
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            // The map lives as long as `self`; like every mmap-based loader we rely on nobody
+            // truncating a checkpoint while it is being served (`map_readonly`'s contract).
+            let mmap = map_readonly(&file).map_err(|e| ModelError::io(path, e))?;
             let (header_len, meta) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Format {
                     path: path.clone(),

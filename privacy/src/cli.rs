@@ -1,7 +1,7 @@
 //! The `tandem audit-privacy` command: flags, loading, the printed table and the JSON.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -9,8 +9,7 @@ use tandem_model::checkpoint::{is_split_dir, Checkpoint};
 use tandem_protocol::HiddenDtype;
 
 use crate::cost;
-use crate::prompts::EARLIER_REQUESTS;
-use crate::prompts::{self, GENERIC_TEXT};
+use crate::prompts::{self, AuditPrompt, EARLIER_REQUESTS, GENERIC_TEXT};
 use crate::run::{audit, AuditInputs, AuditReport, AuditSettings, ExhaustiveSettings, NoiseLevel};
 
 /// Flags of `tandem audit-privacy`.
@@ -133,68 +132,16 @@ pub fn run_cli(a: AuditArgs) -> Result<()> {
     }
     let ck =
         Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
-    let settings = AuditSettings {
-        edge_layers: a.edge_layers.clone(),
-        wire: a
-            .wire
-            .iter()
-            .map(|w| parse_wire(w))
-            .collect::<Result<_>>()?,
-        noise: a.noise.clone(),
-        delta: a.dp_delta,
-        clip: a.dp_clip,
-        shortlist: a.shortlist,
-        exhaustive: (!a.no_exhaustive).then_some(ExhaustiveSettings {
-            budget: a.exhaustive_budget.limit(),
-            noisy_budget: a.exhaustive_noisy_budget.limit(),
-            match_tolerance: a.match_tolerance,
-        }),
-        output_pairs: a.output_pairs.iter().copied().filter(|&n| n > 0).collect(),
-        gen_tokens: a.gen_tokens,
-        random_sequences: a.random_sequences,
-        context: a.context,
-        seed: a.seed,
-        ..AuditSettings::default()
-    };
+    let settings = a.settings()?;
     for &k in &settings.edge_layers {
         tandem_model::SplitPoint::new(k, ck.config.num_hidden_layers)?;
     }
     if a.cost_only {
-        let costs: Vec<_> = settings
-            .edge_layers
-            .iter()
-            .map(|&k| cost::edge_cost(&ck.config, k, settings.context))
-            .collect();
-        if a.json {
-            println!("{}", serde_json::to_string_pretty(&costs)?);
-        } else {
-            print!("{}", cost::render(&costs));
-        }
-        return Ok(());
+        return print_costs(&ck, &settings, a.json);
     }
-    let tok = ck
-        .tokenizer
-        .as_ref()
-        .context("the model has no tokenizer; the audit needs one for its prompts")?;
-    let prompts = prompts::load(tok, a.prompts.as_deref())?;
-    let generic = tok.encode(GENERIC_TEXT, false)?;
-    let excluded: Vec<u32> = (0..ck.config.vocab_size as u32)
-        .filter(|&t| tok.is_special(t))
-        .collect();
-    let bos = tok.bos_token().map(|b| b.id);
-    let earlier = EARLIER_REQUESTS
-        .iter()
-        .map(|text| Ok(bos.into_iter().chain(tok.encode(text, false)?).collect()))
-        .collect::<Result<Vec<Vec<u32>>>>()?;
-    let inputs = AuditInputs {
-        prompts: &prompts,
-        generic: &generic,
-        excluded,
-        bos,
-        earlier: &earlier,
-    };
+    let tokenized = Tokenized::new(&ck, a.prompts.as_deref())?;
     let started = std::time::Instant::now();
-    let report = audit(&ck, &inputs, &settings, &mut |line| {
+    let report = audit(&ck, &tokenized.inputs(), &settings, &mut |line| {
         eprintln!("[audit {:>6.1}s] {line}", started.elapsed().as_secs_f64());
     })?;
     let mut out = std::io::stdout().lock();
@@ -217,6 +164,101 @@ pub fn run_cli(a: AuditArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+impl AuditArgs {
+    /// The audit's settings from the flags (a wire encoding is checked here).
+    fn settings(&self) -> Result<AuditSettings> {
+        Ok(AuditSettings {
+            edge_layers: self.edge_layers.clone(),
+            wire: self
+                .wire
+                .iter()
+                .map(|w| parse_wire(w))
+                .collect::<Result<_>>()?,
+            noise: self.noise.clone(),
+            delta: self.dp_delta,
+            clip: self.dp_clip,
+            shortlist: self.shortlist,
+            exhaustive: (!self.no_exhaustive).then_some(ExhaustiveSettings {
+                budget: self.exhaustive_budget.limit(),
+                noisy_budget: self.exhaustive_noisy_budget.limit(),
+                match_tolerance: self.match_tolerance,
+            }),
+            output_pairs: self
+                .output_pairs
+                .iter()
+                .copied()
+                .filter(|&n| n > 0)
+                .collect(),
+            gen_tokens: self.gen_tokens,
+            random_sequences: self.random_sequences,
+            context: self.context,
+            seed: self.seed,
+            ..AuditSettings::default()
+        })
+    }
+}
+
+/// `--cost-only`: the edge's memory and compute at each depth, as a table or JSON.
+fn print_costs(ck: &Checkpoint, settings: &AuditSettings, json: bool) -> Result<()> {
+    let costs: Vec<_> = settings
+        .edge_layers
+        .iter()
+        .map(|&k| cost::edge_cost(&ck.config, k, settings.context))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&costs)?);
+    } else {
+        print!("{}", cost::render(&costs));
+    }
+    Ok(())
+}
+
+/// The audit's inputs, tokenized with the model's tokenizer.
+struct Tokenized {
+    prompts: Vec<AuditPrompt>,
+    generic: Vec<u32>,
+    excluded: Vec<u32>,
+    bos: Option<u32>,
+    earlier: Vec<Vec<u32>>,
+}
+
+impl Tokenized {
+    /// The built-in prompts and those of `extra`, the generic text and the earlier requests.
+    fn new(ck: &Checkpoint, extra: Option<&Path>) -> Result<Self> {
+        let tok = ck
+            .tokenizer
+            .as_ref()
+            .context("the model has no tokenizer; the audit needs one for its prompts")?;
+        let prompts = prompts::load(tok, extra)?;
+        let generic = tok.encode(GENERIC_TEXT, false)?;
+        let excluded: Vec<u32> = (0..ck.config.vocab_size as u32)
+            .filter(|&t| tok.is_special(t))
+            .collect();
+        let bos = tok.bos_token().map(|b| b.id);
+        let earlier = EARLIER_REQUESTS
+            .iter()
+            .map(|text| Ok(bos.into_iter().chain(tok.encode(text, false)?).collect()))
+            .collect::<Result<Vec<Vec<u32>>>>()?;
+        Ok(Self {
+            prompts,
+            generic,
+            excluded,
+            bos,
+            earlier,
+        })
+    }
+
+    fn inputs(&self) -> AuditInputs<'_> {
+        AuditInputs {
+            prompts: &self.prompts,
+            generic: &self.generic,
+            excluded: self.excluded.clone(),
+            bos: self.bos,
+            earlier: &self.earlier,
+        }
+    }
 }
 
 /// The report as plain-text tables.

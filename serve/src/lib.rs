@@ -9,12 +9,11 @@
 //! - [`rest`]: the REST API (tenants, API keys, the error shape, OpenAPI).
 //! - [`metrics`] and [`telemetry`]: `/metrics`, logs, and OTLP traces and metrics.
 //!
-//! `main.rs` holds the CLI.
+//! The `tandem` command (`tandem serve` and the other subcommands) is the `tandem-cli` crate.
 
 // Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
 #![forbid(unsafe_code)]
 
-pub mod admin_cli;
 pub mod metrics;
 pub mod rest;
 pub mod server;

@@ -9,6 +9,8 @@
 //! `AuthenticationError`, 404 → `NotFoundError`, …). Messages name parameters, never prompt
 //! text or profile values.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use serde::Serialize;
 use tandem_protocol::{DoneReason, FinishReason};
 
@@ -220,4 +222,11 @@ pub(crate) struct ModelEntry<'a> {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+}
+
+/// Unix seconds now: the `created` of the objects answered.
+pub(crate) fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -22,7 +22,8 @@
 //!
 //! # Layout
 //! - this module: configuration, binding, the accept loop and graceful shutdown.
-//! - `service`: routes, prompt preparation, limits, the transparency store.
+//! - `service`: routes, prompt preparation, limits.
+//! - `state`: what the routes and the completions share, and the transparency store.
 //! - `request`: parameter checking into a valid request. `stream`: one completion, whole
 //!   or as events. `api`: the OpenAI JSON shapes. `http`: bodies and framing on hyper.
 //!
@@ -35,6 +36,7 @@ mod api;
 mod http;
 mod request;
 mod service;
+mod state;
 mod stream;
 
 use std::convert::Infallible;
@@ -49,8 +51,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+use self::api::now_s;
 pub use self::service::TRANSPARENCY_HEADER;
-use self::service::{now_s, Records, Service};
+use self::state::{Records, Service};
 use crate::bundle::EdgeBundle;
 use crate::client::{ClientConfig, ClientError, EdgeClient};
 use crate::prompt::Profile;

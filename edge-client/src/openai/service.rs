@@ -1,5 +1,6 @@
 //! The endpoint's routes: authentication, routing, preparing a completion (prompt assembly
-//! on the device, limits, the transparency record), and the local transparency store.
+//! on the device, limits, the transparency record), and answers from the local transparency
+//! store (which, with the rest of the shared state, lives in `state`).
 //!
 //! Invariants: the prompt is assembled (templates filled, profile fields sanitized, control
 //! tokens refused) before anything is computed or sent; prompt assembly runs on the blocking
@@ -10,56 +11,25 @@
 //! Privacy: logs carry routes, counts and error codes, never prompt text, profile values or
 //! output; records (which hold the user's own data) are answered on this endpoint only.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Method, Request, Response};
-use serde_json::{json, Value};
-use tandem_model::chat::ChatTemplate;
-use tandem_model::tokenizer::TextTokenizer;
-use tokio::sync::Semaphore;
+use serde_json::json;
 
 use super::api::{ApiError, ModelEntry};
 use super::http::{self, Body};
 use super::request::{self, Input, Route, ValidRequest};
-use super::stream::Job;
-use crate::client::{EdgeClient, GenerateRequest};
+use super::state::Service;
+use super::stream::{Job, Prepared};
+use crate::client::GenerateRequest;
 use crate::conversation::{assemble_conversation, ConversationError};
-use crate::prompt::{assemble, Profile, PromptError, PromptTemplate};
-use crate::sanitize::Sanitizer;
-use crate::transparency::{ModelInfo, TransparencyRecord};
+use crate::prompt::{assemble, PromptError, PromptTemplate};
+use crate::transparency::TransparencyRecord;
 
 /// The response header naming a completion's transparency record.
 pub const TRANSPARENCY_HEADER: &str = "x-tandem-transparency-id";
-
-/// What the routes need, shared by every connection.
-pub(crate) struct Service {
-    pub client: EdgeClient,
-    pub tokenizer: TextTokenizer,
-    pub chat: Option<ChatTemplate>,
-    pub model_info: ModelInfo,
-    /// The model's context in tokens.
-    pub context: usize,
-    pub model_id: String,
-    /// Unix seconds when the endpoint started (`created` of the model entry).
-    pub started: u64,
-    pub system_prompt: Option<String>,
-    pub profile: Profile,
-    pub sanitizer: Sanitizer,
-    pub api_key: Option<String>,
-    pub default_max_tokens: u32,
-    pub permits: Arc<Semaphore>,
-    pub records: Records,
-}
-
-/// A completion ready to start.
-pub(crate) struct Prepared {
-    pub request: GenerateRequest,
-    pub prompt_tokens: u32,
-}
 
 impl Service {
     /// Answers one request.
@@ -266,13 +236,6 @@ impl Service {
     }
 }
 
-/// Unix seconds now.
-pub(crate) fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Whether `a` equals `b`, in time that does not depend on where they differ (`subtle`).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
@@ -302,41 +265,5 @@ fn prompt_error(param: impl Into<String>) -> impl Fn(PromptError) -> ApiError {
             _ => "invalid_prompt",
         };
         ApiError::invalid(param.clone(), e.to_string()).with_code(code)
-    }
-}
-
-/// The records of the most recent finished completions, by id.
-pub(crate) struct Records {
-    kept: usize,
-    entries: Mutex<VecDeque<(String, Value)>>,
-}
-
-impl Records {
-    pub(crate) fn new(kept: usize) -> Self {
-        Self {
-            kept,
-            entries: Mutex::new(VecDeque::with_capacity(kept.min(1024))),
-        }
-    }
-
-    /// Keeps `entry` under `id`, forgetting the oldest beyond the limit. (A std `Mutex`:
-    /// held for a push or a scan of at most `kept` ids, never across an `.await`.)
-    pub(crate) fn put(&self, id: &str, entry: Value) {
-        if self.kept == 0 {
-            return;
-        }
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        while entries.len() >= self.kept {
-            entries.pop_front();
-        }
-        entries.push_back((id.to_owned(), entry));
-    }
-
-    pub(crate) fn get(&self, id: &str) -> Option<Value> {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries
-            .iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, v)| v.clone())
     }
 }

@@ -23,13 +23,19 @@ use tandem_protocol::{DoneReason, ErrorCode};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::api::{
-    finish_reason, ApiError, ApiUsage, AssistantMessage, ChatChoice, ChatChunk, ChatCompletion,
-    ChunkChoice, Delta, Head, TextChoice, TextCompletion,
+    finish_reason, now_s, ApiError, ApiUsage, AssistantMessage, ChatChoice, ChatChunk,
+    ChatCompletion, ChunkChoice, Delta, Head, TextChoice, TextCompletion,
 };
 use super::http::{self, Body, DONE_EVENT};
 use super::request::{Route, ValidRequest};
-use super::service::{now_s, Prepared, Service};
-use crate::client::{ClientError, Event, Finished, Generation};
+use super::state::Service;
+use crate::client::{ClientError, Event, Finished, GenerateRequest, Generation};
+
+/// A completion ready to start.
+pub(crate) struct Prepared {
+    pub request: GenerateRequest,
+    pub prompt_tokens: u32,
+}
 
 /// A started completion. See the module doc.
 pub(crate) struct Job {

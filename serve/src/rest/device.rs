@@ -28,9 +28,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
 use super::auth::{bearer, AdminAuth};
 use super::error::{ApiError, ApiJson, ApiPath};
@@ -41,6 +39,8 @@ use super::webhook::hmac_sha256;
 use super::RestState;
 use crate::store::now_ms;
 use crate::store::shared::SecretDigest;
+
+pub use tandem_openapi::device::{IssuedDeviceToken, NewDeviceToken};
 
 /// What every device token starts with.
 pub const DEVICE_TOKEN_PREFIX: &str = "tdv_";
@@ -180,31 +180,6 @@ impl DeviceAuth {
             token_id: token.token_id,
         })
     }
-}
-
-/// `POST /v1/admin/device-tokens`.
-#[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewDeviceToken {
-    /// The user the device serves: 1 to 64 characters of `A-Z a-z 0-9 _ -`.
-    #[schema(value_type = String, example = "alice")]
-    pub user_id: UserId,
-    /// Lifetime in seconds (default 30 days, at most 365 days).
-    #[schema(minimum = 60, maximum = 31536000)]
-    pub ttl_seconds: Option<u64>,
-}
-
-/// A device token just issued; `token` is shown this once.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct IssuedDeviceToken {
-    /// Send it as `Authorization: Bearer <token>` on the `/v1/edge/...` routes.
-    #[schema(example = "tdv_alice.0a1b2c3d4e5f6789.1767225600.1764806400000.<64 hex digits>")]
-    pub token: String,
-    /// Names the token for revocation.
-    pub token_id: String,
-    pub user_id: String,
-    #[schema(format = DateTime)]
-    pub expires: String,
 }
 
 /// Issue a device token for a user.

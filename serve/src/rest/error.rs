@@ -16,105 +16,28 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::store::TenantStoreError;
 
-/// The stable error codes. Clients branch on these, so a code is never renamed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// 400: the request cannot be read (malformed JSON, bad path encoding).
-    BadRequest,
-    /// 401: no credentials, or credentials that are not valid.
-    Unauthorized,
-    /// 401: a device token issued before the server's store lost its data (and with it the
-    /// revocations): every such token is refused. Get a new token from the provider.
-    DeviceTokenStale,
-    /// 403: valid credentials that may not do this.
-    Forbidden,
-    /// 404: no such route or resource (or one the caller may not know about).
-    NotFound,
-    /// 405: the route exists but not with this method.
-    MethodNotAllowed,
-    /// 408: the request's body did not arrive in time (`http_body_timeout_ms`); the
-    /// connection is closed after this answer.
-    RequestTimeout,
-    /// 409: the request conflicts with the current state (a tenant name already taken).
-    Conflict,
-    /// 413: the request body is over the limit.
-    PayloadTooLarge,
-    /// 415: the body is not `application/json`.
-    UnsupportedMediaType,
-    /// 422: well-formed JSON whose values are not acceptable.
-    Invalid,
-    /// 429: too many requests; retry after `Retry-After` seconds.
-    RateLimited,
-    /// 429: the tenant's daily token quota would be passed; retry after `Retry-After`
-    /// seconds (the next UTC day).
-    QuotaExceeded,
-    /// 503: a dependency (the store) is unavailable; retry after `Retry-After` seconds.
-    Unavailable,
-    /// 503: the admin routes are off because no admin key is configured.
-    AdminDisabled,
-    /// 500: a bug or corrupt state; the details are in the server's log.
-    Internal,
-}
+pub use tandem_openapi::error::{ErrorBody, ErrorCode, ErrorDetail};
 
-impl ErrorCode {
-    /// The snake_case name clients see.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BadRequest => "bad_request",
-            Self::Unauthorized => "unauthorized",
-            Self::DeviceTokenStale => "device_token_stale",
-            Self::Forbidden => "forbidden",
-            Self::NotFound => "not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::RequestTimeout => "request_timeout",
-            Self::Conflict => "conflict",
-            Self::PayloadTooLarge => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::Invalid => "invalid",
-            Self::RateLimited => "rate_limited",
-            Self::QuotaExceeded => "quota_exceeded",
-            Self::Unavailable => "unavailable",
-            Self::AdminDisabled => "admin_disabled",
-            Self::Internal => "internal",
-        }
+/// The HTTP status an [`ErrorCode`] stands for.
+pub fn http_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized | ErrorCode::DeviceTokenStale => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::RateLimited | ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Unavailable | ErrorCode::AdminDisabled => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            Self::BadRequest => StatusCode::BAD_REQUEST,
-            Self::Unauthorized | Self::DeviceTokenStale => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::NotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Conflict => StatusCode::CONFLICT,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited | Self::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable | Self::AdminDisabled => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-/// The body of every error response.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-/// What went wrong: a stable code to branch on and a human-readable message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    pub code: ErrorCode,
-    pub message: String,
 }
 
 /// An error answer of a REST route. Build it with the constructors, which make sure `429`
@@ -266,7 +189,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.code.status();
+        let status = http_status(self.code);
         let retry_after = self.retry_after.map(|d| d.as_secs().max(1));
         let mut response = (status, Json(self.body())).into_response();
         let headers = response.headers_mut();

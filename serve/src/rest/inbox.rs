@@ -13,91 +13,33 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
-use tandem_protocol::SamplingParams;
-use utoipa::ToSchema;
 
 use super::device::DeviceAuth;
 use super::error::{ApiError, ApiPath, ErrorBody};
-use super::prompts::{fields_of, UserResult};
-use super::store::prompts::{AnswerRefusal, PromptId, PromptRecord};
+use super::prompts::{fields_of, user_result};
+use super::store::prompts::{AnswerRefusal, AssignmentStatus, PromptId, PromptRecord};
 use super::store::KeyHash;
 use super::{rfc3339_ms, RestState};
 use crate::store::now_ms;
 
+pub use tandem_openapi::inbox::{Accepted, Inbox, InboxItem, OwnAnswer};
+
 /// What every prompt ticket starts with.
 pub const TICKET_PREFIX: &str = "tkt_";
 
-/// A prompt waiting for the user.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct InboxItem {
-    pub prompt_id: String,
-    /// The partner asking.
-    pub partner: String,
-    /// The partner's template; `{{field}}` names a field of the user's profile.
-    pub template: String,
-    /// The profile fields the template names.
-    pub fields: Vec<String>,
-    /// The provider's system prompt, to put before the rendered template.
-    pub system_prompt: String,
-    pub max_tokens: u32,
-    #[schema(value_type = Object)]
-    pub sampling: SamplingParams,
-    #[schema(format = DateTime)]
-    pub expires: String,
-    /// `pending` for listed items.
-    pub status: super::store::prompts::AssignmentStatus,
-}
-
-impl InboxItem {
-    fn of(p: &PromptRecord, system_prompt: &str) -> Self {
-        Self {
-            prompt_id: p.id.to_string(),
-            partner: p.partner.clone(),
-            template: p.template.clone(),
-            fields: fields_of(&p.template),
-            system_prompt: system_prompt.to_owned(),
-            max_tokens: p.max_tokens,
-            sampling: p.sampling.clone(),
-            expires: rfc3339_ms(p.expires_ms),
-            status: super::store::prompts::AssignmentStatus::Pending,
-        }
+/// A prompt as it appears in the user's inbox (`pending`).
+fn inbox_item(p: &PromptRecord, system_prompt: &str) -> InboxItem {
+    InboxItem {
+        prompt_id: p.id.to_string(),
+        partner: p.partner.clone(),
+        template: p.template.clone(),
+        fields: fields_of(&p.template),
+        system_prompt: system_prompt.to_owned(),
+        max_tokens: p.max_tokens,
+        sampling: p.sampling.clone(),
+        expires: rfc3339_ms(p.expires_ms),
+        status: AssignmentStatus::Pending,
     }
-}
-
-/// `GET /v1/edge/inbox`.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Inbox {
-    pub user_id: String,
-    /// Soonest expiry first.
-    pub items: Vec<InboxItem>,
-}
-
-/// An accepted prompt: run it with `ticket` as the `Open` frame's prompt id, and these
-/// `max_tokens` and `sampling` (the server enforces them).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Accepted {
-    pub prompt_id: String,
-    /// One-time: it starts one generation, until the prompt expires.
-    #[schema(example = "tkt_<64 hex digits>")]
-    pub ticket: String,
-    pub partner: String,
-    pub template: String,
-    pub fields: Vec<String>,
-    pub system_prompt: String,
-    pub max_tokens: u32,
-    #[schema(value_type = Object)]
-    pub sampling: SamplingParams,
-    #[schema(format = DateTime)]
-    pub expires: String,
-}
-
-/// One of the user's own assignments, whatever its status, with the result when there is
-/// one: what the user may always see about their own data.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct OwnAnswer {
-    pub item: InboxItem,
-    pub result: UserResult,
 }
 
 const MINUTE_MS: u64 = 60_000;
@@ -166,7 +108,7 @@ pub async fn inbox(
         user_id: auth.user.to_string(),
         items: prompts
             .iter()
-            .map(|p| InboxItem::of(p, &state.system_prompt))
+            .map(|p| inbox_item(p, &state.system_prompt))
             .collect(),
     }))
 }
@@ -198,8 +140,8 @@ pub async fn own_answer(
         .iter()
         .find(|a| a.user == auth.user)
         .ok_or_else(not_in_inbox)?;
-    let result = UserResult::of(a, &p, now);
-    let mut item = InboxItem::of(&p, &state.system_prompt);
+    let result = user_result(a, &p, now);
+    let mut item = inbox_item(&p, &state.system_prompt);
     item.status = result.status;
     Ok(Json(OwnAnswer { item, result }))
 }

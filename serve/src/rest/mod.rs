@@ -15,6 +15,9 @@
 //! - [`webhook`]: the signed completion webhooks; [`webhook_target`]: where they may go.
 //! - [`store`]: [`store::TenantStore`] and [`store::PromptStore`], in memory or in Redis.
 //!
+//! The request and response bodies (and their schemas) are the contract crate's,
+//! [`tandem_openapi`]; each module above re-exports the ones its routes use.
+//!
 //! # Invariants
 //! - Every response that is not a success has the [`error::ErrorBody`] shape, including
 //!   unknown routes, wrong methods and axum's own extractor rejections.
@@ -410,23 +413,7 @@ struct CommonResponses;
 
 impl Modify for CommonResponses {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
-        let components = doc.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "admin_key",
-            SecurityScheme::Http(bearer("The provider's admin key (server configuration).")),
-        );
-        components.add_security_scheme(
-            "device_token",
-            SecurityScheme::Http(bearer(
-                "A device token (`tdv_<user>.<token_id>.<expires>.<mac>`) naming the device's user, issued by the provider.",
-            )),
-        );
-        components.add_security_scheme(
-            "partner_key",
-            SecurityScheme::Http(bearer(
-                "A partner tenant's API key (`tdm_<key_id>_<secret>`), issued by the provider.",
-            )),
-        );
+        add_security_schemes(doc.components.get_or_insert_with(Default::default));
         for item in doc.paths.paths.values_mut() {
             let ops = [
                 &mut item.get,
@@ -436,69 +423,99 @@ impl Modify for CommonResponses {
                 &mut item.patch,
             ];
             for op in ops.into_iter().flatten() {
-                let schemes: Vec<String> = op
-                    .security
-                    .iter()
-                    .flatten()
-                    .filter_map(|s| serde_json::to_value(s).ok())
-                    .filter_map(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
-                    .flatten()
-                    .collect();
-                let has_body = op.request_body.is_some();
-                let r = &mut op.responses.responses;
-                let mut add = |status: &str, text: &str, retry: bool| {
-                    r.entry(status.to_owned())
-                        .or_insert_with(|| error_response(text, retry).into());
-                };
-                if schemes.iter().any(|s| s == "admin_key") {
-                    add("401", "`unauthorized`: missing or wrong admin key.", false);
-                    add(
-                        "503",
-                        "`admin_disabled`: no admin key is configured; or `unavailable`: the store is unavailable.",
-                        true,
-                    );
-                }
-                if schemes.iter().any(|s| s == "device_token") {
-                    add(
-                        "401",
-                        "`unauthorized`: missing, malformed, expired or revoked device token; \
-                         `device_token_stale`: issued before the server's store lost its data \
-                         (get a new token).",
-                        false,
-                    );
-                    add("503", "`unavailable`: the store is unavailable.", true);
-                }
-                if schemes.iter().any(|s| s == "partner_key") {
-                    add(
-                        "401",
-                        "`unauthorized`: missing, malformed, wrong or revoked API key.",
-                        false,
-                    );
-                    add("503", "`unavailable`: the store is unavailable.", true);
-                }
-                if has_body {
-                    add("400", "`bad_request`: the body is not valid JSON.", false);
-                    add(
-                        "415",
-                        "`unsupported_media_type`: the body is not `application/json`.",
-                        false,
-                    );
-                    add(
-                        "422",
-                        "`invalid`: the JSON does not fit the schema or its values are out of range.",
-                        false,
-                    );
-                }
-                // Every route refuses a declared body over the limit, body or not.
-                add(
-                    "413",
-                    "`payload_too_large`: the body is over 65536 bytes.",
-                    false,
-                );
-                add("500", "`internal`: a server fault.", false);
+                add_common_responses(op);
             }
         }
     }
+}
+
+/// The three bearer schemes: the provider's admin key, device tokens, partner API keys.
+fn add_security_schemes(components: &mut utoipa::openapi::Components) {
+    components.add_security_scheme(
+        "admin_key",
+        SecurityScheme::Http(bearer("The provider's admin key (server configuration).")),
+    );
+    components.add_security_scheme(
+        "device_token",
+        SecurityScheme::Http(bearer(
+            "A device token (`tdv_<user>.<token_id>.<expires>.<mac>`) naming the device's user, issued by the provider.",
+        )),
+    );
+    components.add_security_scheme(
+        "partner_key",
+        SecurityScheme::Http(bearer(
+            "A partner tenant's API key (`tdm_<key_id>_<secret>`), issued by the provider.",
+        )),
+    );
+}
+
+/// The names of the security schemes an operation states.
+fn security_schemes(op: &utoipa::openapi::path::Operation) -> Vec<String> {
+    op.security
+        .iter()
+        .flatten()
+        .filter_map(|s| serde_json::to_value(s).ok())
+        .filter_map(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
+        .flatten()
+        .collect()
+}
+
+/// Adds to one operation the error answers its security scheme and body imply, unless its
+/// own annotation states them.
+fn add_common_responses(op: &mut utoipa::openapi::path::Operation) {
+    let schemes = security_schemes(op);
+    let has_body = op.request_body.is_some();
+    let r = &mut op.responses.responses;
+    let mut add = |status: &str, text: &str, retry: bool| {
+        r.entry(status.to_owned())
+            .or_insert_with(|| error_response(text, retry).into());
+    };
+    if schemes.iter().any(|s| s == "admin_key") {
+        add("401", "`unauthorized`: missing or wrong admin key.", false);
+        add(
+            "503",
+            "`admin_disabled`: no admin key is configured; or `unavailable`: the store is unavailable.",
+            true,
+        );
+    }
+    if schemes.iter().any(|s| s == "device_token") {
+        add(
+            "401",
+            "`unauthorized`: missing, malformed, expired or revoked device token; \
+             `device_token_stale`: issued before the server's store lost its data \
+             (get a new token).",
+            false,
+        );
+        add("503", "`unavailable`: the store is unavailable.", true);
+    }
+    if schemes.iter().any(|s| s == "partner_key") {
+        add(
+            "401",
+            "`unauthorized`: missing, malformed, wrong or revoked API key.",
+            false,
+        );
+        add("503", "`unavailable`: the store is unavailable.", true);
+    }
+    if has_body {
+        add("400", "`bad_request`: the body is not valid JSON.", false);
+        add(
+            "415",
+            "`unsupported_media_type`: the body is not `application/json`.",
+            false,
+        );
+        add(
+            "422",
+            "`invalid`: the JSON does not fit the schema or its values are out of range.",
+            false,
+        );
+    }
+    // Every route refuses a declared body over the limit, body or not.
+    add(
+        "413",
+        "`payload_too_large`: the body is over 65536 bytes.",
+        false,
+    );
+    add("500", "`internal`: a server fault.", false);
 }
 
 fn bearer(description: &str) -> Http {

@@ -26,9 +26,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
 use tandem_protocol::SamplingParams;
-use utoipa::ToSchema;
 
 use super::auth::PartnerAuth;
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
@@ -37,6 +35,10 @@ use super::store::prompts::{
 };
 use super::{rfc3339_ms, RestState};
 use crate::store::now_ms;
+
+pub use tandem_openapi::prompts::{
+    NewPrompt, Prompt, PromptList, PromptStatus, StatusCounts, Timings, Usage, UserResult,
+};
 
 /// The longest template, in bytes.
 pub const MAX_TEMPLATE_BYTES: usize = 4096;
@@ -110,199 +112,58 @@ pub fn template_fields(template: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
-/// `POST /v1/prompts`.
-#[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewPrompt {
-    /// The question, naming profile fields as `{{field}}`; the device fills them in from its
-    /// user's profile. Never put personal data here.
-    #[schema(example = "Suggest three gifts for someone who likes {{interests}}.")]
-    pub template: String,
-    /// The users to ask (1 to the tenant's `max_audience`, no duplicates).
-    #[schema(value_type = Vec<String>, example = json!(["alice", "bob"]))]
-    pub audience: Vec<UserId>,
-    /// Most tokens per answer (1 to the server's cap).
-    #[schema(minimum = 1, example = 64)]
-    pub max_tokens: u32,
-    /// Sampling for every answer (default greedy).
-    #[schema(value_type = Option<Object>)]
-    pub sampling: Option<SamplingParams>,
-    /// Seconds until unanswered users expire (60 to 604800; default 86400).
-    #[schema(minimum = 60, maximum = 604800)]
-    pub expires_in_seconds: Option<u64>,
-    /// Called with `POST` when every user of the audience has a final status (completed,
-    /// failed, declined, cancelled): `{"event": "prompt.completed", "prompt_id", "status",
-    /// "counts"}`, no outputs, signed: `Tandem-Signature: t=<unix seconds>,v1=<hex
-    /// HMAC-SHA256 of "{t}.{body}" keyed by the tenant's webhook secret>` (the secret is in
-    /// the answer to `POST /v1/admin/tenants`; `docs/webhooks.md` shows how to check it).
-    /// `https://` (`http://` only where the operator allows it), at
-    /// most 2048 characters, to a public address: loopback, private, link-local and other
-    /// internal addresses (in any spelling) are refused with 422 `invalid` unless the
-    /// operator allow-listed them.
-    pub webhook_url: Option<String>,
-}
-
-/// Per-status counts of a prompt's audience.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
-pub struct StatusCounts {
-    pub pending: u32,
-    pub accepted: u32,
-    pub running: u32,
-    pub completed: u32,
-    pub declined: u32,
-    pub expired: u32,
-    pub cancelled: u32,
-    pub failed: u32,
-}
-
-impl StatusCounts {
-    pub(crate) fn add(&mut self, s: AssignmentStatus) {
-        let slot = match s {
-            AssignmentStatus::Pending => &mut self.pending,
-            AssignmentStatus::Accepted => &mut self.accepted,
-            AssignmentStatus::Running => &mut self.running,
-            AssignmentStatus::Completed => &mut self.completed,
-            AssignmentStatus::Declined => &mut self.declined,
-            AssignmentStatus::Expired => &mut self.expired,
-            AssignmentStatus::Cancelled => &mut self.cancelled,
-            AssignmentStatus::Failed => &mut self.failed,
-        };
-        *slot += 1;
+/// What the partner (and the user, in their own answer) sees of one assignment.
+pub(crate) fn user_result(a: &Assignment, prompt: &PromptRecord, now: u64) -> UserResult {
+    let status = a.status_at(prompt, now);
+    let r: Option<&GenerationResult> = a.result.as_ref();
+    let completed = status == AssignmentStatus::Completed;
+    UserResult {
+        user_id: a.user.to_string(),
+        status,
+        output: r.filter(|_| completed).map(|r| r.output.clone()),
+        finish_reason: r.map(|r| r.finish_reason.clone()),
+        usage: r.map(|r| Usage {
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+        }),
+        timings: r.map(|r| Timings {
+            ttft_ms: r.ttft_ms,
+            total_ms: r.total_ms,
+        }),
+        updated: rfc3339_ms(a.updated_ms),
     }
 }
 
-/// Token usage of one answer.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-}
-
-/// Timings of one answer, from the start of the device's generation.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Timings {
-    pub ttft_ms: u64,
-    pub total_ms: u64,
-}
-
-/// One user's answer, as the partner sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct UserResult {
-    pub user_id: String,
-    pub status: AssignmentStatus,
-    /// The generated text (completed only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
-    /// `eos`, `length`, `stop_string`, `cancelled` (completed), or the error code (failed).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timings: Option<Timings>,
-    /// When the status last changed (RFC 3339, UTC).
-    #[schema(format = DateTime)]
-    pub updated: String,
-}
-
-impl UserResult {
-    pub(crate) fn of(a: &Assignment, prompt: &PromptRecord, now: u64) -> Self {
-        let status = a.status_at(prompt, now);
-        let r: Option<&GenerationResult> = a.result.as_ref();
-        let completed = status == AssignmentStatus::Completed;
-        Self {
-            user_id: a.user.to_string(),
-            status,
-            output: r.filter(|_| completed).map(|r| r.output.clone()),
-            finish_reason: r.map(|r| r.finish_reason.clone()),
-            usage: r.map(|r| Usage {
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: r.completion_tokens,
-            }),
-            timings: r.map(|r| Timings {
-                ttft_ms: r.ttft_ms,
-                total_ms: r.total_ms,
-            }),
-            updated: rfc3339_ms(a.updated_ms),
-        }
+/// A prompt as its partner sees it in a list: without counts and results.
+fn prompt_view(p: &PromptRecord, now: u64) -> Prompt {
+    Prompt {
+        id: p.id.to_string(),
+        status: p.status_at(now),
+        template: p.template.clone(),
+        audience_size: u32::try_from(p.audience.len()).unwrap_or(u32::MAX),
+        max_tokens: p.max_tokens,
+        sampling: p.sampling.clone(),
+        created: rfc3339_ms(p.created_ms),
+        expires: rfc3339_ms(p.expires_ms),
+        webhook_url: p.webhook_url.clone(),
+        counts: None,
+        results: None,
     }
 }
 
-/// Whether a prompt still takes answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PromptStatus {
-    Active,
-    Cancelled,
-    Expired,
-}
-
-/// A prompt, as its partner sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Prompt {
-    #[schema(example = "5c0ffee0deadbeef")]
-    pub id: String,
-    pub status: PromptStatus,
-    pub template: String,
-    pub audience_size: u32,
-    pub max_tokens: u32,
-    #[schema(value_type = Object)]
-    pub sampling: SamplingParams,
-    #[schema(format = DateTime)]
-    pub created: String,
-    #[schema(format = DateTime)]
-    pub expires: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook_url: Option<String>,
-    /// Per-status counts (on a single prompt's answer only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub counts: Option<StatusCounts>,
-    /// One entry per user, in audience order (on a single prompt's answer only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub results: Option<Vec<UserResult>>,
-}
-
-impl Prompt {
-    fn of(p: &PromptRecord, now: u64) -> Self {
-        let status = if p.cancelled {
-            PromptStatus::Cancelled
-        } else if p.expired(now) {
-            PromptStatus::Expired
-        } else {
-            PromptStatus::Active
-        };
-        Self {
-            id: p.id.to_string(),
-            status,
-            template: p.template.clone(),
-            audience_size: u32::try_from(p.audience.len()).unwrap_or(u32::MAX),
-            max_tokens: p.max_tokens,
-            sampling: p.sampling.clone(),
-            created: rfc3339_ms(p.created_ms),
-            expires: rfc3339_ms(p.expires_ms),
-            webhook_url: p.webhook_url.clone(),
-            counts: None,
-            results: None,
-        }
+/// A single prompt's answer: the prompt with its counts and every user's result.
+fn prompt_with_results(p: &PromptRecord, assignments: &[Assignment], now: u64) -> Prompt {
+    let mut counts = StatusCounts::default();
+    let results: Vec<UserResult> = assignments
+        .iter()
+        .map(|a| user_result(a, p, now))
+        .inspect(|r| counts.add(r.status))
+        .collect();
+    Prompt {
+        counts: Some(counts),
+        results: Some(results),
+        ..prompt_view(p, now)
     }
-
-    fn with_results(mut self, p: &PromptRecord, assignments: &[Assignment], now: u64) -> Self {
-        let mut counts = StatusCounts::default();
-        let results: Vec<UserResult> = assignments
-            .iter()
-            .map(|a| UserResult::of(a, p, now))
-            .inspect(|r| counts.add(r.status))
-            .collect();
-        self.counts = Some(counts);
-        self.results = Some(results);
-        self
-    }
-}
-
-/// `GET /v1/prompts`: the caller's prompts, newest first.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct PromptList {
-    pub prompts: Vec<Prompt>,
 }
 
 /// Checks the per-tenant request rate of every partner route.
@@ -350,6 +211,166 @@ async fn own_prompt(
     }
 }
 
+/// A [`NewPrompt`] whose body passed every check (limit 2), with the defaults filled in.
+struct ValidPrompt {
+    template: String,
+    audience: Vec<UserId>,
+    max_tokens: u32,
+    sampling: SamplingParams,
+    expires_in_seconds: u64,
+    webhook_url: Option<String>,
+}
+
+/// Checks the body (limit 2) in the order the module doc states: template, audience,
+/// `max_tokens`, sampling, expiry, webhook.
+async fn valid_prompt(state: &RestState, body: NewPrompt) -> Result<ValidPrompt, ApiError> {
+    template_fields(&body.template).map_err(ApiError::invalid)?;
+    check_audience(&body.audience)?;
+    let cap = state.max_tokens_cap;
+    if body.max_tokens == 0 || body.max_tokens > cap {
+        return Err(ApiError::invalid(format!(
+            "max_tokens must be between 1 and {cap}"
+        )));
+    }
+    let sampling = body.sampling.unwrap_or_default();
+    sampling
+        .validate()
+        .map_err(|e| ApiError::invalid(format!("sampling: {e}")))?;
+    let expiry = body.expires_in_seconds.unwrap_or(DEFAULT_EXPIRY_SECONDS);
+    if !(60..=MAX_EXPIRY_SECONDS).contains(&expiry) {
+        return Err(ApiError::invalid(format!(
+            "expires_in_seconds must be between 60 and {MAX_EXPIRY_SECONDS}"
+        )));
+    }
+    if let Some(url) = &body.webhook_url {
+        check_webhook(state, url).await?;
+    }
+    Ok(ValidPrompt {
+        template: body.template,
+        audience: body.audience,
+        max_tokens: body.max_tokens,
+        sampling,
+        expires_in_seconds: expiry,
+        webhook_url: body.webhook_url,
+    })
+}
+
+/// An audience names at least one user, and none twice.
+fn check_audience(audience: &[UserId]) -> Result<(), ApiError> {
+    if audience.is_empty() {
+        return Err(ApiError::invalid("audience must name at least one user"));
+    }
+    let mut seen = HashSet::with_capacity(audience.len());
+    if let Some(dup) = audience.iter().find(|u| !seen.insert(*u)) {
+        return Err(ApiError::invalid(format!("audience names {dup} twice")));
+    }
+    Ok(())
+}
+
+/// Limits 3 to 5, in order: `max_audience`, then `prompts_per_minute` and `tokens_per_day`,
+/// which are taken from the tenant's counters only when the earlier limits pass.
+async fn admit(
+    state: &RestState,
+    auth: &PartnerAuth,
+    prompt: &ValidPrompt,
+    now: u64,
+) -> Result<(), ApiError> {
+    let quotas = auth.tenant.quotas;
+    let audience = prompt.audience.len();
+    if audience > quotas.max_audience as usize {
+        return Err(ApiError::forbidden(format!(
+            "the audience of {audience} users is over this tenant's max_audience of {}",
+            quotas.max_audience
+        )));
+    }
+    take_prompt_rate(state, auth, now).await?;
+    let cost = u64::from(prompt.max_tokens).saturating_mul(audience as u64);
+    take_daily_tokens(state, auth, cost, now).await
+}
+
+/// Counts one prompt against `prompts_per_minute` (429 `rate_limited` when over).
+async fn take_prompt_rate(state: &RestState, auth: &PartnerAuth, now: u64) -> Result<(), ApiError> {
+    let quotas = auth.tenant.quotas;
+    let counter = format!("ppm:{}", auth.tenant.id);
+    let limit = quotas.prompts_per_minute.into();
+    match state
+        .prompts
+        .take(&counter, 1, limit, MINUTE_MS, now)
+        .await?
+    {
+        None => Ok(()),
+        Some(ms) => Err(ApiError::rate_limited(
+            format!(
+                "over this tenant's {} prompts per minute",
+                quotas.prompts_per_minute
+            ),
+            Duration::from_millis(ms),
+        )),
+    }
+}
+
+/// Charges `cost` tokens against `tokens_per_day` (429 `quota_exceeded` when over).
+async fn take_daily_tokens(
+    state: &RestState,
+    auth: &PartnerAuth,
+    cost: u64,
+    now: u64,
+) -> Result<(), ApiError> {
+    let quotas = auth.tenant.quotas;
+    let counter = format!("tpd:{}", auth.tenant.id);
+    let limit = quotas.tokens_per_day;
+    match state
+        .prompts
+        .take(&counter, cost, limit, DAY_MS, now)
+        .await?
+    {
+        None => Ok(()),
+        Some(ms) => Err(ApiError::quota_exceeded(
+            format!(
+                "max_tokens × audience = {cost} would pass this tenant's {} tokens per day",
+                quotas.tokens_per_day
+            ),
+            Duration::from_millis(ms),
+        )),
+    }
+}
+
+/// Stores an admitted prompt (which puts it in its audience's inboxes), counts and logs it.
+async fn store_prompt(
+    state: &RestState,
+    auth: &PartnerAuth,
+    prompt: ValidPrompt,
+    now: u64,
+) -> Result<PromptRecord, ApiError> {
+    let tenant = &auth.tenant.id;
+    let record = PromptRecord {
+        id: PromptId::generate(),
+        tenant: tenant.clone(),
+        partner: auth.tenant.name.clone(),
+        template: prompt.template,
+        audience: prompt.audience,
+        max_tokens: prompt.max_tokens,
+        sampling: prompt.sampling,
+        created_ms: now,
+        expires_ms: now + prompt.expires_in_seconds * 1000,
+        webhook_url: prompt.webhook_url,
+        cancelled: false,
+    };
+    state.prompts.create_prompt(&record).await?;
+    state
+        .metrics
+        .prompts_submitted_total
+        .with(tenant.as_str())
+        .inc();
+    tracing::info!(
+        tenant = %tenant,
+        prompt = %record.id,
+        audience = record.audience.len(),
+        "prompt submitted"
+    );
+    Ok(record)
+}
+
 /// Submit a prompt to an audience of users.
 #[utoipa::path(
     post,
@@ -370,109 +391,12 @@ pub async fn create_prompt(
     ApiJson(body): ApiJson<NewPrompt>,
 ) -> Result<(StatusCode, Json<Prompt>), ApiError> {
     partner_rate(&state, &auth).await?;
-    template_fields(&body.template).map_err(ApiError::invalid)?;
-    if body.audience.is_empty() {
-        return Err(ApiError::invalid("audience must name at least one user"));
-    }
-    let mut seen = HashSet::with_capacity(body.audience.len());
-    if let Some(dup) = body.audience.iter().find(|u| !seen.insert(*u)) {
-        return Err(ApiError::invalid(format!("audience names {dup} twice")));
-    }
-    let cap = state.max_tokens_cap;
-    if body.max_tokens == 0 || body.max_tokens > cap {
-        return Err(ApiError::invalid(format!(
-            "max_tokens must be between 1 and {cap}"
-        )));
-    }
-    let sampling = body.sampling.unwrap_or_default();
-    sampling
-        .validate()
-        .map_err(|e| ApiError::invalid(format!("sampling: {e}")))?;
-    let expiry = body.expires_in_seconds.unwrap_or(DEFAULT_EXPIRY_SECONDS);
-    if !(60..=MAX_EXPIRY_SECONDS).contains(&expiry) {
-        return Err(ApiError::invalid(format!(
-            "expires_in_seconds must be between 60 and {MAX_EXPIRY_SECONDS}"
-        )));
-    }
-    if let Some(url) = &body.webhook_url {
-        check_webhook(&state, url).await?;
-    }
-    let quotas = auth.tenant.quotas;
-    if body.audience.len() > quotas.max_audience as usize {
-        return Err(ApiError::forbidden(format!(
-            "the audience of {} users is over this tenant's max_audience of {}",
-            body.audience.len(),
-            quotas.max_audience
-        )));
-    }
+    let prompt = valid_prompt(&state, body).await?;
     let now = now_ms();
-    let tenant = &auth.tenant.id;
-    if let Some(ms) = state
-        .prompts
-        .take(
-            &format!("ppm:{tenant}"),
-            1,
-            quotas.prompts_per_minute.into(),
-            MINUTE_MS,
-            now,
-        )
-        .await?
-    {
-        return Err(ApiError::rate_limited(
-            format!(
-                "over this tenant's {} prompts per minute",
-                quotas.prompts_per_minute
-            ),
-            Duration::from_millis(ms),
-        ));
-    }
-    let cost = u64::from(body.max_tokens).saturating_mul(body.audience.len() as u64);
-    if let Some(ms) = state
-        .prompts
-        .take(
-            &format!("tpd:{tenant}"),
-            cost,
-            quotas.tokens_per_day,
-            DAY_MS,
-            now,
-        )
-        .await?
-    {
-        return Err(ApiError::quota_exceeded(
-            format!(
-                "max_tokens × audience = {cost} would pass this tenant's {} tokens per day",
-                quotas.tokens_per_day
-            ),
-            Duration::from_millis(ms),
-        ));
-    }
-    let record = PromptRecord {
-        id: PromptId::generate(),
-        tenant: tenant.clone(),
-        partner: auth.tenant.name.clone(),
-        template: body.template,
-        audience: body.audience,
-        max_tokens: body.max_tokens,
-        sampling,
-        created_ms: now,
-        expires_ms: now + expiry * 1000,
-        webhook_url: body.webhook_url,
-        cancelled: false,
-    };
-    state.prompts.create_prompt(&record).await?;
-    state
-        .metrics
-        .prompts_submitted_total
-        .with(tenant.as_str())
-        .inc();
-    tracing::info!(
-        tenant = %tenant,
-        prompt = %record.id,
-        audience = record.audience.len(),
-        "prompt submitted"
-    );
+    admit(&state, &auth, &prompt, now).await?;
+    let record = store_prompt(&state, &auth, prompt, now).await?;
     let assignments = state.prompts.assignments(&record).await?;
-    let view = Prompt::of(&record, now).with_results(&record, &assignments, now);
+    let view = prompt_with_results(&record, &assignments, now);
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -499,7 +423,7 @@ pub async fn list_prompts(
         .list_prompts(&auth.tenant.id, LIST_LIMIT)
         .await?;
     Ok(Json(PromptList {
-        prompts: prompts.iter().map(|p| Prompt::of(p, now)).collect(),
+        prompts: prompts.iter().map(|p| prompt_view(p, now)).collect(),
     }))
 }
 
@@ -526,11 +450,7 @@ pub async fn get_prompt(
     let p = own_prompt(&state, &auth, &id).await?;
     let now = now_ms();
     let assignments = state.prompts.assignments(&p).await?;
-    Ok(Json(Prompt::of(&p, now).with_results(
-        &p,
-        &assignments,
-        now,
-    )))
+    Ok(Json(prompt_with_results(&p, &assignments, now)))
 }
 
 /// Cancel one of the caller's prompts: users who have not started answering never will.
@@ -574,11 +494,7 @@ pub async fn cancel_prompt(
         .await?
         .ok_or_else(|| ApiError::not_found("no such prompt"))?;
     let assignments = state.prompts.assignments(&p).await?;
-    Ok(Json(Prompt::of(&p, now).with_results(
-        &p,
-        &assignments,
-        now,
-    )))
+    Ok(Json(prompt_with_results(&p, &assignments, now)))
 }
 
 /// The fields a prompt names, for the inbox (the device checks them against its profile).

@@ -1,16 +1,15 @@
 //! Tenants and API keys: the provider's `/v1/admin/tenants...` routes and the partner's
 //! `/v1/me`.
 //!
-//! Requests are checked once here ([`NewTenant::validate`]) and only valid values reach the
-//! store. Ids in paths that cannot be ids answer 404 like unknown ones.
+//! The bodies are the contract's ([`tandem_openapi::tenants`], re-exported here). Requests
+//! are checked once here ([`tenant_record`]) and only valid values reach the store. Ids in
+//! paths that cannot be ids answer 404 like unknown ones.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::auth::{AdminAuth, NewApiKey, PartnerAuth};
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
@@ -18,59 +17,33 @@ use super::store::{KeyId, KeyInfo, KeyRecord, Quotas, TenantId, TenantRecord, Te
 use super::{rfc3339_ms, RestState};
 use crate::store::now_ms;
 
+pub use tandem_openapi::tenants::{
+    IssuedKey, KeyList, KeySummary, Me, NewTenant, Tenant, TenantList, WebhookSecret,
+};
+
 /// The longest tenant name, in characters.
 pub const MAX_NAME_CHARS: usize = 128;
 
-/// `POST /v1/admin/tenants`.
-#[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewTenant {
-    /// Unique; 1 to 128 characters, no control characters, no surrounding whitespace.
-    #[schema(min_length = 1, max_length = 128, example = "Acme Shop")]
-    pub name: String,
-    pub quotas: Quotas,
-}
-
-impl NewTenant {
-    /// The tenant to store, or why not (422).
-    fn validate(self, now: u64) -> Result<TenantRecord, ApiError> {
-        let chars = self.name.chars().count();
-        if chars == 0 || chars > MAX_NAME_CHARS {
-            return Err(ApiError::invalid(format!(
-                "name must be 1 to {MAX_NAME_CHARS} characters"
-            )));
-        }
-        if self.name.trim() != self.name || self.name.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                "name must not have surrounding whitespace or control characters",
-            ));
-        }
-        self.quotas.check().map_err(ApiError::invalid)?;
-        Ok(TenantRecord {
-            id: TenantId::generate(),
-            name: self.name,
-            quotas: self.quotas,
-            created_ms: now,
-        })
+/// The tenant to store for a [`NewTenant`], or why not (422).
+fn tenant_record(new: NewTenant, now: u64) -> Result<TenantRecord, ApiError> {
+    let chars = new.name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS {
+        return Err(ApiError::invalid(format!(
+            "name must be 1 to {MAX_NAME_CHARS} characters"
+        )));
     }
-}
-
-/// A partner tenant.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Tenant {
-    #[schema(example = "3f9a0c1b2d4e5f60")]
-    pub id: String,
-    pub name: String,
-    pub quotas: Quotas,
-    /// When the tenant was created (RFC 3339, UTC).
-    #[schema(format = DateTime)]
-    pub created: String,
-    /// Only in the answer to `POST /v1/admin/tenants`: the secret that signs this tenant's
-    /// webhooks (`Tandem-Signature`, see `docs/webhooks.md`). Replace it with
-    /// `POST /v1/admin/tenants/{id}/webhook-secret`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "whsec_<64 hex digits>")]
-    pub webhook_secret: Option<String>,
+    if new.name.trim() != new.name || new.name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "name must not have surrounding whitespace or control characters",
+        ));
+    }
+    new.quotas.check().map_err(ApiError::invalid)?;
+    Ok(TenantRecord {
+        id: TenantId::generate(),
+        name: new.name,
+        quotas: new.quotas,
+        created_ms: now,
+    })
 }
 
 impl From<TenantRecord> for Tenant {
@@ -85,41 +58,6 @@ impl From<TenantRecord> for Tenant {
     }
 }
 
-/// `POST /v1/admin/tenants/{id}/webhook-secret`: the tenant's new webhook secret.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct WebhookSecret {
-    /// Signs every webhook delivered from now on (HMAC-SHA256 over `"{t}.{body}"`, in
-    /// `Tandem-Signature: t=<unix seconds>,v1=<hex>`); the former secret stops at once.
-    #[schema(example = "whsec_<64 hex digits>")]
-    pub webhook_secret: String,
-}
-
-/// `GET /v1/admin/tenants`: every tenant, oldest first.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct TenantList {
-    pub tenants: Vec<Tenant>,
-}
-
-/// A key just issued. `key` is shown this once; the server keeps only its hash.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct IssuedKey {
-    #[schema(example = "0a1b2c3d4e5f6789")]
-    pub key_id: String,
-    /// The secret: send it as `Authorization: Bearer <key>`. It cannot be shown again.
-    #[schema(example = "tdm_0a1b2c3d4e5f6789_<64 hex digits>")]
-    pub key: String,
-    #[schema(format = DateTime)]
-    pub created: String,
-}
-
-/// A live key, as listed (never the key itself).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct KeySummary {
-    pub key_id: String,
-    #[schema(format = DateTime)]
-    pub created: String,
-}
-
 impl From<KeyInfo> for KeySummary {
     fn from(k: KeyInfo) -> Self {
         Self {
@@ -127,20 +65,6 @@ impl From<KeyInfo> for KeySummary {
             created: rfc3339_ms(k.created_ms),
         }
     }
-}
-
-/// `GET /v1/admin/tenants/{id}/keys`: the tenant's live keys, oldest first.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct KeyList {
-    pub keys: Vec<KeySummary>,
-}
-
-/// `GET /v1/me`: the calling partner's tenant.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Me {
-    pub tenant_id: String,
-    pub name: String,
-    pub quotas: Quotas,
 }
 
 fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
@@ -173,7 +97,7 @@ pub async fn create_tenant(
     State(state): State<Arc<RestState>>,
     ApiJson(body): ApiJson<NewTenant>,
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
-    let record = body.validate(now_ms())?;
+    let record = tenant_record(body, now_ms())?;
     state.store.create_tenant(&record).await?;
     let secret = state
         .store
@@ -428,7 +352,7 @@ mod tests {
             name: name.to_owned(),
             quotas: quotas(),
         };
-        assert!(new("Acme Shop").validate(1).is_ok());
+        assert!(tenant_record(new("Acme Shop"), 1).is_ok());
         for bad in [
             "",
             " Acme",
@@ -436,7 +360,7 @@ mod tests {
             "Ac\nme",
             &"x".repeat(MAX_NAME_CHARS + 1),
         ] {
-            let e = new(bad).validate(1).expect_err(bad);
+            let e = tenant_record(new(bad), 1).expect_err(bad);
             assert_eq!(e.code(), super::super::error::ErrorCode::Invalid);
         }
     }

@@ -42,8 +42,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use sha2::Sha256;
+use tandem_openapi::prompts::StatusCounts;
 
-use super::prompts::{PromptStatus, StatusCounts};
 use super::store::prompts::{PromptId, PromptStore, RESULT_RETENTION_MS};
 use super::store::{TenantId, TenantStore};
 use super::webhook_target::{system_resolver, Resolver, Target, TargetError, WebhookPolicy};
@@ -220,13 +220,7 @@ async fn check(hooks: &Webhooks, id: &PromptId) -> anyhow::Result<()> {
     for a in &assignments {
         counts.add(a.status_at(&p, now));
     }
-    let status = if p.cancelled {
-        PromptStatus::Cancelled
-    } else if p.expired(now) {
-        PromptStatus::Expired
-    } else {
-        PromptStatus::Active
-    };
+    let status = p.status_at(now);
     let body = json!({
         "event": "prompt.completed",
         "prompt_id": id.as_str(),

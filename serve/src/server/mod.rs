@@ -38,6 +38,7 @@
 //! engine calls (`open`, `close`) run on the blocking pool.
 
 mod admission;
+mod assignment;
 pub mod config;
 mod conn_limit;
 mod http_serve;

@@ -187,7 +187,7 @@ pub(crate) struct Setup {
     /// Tokens the device already holds (`last_token_seq + 1` of a Replay's `Resume`).
     pub(crate) device_has: u64,
     /// The partner prompt this generation answers, if any: its result is stored there.
-    pub(crate) assignment: Option<super::ws::AssignmentRef>,
+    pub(crate) assignment: Option<super::assignment::AssignmentRef>,
     /// The session's place in the admission counts.
     pub(crate) slot: SessionSlot,
     /// The `session` span (ends with the actor) and its `generation` child (ends with
@@ -288,7 +288,7 @@ struct Actor {
     /// When the session gives up waiting for a `Resume`.
     grace: Option<Instant>,
     marked_generating: bool,
-    assignment: Option<super::ws::AssignmentRef>,
+    assignment: Option<super::assignment::AssignmentRef>,
     slot: SessionSlot,
     started: Instant,
     first_token_at: Option<Instant>,

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
 pub mod memory;
 pub mod redis;
@@ -104,53 +103,8 @@ hex_id!(
 pub mod prompts;
 mod redis_prompts;
 pub use self::prompts::PromptStore;
-
-/// A tenant's limits. Checked by [`Quotas::check`] before anything stores them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Quotas {
-    /// Prompts the tenant may submit per minute.
-    #[schema(minimum = 1, maximum = 100_000)]
-    pub prompts_per_minute: u32,
-    /// Tokens the tenant's prompts may generate per day, over all users.
-    #[schema(minimum = 1, maximum = 1000000000000.0)]
-    pub tokens_per_day: u64,
-    /// Users one prompt may target.
-    #[schema(minimum = 1, maximum = 1_000_000)]
-    pub max_audience: u32,
-}
-
-impl Quotas {
-    pub const MAX_PROMPTS_PER_MINUTE: u32 = 100_000;
-    pub const MAX_TOKENS_PER_DAY: u64 = 1_000_000_000_000;
-    pub const MAX_AUDIENCE: u32 = 1_000_000;
-
-    /// Refuses zero and values over the maxima, naming the field.
-    pub fn check(&self) -> Result<(), String> {
-        let range = |name: &str, v: u64, max: u64| {
-            if (1..=max).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!("quotas.{name} must be between 1 and {max}"))
-            }
-        };
-        range(
-            "prompts_per_minute",
-            self.prompts_per_minute.into(),
-            Self::MAX_PROMPTS_PER_MINUTE.into(),
-        )?;
-        range(
-            "tokens_per_day",
-            self.tokens_per_day,
-            Self::MAX_TOKENS_PER_DAY,
-        )?;
-        range(
-            "max_audience",
-            self.max_audience.into(),
-            Self::MAX_AUDIENCE.into(),
-        )
-    }
-}
+// A tenant's limits are part of the REST contract (`tandem-openapi`); the store keeps them.
+pub use tandem_openapi::tenants::Quotas;
 
 /// A tenant as the store keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]

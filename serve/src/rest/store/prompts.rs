@@ -20,58 +20,18 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use tandem_openapi::prompts::PromptStatus;
 use tandem_protocol::SamplingParams;
 
 use super::{is_id, KeyHash, TenantFuture, TenantId, ID_HEX_LEN};
+
+// User ids and assignment statuses are part of the REST contract (`tandem-openapi`).
+pub use tandem_openapi::prompts::{AssignmentStatus, UserId, MAX_USER_ID_LEN};
 
 hex_id!(
     /// A partner prompt's id: 16 lowercase hex digits.
     PromptId
 );
-
-/// The longest user id, in bytes.
-pub const MAX_USER_ID_LEN: usize = 64;
-
-/// A user (device owner) id, as the provider names its users: 1 to 64 characters of
-/// `[A-Za-z0-9_-]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct UserId(String);
-
-impl UserId {
-    pub fn parse(s: &str) -> Option<Self> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_USER_ID_LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        ok.then(|| Self(s.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for UserId {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        Self::parse(&s).ok_or_else(|| {
-            format!("user ids are 1 to {MAX_USER_ID_LEN} characters of A-Z a-z 0-9 _ -")
-        })
-    }
-}
-
-impl From<UserId> for String {
-    fn from(u: UserId) -> String {
-        u.0
-    }
-}
-
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// A prompt as the store keeps it (serialized as JSON in Redis).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -94,65 +54,16 @@ impl PromptRecord {
     pub fn expired(&self, now_ms: u64) -> bool {
         now_ms >= self.expires_ms
     }
-}
 
-/// Where one user's assignment stands. `Expired` is never stored: a `pending` or `accepted`
-/// assignment of an expired prompt reads as `expired` ([`Assignment::status_at`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AssignmentStatus {
-    /// In the user's inbox, not answered yet.
-    Pending,
-    /// The user accepted; the device has not started the generation yet.
-    Accepted,
-    /// The generation runs.
-    Running,
-    /// The output is in the result.
-    Completed,
-    /// The user declined (no reason is kept).
-    Declined,
-    /// The prompt expired before the user answered or the device started.
-    Expired,
-    /// The partner cancelled the prompt before this user's generation started.
-    Cancelled,
-    /// The generation started and ended with an error.
-    Failed,
-}
-
-impl AssignmentStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Accepted => "accepted",
-            Self::Running => "running",
-            Self::Completed => "completed",
-            Self::Declined => "declined",
-            Self::Expired => "expired",
-            Self::Cancelled => "cancelled",
-            Self::Failed => "failed",
+    /// Whether the prompt still takes answers at `now_ms`.
+    pub fn status_at(&self, now_ms: u64) -> PromptStatus {
+        if self.cancelled {
+            PromptStatus::Cancelled
+        } else if self.expired(now_ms) {
+            PromptStatus::Expired
+        } else {
+            PromptStatus::Active
         }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => Self::Pending,
-            "accepted" => Self::Accepted,
-            "running" => Self::Running,
-            "completed" => Self::Completed,
-            "declined" => Self::Declined,
-            "expired" => Self::Expired,
-            "cancelled" => Self::Cancelled,
-            "failed" => Self::Failed,
-            _ => return None,
-        })
-    }
-
-    /// No further transition leaves it.
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::Completed | Self::Declined | Self::Expired | Self::Cancelled | Self::Failed
-        )
     }
 }
 

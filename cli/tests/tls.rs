@@ -397,7 +397,7 @@ async fn inbox_calls_over_https_equal_the_plain_ones_and_bad_certificates_fail_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_serves_tls_and_the_admin_cli_checks_its_certificate() {
-    use tandem_serve::admin_cli::{send, AdminTlsError};
+    use tandem_cli::admin::{send, AdminTlsError};
     use tandem_serve::server::config::Secret;
     let fx = Fixture::new();
     let admin_dir = fx.dir.path().join("admin");

@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use crate::server::config::Secret;
+use tandem_serve::server::config::Secret;
 
 /// The largest answer read.
 const MAX_REPLY_BYTES: usize = 4 << 20;
