@@ -115,9 +115,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         let _ = lock.flush();
         g
     };
+    report(&gen, a.json, (k, n), load_s);
+    Ok(())
+}
+
+/// The generation's figures: one JSON object on stdout (`--json`), or a line on stderr after
+/// the streamed text.
+fn report(
+    gen: &tandem_model::pipeline::Generation,
+    json: bool,
+    (k, n): (usize, usize),
+    load_s: f64,
+) {
     let decode_tokens = gen.output_ids.len().saturating_sub(1);
     let decode_s = gen.total_s - gen.time_to_first_token_s;
-    if a.json {
+    if json {
         let obj = serde_json::json!({
             "prompt_ids": gen.prompt_ids,
             "output_ids": gen.output_ids,
@@ -141,5 +153,4 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
         );
     }
-    Ok(())
 }

@@ -203,8 +203,13 @@ impl ServeArgs {
             Some(path) => tandem_serve::server::ServerConfig::from_toml_file(path)?,
             None => tandem_serve::server::ServerConfig::default(),
         };
+        // A flag or variable given replaces the file's value; `set_some!` is for settings
+        // that are optional in the config too.
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        macro_rules! set_some {
+            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field; } )* };
         }
         set!(
             cloud,
@@ -247,24 +252,19 @@ impl ServeArgs {
             device_requests_per_minute,
             engine_stall_ms
         );
+        set_some!(
+            device_token_key,
+            redis,
+            kv_blocks,
+            io_threads,
+            advertise_url,
+            replica_id,
+            admin_key,
+            webhook_ca_cert
+        );
         if let Some(path) = self.system_prompt_file {
             c.system_prompt = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading the system prompt {}", path.display()))?;
-        }
-        if self.device_token_key.is_some() {
-            c.device_token_key = self.device_token_key;
-        }
-        if self.redis.is_some() {
-            c.redis = self.redis;
-        }
-        if self.kv_blocks.is_some() {
-            c.kv_blocks = self.kv_blocks;
-        }
-        if self.io_threads.is_some() {
-            c.io_threads = self.io_threads;
-        }
-        if self.advertise_url.is_some() {
-            c.advertise_url = self.advertise_url;
         }
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert;
@@ -274,17 +274,8 @@ impl ServeArgs {
             c.admin_tls_cert = self.admin_tls_cert;
             c.admin_tls_key = self.admin_tls_key;
         }
-        if self.replica_id.is_some() {
-            c.replica_id = self.replica_id;
-        }
-        if self.admin_key.is_some() {
-            c.admin_key = self.admin_key;
-        }
         c.webhook_allow_http |= self.webhook_allow_http;
         c.webhook_allow.extend(self.webhook_allow_host);
-        if self.webhook_ca_cert.is_some() {
-            c.webhook_ca_cert = self.webhook_ca_cert;
-        }
         Ok(c)
     }
 }

@@ -7,16 +7,18 @@
 //! - [`server`]: `tandem serve`, the WebSocket front end devices connect to; it also serves
 //!   the REST routes.
 //! - [`rest`]: the REST API (tenants, API keys, the error shape, OpenAPI).
-//! - [`metrics`] and [`telemetry`]: `/metrics`, logs, and OTLP traces and metrics.
+//! - [`obs`]: [`metrics`], [`telemetry`] (logs, OTLP traces and metrics), [`threads`], and the
+//!   operator routes (`/metrics`, `/readyz`).
 //!
 //! The `tandem` command (`tandem serve` and the other subcommands) is the `tandem-cli` crate.
 
 // Unsafe code lives in tandem-kernels (and FFI); see its crate docs.
 #![forbid(unsafe_code)]
 
-pub mod metrics;
+pub mod obs;
 pub mod rest;
 pub mod server;
 pub mod store;
-pub mod telemetry;
-pub mod threads;
+
+// The observability modules keep their paths from before they moved under `obs/`.
+pub use obs::{metrics, telemetry, threads};

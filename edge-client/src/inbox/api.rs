@@ -1,10 +1,20 @@
-//! The inbox API's types, as the REST API writes them: [`PromptId`], the one-use [`Ticket`],
-//! the [`PartnerPrompt`] a partner asks the device to run, [`InboxItem`], [`Inbox`] and
+//! The inbox API's types as the device sees them: [`PromptId`], the one-use [`Ticket`], the
+//! [`PartnerPrompt`] a partner asks the device to run, [`InboxItem`], [`Inbox`] and
 //! [`Accepted`], and the API's error body. Ids and tickets are checked when parsed.
+//!
+//! The REST client reads the server's answers with the API's contract types
+//! ([`tandem_openapi::inbox`]) and turns them into these with `TryFrom`, which checks the id
+//! and the ticket: the JSON shape is written once, in the contract. These types stay for what
+//! the contract's plain strings cannot say: a path-safe [`PromptId`], a [`Ticket`] whose
+//! `Debug` is redacted, the system prompt and sampling grouped as a [`PartnerPrompt`], and an
+//! [`ItemStatus`] that tolerates states added later. They keep their own serde derives, which
+//! apps use; the tests below pin them to the contract's JSON.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use tandem_openapi::inbox as contract;
+use tandem_openapi::prompts::AssignmentStatus;
 use tandem_protocol::wire::MAX_PROMPT_ID_LEN;
 use tandem_protocol::SamplingParams;
 
@@ -160,7 +170,117 @@ pub struct Accepted {
     pub prompt: PartnerPrompt,
 }
 
-/// `{"error":{"code","message"}}`, the API's error body.
+// ---------------------------------------------------------------------------------------------
+// From the contract's types
+// ---------------------------------------------------------------------------------------------
+
+/// `running`, `completed` and `failed` are [`ItemStatus::Other`], as when the item's own serde
+/// reads them (the inbox lists pending items only).
+impl From<AssignmentStatus> for ItemStatus {
+    fn from(s: AssignmentStatus) -> Self {
+        match s {
+            AssignmentStatus::Pending => Self::Pending,
+            AssignmentStatus::Accepted => Self::Accepted,
+            AssignmentStatus::Declined => Self::Declined,
+            AssignmentStatus::Expired => Self::Expired,
+            AssignmentStatus::Cancelled => Self::Cancelled,
+            AssignmentStatus::Running | AssignmentStatus::Completed | AssignmentStatus::Failed => {
+                Self::Other
+            }
+        }
+    }
+}
+
+// The contract structs are taken apart field by field, without `..`: a field added to the
+// contract stops this build until the device decides what to do with it. `fields` (the
+// profile fields the template names) is left out: the device finds them in the template
+// itself when it renders it.
+
+/// Checks the prompt id; an empty system prompt stays `Some("")`, as the item's own serde
+/// reads it ([`PartnerPrompt::system`] counts it as none).
+impl TryFrom<contract::InboxItem> for InboxItem {
+    type Error = InboxError;
+
+    fn try_from(item: contract::InboxItem) -> Result<Self, Self::Error> {
+        let contract::InboxItem {
+            prompt_id,
+            partner,
+            template,
+            fields: _,
+            system_prompt,
+            max_tokens,
+            sampling,
+            expires,
+            status,
+        } = item;
+        Ok(Self {
+            prompt_id: PromptId::new(prompt_id)?,
+            prompt: PartnerPrompt {
+                partner,
+                template,
+                system_prompt: Some(system_prompt),
+                max_tokens,
+                sampling,
+                expires,
+            },
+            status: status.into(),
+        })
+    }
+}
+
+/// Checks every item's prompt id.
+impl TryFrom<contract::Inbox> for Inbox {
+    type Error = InboxError;
+
+    fn try_from(inbox: contract::Inbox) -> Result<Self, Self::Error> {
+        let contract::Inbox { user_id, items } = inbox;
+        Ok(Self {
+            user_id,
+            items: items
+                .into_iter()
+                .map(InboxItem::try_from)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// Checks the prompt id and the ticket. The ticket is a plain `String` in the contract type
+/// (whose `Debug` shows it): convert the answer right after reading it, and never log it.
+impl TryFrom<contract::Accepted> for Accepted {
+    type Error = InboxError;
+
+    fn try_from(accepted: contract::Accepted) -> Result<Self, Self::Error> {
+        let contract::Accepted {
+            prompt_id,
+            ticket,
+            partner,
+            template,
+            fields: _,
+            system_prompt,
+            max_tokens,
+            sampling,
+            expires,
+        } = accepted;
+        Ok(Self {
+            prompt_id: PromptId::new(prompt_id)?,
+            ticket: Ticket::try_from(ticket)?,
+            prompt: PartnerPrompt {
+                partner,
+                template,
+                system_prompt: Some(system_prompt),
+                max_tokens,
+                sampling,
+                expires,
+            },
+        })
+    }
+}
+
+/// `{"error":{"code","message"}}`, the API's error body, read more loosely than the contract's
+/// [`tandem_openapi::error::ErrorBody`]: its closed `ErrorCode` would refuse a code added to
+/// the server after this build, and the device would lose that code and the server's message
+/// (they become [`ApiCode::Other`](crate::error::ApiCode::Other) as the server wrote it
+/// instead). A test below reads every contract code with it.
 #[derive(Deserialize)]
 pub(super) struct ErrorBody {
     pub(super) error: ErrorDetail,
@@ -171,4 +291,132 @@ pub(super) struct ErrorDetail {
     pub(super) code: String,
     #[serde(default)]
     pub(super) message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_openapi::error::{self as contract_error, ErrorCode};
+    use tandem_protocol::SamplingParams;
+
+    use super::*;
+
+    fn contract_item(
+        id: &str,
+        system_prompt: &str,
+        status: AssignmentStatus,
+    ) -> contract::InboxItem {
+        contract::InboxItem {
+            prompt_id: id.into(),
+            partner: "Acme Shop".into(),
+            template: "Hi {{ name }}".into(),
+            fields: vec!["name".into()],
+            system_prompt: system_prompt.into(),
+            max_tokens: 7,
+            sampling: SamplingParams {
+                temperature: 0.7,
+                top_k: Some(20),
+                seed: 42,
+                ..SamplingParams::default()
+            },
+            expires: "2026-11-23T10:00:00.000Z".into(),
+            status,
+        }
+    }
+
+    fn contract_accepted(id: &str, ticket: &str) -> contract::Accepted {
+        let item = contract_item(id, "Be brief.", AssignmentStatus::Accepted);
+        contract::Accepted {
+            prompt_id: item.prompt_id,
+            ticket: ticket.into(),
+            partner: item.partner,
+            template: item.template,
+            fields: item.fields,
+            system_prompt: item.system_prompt,
+            max_tokens: item.max_tokens,
+            sampling: item.sampling,
+            expires: item.expires,
+        }
+    }
+
+    /// What the server writes reads the same through the contract as through the device's own
+    /// serde derives (the way the client read it before).
+    #[test]
+    fn contract_answers_convert_as_the_device_types_read_them() {
+        let inbox = contract::Inbox {
+            user_id: "alice".into(),
+            items: vec![
+                contract_item("00000000000000aa", "Be brief.", AssignmentStatus::Pending),
+                contract_item("00000000000000bb", "", AssignmentStatus::Running),
+            ],
+        };
+        let json = serde_json::to_string(&inbox).expect("json");
+        let direct: Inbox = serde_json::from_str(&json).expect("device serde");
+        let converted = Inbox::try_from(inbox).expect("convert");
+        assert_eq!(converted, direct);
+        assert_eq!(converted.items[0].prompt.system(), Some("Be brief."));
+        assert_eq!(converted.items[1].prompt.system(), None);
+        assert_eq!(converted.items[1].status, ItemStatus::Other);
+
+        let accepted = contract_accepted("00000000000000aa", "tkt_0123");
+        let json = serde_json::to_string(&accepted).expect("json");
+        let direct: Accepted = serde_json::from_str(&json).expect("device serde");
+        let converted = Accepted::try_from(accepted).expect("convert");
+        assert_eq!(converted, direct);
+        assert_eq!(converted.ticket.expose(), "tkt_0123");
+    }
+
+    #[test]
+    fn bad_ids_and_tickets_in_contract_answers_are_refused() {
+        let item = contract_item("../admin", "", AssignmentStatus::Pending);
+        let err = InboxItem::try_from(item).expect_err("bad id");
+        assert!(
+            matches!(&err, InboxError::Decode(m) if m == "`../admin` is not a prompt id"),
+            "{err:?}"
+        );
+        let err = Accepted::try_from(contract_accepted("00000000000000aa", "tkt secret"))
+            .expect_err("bad ticket");
+        let shown = format!("{err} {err:?}");
+        assert!(matches!(err, InboxError::Decode(_)), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    /// The loose error body reads every code of the contract as the server writes it, and a
+    /// code this build does not know.
+    #[test]
+    fn the_error_body_reads_every_contract_code() {
+        let codes = [
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::DeviceTokenStale,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::RequestTimeout,
+            ErrorCode::Conflict,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType,
+            ErrorCode::Invalid,
+            ErrorCode::RateLimited,
+            ErrorCode::QuotaExceeded,
+            ErrorCode::Unavailable,
+            ErrorCode::AdminDisabled,
+            ErrorCode::Internal,
+        ];
+        for code in codes {
+            let body = contract_error::ErrorBody {
+                error: contract_error::ErrorDetail {
+                    code,
+                    message: "what happened".into(),
+                },
+            };
+            let json = serde_json::to_vec(&body).expect("json");
+            let read: ErrorBody = serde_json::from_slice(&json).expect("error body");
+            assert_eq!(read.error.code, code.as_str());
+            assert_eq!(read.error.message, "what happened");
+        }
+        let read: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"added_later"}}"#).expect("error body");
+        assert_eq!(read.error.code, "added_later");
+        assert_eq!(read.error.message, "");
+    }
 }

@@ -41,7 +41,8 @@
 //!
 //! # Layout
 //! - `config`: [`InboxConfig`] and the defaults of its limits.
-//! - `api`: the API's types ([`PromptId`], [`Ticket`], [`InboxItem`], [`Accepted`], …).
+//! - `api`: the API's types as the device sees them ([`PromptId`], [`Ticket`], [`InboxItem`],
+//!   [`Accepted`], …), converted from the contract's (`tandem_openapi::inbox`).
 //! - `rest`: the REST calls ([`InboxClient`]), which need no model.
 //! - `decide`: [`AutoAccept`].
 //! - `answer`: [`PromptContext`], [`Accepted::request`] and the inbox calls on [`EdgeClient`].

@@ -1,10 +1,13 @@
 //! The inbox REST calls ([`InboxClient`]): `GET /v1/edge/inbox`, `POST …/accept` and
 //! `POST …/decline`, each one request over `tandem-http` with the device token as
 //! `Authorization: Bearer`; a non-2xx answer becomes [`InboxError::Api`]. Needs no model.
+//! Success answers are read as the API's contract types ([`tandem_openapi::inbox`]) and
+//! converted to the device's, which checks ids and tickets.
 
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use tandem_http::HttpError;
+use tandem_openapi::inbox as contract;
 
 use super::api::{Accepted, ErrorBody, Inbox, PromptId};
 use super::config::InboxConfig;
@@ -28,7 +31,7 @@ impl InboxClient {
     /// `GET /v1/edge/inbox`.
     pub async fn list(&self) -> Result<Inbox, InboxError> {
         let res = self.call(Method::GET, "/v1/edge/inbox").await?;
-        decode(&res.body)
+        decode::<contract::Inbox>(&res.body)?.try_into()
     }
 
     /// `POST /v1/edge/inbox/{id}/accept`. The answer must name the same prompt.
@@ -36,7 +39,8 @@ impl InboxClient {
         let res = self
             .call(Method::POST, &format!("/v1/edge/inbox/{id}/accept"))
             .await?;
-        let accepted: Accepted = decode(&res.body)?;
+        // Converted at once: the contract type's `Debug` shows the ticket.
+        let accepted = Accepted::try_from(decode::<contract::Accepted>(&res.body)?)?;
         if accepted.prompt_id != *id {
             return Err(InboxError::Decode(format!(
                 "accepted prompt {id}, but the answer is for prompt {}",

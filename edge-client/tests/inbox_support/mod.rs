@@ -11,6 +11,9 @@ use serde_json::json;
 use tandem_edge::inbox::{DeviceToken, InboxConfig};
 use tandem_edge::EdgeBundle;
 use tandem_model::checkpoint::{write_split, Checkpoint, SplitOptions};
+use tandem_openapi::inbox::{Accepted, InboxItem};
+use tandem_openapi::prompts::AssignmentStatus;
+use tandem_protocol::SamplingParams;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -129,23 +132,45 @@ pub fn api_error(status: u16, code: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     reply(status, extra, &body.to_string())
 }
 
-pub fn sampling() -> serde_json::Value {
-    json!({"temperature": 0.7, "top_k": 20, "top_p": null, "min_p": null, "seed": 42,
-           "repetition_penalty": 1.0})
+pub fn sampling() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.7,
+        top_k: Some(20),
+        seed: 42,
+        ..SamplingParams::default()
+    }
 }
 
+/// A pending item as the server writes it: built from the API's contract type, so that the
+/// fake server speaks the contract. `fields` is left empty: the device does not read it.
 pub fn item_json(id: &str, partner: &str, template: &str) -> serde_json::Value {
-    json!({"prompt_id": id, "partner": partner, "template": template,
-           "system_prompt": SYSTEM, "max_tokens": 3, "sampling": sampling(),
-           "expires": "2026-11-23T10:00:00.000Z", "status": "pending"})
+    serde_json::to_value(InboxItem {
+        prompt_id: id.into(),
+        partner: partner.into(),
+        template: template.into(),
+        fields: Vec::new(),
+        system_prompt: SYSTEM.into(),
+        max_tokens: 3,
+        sampling: sampling(),
+        expires: "2026-11-23T10:00:00.000Z".into(),
+        status: AssignmentStatus::Pending,
+    })
+    .expect("json")
 }
 
 pub fn accepted_json(id: &str, partner: &str, template: &str) -> serde_json::Value {
-    let mut v = item_json(id, partner, template);
-    let obj = v.as_object_mut().expect("object");
-    obj.remove("status");
-    obj.insert("ticket".into(), json!(ticket_for(id)));
-    v
+    serde_json::to_value(Accepted {
+        prompt_id: id.into(),
+        ticket: ticket_for(id),
+        partner: partner.into(),
+        template: template.into(),
+        fields: Vec::new(),
+        system_prompt: SYSTEM.into(),
+        max_tokens: 3,
+        sampling: sampling(),
+        expires: "2026-11-23T10:00:00.000Z".into(),
+    })
+    .expect("json")
 }
 
 pub fn ticket_for(id: &str) -> String {

@@ -455,6 +455,16 @@ impl ServerConfig {
 
     /// Refuses values the server cannot run with.
     pub fn check(&self) -> anyhow::Result<()> {
+        self.check_model()?;
+        self.check_listeners()?;
+        self.check_limits()?;
+        self.check_secrets()?;
+        self.webhook_policy()?;
+        Ok(())
+    }
+
+    /// The model, its device and the KV cache.
+    fn check_model(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.cloud.as_os_str().is_empty(),
             "no cloud checkpoint given (--cloud)"
@@ -470,6 +480,11 @@ impl ServerConfig {
             "on a CUDA device the weights and KV cache are bf16 or f32, not f16"
         );
         anyhow::ensure!(self.io_threads != Some(0), "io_threads must be > 0");
+        Ok(())
+    }
+
+    /// The listeners and their TLS files.
+    fn check_listeners(&self) -> anyhow::Result<()> {
         if let Some(admin) = self.admin_listen.addr() {
             anyhow::ensure!(
                 admin.port() == 0 || admin != self.listen,
@@ -485,6 +500,11 @@ impl ServerConfig {
             "TLS on the operator listener needs both admin_tls_cert and admin_tls_key \
              (--admin-tls-cert, --admin-tls-key)"
         );
+        Ok(())
+    }
+
+    /// Sizes, rates, caps and timeouts.
+    fn check_limits(&self) -> anyhow::Result<()> {
         for (name, v) in [
             ("block_size", self.block_size),
             ("max_batch_tokens", self.max_batch_tokens),
@@ -541,6 +561,11 @@ impl ServerConfig {
             self.heartbeat_ttl_ms >= 30,
             "heartbeat_ttl_ms must be >= 30"
         );
+        Ok(())
+    }
+
+    /// Keys, the system prompt, the advertised URL and the request rates.
+    fn check_secrets(&self) -> anyhow::Result<()> {
         if let Some(key) = &self.admin_key {
             anyhow::ensure!(
                 key.expose().chars().count() >= MIN_ADMIN_KEY_LEN,
@@ -570,7 +595,6 @@ impl ServerConfig {
             self.partner_requests_per_minute > 0 && self.device_requests_per_minute > 0,
             "partner_requests_per_minute and device_requests_per_minute must be > 0"
         );
-        self.webhook_policy()?;
         Ok(())
     }
 

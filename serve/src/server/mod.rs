@@ -41,45 +41,40 @@ mod admission;
 mod assignment;
 pub mod config;
 mod conn_limit;
+mod handshake;
+mod health;
+use health::operator_routes;
 mod http_serve;
 mod params;
 mod session;
+mod startup;
 pub mod tls;
 mod upgrade;
 mod ws;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use candle_core::DType;
 use dashmap::DashMap;
-use tandem_kvcache::KvLayout;
-use tandem_model::checkpoint::Checkpoint;
-use tandem_model::manifest::{Part, MANIFEST_FILE};
-use tandem_model::split::LoadOptions;
-use tandem_model::{CloudModel, SplitPoint};
-use tandem_scheduler::SchedulerConfig;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::rest::auth::{AdminAuth, AdminKey};
+use crate::rest::auth::AdminAuth;
 use crate::rest::device::DeviceKey;
 use crate::rest::error::ApiError;
-use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantStoreConfig};
 use crate::rest::RestState;
-use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
-use tandem_engine::{Engine, EngineConfig};
+use crate::store::{ReplicaId, SessionStore};
+use tandem_engine::Engine;
 
 pub use config::{default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig};
+pub use startup::start;
 pub use upgrade::MAX_PRE_OPEN_MESSAGE_BYTES;
 
 /// The WebSocket route.
@@ -256,244 +251,8 @@ impl ServerHandle {
     }
 }
 
-/// Loads the model, opens the session store, binds `cfg.listen` and serves until
-/// [`ServerHandle::shutdown`].
-pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
-    cfg.check()?;
-    let cloud_dir = cloud_dir(&cfg.cloud);
-    let dtype = cfg.device.resolve_dtype(cfg.dtype);
-    let device = cfg.device;
-    let (served, model, tokenizer) =
-        tokio::task::spawn_blocking(move || load_cloud(&cloud_dir, dtype, device))
-            .await
-            .context("loading the cloud model")??;
-    let engine_cfg = engine_config(&cfg, &model);
-    let expiry = SessionExpiry::default();
-    let store_cfg = match &cfg.redis {
-        None => StoreConfig::Memory { expiry },
-        Some(url) => StoreConfig::Redis(RedisStoreConfig {
-            key_prefix: cfg.redis_key_prefix.clone(),
-            expiry,
-            ..RedisStoreConfig::new(url.clone())
-        }),
-    };
-    let store = store::open(&store_cfg)
-        .await
-        .context("opening the session store")?;
-    let tenant_cfg = match &cfg.redis {
-        None => TenantStoreConfig::Memory,
-        Some(url) => TenantStoreConfig::Redis(RedisTenantStoreConfig {
-            key_prefix: cfg.redis_key_prefix.clone(),
-            ..RedisTenantStoreConfig::new(url.clone())
-        }),
-    };
-    let stores = tenant_store::open(&tenant_cfg)
-        .await
-        .context("opening the tenant store")?;
-    let device_key = match &cfg.device_token_key {
-        Some(k) => DeviceKey::from_secret(k.expose()),
-        None => {
-            tracing::warn!(
-                "no device-token key configured: device tokens issued now work on this process only"
-            );
-            DeviceKey::random()
-        }
-    };
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let webhooks = crate::rest::webhook::Webhooks::new(
-        stores.prompts.clone(),
-        stores.tenants.clone(),
-        cfg.webhook_policy()?,
-        tls::client_config(cfg.webhook_ca_cert.as_deref())?,
-    );
-    let rest = Arc::new(RestState {
-        webhooks: webhooks.clone(),
-        metrics: metrics.clone(),
-        store: stores.tenants,
-        prompts: stores.prompts.clone(),
-        admin_key: cfg.admin_key.as_ref().map(|k| AdminKey::new(k.expose())),
-        device_key: device_key.clone(),
-        system_prompt: cfg.system_prompt.clone(),
-        max_tokens_cap: cfg.max_tokens_cap,
-        partner_requests_per_minute: cfg.partner_requests_per_minute,
-        device_requests_per_minute: cfg.device_requests_per_minute,
-        body_timeout: cfg.http_body_timeout(),
-    });
-    let params = match &cfg.redis {
-        None => params::OpenParams::memory(),
-        Some(url) => params::OpenParams::redis(url, &cfg.redis_key_prefix, expiry.idle_ttl)?,
-    };
-    let replica = ReplicaId::unique(cfg.replica_id.as_deref().unwrap_or("tandem"))?;
-    store
-        .heartbeat(&replica, cfg.heartbeat_ttl())
-        .await
-        .context("first heartbeat")?;
-    let tls = match cfg.tls_files() {
-        Some(files) => Some(tls::server_config(&files)?),
-        None => None,
-    };
-    let admin_tls = match cfg.admin_tls_files() {
-        Some(files) => Some(tls::server_config(&files)?),
-        None => None,
-    };
-    let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    let admin_listener = match cfg.admin_listen.addr() {
-        None => None,
-        Some(a) => Some(bind(a).with_context(|| format!("binding the admin listener {a}"))?),
-    };
-    let admin_addr = match &admin_listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
-    if let Some(a) = admin_addr.filter(|a| !a.ip().is_loopback() && admin_tls.is_none()) {
-        tracing::warn!(
-            admin_addr = %a,
-            "the operator listener is not on loopback and has no TLS: the admin key travels \
-             in clear; give --admin-tls-cert/--admin-tls-key"
-        );
-    }
-    if let Some(a) = admin_addr.filter(|a| !a.ip().is_loopback()) {
-        tracing::warn!(
-            admin_addr = %a,
-            "the operator listener is not on loopback: /metrics and /readyz there need no \
-             credentials; keep this port off the internet"
-        );
-    }
-    if tls.is_none() && !addr.ip().is_loopback() {
-        tracing::warn!(
-            %addr,
-            "serving WITHOUT TLS on a non-loopback address: device tokens, hidden states and \
-             output text travel in clear; give --tls-cert/--tls-key, or terminate TLS in front"
-        );
-    }
-    let engine = Arc::new(Engine::start_observed(
-        model,
-        tokenizer,
-        engine_cfg,
-        Some(metrics.clone() as Arc<dyn tandem_engine::Observer>),
-    ));
-    let (stop, _) = watch::channel(false);
-    let advertise_url = cfg.advertise_url.clone().unwrap_or_else(|| {
-        let scheme = if tls.is_some() { "wss" } else { "ws" };
-        format!("{scheme}://{addr}{WS_PATH}")
-    });
-    let admission = admission::Admission::new(admission::AdmissionLimits {
-        attached: cfg.max_sessions,
-        grace: cfg.max_resume_grace_sessions,
-        per_user: cfg.max_sessions_per_user,
-        hidden_state_bytes: (cfg.hidden_state_budget_mib * f64::from(1u32 << 20)) as u64,
-    });
-    if !cfg.credential_required() && !addr.ip().is_loopback() {
-        tracing::warn!(
-            %addr,
-            "opening a session needs no credential (no device_token_key, or \
-             open_requires_credential = never): anyone who reaches the listener can use the cloud"
-        );
-    }
-    let shared = Arc::new(Shared {
-        cfg,
-        served,
-        engine,
-        store,
-        prompts: stores.prompts,
-        webhooks,
-        advertise_url,
-        metrics,
-        last_snapshot: Arc::default(),
-        params,
-        replica: replica.clone(),
-        sessions: DashMap::new(),
-        draining: AtomicBool::new(false),
-        stop,
-        next_conn: AtomicU64::new(1),
-        device_key,
-        admission,
-    });
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
-    if let Some(provider) = crate::telemetry::meter_provider() {
-        use opentelemetry::metrics::MeterProvider as _;
-        // The last known engine counters, also after the server stopped (the final export
-        // comes after the shutdown; a counter must not fall back to 0).
-        let last = shared.last_snapshot.clone();
-        shared.metrics.export_otel(
-            &provider.meter("tandem"),
-            Arc::new(move || {
-                *last
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            }),
-        );
-        tokio::spawn(refresh_snapshots(
-            Arc::downgrade(&shared),
-            Duration::from_secs(5),
-        ));
-    }
-    let (accept_stop, accept_rx) = watch::channel(false);
-    let (admin_stop, admin_rx) = watch::channel(false);
-    let admin_serve = admin_listener.map(|l| {
-        // The operator listener is on loopback or a private network: no caps.
-        let unlimited = conn_limit::ConnLimits {
-            per_ip: usize::MAX,
-            total: usize::MAX,
-        };
-        let setup = ListenerSetup {
-            limits: unlimited,
-            tls: admin_tls,
-            header_timeout: shared.cfg.http_header_timeout(),
-            what: "the operator listener",
-        };
-        tokio::spawn(serve_until(
-            l,
-            setup,
-            admin_app(shared.clone(), rest.clone()),
-            admin_rx,
-        ))
-    });
-    let app = app(shared.clone(), rest);
-    let limits = conn_limit::ConnLimits {
-        per_ip: shared.cfg.max_connections_per_ip,
-        total: shared.cfg.max_connections,
-    };
-    let setup = ListenerSetup {
-        limits,
-        tls,
-        header_timeout: shared.cfg.http_header_timeout(),
-        what: "the listener",
-    };
-    let serve = tokio::spawn(serve_until(listener, setup, app, accept_rx));
-    tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
-    Ok(ServerHandle {
-        addr,
-        admin_addr,
-        admin_stop,
-        admin_serve,
-        replica: replica.to_string(),
-        shared,
-        accept_stop,
-        serve,
-        heartbeat,
-    })
-}
-
 /// The longest advertised URL (it travels in an error frame's message).
 pub const MAX_ADVERTISE_URL_LEN: usize = 200;
-
-/// Pending connections the kernel queues before `accept`: thousands of devices reconnect
-/// at once after a network blip, and the default of 128 made a burst of 200 wait a second
-/// for a TCP retransmit (seen by the load test).
-const LISTEN_BACKLOG: u32 = 4096;
-
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
 
 /// Resolves once `stop` is `true` (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -523,14 +282,6 @@ async fn serve_until(
             Err(e) => tracing::error!(error = %e, "{} failed", setup.what),
         },
     }
-}
-
-/// `/metrics` and `/readyz`, without authentication.
-fn operator_routes(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(shared)
 }
 
 /// The public listener: the WebSocket route, the REST routes (which include `/healthz` and
@@ -570,117 +321,6 @@ async fn require_admin_key(
     }
 }
 
-/// The engine's counters, or `None` if it does not answer within `wait`.
-async fn engine_stats(shared: &Arc<Shared>, wait: Duration) -> Option<tandem_engine::EngineStats> {
-    tokio::time::timeout(wait, shared.engine.stats())
-        .await
-        .ok()?
-        .ok()
-}
-
-/// How long `/metrics` and `/readyz` wait for the engine loop.
-const ENGINE_ANSWER_WAIT: Duration = Duration::from_secs(2);
-
-/// The engine's counters for `/metrics` and the OTLP export; the last known ones (kept in
-/// `last_snapshot`) when the engine does not answer in time.
-async fn current_snapshot(shared: &Arc<Shared>) -> crate::metrics::Snapshot {
-    match engine_stats(shared, ENGINE_ANSWER_WAIT).await {
-        Some(st) => {
-            let s = &st.scheduler;
-            let snap = crate::metrics::Snapshot {
-                sessions_active: (s.sessions_waiting + s.sessions_ready + s.sessions_running)
-                    as u64,
-                sessions_waiting_for_device: s.sessions_waiting as u64,
-                queue_depth_tokens: s.queued_tokens as u64,
-                kv_blocks_used: s.total_blocks.saturating_sub(s.free_blocks) as u64,
-                kv_blocks_free: s.free_blocks as u64,
-                kv_blocks_shared: s.shared_blocks as u64,
-                hidden_state_bytes: shared.engine.hidden_state_bytes(),
-                preemptions_total: s.preemptions,
-                engine_steps_total: st.steps,
-                engine_forward_s: st.busy_s,
-                engine_bookkeeping_s: st.bookkeeping_s,
-                engine_decode_wait_s: st.decode_wait_s,
-            };
-            *shared
-                .last_snapshot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = snap;
-            snap
-        }
-        None => *shared
-            .last_snapshot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    }
-}
-
-/// Keeps `last_snapshot` fresh for the OTLP export's gauges (it reads it from its own
-/// thread): every `every`, until the server is gone.
-async fn refresh_snapshots(shared: std::sync::Weak<Shared>, every: Duration) {
-    loop {
-        tokio::time::sleep(every).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if *shared.stop.borrow() {
-            return;
-        }
-        current_snapshot(&shared).await;
-    }
-}
-
-/// `GET /metrics`: the Prometheus text exposition.
-async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
-    let snap = current_snapshot(&shared).await;
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        shared.metrics.render(&snap),
-    )
-        .into_response()
-}
-
-/// `GET /readyz`: 200 when this replica should get traffic: not draining, the engine loop
-/// answers and no step has run longer than `engine_stall_ms`, and the session store answers.
-/// Otherwise 503 (`unavailable`, with `Retry-After`) naming what is wrong.
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    let mut problems: Vec<&str> = Vec::new();
-    if shared.draining.load(Ordering::SeqCst) {
-        problems.push("draining");
-    }
-    let started = shared.metrics.step_started_ms.load(Ordering::Relaxed);
-    let stalled =
-        started != 0 && crate::store::now_ms().saturating_sub(started) > shared.cfg.engine_stall_ms;
-    if stalled {
-        problems.push("the engine step has run longer than engine_stall_ms");
-    } else if engine_stats(&shared, ENGINE_ANSWER_WAIT).await.is_none() {
-        problems.push("the engine loop does not answer");
-    }
-    let store = tokio::time::timeout(
-        ENGINE_ANSWER_WAIT,
-        shared.store.replica_alive(&shared.replica),
-    )
-    .await;
-    if !matches!(store, Ok(Ok(_))) {
-        problems.push("the session store does not answer");
-    }
-    if problems.is_empty() {
-        return (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            "{\"status\":\"ready\"}",
-        )
-            .into_response();
-    }
-    ApiError::unavailable(
-        format!("not ready: {}", problems.join("; ")),
-        Duration::from_secs(1),
-    )
-    .into_response()
-}
-
 /// Bytes over `max_frame_bytes` that the WebSocket layer still hands to the decoder (which
 /// answers them with `frame_too_large`); anything longer is dropped at its header.
 pub const FRAME_LIMIT_SLACK: usize = 4 << 10;
@@ -702,97 +342,4 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     }
 }
 
-/// `dir` itself if it holds a manifest, else `dir/cloud` (a whole split directory).
-fn cloud_dir(dir: &Path) -> PathBuf {
-    if dir.join(MANIFEST_FILE).is_file() {
-        dir.to_path_buf()
-    } else {
-        dir.join("cloud")
-    }
-}
-
-type Loaded = (
-    Served,
-    CloudModel,
-    Option<tandem_model::tokenizer::TextTokenizer>,
-);
-
-fn load_cloud(
-    dir: &Path,
-    dtype: DType,
-    name: tandem_model::device::DeviceName,
-) -> anyhow::Result<Loaded> {
-    let ck = Checkpoint::open_part(dir, Part::Cloud)
-        .with_context(|| format!("opening the cloud checkpoint {}", dir.display()))?;
-    let manifest = ck
-        .manifest
-        .clone()
-        .context("the cloud checkpoint has no manifest")?;
-    let split = SplitPoint::new(manifest.edge_layers, manifest.num_layers)?;
-    // The weights are converted to the configured dtype whatever the stored one (bf16 and
-    // f32 run on the model's own CPU kernels, with f32 activations).
-    let device = name.open()?;
-    let opts = LoadOptions {
-        dtype,
-        device: &device,
-    };
-    let started = std::time::Instant::now();
-    let model = CloudModel::load(ck.tensors.as_ref(), &ck.config, split, opts)?;
-    tracing::info!(
-        device = %name,
-        dtype = tandem_model::weights::dtype_user_name(dtype),
-        bf16_kernel = (dtype == DType::BF16)
-            .then(|| tandem_kernels::gemm_bf16::Bf16Kernel::selected().ok())
-            .flatten()
-            .map(|k| k.name()),
-        load_s = started.elapsed().as_secs_f64(),
-        "cloud model loaded"
-    );
-    let served = Served {
-        pair_id: manifest.pair_id.clone(),
-        split: u32::try_from(manifest.edge_layers)?,
-        hidden_size: manifest.hidden_size,
-        max_context: ck.config.max_position_embeddings,
-    };
-    Ok((served, model, ck.tokenizer))
-}
-
 pub use tandem_engine::kv_dtype_for;
-
-fn engine_config(cfg: &ServerConfig, model: &CloudModel) -> EngineConfig {
-    let c = model.config();
-    let range = model.split().cloud_range();
-    let layout = KvLayout {
-        first_layer: range.start,
-        num_layers: range.len(),
-        num_blocks: 0,
-        block_size: cfg.block_size,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        dtype: kv_dtype_for(model.weight_dtype()),
-    };
-    let bytes = (cfg.kv_cache_gib * (1u64 << 30) as f64) as usize;
-    EngineConfig {
-        scheduler: SchedulerConfig {
-            policy: cfg.policy.policy(),
-            max_batch_tokens: cfg.max_batch_tokens,
-            max_batch_seqs: cfg.max_batch_seqs,
-            // Attached sessions and those waiting for a Resume have separate caps
-            // (`admission`); the engine holds both.
-            max_sessions: cfg
-                .max_sessions
-                .saturating_add(cfg.max_resume_grace_sessions),
-            max_queued_tokens: cfg.max_queued_tokens,
-            max_context: c.max_position_embeddings,
-            prefill_slack: Some(cfg.prefill_slack),
-        },
-        block_size: cfg.block_size,
-        kv_blocks: cfg
-            .kv_blocks
-            .unwrap_or_else(|| layout.blocks_for_budget(bytes).max(1)),
-        kv_dtype: layout.dtype,
-        prefix_sharing: cfg.prefix_sharing,
-        decode_wait: Duration::from_secs_f64(cfg.decode_wait_ms / 1000.0),
-        max_draft_tokens: cfg.max_draft_tokens,
-    }
-}
