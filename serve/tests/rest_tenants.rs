@@ -719,3 +719,95 @@ async fn wrong_and_malformed_keys_take_the_same_time() {
     );
     srv.shutdown().await;
 }
+
+/// One request through a router in process, without a socket.
+async fn in_process(
+    router: &axum::Router,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> Reply {
+    use tower::ServiceExt as _;
+    let mut req = axum::http::Request::builder().method(method).uri(path);
+    if let Some(b) = bearer {
+        req = req.header("authorization", format!("Bearer {b}"));
+    }
+    let req = req.body(axum::body::Body::empty()).expect("request");
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body")
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `ServerHandle::router` and `admin_router` answer in process as the listeners do over a
+/// socket: the same statuses, content types and bodies, for answers and errors alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_answer_in_process_as_the_listeners_do() {
+    let fx = fixture();
+    let srv = start(fx.config()).await;
+    let ops = srv.admin_addr().expect("admin listener");
+    let tenant = create_tenant(ops, "in-process").await;
+    let id = tenant["id"].as_str().expect("tenant id").to_owned();
+    let (_, key) = issue_key(ops, &id).await;
+    let (public, admin) = (srv.router(), srv.admin_router());
+    let tenant_path = format!("/v1/admin/tenants/{id}");
+    let cases: [(bool, &str, &str, Option<&str>); 7] = [
+        (false, "GET", "/healthz", None),
+        (false, "GET", "/v1/no-such-route", None),
+        (false, "GET", "/v1/me", Some("tdk_not-a-key")),
+        (false, "GET", "/metrics", None),
+        (true, "GET", &tenant_path, Some(ADMIN_KEY)),
+        (true, "GET", "/v1/admin/tenants", Some("wrong-admin-key")),
+        (true, "GET", "/v1/admin/tenants/t_unknown", Some(ADMIN_KEY)),
+    ];
+    for (on_admin, method, path, bearer) in cases {
+        let (router, addr) = if on_admin {
+            (&admin, ops)
+        } else {
+            (&public, srv.addr())
+        };
+        let mut req = Req::new(method, path);
+        if let Some(b) = bearer {
+            req = req.bearer(b);
+        }
+        let socket = req.send(addr).await;
+        let local = in_process(router, method, path, bearer).await;
+        assert_eq!(
+            local.status,
+            socket.status,
+            "{method} {path}: {}",
+            local.text()
+        );
+        assert_eq!(
+            local.header("content-type"),
+            socket.header("content-type"),
+            "{method} {path}"
+        );
+        assert_eq!(local.text(), socket.text(), "{method} {path}");
+    }
+    // A partner call through the router counts like one over the socket: /v1/me answers
+    // the same tenant either way.
+    let local = in_process(&public, "GET", "/v1/me", Some(&key)).await;
+    let socket = me(srv.addr(), &key).await;
+    assert_eq!(
+        (local.status, socket.status),
+        (200, 200),
+        "{}",
+        local.text()
+    );
+    assert_eq!(local.json(), socket.json());
+    assert_eq!(local.json()["tenant_id"], id);
+    srv.shutdown().await;
+}

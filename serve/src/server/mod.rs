@@ -136,6 +136,8 @@ pub struct ServerHandle {
     admin_stop: watch::Sender<bool>,
     admin_serve: Option<JoinHandle<()>>,
     heartbeat: JoinHandle<()>,
+    /// The REST routes' state ([`ServerHandle::router`]).
+    rest: Arc<RestState>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -190,6 +192,21 @@ impl ServerHandle {
     pub fn ws_url(&self) -> String {
         let s = if self.tls() { "wss" } else { "ws" };
         format!("{s}://{}{WS_PATH}", self.addr)
+    }
+
+    /// The public listener's routes as a [`Router`], for driving the server in process,
+    /// without a socket: the same routes, handlers and state as the listener serves (the
+    /// WebSocket route included, though upgrading needs a real connection). What the
+    /// listener adds around it is not in it: TLS, the connection caps and the request-head
+    /// deadline.
+    pub fn router(&self) -> Router {
+        app(self.shared.clone(), self.rest.clone())
+    }
+
+    /// The operator listener's routes (`/metrics`, `/readyz`, `/healthz`, `/v1/admin/...`)
+    /// as a [`Router`], as [`ServerHandle::router`] is for the public ones.
+    pub fn admin_router(&self) -> Router {
+        admin_app(self.shared.clone(), self.rest.clone())
     }
 
     /// This process's replica id in the session store.

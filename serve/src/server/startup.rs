@@ -95,7 +95,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     export_metrics(&shared);
     let (addr, admin_addr) = (listeners.addr, listeners.admin_addr);
-    let serving = listeners.serve(&shared, rest);
+    let serving = listeners.serve(&shared, rest.clone());
     tracing::info!(%addr, admin_addr = ?admin_addr, replica = %replica, "serving");
     Ok(ServerHandle {
         addr,
@@ -107,6 +107,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         accept_stop: serving.accept_stop,
         serve: serving.serve,
         heartbeat,
+        rest,
     })
 }
 
