@@ -3,7 +3,9 @@
 //! # Layout
 //! The engine thread and `tandem bench` live in `tandem-engine`, the privacy audit in
 //! `tandem-privacy`; this crate serves the engine.
-//! - [`store`]: the session store (in memory or Redis).
+//! - [`store`]: the session store (in memory or Redis): `tandem-store`'s
+//!   [`tandem_store::session`], at the path it had when it lived here (the tenant and prompt
+//!   stores are [`rest::store`], the saved `Open` frames [`tandem_store::opens`]).
 //! - [`server`]: `tandem serve`, the WebSocket front end devices connect to; it also serves
 //!   the REST routes.
 //! - [`rest`]: the REST API (tenants, API keys, the error shape, OpenAPI).
@@ -18,7 +20,9 @@
 pub mod obs;
 pub mod rest;
 pub mod server;
-pub mod store;
+
+// The stores are the `tandem-store` crate; they keep their paths from before they moved.
+pub use tandem_store::session as store;
 
 // The observability modules keep their paths from before they moved under `obs/`.
 pub use obs::{metrics, telemetry, threads};

@@ -38,7 +38,7 @@ use super::store::PromptStore;
 use super::webhook::hmac_sha256;
 use super::RestState;
 use crate::store::now_ms;
-use crate::store::shared::SecretDigest;
+use tandem_store::SecretDigest;
 
 pub use tandem_openapi::device::{IssuedDeviceToken, NewDeviceToken};
 

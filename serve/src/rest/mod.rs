@@ -35,10 +35,12 @@ pub mod docs;
 pub mod error;
 pub mod inbox;
 pub mod prompts;
-pub mod store;
 pub mod tenants;
 pub mod webhook;
 pub mod webhook_target;
+
+// The tenant and prompt stores are `tandem-store`'s; they keep their path here.
+pub use tandem_store::tenant as store;
 
 use std::sync::Arc;
 

@@ -46,24 +46,21 @@ fn tenant_record(new: NewTenant, now: u64) -> Result<TenantRecord, ApiError> {
     })
 }
 
-impl From<TenantRecord> for Tenant {
-    fn from(t: TenantRecord) -> Self {
-        Self {
-            id: t.id.to_string(),
-            name: t.name,
-            quotas: t.quotas,
-            created: rfc3339_ms(t.created_ms),
-            webhook_secret: None,
-        }
+/// A stored tenant as the API shows it (its webhook secret only where a route adds it).
+fn tenant_view(t: TenantRecord) -> Tenant {
+    Tenant {
+        id: t.id.to_string(),
+        name: t.name,
+        quotas: t.quotas,
+        created: rfc3339_ms(t.created_ms),
+        webhook_secret: None,
     }
 }
 
-impl From<KeyInfo> for KeySummary {
-    fn from(k: KeyInfo) -> Self {
-        Self {
-            key_id: k.key_id.to_string(),
-            created: rfc3339_ms(k.created_ms),
-        }
+fn key_summary(k: KeyInfo) -> KeySummary {
+    KeySummary {
+        key_id: k.key_id.to_string(),
+        created: rfc3339_ms(k.created_ms),
     }
 }
 
@@ -104,7 +101,7 @@ pub async fn create_tenant(
         .set_webhook_secret(&record.id, &super::webhook::generate_secret(), true)
         .await?;
     tracing::info!(tenant = %record.id, "tenant created");
-    let mut tenant = Tenant::from(record);
+    let mut tenant = tenant_view(record);
     tenant.webhook_secret = Some(secret);
     Ok((StatusCode::CREATED, Json(tenant)))
 }
@@ -156,7 +153,7 @@ pub async fn list_tenants(
 ) -> Result<Json<TenantList>, ApiError> {
     let tenants = state.store.list_tenants().await?;
     Ok(Json(TenantList {
-        tenants: tenants.into_iter().map(Tenant::from).collect(),
+        tenants: tenants.into_iter().map(tenant_view).collect(),
     }))
 }
 
@@ -179,7 +176,7 @@ pub async fn get_tenant(
 ) -> Result<Json<Tenant>, ApiError> {
     let id = tenant_id(&id)?;
     match state.store.get_tenant(&id).await? {
-        Some(t) => Ok(Json(t.into())),
+        Some(t) => Ok(Json(tenant_view(t))),
         None => Err(ApiError::not_found("no such tenant")),
     }
 }
@@ -241,7 +238,7 @@ pub async fn list_keys(
     let tenant = tenant_id(&id)?;
     let keys = state.store.list_keys(&tenant).await.map_err(not_found)?;
     Ok(Json(KeyList {
-        keys: keys.into_iter().map(KeySummary::from).collect(),
+        keys: keys.into_iter().map(key_summary).collect(),
     }))
 }
 
@@ -273,7 +270,7 @@ pub async fn set_quotas(
         .map_err(not_found)?;
     tracing::info!(tenant = %id, "quotas set");
     match state.store.get_tenant(&id).await? {
-        Some(t) => Ok(Json(t.into())),
+        Some(t) => Ok(Json(tenant_view(t))),
         None => Err(ApiError::not_found("no such tenant")),
     }
 }

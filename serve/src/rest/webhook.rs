@@ -110,9 +110,9 @@ pub fn verify(
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = Some(v.parse::<u64>().map_err(|_| SignatureError::Malformed)?),
-            Some(("v1", v)) => macs.push(
-                crate::store::shared::SecretDigest::from_hex(v).ok_or(SignatureError::Malformed)?,
-            ),
+            Some(("v1", v)) => {
+                macs.push(tandem_store::SecretDigest::from_hex(v).ok_or(SignatureError::Malformed)?)
+            }
             _ => {}
         }
     }
@@ -125,7 +125,7 @@ pub fn verify(
     }
     let mut signed = format!("{t}.").into_bytes();
     signed.extend_from_slice(body);
-    let want = crate::store::shared::SecretDigest(hmac_sha256(secret.as_bytes(), &signed));
+    let want = tandem_store::SecretDigest(hmac_sha256(secret.as_bytes(), &signed));
     if macs.iter().any(|m| m.matches(&want)) {
         Ok(())
     } else {

@@ -27,7 +27,6 @@
 //! - `session`: one actor task per session: owns the session's protocol state (sequence
 //!   numbers, positions, the token owed, the tokens sent), feeds the engine, turns engine
 //!   events into frames, survives reconnections (Resume) and rebuilds lost state (Replay).
-//! - `params`: where a session's `Open` is kept so another replica can replay it.
 //!
 //! # Threads and channels
 //! The engine thread never waits for a device: it hands events to an unbounded tokio channel
@@ -45,7 +44,6 @@ mod handshake;
 mod health;
 use health::operator_routes;
 mod http_serve;
-mod params;
 mod session;
 mod startup;
 pub mod tls;
@@ -63,6 +61,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use dashmap::DashMap;
+use tandem_protocol::SessionId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -106,10 +105,11 @@ pub(crate) struct Shared {
     pub(crate) prompts: Arc<dyn crate::rest::store::PromptStore>,
     /// Sends the partners' completion webhooks.
     pub(crate) webhooks: crate::rest::webhook::Webhooks,
-    pub(crate) params: params::OpenParams,
+    /// Where each session's `Open` is kept so another replica can replay it.
+    pub(crate) params: tandem_store::OpenParams,
     pub(crate) replica: ReplicaId,
     /// Sessions held by this process, by wire session id.
-    pub(crate) sessions: DashMap<u128, session::SessionHandle>,
+    pub(crate) sessions: DashMap<SessionId, session::SessionHandle>,
     /// Set when shutdown starts: new `Open`/`Resume` get `shutting_down`.
     pub(crate) draining: AtomicBool,
     /// Flips to `true` when the drain is over: sessions still running end.

@@ -21,17 +21,16 @@ use tokio::task::JoinHandle;
 
 use super::health::refresh_snapshots;
 use super::{
-    admin_app, admission, app, conn_limit, heartbeat_loop, kv_dtype_for, params, serve_until, tls,
+    admin_app, admission, app, conn_limit, heartbeat_loop, kv_dtype_for, serve_until, tls,
     ListenerSetup, Served, ServerConfig, ServerHandle, Shared, WS_PATH,
 };
 use crate::metrics::Metrics;
 use crate::rest::auth::AdminKey;
 use crate::rest::device::DeviceKey;
-use crate::rest::store::{self as tenant_store, RedisTenantStoreConfig, TenantStoreConfig};
 use crate::rest::webhook::Webhooks;
 use crate::rest::RestState;
-use crate::store::{self, RedisStoreConfig, ReplicaId, SessionExpiry, SessionStore, StoreConfig};
 use tandem_engine::{Engine, EngineConfig};
+use tandem_store::{RedisStoreConfig, ReplicaId, SessionExpiry, StoreConfig, Stores};
 
 /// Loads the model, opens the session store, binds `cfg.listen` and serves until
 /// [`ServerHandle::shutdown`].
@@ -39,7 +38,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     cfg.check()?;
     let (served, model, tokenizer) = load(&cfg).await?;
     let engine_cfg = engine_config(&cfg, &model);
-    let stores = Stores::open(&cfg).await?;
+    let stores = open_stores(&cfg).await?;
     let device_key = device_key(&cfg);
     let metrics = Arc::new(Metrics::default());
     let webhooks = Webhooks::new(
@@ -83,7 +82,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         advertise_url,
         metrics,
         last_snapshot: Arc::default(),
-        params: stores.params,
+        params: stores.opens,
         replica: replica.clone(),
         sessions: DashMap::new(),
         draining: AtomicBool::new(false),
@@ -121,49 +120,22 @@ async fn load(cfg: &ServerConfig) -> anyhow::Result<Loaded> {
         .context("loading the cloud model")?
 }
 
-/// The stores a server opens: in memory, or all on the same Redis.
-struct Stores {
-    sessions: Arc<dyn SessionStore>,
-    tenants: Arc<dyn tenant_store::TenantStore>,
-    prompts: Arc<dyn tenant_store::PromptStore>,
-    params: params::OpenParams,
-}
-
-impl Stores {
-    async fn open(cfg: &ServerConfig) -> anyhow::Result<Self> {
-        let expiry = SessionExpiry::default();
-        let store_cfg = match &cfg.redis {
-            None => StoreConfig::Memory { expiry },
-            Some(url) => StoreConfig::Redis(RedisStoreConfig {
-                key_prefix: cfg.redis_key_prefix.clone(),
-                expiry,
-                ..RedisStoreConfig::new(url.clone())
-            }),
-        };
-        let sessions = store::open(&store_cfg)
-            .await
-            .context("opening the session store")?;
-        let tenant_cfg = match &cfg.redis {
-            None => TenantStoreConfig::Memory,
-            Some(url) => TenantStoreConfig::Redis(RedisTenantStoreConfig {
-                key_prefix: cfg.redis_key_prefix.clone(),
-                ..RedisTenantStoreConfig::new(url.clone())
-            }),
-        };
-        let stores = tenant_store::open(&tenant_cfg)
-            .await
-            .context("opening the tenant store")?;
-        let params = match &cfg.redis {
-            None => params::OpenParams::memory(),
-            Some(url) => params::OpenParams::redis(url, &cfg.redis_key_prefix, expiry.idle_ttl)?,
-        };
-        Ok(Self {
-            sessions,
-            tenants: stores.tenants,
-            prompts: stores.prompts,
-            params,
-        })
-    }
+/// Opens the stores: in memory, or all on the same Redis through one connection, whose calls
+/// feed the Redis metrics.
+async fn open_stores(cfg: &ServerConfig) -> anyhow::Result<Stores> {
+    tandem_store::set_call_observer(crate::metrics::record_redis);
+    let expiry = SessionExpiry::default();
+    let config = match &cfg.redis {
+        None => StoreConfig::Memory { expiry },
+        Some(url) => StoreConfig::Redis(RedisStoreConfig {
+            key_prefix: cfg.redis_key_prefix.clone(),
+            expiry,
+            ..RedisStoreConfig::new(url.clone())
+        }),
+    };
+    Stores::open(&config)
+        .await
+        .context("opening the session store")
 }
 
 /// The key that signs and checks device tokens: the configured one, or a random one (tokens

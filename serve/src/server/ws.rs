@@ -16,6 +16,7 @@ use futures_util::SinkExt;
 use tandem_protocol::wire::{
     peek_frame_type, ErrorCode, ErrorFrame, Frame, FrameType, HiddenRef, Limits,
 };
+use tandem_protocol::SessionId;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -55,7 +56,7 @@ impl RateLimit {
 
 /// The connection's side of an attached session.
 struct Attached {
-    session: u128,
+    session: SessionId,
     tx: mpsc::Sender<SessionCmd>,
 }
 
@@ -136,7 +137,7 @@ pub(crate) async fn serve_connection(
         }
     }
     if let Some(a) = c.attached.take() {
-        tracing::debug!(conn = id, session = a.session, "detaching");
+        tracing::debug!(conn = id, session = a.session.0, "detaching");
         let _ = a.tx.send(SessionCmd::Detach { conn: id }).await;
     }
     if !writer_done {
@@ -354,7 +355,7 @@ impl Connection {
         if !ok {
             return self.reject(err(ErrorCode::Finished, None, "the session ended"));
         }
-        tracing::debug!(conn = self.conn.id, session = handle.id, "attached");
+        tracing::debug!(conn = self.conn.id, session = handle.id.0, "attached");
         self.gate.lift();
         self.attached = Some(Attached {
             session: handle.id,

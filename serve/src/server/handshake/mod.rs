@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tandem_protocol::wire::{ErrorCode, ErrorFrame, ManifestId, Open};
-use tandem_protocol::OpenError;
+use tandem_protocol::{OpenError, SessionId};
 use tokio::sync::mpsc;
 
 use super::admission::{Refusal, SessionSlot};
@@ -100,7 +100,7 @@ fn admit(shared: &Arc<Shared>, user: Option<&UserId>) -> Result<SessionSlot, Err
 /// Opens the engine session and spawns its actor.
 async fn spawn_session(
     shared: &Arc<Shared>,
-    id: u128,
+    id: SessionId,
     open: &Open,
     device_has: u64,
     slot: SessionSlot,
@@ -112,7 +112,7 @@ async fn spawn_session(
         parent: None,
         "session",
         otel.kind = "server",
-        session.id = %tandem_protocol::SessionId(id),
+        session.id = %id,
         session.replayed = device_has > 0,
         wire.dtype = %open.dtype,
         split = i64::from(open.split),

@@ -103,9 +103,9 @@ pub(crate) async fn open_session(
     };
     let cleanup = |shared: Arc<Shared>| async move {
         let _ = shared.store.close_session(id, &shared.replica).await;
-        shared.params.remove(id.0).await;
+        shared.params.remove(id).await;
     };
-    if let Err(e) = shared.params.put(id.0, bytes).await {
+    if let Err(e) = shared.params.put(id, bytes).await {
         tracing::warn!(error = %e, "storing the session's parameters");
         cleanup(shared.clone()).await;
         return Err(fail(err(
@@ -114,7 +114,7 @@ pub(crate) async fn open_session(
             "the session store is unavailable",
         )));
     }
-    match spawn_session(shared, id.0, &open, 0, slot).await {
+    match spawn_session(shared, id, &open, 0, slot).await {
         Ok(handle) => {
             tracing::info!(
                 session = id.0,

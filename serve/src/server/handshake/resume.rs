@@ -18,7 +18,7 @@ use super::{admit, err, refuse_while_draining, spawn_session, store_error};
 use crate::rest::store::prompts::UserId;
 use crate::server::session::SessionHandle;
 use crate::server::Shared;
-use crate::store::{self, Claim, ReplicaId, ResumeToken, StoreError};
+use crate::store::{Claim, ReplicaId, ResumeToken, SessionId, StoreError};
 
 /// The session a `Resume` reattaches to, and the resume token the device holds from now on:
 /// a new one whenever the session goes on here (the old one stops working), the same one
@@ -29,8 +29,8 @@ pub(crate) async fn resume_session(
     user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
     refuse_while_draining(shared)?;
-    let id = store::SessionId(r.session.0);
-    let local = || shared.sessions.get(&id.0).map(|h| h.value().clone());
+    let id = r.session;
+    let local = || shared.sessions.get(&id).map(|h| h.value().clone());
     if verify(shared, r).await? == Verified::Ended {
         // Ended here recently: the actor still holds its tokens and `Done`.
         return local()
@@ -55,7 +55,7 @@ enum Verified {
 
 /// Checks the resume token against the store's record of the session.
 async fn verify(shared: &Shared, r: &Resume) -> Result<Verified, ErrorFrame> {
-    let id = store::SessionId(r.session.0);
+    let id = r.session;
     let token = ResumeToken::from_bytes(r.resume_token.0);
     match shared.store.verify_resume(id, &token).await {
         Ok(_) => Ok(Verified::Open),
@@ -84,7 +84,7 @@ async fn take_over(
     r: &Resume,
     user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
-    let id = store::SessionId(r.session.0);
+    let id = r.session;
     let mut owner_checked = false;
     loop {
         let owner = match claim(shared, id).await? {
@@ -113,7 +113,7 @@ async fn take_over(
 }
 
 /// Claims the session for this replica, unless its owner is alive.
-async fn claim(shared: &Shared, id: store::SessionId) -> Result<Claim, ErrorFrame> {
+async fn claim(shared: &Shared, id: SessionId) -> Result<Claim, ErrorFrame> {
     shared
         .store
         .claim(id, &shared.replica)
@@ -140,7 +140,7 @@ async fn owner_url(shared: &Shared, owner: &ReplicaId) -> Option<String> {
 
 /// Expires the heartbeat of an owner that refuses connections, so that the next claim
 /// takes its session.
-async fn expire_heartbeat(shared: &Shared, id: store::SessionId, owner: &ReplicaId, url: &str) {
+async fn expire_heartbeat(shared: &Shared, id: SessionId, owner: &ReplicaId, url: &str) {
     tracing::warn!(session = id.0, %owner, %url, "the owner refuses connections; expiring its heartbeat");
     if let Err(e) = shared
         .store
@@ -159,7 +159,7 @@ async fn replay(
     r: &Resume,
     user: Option<&UserId>,
 ) -> Result<(SessionHandle, [u8; 32]), ErrorFrame> {
-    let id = store::SessionId(r.session.0);
+    let id = r.session;
     let open = saved_open(shared, id).await?;
     let device_has = r.last_token_seq.map_or(0, |s| s.saturating_add(1));
     tracing::info!(session = id.0, device_has, "replaying a session taken over");
@@ -168,17 +168,17 @@ async fn replay(
     // Rotated first: a session is not rebuilt for a device whose token lost the race.
     let token = rotate(shared, r).await?;
     Ok((
-        spawn_session(shared, id.0, &open, device_has, slot).await?,
+        spawn_session(shared, id, &open, device_has, slot).await?,
         token,
     ))
 }
 
 /// The `Open` frame saved when the session started (with a partner prompt's parameters and
 /// assignment mark).
-async fn saved_open(shared: &Shared, id: store::SessionId) -> Result<Open, ErrorFrame> {
+async fn saved_open(shared: &Shared, id: SessionId) -> Result<Open, ErrorFrame> {
     let bytes = shared
         .params
-        .get(id.0)
+        .get(id)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "reading the session's parameters");
@@ -226,7 +226,7 @@ async fn refuses_connections(url: &str) -> bool {
 /// `unknown_session`).
 async fn rotate(shared: &Arc<Shared>, r: &Resume) -> Result<[u8; 32], ErrorFrame> {
     let next = ResumeToken::generate();
-    let id = store::SessionId(r.session.0);
+    let id = r.session;
     let old = ResumeToken::from_bytes(r.resume_token.0);
     match shared.store.rotate_resume(id, &old, next.hash()).await {
         Ok(()) => Ok(*next.as_bytes()),

@@ -28,7 +28,7 @@ use tandem_engine::Event;
 /// A session's protocol state; see the module doc of `session` for its invariants.
 pub(super) struct Actor {
     pub(super) shared: Arc<Shared>,
-    pub(super) id: u128,
+    pub(super) id: SessionId,
     pub(super) seq: SeqId,
     events: mpsc::UnboundedReceiver<Event>,
     cmds: mpsc::Receiver<SessionCmd>,
@@ -136,7 +136,7 @@ impl Actor {
     }
 
     pub(super) async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        tracing::debug!(session = self.id, "session started");
+        tracing::debug!(session = self.id.0, "session started");
         loop {
             let grace = self.grace;
             let idle = self.idle_deadline();
@@ -154,13 +154,13 @@ impl Actor {
                 },
                 _ = sleep_until_opt(grace), if grace.is_some() => {
                     if self.done.is_none() {
-                        tracing::info!(session = self.id, "no resume within the grace period; closing");
+                        tracing::info!(session = self.id.0, "no resume within the grace period; closing");
                         self.release(true).await;
                     }
                     Flow::Exit
                 }
                 _ = sleep_until_opt(idle), if idle.is_some() => {
-                    tracing::info!(session = self.id, "the device went idle; closing");
+                    tracing::info!(session = self.id.0, "the device went idle; closing");
                     let e = error_frame(
                         ErrorCode::IdleTimeout,
                         None,
@@ -182,7 +182,7 @@ impl Actor {
         }
         self.running.store(false, Ordering::SeqCst);
         self.shared.sessions.remove(&self.id);
-        tracing::debug!(session = self.id, "session left the table");
+        tracing::debug!(session = self.id.0, "session left the table");
     }
 
     /// When the session gives up on its device: only while it is connected, running, and
@@ -218,14 +218,14 @@ impl Actor {
             }
             SessionCmd::Cancel { conn } if self.is_current(conn) => {
                 if self.done.is_none() {
-                    tracing::info!(session = self.id, "cancelled by the device");
+                    tracing::info!(session = self.id.0, "cancelled by the device");
                     self.end_generation(DoneReason::Cancelled).await;
                 }
                 Flow::Continue
             }
             SessionCmd::Fail { conn, error } if self.is_current(conn) => {
                 if error.code.is_retryable() {
-                    tracing::info!(session = self.id, code = %error.code, "dropping the connection");
+                    tracing::info!(session = self.id.0, code = %error.code, "dropping the connection");
                     let status = CloseStatus::for_error(error.code);
                     self.send(&Frame::Error(error));
                     self.detach_current(status);
@@ -236,7 +236,7 @@ impl Actor {
             }
             SessionCmd::Detach { conn } if self.is_current(conn) => {
                 tracing::info!(
-                    session = self.id,
+                    session = self.id.0,
                     conn,
                     "connection dropped; waiting for resume"
                 );
@@ -264,7 +264,7 @@ impl Actor {
         let Some(conn) = &self.conn else { return };
         if !conn.send(frame) {
             tracing::warn!(
-                session = self.id,
+                session = self.id.0,
                 conn = conn.id,
                 "outbound queue full or closed; dropping the connection"
             );
@@ -282,7 +282,7 @@ impl Actor {
             now + self.shared.cfg.resume_grace()
         } else {
             tracing::info!(
-                session = self.id,
+                session = self.id.0,
                 "too many sessions wait for a resume; ending this one"
             );
             now
@@ -301,7 +301,7 @@ impl Actor {
         if let Some(old) = self.conn.take() {
             // Tell the connection that loses the session why, before it closes.
             tracing::info!(
-                session = self.id,
+                session = self.id.0,
                 old = old.id,
                 new = conn.id,
                 "session taken over"
@@ -316,7 +316,7 @@ impl Actor {
             old.close(CloseStatus::for_error(ErrorCode::SessionTakenOver));
         }
         tracing::info!(
-            session = self.id,
+            session = self.id.0,
             conn = conn.id,
             next_hidden_seq = self.next_hidden_seq,
             "attached"
@@ -327,7 +327,7 @@ impl Actor {
         let resend_from = last_token_seq.map_or(0, |s| s.saturating_add(1));
         self.device_has = self.device_has.max(resend_from);
         self.send(&Frame::Opened(Opened {
-            session: SessionId(self.id),
+            session: self.id,
             resume_token: ResumeToken(token),
             next_hidden_seq: self.next_hidden_seq,
         }));

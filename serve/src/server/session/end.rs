@@ -12,7 +12,7 @@ use tandem_protocol::wire::{Done, DoneReason, ErrorCode, ErrorFrame, Frame};
 use super::actor::{Actor, Flow};
 use super::{error_frame, CloseStatus};
 use crate::rest::store::prompts::GenerationResult;
-use crate::store::{self, SessionState, SessionUpdate};
+use crate::store::{SessionState, SessionUpdate};
 
 impl Actor {
     /// Sends `Done`, frees the engine session and closes the store record; the actor lingers
@@ -25,7 +25,7 @@ impl Actor {
             output_tokens: u32::try_from(self.tokens.len()).unwrap_or(u32::MAX),
         };
         tracing::info!(
-            session = self.id,
+            session = self.id.0,
             reason = done.reason.code(),
             prompt_tokens = done.prompt_tokens,
             output_tokens = done.output_tokens,
@@ -69,7 +69,7 @@ impl Actor {
 
     /// Answers a fatal error (1xx, 2xx, 5xx), ends the session and the actor.
     pub(super) async fn fail(&mut self, error: ErrorFrame) -> Flow {
-        tracing::info!(session = self.id, code = %error.code, seq = ?error.seq, "session failed");
+        tracing::info!(session = self.id.0, code = %error.code, seq = ?error.seq, "session failed");
         if let Some(g) = self.generation.take() {
             g.record("error_code", error.code.as_str());
             g.record("output_tokens", self.tokens.len() as i64);
@@ -118,7 +118,7 @@ impl Actor {
             return;
         }
         let shared = self.shared.clone();
-        let id = store::SessionId(self.id);
+        let id = self.id;
         let update = SessionUpdate {
             state: Some(SessionState::Done),
             add_tokens_in: self.next_position,
@@ -133,13 +133,13 @@ impl Actor {
             if let Err(e) = shared.store.close_session(id, by).await {
                 tracing::warn!(session = id.0, error = %e, "store close failed");
             }
-            shared.params.remove(id.0).await;
+            shared.params.remove(id).await;
         });
     }
 
     pub(super) fn update_store(&self, update: SessionUpdate) {
         let shared = self.shared.clone();
-        let id = store::SessionId(self.id);
+        let id = self.id;
         tokio::spawn(async move {
             if let Err(e) = shared
                 .store

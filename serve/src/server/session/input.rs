@@ -163,7 +163,7 @@ impl Actor {
             ) {
                 // Shape and finiteness were checked by the connection; only a stopped
                 // engine gets here. The event loop reports it.
-                tracing::error!(session = self.id, error = %e, "engine refused input");
+                tracing::error!(session = self.id.0, error = %e, "engine refused input");
                 break;
             }
             if complete {

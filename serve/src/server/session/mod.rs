@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tandem_protocol::wire::{ErrorCode, ErrorFrame, Frame, HiddenDtype, MAX_ERROR_MESSAGE_LEN};
+use tandem_protocol::SessionId;
 use tandem_scheduler::SeqId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -169,7 +170,7 @@ pub(crate) enum SessionCmd {
 /// The live table's entry for a session.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionHandle {
-    pub(crate) id: u128,
+    pub(crate) id: SessionId,
     pub(crate) tx: mpsc::Sender<SessionCmd>,
     running: Arc<AtomicBool>,
 }
@@ -184,7 +185,7 @@ impl SessionHandle {
 /// How a session starts.
 #[derive(Debug)]
 pub(crate) struct Setup {
-    pub(crate) id: u128,
+    pub(crate) id: SessionId,
     pub(crate) seq: SeqId,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,
     pub(crate) dtype: HiddenDtype,

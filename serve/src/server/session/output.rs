@@ -55,7 +55,7 @@ impl Actor {
             }
             Event::Error(e) => {
                 let (code, msg) = engine_error_code(&e);
-                tracing::warn!(session = self.id, code = %code, error = %e, "engine error");
+                tracing::warn!(session = self.id.0, code = %code, error = %e, "engine error");
                 self.fail(error_frame(code, None, msg)).await
             }
         }
@@ -66,7 +66,7 @@ impl Actor {
     fn wire_text(&self, text: String) -> Option<String> {
         (!text.is_empty()).then_some(text).map(|mut t| {
             if t.len() > MAX_TEXT_DELTA_LEN {
-                tracing::warn!(session = self.id, "text delta over the wire cap; cut");
+                tracing::warn!(session = self.id.0, "text delta over the wire cap; cut");
                 let mut cut = MAX_TEXT_DELTA_LEN;
                 while !t.is_char_boundary(cut) {
                     cut -= 1;

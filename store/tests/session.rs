@@ -1,7 +1,7 @@
 //! The session store, against both backends: one conformance suite, written once over
 //! `Arc<dyn SessionStore>`, runs on `MemoryStore` and on `RedisStore` with a real
-//! `redis-server` started per test (see `support/redis.rs`; skipped loudly when Redis is not
-//! installed, a failure when `TANDEM_REQUIRE_REDIS=1`). Two "replicas" are two store values:
+//! `redis-server` started per test (see `tandem_testkit::redis`; skipped loudly when Redis is
+//! not installed, a failure when `TANDEM_REQUIRE_REDIS=1`). Two "replicas" are two store values:
 //! two `RedisStore`s with their own connections on one Redis, or one shared `MemoryStore`.
 //! Then Redis-only tests: outages (killed, hung, restarted empty), key namespacing, and that
 //! no clear resume token reaches Redis.
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_server::RedisServer;
-use tandem_serve::store::{
+use tandem_store::session::{
     Claim, MemoryStore, NewSession, RedisStore, RedisStoreConfig, ReplicaId, ResumeToken,
     SessionExpiry, SessionId, SessionRecord, SessionState, SessionStore, SessionUpdate, StoreError,
 };
@@ -660,7 +660,8 @@ async fn keys_are_namespaced_and_tokens_never_stored_in_clear() {
         .expect("keys");
     let mut keys: Vec<String> = keys;
     keys.sort();
-    let id = record.id;
+    // Keys hold the id in decimal.
+    let id = record.id.0;
     let mut want = vec!["one:replica:a".to_owned(), format!("one:session:{id}")];
     want.sort();
     assert_eq!(

@@ -13,8 +13,9 @@
 //! which standalone Redis and Sentinel allow but Redis Cluster does not.
 //!
 //! # Failure
-//! All calls go through one [`ConnectionManager`] (a multiplexed connection that reconnects
-//! itself) and are bounded by [`RedisStoreConfig::op_timeout`]: with Redis down or hung they
+//! All calls go through one [`RedisConn`] (a multiplexed connection that reconnects itself,
+//! shared with the other stores when [`Stores::open`](crate::Stores::open) built it) and are
+//! bounded by [`RedisStoreConfig::op_timeout`]: with Redis down or hung they
 //! answer [`StoreError::Unavailable`] within that time. The first call after Redis comes back
 //! may still fail while the manager reconnects; later calls succeed. If Redis restarted
 //! without persistence, every session and heartbeat is gone (`get_session` answers `None`,
@@ -23,17 +24,17 @@
 use std::future::Future;
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
-
-use crate::store::shared::{bounded_call, redis_manager, RedisFailure};
 use ::redis::{RedisResult, Script};
+
+use crate::redis_conn::{RedisConn, RedisFailure};
 
 use super::{
     millis, now_ms, Claim, NewSession, ReplicaId, ResumeToken, ResumeTokenHash, SessionExpiry,
     SessionId, SessionRecord, SessionState, SessionStore, SessionUpdate, StoreError, StoreFuture,
 };
 
-/// How to reach Redis and how to use it.
+/// How to reach Redis and how to use it (for every store [`Stores::open`](crate::Stores::open)
+/// opens on it).
 #[derive(Clone, Debug)]
 pub struct RedisStoreConfig {
     /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `unix://`).
@@ -119,11 +120,8 @@ return 'ok'";
 
 /// The Redis session store. Cheap to share: hold it in an `Arc`.
 pub struct RedisStore {
-    conn: ConnectionManager,
-    /// `host:port` only, for error messages (the URL may hold a password).
-    addr: String,
+    conn: RedisConn,
     prefix: String,
-    op_timeout: Duration,
     expiry: SessionExpiry,
     create: Script,
     update: Script,
@@ -134,9 +132,8 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("addr", &self.addr)
+            .field("conn", &self.conn)
             .field("prefix", &self.prefix)
-            .field("op_timeout", &self.op_timeout)
             .finish()
     }
 }
@@ -145,25 +142,29 @@ impl RedisStore {
     /// Connects and pings: [`StoreError::Unavailable`] if Redis does not answer within
     /// `op_timeout`, [`StoreError::Backend`] for a malformed URL.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, StoreError> {
-        let (conn, addr) =
-            redis_manager(&config.url, config.op_timeout).map_err(StoreError::Backend)?;
+        let conn = RedisConn::open(&config.url, config.op_timeout).map_err(StoreError::Backend)?;
+        let store = Self::on(conn, config.key_prefix, config.expiry);
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The store on an existing connection (keys under `{key_prefix}:`); no round trip.
+    pub fn on(conn: RedisConn, key_prefix: String, expiry: SessionExpiry) -> Self {
         let lua = |body: &str| Script::new(&format!("{LUA_RECORD}{body}"));
-        let store = Self {
+        Self {
             conn,
-            addr,
-            prefix: config.key_prefix,
-            op_timeout: config.op_timeout,
-            expiry: config.expiry,
+            prefix: key_prefix,
+            expiry,
             create: Script::new(LUA_CREATE),
             update: lua(LUA_UPDATE),
             claim: lua(LUA_CLAIM),
             rotate: Script::new(LUA_ROTATE),
-        };
-        let mut conn = store.conn.clone();
-        store
-            .bounded(async move { ::redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await?;
-        Ok(store)
+        }
+    }
+
+    /// `PING`: [`StoreError::Unavailable`] if Redis does not answer within the timeout.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.conn.ping().await.map_err(store_error)
     }
 
     fn session_key(&self, id: SessionId) -> String {
@@ -183,13 +184,7 @@ impl RedisStore {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        bounded_call(&self.addr, self.op_timeout, call)
-            .await
-            .map_err(|f| match f {
-                RedisFailure::Unavailable(m) => StoreError::Unavailable(m),
-                RedisFailure::Corrupt(m) => StoreError::Corrupt(m),
-                RedisFailure::Backend(m) => StoreError::Backend(m),
-            })
+        self.conn.bounded(call).await.map_err(store_error)
     }
 
     /// `(ttl_ms, now_ms, expires_ms)` for a write that leaves the session in `state`.
@@ -200,9 +195,17 @@ impl RedisStore {
     }
 }
 
+fn store_error(f: RedisFailure) -> StoreError {
+    match f {
+        RedisFailure::Unavailable(m) => StoreError::Unavailable(m),
+        RedisFailure::Corrupt(m) => StoreError::Corrupt(m),
+        RedisFailure::Backend(m) => StoreError::Backend(m),
+    }
+}
+
 /// Builds a record from the seven [`RECORD_FIELDS`] values.
 fn parse_record(id: SessionId, fields: &[Option<String>]) -> Result<SessionRecord, StoreError> {
-    let corrupt = |what: &str| StoreError::Corrupt(format!("session {id}: bad {what}"));
+    let corrupt = |what: &str| StoreError::Corrupt(format!("session {}: bad {what}", id.0));
     let field = |i: usize| fields.get(i).and_then(Option::as_deref);
     let num = |i: usize| -> Result<u64, StoreError> {
         field(i)
@@ -237,7 +240,7 @@ fn owner_of(id: SessionId, rest: &[Option<String>]) -> Result<ReplicaId, StoreEr
     rest.first()
         .and_then(Option::as_deref)
         .and_then(|s| ReplicaId::new(s).ok())
-        .ok_or_else(|| StoreError::Corrupt(format!("session {id}: bad owner")))
+        .ok_or_else(|| StoreError::Corrupt(format!("session {}: bad owner", id.0)))
 }
 
 fn unexpected(word: &str) -> StoreError {
@@ -251,7 +254,7 @@ impl SessionStore for RedisStore {
         resume: ResumeTokenHash,
     ) -> StoreFuture<'_, SessionRecord> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let (ttl, now, expires) = self.stamp(SessionState::Open);
             let mut call = self.create.key(self.session_key(new.id));
             call.arg(new.owner.as_str())
@@ -279,7 +282,7 @@ impl SessionStore for RedisStore {
 
     fn get_session(&self, id: SessionId) -> StoreFuture<'_, Option<SessionRecord>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HMGET");
             cmd.arg(self.session_key(id)).arg(&RECORD_FIELDS[..]);
             let fields: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
@@ -297,7 +300,7 @@ impl SessionStore for RedisStore {
         update: SessionUpdate,
     ) -> StoreFuture<'a, SessionRecord> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             // A state change to Closed shortens the TTL; any other write restores the idle one
             // (a closed session is never written again).
             let (ttl, now, expires) = self.stamp(update.state.unwrap_or(SessionState::Open));
@@ -329,7 +332,7 @@ impl SessionStore for RedisStore {
         token: &'a ResumeToken,
     ) -> StoreFuture<'a, SessionRecord> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HMGET");
             cmd.arg(self.session_key(id))
                 .arg(&RECORD_FIELDS[..])
@@ -342,7 +345,7 @@ impl SessionStore for RedisStore {
                 .pop()
                 .flatten()
                 .and_then(|hex| ResumeTokenHash::from_hex(&hex))
-                .ok_or_else(|| StoreError::Corrupt(format!("session {id}: bad resume hash")))?;
+                .ok_or_else(|| StoreError::Corrupt(format!("session {}: bad resume hash", id.0)))?;
             if !stored.matches(token) {
                 return Err(StoreError::BadResumeToken(id));
             }
@@ -361,7 +364,7 @@ impl SessionStore for RedisStore {
         new: ResumeTokenHash,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut call = self.rotate.key(self.session_key(id));
             call.arg(old.hash().to_hex()).arg(new.to_hex());
             let answer: String = self.bounded(call.invoke_async(&mut conn)).await?;
@@ -375,7 +378,7 @@ impl SessionStore for RedisStore {
 
     fn heartbeat<'a>(&'a self, replica: &'a ReplicaId, ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("SET");
             cmd.arg(self.replica_key(replica))
                 .arg(now_ms())
@@ -392,7 +395,7 @@ impl SessionStore for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("SET");
             cmd.arg(format!("{}:replica-url:{replica}", self.prefix))
                 .arg(url)
@@ -404,7 +407,7 @@ impl SessionStore for RedisStore {
 
     fn replica_address<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("GET");
             cmd.arg(format!("{}:replica-url:{replica}", self.prefix));
             self.bounded(cmd.query_async(&mut conn)).await
@@ -413,7 +416,7 @@ impl SessionStore for RedisStore {
 
     fn replica_alive<'a>(&'a self, replica: &'a ReplicaId) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("EXISTS");
             cmd.arg(self.replica_key(replica));
             let n: u64 = self.bounded(cmd.query_async(&mut conn)).await?;
@@ -423,7 +426,7 @@ impl SessionStore for RedisStore {
 
     fn claim<'a>(&'a self, id: SessionId, by: &'a ReplicaId) -> StoreFuture<'a, Claim> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let (ttl, now, expires) = self.stamp(SessionState::Open);
             let mut call = self.claim.key(self.session_key(id));
             call.arg(by.as_str())

@@ -2,8 +2,9 @@
 //! device reconnecting to any replica finds its session (DESIGN.md §8).
 //!
 //! # Layout
-//! - this module: the [`SessionStore`] trait, the records it keeps and [`StoreError`];
-//!   [`open`] builds either backend from a [`StoreConfig`] as one `Arc<dyn SessionStore>`.
+//! - this module: the [`SessionStore`] trait, the records it keeps and [`StoreError`].
+//!   [`Stores::open`](crate::Stores::open) builds either backend as one
+//!   `Arc<dyn SessionStore>`.
 //! - [`memory`]: [`MemoryStore`], the embedded default for a single process (`DashMap`s).
 //! - [`redis`]: [`RedisStore`], for production; several replicas share one Redis.
 //!
@@ -23,7 +24,8 @@
 //! - **Session ids are unguessable**: 128 bits from the CSPRNG (never 0), so an id says
 //!   nothing about other sessions, and losing the store's data cannot make ids repeat (there
 //!   is no counter to lose). `create_session` refuses an id already in use
-//!   ([`StoreError::AlreadyExists`]); the caller draws again.
+//!   ([`StoreError::AlreadyExists`]); the caller draws again. The id is the wire's
+//!   [`SessionId`] (`tandem_protocol`); the store writes it in decimal (keys, messages).
 //! - **Bounded latency** (Redis): every call has a timeout; with Redis down or hung a call fails
 //!   with [`StoreError::Unavailable`] instead of hanging, and works again once Redis is back.
 //!
@@ -33,32 +35,21 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
+pub use tandem_protocol::SessionId;
 
 pub mod memory;
 pub mod redis;
-pub(crate) mod shared;
 
-use shared::SecretDigest;
+use crate::secret::SecretDigest;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, RedisStoreConfig};
 
 /// What every store method returns: a boxed, sendable future.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
-
-/// A session's id, unique across the replicas sharing a store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u128);
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// The longest replica id accepted.
 pub const MAX_REPLICA_ID_LEN: usize = 64;
@@ -267,36 +258,18 @@ impl SessionExpiry {
     }
 }
 
-/// Which backend to open.
-#[derive(Clone, Debug)]
-pub enum StoreConfig {
-    /// In-process; for a single replica.
-    Memory { expiry: SessionExpiry },
-    /// Shared by several replicas.
-    Redis(RedisStoreConfig),
-}
-
-/// Opens the configured backend. For Redis this connects and pings, so a wrong address
-/// fails here, at start-up, with [`StoreError::Unavailable`].
-pub async fn open(config: &StoreConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
-    Ok(match config {
-        StoreConfig::Memory { expiry } => Arc::new(MemoryStore::new(*expiry)),
-        StoreConfig::Redis(cfg) => Arc::new(RedisStore::connect(cfg.clone()).await?),
-    })
-}
-
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unknown session {0}")]
+    #[error("unknown session {}", .0 .0)]
     UnknownSession(SessionId),
-    #[error("wrong resume token for session {0}")]
+    #[error("wrong resume token for session {}", .0 .0)]
     BadResumeToken(SessionId),
-    #[error("session {0} is closed")]
+    #[error("session {} is closed", .0 .0)]
     SessionClosed(SessionId),
-    #[error("session {id} is owned by replica {owner}")]
+    #[error("session {} is owned by replica {owner}", id.0)]
     NotOwner { id: SessionId, owner: ReplicaId },
-    #[error("session {0} already exists")]
+    #[error("session {} already exists", .0 .0)]
     AlreadyExists(SessionId),
     /// The backend cannot be reached or did not answer in time; retry later.
     #[error("session store unavailable: {0}")]
@@ -401,7 +374,7 @@ pub trait SessionStore: Send + Sync {
 }
 
 /// Unix time in milliseconds (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -445,6 +418,20 @@ mod tests {
         let long = ReplicaId::unique(&"a".repeat(100)).expect("cut to fit");
         assert_eq!(long.as_str().len(), MAX_REPLICA_ID_LEN);
         assert_ne!(ReplicaId::unique("r").ok(), ReplicaId::unique("r").ok());
+    }
+
+    #[test]
+    fn errors_write_the_id_in_decimal() {
+        let id = SessionId(255);
+        assert_eq!(
+            StoreError::UnknownSession(id).to_string(),
+            "unknown session 255"
+        );
+        let owner = ReplicaId::new("r").expect("id");
+        assert_eq!(
+            StoreError::NotOwner { id, owner }.to_string(),
+            "session 255 is owned by replica r"
+        );
     }
 
     #[test]

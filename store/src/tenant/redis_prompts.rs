@@ -198,7 +198,7 @@ impl RedisTenantStore {
                 .arg(format!("{}:prompt:{id}", self.prefix))
                 .arg("json");
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.manager();
         let rows: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
         let mut found = Vec::new();
         let mut gone = Vec::new();
@@ -234,7 +234,7 @@ impl PromptStore for RedisTenantStore {
             for user in &prompt.audience {
                 call.arg(user.as_str());
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let word: String = self.bounded(call.invoke_async(&mut conn)).await?;
             match word.as_str() {
                 "ok" => Ok(()),
@@ -246,7 +246,7 @@ impl PromptStore for RedisTenantStore {
 
     fn get_prompt<'a>(&'a self, id: &'a PromptId) -> TenantFuture<'a, Option<PromptRecord>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HMGET");
             cmd.arg(self.prompt_key(id)).arg("json").arg("cancelled");
             let row: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
@@ -266,7 +266,7 @@ impl PromptStore for RedisTenantStore {
     ) -> TenantFuture<'a, Vec<PromptRecord>> {
         Box::pin(async move {
             let key = self.tenant_prompts_key(tenant);
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("ZREVRANGE");
             cmd.arg(&key).arg(0).arg(limit.saturating_sub(1));
             let ids: Vec<String> = if limit == 0 {
@@ -299,7 +299,7 @@ impl PromptStore for RedisTenantStore {
 
     fn assignments<'a>(&'a self, prompt: &'a PromptRecord) -> TenantFuture<'a, Vec<Assignment>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HGETALL");
             cmd.arg(self.assign_key(&prompt.id));
             let all: std::collections::HashMap<String, String> =
@@ -337,7 +337,7 @@ impl PromptStore for RedisTenantStore {
             call.key(self.assign_key(id))
                 .arg(now_ms)
                 .arg(self.ticket_prefix());
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let found: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
             Ok(found == 1)
         })
@@ -346,7 +346,7 @@ impl PromptStore for RedisTenantStore {
     fn inbox<'a>(&'a self, user: &'a UserId, now_ms: u64) -> TenantFuture<'a, Vec<PromptRecord>> {
         Box::pin(async move {
             let key = self.inbox_key(user);
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             // Expired entries go first (score = expiry).
             let mut prune = ::redis::cmd("ZREMRANGEBYSCORE");
             prune.arg(&key).arg("-inf").arg(now_ms);
@@ -415,7 +415,7 @@ impl PromptStore for RedisTenantStore {
                 .arg(&ticket)
                 .arg(format!("{}{ticket}", self.ticket_prefix()))
                 .arg(prompt.as_str());
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let word: String = self.bounded(call.invoke_async(&mut conn)).await?;
             Ok(match word.as_str() {
                 "ok" => Ok(()),
@@ -433,7 +433,7 @@ impl PromptStore for RedisTenantStore {
         Box::pin(async move {
             let mut call = CLAIM.key(format!("{}{}", self.ticket_prefix(), ticket.to_hex()));
             call.arg(now_ms).arg(&self.prefix);
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let reply: Vec<String> = self.bounded(call.invoke_async(&mut conn)).await?;
             match reply.as_slice() {
                 [ok, json, user] if ok == "ok" => {
@@ -466,7 +466,7 @@ impl PromptStore for RedisTenantStore {
                 .arg(status.as_str())
                 .arg(now_ms)
                 .arg(json);
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let done: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
             Ok(done == 1)
         })
@@ -479,7 +479,7 @@ impl PromptStore for RedisTenantStore {
                 .arg("1")
                 .arg("PXAT")
                 .arg(until_ms.max(1));
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let _: Option<String> = self.bounded(cmd.query_async(&mut conn)).await?;
             Ok(())
         })
@@ -489,7 +489,7 @@ impl PromptStore for RedisTenantStore {
         Box::pin(async move {
             let mut cmd = ::redis::cmd("EXISTS");
             cmd.arg(self.revoked_key(token_id));
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let n: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
             Ok(n > 0)
         })
@@ -499,7 +499,7 @@ impl PromptStore for RedisTenantStore {
         Box::pin(async move {
             let mut call = EPOCH.key(format!("{}:devtoken-epoch", self.prefix));
             call.arg(now_ms.max(1));
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let epoch: String = self.bounded(call.invoke_async(&mut conn)).await?;
             epoch
                 .parse()
@@ -519,7 +519,7 @@ impl PromptStore for RedisTenantStore {
             let (index, left_ms) = window(now_ms, window_ms);
             let mut call = TAKE.key(format!("{}:rl:{name}:{window_ms}:{index}", self.prefix));
             call.arg(amount).arg(limit).arg(left_ms.max(1));
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let taken: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
             Ok((taken != 1).then_some(left_ms))
         })

@@ -1,4 +1,5 @@
-//! [`RedisTenantStore`]: tenants and keys in the Redis the session store uses.
+//! [`RedisTenantStore`]: tenants and keys in the Redis the session store uses (on the same
+//! [`RedisConn`] when [`Stores::open`](crate::Stores::open) built it).
 //!
 //! # Keys (`{p}` is the server's `redis_key_prefix`, `tandem` by default)
 //! - `{p}:tenant:{id}`: a hash `name prompts_per_minute tokens_per_day max_audience
@@ -18,10 +19,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
-
-use crate::store::shared::{bounded_call, redis_manager, RedisFailure};
 use ::redis::{RedisResult, Script};
+
+use crate::redis_conn::{RedisConn, RedisFailure};
 
 use super::{
     KeyHash, KeyId, KeyInfo, KeyRecord, Quotas, TenantFuture, TenantId, TenantRecord, TenantStore,
@@ -96,11 +96,8 @@ return redis.call('HGET', KEYS[1], 'webhook_secret')";
 
 /// The Redis tenant store. Cheap to share: hold it in an `Arc`.
 pub struct RedisTenantStore {
-    pub(super) conn: ConnectionManager,
-    /// `host:port` only (the URL may hold a password).
-    addr: String,
+    pub(super) conn: RedisConn,
     pub(super) prefix: String,
-    op_timeout: Duration,
     create_tenant: Script,
     add_key: Script,
     revoke_key: Script,
@@ -111,7 +108,7 @@ pub struct RedisTenantStore {
 impl std::fmt::Debug for RedisTenantStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisTenantStore")
-            .field("addr", &self.addr)
+            .field("conn", &self.conn)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
@@ -121,24 +118,24 @@ impl RedisTenantStore {
     /// Connects and pings: [`TenantStoreError::Unavailable`] if Redis does not answer in
     /// time, [`TenantStoreError::Backend`] for a malformed URL.
     pub async fn connect(config: RedisTenantStoreConfig) -> Result<Self, TenantStoreError> {
-        let (conn, addr) =
-            redis_manager(&config.url, config.op_timeout).map_err(TenantStoreError::Backend)?;
-        let store = Self {
+        let conn =
+            RedisConn::open(&config.url, config.op_timeout).map_err(TenantStoreError::Backend)?;
+        let store = Self::on(conn, config.key_prefix);
+        store.conn.ping().await.map_err(tenant_error)?;
+        Ok(store)
+    }
+
+    /// The store on an existing connection (keys under `{key_prefix}:`); no round trip.
+    pub fn on(conn: RedisConn, key_prefix: String) -> Self {
+        Self {
             conn,
-            addr,
-            prefix: config.key_prefix,
-            op_timeout: config.op_timeout,
+            prefix: key_prefix,
             create_tenant: Script::new(LUA_CREATE_TENANT),
             add_key: Script::new(LUA_ADD_KEY),
             revoke_key: Script::new(LUA_REVOKE_KEY),
             set_quotas: Script::new(LUA_SET_QUOTAS),
             set_webhook_secret: Script::new(LUA_SET_WEBHOOK_SECRET),
-        };
-        let mut conn = store.conn.clone();
-        store
-            .bounded(async move { ::redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await?;
-        Ok(store)
+        }
     }
 
     fn tenant_key(&self, id: &TenantId) -> String {
@@ -165,13 +162,15 @@ impl RedisTenantStore {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, TenantStoreError> {
-        bounded_call(&self.addr, self.op_timeout, call)
-            .await
-            .map_err(|f| match f {
-                RedisFailure::Unavailable(m) => TenantStoreError::Unavailable(m),
-                RedisFailure::Corrupt(m) => TenantStoreError::Corrupt(m),
-                RedisFailure::Backend(m) => TenantStoreError::Backend(m),
-            })
+        self.conn.bounded(call).await.map_err(tenant_error)
+    }
+}
+
+fn tenant_error(f: RedisFailure) -> TenantStoreError {
+    match f {
+        RedisFailure::Unavailable(m) => TenantStoreError::Unavailable(m),
+        RedisFailure::Corrupt(m) => TenantStoreError::Corrupt(m),
+        RedisFailure::Backend(m) => TenantStoreError::Backend(m),
     }
 }
 
@@ -206,7 +205,7 @@ pub(super) fn unexpected(word: &str) -> TenantStoreError {
 impl TenantStore for RedisTenantStore {
     fn create_tenant<'a>(&'a self, tenant: &'a TenantRecord) -> TenantFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut call = self.create_tenant.key(self.tenant_key(&tenant.id));
             call.key(self.tenants_key())
                 .key(self.names_key())
@@ -228,7 +227,7 @@ impl TenantStore for RedisTenantStore {
 
     fn get_tenant<'a>(&'a self, id: &'a TenantId) -> TenantFuture<'a, Option<TenantRecord>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HMGET");
             cmd.arg(self.tenant_key(id)).arg(&TENANT_FIELDS[..]);
             let fields: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
@@ -241,7 +240,7 @@ impl TenantStore for RedisTenantStore {
 
     fn list_tenants(&self) -> TenantFuture<'_, Vec<TenantRecord>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("ZRANGE");
             cmd.arg(self.tenants_key()).arg(0).arg(-1);
             let ids: Vec<String> = self.bounded(cmd.query_async(&mut conn)).await?;
@@ -273,7 +272,7 @@ impl TenantStore for RedisTenantStore {
 
     fn add_key<'a>(&'a self, key: &'a KeyRecord) -> TenantFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut call = self.add_key.key(self.tenant_key(&key.tenant));
             call.key(self.apikey_key(&key.key_id))
                 .key(self.tenant_keys_key(&key.tenant))
@@ -293,7 +292,7 @@ impl TenantStore for RedisTenantStore {
 
     fn get_key<'a>(&'a self, id: &'a KeyId) -> TenantFuture<'a, Option<KeyRecord>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HMGET");
             cmd.arg(self.apikey_key(id))
                 .arg("tenant")
@@ -320,7 +319,7 @@ impl TenantStore for RedisTenantStore {
 
     fn list_keys<'a>(&'a self, tenant: &'a TenantId) -> TenantFuture<'a, Vec<KeyInfo>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut pipe = ::redis::pipe();
             pipe.atomic()
                 .cmd("EXISTS")
@@ -351,7 +350,7 @@ impl TenantStore for RedisTenantStore {
 
     fn set_quotas<'a>(&'a self, tenant: &'a TenantId, quotas: Quotas) -> TenantFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut call = self.set_quotas.key(self.tenant_key(tenant));
             call.arg(quotas.prompts_per_minute)
                 .arg(quotas.tokens_per_day)
@@ -367,7 +366,7 @@ impl TenantStore for RedisTenantStore {
 
     fn revoke_key<'a>(&'a self, tenant: &'a TenantId, key: &'a KeyId) -> TenantFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut call = self.revoke_key.key(self.tenant_key(tenant));
             call.key(self.apikey_key(key))
                 .key(self.tenant_keys_key(tenant))
@@ -385,7 +384,7 @@ impl TenantStore for RedisTenantStore {
 
     fn webhook_secret<'a>(&'a self, tenant: &'a TenantId) -> TenantFuture<'a, Option<String>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut cmd = ::redis::cmd("HMGET");
             cmd.arg(self.tenant_key(tenant))
                 .arg("name")
@@ -406,7 +405,7 @@ impl TenantStore for RedisTenantStore {
         replace: bool,
     ) -> TenantFuture<'a, String> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn.manager();
             let mut call = self.set_webhook_secret.key(self.tenant_key(tenant));
             call.arg(secret).arg(if replace { "1" } else { "0" });
             let word: String = self.bounded(call.invoke_async(&mut conn)).await?;

@@ -4,7 +4,10 @@
 //! - this module: the [`TenantStore`] trait, the ids and records it keeps, and
 //!   [`TenantStoreError`]; [`open`] builds either backend as one `Arc<dyn TenantStore>`.
 //! - [`memory`]: [`MemoryTenantStore`], for a single process.
-//! - [`redis`]: [`RedisTenantStore`], shared by replicas through the session store's Redis.
+//! - [`redis`]: [`RedisTenantStore`], shared by replicas through the session store's Redis
+//!   (and its connection, when [`Stores::open`](crate::Stores::open) opens them together).
+//! - [`prompts`]: [`PromptStore`], the partner prompts' half, implemented by both backends
+//!   (`redis_prompts` for Redis).
 //!
 //! # Guarantees
 //! - **Keys are stored hashed**: the store keeps `sha256(key)` ([`KeyHash`]) only, never the
@@ -29,7 +32,7 @@ use sha2::{Digest, Sha256};
 pub mod memory;
 pub mod redis;
 
-use crate::store::shared::SecretDigest;
+use crate::secret::SecretDigest;
 
 pub use self::memory::MemoryTenantStore;
 pub use self::redis::{RedisTenantStore, RedisTenantStoreConfig};
