@@ -3,6 +3,10 @@
 //! sums and the softmax's `exp` (a polynomial, [`exp`]) run 16 lanes at a time with fused
 //! multiply-adds instead of the portable code's 4-wide loops and one libm `expf` per score.
 //!
+//! Keys and values stored as `bf16` are read in place and widened in registers (a zero
+//! extension and a shift: exact), so the block is never copied out; the products and sums are
+//! the same as over an `f32` copy of it, bit for bit.
+//!
 //! The result differs from the portable path in the last bits (fused rounding, another
 //! order of additions, another `exp`), but not between calls: the path is chosen per process
 //! from the CPU, every task visits its keys and lanes in a fixed order, and so a row's
@@ -11,6 +15,7 @@
 use super::geometry::Geometry;
 use super::walk::{BlockSteps, Rows, Running, Task};
 use crate::simd::exp;
+use half::bf16;
 use std::arch::x86_64::*;
 
 /// Floats per vector.
@@ -21,13 +26,44 @@ pub(super) fn usable(head_dim: usize) -> bool {
     head_dim.is_multiple_of(W) && std::arch::is_x86_feature_detected!("avx512f")
 }
 
+/// An element of the rows the steps read, loaded 16 at a time as floats.
+pub(super) trait Lane: Copy {
+    /// The 16 elements at `p`, as floats.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, and `p` points to 16 readable elements.
+    unsafe fn load16(p: *const Self) -> __m512;
+}
+
+impl Lane for f32 {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+}
+
+impl Lane for bf16 {
+    /// bf16 is the top half of an f32: zero-extend each 16-bit lane and shift it up.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16(p: *const bf16) -> __m512 {
+        // SAFETY: the caller's contract (16 bf16 values are the 32 bytes read).
+        unsafe {
+            let raw = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        }
+    }
+}
+
 /// The AVX-512 flavour of the per-block steps; used only once [`usable`] said yes.
 pub(super) struct Avx512;
 
 // SAFETY (every call below): `Avx512` is chosen only after `usable` checked that the CPU
 // has AVX-512F and that `head_dim` is a multiple of 16.
-impl BlockSteps for Avx512 {
-    fn score(keys: &Rows<'_>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]) {
+impl<E: Lane> BlockSteps<E> for Avx512 {
+    fn score(keys: &Rows<'_, E>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]) {
         unsafe { score_block(keys, geo.head_dim, geo.block_size, slots, task, scores) }
     }
 
@@ -42,7 +78,7 @@ impl BlockSteps for Avx512 {
     }
 
     fn accumulate(
-        values: &Rows<'_>,
+        values: &Rows<'_, E>,
         geo: &Geometry,
         slots: usize,
         out: &mut [f32],
@@ -75,8 +111,8 @@ fn normalise(hd: usize, out: &mut [f32], sums: &[f32]) {
 
 /// `scores[g * block_size + j]` = scaled `q_g · k_j`, for the `slots` keys of one block.
 #[target_feature(enable = "avx512f")]
-fn score_block(
-    keys: &Rows<'_>,
+fn score_block<E: Lane>(
+    keys: &Rows<'_, E>,
     hd: usize,
     block_size: usize,
     slots: usize,
@@ -95,7 +131,7 @@ fn score_block(
 /// vectors), then one horizontal sum.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: Lane>(a: &[f32], b: &[E]) -> f32 {
     debug_assert!(a.len() == b.len() && a.len().is_multiple_of(W));
     let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -106,12 +142,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         while i + 1 < n {
             even = _mm512_fmadd_ps(
                 _mm512_loadu_ps(pa.add(i * W)),
-                _mm512_loadu_ps(pb.add(i * W)),
+                E::load16(pb.add(i * W)),
                 even,
             );
             odd = _mm512_fmadd_ps(
                 _mm512_loadu_ps(pa.add((i + 1) * W)),
-                _mm512_loadu_ps(pb.add((i + 1) * W)),
+                E::load16(pb.add((i + 1) * W)),
                 odd,
             );
             i += 2;
@@ -119,7 +155,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         if i < n {
             even = _mm512_fmadd_ps(
                 _mm512_loadu_ps(pa.add(i * W)),
-                _mm512_loadu_ps(pb.add(i * W)),
+                E::load16(pb.add(i * W)),
                 even,
             );
         }
@@ -191,8 +227,8 @@ fn softmax_block(
 /// Adds `weight_j * value_j` over the block's slots to each head's partial output, one
 /// 16-float column at a time with two accumulators (even and odd slots).
 #[target_feature(enable = "avx512f")]
-fn accumulate_values(
-    values: &Rows<'_>,
+fn accumulate_values<E: Lane>(
+    values: &Rows<'_, E>,
     hd: usize,
     block_size: usize,
     slots: usize,
@@ -216,14 +252,14 @@ fn accumulate_values(
                 let mut odd = _mm512_setzero_ps();
                 let mut j = 0;
                 while j + 1 < slots {
-                    let a = _mm512_loadu_ps(vp.add(j * stride + c));
-                    let b = _mm512_loadu_ps(vp.add((j + 1) * stride + c));
+                    let a = E::load16(vp.add(j * stride + c));
+                    let b = E::load16(vp.add((j + 1) * stride + c));
                     even = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), a, even);
                     odd = _mm512_fmadd_ps(_mm512_set1_ps(w[j + 1]), b, odd);
                     j += 2;
                 }
                 if j < slots {
-                    let a = _mm512_loadu_ps(vp.add(j * stride + c));
+                    let a = E::load16(vp.add(j * stride + c));
                     even = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), a, even);
                 }
                 _mm512_storeu_ps(o, _mm512_add_ps(even, odd));

@@ -21,6 +21,12 @@ pub trait KvElem: Copy + Send + Sync {
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
     }
+
+    /// `Some(src)` when `Self` is `bf16`, so a kernel that widens in registers reads the cache
+    /// without a copy.
+    fn as_bf16(_src: &[Self]) -> Option<&[bf16]> {
+        None
+    }
 }
 
 impl KvElem for f32 {
@@ -59,6 +65,10 @@ impl KvElem for bf16 {
             return unsafe { widen_bf16_avx512(src, dst) };
         }
         widen_bf16(src, dst);
+    }
+
+    fn as_bf16(src: &[bf16]) -> Option<&[bf16]> {
+        Some(src)
     }
 }
 

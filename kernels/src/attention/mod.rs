@@ -39,8 +39,9 @@
 //! For a row at position `p`, one pass over `p + 1` keys: `2 * (p + 1) * head_dim` multiply-adds
 //! per query head, and one `exp` per key and head. The softmax is streamed block by block (a
 //! running max and sum per head, the output rescaled once per block), so no score vector longer
-//! than one block is ever held. `f32` storage is read in place; `f16`/`bf16` blocks are widened
-//! one block and kv head at a time. Rows of a prefill chunk each walk their own keys (keys are
+//! than one block is ever held. `f32` storage is read in place, and so is `bf16` on the AVX-512
+//! path (widened in registers); otherwise `f16`/`bf16` blocks are widened one block and kv head
+//! at a time. Rows of a prefill chunk each walk their own keys (keys are
 //! not tiled across rows). Memory: one scratch buffer per part (`group * block_size +
 //! 2 * block_size * head_dim + 2 * group` floats, at most [`PARTS_PER_THREAD`] parts per
 //! thread) and one `Vec` of per-sequence task offsets per call.
@@ -73,7 +74,7 @@ pub use elem::KvElem;
 pub use error::{AttnError, KvSide};
 
 use geometry::{check_sequences, Geometry};
-use walk::{walk_blocks, Cache, Scratch, Task};
+use walk::{walk_blocks, walk_in_place, Cache, Scratch, Task};
 
 /// Parts per team thread in one call: enough that a thread finishing early finds more (rows
 /// differ in context length), few enough that each part's scratch is paid for.
@@ -216,6 +217,10 @@ fn attend_group<T: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if avx512::usable(cache.geo.head_dim) {
+        if let (Some(k), Some(v)) = (T::as_bf16(cache.k), T::as_bf16(cache.v)) {
+            let geo = &cache.geo;
+            return walk_in_place::<_, avx512::Avx512>(k, v, geo, block_table, task, out, s);
+        }
         return walk_blocks::<T, avx512::Avx512>(cache, block_table, task, out, s);
     }
     walk_blocks::<T, portable::Portable>(cache, block_table, task, out, s)

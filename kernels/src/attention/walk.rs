@@ -56,32 +56,75 @@ pub(super) struct Task<'q> {
     pub(super) scale: f32,
 }
 
-/// `f32` rows of one block: row `j` is `data[j * stride..][..head_dim]`.
-pub(super) struct Rows<'a> {
-    pub(super) data: &'a [f32],
+/// Rows of one block: row `j` is `data[j * stride..][..head_dim]`. `f32` rows are either
+/// the cache itself or a widened copy; `bf16` rows are the cache itself, widened in registers
+/// by the flavours that read them ([`walk_in_place`]).
+pub(super) struct Rows<'a, E = f32> {
+    pub(super) data: &'a [E],
     pub(super) stride: usize,
 }
 
-impl Rows<'_> {
-    pub(super) fn row(&self, j: usize, width: usize) -> &[f32] {
+impl<E> Rows<'_, E> {
+    pub(super) fn row(&self, j: usize, width: usize) -> &[E] {
         &self.data[j * self.stride..][..width]
     }
 }
 
+/// Where a walk finds the rows of a block: `base` is the element of slot 0 of the block at
+/// the task's kv head, `slots` the rows it needs.
+trait Blocks<E> {
+    fn keys(&mut self, base: usize, slots: usize) -> Rows<'_, E>;
+    fn values(&mut self, base: usize, slots: usize) -> Rows<'_, E>;
+}
+
+/// Blocks read where they are: `f32` storage, or `bf16` for a flavour that widens in registers.
+struct InPlace<'c, E> {
+    k: &'c [E],
+    v: &'c [E],
+    stride: usize,
+}
+
+impl<E> Blocks<E> for InPlace<'_, E> {
+    fn keys(&mut self, base: usize, _slots: usize) -> Rows<'_, E> {
+        Rows {
+            data: &self.k[base..],
+            stride: self.stride,
+        }
+    }
+
+    fn values(&mut self, base: usize, _slots: usize) -> Rows<'_, E> {
+        Rows {
+            data: &self.v[base..],
+            stride: self.stride,
+        }
+    }
+}
+
+/// Blocks widened to `f32` one block and kv head at a time, into the part's scratch.
+struct Widened<'c, 's, T> {
+    cache: &'c Cache<'c, T>,
+    k_rows: &'s mut [f32],
+    v_rows: &'s mut [f32],
+}
+
+impl<T: KvElem> Blocks<f32> for Widened<'_, '_, T> {
+    fn keys(&mut self, base: usize, slots: usize) -> Rows<'_, f32> {
+        widen_rows(&self.cache.k[base..], &self.cache.geo, slots, self.k_rows)
+    }
+
+    fn values(&mut self, base: usize, slots: usize) -> Rows<'_, f32> {
+        widen_rows(&self.cache.v[base..], &self.cache.geo, slots, self.v_rows)
+    }
+}
+
 /// The first `slots` rows of a block for one kv head (`src` starts at slot 0 of the block, at
-/// that head): the cache itself for `f32`, else a widened copy in `scratch`.
-fn block_rows<'a, T: KvElem>(
-    src: &'a [T],
+/// that head), widened into `scratch`.
+fn widen_rows<'a, T: KvElem>(
+    src: &[T],
     geo: &Geometry,
     slots: usize,
     scratch: &'a mut [f32],
-) -> Rows<'a> {
-    if let Some(data) = T::as_f32(src) {
-        return Rows {
-            data,
-            stride: geo.slot_len,
-        };
-    }
+) -> Rows<'a, f32> {
     let hd = geo.head_dim;
     for (j, dst) in scratch.chunks_exact_mut(hd).take(slots).enumerate() {
         T::widen(&src[j * geo.slot_len..][..hd], dst);
@@ -91,11 +134,12 @@ fn block_rows<'a, T: KvElem>(
         stride: hd,
     }
 }
+
 /// The per-block steps of [`attend_group`](super::attend_group) in one flavour (portable, or
 /// AVX-512).
-pub(super) trait BlockSteps {
+pub(super) trait BlockSteps<E = f32> {
     /// `scores[g * block_size + j]` = the scaled score of head `g` against key `j`.
-    fn score(keys: &Rows<'_>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]);
+    fn score(keys: &Rows<'_, E>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]);
     /// Folds the block's scores into the running max and sum, rescales the partial outputs,
     /// and turns the scores into weights `exp(score - max)`.
     fn softmax(
@@ -106,12 +150,13 @@ pub(super) trait BlockSteps {
         run: &mut Running,
     );
     /// Adds `weight * value` for every slot of the block to each head's partial output.
-    fn accumulate(values: &Rows<'_>, geo: &Geometry, slots: usize, out: &mut [f32], scores: &[f32]);
+    fn accumulate(values: &Rows<'_, E>, geo: &Geometry, slots: usize, out: &mut [f32], scores: &[f32]);
     /// Divides each head's output by its sum of weights.
     fn normalise(geo: &Geometry, out: &mut [f32], sums: &[f32]);
 }
 
-/// The walk over the row's blocks that both flavours share.
+/// The walk over the row's blocks, for any storage: `f32` is read in place, the
+/// half-precision types are widened block by block into the part's scratch.
 pub(super) fn walk_blocks<T: KvElem, S: BlockSteps>(
     cache: &Cache<'_, T>,
     block_table: &[u32],
@@ -119,19 +164,67 @@ pub(super) fn walk_blocks<T: KvElem, S: BlockSteps>(
     out: &mut [f32],
     s: &mut Scratch,
 ) {
-    let geo = &cache.geo;
+    let Scratch {
+        scores,
+        running,
+        k_rows,
+        v_rows,
+    } = s;
+    if let (Some(k), Some(v)) = (T::as_f32(cache.k), T::as_f32(cache.v)) {
+        let mut blocks = InPlace {
+            k,
+            v,
+            stride: cache.geo.slot_len,
+        };
+        return walk::<f32, S>(&cache.geo, &mut blocks, block_table, task, out, scores, running);
+    }
+    let mut blocks = Widened {
+        cache,
+        k_rows,
+        v_rows,
+    };
+    walk::<f32, S>(&cache.geo, &mut blocks, block_table, task, out, scores, running);
+}
+
+/// The walk over the row's blocks read in place as `E` (`bf16` storage, for a flavour whose
+/// steps widen in registers).
+pub(super) fn walk_in_place<E, S: BlockSteps<E>>(
+    k: &[E],
+    v: &[E],
+    geo: &Geometry,
+    block_table: &[u32],
+    task: &Task<'_>,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
+    let mut blocks = InPlace {
+        k,
+        v,
+        stride: geo.slot_len,
+    };
+    walk::<E, S>(geo, &mut blocks, block_table, task, out, &mut s.scores, &mut s.running);
+}
+
+/// Streams the row's blocks: score, softmax, accumulate per block, then normalise.
+fn walk<E, S: BlockSteps<E>>(
+    geo: &Geometry,
+    blocks: &mut impl Blocks<E>,
+    block_table: &[u32],
+    task: &Task<'_>,
+    out: &mut [f32],
+    scores: &mut [f32],
+    running: &mut Running,
+) {
     out.fill(0.0);
-    s.running.max.fill(f32::NEG_INFINITY);
-    s.running.sum.fill(0.0);
-    let blocks = task.keys.div_ceil(geo.block_size);
-    for (b, &block) in block_table[..blocks].iter().enumerate() {
+    running.max.fill(f32::NEG_INFINITY);
+    running.sum.fill(0.0);
+    let blocks_used = task.keys.div_ceil(geo.block_size);
+    for (b, &block) in block_table[..blocks_used].iter().enumerate() {
         let slots = geo.block_size.min(task.keys - b * geo.block_size);
         let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
-        let keys = block_rows(&cache.k[base..], geo, slots, &mut s.k_rows);
-        S::score(&keys, geo, slots, task, &mut s.scores);
-        S::softmax(geo, slots, out, &mut s.scores, &mut s.running);
-        let values = block_rows(&cache.v[base..], geo, slots, &mut s.v_rows);
-        S::accumulate(&values, geo, slots, out, &s.scores);
+        S::score(&blocks.keys(base, slots), geo, slots, task, scores);
+        S::softmax(geo, slots, out, scores, running);
+        S::accumulate(&blocks.values(base, slots), geo, slots, out, scores);
     }
-    S::normalise(geo, out, &s.running.sum);
+    S::normalise(geo, out, &running.sum);
 }

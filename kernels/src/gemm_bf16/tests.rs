@@ -115,6 +115,23 @@ fn rounding_is_to_nearest_even_as_half_does_it() {
 }
 
 #[test]
+fn rounding_a_row_with_vectors_gives_the_scalar_bits() {
+    let mut rng = StdRng::seed_from_u64(4);
+    // Random bit patterns (NaNs, infinities, subnormals and ties included), at lengths that
+    // leave every remainder after 16 lanes.
+    for len in [0, 1, 15, 16, 17, 63, 576, 1537] {
+        let mut src: Vec<f32> = (0..len).map(|_| f32::from_bits(rng.random::<u32>())).collect();
+        if len > 3 {
+            src[..4].copy_from_slice(&[f32::NAN, -f32::INFINITY, 1e-40, f32::from_bits(0x3f80_8000)]);
+        }
+        let mut got = vec![0u16; len];
+        super::round_row(&src, &mut got);
+        let want: Vec<u16> = src.iter().map(|&v| bf16_bits(v)).collect();
+        assert_eq!(got, want, "len {len}");
+    }
+}
+
+#[test]
 fn packing_bf16_equals_packing_the_same_values_from_f32() {
     let mut rng = StdRng::seed_from_u64(5);
     let (n, k) = (40, 70);
