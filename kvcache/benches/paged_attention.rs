@@ -4,13 +4,21 @@
 //!
 //! Figures are ratios within one run: the kernel on the global team (the matmul threads,
 //! one per core) against the same
-//! kernel on one thread (parallel speedup), and against gathering each session's K/V into a
-//! contiguous cache first and attending there (what reading blocks in place saves). Say which
-//! machine produced the numbers when quoting them.
+//! kernel on one thread (parallel speedup), against gathering each session's K/V into a
+//! contiguous cache first and attending there (what reading blocks in place saves), and
+//! against the library it replaces: candle gathering the blocks (`index_select`) and running
+//! `softmax(q·Kᵀ·scale)·V` with its matmuls, once with the kv heads repeated for GQA (as
+//! candle-transformers' Llama does) and once with the query heads grouped over their kv head
+//! (a reshape, candle's best case). Candle's result is checked against the kernel's once,
+//! outside the timed loops. Say which machine produced the numbers when quoting them.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use candle_core::{DType, Device, Tensor};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use half::f16;
 use std::hint::black_box;
+use std::time::Duration;
 use tandem_kernels::team::Team;
 use tandem_kvcache::attention::{
     paged_attention, paged_attention_on, KvElem, PagedAttnParams, SeqAttn,
@@ -25,6 +33,21 @@ const PARAMS: PagedAttnParams = PagedAttnParams {
     block_size: 16,
     scale: 0.088_388_35, // 1 / sqrt(128)
 };
+
+/// How candle runs grouped-query attention.
+#[derive(Clone, Copy)]
+enum Gqa {
+    /// Every kv head copied once per query head of its group (`repeat_kv`).
+    Repeat,
+    /// The query heads of a group reshaped into rows that share one kv head.
+    Grouped,
+}
+
+/// One layer's K and V caches as candle tensors, `[num_blocks, block_size * kv * head_dim]`.
+struct CandleCache {
+    k: Tensor,
+    v: Tensor,
+}
 
 /// A decode batch: one query row per session, block tables over a shuffled cache.
 struct Decode<T> {
@@ -114,14 +137,89 @@ impl<T: KvElem> Decode<T> {
     }
 }
 
-fn bench_storage<T: KvElem>(c: &mut Criterion, name: &str, convert: impl Fn(f32) -> T) {
+impl<T: KvElem + candle_core::WithDType> Decode<T> {
+    fn candle_cache(&self) -> candle_core::Result<CandleCache> {
+        let block_len = PARAMS.block_size * PARAMS.num_kv_heads * PARAMS.head_dim;
+        let blocks = self.k.len() / block_len;
+        let shape = (blocks, block_len);
+        Ok(CandleCache {
+            k: Tensor::from_slice(&self.k, shape, &Device::Cpu)?,
+            v: Tensor::from_slice(&self.v, shape, &Device::Cpu)?,
+        })
+    }
+
+    /// The same decode attention through candle: each session's blocks gathered into
+    /// contiguous `[sessions, kv, context, head_dim]` tensors (widened to f32, as the kernel
+    /// widens), then `softmax(q·Kᵀ·scale)·V`. Returns `[sessions, heads, head_dim]`.
+    fn candle(&self, cache: &CandleCache, gqa: Gqa) -> candle_core::Result<Tensor> {
+        let (s, c) = (SESSIONS, CONTEXT);
+        let (h, kv, d) = (PARAMS.num_heads, PARAMS.num_kv_heads, PARAMS.head_dim);
+        let ids: Vec<u32> = self.tables.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(ids, self.tables.len() * self.tables[0].len(), &Device::Cpu)?;
+        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+            cache
+                .index_select(&ids, 0)?
+                .reshape((s, c, kv, d))?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (k, v) = (gather(&cache.k)?, gather(&cache.v)?);
+        let q = Tensor::from_slice(&self.q, (s, h, d), &Device::Cpu)?;
+        let (q, k, v) = match gqa {
+            Gqa::Repeat => {
+                let repeat = |x: &Tensor| {
+                    Tensor::cat(&vec![x; h / kv], 2)?.reshape((s, h, c, d))
+                };
+                (q.reshape((s, h, 1, d))?, repeat(&k)?, repeat(&v)?)
+            }
+            Gqa::Grouped => (q.reshape((s, kv, h / kv, d))?, k, v),
+        };
+        let scores = q.matmul(&k.t()?)?.affine(f64::from(PARAMS.scale), 0.0)?;
+        candle_nn::ops::softmax_last_dim(&scores)?
+            .matmul(&v)?
+            .reshape((s, h, d))
+    }
+}
+
+/// Checks once, outside the timed loops, that candle computes what the kernel computes.
+fn check_candle<T: KvElem + candle_core::WithDType>(batch: &Decode<T>, cache: &CandleCache) {
+    let mut want = vec![0.0f32; batch.q.len()];
+    batch.paged(&mut want);
+    for gqa in [Gqa::Repeat, Gqa::Grouped] {
+        let got = batch
+            .candle(cache, gqa)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .expect("candle attention");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "candle and the kernel differ by {worst}");
+    }
+}
+
+fn bench_storage<T: KvElem + candle_core::WithDType>(
+    c: &mut Criterion,
+    name: &str,
+    convert: impl Fn(f32) -> T,
+) {
     let batch = Decode::new(convert);
+    let cache = batch.candle_cache().expect("candle cache");
+    check_candle(&batch, &cache);
     let mut out = vec![0.0f32; batch.q.len()];
     let (mut k, mut v) = (Vec::new(), Vec::new());
     let one = Team::with_threads(1);
     let bytes = 2 * batch.k.len() * std::mem::size_of::<T>();
     let mut group = c.benchmark_group(format!("decode64x{CONTEXT}/{name}"));
     group.throughput(Throughput::Bytes(bytes as u64));
+    // Flat: every sample the same number of iterations, so the slow candle cases (hundreds
+    // of milliseconds an iteration) finish in a few seconds each.
+    // Short warm-up and measurement keep the whole bench under about two minutes.
+    group.sampling_mode(SamplingMode::Flat);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
     group.sample_size(20);
     let threads = Team::global().threads();
     group.bench_function(
@@ -135,6 +233,13 @@ fn bench_storage<T: KvElem>(c: &mut Criterion, name: &str, convert: impl Fn(f32)
         BenchmarkId::new("gather_then_attend", format!("{threads}threads")),
         |b| b.iter(|| batch.gathered(black_box(&mut out), &mut k, &mut v)),
     );
+    group.sample_size(10);
+    let candle_threads = candle_core::utils::get_num_threads();
+    for (case, gqa) in [("candle_repeat_kv", Gqa::Repeat), ("candle_grouped", Gqa::Grouped)] {
+        group.bench_function(BenchmarkId::new(case, format!("{candle_threads}threads")), |b| {
+            b.iter(|| black_box(batch.candle(&cache, gqa).expect("candle attention")))
+        });
+    }
     group.finish();
 }
 
