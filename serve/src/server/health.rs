@@ -1,12 +1,14 @@
-//! The operator routes: `GET /metrics` (the Prometheus text, with the engine's counters read
-//! at scrape time) and `GET /readyz` (whether this replica should get traffic), and the
-//! engine snapshots they and the OTLP export read.
+//! The operator routes: `GET /metrics` (the text exposition, OpenMetrics or Prometheus as
+//! the scraper asks, with the engine's counters read at scrape time) and `GET /readyz`
+//! (whether this replica should get traffic), and the engine snapshots they and the OTLP
+//! export read.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -82,17 +84,19 @@ pub(super) async fn refresh_snapshots(shared: std::sync::Weak<Shared>, every: Du
     }
 }
 
-/// `GET /metrics`: the Prometheus text exposition.
-async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+/// `GET /metrics`: the text exposition, in OpenMetrics when the `Accept` header names it (as
+/// Prometheus's does), else in the Prometheus text format 0.0.4.
+async fn metrics_text(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let snap = current_snapshot(&shared).await;
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        shared.metrics.render(&snap),
-    )
-        .into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::from_accept(accept);
+    match shared.metrics.render(&snap, format) {
+        Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
+        Err(_) => {
+            tracing::error!("the metrics exposition failed to encode");
+            ApiError::internal().into_response()
+        }
+    }
 }
 
 /// `GET /readyz`: 200 when this replica should get traffic: not draining, the engine loop
@@ -121,7 +125,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
     if problems.is_empty() {
         return (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            [(header::CONTENT_TYPE, "application/json")],
             "{\"status\":\"ready\"}",
         )
             .into_response();

@@ -161,7 +161,7 @@ async fn write_loop(
         };
         let sent = match next {
             Some(Outbound::Frame(bytes)) => {
-                bytes_out.add(bytes.len() as u64);
+                bytes_out.inc_by(bytes.len() as u64);
                 tokio::select! {
                     r = sink.send(Message::Binary(bytes.into())) => r,
                     _ = kill.notified() => return,
@@ -226,7 +226,7 @@ impl Connection {
                     .metrics
                     .wire_bytes_total
                     .with("in")
-                    .add(b.len() as u64);
+                    .inc_by(b.len() as u64);
                 b
             }
             Message::Text(_) => {

@@ -1,4 +1,6 @@
-//! The server's metrics and their Prometheus text exposition (`GET /metrics`).
+//! The server's metrics, kept in prometheus-client's types, and their text exposition
+//! (`GET /metrics`, [`exposition`]: OpenMetrics or the Prometheus text format, encoded by
+//! prometheus-client), mirrored into OpenTelemetry for the OTLP exporter ([`otel`]).
 //!
 //! # What is measured, and where
 //! - Per engine step (the engine thread): batch size in positions and in sequences, step
@@ -26,18 +28,22 @@
 //! distinct values (the rest count under `tenant="other"`). No label or value ever holds a
 //! session id, prompt text, profile data or activations.
 //!
-//! Every recording is a few relaxed atomic operations; nothing here locks on the hot path
-//! except the first sighting of a label value.
+//! Counting is a relaxed atomic add; a histogram observation locks its own mutex for a few
+//! adds; a labelled counter is looked up under a read lock ([`instruments`] says more).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-mod otel;
-mod registry;
+use prometheus_client::metrics::gauge::Gauge;
 
-pub use registry::{Counter, Family, Gauge, Histogram};
+mod exposition;
+mod instruments;
+mod otel;
+
+pub use exposition::Format;
+pub use instruments::{Family, Histogram};
+pub use prometheus_client::metrics::counter::Counter;
 
 /// Distinct tenants that get their own label value.
 pub const MAX_TENANT_LABELS: usize = 1000;
@@ -117,7 +123,7 @@ pub struct Metrics {
     pub draft_tokens_total: Counter,
     pub draft_tokens_accepted_total: Counter,
     /// The most drafts the engine asked for in its last step's answers.
-    pub draft_cap: AtomicU64,
+    pub draft_cap: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -137,7 +143,7 @@ impl Default for Metrics {
             step_started_ms: AtomicU64::new(0),
             draft_tokens_total: Counter::default(),
             draft_tokens_accepted_total: Counter::default(),
-            draft_cap: AtomicU64::new(0),
+            draft_cap: Gauge::default(),
         }
     }
 }
@@ -159,15 +165,15 @@ impl tandem_engine::Observer for Metrics {
     }
 
     fn draft_tokens(&self, n: usize) {
-        self.draft_tokens_total.add(n as u64);
+        self.draft_tokens_total.inc_by(n as u64);
     }
 
     fn draft_tokens_accepted(&self, n: usize) {
-        self.draft_tokens_accepted_total.add(n as u64);
+        self.draft_tokens_accepted_total.inc_by(n as u64);
     }
 
     fn draft_cap(&self, cap: u8) {
-        self.draft_cap.store(u64::from(cap), Ordering::Relaxed);
+        self.draft_cap.set(u64::from(cap));
     }
 
     fn link_step(
@@ -355,24 +361,6 @@ const REDIS_ERRORS: Described = described(
     "{error}",
 );
 
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
-    head(out, name, kind, help);
-    let _ = writeln!(out, "{name} {v}");
-}
-
-/// A counter family of seconds, one sample per label value.
-fn seconds(out: &mut String, d: Described, label: &str, values: &[(&str, f64)]) {
-    head(out, d.name, "counter", d.help);
-    for (value, secs) in values {
-        let _ = writeln!(out, "{}{{{label}=\"{value}\"}} {secs:.6}", d.name);
-    }
-}
-
 /// The process's CPU seconds by thread group (empty where `/proc` cannot be read).
 fn thread_cpu() -> Vec<(&'static str, f64)> {
     crate::threads::cpu_seconds_by_group()
@@ -441,78 +429,49 @@ impl Metrics {
             (PROMPTS, &self.prompts_submitted_total),
         ]
     }
-
-    /// The Prometheus text exposition (version 0.0.4) of everything.
-    pub fn render(&self, snap: &Snapshot) -> String {
-        let mut o = String::with_capacity(16 * 1024);
-        for (d, field) in GAUGES {
-            scalar(&mut o, d.name, "gauge", d.help, field(snap));
-        }
-        let counters = [
-            (PREEMPTIONS, snap.preemptions_total),
-            (STEPS, snap.engine_steps_total),
-            (TOKENS_IN, self.tokens_in_total.get()),
-            (TOKENS_OUT, self.tokens_out_total.get()),
-            (DRAFTS, self.draft_tokens_total.get()),
-            (DRAFTS_ACCEPTED, self.draft_tokens_accepted_total.get()),
-        ];
-        for (d, v) in counters {
-            scalar(&mut o, d.name, "counter", d.help, v);
-        }
-        scalar(
-            &mut o,
-            DRAFT_CAP.name,
-            "gauge",
-            DRAFT_CAP.help,
-            self.draft_cap.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        seconds(&mut o, ENGINE_SECONDS, "phase", &snap.engine_phases());
-        let threads = thread_cpu();
-        if !threads.is_empty() {
-            seconds(&mut o, THREAD_CPU, "threads", &threads);
-        }
-        for (d, h) in self.histograms() {
-            head(&mut o, d.name, "histogram", d.help);
-            h.render(&mut o, d.name, "");
-        }
-        for (d, f) in self.families() {
-            head(&mut o, d.name, "counter", d.help);
-            f.render(&mut o, d.name);
-        }
-        let r = redis();
-        head(
-            &mut o,
-            REDIS_DURATION.name,
-            "histogram",
-            REDIS_DURATION.help,
-        );
-        r.duration_seconds.render(&mut o, REDIS_DURATION.name, "");
-        scalar(
-            &mut o,
-            REDIS_ERRORS.name,
-            "counter",
-            REDIS_ERRORS.help,
-            r.errors_total.get(),
-        );
-        o
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The sample lines of `text` (no `#` lines).
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
     #[test]
-    fn histograms_are_cumulative_and_sum() {
+    fn histograms_are_cumulative_sum_and_skip_non_finite_values() {
         let h = Histogram::new(&[1.0, 2.0]);
-        for v in [0.5, 1.0, 1.5, 3.0, f64::NAN] {
+        for v in [0.5, 1.0, 1.5, 3.0, f64::NAN, f64::INFINITY] {
             h.observe(v);
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "");
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("x", "X", h.handle());
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+            .expect("encoded");
         assert_eq!(
-            out,
-            "x_bucket{le=\"1.0\"} 2\nx_bucket{le=\"2.0\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_sum 6.0\nx_count 4\n"
+            samples(&text),
+            [
+                "x_bucket{le=\"1\"} 2",
+                "x_bucket{le=\"2\"} 3",
+                "x_bucket{le=\"+Inf\"} 4",
+                "x_sum 6.0",
+                "x_count 4"
+            ]
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        assert_eq!(
+            samples(&text),
+            [
+                "x_sum 6.0",
+                "x_count 4",
+                "x_bucket{le=\"1.0\"} 2",
+                "x_bucket{le=\"2.0\"} 3",
+                "x_bucket{le=\"+Inf\"} 4"
+            ]
         );
     }
 
@@ -520,20 +479,20 @@ mod tests {
     fn families_cap_their_labels() {
         let f = Family::new("tenant", 2);
         f.with("a").inc();
-        f.with("b").add(2);
-        f.with("c").add(3);
+        f.with("b").inc_by(2);
+        f.with("c").inc_by(3);
         f.with("d").inc();
         assert_eq!((f.get("a"), f.get("b"), f.get("other")), (1, 2, 4));
         assert_eq!(f.get("c"), 0);
-        let mut out = String::new();
-        f.render(&mut out, "t");
-        assert_eq!(out.lines().count(), 3);
+        assert_eq!(f.values().len(), 3);
     }
 
     #[test]
     fn exposition_names_every_metric_once() {
         let m = Metrics::default();
-        let text = m.render(&Snapshot::default());
+        let text = m
+            .render(&Snapshot::default(), Format::Prometheus)
+            .expect("encoded");
         for name in [
             "tandem_sessions_active",
             "tandem_batch_tokens",
@@ -548,5 +507,53 @@ mod tests {
                 "{name}"
             );
         }
+        // The help texts as written (prometheus-client's full stop is not doubled).
+        assert!(text.contains("# HELP tandem_sessions_active Sessions held by the engine.\n"));
+        assert!(!text.contains("..\n"));
+    }
+
+    #[test]
+    fn both_formats_carry_the_same_samples() {
+        let m = Metrics::default();
+        m.tokens_out_total.inc_by(3);
+        m.errors_total.with("unauthorized").inc();
+        m.ttft_seconds.observe(0.3);
+        let snap = Snapshot {
+            engine_forward_s: 1.5,
+            ..Snapshot::default()
+        };
+        let prometheus = m.render(&snap, Format::Prometheus).expect("encoded");
+        let openmetrics = m.render(&snap, Format::OpenMetrics).expect("encoded");
+        // Series names, with the `le` bound read as a number.
+        let series = |text: &str| -> std::collections::BTreeSet<String> {
+            samples(text)
+                .into_iter()
+                .map(|l| {
+                    let (series, _) = l.rsplit_once(' ').expect("a value");
+                    match series.split_once("le=\"") {
+                        Some((head, rest)) => {
+                            let (le, tail) = rest.split_once('"').expect("closed");
+                            let le: f64 = le.parse().expect("a bound");
+                            format!("{head}le=\"{le}\"{tail}")
+                        }
+                        None => series.to_owned(),
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(series(&prometheus), series(&openmetrics));
+        assert!(prometheus.contains("\ntandem_tokens_out_total 3\n"));
+        assert!(prometheus.contains("# TYPE tandem_tokens_out_total counter\n"));
+        assert!(openmetrics.contains("# TYPE tandem_tokens_out counter\n"));
+        assert!(openmetrics.contains("\ntandem_errors_total{code=\"unauthorized\"} 1\n"));
+        assert!(openmetrics.ends_with("# EOF\n") && !prometheus.contains("# EOF"));
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Prometheus);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
     }
 }

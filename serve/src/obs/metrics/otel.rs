@@ -42,9 +42,7 @@ impl Metrics {
             .u64_observable_gauge(DRAFT_CAP.name)
             .with_description(DRAFT_CAP.help)
             .with_unit(DRAFT_CAP.unit)
-            .with_callback(move |o| {
-                o.observe(m.draft_cap.load(std::sync::atomic::Ordering::Relaxed), &[])
-            })
+            .with_callback(move |o| o.observe(m.draft_cap.get(), &[]))
             .build();
         let steps_snapshot = snapshot.clone();
         let counters: [(Described, Read); 6] = [
@@ -82,7 +80,7 @@ impl Metrics {
                 .with_callback(move |o| {
                     let (_, f) = m.families()[i];
                     for (label, value) in f.values() {
-                        o.observe(value, &[KeyValue::new(f.label, label)]);
+                        o.observe(value, &[KeyValue::new(f.label(), label)]);
                     }
                 })
                 .build();

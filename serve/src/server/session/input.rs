@@ -30,7 +30,10 @@ impl Actor {
         }
         self.next_hidden_seq += 1;
         self.next_position = u64::from(input.first_position) + input.rows as u64;
-        self.shared.metrics.tokens_in_total.add(input.rows as u64);
+        self.shared
+            .metrics
+            .tokens_in_total
+            .inc_by(input.rows as u64);
         if input.complete {
             self.completes_accepted += 1;
             self.prompt_tokens.get_or_insert(self.next_position);
@@ -141,7 +144,7 @@ impl Actor {
                     let accepted = u64::from(input.first_position).saturating_sub(first) as usize;
                     let keep = (self.answer_start + 1 + accepted).min(self.tokens.len());
                     let accepted = keep.saturating_sub(self.answer_start + 1);
-                    self.shared.metrics.tokens_out_total.add(accepted as u64);
+                    self.shared.metrics.tokens_out_total.inc_by(accepted as u64);
                     self.accepted_last = accepted;
                     self.tokens.truncate(keep);
                     self.device_has = self.device_has.min(keep as u64);
