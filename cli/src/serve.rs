@@ -8,14 +8,26 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use figment::value::{Dict, Map, Value};
+use figment::{Metadata, Profile, Provider};
+use serde::Serialize;
+use tandem_serve::server::config::Secret;
+use tandem_serve::server::{ServerConfig, ValidConfig};
 
 /// Every setting is also read from the environment and from `--config FILE` (TOML, the same
 /// names with underscores); a flag beats the environment, which beats the file, which beats
 /// the default.
-#[derive(Args, Debug)]
+///
+/// Each field is a `ServerConfig` field of the same name (`webhook_allow_host` is
+/// `webhook_allow`), and its `env` is that setting's one variable: clap reads a flag or else
+/// its variable with the flag's own parser, and what it read is the top layer over the file
+/// and the defaults ([`ServerConfig::layered`]). Only the `TANDEM_*` variables named here
+/// are read, so others (`TANDEM_LOG_FORMAT`, the tests' own) never reach the configuration.
+#[derive(Args, Debug, Serialize)]
 pub struct ServeArgs {
     /// TOML file with settings (see `ServerConfig`).
     #[arg(long, env = "TANDEM_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Cloud checkpoint directory written by `tandem split` (OUT/cloud, or OUT).
     #[arg(long, env = "TANDEM_CLOUD")]
@@ -138,11 +150,13 @@ pub struct ServeArgs {
     /// The provider's admin key for /v1/admin/... (at least 16 characters; without one those
     /// routes answer 503). Prefer the environment or the file: flags show in `ps`.
     #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
-    pub admin_key: Option<tandem_serve::server::config::Secret>,
+    #[serde(serialize_with = "expose")]
+    pub admin_key: Option<Secret>,
     /// Signs device tokens (at least 32 characters; every replica needs the same). Without
     /// one, a random key: tokens then work on this process only.
     #[arg(long, env = "TANDEM_DEVICE_TOKEN_KEY", hide_env_values = true)]
-    pub device_token_key: Option<tandem_serve::server::config::Secret>,
+    #[serde(serialize_with = "expose")]
+    pub device_token_key: Option<Secret>,
     /// The provider's system prompt, sent to devices with every inbox item.
     #[arg(
         long,
@@ -152,6 +166,7 @@ pub struct ServeArgs {
     pub system_prompt: Option<String>,
     /// Reads the provider's system prompt from a file.
     #[arg(long, env = "TANDEM_SYSTEM_PROMPT_FILE")]
+    #[serde(skip)]
     pub system_prompt_file: Option<PathBuf>,
     /// Requests per minute per partner tenant (default 600).
     #[arg(long, env = "TANDEM_PARTNER_REQUESTS_PER_MINUTE")]
@@ -182,6 +197,7 @@ pub struct ServeArgs {
     pub admin_tls_key: Option<PathBuf>,
     /// Send partner webhooks over plain http:// too (default: https:// only).
     #[arg(long, env = "TANDEM_WEBHOOK_ALLOW_HTTP")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub webhook_allow_http: bool,
     /// A webhook target let through although internal: HOST[:PORT], IP[:PORT], [IPv6]:PORT
     /// or CIDR (repeatable; comma-separated in the environment). Default: none.
@@ -190,6 +206,7 @@ pub struct ServeArgs {
         env = "TANDEM_WEBHOOK_ALLOW_HOST",
         value_delimiter = ','
     )]
+    #[serde(rename = "webhook_allow")]
     pub webhook_allow_host: Vec<String>,
     /// A PEM bundle of CAs trusted for https:// webhooks besides the public web roots.
     #[arg(long, env = "TANDEM_WEBHOOK_CA_CERT")]
@@ -197,94 +214,43 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The file's settings (or the defaults) with the flags and environment on top.
-    fn into_config(self) -> Result<tandem_serve::server::ServerConfig> {
-        let mut c = match &self.config {
-            Some(path) => tandem_serve::server::ServerConfig::from_toml_file(path)?,
-            None => tandem_serve::server::ServerConfig::default(),
-        };
-        // A flag or variable given replaces the file's value; `set_some!` is for settings
-        // that are optional in the config too.
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
-        }
-        macro_rules! set_some {
-            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field; } )* };
-        }
-        set!(
-            cloud,
-            listen,
-            admin_listen,
-            redis_key_prefix,
-            dtype,
-            device,
-            kv_cache_gib,
-            block_size,
-            max_batch_tokens,
-            max_batch_seqs,
-            policy,
-            prefill_slack,
-            decode_wait_ms,
-            prefix_sharing,
-            max_sessions,
-            max_queued_tokens,
-            max_prompt_tokens,
-            hidden_state_budget_mib,
-            max_tokens_cap,
-            max_frame_bytes,
-            max_frames_per_second,
-            outbound_queue,
-            heartbeat_ttl_ms,
-            drain_timeout_ms,
-            resume_grace_ms,
-            session_idle_timeout_ms,
-            max_draft_tokens,
-            max_connections_per_ip,
-            max_connections,
-            handshake_timeout_ms,
-            http_header_timeout_ms,
-            http_body_timeout_ms,
-            open_requires_credential,
-            max_sessions_per_user,
-            max_resume_grace_sessions,
-            system_prompt,
-            partner_requests_per_minute,
-            device_requests_per_minute,
-            engine_stall_ms
-        );
-        set_some!(
-            device_token_key,
-            redis,
-            kv_blocks,
-            io_threads,
-            advertise_url,
-            replica_id,
-            admin_key,
-            webhook_ca_cert
-        );
-        if let Some(path) = self.system_prompt_file {
-            c.system_prompt = std::fs::read_to_string(&path)
+    /// The defaults, under the `--config` file, under the flags and variables given.
+    fn into_config(mut self) -> Result<ServerConfig> {
+        if let Some(path) = self.system_prompt_file.take() {
+            let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading the system prompt {}", path.display()))?;
+            self.system_prompt = Some(text);
         }
-        if self.tls_cert.is_some() {
-            c.tls_cert = self.tls_cert;
-            c.tls_key = self.tls_key;
-        }
-        if self.admin_tls_cert.is_some() {
-            c.admin_tls_cert = self.admin_tls_cert;
-            c.admin_tls_key = self.admin_tls_key;
-        }
-        c.webhook_allow_http |= self.webhook_allow_http;
-        c.webhook_allow.extend(self.webhook_allow_host);
-        Ok(c)
+        ServerConfig::layered(self.config.as_deref(), &self)
     }
 }
 
+/// The flags and variables given, as a figment layer: a setting left out (`None`) keeps the
+/// file's value, `--webhook-allow-http` only turns it on, and `--webhook-allow-host` adds to
+/// the file's list.
+impl Provider for &ServeArgs {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("`tandem serve` flags and TANDEM_* variables")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut given = Value::serialize(self)?
+            .into_dict()
+            .ok_or_else(|| figment::Error::from("the flags are not a map".to_owned()))?;
+        given.retain(|_, v| !matches!(v, Value::Empty(..)));
+        Ok(Profile::Default.collect(given))
+    }
+}
+
+/// A key given as a flag or variable, as the text it is.
+fn expose<S: serde::Serializer>(key: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    key.as_ref().map(Secret::expose).serialize(s)
+}
+
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let cfg = a.into_config()?;
-    // Checked here as well as in `server::start`: the runtime below is built from the config,
-    // and tokio panics on zero workers where `check` gives a clear error.
-    cfg.check()?;
+    // Checked before anything starts: the runtime below is built from the config, and tokio
+    // panics on zero workers where `check` gives a clear error.
+    let cfg: ValidConfig = a.into_config()?.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
             cfg.io_threads
@@ -343,5 +309,133 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+// figment's `Jail` and `extract` return its own error type (about 200 bytes); boxing it in
+// the tests would only hide where a layering assertion failed.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use clap::Parser;
+    use figment::Jail;
+    use tandem_serve::server::PolicyName;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// `tandem serve ARGV`'s configuration, in the jail's environment and directory.
+    fn config(argv: &[&str]) -> figment::Result<ServerConfig> {
+        let argv = std::iter::once("serve").chain(argv.iter().copied());
+        let cmd = Cmd::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Ok(cmd.args.into_config().map_err(|e| format!("{e:#}"))?)
+    }
+
+    /// One setting of each kind: a number, an address, an enum, an optional.
+    fn kinds(c: &ServerConfig) -> (usize, SocketAddr, PolicyName, Option<usize>) {
+        (c.max_sessions, c.listen, c.policy, c.kv_blocks)
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_flag_beats_the_environment_beats_the_file_beats_the_default() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            // Other parts' variables are not settings and do not get in the way.
+            for other in [
+                "TANDEM_LOG_FORMAT",
+                "TANDEM_REQUIRE_REDIS",
+                "TANDEM_UPDATE_OPENAPI",
+            ] {
+                jail.set_env(other, "1");
+            }
+            let d = ServerConfig::default();
+            assert_eq!(kinds(&config(&[])?), kinds(&d));
+            assert_eq!(kinds(&d), (1024, addr(8080), PolicyName::DecodeFirst, None));
+
+            jail.create_file(
+                "tandem.toml",
+                "max_sessions = 11\nlisten = \"127.0.0.1:1111\"\npolicy = \"prefill-first\"\n\
+                 kv_blocks = 111\nmax_batch_seqs = 7\nsystem_prompt = \"from the file\"\n\
+                 webhook_allow = [\"10.0.0.1\"]\n",
+            )?;
+            let file = config(&["--config", "tandem.toml"])?;
+            let from_file = (11, addr(1111), PolicyName::PrefillFirst, Some(111));
+            assert_eq!(kinds(&file), from_file);
+            assert_eq!(file.system_prompt, "from the file");
+
+            jail.set_env("TANDEM_CONFIG", "tandem.toml");
+            assert_eq!(
+                kinds(&config(&[])?),
+                from_file,
+                "TANDEM_CONFIG names the file"
+            );
+            jail.set_env("TANDEM_MAX_SESSIONS", 22);
+            jail.set_env("TANDEM_LISTEN", "127.0.0.1:2222");
+            jail.set_env("TANDEM_POLICY", "decode-first");
+            jail.set_env("TANDEM_KV_BLOCKS", 222);
+            jail.set_env("TANDEM_PREFILL_SLACK", "inf");
+            jail.set_env("TANDEM_ADMIN_KEY", "0123456789012345");
+            let env = config(&[])?;
+            assert_eq!(
+                kinds(&env),
+                (22, addr(2222), PolicyName::DecodeFirst, Some(222))
+            );
+            assert_eq!(env.prefill_slack, f64::INFINITY, "the flag's own parser");
+            let key = env.admin_key.as_ref().map(Secret::expose);
+            assert_eq!(key, Some("0123456789012345"), "digits stay text");
+            assert_eq!(env.max_batch_seqs, 7, "what the environment leaves out");
+
+            jail.create_file("prompt.txt", " from a file \n")?;
+            let flags = config(&[
+                "--max-sessions=33",
+                "--listen=127.0.0.1:3333",
+                "--policy=prefill-first",
+                "--kv-blocks=333",
+                "--system-prompt-file=prompt.txt",
+                "--webhook-allow-http",
+                "--webhook-allow-host=10.0.0.2",
+            ])?;
+            assert_eq!(
+                kinds(&flags),
+                (33, addr(3333), PolicyName::PrefillFirst, Some(333))
+            );
+            assert_eq!(flags.system_prompt, " from a file \n");
+            assert!(flags.webhook_allow_http);
+            assert_eq!(
+                flags.webhook_allow,
+                ["10.0.0.1", "10.0.0.2"],
+                "flags add to the file's"
+            );
+            assert_eq!(flags.max_batch_seqs, 7, "what the flags leave out");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_refused_naming_the_file() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("typo.toml", "max_session = 3\n")?;
+            let e = config(&["--config", "typo.toml"]).expect_err("unknown key");
+            let e = e.to_string();
+            assert!(e.contains("max_session") && e.contains("typo.toml"), "{e}");
+            let missing = config(&["--config", "absent.toml"]).expect_err("no file");
+            assert!(
+                missing.to_string().contains("reading absent.toml"),
+                "{missing}"
+            );
+            Ok(())
+        });
     }
 }

@@ -1,18 +1,26 @@
-//! [`ServerConfig`]: everything `tandem serve` can be told, with defaults, read from a TOML
-//! file (serde) and overridden by flags and environment variables in `main.rs`.
+//! [`ServerConfig`]: everything `tandem serve` can be told, with defaults, read in layers
+//! ([`ServerConfig::layered`], figment): the defaults, a TOML file, then what `tandem serve`'s
+//! flags and environment variables give (`cli/src/serve.rs`).
 //!
 //! Invariant: a `ServerConfig` may hold any values; [`ServerConfig::check`] is the one place
-//! that refuses nonsense (zero limits, a bad replica id), and `server::start` calls it first.
+//! that refuses nonsense (zero limits, a bad replica id), and the [`ValidConfig`] it returns
+//! is the only configuration `server::start` runs on (`check`, in `config/check.rs`).
+
+mod check;
+pub use check::ValidConfig;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
 use tandem_scheduler::Policy;
 
 /// The batching policy, as configuration spells it (`decode-first`, `prefill-first`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyName {
     /// Decodes first, prompt chunks in the rest of the token budget (stall-free batching).
@@ -266,8 +274,18 @@ impl<'de> Deserialize<'de> for AdminListen {
     }
 }
 
+/// As configuration spells it: `HOST:PORT` or `off`.
+impl Serialize for AdminListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Off => s.serialize_str("off"),
+            Self::On(a) => s.collect_str(a),
+        }
+    }
+}
+
 /// Whether opening a session needs a credential (`auto`, `always`, `never`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CredentialMode {
     /// Required when a device-token key is configured (tokens then verify on every replica).
@@ -380,6 +398,23 @@ impl Default for ServerConfig {
     }
 }
 
+/// The `--config` file's layer: its text, read already, named by its path in errors (as
+/// figment's `Toml::file` names it, with the key as written in the file).
+struct TomlFile<'a> {
+    path: &'a Path,
+    text: String,
+}
+
+impl Provider for TomlFile<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", self.path).interpolater(|_, keys| keys.join("."))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(&self.text).data()
+    }
+}
+
 impl ServerConfig {
     /// The certificate files, when TLS is configured.
     pub fn tls_files(&self) -> Option<super::tls::TlsFiles> {
@@ -403,16 +438,33 @@ impl ServerConfig {
         }
     }
 
+    /// The settings in layers (figment), extracted once: the defaults, then the TOML `file`
+    /// when one is given, then `over` (`tandem serve`'s flags and environment variables):
+    /// `over`'s values replace the file's and its lists extend the file's lists. A key the
+    /// file has and `ServerConfig` lacks is an error naming the file.
+    pub fn layered(file: Option<&Path>, over: impl Provider) -> anyhow::Result<Self> {
+        let mut layers = Figment::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            layers = layers.merge(TomlFile { path, text });
+        }
+        layers
+            .admerge(over)
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// Reads a TOML file; fields it leaves out keep their defaults.
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        Self::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        Self::layered(Some(path), Figment::new())
     }
 
     /// Parses TOML text; fields it leaves out keep their defaults.
     pub fn from_toml_str(text: &str) -> anyhow::Result<Self> {
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
+        Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// The configuration parser's fuzz property (`serve/fuzz`, target `config_parse`; its
@@ -428,9 +480,9 @@ impl ServerConfig {
         let Ok(cfg) = Self::from_toml_str(text) else {
             return;
         };
-        if cfg.check().is_err() {
+        let Ok(cfg) = cfg.check() else {
             return;
-        }
+        };
         let _ = cfg.webhook_policy();
         let _ = (
             cfg.tls_files(),
@@ -451,151 +503,6 @@ impl ServerConfig {
         let _ = (cfg.hidden_state_budget_mib * f64::from(1u32 << 20)) as u64;
         let _ = cfg.policy.policy();
         let _ = cfg.admin_listen.addr();
-    }
-
-    /// Refuses values the server cannot run with.
-    pub fn check(&self) -> anyhow::Result<()> {
-        self.check_model()?;
-        self.check_listeners()?;
-        self.check_limits()?;
-        self.check_secrets()?;
-        self.webhook_policy()?;
-        Ok(())
-    }
-
-    /// The model, its device and the KV cache.
-    fn check_model(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !self.cloud.as_os_str().is_empty(),
-            "no cloud checkpoint given (--cloud)"
-        );
-        anyhow::ensure!(
-            self.kv_cache_gib.is_finite() && self.kv_cache_gib > 0.0,
-            "kv_cache_gib must be > 0"
-        );
-        anyhow::ensure!(self.kv_blocks != Some(0), "kv_blocks must be > 0");
-        anyhow::ensure!(
-            !(self.device.is_cuda()
-                && self.device.resolve_dtype(self.dtype) == candle_core::DType::F16),
-            "on a CUDA device the weights and KV cache are bf16 or f32, not f16"
-        );
-        anyhow::ensure!(self.io_threads != Some(0), "io_threads must be > 0");
-        Ok(())
-    }
-
-    /// The listeners and their TLS files.
-    fn check_listeners(&self) -> anyhow::Result<()> {
-        if let Some(admin) = self.admin_listen.addr() {
-            anyhow::ensure!(
-                admin.port() == 0 || admin != self.listen,
-                "admin_listen must differ from listen ({admin})"
-            );
-        }
-        anyhow::ensure!(
-            self.tls_cert.is_some() == self.tls_key.is_some(),
-            "TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)"
-        );
-        anyhow::ensure!(
-            self.admin_tls_cert.is_some() == self.admin_tls_key.is_some(),
-            "TLS on the operator listener needs both admin_tls_cert and admin_tls_key \
-             (--admin-tls-cert, --admin-tls-key)"
-        );
-        Ok(())
-    }
-
-    /// Sizes, rates, caps and timeouts.
-    fn check_limits(&self) -> anyhow::Result<()> {
-        for (name, v) in [
-            ("block_size", self.block_size),
-            ("max_batch_tokens", self.max_batch_tokens),
-            ("max_batch_seqs", self.max_batch_seqs),
-            ("max_sessions", self.max_sessions),
-            ("max_queued_tokens", self.max_queued_tokens),
-            ("max_prompt_tokens", self.max_prompt_tokens),
-            ("max_frame_bytes", self.max_frame_bytes),
-            ("outbound_queue", self.outbound_queue),
-            ("max_connections_per_ip", self.max_connections_per_ip),
-            ("max_connections", self.max_connections),
-            ("max_sessions_per_user", self.max_sessions_per_user),
-            ("max_resume_grace_sessions", self.max_resume_grace_sessions),
-        ] {
-            anyhow::ensure!(v > 0, "{name} must be > 0");
-        }
-        anyhow::ensure!(self.max_tokens_cap > 0, "max_tokens_cap must be > 0");
-        anyhow::ensure!(
-            self.prefill_slack > 0.0,
-            "prefill_slack must be > 0 (inf lifts the cap), got {}",
-            self.prefill_slack
-        );
-        anyhow::ensure!(
-            self.decode_wait_ms.is_finite() && (0.0..=10_000.0).contains(&self.decode_wait_ms),
-            "decode_wait_ms must be within 0..=10000, got {}",
-            self.decode_wait_ms
-        );
-        anyhow::ensure!(
-            self.max_frames_per_second > 0,
-            "max_frames_per_second must be > 0"
-        );
-        anyhow::ensure!(
-            self.session_idle_timeout_ms >= 100,
-            "session_idle_timeout_ms must be >= 100"
-        );
-        anyhow::ensure!(
-            self.max_draft_tokens <= tandem_protocol::wire::MAX_DRAFTS,
-            "max_draft_tokens must be at most {}",
-            tandem_protocol::wire::MAX_DRAFTS
-        );
-        anyhow::ensure!(
-            self.http_header_timeout_ms >= 100,
-            "http_header_timeout_ms must be >= 100"
-        );
-        anyhow::ensure!(
-            self.hidden_state_budget_mib.is_finite() && self.hidden_state_budget_mib > 0.0,
-            "hidden_state_budget_mib must be a positive number"
-        );
-        anyhow::ensure!(
-            self.http_body_timeout_ms >= 100,
-            "http_body_timeout_ms must be >= 100"
-        );
-        anyhow::ensure!(
-            self.heartbeat_ttl_ms >= 30,
-            "heartbeat_ttl_ms must be >= 30"
-        );
-        Ok(())
-    }
-
-    /// Keys, the system prompt, the advertised URL and the request rates.
-    fn check_secrets(&self) -> anyhow::Result<()> {
-        if let Some(key) = &self.admin_key {
-            anyhow::ensure!(
-                key.expose().chars().count() >= MIN_ADMIN_KEY_LEN,
-                "admin_key must be at least {MIN_ADMIN_KEY_LEN} characters"
-            );
-        }
-        if let Some(key) = &self.device_token_key {
-            anyhow::ensure!(
-                key.expose().chars().count() >= crate::rest::device::MIN_DEVICE_KEY_LEN,
-                "device_token_key must be at least {} characters",
-                crate::rest::device::MIN_DEVICE_KEY_LEN
-            );
-        }
-        anyhow::ensure!(
-            self.system_prompt.len() <= MAX_SYSTEM_PROMPT_BYTES,
-            "system_prompt must be at most {MAX_SYSTEM_PROMPT_BYTES} bytes"
-        );
-        if let Some(url) = &self.advertise_url {
-            anyhow::ensure!(
-                (url.starts_with("ws://") || url.starts_with("wss://"))
-                    && url.len() <= crate::server::MAX_ADVERTISE_URL_LEN,
-                "advertise_url must be a ws:// or wss:// URL of at most {} bytes",
-                crate::server::MAX_ADVERTISE_URL_LEN
-            );
-        }
-        anyhow::ensure!(
-            self.partner_requests_per_minute > 0 && self.device_requests_per_minute > 0,
-            "partner_requests_per_minute and device_requests_per_minute must be > 0"
-        );
-        Ok(())
     }
 
     /// Where partner webhooks may go.
@@ -718,10 +625,37 @@ mod tests {
         assert_eq!(full.webhook_allow.len(), 2);
     }
 
+    /// The top layer's values replace the file's, its lists extend the file's, what it
+    /// leaves out keeps the file's value or the default; an unknown key in the file is an
+    /// error that names the key and the file.
+    #[test]
+    fn layers_replace_values_extend_lists_and_refuse_unknown_file_keys() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("tandem.toml");
+        let file = "max_sessions = 5\nblock_size = 8\nwebhook_allow = [\"10.0.0.1\"]\n";
+        std::fs::write(&path, file).expect("write");
+        let over = figment::providers::Serialized::defaults(serde_json::json!({
+            "max_sessions": 6,
+            "listen": "127.0.0.1:7070",
+            "webhook_allow": ["10.0.0.2"],
+        }));
+        let c = ServerConfig::layered(Some(&path), over).expect("layers");
+        assert_eq!((c.max_sessions, c.block_size), (6, 8));
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 7070)));
+        assert_eq!(c.webhook_allow, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(c.max_batch_seqs, ServerConfig::default().max_batch_seqs);
+        std::fs::write(&path, "max_session = 5\n").expect("write");
+        let e = ServerConfig::layered(Some(&path), Figment::new())
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("`max_session`"), "{e}");
+        assert!(e.contains(&path.display().to_string()), "{e}");
+    }
+
     #[test]
     fn pacing_settings_read_from_toml() {
-        let c: ServerConfig =
-            toml::from_str("prefill_slack = 0.5\ndecode_wait_ms = 0.0\n").expect("toml");
+        let c = ServerConfig::from_toml_str("prefill_slack = 0.5\ndecode_wait_ms = 0.0\n")
+            .expect("toml");
         assert_eq!((c.prefill_slack, c.decode_wait_ms), (0.5, 0.0));
     }
 
@@ -732,15 +666,15 @@ mod tests {
             Some(DEFAULT_ADMIN_LISTEN)
         );
         assert!(DEFAULT_ADMIN_LISTEN.ip().is_loopback());
-        let c: ServerConfig = toml::from_str("admin_listen = \"0.0.0.0:9191\"\n").expect("toml");
+        let c = ServerConfig::from_toml_str("admin_listen = \"0.0.0.0:9191\"\n").expect("toml");
         assert_eq!(
             c.admin_listen,
             AdminListen::On("0.0.0.0:9191".parse().expect("addr"))
         );
-        let off: ServerConfig = toml::from_str("admin_listen = \"off\"\n").expect("toml");
+        let off = ServerConfig::from_toml_str("admin_listen = \"off\"\n").expect("toml");
         assert_eq!(off.admin_listen, AdminListen::Off);
         assert_eq!("none".parse::<AdminListen>(), Ok(AdminListen::Off));
-        let e = toml::from_str::<ServerConfig>("admin_listen = \"localhost\"\n")
+        let e = ServerConfig::from_toml_str("admin_listen = \"localhost\"\n")
             .expect_err("not an address")
             .to_string();
         assert!(e.contains("admin_listen"), "{e}");
@@ -754,8 +688,8 @@ mod tests {
         assert!(c.credential_required(), "a key, auto: required");
         c.open_requires_credential = CredentialMode::Never;
         assert!(!c.credential_required());
-        let t: ServerConfig =
-            toml::from_str("open_requires_credential = \"always\"\n").expect("toml");
+        let t =
+            ServerConfig::from_toml_str("open_requires_credential = \"always\"\n").expect("toml");
         assert!(t.credential_required());
         assert_eq!("never".parse(), Ok(CredentialMode::Never));
         assert!("sometimes".parse::<CredentialMode>().is_err());
@@ -763,7 +697,7 @@ mod tests {
 
     #[test]
     fn io_threads_are_read_from_toml_and_zero_is_refused() {
-        let c: ServerConfig = toml::from_str("io_threads = 3\n").expect("toml");
+        let c = ServerConfig::from_toml_str("io_threads = 3\n").expect("toml");
         assert_eq!(c.io_threads, Some(3));
         assert_eq!(ServerConfig::default().io_threads, None);
         let zero = ServerConfig {

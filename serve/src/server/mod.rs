@@ -15,7 +15,8 @@
 //! need the admin key). It stays up through the drain, so probes see `/readyz` turn 503.
 //! It speaks plain HTTP even when the public listener has TLS (`tandem admin`, probes and
 //! scrapes reach it on loopback or the pod network).
-//! - [`config`]: [`ServerConfig`], its defaults and its TOML form.
+//! - [`config`]: [`ServerConfig`], its defaults, its TOML form and its layers, and
+//!   [`ValidConfig`], the checked configuration the server runs on.
 //! - `http_serve`: the HTTP/1.1 accept loop of both listeners (hyper with a deadline on
 //!   request heads, `http_header_timeout_ms`).
 //! - `upgrade`: the WebSocket upgrade: the device token, and the 64 KiB limit on messages
@@ -72,7 +73,9 @@ use crate::rest::RestState;
 use crate::store::{ReplicaId, SessionStore};
 use tandem_engine::Engine;
 
-pub use config::{default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig};
+pub use config::{
+    default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig, ValidConfig,
+};
 pub use startup::start;
 pub use upgrade::MAX_PRE_OPEN_MESSAGE_BYTES;
 
@@ -91,7 +94,7 @@ pub(crate) struct Served {
 
 /// State shared by the connection and session tasks.
 pub(crate) struct Shared {
-    pub(crate) cfg: ServerConfig,
+    pub(crate) cfg: ValidConfig,
     pub(crate) served: Served,
     pub(crate) engine: Arc<Engine>,
     pub(crate) store: Arc<dyn SessionStore>,

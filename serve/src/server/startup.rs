@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use super::health::refresh_snapshots;
 use super::{
     admin_app, admission, app, conn_limit, heartbeat_loop, kv_dtype_for, serve_until, tls,
-    ListenerSetup, Served, ServerConfig, ServerHandle, Shared, WS_PATH,
+    ListenerSetup, Served, ServerConfig, ServerHandle, Shared, ValidConfig, WS_PATH,
 };
 use crate::metrics::Metrics;
 use crate::rest::auth::AdminKey;
@@ -33,9 +33,17 @@ use tandem_engine::{Engine, EngineConfig};
 use tandem_store::{RedisStoreConfig, ReplicaId, SessionExpiry, StoreConfig, Stores};
 
 /// Loads the model, opens the session store, binds `cfg.listen` and serves until
-/// [`ServerHandle::shutdown`].
-pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
-    cfg.check()?;
+/// [`ServerHandle::shutdown`]. `cfg` is a [`ValidConfig`], or a [`ServerConfig`] that is
+/// checked first (its check's error is `start`'s).
+pub async fn start<C>(cfg: C) -> anyhow::Result<ServerHandle>
+where
+    C: TryInto<ValidConfig>,
+    anyhow::Error: From<C::Error>,
+{
+    start_checked(cfg.try_into()?).await
+}
+
+async fn start_checked(cfg: ValidConfig) -> anyhow::Result<ServerHandle> {
     let (served, model, tokenizer) = load(&cfg).await?;
     let engine_cfg = engine_config(&cfg, &model);
     let stores = open_stores(&cfg).await?;
