@@ -26,7 +26,7 @@
 //! - A body must arrive within [`RestState::body_timeout`] of its head, or the answer is 408
 //!   `request_timeout` and the connection is closed: a client cannot hold a connection (and
 //!   a handler) by trickling a body.
-//! - The router is built only through [`Routes::add`], which records each route, so
+//! - The router is built only through `Routes::add`, which records each route, so
 //!   [`route_table`] is exactly what is served; a test checks that it equals the spec.
 
 pub mod auth;

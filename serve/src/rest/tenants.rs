@@ -2,7 +2,7 @@
 //! `/v1/me`.
 //!
 //! The bodies are the contract's ([`tandem_openapi::tenants`], re-exported here). Requests
-//! are checked once here ([`tenant_record`]) and only valid values reach the store. Ids in
+//! are checked once here (`tenant_record`) and only valid values reach the store. Ids in
 //! paths that cannot be ids answer 404 like unknown ones.
 
 use std::sync::Arc;

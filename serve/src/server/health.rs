@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::Shared;
+use crate::ws::Shared;
 use crate::rest::error::ApiError;
 
 /// `/metrics` and `/readyz`, without authentication.

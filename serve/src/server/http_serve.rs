@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::watch;
 
-use super::stopped;
+use crate::ws::stopped;
 
 /// Serves `app` on `listener` until `stop` turns `true`, then drains its connections.
 pub(crate) async fn serve<L>(

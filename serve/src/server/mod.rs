@@ -1,4 +1,4 @@
-//! `tandem serve`: the cloud's WebSocket front end (docs/protocol.md, DESIGN.md §5, §6, §8).
+//! `tandem serve`: the cloud server as a whole, started and stopped (docs/protocol.md, DESIGN.md §5, §6, §8).
 //!
 //! # Layout
 //! - this module: [`start`] (load the cloud model, open the session and tenant stores, bind,
@@ -19,15 +19,11 @@
 //!   [`ValidConfig`], the checked configuration the server runs on.
 //! - `http_serve`: the HTTP/1.1 accept loop of both listeners (hyper with a deadline on
 //!   request heads, `http_header_timeout_ms`).
-//! - `upgrade`: the WebSocket upgrade: the device token, and the 64 KiB limit on messages
-//!   before `Open`/`Resume`.
-//! - `admission`: who may open a session and how many each holds (attached, in the resume
-//!   grace, per user).
-//! - `ws`: one task per WebSocket connection: reads and validates frames (size, rate,
-//!   decoding, `Open`/`Resume` handshakes) and forwards them to the session.
-//! - `session`: one actor task per session: owns the session's protocol state (sequence
-//!   numbers, positions, the token owed, the tokens sent), feeds the engine, turns engine
-//!   events into frames, survives reconnections (Resume) and rebuilds lost state (Replay).
+//! - `health`: the operator routes (`/metrics`, `/readyz`, `/healthz`), which read the
+//!   server's state; `conn_limit` and `tls`: what each listener adds around its router.
+//!
+//! The WebSocket side (the upgrade, admission, one task per connection, one actor per session)
+//! is [`crate::ws`]; this module starts it and routes to it.
 //!
 //! # Threads and channels
 //! The engine thread never waits for a device: it hands events to an unbounded tokio channel
@@ -37,22 +33,16 @@
 //! waits for a `Resume` for the grace period), so nothing buffers without bound. Blocking
 //! engine calls (`open`, `close`) run on the blocking pool.
 
-mod admission;
-mod assignment;
 pub mod config;
 mod conn_limit;
-mod handshake;
 mod health;
 use health::operator_routes;
 mod http_serve;
-mod session;
 mod startup;
 pub mod tls;
-mod upgrade;
-mod ws;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,68 +51,20 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use dashmap::DashMap;
-use tandem_protocol::SessionId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::rest::auth::AdminAuth;
-use crate::rest::device::DeviceKey;
 use crate::rest::error::ApiError;
 use crate::rest::RestState;
-use crate::store::{ReplicaId, SessionStore};
-use tandem_engine::Engine;
 
 pub use config::{
     default_io_threads, AdminListen, CredentialMode, PolicyName, ServerConfig, ValidConfig,
 };
 pub use startup::start;
-pub use upgrade::MAX_PRE_OPEN_MESSAGE_BYTES;
-
-/// The WebSocket route.
-pub const WS_PATH: &str = "/v1/edge/ws";
-
-/// What the cloud serves, from its manifest: what every `Open` must match.
-#[derive(Clone, Debug)]
-pub(crate) struct Served {
-    pub(crate) pair_id: String,
-    pub(crate) split: u32,
-    pub(crate) hidden_size: usize,
-    /// Positions per session (the model's context length).
-    pub(crate) max_context: usize,
-}
-
-/// State shared by the connection and session tasks.
-pub(crate) struct Shared {
-    pub(crate) cfg: ValidConfig,
-    pub(crate) served: Served,
-    pub(crate) engine: Arc<Engine>,
-    pub(crate) store: Arc<dyn SessionStore>,
-    /// Where devices reach this replica (told to devices that resume elsewhere).
-    pub(crate) advertise_url: String,
-    /// What `/metrics` exposes.
-    pub(crate) metrics: Arc<crate::metrics::Metrics>,
-    /// The last engine snapshot `/metrics` read (shown again if the engine does not answer).
-    pub(crate) last_snapshot: Arc<std::sync::Mutex<crate::metrics::Snapshot>>,
-    /// Where generations tied to a partner prompt claim their ticket and leave their result.
-    pub(crate) prompts: Arc<dyn crate::rest::store::PromptStore>,
-    /// Sends the partners' completion webhooks.
-    pub(crate) webhooks: crate::rest::webhook::Webhooks,
-    /// Where each session's `Open` is kept so another replica can replay it.
-    pub(crate) params: tandem_store::OpenParams,
-    pub(crate) replica: ReplicaId,
-    /// Sessions held by this process, by wire session id.
-    pub(crate) sessions: DashMap<SessionId, session::SessionHandle>,
-    /// Set when shutdown starts: new `Open`/`Resume` get `shutting_down`.
-    pub(crate) draining: AtomicBool,
-    /// Flips to `true` when the drain is over: sessions still running end.
-    pub(crate) stop: watch::Sender<bool>,
-    pub(crate) next_conn: AtomicU64,
-    /// Verifies the device tokens presented on the WebSocket upgrade.
-    pub(crate) device_key: DeviceKey,
-    /// Who may open a session, and how many each holds.
-    pub(crate) admission: Arc<admission::Admission>,
-}
+// The WebSocket side's public constants, at the paths they had when it lived here.
+pub use crate::ws::{FRAME_LIMIT_SLACK, MAX_PRE_OPEN_MESSAGE_BYTES, WS_PATH};
+use crate::ws::{upgrade, Shared};
 
 /// A running server. Dropping it without [`ServerHandle::shutdown`] leaves the tasks running
 /// until the runtime ends.
@@ -274,11 +216,6 @@ impl ServerHandle {
 /// The longest advertised URL (it travels in an error frame's message).
 pub const MAX_ADVERTISE_URL_LEN: usize = 200;
 
-/// Resolves once `stop` is `true` (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|v| *v).await;
-}
-
 /// How a listener serves: its connection caps, TLS, and the request-head deadline.
 struct ListenerSetup {
     limits: conn_limit::ConnLimits,
@@ -340,10 +277,6 @@ async fn require_admin_key(
         Err(e) => e.into_response(),
     }
 }
-
-/// Bytes over `max_frame_bytes` that the WebSocket layer still hands to the decoder (which
-/// answers them with `frame_too_large`); anything longer is dropped at its header.
-pub const FRAME_LIMIT_SLACK: usize = 4 << 10;
 
 async fn heartbeat_loop(shared: Arc<Shared>) {
     let ttl = shared.cfg.heartbeat_ttl();

@@ -21,9 +21,10 @@ use tokio::task::JoinHandle;
 
 use super::health::refresh_snapshots;
 use super::{
-    admin_app, admission, app, conn_limit, heartbeat_loop, kv_dtype_for, serve_until, tls,
-    ListenerSetup, Served, ServerConfig, ServerHandle, Shared, ValidConfig, WS_PATH,
+    admin_app, app, conn_limit, heartbeat_loop, kv_dtype_for, serve_until, tls, ListenerSetup,
+    ServerConfig, ServerHandle, ValidConfig,
 };
+use crate::ws::{admission, Served, Shared, WS_PATH};
 use crate::metrics::Metrics;
 use crate::rest::auth::AdminKey;
 use crate::rest::device::DeviceKey;

@@ -1,6 +1,6 @@
 //! The server's metrics, kept in prometheus-client's types, and their text exposition
-//! (`GET /metrics`, [`exposition`]: OpenMetrics or the Prometheus text format, encoded by
-//! prometheus-client), mirrored into OpenTelemetry for the OTLP exporter ([`otel`]).
+//! (`GET /metrics`, `exposition`: OpenMetrics or the Prometheus text format, encoded by
+//! prometheus-client), mirrored into OpenTelemetry for the OTLP exporter (`otel`).
 //!
 //! # What is measured, and where
 //! - Per engine step (the engine thread): batch size in positions and in sequences, step
@@ -29,7 +29,7 @@
 //! session id, prompt text, profile data or activations.
 //!
 //! Counting is a relaxed atomic add; a histogram observation locks its own mutex for a few
-//! adds; a labelled counter is looked up under a read lock ([`instruments`] says more).
+//! adds; a labelled counter is looked up under a read lock (`instruments` says more).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;

@@ -38,7 +38,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use super::{ws, Shared, FRAME_LIMIT_SLACK};
+use super::{connection, Shared, FRAME_LIMIT_SLACK};
 use crate::rest::device::{DeviceAuth, DEVICE_UNAUTHORIZED};
 use crate::rest::error::ApiError;
 use crate::rest::store::prompts::UserId;
@@ -86,7 +86,7 @@ pub(crate) async fn ws_upgrade(State(shared): State<Arc<Shared>>, mut req: Reque
         let gate = Arc::new(Gate::default());
         let io = PreOpenLimit::new(TokioIo::new(upgraded), gate.clone());
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        ws::serve_connection(shared, socket, user, gate).await;
+        connection::serve_connection(shared, socket, user, gate).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -20,9 +20,9 @@ use tandem_scheduler::SeqId;
 use tokio::sync::mpsc;
 
 use super::{error_frame, CloseStatus, Conn, Input, Logged, SessionCmd, Setup};
-use crate::server::admission::SessionSlot;
-use crate::server::assignment::AssignmentRef;
-use crate::server::{stopped, Shared};
+use crate::ws::admission::SessionSlot;
+use crate::ws::assignment::AssignmentRef;
+use crate::ws::{stopped, Shared};
 use tandem_engine::Event;
 
 /// A session's protocol state; see the module doc of `session` for its invariants.
