@@ -86,7 +86,10 @@ fn three_ways(
         |b| b.iter(|| team.run(parts, f)),
     );
     g.bench_function(
-        BenchmarkId::new(case, format!("rayon_{}threads", rayon::current_num_threads())),
+        BenchmarkId::new(
+            case,
+            format!("rayon_{}threads", rayon::current_num_threads()),
+        ),
         |b| b.iter(|| (0..parts).into_par_iter().for_each(f)),
     );
     g.finish();

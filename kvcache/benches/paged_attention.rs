@@ -168,9 +168,7 @@ impl<T: KvElem + candle_core::WithDType> Decode<T> {
         let q = Tensor::from_slice(&self.q, (s, h, d), &Device::Cpu)?;
         let (q, k, v) = match gqa {
             Gqa::Repeat => {
-                let repeat = |x: &Tensor| {
-                    Tensor::cat(&vec![x; h / kv], 2)?.reshape((s, h, c, d))
-                };
+                let repeat = |x: &Tensor| Tensor::cat(&vec![x; h / kv], 2)?.reshape((s, h, c, d));
                 (q.reshape((s, h, 1, d))?, repeat(&k)?, repeat(&v)?)
             }
             Gqa::Grouped => (q.reshape((s, kv, h / kv, d))?, k, v),
@@ -235,10 +233,14 @@ fn bench_storage<T: KvElem + candle_core::WithDType>(
     );
     group.sample_size(10);
     let candle_threads = candle_core::utils::get_num_threads();
-    for (case, gqa) in [("candle_repeat_kv", Gqa::Repeat), ("candle_grouped", Gqa::Grouped)] {
-        group.bench_function(BenchmarkId::new(case, format!("{candle_threads}threads")), |b| {
-            b.iter(|| black_box(batch.candle(&cache, gqa).expect("candle attention")))
-        });
+    for (case, gqa) in [
+        ("candle_repeat_kv", Gqa::Repeat),
+        ("candle_grouped", Gqa::Grouped),
+    ] {
+        group.bench_function(
+            BenchmarkId::new(case, format!("{candle_threads}threads")),
+            |b| b.iter(|| black_box(batch.candle(&cache, gqa).expect("candle attention"))),
+        );
     }
     group.finish();
 }

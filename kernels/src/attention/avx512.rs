@@ -63,7 +63,13 @@ pub(super) struct Avx512;
 // SAFETY (every call below): `Avx512` is chosen only after `usable` checked that the CPU
 // has AVX-512F and that `head_dim` is a multiple of 16.
 impl<E: Lane> BlockSteps<E> for Avx512 {
-    fn score(keys: &Rows<'_, E>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]) {
+    fn score(
+        keys: &Rows<'_, E>,
+        geo: &Geometry,
+        slots: usize,
+        task: &Task<'_>,
+        scores: &mut [f32],
+    ) {
         unsafe { score_block(keys, geo.head_dim, geo.block_size, slots, task, scores) }
     }
 

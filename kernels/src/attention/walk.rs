@@ -150,7 +150,13 @@ pub(super) trait BlockSteps<E = f32> {
         run: &mut Running,
     );
     /// Adds `weight * value` for every slot of the block to each head's partial output.
-    fn accumulate(values: &Rows<'_, E>, geo: &Geometry, slots: usize, out: &mut [f32], scores: &[f32]);
+    fn accumulate(
+        values: &Rows<'_, E>,
+        geo: &Geometry,
+        slots: usize,
+        out: &mut [f32],
+        scores: &[f32],
+    );
     /// Divides each head's output by its sum of weights.
     fn normalise(geo: &Geometry, out: &mut [f32], sums: &[f32]);
 }
@@ -176,14 +182,30 @@ pub(super) fn walk_blocks<T: KvElem, S: BlockSteps>(
             v,
             stride: cache.geo.slot_len,
         };
-        return walk::<f32, S>(&cache.geo, &mut blocks, block_table, task, out, scores, running);
+        return walk::<f32, S>(
+            &cache.geo,
+            &mut blocks,
+            block_table,
+            task,
+            out,
+            scores,
+            running,
+        );
     }
     let mut blocks = Widened {
         cache,
         k_rows,
         v_rows,
     };
-    walk::<f32, S>(&cache.geo, &mut blocks, block_table, task, out, scores, running);
+    walk::<f32, S>(
+        &cache.geo,
+        &mut blocks,
+        block_table,
+        task,
+        out,
+        scores,
+        running,
+    );
 }
 
 /// The walk over the row's blocks read in place as `E` (`bf16` storage, for a flavour whose
@@ -202,7 +224,15 @@ pub(super) fn walk_in_place<E, S: BlockSteps<E>>(
         v,
         stride: geo.slot_len,
     };
-    walk::<E, S>(geo, &mut blocks, block_table, task, out, &mut s.scores, &mut s.running);
+    walk::<E, S>(
+        geo,
+        &mut blocks,
+        block_table,
+        task,
+        out,
+        &mut s.scores,
+        &mut s.running,
+    );
 }
 
 /// Streams the row's blocks: score, softmax, accumulate per block, then normalise.

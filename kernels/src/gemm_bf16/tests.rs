@@ -120,9 +120,16 @@ fn rounding_a_row_with_vectors_gives_the_scalar_bits() {
     // Random bit patterns (NaNs, infinities, subnormals and ties included), at lengths that
     // leave every remainder after 16 lanes.
     for len in [0, 1, 15, 16, 17, 63, 576, 1537] {
-        let mut src: Vec<f32> = (0..len).map(|_| f32::from_bits(rng.random::<u32>())).collect();
+        let mut src: Vec<f32> = (0..len)
+            .map(|_| f32::from_bits(rng.random::<u32>()))
+            .collect();
         if len > 3 {
-            src[..4].copy_from_slice(&[f32::NAN, -f32::INFINITY, 1e-40, f32::from_bits(0x3f80_8000)]);
+            src[..4].copy_from_slice(&[
+                f32::NAN,
+                -f32::INFINITY,
+                1e-40,
+                f32::from_bits(0x3f80_8000),
+            ]);
         }
         let mut got = vec![0u16; len];
         super::round_row(&src, &mut got);

@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::ws::Shared;
 use crate::rest::error::ApiError;
+use crate::ws::Shared;
 
 /// `/metrics` and `/readyz`, without authentication.
 pub(super) fn operator_routes(shared: Arc<Shared>) -> Router {

@@ -63,8 +63,8 @@ pub use config::{
 };
 pub use startup::start;
 // The WebSocket side's public constants, at the paths they had when it lived here.
-pub use crate::ws::{FRAME_LIMIT_SLACK, MAX_PRE_OPEN_MESSAGE_BYTES, WS_PATH};
 use crate::ws::{upgrade, Shared};
+pub use crate::ws::{FRAME_LIMIT_SLACK, MAX_PRE_OPEN_MESSAGE_BYTES, WS_PATH};
 
 /// A running server. Dropping it without [`ServerHandle::shutdown`] leaves the tasks running
 /// until the runtime ends.

@@ -24,12 +24,12 @@ use super::{
     admin_app, app, conn_limit, heartbeat_loop, kv_dtype_for, serve_until, tls, ListenerSetup,
     ServerConfig, ServerHandle, ValidConfig,
 };
-use crate::ws::{admission, Served, Shared, WS_PATH};
 use crate::metrics::Metrics;
 use crate::rest::auth::AdminKey;
 use crate::rest::device::DeviceKey;
 use crate::rest::webhook::Webhooks;
 use crate::rest::RestState;
+use crate::ws::{admission, Served, Shared, WS_PATH};
 use tandem_engine::{Engine, EngineConfig};
 use tandem_store::{RedisStoreConfig, ReplicaId, SessionExpiry, StoreConfig, Stores};
 

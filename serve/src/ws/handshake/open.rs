@@ -13,10 +13,10 @@ use tandem_protocol::wire::{ErrorCode, ErrorFrame, Frame, Open};
 use super::{admit, err, refuse_while_draining, session_params, spawn_session, store_error};
 use crate::rest::inbox::ticket_hash;
 use crate::rest::store::prompts::{TicketRefusal, UserId};
+use crate::store::{now_ms, NewSession, ResumeToken, StoreError};
 use crate::ws::assignment::AssignmentRef;
 use crate::ws::session::SessionHandle;
 use crate::ws::Shared;
-use crate::store::{now_ms, NewSession, ResumeToken, StoreError};
 
 /// For an `Open` that carries a prompt ticket: claims it (once), and applies the prompt's
 /// `max_tokens` and sampling. Returns the frame to run and where its result goes.

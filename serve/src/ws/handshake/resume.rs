@@ -16,9 +16,9 @@ use tandem_protocol::wire::{ErrorCode, ErrorFrame, Frame, Open, Resume};
 
 use super::{admit, err, refuse_while_draining, spawn_session, store_error};
 use crate::rest::store::prompts::UserId;
+use crate::store::{Claim, ReplicaId, ResumeToken, SessionId, StoreError};
 use crate::ws::session::SessionHandle;
 use crate::ws::Shared;
-use crate::store::{Claim, ReplicaId, ResumeToken, SessionId, StoreError};
 
 /// The session a `Resume` reattaches to, and the resume token the device holds from now on:
 /// a new one whenever the session goes on here (the old one stops working), the same one
