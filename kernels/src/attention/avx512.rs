@@ -116,6 +116,12 @@ fn normalise(hd: usize, out: &mut [f32], sums: &[f32]) {
 }
 
 /// `scores[g * block_size + j]` = scaled `q_g · k_j`, for the `slots` keys of one block.
+///
+/// Sixteen keys at a time: each key's products are summed lane-wise into one vector (one
+/// fused multiply-add per 16 elements of the head), and the sixteen vectors are then reduced
+/// together by [`sum16`] into one vector whose lane `j` is key `j`'s score: 15 pairwise
+/// steps instead of a horizontal sum per key, which cost more than the products themselves
+/// at a head size of 64.
 #[target_feature(enable = "avx512f")]
 fn score_block<E: Lane>(
     keys: &Rows<'_, E>,
@@ -125,48 +131,85 @@ fn score_block<E: Lane>(
     task: &Task<'_>,
     scores: &mut [f32],
 ) {
-    for j in 0..slots {
-        let key = keys.row(j, hd);
-        for (g, q) in task.q.chunks_exact(hd).enumerate() {
-            scores[g * block_size + j] = dot(q, key) * task.scale;
+    debug_assert!(slots >= 1 && (slots - 1) * keys.stride + hd <= keys.data.len());
+    let kp = keys.data.as_ptr();
+    let scale = _mm512_set1_ps(task.scale);
+    for (g, q) in task.q.chunks_exact(hd).enumerate() {
+        let head_scores = &mut scores[g * block_size..][..slots];
+        for (c, chunk) in head_scores.chunks_mut(W).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); W];
+            for (i, acc) in acc[..chunk.len()].iter_mut().enumerate() {
+                let j = c * W + i;
+                for d in (0..hd).step_by(W) {
+                    // SAFETY: row `j < slots` of `keys` has `hd` elements at `j * stride`,
+                    // `d + 16 <= hd`, and `q` is `hd` floats.
+                    unsafe {
+                        *acc = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(q.as_ptr().add(d)),
+                            E::load16(kp.add(j * keys.stride + d)),
+                            *acc,
+                        );
+                    }
+                }
+            }
+            let dots = _mm512_mul_ps(sum16(&acc), scale);
+            // SAFETY: the mask covers exactly the chunk's floats.
+            unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), lanes(chunk.len()), dots) };
         }
     }
 }
 
-/// `a · b` for equal lengths that are a multiple of 16: two accumulators (even and odd
-/// vectors), then one horizontal sum.
+/// [`sum16`]'s lane choices, round by round (groups of 8, 4, 2, 1 lanes): from a pair `(a, b)`
+/// (lanes 0–15 of `a`, then 16–31 of `b`), the first half of every group of `2 * width`
+/// lanes (`lo`) and the second half (`hi`). Adding the two gives a vector whose groups of
+/// `width` lanes each hold partial sums of one key, keys in order.
+static SUM16_LANES: [[[i32; W]; 2]; 4] = [
+    sum16_lanes(8),
+    sum16_lanes(4),
+    sum16_lanes(2),
+    sum16_lanes(1),
+];
+
+const fn sum16_lanes(width: usize) -> [[i32; W]; 2] {
+    let mut out = [[0; W]; 2];
+    let (mut src, mut n) = (0, 0);
+    while src < 2 * W {
+        if src % (2 * width) < width {
+            out[0][n] = src as i32;
+            out[1][n] = (src + width) as i32;
+            n += 1;
+        }
+        src += 1;
+    }
+    out
+}
+
+/// The lane sums of sixteen vectors, as one vector (lane `j` = the sum of `v[j]`'s lanes):
+/// four rounds that each add the two halves of pairs of vectors, halving the lanes per
+/// vector and the number of vectors. The additions' order is fixed, so the result is too.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn dot<E: Lane>(a: &[f32], b: &[E]) -> f32 {
-    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(W));
-    let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let n = a.len().min(b.len()) / W;
-    // SAFETY: every offset below is `< n * 16 <= len` of both slices.
-    unsafe {
-        let mut i = 0;
-        while i + 1 < n {
-            even = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i * W)),
-                E::load16(pb.add(i * W)),
-                even,
-            );
-            odd = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add((i + 1) * W)),
-                E::load16(pb.add((i + 1) * W)),
-                odd,
-            );
-            i += 2;
-        }
-        if i < n {
-            even = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i * W)),
-                E::load16(pb.add(i * W)),
-                even,
+fn sum16(v: &[__m512; W]) -> __m512 {
+    let mut cur = *v;
+    let mut count = W;
+    for [lo, hi] in &SUM16_LANES {
+        // SAFETY: each index table is 16 `i32`s.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_loadu_si512(lo.as_ptr().cast()),
+                _mm512_loadu_si512(hi.as_ptr().cast()),
+            )
+        };
+        for i in 0..count / 2 {
+            let (a, b) = (cur[2 * i], cur[2 * i + 1]);
+            cur[i] = _mm512_add_ps(
+                _mm512_permutex2var_ps(a, lo, b),
+                _mm512_permutex2var_ps(a, hi, b),
             );
         }
+        count /= 2;
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(even, odd))
+    cur[0]
 }
 
 /// The lanes `0..n` of a vector (`n <= 16`).
@@ -231,8 +274,11 @@ fn softmax_block(
 }
 
 /// Adds `weight_j * value_j` over the block's slots to each head's partial output, one
-/// 16-float column at a time with two accumulators (even and odd slots).
+/// 16-float column at a time with two accumulators (even and odd slots). The heads of the
+/// group (up to [`GROUP_MAX`]) share each value load; each head's sums are the same, in the
+/// same order, as one head at a time.
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // `g` indexes the accumulators and the heads alike
 fn accumulate_values<E: Lane>(
     values: &Rows<'_, E>,
     hd: usize,
@@ -244,32 +290,53 @@ fn accumulate_values<E: Lane>(
     debug_assert!(slots >= 1 && (slots - 1) * values.stride + hd <= values.data.len());
     let vp = values.data.as_ptr();
     let stride = values.stride;
-    for (head_out, w) in out
-        .chunks_exact_mut(hd)
-        .zip(scores.chunks_exact(block_size))
-    {
-        let w = &w[..slots];
-        for c in (0..hd).step_by(W) {
-            // SAFETY: rows `j < slots` of `values` have `hd` floats at `j * stride`
-            // (`Rows` over a block), and `c + 16 <= hd`; `head_out` is `hd` floats.
-            unsafe {
-                let o = head_out.as_mut_ptr().add(c);
-                let mut even = _mm512_loadu_ps(o);
-                let mut odd = _mm512_setzero_ps();
-                let mut j = 0;
-                while j + 1 < slots {
-                    let a = E::load16(vp.add(j * stride + c));
-                    let b = E::load16(vp.add((j + 1) * stride + c));
-                    even = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), a, even);
-                    odd = _mm512_fmadd_ps(_mm512_set1_ps(w[j + 1]), b, odd);
-                    j += 2;
+    let heads = out.len() / hd;
+    if heads > GROUP_MAX {
+        for (head_out, w) in out
+            .chunks_exact_mut(hd)
+            .zip(scores.chunks_exact(block_size))
+        {
+            accumulate_values(values, hd, block_size, slots, head_out, w);
+        }
+        return;
+    }
+    let op = out.as_mut_ptr();
+    let wp = scores.as_ptr();
+    for c in (0..hd).step_by(W) {
+        // SAFETY: rows `j < slots` of `values` have `hd` elements at `j * stride` (`Rows`
+        // over a block), and `c + 16 <= hd`; `out` is `heads * hd` floats and `scores`
+        // `heads * block_size`, with `slots <= block_size`.
+        unsafe {
+            let mut even = [_mm512_setzero_ps(); GROUP_MAX];
+            let mut odd = [_mm512_setzero_ps(); GROUP_MAX];
+            for g in 0..heads {
+                even[g] = _mm512_loadu_ps(op.add(g * hd + c));
+            }
+            let mut j = 0;
+            while j + 1 < slots {
+                let a = E::load16(vp.add(j * stride + c));
+                let b = E::load16(vp.add((j + 1) * stride + c));
+                for g in 0..heads {
+                    let w = wp.add(g * block_size + j);
+                    even[g] = _mm512_fmadd_ps(_mm512_set1_ps(*w), a, even[g]);
+                    odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(1)), b, odd[g]);
                 }
-                if j < slots {
-                    let a = E::load16(vp.add(j * stride + c));
-                    even = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), a, even);
+                j += 2;
+            }
+            if j < slots {
+                let a = E::load16(vp.add(j * stride + c));
+                for g in 0..heads {
+                    let w = *wp.add(g * block_size + j);
+                    even[g] = _mm512_fmadd_ps(_mm512_set1_ps(w), a, even[g]);
                 }
-                _mm512_storeu_ps(o, _mm512_add_ps(even, odd));
+            }
+            for g in 0..heads {
+                _mm512_storeu_ps(op.add(g * hd + c), _mm512_add_ps(even[g], odd[g]));
             }
         }
     }
 }
+
+/// The most query heads per kv head that [`accumulate_values`] keeps in registers at once
+/// (Llama-family models have 3–8).
+const GROUP_MAX: usize = 8;

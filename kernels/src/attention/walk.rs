@@ -75,6 +75,35 @@ impl<E> Rows<'_, E> {
 trait Blocks<E> {
     fn keys(&mut self, base: usize, slots: usize) -> Rows<'_, E>;
     fn values(&mut self, base: usize, slots: usize) -> Rows<'_, E>;
+    /// Asks the CPU to bring the keys (`values: false`) or values of `slots` rows at `base`
+    /// towards the cache: the blocks of a sequence are scattered over the pool, so the
+    /// hardware prefetchers cannot guess the next one, and without this every block's first
+    /// loads wait on memory.
+    fn prefetch(&self, values: bool, base: usize, slots: usize, hd: usize);
+}
+
+/// Prefetches `slots` rows of `hd` elements at `base`, `stride` apart, in `data`. Only
+/// addresses are computed (never dereferenced), and a prefetch does not fault.
+fn prefetch_rows<T>(data: &[T], base: usize, slots: usize, stride: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = hd * std::mem::size_of::<T>();
+        let p = data.as_ptr().cast::<i8>();
+        let elem = std::mem::size_of::<T>();
+        for j in 0..slots {
+            let row = p.wrapping_add((base + j * stride) * elem);
+            for line in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch reads nothing architecturally and never faults.
+                #[allow(unused_unsafe)]
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line))
+                };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, base, slots, stride, hd);
 }
 
 /// Blocks read where they are: `f32` storage, or `bf16` for a flavour that widens in registers.
@@ -98,6 +127,11 @@ impl<E> Blocks<E> for InPlace<'_, E> {
             stride: self.stride,
         }
     }
+
+    fn prefetch(&self, values: bool, base: usize, slots: usize, hd: usize) {
+        let data = if values { self.v } else { self.k };
+        prefetch_rows(data, base, slots, self.stride, hd);
+    }
 }
 
 /// Blocks widened to `f32` one block and kv head at a time, into the part's scratch.
@@ -114,6 +148,11 @@ impl<T: KvElem> Blocks<f32> for Widened<'_, '_, T> {
 
     fn values(&mut self, base: usize, slots: usize) -> Rows<'_, f32> {
         widen_rows(&self.cache.v[base..], &self.cache.geo, slots, self.v_rows)
+    }
+
+    fn prefetch(&self, values: bool, base: usize, slots: usize, hd: usize) {
+        let data = if values { self.cache.v } else { self.cache.k };
+        prefetch_rows(data, base, slots, self.cache.geo.slot_len, hd);
     }
 }
 
@@ -249,9 +288,18 @@ fn walk<E, S: BlockSteps<E>>(
     running.max.fill(f32::NEG_INFINITY);
     running.sum.fill(0.0);
     let blocks_used = task.keys.div_ceil(geo.block_size);
+    let at = |block: u32| block as usize * geo.block_len + task.kv_head * geo.head_dim;
+    let hd = geo.head_dim;
     for (b, &block) in block_table[..blocks_used].iter().enumerate() {
         let slots = geo.block_size.min(task.keys - b * geo.block_size);
-        let base = block as usize * geo.block_len + task.kv_head * geo.head_dim;
+        let base = at(block);
+        // This block's values arrive while its keys are scored, the next block's keys while
+        // this one's values are summed.
+        blocks.prefetch(true, base, slots, hd);
+        if let Some(&next) = block_table[..blocks_used].get(b + 1) {
+            let next_slots = geo.block_size.min(task.keys - (b + 1) * geo.block_size);
+            blocks.prefetch(false, at(next), next_slots, hd);
+        }
         S::score(&blocks.keys(base, slots), geo, slots, task, scores);
         S::softmax(geo, slots, out, scores, running);
         S::accumulate(&blocks.values(base, slots), geo, slots, out, scores);

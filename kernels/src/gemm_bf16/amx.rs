@@ -4,7 +4,7 @@
 
 use super::{KSTEP, NR, TILE_ROWS};
 use std::arch::asm;
-use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
 
 /// How far ahead of its tile loads a block that streams weights from memory prefetches.
 /// Without it each weight tile load waited on DRAM: decode at one session ran at 42–46
@@ -52,11 +52,13 @@ impl Drop for Tiles {
 /// Tiles configured on this thread ([`Tiles::configure`]); `a` is `[round_up(m, 16), kp]`
 /// bf16 and `panel` `kp * NR` values; `c` addresses `m` rows of `cols` writable floats
 /// at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn panel(
     a: &[u16],
     kp: usize,
     m: usize,
     panel: &[u16],
+    next: Option<&[u16]>,
     c: *mut f32,
     ldc: usize,
     cols: usize,
@@ -65,24 +67,61 @@ pub(super) unsafe fn panel(
     debug_assert!(panel.len() == kp * NR && kp.is_multiple_of(KSTEP));
     let mut acc = Acc([[0f32; NR]; 2 * TILE_ROWS]);
     let lda = kp * 2;
+    let blocks = m.div_ceil(2 * TILE_ROWS);
+    // With two or more blocks of rows, the blocks after the first read the panel from the
+    // cache and memory would sit idle: instead every block pulls a share of the next panel
+    // into L2, so the next panel's first block finds it there and memory streams the whole
+    // time the tiles compute.
+    let ahead = match next {
+        Some(next) if blocks > 1 => Some(Ahead {
+            next: next.as_ptr().cast(),
+            lines: kp,
+            steps: blocks * (kp / KSTEP),
+        }),
+        _ => None,
+    };
     let mut r = 0;
+    let mut step = 0;
     while r < m {
         let two = m - r > TILE_ROWS;
+        let rows = (m - r).min(2 * TILE_ROWS);
+        // Whole tiles of 16 rows × 16 columns go straight to `c`; a ragged block through
+        // `acc`.
+        let direct = cols == NR && rows.is_multiple_of(TILE_ROWS);
+        let (dst, ldd) = if direct {
+            // SAFETY: row `r` is inside `c`: the caller's promise.
+            (unsafe { c.add(r * ldc) }, ldc * 4)
+        } else {
+            (acc.0.as_mut_ptr().cast::<f32>(), NR * 4)
+        };
         // SAFETY: rows `r..r + 16` (and `r + 16..r + 32` when `two`) are inside the padded
-        // activations; the panel's `kp / 2` pair rows of 128 bytes are read 16 at a time.
+        // activations; the panel's `kp / 2` pair rows of 128 bytes are read 16 at a time;
+        // `dst` addresses `rows` rows of 32 floats at stride `ldd` (`c`'s when `direct`).
         // The first block of rows streams the panel from memory, and pulls what follows
         // it towards the cache meanwhile; later blocks find the panel in the cache.
         unsafe {
             let ap = a.as_ptr().add(r * kp);
-            block(ap, lda, panel.as_ptr(), r == 0, kp, two, &mut acc);
+            let ahead = ahead.map(|h| (h, step));
+            block(ap, lda, panel.as_ptr(), r == 0, ahead, kp, two, dst, ldd);
         }
-        let rows = (m - r).min(2 * TILE_ROWS);
-        for (i, row) in acc.0[..rows].iter().enumerate() {
-            // SAFETY: row `r + i < m`, `cols` columns: the caller's promise.
-            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), c.add((r + i) * ldc), cols) };
+        if !direct {
+            for (i, row) in acc.0[..rows].iter().enumerate() {
+                // SAFETY: row `r + i < m`, `cols` columns: the caller's promise.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), c.add((r + i) * ldc), cols) };
+            }
         }
         r += 2 * TILE_ROWS;
+        step += kp / KSTEP;
     }
+}
+
+/// The next panel, pulled into L2 a share per step: `lines` cache lines over `steps` steps
+/// of `KSTEP` values (all of a panel's blocks).
+#[derive(Clone, Copy)]
+struct Ahead {
+    next: *const i8,
+    lines: usize,
+    steps: usize,
 }
 
 /// A 32 × 32 f32 block, as the four accumulator tiles store it.
@@ -94,14 +133,17 @@ struct Acc([[f32; NR]; 2 * TILE_ROWS]);
 /// # Safety
 /// As [`panel`]: `a` points at the block's first row (stride `lda` bytes), `b` at the
 /// panel.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block(
     a: *const u16,
     lda: usize,
     b: *const u16,
     prefetch: bool,
+    ahead: Option<(Ahead, usize)>,
     kp: usize,
     two: bool,
-    acc: &mut Acc,
+    c: *mut f32,
+    ldc: usize,
 ) {
     // SAFETY (every asm block): tiles configured by the caller; the loads read
     // `16 × 64` bytes at the given strides, inside the activations and the panel (the
@@ -124,6 +166,12 @@ unsafe fn block(
                 let ahead = bk.cast::<i8>().wrapping_add(PREFETCH_AHEAD);
                 for l in 0..32 {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64));
+                }
+            }
+            if let Some((h, first)) = ahead {
+                let t = first + s / KSTEP;
+                for l in t * h.lines / h.steps..(t + 1) * h.lines / h.steps {
+                    _mm_prefetch::<_MM_HINT_T1>(h.next.wrapping_add(l * 64));
                 }
             }
             asm!(
@@ -150,8 +198,6 @@ unsafe fn block(
                 );
             }
         }
-        let c = acc.0.as_mut_ptr().cast::<f32>();
-        let ldc = NR * 4;
         asm!(
             "tilestored [{c} + {ldc}*1], tmm0",
             "tilestored [{c1} + {ldc}*1], tmm1",
@@ -161,11 +207,12 @@ unsafe fn block(
             options(nostack),
         );
         if two {
+            let c2 = c.byte_add(TILE_ROWS * ldc);
             asm!(
                 "tilestored [{c} + {ldc}*1], tmm2",
                 "tilestored [{c1} + {ldc}*1], tmm3",
-                c = in(reg) c.add(TILE_ROWS * NR),
-                c1 = in(reg) c.add(TILE_ROWS * NR + 16),
+                c = in(reg) c2,
+                c1 = in(reg) c2.add(16),
                 ldc = in(reg) ldc,
                 options(nostack),
             );

@@ -343,7 +343,8 @@ impl PackedBf16 {
                     // the panel is `kp * NR` values; the columns of panel `p` are ours.
                     unsafe {
                         let c = out.add(p * NR);
-                        amx::panel(&a.data, kp, m, self.panel(p), c, n, cols)
+                        let next = (p + 1 < self.panels()).then(|| self.panel(p + 1));
+                        amx::panel(&a.data, kp, m, self.panel(p), next, c, n, cols)
                     };
                 }
             }
