@@ -24,7 +24,7 @@
 #
 # Usage: f-e2e-vs-cloud-step.sh [--quick] [OUT_DIR]   (default target/scenarios/f-e2e-vs-cloud-step)
 # Env: SPLIT (default the demo split), DEVICES (64), PROMPT (64), OUTPUT (128), POOL (4),
-#      PAIRS (2), SLACK (--prefill-slack of both, inf), SEED (1: the load generator's prompts), SERVE_FLAGS, TANDEM_BIN, LOADTEST_BIN, QUICK=1 (4 devices, short outputs).
+#      PAIRS (2), SLACK (--prefill-slack of both, inf), SEED (1: the load generator's prompts), SERVE_FLAGS, BENCH_FLAGS (both: e.g. --dtype bf16), TANDEM_BIN, LOADTEST_BIN, QUICK=1 (4 devices, short outputs).
 # Writes: bench-N.json, e2e-N.json, e2e-N.png, summary.tsv, summary.txt.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -73,7 +73,7 @@ printf 'pair\tcloud_step_tok_s\te2e_steady_tok_s\tsteady_devices\tratio\te2e_who
 for i in $(seq 1 "$pairs"); do
     log "pair $i: the cloud step alone, $devices sessions"
     "$TANDEM_BIN" bench --model "$split" --edge-layers "$edge_layers" --sessions "$devices" --prompt-tokens "$prompt" \
-        --gen-tokens "$output" --prefill-slack "$slack" --decode-wait-ms 200 --mixed-decoders 0 --prefix-sessions 0 \
+        --gen-tokens "$output" --prefill-slack "$slack" --decode-wait-ms 200 --mixed-decoders 0 --prefix-sessions 0 ${BENCH_FLAGS:-} \
         >"$OUT/bench-$i.json" 2>"$OUT/bench-$i.err" ||
         { tail -5 "$OUT/bench-$i.err" >&2; exit 1; }
     cloud=$(jq -r --argjson n "$devices" '.decode[] | select(.sessions == $n) | .decode_tokens_per_s' "$OUT/bench-$i.json")
