@@ -153,6 +153,20 @@ unsafe fn block(
         if two {
             asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
         }
+        // The lines this block will store, asked for in the exclusive state before its
+        // products start (`prefetchw`: a hint, it never faults, and CPUs without it treat
+        // it as a no-op), so the tile stores at the end do not each wait for a line to come
+        // from L3 or memory. Measured on the project's Xeon (`examples/bf16_step`,
+        // alternating): 1.11× at 64 rows over 30 layers, 1.11× at 256 rows.
+        for i in 0..if two { 2 * TILE_ROWS } else { TILE_ROWS } {
+            let row = c.byte_add(i * ldc);
+            asm!(
+                "prefetchw [{row}]",
+                "prefetchw [{row} + 64]",
+                row = in(reg) row,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
         let a2 = a.add(TILE_ROWS * lda / 2);
         for s in (0..kp).step_by(KSTEP) {
             // Activations: 16 rows × 32 values at `k = s`. Weights: pair rows
