@@ -88,12 +88,11 @@ fn prefetch_rows<T>(data: &[T], base: usize, slots: usize, stride: usize, hd: us
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes = hd * std::mem::size_of::<T>();
-        let p = data.as_ptr().cast::<i8>();
         let elem = std::mem::size_of::<T>();
+        let p = data.as_ptr().cast::<i8>();
         for j in 0..slots {
             let row = p.wrapping_add((base + j * stride) * elem);
-            for line in (0..bytes).step_by(64) {
+            for line in (0..hd * elem).step_by(64) {
                 // SAFETY: a prefetch reads nothing architecturally and never faults.
                 #[allow(unused_unsafe)]
                 unsafe {
