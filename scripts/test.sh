@@ -16,7 +16,7 @@
 # - scripts/schemathesis.sh fuzzes the live REST API against its OpenAPI document (needs the
 #   demo model and PyPI; skips otherwise unless TANDEM_REQUIRE_SCHEMATHESIS=1).
 # - The bf16 model tests run once more per other bf16 kernel (TANDEM_BF16_KERNEL=avx512bf16,
-#   portable); TANDEM_REQUIRE_AMX=1 makes the kernel tests fail when AMX or AVX512-BF16 is
+#   avx2, portable, each where the CPU has it); TANDEM_REQUIRE_AMX=1 makes the kernel tests fail when AMX or AVX512-BF16 is
 #   missing.
 # - scripts/validate-deploy.sh validates deploy/ (Kubernetes schemas, compose, Dockerfiles,
 #   the Grafana dashboard's metric names) with validators from PyPI.
@@ -29,8 +29,8 @@ scripts/openai-sdk.sh
 cargo test --workspace "$@"
 # The bf16 model tests again on each other bf16 kernel this CPU has (the first run used the
 # best one): TANDEM_BF16_KERNEL forces a kernel, and refuses one the CPU lacks.
-for kernel in avx512bf16 portable; do
-    if [[ "$kernel" == portable ]] || grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+for kernel in avx512bf16 avx2 portable; do
+    if [[ "$kernel" == portable ]] || grep -qw "${kernel/avx512bf16/avx512_bf16}" /proc/cpuinfo 2>/dev/null; then
         echo "== bf16 model tests on the $kernel kernel" >&2
         TANDEM_BF16_KERNEL=$kernel cargo test --workspace --test split_equals_whole -- bf16
     fi

@@ -1,4 +1,4 @@
-//! The walk over one query row's K/V blocks that both flavours of the kernel share: the
+//! The walk over one query row's K/V blocks that every flavour of the kernel shares: the
 //! per-part scratch, the streaming-softmax state, the [`BlockSteps`] a flavour provides
 //! (score, softmax, accumulate, normalise) and [`walk_blocks`], which drives them block by
 //! block. No score vector longer than one block is held.
@@ -173,8 +173,8 @@ fn widen_rows<'a, T: KvElem>(
     }
 }
 
-/// The per-block steps of [`attend_group`](super::attend_group) in one flavour (portable, or
-/// AVX-512).
+/// The per-block steps of [`attend_group`](super::attend_group) in one flavour (portable,
+/// AVX2 or AVX-512).
 pub(super) trait BlockSteps<E = f32> {
     /// `scores[g * block_size + j]` = the scaled score of head `g` against key `j`.
     fn score(keys: &Rows<'_, E>, geo: &Geometry, slots: usize, task: &Task<'_>, scores: &mut [f32]);

@@ -1,4 +1,4 @@
-//! CPU and OS feature detection for the kernels: AVX512-BF16, and AMX (CPUID, the OS's tile
+//! CPU and OS feature detection for the kernels: AVX2 with FMA, AVX512-BF16, and AMX (CPUID, the OS's tile
 //! state in XCR0, and the tile-data permission Linux grants per process).
 
 /// AVX512-BF16 (with AVX-512F).
@@ -7,6 +7,16 @@ pub(super) fn avx512bf16() -> bool {
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AVX2 and FMA (the f32 widening kernel).
+pub(super) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

@@ -10,9 +10,12 @@
 //!   accumulator tiles fed by two activation tiles and two weight tiles per 32 values of `k`.
 //! - [`Bf16Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512-BF16), 12 rows × 32 columns of
 //!   accumulators in registers, for CPUs with AVX512-BF16 but no AMX.
+//! - [`Bf16Kernel::Avx2`]: weights widened to f32 in registers and fused multiply-adds,
+//!   4 rows × 16 columns, for CPUs with AVX2 and FMA only (AMD Zen 1–3, Intel client cores);
+//!   the same bits as the portable kernel.
 //! - [`Bf16Kernel::Portable`]: the same pair-by-pair sums in plain f32.
 //!
-//! One packed layout serves all three: panels of [`NR`] = 32 output columns; inside a panel,
+//! One packed layout serves all four: panels of [`NR`] = 32 output columns; inside a panel,
 //! one 128-byte line pair per two values of `k` ("pair row" `j`): the first 64 bytes hold
 //! columns 0–15 as `(w[c][2j], w[c][2j + 1])` pairs, the next 64 columns 16–31. That is the
 //! AMX weight-tile layout (16 pair rows of 64 bytes at a stride of 128) and also the operand
@@ -30,7 +33,7 @@
 //! `k · 2⁻²⁴ · Σ|x w|` (the tests check that bound against an f64 reference).
 //!
 //! The kernel is chosen once per process ([`Bf16Kernel::selected`]): the best the CPU has, or
-//! the one `TANDEM_BF16_KERNEL` (`amx`, `avx512bf16`, `portable`) names. A named kernel that
+//! the one `TANDEM_BF16_KERNEL` (`amx`, `avx512bf16`, `avx2`, `portable`) names. A named kernel that
 //! the CPU lacks is an error, never a silent fallback.
 
 use std::sync::OnceLock;
@@ -42,6 +45,8 @@ use crate::team::Team;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 mod detect;
@@ -62,39 +67,43 @@ pub const KERNEL_ENV: &str = "TANDEM_BF16_KERNEL";
 pub enum Bf16Kernel {
     Amx,
     Avx512Bf16,
+    Avx2,
     Portable,
 }
 
 impl Bf16Kernel {
     /// Every kernel, best first.
-    pub const ALL: [Bf16Kernel; 3] = [Self::Amx, Self::Avx512Bf16, Self::Portable];
+    pub const ALL: [Bf16Kernel; 4] = [Self::Amx, Self::Avx512Bf16, Self::Avx2, Self::Portable];
 
     /// The name `TANDEM_BF16_KERNEL` takes and logs show.
     pub fn name(self) -> &'static str {
         match self {
             Self::Amx => "amx",
             Self::Avx512Bf16 => "avx512bf16",
+            Self::Avx2 => "avx2",
             Self::Portable => "portable",
         }
     }
 
-    /// Parses a kernel name (`amx`, `avx512bf16`, `portable`).
+    /// Parses a kernel name (`amx`, `avx512bf16`, `avx2`, `portable`).
     pub fn parse(s: &str) -> Result<Self, String> {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s.trim().to_ascii_lowercase())
-            .ok_or_else(|| format!("unknown bf16 kernel `{s}` (amx, avx512bf16 or portable)"))
+            .ok_or_else(|| format!("unknown bf16 kernel `{s}` (amx, avx512bf16, avx2 or portable)"))
     }
 
     /// Whether this CPU (and OS) can run the kernel. AMX needs the CPU's AMX-TILE and
     /// AMX-BF16, the OS's tile state in XCR0, and the tile-data permission, which this asks
     /// the kernel for once (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`).
     pub fn is_available(self) -> bool {
-        static AVAILABLE: OnceLock<(bool, bool)> = OnceLock::new();
-        let (amx, avx) = *AVAILABLE.get_or_init(|| (detect::amx(), detect::avx512bf16()));
+        static AVAILABLE: OnceLock<(bool, bool, bool)> = OnceLock::new();
+        let (amx, avx512, avx2) =
+            *AVAILABLE.get_or_init(|| (detect::amx(), detect::avx512bf16(), detect::avx2_fma()));
         match self {
             Self::Amx => amx,
-            Self::Avx512Bf16 => avx,
+            Self::Avx512Bf16 => avx512,
+            Self::Avx2 => avx2,
             Self::Portable => true,
         }
     }
@@ -353,7 +362,8 @@ impl PackedBf16 {
                     let cols = (n - p * NR).min(NR);
                     let panel = self.panel(p);
                     for (r, rows) in row_blocks(m) {
-                        let block = &a.data[r * kp..(r + rows) * kp];
+                        let wide = Activations::width(kernel);
+                        let block = &a.data[r * kp * wide..(r + rows) * kp * wide];
                         // SAFETY: rows `r..r + rows`, columns of panel `p`: inside `out`,
                         // and ours.
                         unsafe {
@@ -374,6 +384,7 @@ struct Activations {
     /// AMX: row-major `[round_up(m, 16), kp]`, zero-padded. Others: for each row block
     /// `(r, rows)` of [`row_blocks`], at offset `r * kp`, `[kp / 2][rows]` pairs (two bf16 of
     /// one row, `k = 2j` low): one pointer and constant offsets in the kernel's inner loop.
+    /// AVX2: the same with each bf16 widened to f32 (twice the `u16`s, offsets doubled).
     data: Vec<u16>,
 }
 
@@ -399,7 +410,22 @@ impl Activations {
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2 {
+            return Self {
+                data: avx2::widen_pairs(&data),
+            };
+        }
         Self { data }
+    }
+
+    /// `u16`s per value of `k` and row in [`Self::data`]: 2 for the AVX2 kernel's f32 pairs.
+    fn width(kernel: Bf16Kernel) -> usize {
+        if kernel == Kernel::Avx2 {
+            2
+        } else {
+            1
+        }
     }
 }
 
@@ -445,7 +471,8 @@ unsafe fn pairs_block(
     ldc: usize,
     cols: usize,
 ) {
-    debug_assert!(a.len() == rows * kp && panel.len() == kp * NR && cols <= NR);
+    debug_assert!(a.len() == rows * kp * Activations::width(kernel));
+    debug_assert!(panel.len() == kp * NR && cols <= NR);
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx512Bf16 {
         macro_rules! dispatch {
@@ -458,6 +485,25 @@ unsafe fn pairs_block(
             };
         }
         dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 {
+        for (r0, sub) in avx2::sub_blocks(rows) {
+            // SAFETY: rows `r0..r0 + sub` of the block are rows of `c` (the caller's
+            // promise).
+            let c = unsafe { c.add(r0 * ldc) };
+            macro_rules! dispatch {
+                ($($r:literal)*) => {
+                    match sub {
+                        // SAFETY: AVX2 and FMA are available; `c` as above.
+                        $($r => unsafe { avx2::block::<$r>(a, rows, r0, kp, panel, c, ldc, cols) },)*
+                        _ => unreachable!("sub-block of {sub} rows > {}", avx2::MR),
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5);
+        }
+        return;
     }
     let _ = kernel;
     // SAFETY: the caller's promise.

@@ -206,10 +206,36 @@ fn the_matrix_unit_kernels_are_present_where_required() {
             have.contains(&Bf16Kernel::Avx512Bf16),
             "TANDEM_REQUIRE_AMX=1 but no AVX512-BF16: {have:?}"
         );
-    } else if Bf16Kernel::available().len() < 3 {
+    } else if Bf16Kernel::available().len() < Bf16Kernel::ALL.len() {
         eprintln!(
             "note: bf16 kernels available here: {:?} (the others' tests are skipped)",
             Bf16Kernel::available()
+        );
+    }
+}
+
+/// The AVX2 kernel's fused steps round exactly as the portable kernel's adds (a product of
+/// two bf16 values is exact in f32): the same bits, on every shape.
+#[test]
+fn the_avx2_kernel_equals_the_portable_one_bit_for_bit() {
+    if !Bf16Kernel::Avx2.is_available() {
+        eprintln!("note: no AVX2 + FMA here; nothing to compare");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(19);
+    for &(m, n, k) in &[
+        (1, 33, 7),
+        (5, 31, 64),
+        (7, 64, 100),
+        (37, 96, 200),
+        (64, 160, 576),
+    ] {
+        let packed = PackedBf16::pack_f32(&random(n * k, &mut rng), n, k);
+        let x = random(m * k, &mut rng);
+        assert_eq!(
+            bits(&packed.matmul_to_vec_on(Bf16Kernel::Avx2, &x, m)),
+            bits(&packed.matmul_to_vec_on(Bf16Kernel::Portable, &x, m)),
+            "m={m} n={n} k={k}"
         );
     }
 }
