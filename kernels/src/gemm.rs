@@ -410,28 +410,8 @@ unsafe fn kernel(
     }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
-        // The block in sub-blocks of at most 6 rows; the first pulls the next panel in.
-        for (s, (r0, sub)) in avx2::sub_blocks(rows).enumerate() {
-            let pf = if s == 0 { prefetch } else { None };
-            // SAFETY: AVX2 and FMA are present; rows `r0..r0 + sub` of the block are rows
-            // of `c` (the caller's promise).
-            let c = unsafe { c.add(r0 * ldc) };
-            macro_rules! dispatch {
-                ($($r:literal)*) => {
-                    match (sub, pf) {
-                        $(($r, Some(p)) => unsafe {
-                            avx2::block::<$r, true>(a, rows, r0, k, panel, p, c, ldc, cols)
-                        },
-                        ($r, None) => unsafe {
-                            avx2::block::<$r, false>(a, rows, r0, k, panel, panel, c, ldc, cols)
-                        },)*
-                        _ => unreachable!("sub-block of {sub} rows > {}", avx2::MR),
-                    }
-                };
-            }
-            dispatch!(1 2 3 4 5 6);
-        }
-        return;
+        // SAFETY: AVX2 and FMA are present; the rest is the caller's promise.
+        return unsafe { avx2::rows(a, rows, k, panel, prefetch, c, ldc, cols) };
     }
     // SAFETY: the caller's promise.
     let _ = prefetch; // the portable loop leaves prefetching to the hardware

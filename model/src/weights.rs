@@ -485,12 +485,16 @@ impl std::str::FromStr for DtypeName {
     }
 }
 
-/// What `--dtype auto` means on this machine: bf16 where the CPU has AMX-BF16 or
-/// AVX512-BF16 (the model's bf16 kernels run there at twice the f32 path's speed or more,
-/// on half the memory), else f32 (bf16 would run on the portable kernel, slower than f32).
+/// What `--dtype auto` means on this machine: bf16 where the CPU has a bf16 kernel faster than
+/// the portable one: AMX-BF16 or AVX512-BF16 (twice the f32 path's decode speed or more, on
+/// half the memory), or AVX2 with FMA (x86-64 CPUs without AVX-512, such as AMD's Zen 1–3:
+/// twice f32's speed where decoding is bound by memory, within a few percent of it where it
+/// is bound by arithmetic, on half the memory); else f32 (bf16 would run on the portable
+/// kernel, slower than f32).
 pub fn auto_dtype() -> DType {
     use tandem_kernels::gemm_bf16::Bf16Kernel;
-    if Bf16Kernel::Amx.is_available() || Bf16Kernel::Avx512Bf16.is_available() {
+    let fast = [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16, Bf16Kernel::Avx2];
+    if fast.into_iter().any(Bf16Kernel::is_available) {
         DType::BF16
     } else {
         DType::F32

@@ -24,6 +24,46 @@ pub(crate) fn sub_blocks(rows: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
+/// One block of `rows` rows (activations packed `[k][rows]`) against one panel, into the
+/// first `cols` columns of `c` (row stride `ldc`), in sub-blocks of at most [`MR`] rows; the
+/// first pulls `prefetch` (the next panel) towards the cache.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `a` must hold `k * rows` floats, `panel` and `prefetch`
+/// `k * NR`; `c` must address `rows` rows of `cols <= NR` writable floats at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows(
+    a: &[f32],
+    rows: usize,
+    k: usize,
+    panel: &[f32],
+    prefetch: Option<&[f32]>,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    for (s, (r0, sub)) in sub_blocks(rows).enumerate() {
+        let pf = if s == 0 { prefetch } else { None };
+        // SAFETY: rows `r0..r0 + sub` of the block are rows of `c` (the caller's promise).
+        let c = unsafe { c.add(r0 * ldc) };
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match (sub, pf) {
+                    // SAFETY (all arms): the caller's promises, for the sub-block.
+                    $(($r, Some(p)) => unsafe {
+                        block::<$r, true>(a, rows, r0, k, panel, p, c, ldc, cols)
+                    },
+                    ($r, None) => unsafe {
+                        block::<$r, false>(a, rows, r0, k, panel, panel, c, ldc, cols)
+                    },)*
+                    _ => unreachable!("sub-block of {sub} rows > {MR}"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6);
+    }
+}
+
 /// Rows `r0 .. r0 + R` of a block whose activations are packed `[k][lda]`, against one panel
 /// (`[k][NR]`), into the first `cols` columns of `c` (row stride `ldc`): all 32 columns in
 /// one pass for up to two rows, else two passes of 16. With `PREFETCH`, the first pass also
@@ -35,7 +75,7 @@ pub(crate) fn sub_blocks(rows: usize) -> impl Iterator<Item = (usize, usize)> {
 /// stride `ldc`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-pub(crate) unsafe fn block<const R: usize, const PREFETCH: bool>(
+unsafe fn block<const R: usize, const PREFETCH: bool>(
     a: &[f32],
     lda: usize,
     r0: usize,

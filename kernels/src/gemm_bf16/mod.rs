@@ -357,13 +357,41 @@ impl PackedBf16 {
                     };
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                // Enough rows: each panel widened to f32 once, then the f32 kernel (the same
+                // chain of fused steps over `k`, so the same bits as the pair kernel), whose
+                // inner loop has no conversions. Few rows: the pair kernel, which reads each
+                // weight once from memory and converts it in registers.
+                let mut wide = vec![0f32; if m >= avx2::WIDEN_ROWS { kp * NR } else { 0 }];
+                for p in panels {
+                    let cols = (n - p * NR).min(NR);
+                    let panel = self.panel(p);
+                    if !wide.is_empty() {
+                        avx2::widen_panel(panel, &mut wide);
+                    }
+                    for (r, rows) in row_blocks(m) {
+                        let block = &a.wide[r * kp..(r + rows) * kp];
+                        // SAFETY: AVX2 and FMA are available (checked by
+                        // `matmul_to_vec_on`); rows `r..r + rows`, columns of panel `p`:
+                        // inside `out`, and ours.
+                        unsafe {
+                            let c = out.add(r * n + p * NR);
+                            if wide.is_empty() {
+                                avx2::rows(block, rows, kp, panel, c, n, cols);
+                            } else {
+                                crate::gemm::avx2::rows(block, rows, kp, &wide, None, c, n, cols);
+                            }
+                        }
+                    }
+                }
+            }
             _ => {
                 for p in panels {
                     let cols = (n - p * NR).min(NR);
                     let panel = self.panel(p);
                     for (r, rows) in row_blocks(m) {
-                        let wide = Activations::width(kernel);
-                        let block = &a.data[r * kp * wide..(r + rows) * kp * wide];
+                        let block = &a.data[r * kp..(r + rows) * kp];
                         // SAFETY: rows `r..r + rows`, columns of panel `p`: inside `out`,
                         // and ours.
                         unsafe {
@@ -384,8 +412,11 @@ struct Activations {
     /// AMX: row-major `[round_up(m, 16), kp]`, zero-padded. Others: for each row block
     /// `(r, rows)` of [`row_blocks`], at offset `r * kp`, `[kp / 2][rows]` pairs (two bf16 of
     /// one row, `k = 2j` low): one pointer and constant offsets in the kernel's inner loop.
-    /// AVX2: the same with each bf16 widened to f32 (twice the `u16`s, offsets doubled).
+    /// Empty for AVX2.
     data: Vec<u16>,
+    /// AVX2: for each row block `(r, rows)`, at offset `r * kp`, `[kp][rows]` f32 (the bf16
+    /// values widened, zeros past `k`): the f32 kernel's layout, which both AVX2 paths read.
+    wide: Vec<f32>,
 }
 
 impl Activations {
@@ -396,7 +427,28 @@ impl Activations {
             for (src, dst) in x.chunks_exact(k).zip(data.chunks_exact_mut(kp)) {
                 round_row(src, &mut dst[..k]);
             }
-            return Self { data };
+            return Self {
+                data,
+                wide: Vec::new(),
+            };
+        }
+        if kernel == Kernel::Avx2 {
+            let mut wide = Vec::with_capacity(m * kp);
+            for (r, rows) in row_blocks(m) {
+                let block = &x[r * k..(r + rows) * k];
+                for kk in 0..kp {
+                    wide.extend((0..rows).map(|i| {
+                        block
+                            .get(i * k + kk)
+                            .filter(|_| kk < k)
+                            .map_or(0.0, |&v| bf16_to_f32(bf16_bits(v)))
+                    }));
+                }
+            }
+            return Self {
+                data: Vec::new(),
+                wide,
+            };
         }
         let mut data = Vec::with_capacity(m * kp);
         for (r, rows) in row_blocks(m) {
@@ -410,21 +462,9 @@ impl Activations {
                 }
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Avx2 {
-            return Self {
-                data: avx2::widen_pairs(&data),
-            };
-        }
-        Self { data }
-    }
-
-    /// `u16`s per value of `k` and row in [`Self::data`]: 2 for the AVX2 kernel's f32 pairs.
-    fn width(kernel: Bf16Kernel) -> usize {
-        if kernel == Kernel::Avx2 {
-            2
-        } else {
-            1
+        Self {
+            data,
+            wide: Vec::new(),
         }
     }
 }
@@ -471,8 +511,7 @@ unsafe fn pairs_block(
     ldc: usize,
     cols: usize,
 ) {
-    debug_assert!(a.len() == rows * kp * Activations::width(kernel));
-    debug_assert!(panel.len() == kp * NR && cols <= NR);
+    debug_assert!(a.len() == rows * kp && panel.len() == kp * NR && cols <= NR);
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx512Bf16 {
         macro_rules! dispatch {
@@ -485,25 +524,6 @@ unsafe fn pairs_block(
             };
         }
         dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx2 {
-        for (r0, sub) in avx2::sub_blocks(rows) {
-            // SAFETY: rows `r0..r0 + sub` of the block are rows of `c` (the caller's
-            // promise).
-            let c = unsafe { c.add(r0 * ldc) };
-            macro_rules! dispatch {
-                ($($r:literal)*) => {
-                    match sub {
-                        // SAFETY: AVX2 and FMA are available; `c` as above.
-                        $($r => unsafe { avx2::block::<$r>(a, rows, r0, kp, panel, c, ldc, cols) },)*
-                        _ => unreachable!("sub-block of {sub} rows > {}", avx2::MR),
-                    }
-                };
-            }
-            dispatch!(1 2 3 4 5);
-        }
-        return;
     }
     let _ = kernel;
     // SAFETY: the caller's promise.
