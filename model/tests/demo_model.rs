@@ -71,7 +71,11 @@ fn demo_split_matches_candle_reference_llama() {
             .expect("sq");
         let d = max_abs_diff(&l_ref, l_ours);
         worst = worst.max(d);
-        assert!(d <= 1e-4, "step {step}: logits differ by {d}");
+        // f32 against f32 summed in other orders (our fused chains against candle's gemm,
+        // whose kernels also depend on the CPU): 2.2e-5 at worst on the AVX-512 Xeon, 3e-5 to
+        // 1.01e-4 per step on a Zen 3 (AVX2), with logits of magnitude 17 to 38 (1e-4 is
+        // about 26 ulp at 32). The greedy tokens below are the sharp check.
+        assert!(d <= 2e-4, "step {step}: logits differ by {d}");
         let t_ref = argmax(&l_ref.to_vec1::<f32>().expect("v"));
         assert_eq!(t_ref, t_ours, "step {step}: greedy tokens differ");
         pos += input.len();
