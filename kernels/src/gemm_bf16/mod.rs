@@ -433,16 +433,14 @@ impl Activations {
             };
         }
         if kernel == Kernel::Avx2 {
-            let mut wide = Vec::with_capacity(m * kp);
+            // Zeroed first (fresh pages from the allocator): the padding past `k` stays 0.
+            let mut wide = vec![0f32; m * kp];
             for (r, rows) in row_blocks(m) {
-                let block = &x[r * k..(r + rows) * k];
-                for kk in 0..kp {
-                    wide.extend((0..rows).map(|i| {
-                        block
-                            .get(i * k + kk)
-                            .filter(|_| kk < k)
-                            .map_or(0.0, |&v| bf16_to_f32(bf16_bits(v)))
-                    }));
+                let dst = &mut wide[r * kp..(r + rows) * kp];
+                for (i, row) in x[r * k..(r + rows) * k].chunks_exact(k).enumerate() {
+                    for (d, &v) in dst[i..].iter_mut().step_by(rows).zip(row) {
+                        *d = bf16_to_f32(bf16_bits(v));
+                    }
                 }
             }
             return Self {
