@@ -3,10 +3,11 @@
 //!
 //! - [`team`]: the thread team the kernels split work over (one team, spinning briefly, then
 //!   parked), instead of a general-purpose pool that fights the matmuls for two cores.
-//! - [`gemm`]: the f32 matmul over weights packed once at load (AVX-512 register blocks, a
-//!   portable path elsewhere).
-//! - [`gemm_bf16`]: the bf16 matmul on AMX tiles or AVX512-BF16 dot products (or portable),
-//!   chosen at run time (`TANDEM_BF16_KERNEL` forces one).
+//! - [`gemm`]: the f32 matmul over weights packed once at load (AVX-512 or AVX2 + FMA
+//!   register blocks, a portable path elsewhere).
+//! - [`gemm_bf16`]: the bf16 matmul on AMX tiles, AVX512-BF16 dot products, or AVX2 + FMA on
+//!   weights widened in registers (or portable), chosen at run time (`TANDEM_BF16_KERNEL`
+//!   forces one).
 //! - [`simd`]: vector helpers (`exp` within 2 ulp of libm's).
 //! - [`ops`]: the fused passes of a decoder layer between its matmuls (RMSNorm with the
 //!   residual add, RoPE while splitting Q/K/V, SiLU times the gate).
