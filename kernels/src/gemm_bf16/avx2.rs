@@ -14,7 +14,8 @@
 //! Activations are widened to f32 once per matmul (`[kp][rows]` per row block, the f32
 //! kernel's layout), so each is one broadcast from memory. A block is at most [`MR`] rows ×
 //! 16 columns: `2 · MR` accumulators, four widened weight vectors and a broadcast in the
-//! sixteen 256-bit registers; a 32-column panel takes two passes.
+//! sixteen 256-bit registers; a 32-column panel takes two passes (one or two rows take it in
+//! one pass).
 //!
 //! From [`WIDEN_ROWS`] rows up, where the matmul is bound by arithmetic rather than by
 //! memory, each panel is instead widened once into an f32 scratch panel and the f32 AVX2

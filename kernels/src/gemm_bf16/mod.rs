@@ -11,8 +11,9 @@
 //! - [`Bf16Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512-BF16), 12 rows × 32 columns of
 //!   accumulators in registers, for CPUs with AVX512-BF16 but no AMX.
 //! - [`Bf16Kernel::Avx2`]: weights widened to f32 in registers and fused multiply-adds,
-//!   4 rows × 16 columns, for CPUs with AVX2 and FMA only (AMD Zen 1–3, Intel client cores);
-//!   the same bits as the portable kernel.
+//!   up to 5 rows × 16 columns (from 24 rows, each panel widened once to f32 for the f32
+//!   AVX2 kernel), for CPUs with AVX2 and FMA only (AMD Zen 1–3, Intel client cores); the
+//!   same bits as the portable kernel.
 //! - [`Bf16Kernel::Portable`]: the same pair-by-pair sums in plain f32.
 //!
 //! One packed layout serves all four: panels of [`NR`] = 32 output columns; inside a panel,
