@@ -109,10 +109,12 @@ const SHAPE: [(usize, usize); 6] = [(1, 1), (15, 1), (33, 1), (17, 17), (70, 6),
 /// Every flavour agrees with the portable one to within `TOLERANCE` of each output (values
 /// in [-1, 1), scores up to about 3 in size): they differ only by fused roundings, the order of
 /// additions and the `exp` (2 ulp against libm's ½). The largest difference seen on a Zen 3
-/// was 3.0e-7 (AVX2; 2.4e-7 with an f32 cache).
+/// was 3.0e-7 (AVX2; 2.4e-7 with an f32 cache); the bound is the one `tandem-kvcache`'s tests
+/// hold each flavour to against an f64 reference, far below what a wrong lane, key or head
+/// would cost (differences of order 0.1).
 #[test]
 fn every_flavour_agrees_with_the_portable_one() {
-    const TOLERANCE: f32 = 2e-6;
+    const TOLERANCE: f32 = 1e-5;
     let mut seed = 1;
     for head_dim in [24, 64] {
         for block_size in [16, 32] {
