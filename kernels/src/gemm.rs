@@ -292,9 +292,16 @@ impl Line {
 /// 11, 11, 10, 10 rather than five of 12 and one of 4): a block of few rows leaves the FMA
 /// units waiting on latency.
 pub(crate) fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
-    let blocks = m.div_ceil(MR);
+    even_blocks(m, MR)
+}
+
+/// `n` items cut into the fewest blocks of at most `most`, as even as possible: `(first,
+/// len)` per block, in order (none for `n = 0`). The row blocks above, and the AVX2 kernels'
+/// sub-blocks of a row block.
+pub(crate) fn even_blocks(n: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
+    let blocks = n.div_ceil(most);
     (0..blocks).map(move |b| {
-        let (base, extra) = (m / blocks, m % blocks);
+        let (base, extra) = (n / blocks, n % blocks);
         (b * base + b.min(extra), base + usize::from(b < extra))
     })
 }

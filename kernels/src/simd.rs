@@ -8,6 +8,22 @@ pub use x86::*;
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// The clamp of the input (see [`exp`]): `e^x` is 0 below the first, kept finite above
+    /// the second.
+    const CLAMP: (f32, f32) = (-104.0, 88.0);
+    /// ln 2 in two parts, so that `n * LN2_HI` is exact and `r` keeps its low bits.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    /// The polynomial `p` of `e^r = 1 + r + r² p(r)` (Cephes' `expf`), highest degree first.
+    const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+
     /// `e^x` per lane, within 2 ulp wherever `e^x` is a normal f32 (`-87 <= x <= 88`):
     /// `x = n ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by a degree-7 polynomial (Cephes'
     /// `expf` coefficients), scaled by `2^n`. Below -87 the result underflows to a subnormal
@@ -18,22 +34,15 @@ mod x86 {
     /// The CPU must have AVX-512F (callers check it once, or are AVX-512 code themselves).
     #[target_feature(enable = "avx512f")]
     pub fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(CLAMP.0));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(CLAMP.1));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 in two parts, so that `n * LN2_HI` is exact and `r` keeps its low bits.
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(POLY[0]);
+        for &c in &POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         // e^r = 1 + r + r² p(r)
@@ -53,22 +62,15 @@ mod x86 {
     /// The CPU must have AVX2 and FMA (callers check it once, or are AVX2 code themselves).
     #[target_feature(enable = "avx2,fma")]
     pub fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-104.0));
-        let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(CLAMP.0));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(CLAMP.1));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 in two parts, so that `n * LN2_HI` is exact and `r` keeps its low bits.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(POLY[0]);
+        for &c in &POLY[1..] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         // e^r = 1 + r + r² p(r)

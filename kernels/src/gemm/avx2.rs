@@ -14,19 +14,10 @@ use std::arch::x86_64::*;
 /// Most rows per AVX2 sub-block.
 pub(crate) const MR: usize = 6;
 
-/// The sub-blocks `(first row, rows)` of a block of `rows` rows: as even as possible (7 rows:
-/// 4 + 3, not 6 + 1, whose lone row would wait on the multiply-adds' latency).
-pub(crate) fn sub_blocks(rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    let blocks = rows.div_ceil(MR).max(1);
-    (0..blocks).map(move |b| {
-        let (base, extra) = (rows / blocks, rows % blocks);
-        (b * base + b.min(extra), base + usize::from(b < extra))
-    })
-}
-
 /// One block of `rows` rows (activations packed `[k][rows]`) against one panel, into the
-/// first `cols` columns of `c` (row stride `ldc`), in sub-blocks of at most [`MR`] rows; the
-/// first pulls `prefetch` (the next panel) towards the cache.
+/// first `cols` columns of `c` (row stride `ldc`), in sub-blocks of at most [`MR`] rows as
+/// even as possible (7 rows: 4 + 3, not 6 + 1, whose lone row would wait on the
+/// multiply-adds' latency); the first pulls `prefetch` (the next panel) towards the cache.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `a` must hold `k * rows` floats, `panel` and `prefetch`
@@ -42,7 +33,7 @@ pub(crate) unsafe fn rows(
     ldc: usize,
     cols: usize,
 ) {
-    for (s, (r0, sub)) in sub_blocks(rows).enumerate() {
+    for (s, (r0, sub)) in super::even_blocks(rows, MR).enumerate() {
         let pf = if s == 0 { prefetch } else { None };
         // SAFETY: rows `r0..r0 + sub` of the block are rows of `c` (the caller's promise).
         let c = unsafe { c.add(r0 * ldc) };
@@ -150,23 +141,30 @@ fn mask(n: usize) -> __m256i {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::even_blocks;
 
+    /// The sub-blocks (and the row blocks) cover every row once, in order, in the fewest
+    /// blocks of at most `most`, whose sizes differ by at most one (7 rows in blocks of 6:
+    /// 4 + 3, not 6 + 1).
     #[test]
-    fn sub_blocks_cover_the_rows_evenly() {
-        for rows in 1..=12 {
-            let blocks: Vec<_> = sub_blocks(rows).collect();
-            let mut next = 0;
-            for &(r, n) in &blocks {
-                assert_eq!(r, next, "{rows}: {blocks:?}");
-                assert!((1..=MR).contains(&n), "{rows}: {blocks:?}");
-                next += n;
+    fn even_blocks_cover_the_items_evenly() {
+        for most in [4, 5, 6, 12] {
+            for n in 0..=40 {
+                let blocks: Vec<_> = even_blocks(n, most).collect();
+                assert_eq!(blocks.len(), n.div_ceil(most), "{n}/{most}: {blocks:?}");
+                let mut next = 0;
+                for &(r, len) in &blocks {
+                    assert_eq!(r, next, "{n}/{most}: {blocks:?}");
+                    assert!((1..=most).contains(&len), "{n}/{most}: {blocks:?}");
+                    next += len;
+                }
+                assert_eq!(next, n);
+                let (lo, hi) = blocks
+                    .iter()
+                    .fold((most, 0), |(lo, hi), &(_, len)| (lo.min(len), hi.max(len)));
+                assert!(blocks.is_empty() || hi - lo <= 1, "{n}/{most}: {blocks:?}");
             }
-            assert_eq!(next, rows);
-            let (lo, hi) = blocks
-                .iter()
-                .fold((MR, 0), |(lo, hi), &(_, n)| (lo.min(n), hi.max(n)));
-            assert!(hi - lo <= 1, "{rows}: {blocks:?}");
         }
+        assert_eq!(even_blocks(7, 6).collect::<Vec<_>>(), [(0, 4), (4, 3)]);
     }
 }

@@ -28,15 +28,6 @@ use std::arch::x86_64::*;
 /// Most rows per sub-block.
 pub(super) const MR: usize = 5;
 
-/// The sub-blocks `(first row, rows)` of a block of `rows` rows, as even as possible.
-pub(super) fn sub_blocks(rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    let blocks = rows.div_ceil(MR).max(1);
-    (0..blocks).map(move |b| {
-        let (base, extra) = (rows / blocks, rows % blocks);
-        (b * base + b.min(extra), base + usize::from(b < extra))
-    })
-}
-
 /// The rows of one block (activations `[kp][rows]` f32, the bf16 values widened) against one
 /// packed panel, into the first `cols` columns of `c` (row stride `ldc`), in sub-blocks of at
 /// most [`MR`] rows.
@@ -53,7 +44,7 @@ pub(super) unsafe fn rows(
     ldc: usize,
     cols: usize,
 ) {
-    for (r0, sub) in sub_blocks(rows) {
+    for (r0, sub) in crate::gemm::even_blocks(rows, MR) {
         // SAFETY: rows `r0..r0 + sub` of the block are rows of `c` (the caller's promise).
         let c = unsafe { c.add(r0 * ldc) };
         macro_rules! dispatch {
